@@ -1,0 +1,50 @@
+# Writ's build. `make test` is the test command README.md gives and CI runs.
+SHELL := /bin/bash
+GO ?= go
+BIN := $(CURDIR)/bin
+PKGS := ./...
+# Test PostgreSQL: a throwaway cluster under this dir unless
+# WRIT_TEST_DATABASE_URL already points at a server.
+TEST_PG_DIR ?= $(CURDIR)/.tmp/testpg
+GOTEST_FLAGS ?= -count=1 -timeout 20m
+
+.PHONY: all build test test-short lint vet fmt demo bench proto clean
+
+all: build
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# Unit and integration tests, on real PostgreSQL.
+test: build
+	@set -e; \
+	if [ -z "$$WRIT_TEST_DATABASE_URL" ]; then \
+	  url=$$(scripts/pg.sh start $(TEST_PG_DIR)); \
+	  trap 'scripts/pg.sh stop $(TEST_PG_DIR)' EXIT; \
+	  export WRIT_TEST_DATABASE_URL=$$url; \
+	fi; \
+	WRIT_BIN_DIR=$(BIN) $(GO) test $(GOTEST_FLAGS) $(PKGS)
+
+lint: vet fmt
+
+vet:
+	$(GO) vet $(PKGS)
+
+fmt:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+# A working mesh on a throwaway PostgreSQL; Ctrl-C stops it all.
+demo: build
+	scripts/demo.sh
+
+# Benchmarks: in-process figures for the CA.
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./authority/...
+
+proto:
+	cd authority/nodeapi && PATH="$$PATH:$$($(GO) env GOPATH)/bin" $(GO) generate .
+
+clean:
+	rm -rf $(BIN) .tmp

@@ -1,0 +1,305 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+)
+
+// Server is writd's configuration file (writ.yaml).
+type Server struct {
+	// TrustDomain is the SPIFFE trust domain this control plane serves.
+	TrustDomain string `yaml:"trust_domain"`
+	// DatabaseURL is PostgreSQL's URL; WRIT_DATABASE_URL overrides it.
+	DatabaseURL string `yaml:"database_url"`
+	// ReplicaID names this writd replica in the CA's records; default
+	// hostname-pid.
+	ReplicaID string `yaml:"replica_id"`
+	Listen    Listen `yaml:"listen"`
+	Admin     Admin  `yaml:"admin"`
+	CA        CA     `yaml:"ca"`
+	Log       Log    `yaml:"log"`
+}
+
+// Listen holds writd's network listeners.
+type Listen struct {
+	// HTTP serves /healthz, /readyz, /metrics and /bundle.
+	HTTP string `yaml:"http"`
+	// GRPC serves the node API to agents over TLS.
+	GRPC string `yaml:"grpc"`
+}
+
+// Admin configures the local admin API.
+type Admin struct {
+	// Socket is the unix socket path; its file permissions are the
+	// authentication.
+	Socket string `yaml:"socket"`
+	// AllowedUIDs may call the admin API besides writd's own uid and root.
+	AllowedUIDs []int `yaml:"allowed_uids"`
+}
+
+// CA configures the certificate authority.
+type CA struct {
+	// KEKFile holds the key-encryption key (32 bytes, base64) that seals the
+	// root key at rest; WRIT_CA_KEK may carry it instead.
+	KEKFile string `yaml:"kek_file"`
+	// RootCertFile and RootKeyFile import an existing root (PEM) on first
+	// start instead of generating one.
+	RootCertFile string `yaml:"root_cert_file"`
+	RootKeyFile  string `yaml:"root_key_file"`
+
+	RootTTL         Duration `yaml:"root_ttl"`
+	IntermediateTTL Duration `yaml:"intermediate_ttl"`
+	X509SVIDTTL     Duration `yaml:"x509_svid_ttl"`
+	X509SVIDMaxTTL  Duration `yaml:"x509_svid_max_ttl"`
+	JWTSVIDTTL      Duration `yaml:"jwt_svid_ttl"`
+	JWTSVIDMaxTTL   Duration `yaml:"jwt_svid_max_ttl"`
+	JWTKeyTTL       Duration `yaml:"jwt_key_ttl"`
+	// BundleRefreshHint is published as spiffe_refresh_hint and bounds how
+	// long a new root or JWT key waits in the bundle before it signs.
+	BundleRefreshHint Duration `yaml:"bundle_refresh_hint"`
+
+	Upstream *Upstream `yaml:"upstream"`
+}
+
+// Upstream makes an existing step-ca sign writd's intermediates.
+type Upstream struct {
+	StepCA *StepCA `yaml:"step_ca"`
+}
+
+// StepCA addresses a step-ca and the JWK provisioner writd uses with it.
+type StepCA struct {
+	URL string `yaml:"url"`
+	// RootFile is step-ca's root certificate (PEM), used both to verify
+	// its TLS and as the trust bundle's X.509 authority.
+	RootFile string `yaml:"root_file"`
+	// Provisioner names a JWK provisioner; its private JWK (encrypted, as
+	// in step-ca's ca.json) is in ProvisionerKeyFile, and the password that
+	// opens it in ProvisionerPasswordFile.
+	Provisioner             string `yaml:"provisioner"`
+	ProvisionerKeyFile      string `yaml:"provisioner_key_file"`
+	ProvisionerPasswordFile string `yaml:"provisioner_password_file"`
+}
+
+// Log configures writd's logging.
+type Log struct {
+	Level  string `yaml:"level"`  // debug, info, warn, error
+	Format string `yaml:"format"` // json, text
+}
+
+// Defaults.
+const (
+	DefaultHTTPAddr          = "127.0.0.1:8080"
+	DefaultGRPCAddr          = "127.0.0.1:8081"
+	DefaultAdminSocket       = "/tmp/writ/admin.sock"
+	DefaultRootTTL           = 10 * 365 * 24 * time.Hour
+	DefaultIntermediateTTL   = 24 * time.Hour
+	DefaultX509SVIDTTL       = time.Hour
+	DefaultX509SVIDMaxTTL    = 12 * time.Hour
+	DefaultJWTSVIDTTL        = 5 * time.Minute
+	DefaultJWTSVIDMaxTTL     = time.Hour
+	DefaultJWTKeyTTL         = 24 * time.Hour
+	DefaultBundleRefreshHint = 5 * time.Minute
+	// MinSVIDTTL keeps renew-at-half-life from turning into a busy loop.
+	MinSVIDTTL = 30 * time.Second
+)
+
+// LoadServer reads, decodes, defaults and validates a writd config file.
+// WRIT_DATABASE_URL, when set, replaces database_url.
+func LoadServer(path string) (*Server, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return ParseServer(path, data, os.Getenv)
+}
+
+// ParseServer is LoadServer on bytes already read; getenv supplies the
+// environment.
+func ParseServer(file string, data []byte, getenv func(string) string) (*Server, error) {
+	var s Server
+	s.applyEnv(getenv)
+	if err := Decode(file, data, &serverWithEnv{s: &s, getenv: getenv}); err != nil {
+		return nil, err
+	}
+	return &s, nil
+}
+
+// serverWithEnv applies defaults and the environment between decoding and
+// validation, so that Validate sees the values writd will run with.
+type serverWithEnv struct {
+	s      *Server
+	getenv func(string) string
+}
+
+func (w *serverWithEnv) UnmarshalYAML(unmarshal func(any) error) error {
+	return unmarshal(w.s)
+}
+
+func (w *serverWithEnv) Validate() []*FieldError {
+	w.s.applyEnv(w.getenv)
+	w.s.ApplyDefaults()
+	return w.s.Validate()
+}
+
+func (s *Server) applyEnv(getenv func(string) string) {
+	if getenv == nil {
+		return
+	}
+	if v := getenv("WRIT_DATABASE_URL"); v != "" {
+		s.DatabaseURL = v
+	}
+}
+
+// ApplyDefaults fills every unset field with its default.
+func (s *Server) ApplyDefaults() {
+	def := func(d *Duration, v time.Duration) {
+		if *d == 0 {
+			*d = Duration(v)
+		}
+	}
+	if s.Listen.HTTP == "" {
+		s.Listen.HTTP = DefaultHTTPAddr
+	}
+	if s.Listen.GRPC == "" {
+		s.Listen.GRPC = DefaultGRPCAddr
+	}
+	if s.Admin.Socket == "" {
+		s.Admin.Socket = DefaultAdminSocket
+	}
+	if s.ReplicaID == "" {
+		h, _ := os.Hostname()
+		s.ReplicaID = fmt.Sprintf("%s-%d", h, os.Getpid())
+	}
+	def(&s.CA.RootTTL, DefaultRootTTL)
+	def(&s.CA.IntermediateTTL, DefaultIntermediateTTL)
+	def(&s.CA.X509SVIDTTL, DefaultX509SVIDTTL)
+	def(&s.CA.X509SVIDMaxTTL, DefaultX509SVIDMaxTTL)
+	def(&s.CA.JWTSVIDTTL, DefaultJWTSVIDTTL)
+	def(&s.CA.JWTSVIDMaxTTL, DefaultJWTSVIDMaxTTL)
+	def(&s.CA.JWTKeyTTL, DefaultJWTKeyTTL)
+	def(&s.CA.BundleRefreshHint, DefaultBundleRefreshHint)
+	if s.Log.Level == "" {
+		s.Log.Level = "info"
+	}
+	if s.Log.Format == "" {
+		s.Log.Format = "json"
+	}
+}
+
+// Validate checks values; it expects defaults applied.
+func (s *Server) Validate() []*FieldError {
+	var errs []*FieldError
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+	if s.TrustDomain == "" {
+		bad("trust_domain", "required (for example example.org)")
+	} else if err := ValidTrustDomain(s.TrustDomain); err != nil {
+		bad("trust_domain", "%v", err)
+	}
+	if s.DatabaseURL == "" {
+		bad("database_url", "required (or set WRIT_DATABASE_URL)")
+	} else if u, err := url.Parse(s.DatabaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		bad("database_url", "must be a postgres:// URL")
+	}
+	for field, addr := range map[string]string{"listen.http": s.Listen.HTTP, "listen.grpc": s.Listen.GRPC} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			bad(field, "%q is not host:port", addr)
+		}
+	}
+	if !strings.HasPrefix(s.Admin.Socket, "/") {
+		bad("admin.socket", "must be an absolute path")
+	}
+	for i, uid := range s.Admin.AllowedUIDs {
+		if uid < 0 {
+			bad(fmt.Sprintf("admin.allowed_uids[%d]", i), "uid must not be negative")
+		}
+	}
+	ca := s.CA
+	pos := func(field string, d Duration) bool {
+		if d <= 0 {
+			bad(field, "must be positive")
+			return false
+		}
+		return true
+	}
+	pos("ca.root_ttl", ca.RootTTL)
+	pos("ca.intermediate_ttl", ca.IntermediateTTL)
+	pos("ca.jwt_key_ttl", ca.JWTKeyTTL)
+	pos("ca.bundle_refresh_hint", ca.BundleRefreshHint)
+	if pos("ca.x509_svid_ttl", ca.X509SVIDTTL) && ca.X509SVIDTTL.D() < MinSVIDTTL {
+		bad("ca.x509_svid_ttl", "must be at least %s", MinSVIDTTL)
+	}
+	if pos("ca.x509_svid_max_ttl", ca.X509SVIDMaxTTL) && ca.X509SVIDTTL > ca.X509SVIDMaxTTL {
+		bad("ca.x509_svid_ttl", "%s exceeds x509_svid_max_ttl %s", ca.X509SVIDTTL.D(), ca.X509SVIDMaxTTL.D())
+	}
+	if ca.X509SVIDMaxTTL > 0 && ca.IntermediateTTL > 0 && ca.X509SVIDMaxTTL.D() > ca.IntermediateTTL.D()/2 {
+		bad("ca.x509_svid_max_ttl", "%s exceeds half the intermediate_ttl (%s): SVIDs would outlive rotation", ca.X509SVIDMaxTTL.D(), ca.IntermediateTTL.D()/2)
+	}
+	if pos("ca.jwt_svid_ttl", ca.JWTSVIDTTL) && pos("ca.jwt_svid_max_ttl", ca.JWTSVIDMaxTTL) && ca.JWTSVIDTTL > ca.JWTSVIDMaxTTL {
+		bad("ca.jwt_svid_ttl", "%s exceeds jwt_svid_max_ttl %s", ca.JWTSVIDTTL.D(), ca.JWTSVIDMaxTTL.D())
+	}
+	if ca.IntermediateTTL > 0 && ca.RootTTL > 0 && ca.IntermediateTTL >= ca.RootTTL {
+		bad("ca.intermediate_ttl", "must be shorter than root_ttl")
+	}
+	if (ca.RootCertFile == "") != (ca.RootKeyFile == "") {
+		bad("ca.root_key_file", "root_cert_file and root_key_file go together")
+	}
+	if up := ca.Upstream; up != nil {
+		if ca.RootCertFile != "" {
+			bad("ca.upstream", "an upstream CA and an imported root exclude each other")
+		}
+		if up.StepCA == nil {
+			bad("ca.upstream.step_ca", "required in ca.upstream")
+		} else {
+			st := up.StepCA
+			if u, err := url.Parse(st.URL); err != nil || u.Scheme != "https" || u.Host == "" {
+				bad("ca.upstream.step_ca.url", "must be an https:// URL")
+			}
+			for f, v := range map[string]string{
+				"ca.upstream.step_ca.root_file":                 st.RootFile,
+				"ca.upstream.step_ca.provisioner":               st.Provisioner,
+				"ca.upstream.step_ca.provisioner_key_file":      st.ProvisionerKeyFile,
+				"ca.upstream.step_ca.provisioner_password_file": st.ProvisionerPasswordFile,
+			} {
+				if v == "" {
+					bad(f, "required")
+				}
+			}
+		}
+	}
+	switch s.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "%q: want debug, info, warn or error", s.Log.Level)
+	}
+	switch s.Log.Format {
+	case "json", "text":
+	default:
+		bad("log.format", "%q: want json or text", s.Log.Format)
+	}
+	return errs
+}
+
+// ValidTrustDomain checks a SPIFFE trust domain name: lowercase letters,
+// digits, dots, dashes and underscores.
+func ValidTrustDomain(td string) error {
+	if td == "" {
+		return fmt.Errorf("trust domain is empty")
+	}
+	if len(td) > 255 {
+		return fmt.Errorf("trust domain is longer than 255 characters")
+	}
+	for _, r := range td {
+		switch {
+		case r >= 'a' && r <= 'z', r >= '0' && r <= '9', r == '.', r == '-', r == '_':
+		default:
+			return fmt.Errorf("trust domain %q: only lowercase letters, digits, '.', '-' and '_' are allowed", td)
+		}
+	}
+	return nil
+}
