@@ -1,0 +1,439 @@
+// Package policy owns Writ's Rego policies: loading a policy directory,
+// compiling it with OPA's Go API, preparing the decision query once,
+// swapping a new policy set in only after it compiled and passed a smoke
+// test, hot reload, Rego unit tests, and a decision cache for
+// deterministic policies.
+//
+// It may import config and OPA; the enforcer, the decision API and the CLI
+// import it, never the reverse.
+package policy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jonboulle/clockwork"
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/storage/inmem"
+)
+
+// DefaultDecisionPath is the rule opa-envoy-plugin queries by default, so
+// that policies written for it run unchanged.
+const DefaultDecisionPath = "data.envoy.authz.allow"
+
+// DefaultCacheSize bounds the decision cache when Options.CacheSize is 0.
+const DefaultCacheSize = 1 << 16
+
+// DefaultPollInterval is how often Run looks for a changed directory.
+const DefaultPollInterval = 2 * time.Second
+
+// networkBuiltins are removed from the capabilities of mesh policies unless
+// Options.AllowNetwork is set: a policy that can call out can be made to
+// hang or leak request data, and its answers cannot be cached.
+var networkBuiltins = map[string]bool{
+	"http.send":          true,
+	"net.lookup_ip_addr": true,
+}
+
+// Options configure an Engine. The zero value of every field but Dir is a
+// sensible default.
+type Options struct {
+	// Dir is the policy directory: Rego v1 modules (*.rego, test modules
+	// excluded), data documents (*.json, *.yaml) placed under data by their
+	// directory, and an optional .manifest whose revision names the set.
+	Dir string
+	// DecisionPath is the query evaluated for every decision.
+	DecisionPath string
+	// AllowNetwork keeps http.send and net.lookup_ip_addr available.
+	AllowNetwork bool
+	// LenientBuiltinErrors makes builtin errors undefined, as stock OPA
+	// does. By default they are errors, so a decision that depended on a
+	// failing builtin denies instead of silently taking another branch.
+	LenientBuiltinErrors bool
+	// SmokeInputs are evaluated against every candidate policy set before
+	// it is swapped in; any evaluation error rejects the set. Defaults to
+	// an empty input and an opa-envoy-shaped request.
+	SmokeInputs []ast.Value
+	// CacheSize bounds the decision cache in entries; negative disables it.
+	CacheSize int
+	// PollInterval is how often Run checks Dir for changes.
+	PollInterval time.Duration
+	// Clock drives Run's polling; tests pass a fake.
+	Clock clockwork.Clock
+	// Logger receives reloads and rejected policies.
+	Logger *slog.Logger
+	// OnReload, if set, is called after every reload attempt that saw new
+	// content, with the error that rejected it if any. It is the hook for
+	// metrics and admin events.
+	OnReload func(ReloadEvent)
+}
+
+// ReloadEvent reports one reload attempt.
+type ReloadEvent struct {
+	// Revision is the revision now active (the old one if Err != nil).
+	Revision string
+	// Attempted is the revision of the content that was tried.
+	Attempted string
+	Err       error
+}
+
+// Result is the outcome of one evaluation of the decision query.
+type Result struct {
+	// Defined is false when the decision query had no value.
+	Defined bool
+	// Value is the decision as JSON-shaped Go values (bool, string,
+	// json.Number, []any, map[string]any, nil). It may be shared with the
+	// cache and other callers: treat it as read-only.
+	Value any
+	// Revision names the policy set that produced the value.
+	Revision string
+	// Cached reports that the value came from the decision cache.
+	Cached bool
+}
+
+// Info describes the active policy set.
+type Info struct {
+	Revision      string
+	Deterministic bool
+	// NondeterministicBuiltin names why the cache is off, if it is.
+	NondeterministicBuiltin string
+	CacheEnabled            bool
+	// CacheKeyPaths are the input paths the cache keys on; empty with
+	// CacheEnabled means the whole input.
+	CacheKeyPaths []string
+	CacheEntries  int
+	LoadedAt      time.Time
+}
+
+// compiledSet is one immutable, prepared policy set.
+type compiledSet struct {
+	revision string
+	hash     string
+	query    rego.PreparedEvalQuery
+	an       analysis
+	cache    *decisionCache // nil when off
+	loadedAt time.Time
+}
+
+// Engine evaluates the active policy set and replaces it on reload. Eval is
+// safe for concurrent use and never blocks on a reload: readers see either
+// the old set or the new one, never a mix.
+type Engine struct {
+	opts   Options
+	path   ast.Ref
+	caps   *ast.Capabilities
+	log    *slog.Logger
+	clock  clockwork.Clock
+	cur    atomic.Pointer[compiledSet]
+	mu     sync.Mutex // serializes reloads
+	tried  string     // content hash of the last attempted set
+	lastEr error
+}
+
+// NewEngine loads, compiles and smoke-tests the policy set in opts.Dir. It
+// fails if that set is unusable: there is no previous set to fall back on.
+func NewEngine(ctx context.Context, opts Options) (*Engine, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("policy engine: no policy directory")
+	}
+	if opts.DecisionPath == "" {
+		opts.DecisionPath = DefaultDecisionPath
+	}
+	ref, err := parseDecisionPath(opts.DecisionPath)
+	if err != nil {
+		return nil, err
+	}
+	if opts.CacheSize == 0 {
+		opts.CacheSize = DefaultCacheSize
+	}
+	if opts.PollInterval <= 0 {
+		opts.PollInterval = DefaultPollInterval
+	}
+	if opts.Clock == nil {
+		opts.Clock = clockwork.NewRealClock()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.SmokeInputs == nil {
+		opts.SmokeInputs = defaultSmokeInputs()
+	}
+	e := &Engine{opts: opts, path: ref, caps: capabilities(opts.AllowNetwork), log: opts.Logger, clock: opts.Clock}
+	if err := e.Reload(ctx); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+func parseDecisionPath(p string) (ast.Ref, error) {
+	ref, err := ast.ParseRef(p)
+	if err != nil {
+		return nil, fmt.Errorf("decision path %q: %w", p, err)
+	}
+	if !ref.HasPrefix(ast.DefaultRootRef) || len(ref) < 2 || !ref.IsGround() {
+		return nil, fmt.Errorf("decision path %q: must be a constant path under data", p)
+	}
+	return ref, nil
+}
+
+// capabilities are this OPA's builtins, minus network access unless allowed.
+func capabilities(allowNetwork bool) *ast.Capabilities {
+	caps := ast.CapabilitiesForThisVersion()
+	if allowNetwork {
+		return caps
+	}
+	kept := caps.Builtins[:0]
+	for _, b := range caps.Builtins {
+		if !networkBuiltins[b.Name] {
+			kept = append(kept, b)
+		}
+	}
+	caps.Builtins = kept
+	return caps
+}
+
+// Reload reads the directory again and, if its content changed, compiles,
+// smoke-tests and swaps in the new set. On any failure the active set stays
+// and the error, naming file and line where OPA knows them, is returned.
+func (e *Engine) Reload(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	src, err := readSource(e.opts.Dir)
+	if err != nil {
+		return e.rejected("", err)
+	}
+	if cur := e.cur.Load(); cur != nil && cur.hash == src.hash {
+		e.tried = src.hash
+		return nil
+	}
+	e.tried = src.hash
+	set, err := e.compile(ctx, src)
+	if err != nil {
+		return e.rejected(src.revision, err)
+	}
+	prev := e.cur.Swap(set)
+	e.lastEr = nil
+	attrs := []any{"revision", set.revision, "deterministic", set.an.deterministic, "cache", set.cache != nil}
+	if prev != nil {
+		attrs = append(attrs, "previous", prev.revision)
+	}
+	e.log.Info("policy loaded", attrs...)
+	if e.opts.OnReload != nil {
+		e.opts.OnReload(ReloadEvent{Revision: set.revision, Attempted: set.revision})
+	}
+	return nil
+}
+
+func (e *Engine) rejected(attempted string, err error) error {
+	e.lastEr = err
+	active := ""
+	if cur := e.cur.Load(); cur != nil {
+		active = cur.revision
+	}
+	e.log.Error("policy rejected", "attempted", attempted, "active", active, "err", err)
+	if e.opts.OnReload != nil {
+		e.opts.OnReload(ReloadEvent{Revision: active, Attempted: attempted, Err: err})
+	}
+	return err
+}
+
+func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error) {
+	mods, data, err := src.parse(e.caps)
+	if err != nil {
+		return nil, fmt.Errorf("parse: %w", err)
+	}
+	compiler := ast.NewCompiler().
+		WithCapabilities(e.caps).
+		WithDefaultRegoVersion(ast.RegoV1)
+	compiler.Compile(mods)
+	if compiler.Failed() {
+		return nil, fmt.Errorf("compile: policy dir %s: %w", src.dir, joinASTErrors(compiler.Errors))
+	}
+	if len(compiler.GetRules(e.path)) == 0 && !dataHas(data, e.path) {
+		return nil, fmt.Errorf("compile: policy dir %s: nothing defines decision path %s", src.dir, e.path)
+	}
+	store := inmem.NewFromObjectWithOpts(data, inmem.OptReturnASTValuesOnRead(true))
+	pq, err := rego.New(
+		rego.ParsedQuery(ast.NewBody(ast.NewExpr(ast.NewTerm(e.path)))),
+		rego.Compiler(compiler),
+		rego.Store(store),
+		rego.StoreReadAST(true),
+		rego.Capabilities(e.caps),
+		rego.StrictBuiltinErrors(!e.opts.LenientBuiltinErrors),
+	).PrepareForEval(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("prepare %s: %w", e.path, err)
+	}
+	set := &compiledSet{
+		revision: src.revision,
+		hash:     src.hash,
+		query:    pq,
+		an:       analyse(compiler.Modules),
+		loadedAt: e.clock.Now(),
+	}
+	for i, in := range e.opts.SmokeInputs {
+		if _, err := set.eval(ctx, in); err != nil {
+			return nil, fmt.Errorf("smoke test input %d: %w", i, err)
+		}
+	}
+	if e.opts.CacheSize > 0 && set.an.deterministic {
+		var paths [][]string
+		if !set.an.wholeInput {
+			paths = set.an.paths
+			if paths == nil {
+				paths = [][]string{} // reads no input at all
+			}
+		}
+		set.cache = newDecisionCache(paths, e.opts.CacheSize)
+	}
+	return set, nil
+}
+
+func joinASTErrors(errs ast.Errors) error {
+	parts := make([]string, 0, len(errs))
+	for _, e := range errs {
+		parts = append(parts, e.Error())
+	}
+	return errors.New(strings.Join(parts, "; "))
+}
+
+func dataHas(data map[string]any, ref ast.Ref) bool {
+	var v any = data
+	for _, t := range ref[1:] {
+		m, ok := v.(map[string]any)
+		if !ok {
+			return false
+		}
+		s, ok := t.Value.(ast.String)
+		if !ok {
+			return false
+		}
+		if v, ok = m[string(s)]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// Eval evaluates the decision query of the active set on input, which must
+// be an object. It answers from the cache when the set is deterministic and
+// an input that agrees on every path the set reads was seen before.
+func (e *Engine) Eval(ctx context.Context, input ast.Value) (Result, error) {
+	set := e.cur.Load()
+	if set.cache == nil {
+		return set.eval(ctx, input)
+	}
+	key, sum := set.cache.key(input)
+	if r, ok := set.cache.get(key, sum); ok {
+		r.Cached = true
+		return r, nil
+	}
+	r, err := set.eval(ctx, input)
+	if err != nil {
+		return r, err
+	}
+	set.cache.put(key, sum, r)
+	return r, nil
+}
+
+func (s *compiledSet) eval(ctx context.Context, input ast.Value) (Result, error) {
+	res := Result{Revision: s.revision}
+	rs, err := s.query.Eval(ctx, rego.EvalParsedInput(input))
+	if err != nil {
+		return res, fmt.Errorf("evaluate policy %s: %w", s.revision, err)
+	}
+	switch len(rs) {
+	case 0:
+		return res, nil
+	case 1:
+		if len(rs[0].Expressions) != 1 {
+			return res, fmt.Errorf("evaluate policy %s: %d expressions in result", s.revision, len(rs[0].Expressions))
+		}
+		res.Defined = true
+		res.Value = rs[0].Expressions[0].Value
+		return res, nil
+	default:
+		return res, fmt.Errorf("evaluate policy %s: %d results for a single decision", s.revision, len(rs))
+	}
+}
+
+// Revision names the active policy set.
+func (e *Engine) Revision() string { return e.cur.Load().revision }
+
+// LastError is the error of the last rejected reload, nil once a later
+// reload succeeded.
+func (e *Engine) LastError() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.lastEr
+}
+
+// Info describes the active set.
+func (e *Engine) Info() Info {
+	s := e.cur.Load()
+	in := Info{
+		Revision:                s.revision,
+		Deterministic:           s.an.deterministic,
+		NondeterministicBuiltin: s.an.nondeterministic,
+		CacheEnabled:            s.cache != nil,
+		LoadedAt:                s.loadedAt,
+	}
+	if s.cache != nil {
+		for _, p := range s.cache.paths {
+			in.CacheKeyPaths = append(in.CacheKeyPaths, "input."+strings.Join(p, "."))
+		}
+		in.CacheEntries = s.cache.len()
+	}
+	return in
+}
+
+// Run polls the directory every PollInterval and reloads on change until
+// ctx ends. A rejected set is not retried until the content changes again.
+func (e *Engine) Run(ctx context.Context) error {
+	t := e.clock.NewTicker(e.opts.PollInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.Chan():
+			src, err := readSource(e.opts.Dir)
+			if err != nil {
+				e.log.Warn("policy poll", "err", err)
+				continue
+			}
+			e.mu.Lock()
+			same := src.hash == e.tried
+			e.mu.Unlock()
+			if same {
+				continue
+			}
+			_ = e.Reload(ctx) // reported through log and OnReload
+		}
+	}
+}
+
+// defaultSmokeInputs exercise a policy with nothing and with a typical
+// request, so that a set that errors on ordinary traffic is never swapped in.
+func defaultSmokeInputs() []ast.Value {
+	sample := ast.MustParseTerm(`{
+		"attributes": {
+			"source": {"principal": "spiffe://cluster.local/ns/default/sa/client",
+				"address": {"socketAddress": {"address": "10.0.0.1", "portValue": 40000}}},
+			"destination": {"principal": "spiffe://cluster.local/ns/default/sa/server",
+				"address": {"socketAddress": {"address": "10.0.0.2", "portValue": 8080}}},
+			"request": {"http": {"id": "1", "method": "GET", "path": "/", "host": "server",
+				"protocol": "HTTP/1.1", "headers": {":method": "GET", ":path": "/", "user-agent": "writ-smoke"}}}
+		},
+		"parsed_path": [""], "parsed_query": {}, "parsed_body": null, "truncated_body": false,
+		"version": {"encoding": "protojson", "ext_authz": "v3"}
+	}`).Value
+	return []ast.Value{ast.NewObject(), sample}
+}

@@ -1,0 +1,159 @@
+package policy
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing/fstest"
+
+	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/loader"
+)
+
+// Limits on what a policy directory may hold. They bound the memory a
+// malicious or mistaken directory can make the loader use.
+const (
+	maxPolicyFiles = 4096
+	maxPolicyBytes = 64 << 20
+	manifestName   = ".manifest"
+)
+
+// source is one policy set read from disk: the bytes of every file that
+// takes part, and the revision that names them.
+type source struct {
+	dir      string
+	files    fstest.MapFS
+	revision string
+	hash     string
+}
+
+// isPolicyFile reports whether a file (by its slash-separated path relative
+// to the policy directory) is part of the policy set the engine evaluates.
+// Test modules are left out: they are run by RunTests, and their
+// `with input as` overrides would defeat the input analysis of the cache.
+func isPolicyFile(rel string) bool {
+	base := path.Base(rel)
+	switch {
+	case strings.HasSuffix(base, "_test.rego"):
+		return false
+	case strings.HasSuffix(base, ".rego"), strings.HasSuffix(base, ".json"),
+		strings.HasSuffix(base, ".yaml"), strings.HasSuffix(base, ".yml"):
+		return !strings.HasPrefix(base, ".")
+	}
+	return false
+}
+
+// readSource reads the policy set under dir into memory so that the content
+// hash, the parse and the compile all see the same bytes even if the
+// directory changes while it is being read.
+func readSource(dir string) (*source, error) {
+	files := fstest.MapFS{}
+	h := sha256.New()
+	var total int64
+	var names []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, p)
+		if err != nil {
+			return err
+		}
+		rel = filepath.ToSlash(rel)
+		if d.IsDir() {
+			if rel != "." && strings.HasPrefix(d.Name(), ".") {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if rel != manifestName && !isPolicyFile(rel) {
+			return nil
+		}
+		if !d.Type().IsRegular() {
+			return fmt.Errorf("%s: not a regular file", p)
+		}
+		names = append(names, rel)
+		if len(names) > maxPolicyFiles {
+			return fmt.Errorf("more than %d policy files", maxPolicyFiles)
+		}
+		bs, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		total += int64(len(bs))
+		if total > maxPolicyBytes {
+			return fmt.Errorf("policy files exceed %d bytes", maxPolicyBytes)
+		}
+		files[rel] = &fstest.MapFile{Data: bs, Mode: 0o444}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read policy dir %s: %w", dir, err)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		// Length-prefixed so that no two file sets hash alike by shifting
+		// bytes between a name and a body.
+		fmt.Fprintf(h, "%d:%s%d:", len(n), n, len(files[n].Data))
+		h.Write(files[n].Data)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	src := &source{dir: dir, files: files, hash: sum, revision: "sha256:" + sum[:16]}
+	if m, ok := files[manifestName]; ok {
+		var man struct {
+			Revision string `json:"revision"`
+		}
+		if err := json.Unmarshal(m.Data, &man); err != nil {
+			return nil, fmt.Errorf("read policy dir %s: %s: %w", dir, manifestName, err)
+		}
+		if man.Revision != "" {
+			src.revision = man.Revision
+		}
+		delete(files, manifestName)
+	}
+	return src, nil
+}
+
+// parse parses the modules and data documents of src. Errors carry the
+// file name and line.
+func (s *source) parse(caps *ast.Capabilities) (map[string]*ast.Module, map[string]any, error) {
+	if len(s.files) == 0 {
+		return nil, nil, fmt.Errorf("policy dir %s: no policy files", s.dir)
+	}
+	res, err := loader.NewFileLoader().
+		WithFS(s.files).
+		WithRegoVersion(ast.RegoV1).
+		WithCapabilities(caps).
+		WithProcessAnnotation(true).
+		Filtered([]string{"."}, nil)
+	if err != nil {
+		return nil, nil, fmt.Errorf("policy dir %s: %w", s.dir, flattenErr(err))
+	}
+	mods := make(map[string]*ast.Module, len(res.Modules))
+	for _, m := range res.Modules {
+		mods[m.Name] = m.Parsed
+	}
+	return mods, res.Documents, nil
+}
+
+// flattenErr joins OPA's multi-errors onto one line each so that the
+// file:line of every problem reaches logs and admin events.
+func flattenErr(err error) error {
+	var errs loader.Errors
+	if errors.As(err, &errs) {
+		parts := make([]string, 0, len(errs))
+		for _, e := range errs {
+			parts = append(parts, e.Error())
+		}
+		return errors.New(strings.Join(parts, "; "))
+	}
+	return err
+}
