@@ -5,7 +5,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -345,4 +344,3 @@ func sameSet(a, b []string) bool {
 	return true
 }
 
-var _ = reflect.DeepEqual
