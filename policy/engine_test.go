@@ -343,4 +343,3 @@ func sameSet(a, b []string) bool {
 	}
 	return true
 }
-
