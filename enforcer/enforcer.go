@@ -1,0 +1,165 @@
+// Package enforcer turns an Envoy ext_authz CheckRequest into a policy
+// input, asks the policy engine, maps the decision onto a CheckResponse and
+// hands a record of every decision to an audit sink before answering.
+// writ-proxy calls Check in-process; writ-enforcer serves the same Check
+// to Envoy over gRPC.
+//
+// It imports policy; proxy, the enforcer server and the API import it.
+package enforcer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/google/uuid"
+	"github.com/jonboulle/clockwork"
+	"github.com/writmesh/writ/policy"
+	"google.golang.org/genproto/googleapis/rpc/code"
+)
+
+// Result values of a Decision.
+const (
+	ResultAllow = "allow"
+	ResultDeny  = "deny"
+)
+
+// Decision is the record of one authorization decision, handed to the
+// audit sink. Its fields are plain values so that sinks can serialize it
+// as they like.
+type Decision struct {
+	ID   string    // UUIDv7, time-ordered
+	Time time.Time // when the request reached the enforcer
+	// Source and Destination are the peers' principals (SPIFFE IDs under
+	// mTLS), empty when Envoy reported none.
+	Source, Destination string
+	Method              string
+	// Path is what the policy saw; RawPath is what the client sent.
+	Path, RawPath string
+	Protocol      string // as Envoy reported it: HTTP/1.1, HTTP/2, ...
+	GRPC          bool
+	Result        string // ResultAllow or ResultDeny
+	// HTTPStatus is 200 for an allow, else the status sent to the client.
+	HTTPStatus int
+	// Reason says why: the policy's answer or why there was none.
+	Reason         string
+	PolicyRevision string
+	Cached         bool // the policy answer came from the decision cache
+	Latency        time.Duration
+	TraceID        string // from the W3C traceparent header, if any
+}
+
+// Sink receives every decision before its response is returned. An error
+// turns the decision into a deny: a decision that cannot be audited is not
+// enforced as an allow.
+type Sink interface {
+	Record(ctx context.Context, d Decision) error
+}
+
+// SinkFunc adapts a function to Sink.
+type SinkFunc func(ctx context.Context, d Decision) error
+
+// Record calls f.
+func (f SinkFunc) Record(ctx context.Context, d Decision) error { return f(ctx, d) }
+
+var _ Sink = SinkFunc(nil)
+
+// Options configure an Enforcer.
+type Options struct {
+	Engine *policy.Engine
+	Sink   Sink
+	// MaxBodyBytes bounds JSON bodies parsed into input.parsed_body.
+	MaxBodyBytes int
+	Clock        clockwork.Clock
+	Logger       *slog.Logger
+}
+
+// Enforcer decides requests. It is safe for concurrent use.
+type Enforcer struct {
+	engine  *policy.Engine
+	sink    Sink
+	maxBody int
+	clock   clockwork.Clock
+	log     *slog.Logger
+}
+
+// New checks opts and returns an Enforcer. A sink is required: decisions
+// are never made unrecorded.
+func New(opts Options) (*Enforcer, error) {
+	if opts.Engine == nil {
+		return nil, errors.New("enforcer: no policy engine")
+	}
+	if opts.Sink == nil {
+		return nil, errors.New("enforcer: no audit sink")
+	}
+	if opts.MaxBodyBytes <= 0 {
+		opts.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if opts.Clock == nil {
+		opts.Clock = clockwork.NewRealClock()
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	return &Enforcer{engine: opts.Engine, sink: opts.Sink, maxBody: opts.MaxBodyBytes, clock: opts.Clock, log: opts.Logger}, nil
+}
+
+// Check decides req. It never fails: a request it cannot decide is denied,
+// with the reason in the returned Decision, which has been recorded (or its
+// recording failed, which also denies).
+func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, Decision) {
+	start := e.clock.Now()
+	d := Decision{Time: start}
+	if id, err := uuid.NewV7(); err == nil {
+		d.ID = id.String()
+	}
+	out := e.decide(ctx, req, &d)
+	d.Latency = e.clock.Since(start)
+	if err := e.sink.Record(ctx, d); err != nil {
+		e.log.Error("audit sink refused decision; denying", "decision_id", d.ID, "err", err)
+		d.Reason = fmt.Sprintf("audit sink: %v (was %s: %s)", err, d.Result, d.Reason)
+		d.Result, d.HTTPStatus = ResultDeny, http.StatusServiceUnavailable
+		out = denyOutcome(http.StatusServiceUnavailable, code.Code_UNAVAILABLE, nil, "", nil)
+	}
+	return out.resp, d
+}
+
+func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Decision) outcome {
+	in, f, err := buildInput(req, e.maxBody)
+	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
+	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
+	if err != nil {
+		if errors.Is(err, ErrBadPath) {
+			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, err.Error())
+		}
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "input: "+err.Error())
+	}
+	res, err := e.engine.Eval(ctx, in)
+	d.PolicyRevision, d.Cached = res.Revision, res.Cached
+	if err != nil {
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "policy error: "+err.Error())
+	}
+	if !res.Defined {
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "policy decision undefined")
+	}
+	out, err := mapDecision(res.Value)
+	if err != nil {
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "invalid policy decision: "+err.Error())
+	}
+	d.HTTPStatus = out.status
+	if out.allowed {
+		d.Result, d.Reason = ResultAllow, "policy allowed"
+	} else {
+		d.Result, d.Reason = ResultDeny, "policy denied"
+	}
+	return out
+}
+
+func (e *Enforcer) deny(d *Decision, status int, c code.Code, reason string) outcome {
+	d.Result, d.HTTPStatus, d.Reason = ResultDeny, status, reason
+	return denyOutcome(status, c, nil, "", nil)
+}
