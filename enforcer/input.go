@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/url"
 	"strconv"
@@ -74,13 +75,30 @@ func buildInput(req *authv3.CheckRequest, maxBody int) (ast.Value, requestFacts,
 		target += "?" + query
 	}
 
+	var base ast.Object
+	if base, err = protoToValue(req, target); errors.Is(err, errSlowPath) {
+		base, err = protojsonValue(req, target)
+	}
+	if err != nil {
+		return nil, f, err
+	}
+	if err := addExtras(base, req, target, maxBody); err != nil {
+		return nil, f, err
+	}
+	return base, f, nil
+}
+
+// protojsonValue is the reference way to the input: protojson, as
+// opa-envoy-plugin does it, then JSON to AST. It serves requests the direct
+// conversion does not handle, and tests compare the two.
+func protojsonValue(req *authv3.CheckRequest, target string) (ast.Object, error) {
 	bs, err := protojson.Marshal(req)
 	if err != nil {
-		return nil, f, fmt.Errorf("marshal check request: %w", err)
+		return nil, fmt.Errorf("marshal check request: %w", err)
 	}
 	var in map[string]any
 	if err := util.UnmarshalJSON(bs, &in); err != nil {
-		return nil, f, fmt.Errorf("unmarshal check request: %w", err)
+		return nil, fmt.Errorf("unmarshal check request: %w", err)
 	}
 	if hm := httpMap(in); hm != nil {
 		hm["path"] = target
@@ -90,27 +108,36 @@ func buildInput(req *authv3.CheckRequest, maxBody int) (ast.Value, requestFacts,
 			}
 		}
 	}
-	in["version"] = map[string]any{"ext_authz": "v3", "encoding": "protojson"}
-
-	parsedPath, parsedQuery, err := parsePathAndQuery(target)
-	if err != nil {
-		return nil, f, err
-	}
-	in["parsed_path"] = parsedPath
-	in["parsed_query"] = parsedQuery
-	body, truncated, err := parseBody(h, maxBody)
-	if err != nil {
-		return nil, f, err
-	}
-	in["parsed_body"] = body
-	in["truncated_body"] = truncated
-	in["writ"] = writInput(req)
-
 	v, err := ast.InterfaceToValue(in)
 	if err != nil {
-		return nil, f, fmt.Errorf("build input: %w", err)
+		return nil, fmt.Errorf("build input: %w", err)
 	}
-	return v, f, nil
+	return v.(ast.Object), nil
+}
+
+var versionValue = ast.NewObject(
+	ast.Item(ast.InternedTerm("ext_authz"), ast.InternedTerm("v3")),
+	ast.Item(ast.InternedTerm("encoding"), ast.InternedTerm("protojson")),
+)
+
+// addExtras adds what opa-envoy-plugin adds to the protojson form, and
+// input.writ.
+func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody int) error {
+	in.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue.Copy()))
+	parsedPath, parsedQuery, err := parsePathAndQuery(target)
+	if err != nil {
+		return err
+	}
+	in.Insert(ast.InternedTerm("parsed_path"), ast.NewTerm(parsedPath))
+	in.Insert(ast.InternedTerm("parsed_query"), ast.NewTerm(parsedQuery))
+	body, truncated, err := parseBody(req.GetAttributes().GetRequest().GetHttp(), maxBody)
+	if err != nil {
+		return err
+	}
+	in.Insert(ast.InternedTerm("parsed_body"), ast.NewTerm(body))
+	in.Insert(ast.InternedTerm("truncated_body"), ast.InternedTerm(truncated))
+	in.Insert(ast.InternedTerm("writ"), ast.NewTerm(writInput(req)))
+	return nil
 }
 
 func httpMap(in map[string]any) map[string]any {
@@ -123,39 +150,41 @@ func httpMap(in map[string]any) map[string]any {
 // parsePathAndQuery splits the (already normalized) target as
 // opa-envoy-plugin does: path segments percent-decoded, without the leading
 // slash; the query as a map of value lists.
-func parsePathAndQuery(target string) ([]any, map[string]any, error) {
+func parsePathAndQuery(target string) (*ast.Array, ast.Object, error) {
 	u, err := url.Parse(target)
 	if err != nil {
 		return nil, nil, &pathError{"unparsable target"}
 	}
 	segs := strings.Split(strings.TrimLeft(u.Path, "/"), "/")
-	parsedPath := make([]any, len(segs))
+	terms := make([]*ast.Term, len(segs))
 	for i, s := range segs {
-		parsedPath[i] = s
+		terms[i] = ast.StringTerm(s)
 	}
-	parsedQuery := map[string]any{}
-	for k, vs := range u.Query() {
-		l := make([]any, len(vs))
-		for i, v := range vs {
-			l[i] = v
+	q := ast.NewObject()
+	if u.RawQuery != "" {
+		for k, vs := range u.Query() {
+			l := make([]*ast.Term, len(vs))
+			for i, v := range vs {
+				l[i] = ast.StringTerm(v)
+			}
+			q.Insert(ast.StringTerm(k), ast.ArrayTerm(l...))
 		}
-		parsedQuery[k] = l
 	}
-	return parsedPath, parsedQuery, nil
+	return ast.NewArray(terms...), q, nil
 }
 
 // parseBody parses a JSON body as opa-envoy-plugin does: only for a JSON
 // content type, reporting truncation when content-length says more was
 // sent than Envoy forwarded. Bodies over maxBody are not parsed and are
 // reported as truncated.
-func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (any, bool, error) {
+func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (ast.Value, bool, error) {
 	ct := headerValue(h, "content-type")
 	if !strings.Contains(ct, "application/json") {
-		return nil, false, nil
+		return ast.NullValue, false, nil
 	}
 	body := h.GetBody()
 	if body == "" {
-		return nil, false, nil
+		return ast.NullValue, false, nil
 	}
 	if cl := headerValue(h, "content-length"); cl != "" {
 		n, err := strconv.ParseInt(cl, 10, 64)
@@ -163,11 +192,11 @@ func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (any, bool, 
 			return nil, false, fmt.Errorf("content-length %q: %w", cl, err)
 		}
 		if n != -1 && n > int64(len(body)) {
-			return nil, true, nil
+			return ast.NullValue, true, nil
 		}
 	}
 	if len(body) > maxBody {
-		return nil, true, nil
+		return ast.NullValue, true, nil
 	}
 	dec := json.NewDecoder(strings.NewReader(body))
 	dec.UseNumber()
@@ -178,19 +207,23 @@ func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (any, bool, 
 	if dec.More() {
 		return nil, false, fmt.Errorf("parse JSON body: trailing data")
 	}
-	return v, false, nil
+	av, err := ast.InterfaceToValue(v)
+	if err != nil {
+		return nil, false, fmt.Errorf("parse JSON body: %w", err)
+	}
+	return av, false, nil
 }
 
 // writInput is input.writ: the SPIFFE identities of both peers split into
 // their parts, and the destination service.
-func writInput(req *authv3.CheckRequest) map[string]any {
+func writInput(req *authv3.CheckRequest) ast.Object {
 	attrs := req.GetAttributes()
-	w := map[string]any{
-		"source":      spiffeParts(attrs.GetSource().GetPrincipal()),
-		"destination": spiffeParts(attrs.GetDestination().GetPrincipal()),
-	}
+	w := ast.NewObject(
+		ast.Item(ast.InternedTerm("source"), ast.NewTerm(spiffeParts(attrs.GetSource().GetPrincipal()))),
+		ast.Item(ast.InternedTerm("destination"), ast.NewTerm(spiffeParts(attrs.GetDestination().GetPrincipal()))),
+	)
 	if s := destinationService(req); s != "" {
-		w["destination_service"] = s
+		w.Insert(ast.InternedTerm("destination_service"), ast.StringTerm(s))
 	}
 	return w
 }
@@ -217,8 +250,8 @@ func destinationService(req *authv3.CheckRequest) string {
 // spiffe://TD/ns/NS/sa/SA. Any other valid SPIFFE ID yields only its ID and
 // trust domain; anything else yields an empty object, so a policy that
 // tests input.writ.source.namespace finds it undefined, never forged.
-func spiffeParts(principal string) map[string]any {
-	out := map[string]any{}
+func spiffeParts(principal string) ast.Object {
+	out := ast.NewObject()
 	if principal == "" {
 		return out
 	}
@@ -226,12 +259,12 @@ func spiffeParts(principal string) map[string]any {
 	if err != nil {
 		return out
 	}
-	out["id"] = id.String()
-	out["trust_domain"] = id.TrustDomain().Name()
+	out.Insert(ast.InternedTerm("id"), ast.StringTerm(id.String()))
+	out.Insert(ast.InternedTerm("trust_domain"), ast.StringTerm(id.TrustDomain().Name()))
 	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
 	if len(segs) == 4 && segs[0] == "ns" && segs[2] == "sa" {
-		out["namespace"] = segs[1]
-		out["service_account"] = segs[3]
+		out.Insert(ast.InternedTerm("namespace"), ast.StringTerm(segs[1]))
+		out.Insert(ast.InternedTerm("service_account"), ast.StringTerm(segs[3]))
 	}
 	return out
 }

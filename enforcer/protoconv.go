@@ -1,0 +1,212 @@
+package enforcer
+
+import (
+	"encoding/base64"
+	"errors"
+	"math"
+	"strconv"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/open-policy-agent/opa/v1/ast"
+	"google.golang.org/protobuf/reflect/protoreflect"
+)
+
+// errSlowPath means the direct conversion met something it leaves to
+// protojson (google.protobuf.Any, Duration, non-string map keys, values
+// protojson would refuse), so that both ways always agree.
+var errSlowPath = errors.New("input needs protojson")
+
+var httpRequestName = (&authv3.AttributeContext_HttpRequest{}).ProtoReflect().Descriptor().FullName()
+
+// protoToValue builds the AST value protojson.Marshal followed by a JSON
+// parse would give, without the JSON round trip: lowerCamelCase field names,
+// unpopulated fields left out, 64-bit integers as strings, enums by name,
+// bytes as base64, Timestamp as RFC 3339, Struct as JSON. The request path
+// and the ":path" header are replaced by target.
+func protoToValue(req *authv3.CheckRequest, target string) (ast.Object, error) {
+	c := converter{target: target}
+	v, err := c.message(req.ProtoReflect())
+	if err != nil {
+		return nil, err
+	}
+	return v.(ast.Object), nil
+}
+
+type converter struct{ target string }
+
+func (c *converter) message(m protoreflect.Message) (ast.Value, error) {
+	d := m.Descriptor()
+	if d.FullName().Parent() == "google.protobuf" {
+		return c.wellKnown(m)
+	}
+	isHTTP := d.FullName() == httpRequestName
+	obj := ast.NewObject()
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		var val ast.Value
+		switch {
+		case fd.IsMap():
+			val, err = c.mapValue(fd, v.Map(), isHTTP && fd.Name() == "headers")
+		case fd.IsList():
+			val, err = c.list(fd, v.List())
+		case isHTTP && fd.Name() == "path":
+			val = ast.String(c.target)
+		default:
+			val, err = c.singular(fd, v)
+		}
+		if err != nil {
+			return false
+		}
+		obj.Insert(ast.InternedTerm(fd.JSONName()), ast.NewTerm(val))
+		return true
+	})
+	return obj, err
+}
+
+func (c *converter) mapValue(fd protoreflect.FieldDescriptor, m protoreflect.Map, headers bool) (ast.Value, error) {
+	if fd.MapKey().Kind() != protoreflect.StringKind {
+		return nil, errSlowPath
+	}
+	obj := ast.NewObject()
+	var err error
+	m.Range(func(k protoreflect.MapKey, v protoreflect.Value) bool {
+		ks := k.String()
+		if !utf8.ValidString(ks) {
+			err = errSlowPath
+			return false
+		}
+		var val ast.Value
+		if headers && ks == ":path" {
+			val = ast.String(c.target)
+		} else if val, err = c.singular(fd.MapValue(), v); err != nil {
+			return false
+		}
+		obj.Insert(ast.StringTerm(ks), ast.NewTerm(val))
+		return true
+	})
+	return obj, err
+}
+
+func (c *converter) list(fd protoreflect.FieldDescriptor, l protoreflect.List) (ast.Value, error) {
+	terms := make([]*ast.Term, l.Len())
+	for i := range terms {
+		v, err := c.singular(fd, l.Get(i))
+		if err != nil {
+			return nil, err
+		}
+		terms[i] = ast.NewTerm(v)
+	}
+	return ast.NewArray(terms...), nil
+}
+
+func (c *converter) singular(fd protoreflect.FieldDescriptor, v protoreflect.Value) (ast.Value, error) {
+	switch fd.Kind() {
+	case protoreflect.BoolKind:
+		return ast.Boolean(v.Bool()), nil
+	case protoreflect.StringKind:
+		s := v.String()
+		if !utf8.ValidString(s) {
+			return nil, errSlowPath
+		}
+		return ast.String(s), nil
+	case protoreflect.BytesKind:
+		return ast.String(base64.StdEncoding.EncodeToString(v.Bytes())), nil
+	case protoreflect.Int32Kind, protoreflect.Sint32Kind, protoreflect.Sfixed32Kind:
+		return ast.Number(strconv.FormatInt(v.Int(), 10)), nil
+	case protoreflect.Uint32Kind, protoreflect.Fixed32Kind:
+		return ast.Number(strconv.FormatUint(v.Uint(), 10)), nil
+	case protoreflect.Int64Kind, protoreflect.Sint64Kind, protoreflect.Sfixed64Kind:
+		return ast.String(strconv.FormatInt(v.Int(), 10)), nil
+	case protoreflect.Uint64Kind, protoreflect.Fixed64Kind:
+		return ast.String(strconv.FormatUint(v.Uint(), 10)), nil
+	case protoreflect.FloatKind:
+		return floatValue(v.Float(), 32), nil
+	case protoreflect.DoubleKind:
+		return floatValue(v.Float(), 64), nil
+	case protoreflect.EnumKind:
+		if fd.Enum().FullName() == "google.protobuf.NullValue" {
+			return ast.Null{}, nil
+		}
+		if ev := fd.Enum().Values().ByNumber(v.Enum()); ev != nil {
+			return ast.String(string(ev.Name())), nil
+		}
+		return ast.Number(strconv.FormatInt(int64(v.Enum()), 10)), nil
+	case protoreflect.MessageKind, protoreflect.GroupKind:
+		return c.message(v.Message())
+	}
+	return nil, errSlowPath
+}
+
+// floatValue formats like protojson: shortest representation, exponent
+// form outside [1e-6, 1e21), non-finite values as strings.
+func floatValue(f float64, bits int) ast.Value {
+	switch {
+	case math.IsNaN(f):
+		return ast.String("NaN")
+	case math.IsInf(f, 1):
+		return ast.String("Infinity")
+	case math.IsInf(f, -1):
+		return ast.String("-Infinity")
+	}
+	format := byte('f')
+	if a := math.Abs(f); a != 0 {
+		if bits == 64 && (a < 1e-6 || a >= 1e21) || bits == 32 && (float32(a) < 1e-6 || float32(a) >= 1e21) {
+			format = 'e'
+		}
+	}
+	s := strconv.FormatFloat(f, format, -1, bits)
+	if format == 'e' {
+		// 1e-07 becomes 1e-7, as JSON encoders write it.
+		if n := len(s); n >= 4 && s[n-4] == 'e' && s[n-3] == '-' && s[n-2] == '0' {
+			s = s[:n-2] + s[n-1:]
+		}
+	}
+	return ast.Number(s)
+}
+
+// Bounds protojson accepts for a Timestamp.
+const (
+	minTimestamp = -62135596800 // 0001-01-01T00:00:00Z
+	maxTimestamp = 253402300799 // 9999-12-31T23:59:59Z
+)
+
+func (c *converter) wellKnown(m protoreflect.Message) (ast.Value, error) {
+	d := m.Descriptor()
+	fields := d.Fields()
+	switch d.Name() {
+	case "Timestamp":
+		secs := m.Get(fields.ByName("seconds")).Int()
+		nanos := m.Get(fields.ByName("nanos")).Int()
+		if secs < minTimestamp || secs > maxTimestamp || nanos < 0 || nanos > 999999999 {
+			return nil, errSlowPath
+		}
+		s := time.Unix(secs, nanos).UTC().Format("2006-01-02T15:04:05.000000000")
+		s = strings.TrimSuffix(s, "000")
+		s = strings.TrimSuffix(s, "000")
+		s = strings.TrimSuffix(s, ".000")
+		return ast.String(s + "Z"), nil
+	case "Struct":
+		return c.mapValue(fields.ByName("fields"), m.Get(fields.ByName("fields")).Map(), false)
+	case "ListValue":
+		return c.list(fields.ByName("values"), m.Get(fields.ByName("values")).List())
+	case "Value":
+		od := m.WhichOneof(d.Oneofs().ByName("kind"))
+		if od == nil {
+			return nil, errSlowPath // protojson refuses an unset Value
+		}
+		if od.Kind() == protoreflect.DoubleKind {
+			if f := m.Get(od).Float(); math.IsNaN(f) || math.IsInf(f, 0) {
+				return nil, errSlowPath
+			}
+		}
+		return c.singular(od, m.Get(od))
+	case "BoolValue", "StringValue", "BytesValue", "Int32Value", "UInt32Value",
+		"Int64Value", "UInt64Value", "FloatValue", "DoubleValue":
+		fd := fields.ByName("value")
+		return c.singular(fd, m.Get(fd))
+	}
+	return nil, errSlowPath
+}
