@@ -74,17 +74,21 @@ type Options struct {
 	Sink   Sink
 	// MaxBodyBytes bounds JSON bodies parsed into input.parsed_body.
 	MaxBodyBytes int
-	Clock        clockwork.Clock
-	Logger       *slog.Logger
+	// FullInput builds every input field even when the policy cannot read
+	// it. Decisions are the same; it costs time and helps debugging.
+	FullInput bool
+	Clock     clockwork.Clock
+	Logger    *slog.Logger
 }
 
 // Enforcer decides requests. It is safe for concurrent use.
 type Enforcer struct {
-	engine  *policy.Engine
-	sink    Sink
-	maxBody int
-	clock   clockwork.Clock
-	log     *slog.Logger
+	engine    *policy.Engine
+	sink      Sink
+	maxBody   int
+	fullInput bool
+	clock     clockwork.Clock
+	log       *slog.Logger
 }
 
 // New checks opts and returns an Enforcer. A sink is required: decisions
@@ -105,7 +109,7 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, sink: opts.Sink, maxBody: opts.MaxBodyBytes, clock: opts.Clock, log: opts.Logger}, nil
+	return &Enforcer{engine: opts.Engine, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
@@ -129,7 +133,14 @@ func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3
 }
 
 func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Decision) outcome {
-	in, f, err := buildInput(req, e.maxBody)
+	// One snapshot for building and evaluating: the input holds only what
+	// this policy set can read.
+	snap := e.engine.Snapshot()
+	n := needAll
+	if !e.fullInput {
+		n = newNeed(snap.InputPaths())
+	}
+	in, f, err := buildInput(req, e.maxBody, n)
 	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
 	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
 	if err != nil {
@@ -138,7 +149,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		}
 		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "input: "+err.Error())
 	}
-	res, err := e.engine.Eval(ctx, in)
+	res, err := snap.Eval(ctx, in)
 	d.PolicyRevision, d.Cached = res.Revision, res.Cached
 	if err != nil {
 		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "policy error: "+err.Error())

@@ -53,7 +53,10 @@ func headerValue(h *authv3.AttributeContext_HttpRequest, name string) string {
 // parsed_body, truncated_body and version — except that every place the
 // request path appears carries the normalized path, and input.writ holds
 // the parsed SPIFFE identities. An error wrapping ErrBadPath means 400.
-func buildInput(req *authv3.CheckRequest, maxBody int) (ast.Value, requestFacts, error) {
+//
+// n limits the input to what the policy can read (nil: everything); the
+// protojson fallback always builds everything.
+func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requestFacts, error) {
 	attrs := req.GetAttributes()
 	h := attrs.GetRequest().GetHttp()
 	f := requestFacts{
@@ -76,13 +79,14 @@ func buildInput(req *authv3.CheckRequest, maxBody int) (ast.Value, requestFacts,
 	}
 
 	var base ast.Object
-	if base, err = protoToValue(req, target); errors.Is(err, errSlowPath) {
+	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
 		base, err = protojsonValue(req, target)
+		n = needAll
 	}
 	if err != nil {
 		return nil, f, err
 	}
-	if err := addExtras(base, req, target, maxBody); err != nil {
+	if err := addExtras(base, req, target, maxBody, n); err != nil {
 		return nil, f, err
 	}
 	return base, f, nil
@@ -122,21 +126,34 @@ var versionValue = ast.NewObject(
 
 // addExtras adds what opa-envoy-plugin adds to the protojson form, and
 // input.writ.
-func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody int) error {
-	in.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue.Copy()))
-	parsedPath, parsedQuery, err := parsePathAndQuery(target)
-	if err != nil {
-		return err
-	}
-	in.Insert(ast.InternedTerm("parsed_path"), ast.NewTerm(parsedPath))
-	in.Insert(ast.InternedTerm("parsed_query"), ast.NewTerm(parsedQuery))
+// The body is parsed (and a malformed JSON body refused) whether or not the
+// policy reads it, so that what is denied does not depend on the policy's
+// shape.
+func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody int, n *need) error {
 	body, truncated, err := parseBody(req.GetAttributes().GetRequest().GetHttp(), maxBody)
 	if err != nil {
 		return err
 	}
-	in.Insert(ast.InternedTerm("parsed_body"), ast.NewTerm(body))
-	in.Insert(ast.InternedTerm("truncated_body"), ast.InternedTerm(truncated))
-	in.Insert(ast.InternedTerm("writ"), ast.NewTerm(writInput(req)))
+	if n.child("version") != nil {
+		in.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue.Copy()))
+	}
+	if n.child("parsed_path") != nil || n.child("parsed_query") != nil {
+		parsedPath, parsedQuery, err := parsePathAndQuery(target)
+		if err != nil {
+			return err
+		}
+		in.Insert(ast.InternedTerm("parsed_path"), ast.NewTerm(parsedPath))
+		in.Insert(ast.InternedTerm("parsed_query"), ast.NewTerm(parsedQuery))
+	}
+	if n.child("parsed_body") != nil {
+		in.Insert(ast.InternedTerm("parsed_body"), ast.NewTerm(body))
+	}
+	if n.child("truncated_body") != nil {
+		in.Insert(ast.InternedTerm("truncated_body"), ast.InternedTerm(truncated))
+	}
+	if n.child("writ") != nil {
+		in.Insert(ast.InternedTerm("writ"), ast.NewTerm(writInput(req)))
+	}
 	return nil
 }
 

@@ -29,7 +29,7 @@ func inputJSON(t *testing.T, v ast.Value) []byte {
 func TestInputGolden(t *testing.T) {
 	for name, req := range goldenRequests() {
 		t.Run(name, func(t *testing.T) {
-			in, _, err := buildInput(req, DefaultMaxBodyBytes)
+			in, _, err := buildInput(req, DefaultMaxBodyBytes, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -90,7 +90,7 @@ func TestInputShape(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.req+" "+tt.ref, func(t *testing.T) {
-			in, _, err := buildInput(reqs[tt.req], DefaultMaxBodyBytes)
+			in, _, err := buildInput(reqs[tt.req], DefaultMaxBodyBytes, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -117,7 +117,7 @@ func jsonEqual(a, b any) bool {
 }
 
 func TestFacts(t *testing.T) {
-	_, f, err := buildInput(goldenRequests()["http2_mtls_normalized"], DefaultMaxBodyBytes)
+	_, f, err := buildInput(goldenRequests()["http2_mtls_normalized"], DefaultMaxBodyBytes, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -125,7 +125,7 @@ func TestFacts(t *testing.T) {
 		f.rawPath != "/public/%2e%2e//admin/./%7Eroot/report%3Fv1?id=7" || f.source != clientID {
 		t.Fatalf("facts %+v", f)
 	}
-	_, f, _ = buildInput(goldenRequests()["grpc_mtls"], DefaultMaxBodyBytes)
+	_, f, _ = buildInput(goldenRequests()["grpc_mtls"], DefaultMaxBodyBytes, nil)
 	if !f.grpc {
 		t.Fatal("gRPC request not recognised")
 	}

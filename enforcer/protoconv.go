@@ -26,9 +26,9 @@ var httpRequestName = (&authv3.AttributeContext_HttpRequest{}).ProtoReflect().De
 // unpopulated fields left out, 64-bit integers as strings, enums by name,
 // bytes as base64, Timestamp as RFC 3339, Struct as JSON. The request path
 // and the ":path" header are replaced by target.
-func protoToValue(req *authv3.CheckRequest, target string) (ast.Object, error) {
+func protoToValue(req *authv3.CheckRequest, target string, n *need) (ast.Object, error) {
 	c := converter{target: target}
-	v, err := c.message(req.ProtoReflect())
+	v, err := c.message(req.ProtoReflect(), n)
 	if err != nil {
 		return nil, err
 	}
@@ -37,40 +37,96 @@ func protoToValue(req *authv3.CheckRequest, target string) (ast.Object, error) {
 
 type converter struct{ target string }
 
-func (c *converter) message(m protoreflect.Message) (ast.Value, error) {
+// need is the part of the input a policy can read: everything below a node
+// with all set, else only the named children. A nil *need stands for
+// everything.
+type need struct {
+	all  bool
+	kids map[string]*need
+}
+
+var needAll = &need{all: true}
+
+// newNeed builds the tree for the paths of policy.Snapshot.InputPaths.
+func newNeed(paths [][]string, whole bool) *need {
+	if whole {
+		return needAll
+	}
+	root := &need{kids: map[string]*need{}}
+	for _, p := range paths {
+		n := root
+		for i, k := range p {
+			if n.all {
+				break
+			}
+			kid := n.kids[k]
+			if kid == nil {
+				kid = &need{kids: map[string]*need{}}
+				n.kids[k] = kid
+			}
+			if i == len(p)-1 {
+				kid.all, kid.kids = true, nil
+			}
+			n = kid
+		}
+	}
+	return root
+}
+
+// child is what is needed under key k, or nil if nothing.
+func (n *need) child(k string) *need {
+	if n == nil || n.all {
+		return needAll
+	}
+	return n.kids[k]
+}
+
+func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) {
 	d := m.Descriptor()
 	if d.FullName().Parent() == "google.protobuf" {
 		return c.wellKnown(m)
 	}
+	if n == nil {
+		n = needAll
+	}
 	isHTTP := d.FullName() == httpRequestName
-	obj := ast.NewObject()
+	items := make([][2]*ast.Term, 0, d.Fields().Len())
 	var err error
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		sub := n.child(fd.JSONName())
+		if sub == nil {
+			return true // the policy cannot read it
+		}
 		var val ast.Value
 		switch {
 		case fd.IsMap():
-			val, err = c.mapValue(fd, v.Map(), isHTTP && fd.Name() == "headers")
+			val, err = c.mapValue(fd, v.Map(), isHTTP && fd.Name() == "headers", sub)
 		case fd.IsList():
 			val, err = c.list(fd, v.List())
 		case isHTTP && fd.Name() == "path":
 			val = ast.String(c.target)
+		case fd.Kind() == protoreflect.MessageKind:
+			val, err = c.message(v.Message(), sub)
 		default:
 			val, err = c.singular(fd, v)
 		}
 		if err != nil {
 			return false
 		}
-		obj.Insert(ast.InternedTerm(fd.JSONName()), ast.NewTerm(val))
+		items = append(items, ast.Item(ast.InternedTerm(fd.JSONName()), ast.NewTerm(val)))
 		return true
 	})
-	return obj, err
+	if err != nil {
+		return nil, err
+	}
+	return ast.NewObject(items...), nil
 }
 
-func (c *converter) mapValue(fd protoreflect.FieldDescriptor, m protoreflect.Map, headers bool) (ast.Value, error) {
+func (c *converter) mapValue(fd protoreflect.FieldDescriptor, m protoreflect.Map, headers bool, n *need) (ast.Value, error) {
 	if fd.MapKey().Kind() != protoreflect.StringKind {
 		return nil, errSlowPath
 	}
-	obj := ast.NewObject()
+	items := make([][2]*ast.Term, 0, m.Len())
 	var err error
 	m.Range(func(k protoreflect.MapKey, v protoreflect.Value) bool {
 		ks := k.String()
@@ -78,16 +134,27 @@ func (c *converter) mapValue(fd protoreflect.FieldDescriptor, m protoreflect.Map
 			err = errSlowPath
 			return false
 		}
+		sub := n.child(ks)
+		if sub == nil {
+			return true
+		}
 		var val ast.Value
 		if headers && ks == ":path" {
 			val = ast.String(c.target)
+		} else if fd.MapValue().Kind() == protoreflect.MessageKind {
+			if val, err = c.message(v.Message(), sub); err != nil {
+				return false
+			}
 		} else if val, err = c.singular(fd.MapValue(), v); err != nil {
 			return false
 		}
-		obj.Insert(ast.StringTerm(ks), ast.NewTerm(val))
+		items = append(items, ast.Item(ast.StringTerm(ks), ast.NewTerm(val)))
 		return true
 	})
-	return obj, err
+	if err != nil {
+		return nil, err
+	}
+	return ast.NewObject(items...), nil
 }
 
 func (c *converter) list(fd protoreflect.FieldDescriptor, l protoreflect.List) (ast.Value, error) {
@@ -135,7 +202,7 @@ func (c *converter) singular(fd protoreflect.FieldDescriptor, v protoreflect.Val
 		}
 		return ast.Number(strconv.FormatInt(int64(v.Enum()), 10)), nil
 	case protoreflect.MessageKind, protoreflect.GroupKind:
-		return c.message(v.Message())
+		return c.message(v.Message(), needAll)
 	}
 	return nil, errSlowPath
 }
@@ -173,6 +240,8 @@ const (
 	maxTimestamp = 253402300799 // 9999-12-31T23:59:59Z
 )
 
+// wellKnown converts the google.protobuf types protojson treats specially,
+// always whole.
 func (c *converter) wellKnown(m protoreflect.Message) (ast.Value, error) {
 	d := m.Descriptor()
 	fields := d.Fields()
@@ -189,7 +258,7 @@ func (c *converter) wellKnown(m protoreflect.Message) (ast.Value, error) {
 		s = strings.TrimSuffix(s, ".000")
 		return ast.String(s + "Z"), nil
 	case "Struct":
-		return c.mapValue(fields.ByName("fields"), m.Get(fields.ByName("fields")).Map(), false)
+		return c.mapValue(fields.ByName("fields"), m.Get(fields.ByName("fields")).Map(), false, needAll)
 	case "ListValue":
 		return c.list(fields.ByName("values"), m.Get(fields.ByName("values")).List())
 	case "Value":

@@ -54,7 +54,7 @@ func variedRequests(n int) []*authv3.CheckRequest {
 
 func TestDirectConversionMatchesProtojson(t *testing.T) {
 	for i, req := range variedRequests(300) {
-		fast, err := protoToValue(req, "/normalized?c=d")
+		fast, err := protoToValue(req, "/normalized?c=d", nil)
 		if err != nil {
 			t.Fatalf("request %d: direct conversion: %v", i, err)
 		}
@@ -75,10 +75,10 @@ func TestDirectConversionFallsBack(t *testing.T) {
 	}
 	req := goldenRequests()["grpc_mtls"]
 	req.Attributes.MetadataContext = &corev3.Metadata{TypedFilterMetadata: map[string]*anypb.Any{"t": any}}
-	if _, err := protoToValue(req, "/x"); err != errSlowPath {
+	if _, err := protoToValue(req, "/x", nil); err != errSlowPath {
 		t.Fatalf("Any converted directly (err %v); protojson must handle it", err)
 	}
-	in, _, err := buildInput(req, DefaultMaxBodyBytes)
+	in, _, err := buildInput(req, DefaultMaxBodyBytes, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
