@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -87,6 +88,7 @@ type Enforcer struct {
 	sink      Sink
 	maxBody   int
 	fullInput bool
+	need      atomic.Pointer[genNeed]
 	clock     clockwork.Clock
 	log       *slog.Logger
 }
@@ -138,7 +140,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	snap := e.engine.Snapshot()
 	n := needAll
 	if !e.fullInput {
-		n = newNeed(snap.InputPaths())
+		n = e.needFor(snap)
 	}
 	in, f, err := buildInput(req, e.maxBody, n)
 	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
@@ -168,6 +170,21 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		d.Result, d.Reason = ResultDeny, "policy denied"
 	}
 	return out
+}
+
+// needFor is the input tree of snap, built once per policy generation.
+func (e *Enforcer) needFor(snap policy.Snapshot) *need {
+	if c := e.need.Load(); c != nil && c.gen == snap.Generation() {
+		return c.n
+	}
+	c := &genNeed{gen: snap.Generation(), n: newNeed(snap.InputPaths())}
+	e.need.Store(c)
+	return c.n
+}
+
+type genNeed struct {
+	gen uint64
+	n   *need
 }
 
 func (e *Enforcer) deny(d *Decision, status int, c code.Code, reason string) outcome {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/writmesh/writ/policy"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -88,5 +89,33 @@ func TestNeedTree(t *testing.T) {
 	want := ast.MustParseTerm(`{"attributes": {"request": {"http": {"method": "POST"}}, "source": {"address": {"socketAddress": {"address": "10.0.0.1", "portValue": 51236}}, "principal": "spiffe://cluster.local/ns/shop/sa/frontend"}}, "parsed_path": ["api", "v1", "users", "42", "orders"], "parsed_query": {}}`).Value
 	if in.Compare(want) != 0 {
 		t.Fatalf("pruned input %v, want %v", in, want)
+	}
+}
+
+// TestReloadWidensInput: after a reload to a policy that reads more of the
+// input, the enforcer builds the new fields.
+func TestReloadWidensInput(t *testing.T) {
+	dir := policyDir(t, "package envoy.authz\n\nallow if input.attributes.request.http.method == \"GET\"\n")
+	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(Options{Engine: eng, Sink: SinkFunc(func(context.Context, Decision) error { return nil })})
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := simpleRequest(clientID, "GET", "/", map[string]string{"x-team": "blue"})
+	if _, d := e.Check(context.Background(), req); d.Result != ResultAllow {
+		t.Fatalf("first policy: %+v", d)
+	}
+	rego := "package envoy.authz\n\nallow if input.attributes.request.http.headers[\"x-team\"] == \"blue\"\n"
+	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(rego), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := eng.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, d := e.Check(context.Background(), req); d.Result != ResultAllow {
+		t.Fatalf("after reload the header was not in the input: %+v", d)
 	}
 }

@@ -115,6 +115,7 @@ type Info struct {
 
 // compiledSet is one immutable, prepared policy set.
 type compiledSet struct {
+	gen      uint64 // increases with every swap in one engine
 	revision string
 	hash     string
 	query    rego.PreparedEvalQuery
@@ -218,6 +219,9 @@ func (e *Engine) Reload(ctx context.Context) error {
 	set, err := e.compile(ctx, src)
 	if err != nil {
 		return e.rejected(src.revision, err)
+	}
+	if cur := e.cur.Load(); cur != nil {
+		set.gen = cur.gen + 1
 	}
 	prev := e.cur.Swap(set)
 	e.lastEr = nil
@@ -337,6 +341,10 @@ type Snapshot struct{ set *compiledSet }
 
 // Snapshot returns the active policy set.
 func (e *Engine) Snapshot() Snapshot { return Snapshot{e.cur.Load()} }
+
+// Generation numbers the snapshot's policy set within its engine: it
+// changes with every swap, so callers can key derived data on it.
+func (s Snapshot) Generation() uint64 { return s.set.gen }
 
 // Revision names the snapshot's policy set.
 func (s Snapshot) Revision() string { return s.set.revision }
