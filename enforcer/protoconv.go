@@ -90,13 +90,9 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 		n = needAll
 	}
 	isHTTP := d.FullName() == httpRequestName
-	items := make([][2]*ast.Term, 0, d.Fields().Len())
+	var items [][2]*ast.Term
 	var err error
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		sub := n.child(fd.JSONName())
-		if sub == nil {
-			return true // the policy cannot read it
-		}
+	add := func(fd protoreflect.FieldDescriptor, v protoreflect.Value, sub *need) bool {
 		var val ast.Value
 		switch {
 		case fd.IsMap():
@@ -115,7 +111,27 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 		}
 		items = append(items, ast.Item(ast.InternedTerm(fd.JSONName()), ast.NewTerm(val)))
 		return true
-	})
+	}
+	if n.all {
+		items = make([][2]*ast.Term, 0, d.Fields().Len())
+		m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+			return add(fd, v, needAll)
+		})
+	} else {
+		// Visit only the fields the policy can read: protojson names
+		// fields by JSON name and leaves unpopulated ones out, as Has does.
+		items = make([][2]*ast.Term, 0, len(n.kids))
+		fields := d.Fields()
+		for k, sub := range n.kids {
+			fd := fields.ByJSONName(k)
+			if fd == nil || !m.Has(fd) {
+				continue
+			}
+			if !add(fd, m.Get(fd), sub) {
+				break
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
