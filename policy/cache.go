@@ -3,6 +3,7 @@ package policy
 import (
 	"hash/maphash"
 	"sync"
+	"sync/atomic"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 )
@@ -20,9 +21,43 @@ type decisionCache struct {
 	shards   [cacheShards]cacheShard
 	perShard int
 	seed     maphash.Seed
+
+	lookups   atomic.Uint64
+	hits      atomic.Uint64
+	skipUntil atomic.Uint64 // lookup count until which the cache is bypassed
+}
+
+// use reports whether this lookup should go through the cache, and keeps
+// the hit-rate window.
+func (c *decisionCache) use() bool {
+	n := c.lookups.Add(1)
+	if n < c.skipUntil.Load() {
+		return false
+	}
+	if n%cacheWindow == 0 {
+		h := c.hits.Swap(0)
+		if h*cacheMinHitRatio < cacheWindow {
+			c.skipUntil.Store(n + cacheSkipWindows*cacheWindow)
+		}
+	}
+	return true
 }
 
 const cacheShards = 16
+
+// maxKeyBytes bounds the input a cache entry may hold, so that the cache's
+// memory is bounded by entries times this, whatever clients send.
+const maxKeyBytes = 2048
+
+// The cache watches its hit rate over windows of cacheWindow lookups. When
+// fewer than one in cacheMinHitRatio hit (every request distinct, as with
+// ids in paths), it steps aside for cacheSkipWindows windows and then
+// probes again, so that a cache that cannot help costs almost nothing.
+const (
+	cacheWindow      = 4096
+	cacheMinHitRatio = 32
+	cacheSkipWindows = 16
+)
 
 type cacheShard struct {
 	mu sync.RWMutex
@@ -53,15 +88,16 @@ func newDecisionCache(paths [][]string, size int) *decisionCache {
 
 // key extracts the values the policy can observe. For a path that runs into
 // a non-object before its end, the key holds the value where it stopped and
-// how deep it got: any read below that point sees the same thing.
-func (c *decisionCache) key(input ast.Value) ([]ast.Value, uint64) {
+// how deep it got: any read below that point sees the same thing. size is
+// about how many bytes the key holds; put refuses keys over maxKeyBytes.
+func (c *decisionCache) key(input ast.Value) (key []ast.Value, sum uint64, size int) {
 	var h maphash.Hash
 	h.SetSeed(c.seed)
 	if c.paths == nil {
-		writeHash(&h, input)
-		return []ast.Value{input}, h.Sum64()
+		size = writeHash(&h, input)
+		return []ast.Value{input}, h.Sum64(), size
 	}
-	key := make([]ast.Value, 0, len(c.paths)*2)
+	key = make([]ast.Value, 0, len(c.paths)*2)
 	for _, p := range c.paths {
 		v := input
 		depth := 0
@@ -80,9 +116,9 @@ func (c *decisionCache) key(input ast.Value) ([]ast.Value, uint64) {
 		}
 		key = append(key, ast.InternedTerm(depth).Value, v)
 		h.WriteByte(byte(depth))
-		writeHash(&h, v)
+		size += writeHash(&h, v) + 1
 	}
-	return key, h.Sum64()
+	return key, h.Sum64(), size
 }
 
 func (c *decisionCache) get(key []ast.Value, sum uint64) (Result, bool) {
@@ -91,6 +127,7 @@ func (c *decisionCache) get(key []ast.Value, sum uint64) (Result, bool) {
 	defer s.mu.RUnlock()
 	for _, e := range s.m[sum] {
 		if keysEqual(e.key, key) {
+			c.hits.Add(1)
 			return e.value, true
 		}
 	}
@@ -201,38 +238,45 @@ func strictEqual(a, b ast.Value) bool {
 	}
 }
 
-// writeHash feeds v into h. Objects are hashed independent of key order,
-// like their equality.
-func writeHash(h *maphash.Hash, v ast.Value) {
+// writeHash feeds v into h and returns about how many bytes v holds.
+// Objects are hashed independent of key order, like their equality.
+func writeHash(h *maphash.Hash, v ast.Value) int {
 	switch v := v.(type) {
 	case ast.String:
 		h.WriteByte('s')
 		h.WriteString(string(v))
+		return len(v) + 1
 	case ast.Number:
 		h.WriteByte('n')
 		h.WriteString(string(v))
+		return len(v) + 1
 	case ast.Boolean:
 		if v {
 			h.WriteByte('t')
 		} else {
 			h.WriteByte('f')
 		}
+		return 1
 	case ast.Null:
 		h.WriteByte('0')
+		return 1
 	case *ast.Array:
 		h.WriteByte('[')
+		n := 2
 		for i := 0; i < v.Len(); i++ {
-			writeHash(h, v.Elem(i).Value)
+			n += writeHash(h, v.Elem(i).Value)
 		}
 		h.WriteByte(']')
+		return n
 	case ast.Object:
 		var sum uint64
+		n := 9
 		seed := h.Seed()
 		v.Foreach(func(k, val *ast.Term) {
 			var eh maphash.Hash
 			eh.SetSeed(seed)
-			writeHash(&eh, k.Value)
-			writeHash(&eh, val.Value)
+			n += writeHash(&eh, k.Value)
+			n += writeHash(&eh, val.Value)
 			sum += eh.Sum64()
 		})
 		h.WriteByte('{')
@@ -241,8 +285,11 @@ func writeHash(h *maphash.Hash, v ast.Value) {
 			b[i] = byte(sum >> (8 * i))
 		}
 		h.Write(b[:])
+		return n
 	default:
+		s := v.String()
 		h.WriteByte('?')
-		h.WriteString(v.String())
+		h.WriteString(s)
+		return len(s) + 1
 	}
 }

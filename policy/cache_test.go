@@ -212,3 +212,39 @@ func TestStrictEqual(t *testing.T) {
 		}
 	}
 }
+
+func TestCacheStepsAsideWhenItCannotHelp(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": "package envoy.authz\n\nallow := startswith(input.path, \"/a/\")\n"})
+	e := newEngine(t, Options{Dir: dir})
+	ctx := context.Background()
+	same := input(t, `{"path": "/a/same"}`)
+	for _, want := range []bool{false, true} {
+		if r, _ := e.Eval(ctx, same); r.Cached != want {
+			t.Fatalf("cached %v, want %v", r.Cached, want)
+		}
+	}
+	for i := range cacheWindow {
+		if _, err := e.Eval(ctx, input(t, fmt.Sprintf(`{"path": "/a/%d"}`, i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r, _ := e.Eval(ctx, same); r.Cached || r.Value != true {
+		t.Fatalf("after a window of misses the cache still answers: %+v", r)
+	}
+}
+
+func TestCacheRefusesLargeKeys(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": "package envoy.authz\n\nallow := startswith(input.path, \"/a/\")\n"})
+	e := newEngine(t, Options{Dir: dir})
+	big := input(t, fmt.Sprintf(`{"path": "/a/%0*d"}`, maxKeyBytes, 7))
+	for range 2 {
+		if r, _ := e.Eval(context.Background(), big); r.Cached || r.Value != true {
+			t.Fatalf("large key: %+v", r)
+		}
+	}
+	if n := e.Info().CacheEntries; n != 0 {
+		t.Fatalf("%d entries after large keys only", n)
+	}
+}

@@ -30,7 +30,8 @@ import (
 const DefaultDecisionPath = "data.envoy.authz.allow"
 
 // DefaultCacheSize bounds the decision cache when Options.CacheSize is 0.
-const DefaultCacheSize = 1 << 16
+// With keys of at most 2 KiB the cache holds at most about 32 MiB of input.
+const DefaultCacheSize = 1 << 14
 
 // DefaultPollInterval is how often Run looks for a changed directory.
 const DefaultPollInterval = 2 * time.Second
@@ -363,10 +364,13 @@ func (s Snapshot) InputPaths() (paths [][]string, whole bool) {
 // Eval is Engine.Eval on this snapshot.
 func (s Snapshot) Eval(ctx context.Context, input ast.Value) (Result, error) {
 	set := s.set
-	if set.cache == nil {
+	if set.cache == nil || !set.cache.use() {
 		return set.eval(ctx, input)
 	}
-	key, sum := set.cache.key(input)
+	key, sum, size := set.cache.key(input)
+	if size > maxKeyBytes {
+		return set.eval(ctx, input)
+	}
 	if r, ok := set.cache.get(key, sum); ok {
 		r.Cached = true
 		return r, nil
