@@ -13,12 +13,14 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"slices"
 	"sync/atomic"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/google/uuid"
 	"github.com/jonboulle/clockwork"
+	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/writmesh/writ/policy"
 	"google.golang.org/genproto/googleapis/rpc/code"
 )
@@ -52,6 +54,20 @@ type Decision struct {
 	Cached         bool // the policy answer came from the decision cache
 	Latency        time.Duration
 	TraceID        string // from the W3C traceparent header, if any
+	// DryRun is the candidate policy's answer, when one is configured. It
+	// is recorded, never enforced.
+	DryRun *DryRun
+}
+
+// DryRun is what a candidate policy would have decided.
+type DryRun struct {
+	Result         string
+	HTTPStatus     int
+	Reason         string
+	PolicyRevision string
+	// Disagrees is true when the candidate's result or status differs from
+	// the enforced decision.
+	Disagrees bool
 }
 
 // Sink receives every decision before its response is returned. An error
@@ -72,7 +88,10 @@ var _ Sink = SinkFunc(nil)
 // Options configure an Enforcer.
 type Options struct {
 	Engine *policy.Engine
-	Sink   Sink
+	// Candidate, if set, is evaluated beside Engine on every request (dry
+	// run); its answers go into Decision.DryRun and never into responses.
+	Candidate *policy.Engine
+	Sink      Sink
 	// MaxBodyBytes bounds JSON bodies parsed into input.parsed_body.
 	MaxBodyBytes int
 	// FullInput builds every input field even when the policy cannot read
@@ -85,6 +104,7 @@ type Options struct {
 // Enforcer decides requests. It is safe for concurrent use.
 type Enforcer struct {
 	engine    *policy.Engine
+	candidate *policy.Engine
 	sink      Sink
 	maxBody   int
 	fullInput bool
@@ -111,7 +131,7 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, clock: opts.Clock, log: opts.Logger}, nil
+	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
@@ -136,11 +156,15 @@ func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3
 
 func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Decision) outcome {
 	// One snapshot for building and evaluating: the input holds only what
-	// this policy set can read.
+	// this policy set (and the dry-run candidate) can read.
 	snap := e.engine.Snapshot()
+	var cand policy.Snapshot
+	if e.candidate != nil {
+		cand = e.candidate.Snapshot()
+	}
 	n := needAll
 	if !e.fullInput {
-		n = e.needFor(snap)
+		n = e.needFor(snap, cand)
 	}
 	in, f, err := buildInput(req, e.maxBody, n)
 	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
@@ -151,39 +175,80 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		}
 		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "input: "+err.Error())
 	}
+	v := judge(ctx, snap, in)
+	d.Result, d.HTTPStatus, d.Reason = v.result, v.out.status, v.reason
+	d.PolicyRevision, d.Cached = v.revision, v.cached
+	if e.candidate != nil {
+		c := judge(ctx, cand, in)
+		d.DryRun = &DryRun{
+			Result:         c.result,
+			HTTPStatus:     c.out.status,
+			Reason:         c.reason,
+			PolicyRevision: c.revision,
+			Disagrees:      c.result != v.result || c.out.status != v.out.status,
+		}
+	}
+	return v.out
+}
+
+// verdict is one policy set's answer to one input.
+type verdict struct {
+	out                      outcome
+	result, reason, revision string
+	cached                   bool
+}
+
+// judge evaluates snap on in and maps the answer; every failure is a deny
+// with its reason.
+func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
-	d.PolicyRevision, d.Cached = res.Revision, res.Cached
+	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny}
+	denied := func(reason string) verdict {
+		v.out = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
+		v.reason = reason
+		return v
+	}
 	if err != nil {
-		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "policy error: "+err.Error())
+		return denied("policy error: " + err.Error())
 	}
 	if !res.Defined {
-		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "policy decision undefined")
+		return denied("policy decision undefined")
 	}
 	out, err := mapDecision(res.Value)
 	if err != nil {
-		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "invalid policy decision: "+err.Error())
+		return denied("invalid policy decision: " + err.Error())
 	}
-	d.HTTPStatus = out.status
+	v.out = out
 	if out.allowed {
-		d.Result, d.Reason = ResultAllow, "policy allowed"
+		v.result, v.reason = ResultAllow, "policy allowed"
 	} else {
-		d.Result, d.Reason = ResultDeny, "policy denied"
+		v.reason = "policy denied"
 	}
-	return out
+	return v
 }
 
-// needFor is the input tree of snap, built once per policy generation.
-func (e *Enforcer) needFor(snap policy.Snapshot) *need {
-	if c := e.need.Load(); c != nil && c.gen == snap.Generation() {
+// needFor is the input tree of snap and cand together, built once per pair
+// of policy generations.
+func (e *Enforcer) needFor(snap, cand policy.Snapshot) *need {
+	key := [2]uint64{snap.Generation(), 0}
+	if e.candidate != nil {
+		key[1] = cand.Generation() + 1
+	}
+	if c := e.need.Load(); c != nil && c.gen == key {
 		return c.n
 	}
-	c := &genNeed{gen: snap.Generation(), n: newNeed(snap.InputPaths())}
+	paths, whole := snap.InputPaths()
+	if e.candidate != nil && !whole {
+		cp, cw := cand.InputPaths()
+		paths, whole = append(slices.Clone(paths), cp...), cw
+	}
+	c := &genNeed{gen: key, n: newNeed(paths, whole)}
 	e.need.Store(c)
 	return c.n
 }
 
 type genNeed struct {
-	gen uint64
+	gen [2]uint64
 	n   *need
 }
 
