@@ -20,6 +20,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	"github.com/open-policy-agent/opa/v1/ast"
+	"github.com/open-policy-agent/opa/v1/bundle"
 	"github.com/open-policy-agent/opa/v1/metrics"
 	"github.com/open-policy-agent/opa/v1/rego"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
@@ -52,6 +53,12 @@ type Options struct {
 	// excluded), data documents (*.json, *.yaml) placed under data by their
 	// directory, and an optional .manifest whose revision names the set.
 	Dir string
+	// Bundle is an OPA bundle file (.tar.gz with .manifest), loaded instead
+	// of Dir; its manifest revision names the set.
+	Bundle string
+	// BundleKey, if set, requires the bundle to carry a .signatures.json
+	// signed with this key; an unsigned or badly signed bundle is refused.
+	BundleKey *BundleKey
 	// DecisionPath is the query evaluated for every decision.
 	DecisionPath string
 	// AllowNetwork keeps http.send and net.lookup_ip_addr available.
@@ -76,6 +83,26 @@ type Options struct {
 	// content, with the error that rejected it if any. It is the hook for
 	// metrics and admin events.
 	OnReload func(ReloadEvent)
+}
+
+// BundleKey is the key that verifies signed bundles, as OPA configures one.
+type BundleKey struct {
+	ID string
+	// Algorithm is a JWS algorithm: RS256, ES256, PS256, HS256, ...
+	Algorithm string
+	// Key is a PEM public key, or the secret for HS algorithms.
+	Key string
+}
+
+func (k *BundleKey) verification() *bundle.VerificationConfig {
+	if k == nil {
+		return nil
+	}
+	id := k.ID
+	if id == "" {
+		id = "default"
+	}
+	return bundle.NewVerificationConfig(map[string]*bundle.KeyConfig{id: {Key: k.Key, Algorithm: k.Algorithm}}, id, "", nil)
 }
 
 // ReloadEvent reports one reload attempt.
@@ -144,8 +171,11 @@ type Engine struct {
 // NewEngine loads, compiles and smoke-tests the policy set in opts.Dir. It
 // fails if that set is unusable: there is no previous set to fall back on.
 func NewEngine(ctx context.Context, opts Options) (*Engine, error) {
-	if opts.Dir == "" {
-		return nil, errors.New("policy engine: no policy directory")
+	if (opts.Dir == "") == (opts.Bundle == "") {
+		return nil, errors.New("policy engine: want exactly one of a policy directory and a bundle")
+	}
+	if opts.BundleKey != nil && opts.Bundle == "" {
+		return nil, errors.New("policy engine: a bundle key without a bundle")
 	}
 	if opts.DecisionPath == "" {
 		opts.DecisionPath = DefaultDecisionPath
@@ -209,7 +239,7 @@ func capabilities(allowNetwork bool) *ast.Capabilities {
 func (e *Engine) Reload(ctx context.Context) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	src, err := readSource(e.opts.Dir)
+	src, err := e.read()
 	if err != nil {
 		return e.rejected("", err)
 	}
@@ -238,6 +268,13 @@ func (e *Engine) Reload(ctx context.Context) error {
 	return nil
 }
 
+func (e *Engine) read() (*source, error) {
+	if e.opts.Bundle != "" {
+		return readBundle(e.opts.Bundle)
+	}
+	return readSource(e.opts.Dir)
+}
+
 func (e *Engine) rejected(attempted string, err error) error {
 	e.lastEr = err
 	active := ""
@@ -252,7 +289,7 @@ func (e *Engine) rejected(attempted string, err error) error {
 }
 
 func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error) {
-	mods, data, err := src.parse(e.caps)
+	mods, data, err := src.parse(e.caps, e.opts.BundleKey.verification())
 	if err != nil {
 		return nil, fmt.Errorf("parse: %w", err)
 	}
@@ -450,7 +487,7 @@ func (e *Engine) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-t.Chan():
-			src, err := readSource(e.opts.Dir)
+			src, err := e.read()
 			if err != nil {
 				e.log.Warn("policy poll", "err", err)
 				continue
