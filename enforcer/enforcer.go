@@ -31,6 +31,18 @@ const (
 	ResultDeny  = "deny"
 )
 
+// Causes of a Decision: a small fixed set, fit for metric labels and audit
+// queries, beside the free-text Reason.
+const (
+	CausePolicy          = "policy"           // the policy answered
+	CauseBadPath         = "bad_path"         // refused before policy: 400
+	CauseInputError      = "input_error"      // the request could not be turned into input
+	CausePolicyError     = "policy_error"     // evaluation failed
+	CauseUndefined       = "undefined"        // the decision was undefined
+	CauseInvalidDecision = "invalid_decision" // the decision had the wrong shape
+	CauseAuditSink       = "audit_sink"       // the sink refused the record
+)
+
 // Decision is the record of one authorization decision, handed to the
 // audit sink. Its fields are plain values so that sinks can serialize it
 // as they like.
@@ -50,12 +62,14 @@ type Decision struct {
 	HTTPStatus int
 	// Reason says why: the policy's answer or why there was none.
 	Reason         string
+	Cause          string // one of the Cause constants
 	PolicyRevision string
 	Cached         bool // the policy answer came from the decision cache
 	Latency        time.Duration
 	TraceID        string // from the W3C traceparent header, if any
-	// DryRun is the candidate policy's answer, when one is configured. It
-	// is recorded, never enforced.
+	// DryRun is the candidate policy's answer, when one is configured and
+	// the request reached policy (nil for a 400). It is recorded, never
+	// enforced.
 	DryRun *DryRun
 }
 
@@ -97,8 +111,10 @@ type Options struct {
 	// FullInput builds every input field even when the policy cannot read
 	// it. Decisions are the same; it costs time and helps debugging.
 	FullInput bool
-	Clock     clockwork.Clock
-	Logger    *slog.Logger
+	// Metrics, if set, count every decision.
+	Metrics *Metrics
+	Clock   clockwork.Clock
+	Logger  *slog.Logger
 }
 
 // Enforcer decides requests. It is safe for concurrent use.
@@ -108,6 +124,7 @@ type Enforcer struct {
 	sink      Sink
 	maxBody   int
 	fullInput bool
+	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
 	clock     clockwork.Clock
 	log       *slog.Logger
@@ -131,7 +148,7 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, clock: opts.Clock, log: opts.Logger}, nil
+	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
@@ -148,9 +165,11 @@ func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3
 	if err := e.sink.Record(ctx, d); err != nil {
 		e.log.Error("audit sink refused decision; denying", "decision_id", d.ID, "err", err)
 		d.Reason = fmt.Sprintf("audit sink: %v (was %s: %s)", err, d.Result, d.Reason)
+		d.Cause = CauseAuditSink
 		d.Result, d.HTTPStatus = ResultDeny, http.StatusServiceUnavailable
 		out = denyOutcome(http.StatusServiceUnavailable, code.Code_UNAVAILABLE, nil, "", nil)
 	}
+	e.metrics.observe(d)
 	return out.resp, d
 }
 
@@ -171,12 +190,12 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
 	if err != nil {
 		if errors.Is(err, ErrBadPath) {
-			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, err.Error())
+			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, CauseBadPath, err.Error())
 		}
-		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, "input: "+err.Error())
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, CauseInputError, "input: "+err.Error())
 	}
 	v := judge(ctx, snap, in)
-	d.Result, d.HTTPStatus, d.Reason = v.result, v.out.status, v.reason
+	d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
 	d.PolicyRevision, d.Cached = v.revision, v.cached
 	if e.candidate != nil {
 		c := judge(ctx, cand, in)
@@ -193,9 +212,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 
 // verdict is one policy set's answer to one input.
 type verdict struct {
-	out                      outcome
-	result, reason, revision string
-	cached                   bool
+	out                             outcome
+	result, reason, revision, cause string
+	cached                          bool
 }
 
 // judge evaluates snap on in and maps the answer; every failure is a deny
@@ -203,22 +222,22 @@ type verdict struct {
 func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
 	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny}
-	denied := func(reason string) verdict {
+	denied := func(cause, reason string) verdict {
 		v.out = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
-		v.reason = reason
+		v.cause, v.reason = cause, reason
 		return v
 	}
 	if err != nil {
-		return denied("policy error: " + err.Error())
+		return denied(CausePolicyError, "policy error: "+err.Error())
 	}
 	if !res.Defined {
-		return denied("policy decision undefined")
+		return denied(CauseUndefined, "policy decision undefined")
 	}
 	out, err := mapDecision(res.Value)
 	if err != nil {
-		return denied("invalid policy decision: " + err.Error())
+		return denied(CauseInvalidDecision, "invalid policy decision: "+err.Error())
 	}
-	v.out = out
+	v.out, v.cause = out, CausePolicy
 	if out.allowed {
 		v.result, v.reason = ResultAllow, "policy allowed"
 	} else {
@@ -252,7 +271,7 @@ type genNeed struct {
 	n   *need
 }
 
-func (e *Enforcer) deny(d *Decision, status int, c code.Code, reason string) outcome {
-	d.Result, d.HTTPStatus, d.Reason = ResultDeny, status, reason
+func (e *Enforcer) deny(d *Decision, status int, c code.Code, cause, reason string) outcome {
+	d.Result, d.HTTPStatus, d.Cause, d.Reason = ResultDeny, status, cause, reason
 	return denyOutcome(status, c, nil, "", nil)
 }
