@@ -2,10 +2,14 @@ package enforcer
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/hmac"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"errors"
+	"math/big"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -120,6 +124,34 @@ func hs256(t testing.TB, secret string, claims string) string {
 	return signing + "." + enc.EncodeToString(mac.Sum(nil))
 }
 
+// es256 signs claims with the test key whose public half is in
+// policies/jwt/data.json.
+func es256(t testing.TB, claims string) string {
+	t.Helper()
+	b := base64.RawURLEncoding
+	num := func(s string) *big.Int {
+		bs, err := b.DecodeString(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return new(big.Int).SetBytes(bs)
+	}
+	key := &ecdsa.PrivateKey{
+		PublicKey: ecdsa.PublicKey{Curve: elliptic.P256(), X: num("7HgcubKreRIolDtUTmr3hDqxN_fk7eQDV738txe4Qqc"), Y: num("Tdke2bIOAfe6Gl6a-OaztnxDzU07exdqFvxGkYZA-3o")},
+		D:         num("NqdC3Fr5ecMe7dFSszAU1DwuukQEjmbUtVIVNQPjYN0"),
+	}
+	signing := b.EncodeToString([]byte(`{"alg":"ES256","typ":"JWT","kid":"test-1"}`)) + "." + b.EncodeToString([]byte(claims))
+	sum := sha256.Sum256([]byte(signing))
+	r, s, err := ecdsa.Sign(rand.Reader, key, sum[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig := make([]byte, 64)
+	r.FillBytes(sig[:32])
+	s.FillBytes(sig[32:])
+	return signing + "." + b.EncodeToString(sig)
+}
+
 // TestShippedPolicies runs the shipped policies through Check with
 // requests built as Envoy sends them, and their Rego unit tests.
 func TestShippedPolicies(t *testing.T) {
@@ -135,12 +167,16 @@ func TestShippedPolicies(t *testing.T) {
 		h.Headers["content-type"] = "application/json"
 		return r
 	}
+	reader := "Bearer " + es256(t, `{"iss":"https://id.example.com","aud":"orders","sub":"alice","scope":"orders:read","exp":4102444800}`)
 	tests := []struct {
 		dir  string
 		name string
 		req  *authv3.CheckRequest
 		want want
 	}{
+		{"jwt", "scope reads", simpleRequest("", "GET", "/orders/7", map[string]string{"authorization": reader}), want{allowed: true, headers: map[string]string{"x-jwt-subject": "alice"}}},
+		{"jwt", "scope cannot write", simpleRequest("", "PUT", "/orders/7", map[string]string{"authorization": reader}), want{status: 403}},
+		{"jwt", "no token", simpleRequest("", "GET", "/orders/7", nil), want{status: 401, headers: map[string]string{"www-authenticate": "Bearer"}}},
 		{"mesh", "listed pair", simpleRequest(clientID, "GET", "/anything", nil), want{allowed: true}},
 		{"mesh", "unlisted pair", simpleRequest(other, "GET", "/anything", nil), want{status: 403}},
 		{"mesh", "no mTLS identity", simpleRequest("", "GET", "/anything", nil), want{status: 403}},
@@ -178,7 +214,7 @@ func TestShippedPolicies(t *testing.T) {
 		})
 	}
 	t.Run("rego unit tests", func(t *testing.T) {
-		for _, dir := range []string{"mesh", "rbac", "envoy-example"} {
+		for _, dir := range []string{"mesh", "rbac", "envoy-example", "jwt"} {
 			var out strings.Builder
 			passed, failed, err := policy.RunTests(context.Background(), filepath.Join("..", "policies", dir), &out, false)
 			if err != nil || failed != 0 || passed == 0 {
