@@ -311,3 +311,18 @@ func TestNewNeedsEngineAndSink(t *testing.T) {
 		t.Fatal("enforcer without an engine")
 	}
 }
+
+func TestCheckEmptyAndCancelled(t *testing.T) {
+	rec := &recorder{}
+	e := newEnforcer(t, policyDir(t, "package envoy.authz\n\nallow := true\n"), rec, clockwork.NewRealClock())
+	for _, req := range []*authv3.CheckRequest{nil, {}, {Attributes: &authv3.AttributeContext{}}} {
+		if resp, d := e.Check(context.Background(), req); d.Result != ResultDeny || d.Cause != CauseBadPath || resp.GetDeniedResponse() == nil {
+			t.Fatalf("request %v: %+v", req, d)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, d := e.Check(ctx, simpleRequest(clientID, "GET", "/", nil)); d.Result != ResultDeny || d.Cause != CausePolicyError {
+		t.Fatalf("cancelled context: %+v", d)
+	}
+}

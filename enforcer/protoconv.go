@@ -6,6 +6,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -109,7 +110,7 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 		if err != nil {
 			return false
 		}
-		items = append(items, ast.Item(ast.InternedTerm(fd.JSONName()), ast.NewTerm(val)))
+		items = append(items, ast.Item(keyTerm(fd), ast.NewTerm(val)))
 		return true
 	}
 	if n.all {
@@ -136,6 +137,19 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 		return nil, err
 	}
 	return ast.NewObject(items...), nil
+}
+
+// keyTerms holds one shared key term per field, so that building an input
+// does not allocate a term for every field name. Terms are never modified
+// once in an object, as OPA's own interned terms are not.
+var keyTerms sync.Map // protoreflect.FullName -> *ast.Term
+
+func keyTerm(fd protoreflect.FieldDescriptor) *ast.Term {
+	if t, ok := keyTerms.Load(fd.FullName()); ok {
+		return t.(*ast.Term)
+	}
+	t, _ := keyTerms.LoadOrStore(fd.FullName(), ast.StringTerm(fd.JSONName()))
+	return t.(*ast.Term)
 }
 
 func (c *converter) mapValue(fd protoreflect.FieldDescriptor, m protoreflect.Map, headers bool, n *need) (ast.Value, error) {

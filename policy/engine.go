@@ -402,6 +402,10 @@ func (s Snapshot) InputPaths() (paths [][]string, whole bool) {
 // Eval is Engine.Eval on this snapshot.
 func (s Snapshot) Eval(ctx context.Context, input ast.Value) (Result, error) {
 	set := s.set
+	if err := ctx.Err(); err != nil {
+		// A caller that has gone gets no decision, not even a cached one.
+		return Result{Revision: set.revision}, fmt.Errorf("evaluate policy %s: %w", set.revision, err)
+	}
 	if set.cache == nil || !set.cache.use() {
 		return set.eval(ctx, input)
 	}
