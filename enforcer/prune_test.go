@@ -21,12 +21,14 @@ func TestPrunedInputGivesSameDecisions(t *testing.T) {
 		t.Fatal(err)
 	}
 	wholeDir := policyDir(t, "package envoy.authz\n\nallow if input[_].source.principal == \"spiffe://cluster.local/ns/shop/sa/frontend\"\n")
+	aliasDir := policyDir(t, "package envoy.authz\n\nimport input.attributes.request.http as http_request\n\ndefault allow := false\n\nallow if {\n\thttp_request.method == \"GET\"\n\tstartswith(http_request.path, \"/api/v1/svc1\")\n}\n\nallow if http_request.headers[\"x-random\"] < \"4\"\n")
 	reqs := append(variedRequests(200), benchRequests(2000, true)...)
 	for _, r := range []struct{ name, dir string }{
 		{"mesh", filepath.Join("..", "policies", "mesh")},
 		{"rbac", filepath.Join("..", "policies", "rbac")},
 		{"envoy-example", filepath.Join("..", "policies", "envoy-example")},
 		{"bench", benchDir},
+		{"import alias", aliasDir},
 		{"whole input", wholeDir},
 	} {
 		t.Run(r.name, func(t *testing.T) {

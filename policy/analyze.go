@@ -121,8 +121,13 @@ func analyse(mods map[string]*ast.Module) analysis {
 		}
 		return false
 	})
+	// Rules only: the compiler has already rewritten every use of an
+	// import alias (import input.attributes.request.http as http_request)
+	// into a full reference, so the import itself reads nothing.
 	for _, m := range mods {
-		vis.Walk(m)
+		for _, r := range m.Rules {
+			vis.Walk(r)
+		}
 	}
 	if !a.wholeInput {
 		a.paths = minimalPaths(raw)

@@ -304,6 +304,8 @@ func TestAnalysis(t *testing.T) {
 		{"runtime", "package p\n\nallow if opa.runtime().env.X == input.x\n", false, false, []string{"x"}},
 		{"with input", "package p\n\nq if input.a\n\nallow if q with input as {\"a\": true}\n", true, true, nil},
 		{"no input", "package p\n\nallow := true\n", true, false, nil},
+		{"import alias", "package p\n\nimport input.attributes.request.http as http_request\n\nallow if http_request.method == \"GET\"\n", true, false, []string{"attributes.request.http.method"}},
+		{"rule holding a subtree", "package p\n\nhttp_request := input.attributes.request.http\n\nallow if http_request.method == \"GET\"\n", true, false, []string{"attributes.request.http"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
