@@ -177,6 +177,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	// One snapshot for building and evaluating: the input holds only what
 	// this policy set (and the dry-run candidate) can read.
 	snap := e.engine.Snapshot()
+	d.PolicyRevision = snap.Revision()
 	var cand policy.Snapshot
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()

@@ -252,7 +252,7 @@ func TestCheckFailsClosed(t *testing.T) {
 			if d.Result != ResultDeny || d.HTTPStatus != tt.status || !strings.Contains(d.Reason, tt.reason) {
 				t.Fatalf("decision %+v, want deny %d with reason containing %q", d, tt.status, tt.reason)
 			}
-			if len(rec.got) != 1 || rec.got[0].Reason != d.Reason {
+			if len(rec.got) != 1 || rec.got[0].Reason != d.Reason || d.PolicyRevision != e.engine.Revision() {
 				t.Fatalf("recorded %+v", rec.got)
 			}
 		})

@@ -27,7 +27,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}, []string{"result", "cause"}),
 		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "writ_authz_decision_duration_seconds",
-			Help:    "Time to decide a request, audit record included.",
+			Help:    "Time to decide a request, from its arrival to the audit record.",
 			Buckets: []float64{5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 5e-3, 25e-3, 100e-3},
 		}, []string{"result"}),
 		cached: prometheus.NewCounter(prometheus.CounterOpts{
