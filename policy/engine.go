@@ -233,7 +233,7 @@ func capabilities(allowNetwork bool) *ast.Capabilities {
 	return caps
 }
 
-// Reload reads the directory again and, if its content changed, compiles,
+// Reload reads the directory or bundle again and, if its content changed, compiles,
 // smoke-tests and swaps in the new set. On any failure the active set stays
 // and the error, naming file and line where OPA knows them, is returned.
 func (e *Engine) Reload(ctx context.Context) error {
@@ -244,7 +244,8 @@ func (e *Engine) Reload(ctx context.Context) error {
 		return e.rejected("", err)
 	}
 	if cur := e.cur.Load(); cur != nil && cur.hash == src.hash {
-		e.tried = src.hash
+		// Unchanged, or back to the running content after a rejected try.
+		e.tried, e.lastEr = src.hash, nil
 		return nil
 	}
 	e.tried = src.hash
