@@ -540,4 +540,3 @@ func (w *watcher) nextErr(t *testing.T) error {
 	}
 	return nil
 }
-
