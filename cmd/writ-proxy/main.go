@@ -72,16 +72,17 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address serving /healthz and /readyz")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
-	fs.Usage = func() {
-		fmt.Fprint(fs.Output(), usage)
-		fs.PrintDefaults()
-	}
+	// Parse reports errors itself; usage is printed here, in full to
+	// stdout when asked for and as a hint otherwise.
+	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usage)
 			fs.SetOutput(stdout)
-			fs.Usage()
+			fs.PrintDefaults()
 			return nil, 0
 		}
+		fmt.Fprintln(stderr, "writ-proxy: see --help")
 		return nil, 2
 	}
 	if fs.NArg() > 0 {

@@ -69,6 +69,9 @@ func TestHelpAndBadFlags(t *testing.T) {
 			if !strings.Contains(stdout.String(), tt.wantStdout) {
 				t.Errorf("stdout %q does not contain %q", stdout.String(), tt.wantStdout)
 			}
+			if tt.wantCode == 0 && stderr.String() != "" {
+				t.Errorf("stderr %q, want nothing", stderr.String())
+			}
 			if !strings.Contains(stderr.String(), tt.wantStderr) {
 				t.Errorf("stderr %q does not contain %q", stderr.String(), tt.wantStderr)
 			}
