@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"io"
@@ -19,6 +20,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/proto/spiffe/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/jwtsvid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
@@ -539,4 +541,87 @@ func (w *watcher) nextErr(t *testing.T) error {
 		t.Fatal("no watch error")
 	}
 	return nil
+}
+
+func TestBundleChangeIsPushed(t *testing.T) {
+	e := newEnv(t)
+	c := e.client()
+	w := newWatcher()
+	go c.WatchX509Context(e.ctx, w)
+	first := w.next(t)
+	td := spiffeid.RequireTrustDomainFromString(testTD)
+	b1, err := first.Bundles.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// writd adds a second root (a CA rotation starting) with a new sequence.
+	k := mustKey(t)
+	second := e.w.sign(t, spiffeid.RequireFromString("spiffe://example.org"), k.Public(), time.Hour)
+	e.w.mu.Lock()
+	e.w.bundle.AddX509Authority(second)
+	if err := e.w.bundle.AddJWTAuthority("k2", k.Public()); err != nil {
+		t.Fatal(err)
+	}
+	e.w.seq = 2
+	e.w.mu.Unlock()
+	e.advance(30 * time.Second)
+
+	got := w.next(t)
+	b2, err := got.Bundles.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n1, n2 := len(b1.X509Authorities()), len(b2.X509Authorities()); n1 != 1 || n2 != 2 {
+		t.Fatalf("bundle authorities went from %d to %d, want 1 to 2", n1, n2)
+	}
+	jb, err := c.FetchJWTBundles(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := jb.GetJWTBundleForTrustDomain(td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !b.HasJWTAuthority("k2") {
+		t.Fatal("new JWT authority not served")
+	}
+}
+
+// TestSVIDsWorkForMTLS uses go-spiffe's X509Source on both ends of a real
+// TLS connection: the served chain, key and bundle fit together.
+func TestSVIDsWorkForMTLS(t *testing.T) {
+	e := newEnv(t)
+	src, err := workloadapi.NewX509Source(e.ctx, workloadapi.WithClientOptions(workloadapi.WithAddr("unix://"+e.sock)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	web := spiffeid.RequireFromString(webID)
+	l, err := tls.Listen("tcp", "127.0.0.1:0", tlsconfig.MTLSServerConfig(src, src, tlsconfig.AuthorizeID(web)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		conn, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		conn.Write([]byte("hi"))
+	}()
+	conn, err := tls.Dial("tcp", l.Addr().String(), tlsconfig.MTLSClientConfig(src, src, tlsconfig.AuthorizeID(web)))
+	if err != nil {
+		t.Fatalf("mTLS with served SVIDs: %v", err)
+	}
+	defer conn.Close()
+	buf := make([]byte, 2)
+	if _, err := io.ReadFull(conn, buf); err != nil {
+		t.Fatal(err)
+	}
+	id, err := x509svid.IDFromCert(conn.ConnectionState().PeerCertificates[0])
+	if err != nil || id != web {
+		t.Fatalf("peer id %v (%v), want %s", id, err, web)
+	}
 }

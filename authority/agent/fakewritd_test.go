@@ -57,6 +57,7 @@ type fakeWritd struct {
 	nodes   map[spiffeid.ID]bool
 	entries map[string]*nodeapi.Entry
 	ttl     time.Duration
+	seq     uint64
 	calls   map[string]int
 }
 
@@ -71,6 +72,7 @@ func newFakeWritd(t *testing.T, clk clockwork.Clock) *fakeWritd {
 		nodes:   map[spiffeid.ID]bool{},
 		entries: map[string]*nodeapi.Entry{},
 		ttl:     time.Hour,
+		seq:     1,
 		calls:   map[string]int{},
 	}
 	f.rootK = mustKey(t)
@@ -200,12 +202,13 @@ func (f *fakeWritd) count(call string) int {
 	return f.calls[call]
 }
 
+// bundleMsg is the bundle as sent; callers hold f.mu.
 func (f *fakeWritd) bundleMsg() *nodeapi.Bundle {
 	b, err := f.bundle.Marshal()
 	if err != nil {
 		f.t.Error(err)
 	}
-	return &nodeapi.Bundle{TrustDomain: testTD, SpiffeBundle: b, Sequence: 1}
+	return &nodeapi.Bundle{TrustDomain: testTD, SpiffeBundle: b, Sequence: f.seq}
 }
 
 // caller returns the node ID of the mTLS peer.
@@ -265,8 +268,8 @@ func (f *fakeWritd) Attest(_ context.Context, req *nodeapi.AttestRequest) (*node
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
 	f.mu.Lock()
+	defer f.mu.Unlock()
 	f.nodes[id] = true
-	f.mu.Unlock()
 	return &nodeapi.AttestResponse{Svid: svid, Bundle: f.bundleMsg()}, nil
 }
 
@@ -363,5 +366,7 @@ func (f *fakeWritd) FetchBundle(ctx context.Context, _ *nodeapi.FetchBundleReque
 	if _, err := f.caller(ctx); err != nil {
 		return nil, err
 	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
 	return &nodeapi.FetchBundleResponse{Bundle: f.bundleMsg()}, nil
 }
