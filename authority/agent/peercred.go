@@ -29,8 +29,21 @@ type PeerInfo struct {
 	UID uint32
 	GID uint32
 	// pidfd refers to exactly the process that connected (SO_PEERPIDFD,
-	// Linux 6.5+), or is -1 when the kernel cannot give one.
+	// Linux 6.5+), or is -1 when the kernel cannot give one. mu guards it
+	// against the connection closing it while a call still uses it: a
+	// closed descriptor number may be reused for an unrelated file.
+	mu    sync.Mutex
 	pidfd int
+}
+
+// closePidfd releases the pidfd; later attestations fail closed.
+func (p *PeerInfo) closePidfd() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.pidfd >= 0 {
+		unix.Close(p.pidfd)
+		p.pidfd = -2
+	}
 }
 
 // AuthType implements credentials.AuthInfo.
@@ -110,11 +123,7 @@ type peerConn struct {
 }
 
 func (c *peerConn) Close() error {
-	c.once.Do(func() {
-		if c.info.pidfd >= 0 {
-			unix.Close(c.info.pidfd)
-		}
-	})
+	c.once.Do(c.info.closePidfd)
 	return c.Conn.Close()
 }
 
@@ -174,7 +183,12 @@ func (p *PeerInfo) exePath() (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("read binary of pid %d: %w", p.PID, err)
 	}
-	if p.pidfd >= 0 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	switch {
+	case p.pidfd == -2:
+		return "", errors.New("connection closed")
+	case p.pidfd >= 0:
 		if err := unix.PidfdSendSignal(p.pidfd, 0, nil, 0); err != nil {
 			return "", fmt.Errorf("pid %d exited during attestation: %w", p.PID, err)
 		}
@@ -198,6 +212,10 @@ func procStartTime(pid int32) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	return parseStartTime(b)
+}
+
+func parseStartTime(b []byte) (string, error) {
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
 		return "", errors.New("malformed stat")
