@@ -74,7 +74,7 @@ func clientMode(sock string) int {
 
 // env is one agent wired to one fake writd on real sockets.
 type env struct {
-	t     *testing.T
+	t     testing.TB
 	ctx   context.Context
 	clk   *clockwork.FakeClock
 	w     *fakeWritd
@@ -90,7 +90,7 @@ const (
 	tokenOK = "join-token-1"
 )
 
-func newEnv(t *testing.T, entries ...*nodeapi.Entry) *env {
+func newEnv(t testing.TB, entries ...*nodeapi.Entry) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
@@ -121,6 +121,10 @@ func newEnv(t *testing.T, entries ...*nodeapi.Entry) *env {
 	// Only the root authority from writd's bundle, as a PEM bootstrap file
 	// would give.
 	boot := spiffebundle.FromX509Authorities(w.td, []*x509.Certificate{w.root})
+	var logw io.Writer = testWriter{t}
+	if _, bench := t.(*testing.B); bench {
+		logw = io.Discard
+	}
 	a, err := New(Config{
 		ControlPlane: w.addr,
 		JoinToken:    tokenOK,
@@ -129,7 +133,7 @@ func newEnv(t *testing.T, entries ...*nodeapi.Entry) *env {
 		SyncInterval: 30 * time.Second,
 		Clock:        clk,
 		Jitter:       func(time.Duration) time.Duration { return 0 },
-		Log:          slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Log:          slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelInfo})),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -184,7 +188,7 @@ func (e *env) client() *workloadapi.Client {
 	return c
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))

@@ -40,7 +40,7 @@ import (
 // node server exists. Safe for concurrent use.
 type fakeWritd struct {
 	nodeapi.UnimplementedNodeServer
-	t      *testing.T
+	t      testing.TB
 	td     spiffeid.TrustDomain
 	clk    clockwork.Clock
 	rootK  crypto.Signer
@@ -63,7 +63,7 @@ type fakeWritd struct {
 
 const testTD = "example.org"
 
-func newFakeWritd(t *testing.T, clk clockwork.Clock) *fakeWritd {
+func newFakeWritd(t testing.TB, clk clockwork.Clock) *fakeWritd {
 	t.Helper()
 	td := spiffeid.RequireTrustDomainFromString(testTD)
 	f := &fakeWritd{
@@ -117,7 +117,7 @@ func newFakeWritd(t *testing.T, clk clockwork.Clock) *fakeWritd {
 	return f
 }
 
-func (f *fakeWritd) start(t *testing.T, addr string) {
+func (f *fakeWritd) start(t testing.TB, addr string) {
 	t.Helper()
 	l, err := net.Listen("tcp", addr)
 	if err != nil {
@@ -142,9 +142,9 @@ func (f *fakeWritd) stop() {
 	srv.Stop()
 }
 
-func (f *fakeWritd) restart(t *testing.T) { f.start(t, f.addr) }
+func (f *fakeWritd) restart(t testing.TB) { f.start(t, f.addr) }
 
-func mustKey(t *testing.T) crypto.Signer {
+func mustKey(t testing.TB) crypto.Signer {
 	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)

@@ -94,7 +94,7 @@ func TestPeerCredentialsAttestOwnProcess(t *testing.T) {
 	hadPidfd := info.pidfd >= 0
 	(<-conns).Close()
 	sels, errs = info.Selectors()
-	if hadPidfd && len(errs) == 0 || sels.Matches([]selector.Selector{{Type: "unix", Key: "path", Value: exe}}) {
+	if hadPidfd && (len(errs) == 0 || sels.Matches([]selector.Selector{{Type: "unix", Key: "path", Value: exe}})) {
 		t.Fatalf("path still attested after close: %v", sels)
 	}
 }
@@ -155,4 +155,31 @@ func TestListenUnix(t *testing.T) {
 			}
 		})
 	}
+}
+
+// selfPeerInfo handshakes with itself over a real unix socket and keeps
+// the connection open for the rest of the test.
+func selfPeerInfo(t testing.TB) *PeerInfo {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	s, err := l.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn, info, err := PeerCredentials().ServerHandshake(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return info.(*PeerInfo)
 }
