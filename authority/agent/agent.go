@@ -35,6 +35,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -53,6 +54,13 @@ const (
 	signBatch = 64
 	// maxEntries bounds the entries the agent keeps for one node.
 	maxEntries = 10000
+	// DefaultMaxConns bounds open Workload API connections.
+	DefaultMaxConns = 1024
+	// DefaultJWTMintRate and DefaultJWTMintBurst bound how fast local
+	// callers can make the agent ask writd for JWT-SVIDs (cache misses
+	// only): a workload inventing audiences must not flood writd.
+	DefaultJWTMintRate  = 20
+	DefaultJWTMintBurst = 100
 )
 
 // Config configures an Agent.
@@ -74,6 +82,13 @@ type Config struct {
 	// bundles and validate JWT-SVIDs. Off by default: a caller with no
 	// identity learns nothing.
 	AllowUnauthenticatedVerifiers bool
+	// MaxConns bounds open Workload API connections; 0 means
+	// DefaultMaxConns.
+	MaxConns int
+	// JWTMintRate (per second) and JWTMintBurst bound JWT-SVID minting
+	// at writd on behalf of local callers; 0 means the defaults.
+	JWTMintRate  float64
+	JWTMintBurst int
 	// Clock drives renewal, retries and expiry; nil means the real clock.
 	Clock clockwork.Clock
 	// Jitter returns a random duration in [0, max); nil means math/rand.
@@ -104,6 +119,7 @@ type Agent struct {
 	conns     [2]*grpc.ClientConn
 	stale     bool // a call found writd unreachable; dial afresh
 	jwts      jwtCache
+	mintLimit *rate.Limiter
 
 	kick chan struct{}
 }
@@ -150,6 +166,15 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Clock == nil {
 		cfg.Clock = clockwork.NewRealClock()
 	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = DefaultMaxConns
+	}
+	if cfg.JWTMintRate <= 0 {
+		cfg.JWTMintRate = DefaultJWTMintRate
+	}
+	if cfg.JWTMintBurst <= 0 {
+		cfg.JWTMintBurst = DefaultJWTMintBurst
+	}
 	if cfg.Jitter == nil {
 		cfg.Jitter = func(max time.Duration) time.Duration {
 			if max <= 0 {
@@ -176,15 +201,17 @@ func New(cfg Config) (*Agent, error) {
 		changed: make(chan struct{}),
 		kick:    make(chan struct{}, 1),
 		jwts:    jwtCache{m: map[string]cachedJWT{}},
+		// Guarded by mu, and fed the injected clock's time.
+		mintLimit: rate.NewLimiter(rate.Limit(cfg.JWTMintRate), cfg.JWTMintBurst),
 	}, nil
 }
 
-// Ready reports whether the agent holds a node SVID and has synced entries
-// at least once, i.e. whether the Workload API can serve.
+// Ready reports whether the agent holds an unexpired node SVID and has
+// synced entries at least once, i.e. whether the Workload API can serve.
 func (a *Agent) Ready() bool {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return a.node != nil && a.synced
+	return a.node != nil && a.synced && a.clk.Now().Before(a.node.Certificates[0].NotAfter)
 }
 
 // NodeID is the node's SPIFFE ID, zero before attestation.

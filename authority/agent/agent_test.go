@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"io"
 	"log/slog"
 	"os"
@@ -92,6 +93,12 @@ const (
 
 func newEnv(t testing.TB, entries ...*nodeapi.Entry) *env {
 	t.Helper()
+	return newEnvCfg(t, nil, entries...)
+}
+
+// newEnvCfg is newEnv with a hook to adjust the agent's Config.
+func newEnvCfg(t testing.TB, tweak func(*Config), entries ...*nodeapi.Entry) *env {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	clk := clockwork.NewFakeClockAt(time.Now())
@@ -125,7 +132,7 @@ func newEnv(t testing.TB, entries ...*nodeapi.Entry) *env {
 	if _, bench := t.(*testing.B); bench {
 		logw = io.Discard
 	}
-	a, err := New(Config{
+	cfg := Config{
 		ControlPlane: w.addr,
 		JoinToken:    tokenOK,
 		TrustDomain:  w.td,
@@ -134,7 +141,11 @@ func newEnv(t testing.TB, entries ...*nodeapi.Entry) *env {
 		Clock:        clk,
 		Jitter:       func(time.Duration) time.Duration { return 0 },
 		Log:          slog.New(slog.NewTextHandler(logw, &slog.HandlerOptions{Level: slog.LevelInfo})),
-	})
+	}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	a, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -627,5 +638,112 @@ func TestSVIDsWorkForMTLS(t *testing.T) {
 	id, err := x509svid.IDFromCert(conn.ConnectionState().PeerCertificates[0])
 	if err != nil || id != web {
 		t.Fatalf("peer id %v (%v), want %s", id, err, web)
+	}
+}
+
+func TestJWTMintingIsRateLimited(t *testing.T) {
+	e := newEnvCfg(t, func(c *Config) { c.JWTMintRate, c.JWTMintBurst = 1, 2 })
+	c := e.client()
+	for _, aud := range []string{"a1", "a2"} {
+		if _, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: aud}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "a3"})
+	wantCode(t, err, codes.ResourceExhausted)
+	// Cached tokens are still served while the limit holds.
+	if _, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "a1"}); err != nil {
+		t.Fatalf("cached token refused: %v", err)
+	}
+	e.advance(2 * time.Second)
+	if _, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "a3"}); err != nil {
+		t.Fatalf("after the limiter refilled: %v", err)
+	}
+}
+
+func TestNewRejectsBadConfig(t *testing.T) {
+	td := spiffeid.RequireTrustDomainFromString(testTD)
+	other := spiffeid.RequireTrustDomainFromString("other.org")
+	w := newFakeWritd(t, clockwork.NewFakeClock())
+	good := spiffebundle.FromX509Authorities(td, []*x509.Certificate{w.root})
+	tests := []struct {
+		name    string
+		cfg     Config
+		wantErr string
+	}{
+		{"no control plane", Config{JoinToken: "t", TrustDomain: td, TrustBundle: good}, "control plane"},
+		{"no token", Config{ControlPlane: "x:1", TrustDomain: td, TrustBundle: good}, "join token"},
+		{"no trust domain", Config{ControlPlane: "x:1", JoinToken: "t", TrustBundle: good}, "trust domain"},
+		{"no bundle", Config{ControlPlane: "x:1", JoinToken: "t", TrustDomain: td}, "trust bundle"},
+		{"empty bundle", Config{ControlPlane: "x:1", JoinToken: "t", TrustDomain: td, TrustBundle: spiffebundle.New(td)}, "X.509 authority"},
+		{"bundle of another domain", Config{ControlPlane: "x:1", JoinToken: "t", TrustDomain: other, TrustBundle: good}, "trust bundle is for"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := New(tt.cfg)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("got %v, want error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// TestUsedJoinTokenStopsTheAgent: a refused attestation is final, and Run
+// says why instead of retrying forever.
+func TestUsedJoinTokenStopsTheAgent(t *testing.T) {
+	clk := clockwork.NewFakeClockAt(time.Now())
+	w := newFakeWritd(t, clk)
+	a, err := New(Config{
+		ControlPlane: w.addr, JoinToken: "never-issued", TrustDomain: w.td,
+		TrustBundle: spiffebundle.FromX509Authorities(w.td, []*x509.Certificate{w.root}), Clock: clk,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = a.Run(context.Background())
+	if status.Code(errors.Unwrap(err)) != codes.PermissionDenied || !strings.Contains(err.Error(), "attest node") {
+		t.Fatalf("Run = %v, want an attest error with PermissionDenied", err)
+	}
+	if a.Ready() {
+		t.Fatal("ready without attestation")
+	}
+}
+
+// TestWrongControlPlaneIdentityIsRefused: writd's certificate must carry
+// spiffe://<td>/writ/control-plane; any other SVID of the domain is not
+// trusted with the join token.
+func TestWrongControlPlaneIdentityIsRefused(t *testing.T) {
+	clk := clockwork.NewFakeClockAt(time.Now())
+	w := newFakeWritd(t, clk)
+	k := mustKey(t)
+	impostor := spiffeid.RequireFromString("spiffe://example.org/ns/default/sa/web")
+	cert := w.sign(t, impostor, k.Public(), time.Hour)
+	w.stop()
+	w.tlsCfg.Certificates = nil
+	w.tlsCfg.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+		return &tls.Certificate{Certificate: [][]byte{cert.Raw}, PrivateKey: k, Leaf: cert}, nil
+	}
+	w.restart(t)
+	w.newToken(tokenOK)
+	a, err := New(Config{
+		ControlPlane: w.addr, JoinToken: tokenOK, TrustDomain: w.td,
+		TrustBundle: spiffebundle.FromX509Authorities(w.td, []*x509.Certificate{w.root}), Clock: clk,
+		Jitter: func(time.Duration) time.Duration { return 0 },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	// The handshake fails (Unavailable), so the agent backs off on the
+	// clock: once it waits there, the token must still be unused.
+	if err := clk.BlockUntilContext(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	cancel()
+	<-done
+	if got := w.count("Attest"); got != 0 {
+		t.Fatalf("the join token reached an impostor: %d Attest calls", got)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os/user"
 	"strconv"
 	"sync"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/credentials"
@@ -63,11 +64,11 @@ func (peerCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, c
 }
 
 func (peerCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	uc, ok := conn.(*net.UnixConn)
-	if !ok {
+	sc, ok := conn.(syscall.Conn)
+	if !ok || conn.LocalAddr().Network() != "unix" {
 		return nil, nil, fmt.Errorf("peer credentials need a unix socket, got %T", conn)
 	}
-	raw, err := uc.SyscallConn()
+	raw, err := sc.SyscallConn()
 	if err != nil {
 		return nil, nil, fmt.Errorf("peer credentials: %w", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/jwtbundle"
@@ -77,6 +78,7 @@ func ListenUnix(addr string) (net.Listener, string, error) {
 // Serve runs the SPIFFE Workload API on l until ctx ends, then stops
 // gracefully (streams are cancelled; they never end on their own).
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
+	l = limitListener(l, a.cfg.MaxConns)
 	srv := a.NewWorkloadServer()
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(l) }()
@@ -401,6 +403,15 @@ func (a *Agent) jwtFor(ctx context.Context, e *entry, aud []string) (string, err
 	if ok && now.Before(cached.renewAt) {
 		return cached.token, nil
 	}
+	a.mu.Lock()
+	allowed := a.mintLimit.AllowN(now, 1)
+	a.mu.Unlock()
+	if !allowed {
+		if ok && now.Before(cached.expiresAt) {
+			return cached.token, nil
+		}
+		return "", status.Error(codes.ResourceExhausted, "too many new JWT-SVID requests on this node; retry later")
+	}
 	tok, exp, err := a.mintJWT(ctx, e, aud)
 	if err != nil {
 		if ok && now.Before(cached.expiresAt) {
@@ -523,4 +534,43 @@ func (c *jwtCache) dropEntry(id string) {
 			delete(c.m, k)
 		}
 	}
+}
+
+// limitListener bounds open connections like x/net/netutil's, but its
+// connections still expose SyscallConn, which peer attestation needs.
+func limitListener(l net.Listener, n int) net.Listener {
+	return &limitedListener{Listener: l, sem: make(chan struct{}, n)}
+}
+
+type limitedListener struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		<-l.sem
+		c.Close()
+		return nil, fmt.Errorf("workload api: unexpected connection type %T", c)
+	}
+	return &limitedConn{UnixConn: uc, release: func() { <-l.sem }}, nil
+}
+
+type limitedConn struct {
+	*net.UnixConn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.UnixConn.Close()
+	c.once.Do(c.release)
+	return err
 }
