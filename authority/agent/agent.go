@@ -120,8 +120,6 @@ type Agent struct {
 	stale     bool // a call found writd unreachable; dial afresh
 	jwts      jwtCache
 	mintLimit *rate.Limiter
-
-	kick chan struct{}
 }
 
 // entry is a registration entry and its current X.509 SVID, if any.
@@ -199,7 +197,6 @@ func New(cfg Config) (*Agent, error) {
 		bundle:  cfg.TrustBundle.Clone(),
 		entries: map[string]*entry{},
 		changed: make(chan struct{}),
-		kick:    make(chan struct{}, 1),
 		jwts:    jwtCache{m: map[string]cachedJWT{}},
 		// Guarded by mu, and fed the injected clock's time.
 		mintLimit: rate.NewLimiter(rate.Limit(cfg.JWTMintRate), cfg.JWTMintBurst),
@@ -265,8 +262,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			t.Stop()
 			return nil
-		case <-a.kick:
-			t.Stop()
 		case <-t.Chan():
 		}
 	}
@@ -318,14 +313,6 @@ func (a *Agent) nextWake(nextSync time.Time) time.Time {
 func (a *Agent) notifyLocked() {
 	close(a.changed)
 	a.changed = make(chan struct{})
-}
-
-// wakeLoop makes Run look at its state again now.
-func (a *Agent) wakeLoop() {
-	select {
-	case a.kick <- struct{}{}:
-	default:
-	}
 }
 
 // --- connection to writd ---------------------------------------------------

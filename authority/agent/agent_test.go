@@ -99,6 +99,12 @@ func newEnv(t testing.TB, entries ...*nodeapi.Entry) *env {
 // newEnvCfg is newEnv with a hook to adjust the agent's Config.
 func newEnvCfg(t testing.TB, tweak func(*Config), entries ...*nodeapi.Entry) *env {
 	t.Helper()
+	return newEnvFull(t, tweak, false, entries...)
+}
+
+// newEnvFull can also start the agent while writd is down.
+func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*nodeapi.Entry) *env {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
 	clk := clockwork.NewFakeClockAt(time.Now())
@@ -153,6 +159,9 @@ func newEnvCfg(t testing.TB, tweak func(*Config), entries ...*nodeapi.Entry) *en
 	if err != nil {
 		t.Fatal(err)
 	}
+	if writdDown {
+		w.stop()
+	}
 	runCtx, stop := context.WithCancel(context.Background())
 	errc := make(chan error, 2)
 	go func() { errc <- a.Run(runCtx) }()
@@ -167,8 +176,8 @@ func newEnvCfg(t testing.TB, tweak func(*Config), entries ...*nodeapi.Entry) *en
 	})
 	e := &env{t: t, ctx: ctx, clk: clk, w: w, a: a, sock: sock, exe: exe, errc: errc}
 	e.settle()
-	if !a.Ready() {
-		t.Fatal("agent not ready after first sync")
+	if a.Ready() == writdDown {
+		t.Fatalf("agent ready = %v with writd down = %v", a.Ready(), writdDown)
 	}
 	return e
 }
@@ -745,5 +754,27 @@ func TestWrongControlPlaneIdentityIsRefused(t *testing.T) {
 	<-done
 	if got := w.count("Attest"); got != 0 {
 		t.Fatalf("the join token reached an impostor: %d Attest calls", got)
+	}
+}
+
+// TestWorkloadWaitsForTheFirstSync: a workload that asks before the agent
+// has heard from writd is told to wait (stream) or retry (unary), not
+// refused, and gets its SVID once writd answers.
+func TestWorkloadWaitsForTheFirstSync(t *testing.T) {
+	e := newEnvFull(t, nil, true)
+	c := e.client()
+	_, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "a"})
+	wantCode(t, err, codes.Unavailable)
+
+	w := newWatcher()
+	go c.WatchX509Context(e.ctx, w)
+	e.w.restart(t)
+	e.advance(maxBackoff + time.Minute) // past the attestation retry
+	got := w.next(t)
+	if id := got.DefaultSVID().ID.String(); id != webID {
+		t.Fatalf("got %s, want %s", id, webID)
+	}
+	if !e.a.Ready() {
+		t.Fatal("not ready after attesting")
 	}
 }

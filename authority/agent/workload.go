@@ -162,15 +162,18 @@ func (a *Agent) matchingLocked(sels selector.Set) []*entry {
 	return out
 }
 
+var errNotReady = status.Error(codes.Unavailable, "agent not ready: it has not synced with the control plane yet")
+
 func errNoIdentity(info *PeerInfo) error {
 	return status.Errorf(codes.PermissionDenied, "no identity issued: no registration entry matches this workload (uid %d, gid %d)", info.UID, info.GID)
 }
 
 // x509Snapshot is the X.509 response for a caller and the channel that
 // closes when it may have changed.
-func (a *Agent) x509Snapshot(sels selector.Set) (resp *workload.X509SVIDResponse, matched, lapsed int, changed <-chan struct{}) {
+func (a *Agent) x509Snapshot(sels selector.Set) (resp *workload.X509SVIDResponse, matched, lapsed int, synced bool, changed <-chan struct{}) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	synced = a.synced
 	now := a.clk.Now()
 	var roots bytes.Buffer
 	for _, c := range a.bundle.X509Authorities() {
@@ -196,7 +199,7 @@ func (a *Agent) x509Snapshot(sels selector.Set) (resp *workload.X509SVIDResponse
 			Bundle:      roots.Bytes(),
 		})
 	}
-	return resp, matched, lapsed, a.changed
+	return resp, matched, lapsed, synced, a.changed
 }
 
 func (s *workloadServer) FetchX509SVID(_ *workload.X509SVIDRequest, stream workload.SpiffeWorkloadAPI_FetchX509SVIDServer) error {
@@ -208,8 +211,11 @@ func (s *workloadServer) FetchX509SVID(_ *workload.X509SVIDRequest, stream workl
 	var last [32]byte
 	sent := false
 	for {
-		resp, matched, lapsed, changed := s.a.x509Snapshot(sels)
+		resp, matched, lapsed, synced, changed := s.a.x509Snapshot(sels)
 		switch {
+		case !synced:
+			// The agent has not heard from writd yet: wait, do not
+			// refuse an identity that may well exist.
 		case len(resp.Svids) > 0:
 			sum := digestX509(resp)
 			if !sent || sum != last {
@@ -254,8 +260,11 @@ func (a *Agent) mayVerify(sels selector.Set, info *PeerInfo) error {
 		return nil
 	}
 	a.mu.Lock()
-	n := len(a.matchingLocked(sels))
+	n, synced := len(a.matchingLocked(sels)), a.synced
 	a.mu.Unlock()
+	if !synced {
+		return errNotReady
+	}
 	if n == 0 {
 		return errNoIdentity(info)
 	}
@@ -367,6 +376,10 @@ func (s *workloadServer) FetchJWTSVID(ctx context.Context, req *workload.JWTSVID
 		return nil, err
 	}
 	s.a.mu.Lock()
+	if !s.a.synced {
+		s.a.mu.Unlock()
+		return nil, errNotReady
+	}
 	var targets []*entry
 	for _, e := range s.a.matchingLocked(sels) {
 		if want.IsZero() || e.spiffeID == want {
