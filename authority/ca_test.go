@@ -130,7 +130,7 @@ func countRows(t testing.TB, pool *pgxpool.Pool, q string, args ...any) int {
 }
 
 func TestFirstStartGeneratesRootAndRestartReusesIt(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	kek := testKEK(t)
 	a := newCA(t, pool, clk, "a", kek, nil)
@@ -179,7 +179,7 @@ func TestFirstStartGeneratesRootAndRestartReusesIt(t *testing.T) {
 }
 
 func TestReplicasStartingTogetherShareOneRoot(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	kek := testKEK(t)
 	const n = 4
@@ -217,7 +217,7 @@ func TestReplicasStartingTogetherShareOneRoot(t *testing.T) {
 }
 
 func TestWrongKEKFailsClearly(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	newCA(t, pool, clk, "a", testKEK(t), nil)
 	_, err := NewCA(ctxT(t), Options{TrustDomain: testTD, Pool: pool, ReplicaID: "b", KEK: testKEK(t), Clock: clk})
@@ -263,7 +263,7 @@ func TestImportRoot(t *testing.T) {
 	clk := newClock()
 	certPEM, keyPEM, cert := testRootPEM(t, clk.Now())
 	t.Run("imported root signs", func(t *testing.T) {
-		pool := pgtest.NewMigrated(t)
+		pool := newPool(t)
 		ca := newCA(t, pool, clk, "a", testKEK(t), func(o *Options) { o.RootCertPEM, o.RootKeyPEM = certPEM, keyPEM })
 		if got := ca.Roots(); len(got) != 1 || !got[0].Equal(cert) {
 			t.Fatalf("bundle roots %v, want the imported root", got)
@@ -272,7 +272,7 @@ func TestImportRoot(t *testing.T) {
 		mustVerify(t, "imported", svid, spiffebundle.FromX509Authorities(testTD, []*x509.Certificate{cert}), clk.Now())
 	})
 	t.Run("key that does not match is refused", func(t *testing.T) {
-		pool := pgtest.NewMigrated(t)
+		pool := newPool(t)
 		_, otherKey, _ := testRootPEM(t, clk.Now())
 		_, err := NewCA(ctxT(t), Options{TrustDomain: testTD, Pool: pool, ReplicaID: "a", KEK: testKEK(t), Clock: clk, RootCertPEM: certPEM, RootKeyPEM: otherKey})
 		if err == nil || !strings.Contains(err.Error(), "does not match") {
@@ -291,7 +291,7 @@ func TestImportRoot(t *testing.T) {
 }
 
 func TestX509SVID(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	ca := newCA(t, pool, clk, "a", testKEK(t), func(o *Options) {
 		o.Config.IntermediateTTL = config.Duration(6 * time.Hour)
@@ -351,7 +351,7 @@ func TestX509SVID(t *testing.T) {
 }
 
 func TestIntermediateRotationAtHalfLife(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	ca := newCA(t, pool, clk, "a", testKEK(t), func(o *Options) { o.Config.IntermediateTTL = config.Duration(4 * time.Hour) })
 	first := sign(t, ca, workloadID("w"), 0)
@@ -385,7 +385,7 @@ func TestIntermediateRotationAtHalfLife(t *testing.T) {
 }
 
 func TestBundleFormatAndSequence(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	ca := newCA(t, pool, clk, "a", testKEK(t), func(o *Options) { o.Config.BundleRefreshHint = config.Duration(time.Minute) })
 	b := bundleOf(t, ca)
@@ -487,7 +487,7 @@ func (u *fakeUpstream) SignIntermediate(ctx context.Context, csr *x509.Certifica
 }
 
 func TestUpstreamMode(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	up := newFakeUpstream(t, clk.Now())
 	ca := newCA(t, pool, clk, "a", nil, func(o *Options) {
@@ -534,7 +534,7 @@ func (u *badUpstream) SignIntermediate(ctx context.Context, csr *x509.Certificat
 }
 
 func TestRunStopsSigningAndRetiresIntermediate(t *testing.T) {
-	pool := pgtest.NewMigrated(t)
+	pool := newPool(t)
 	clk := newClock()
 	ca := newCA(t, pool, clk, "a", testKEK(t), func(o *Options) {
 		o.Config.IntermediateTTL = config.Duration(2 * time.Hour)
@@ -578,3 +578,5 @@ func TestRunStopsSigningAndRetiresIntermediate(t *testing.T) {
 func newClock() *clockwork.FakeClock {
 	return clockwork.NewFakeClockAt(time.Now().Truncate(time.Second))
 }
+
+func newPool(t testing.TB) *pgxpool.Pool { return pgtest.NewMigrated(t) }

@@ -261,7 +261,8 @@ func (c *CA) advanceRootRotation(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			if now.Before(at) {
+			// x509 treats a certificate as valid at its NotAfter instant.
+			if !now.After(at) {
 				continue
 			}
 			if _, err := tx.Exec(ctx, "UPDATE ca_roots SET state = 'retired', retired_at = $2 WHERE id = $1", r.id, now); err != nil {
