@@ -250,6 +250,10 @@ func (c *CA) SignX509SVID(ctx context.Context, req X509Request) (*IssuedX509, er
 	if err != nil {
 		return nil, fmt.Errorf("sign x509 svid: serial: %w", err)
 	}
+	spki, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return nil, fmt.Errorf("sign x509 svid: %w", err)
+	}
 
 	c.mu.RLock()
 	defer c.mu.RUnlock()
@@ -269,16 +273,13 @@ func (c *CA) SignX509SVID(ctx context.Context, req X509Request) (*IssuedX509, er
 	if !notAfter.After(now) {
 		return nil, errors.New("sign x509 svid: signing intermediate has expired")
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		NotBefore:             notBefore,
-		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
-		BasicConstraintsValid: true,
-		URIs:                  []*url.URL{req.ID.URL()},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, inter.cert, pub, inter.key)
+	der, err := signLeaf(leafSpec{
+		serial:    serial,
+		notBefore: notBefore.Truncate(time.Second),
+		notAfter:  notAfter.Truncate(time.Second),
+		spki:      spki,
+		uri:       req.ID.String(),
+	}, inter.cert, inter.key)
 	if err != nil {
 		return nil, fmt.Errorf("sign x509 svid: %w", err)
 	}
