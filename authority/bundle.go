@@ -18,6 +18,8 @@ import (
 // differs from what it was last computed for, so every replica publishes
 // the same sequence for the same content.
 func (c *CA) refreshBundle(ctx context.Context) error {
+	c.bundleMu.Lock()
+	defer c.bundleMu.Unlock()
 	now := c.clock.Now()
 	b := spiffebundle.New(c.td)
 	b.SetRefreshHint(c.set.hint)

@@ -137,7 +137,10 @@ type CA struct {
 	rootsMu sync.Mutex
 	roots   map[string]*rootCA
 
-	bundle atomic.Pointer[spiffebundle.Bundle]
+	// bundleMu serializes refreshBundle, so that a slower refresh never
+	// replaces a newer bundle with an older one.
+	bundleMu sync.Mutex
+	bundle   atomic.Pointer[spiffebundle.Bundle]
 }
 
 var _ Signer = (*CA)(nil)
@@ -270,7 +273,7 @@ func (c *CA) Bundle(ctx context.Context) (*spiffebundle.Bundle, error) {
 // bundle, polling on the CA's clock until ctx ends. Errors of one pass are
 // logged and retried on the next. When Run returns, the CA stops signing
 // and records its intermediate as retired, so that a root rotation need not
-// wait for this replica's intermediate to expire.
+// wait for this replica's intermediate to expire. Call it once.
 func (c *CA) Run(ctx context.Context) error {
 	t := c.clock.NewTicker(c.set.pollInterval())
 	defer t.Stop()

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 )
@@ -45,15 +46,14 @@ func LoadKEK(file string, getenv func(string) string) ([]byte, error) {
 			return nil, fmt.Errorf("load ca kek: %w", err)
 		}
 		defer f.Close()
-		buf := make([]byte, maxKEKFile+1)
-		n, err := f.Read(buf)
-		if err != nil && n == 0 {
+		buf, err := io.ReadAll(io.LimitReader(f, maxKEKFile+1))
+		if err != nil {
 			return nil, fmt.Errorf("load ca kek from %s: %w", file, err)
 		}
-		if n > maxKEKFile {
+		if len(buf) > maxKEKFile {
 			return nil, fmt.Errorf("load ca kek from %s: file is larger than %d bytes", file, maxKEKFile)
 		}
-		text, from = string(buf[:n]), file
+		text, from = string(buf), file
 	case getenv != nil && getenv(EnvKEK) != "":
 		text, from = getenv(EnvKEK), EnvKEK
 	default:
