@@ -580,3 +580,41 @@ func newClock() *clockwork.FakeClock {
 }
 
 func newPool(t testing.TB) *pgxpool.Pool { return pgtest.NewMigrated(t) }
+
+func TestImportIgnoredOnceARootExists(t *testing.T) {
+	pool := newPool(t)
+	clk := newClock()
+	kek := testKEK(t)
+	a := newCA(t, pool, clk, "a", kek, nil)
+	certPEM, keyPEM, cert := testRootPEM(t, clk.Now())
+	b := newCA(t, pool, clk, "b", kek, func(o *Options) { o.RootCertPEM, o.RootKeyPEM = certPEM, keyPEM })
+	if got := b.Roots(); len(got) != 1 || got[0].Equal(cert) || !got[0].Equal(a.Roots()[0]) {
+		t.Fatal("a later start replaced the database's root with the configured import")
+	}
+}
+
+func TestNewCARefusesBadOptions(t *testing.T) {
+	pool := newPool(t)
+	clk := newClock()
+	base := func() Options {
+		return Options{TrustDomain: testTD, Pool: pool, ReplicaID: "a", KEK: testKEK(t), Clock: clk}
+	}
+	for name, mod := range map[string]func(*Options){
+		"no trust domain":         func(o *Options) { o.TrustDomain = spiffeid.TrustDomain{} },
+		"no pool":                 func(o *Options) { o.Pool = nil },
+		"no replica id":           func(o *Options) { o.ReplicaID = "" },
+		"short kek":               func(o *Options) { o.KEK = o.KEK[:16] },
+		"ttl above max":           func(o *Options) { o.Config.X509SVIDTTL = config.Duration(13 * time.Hour) },
+		"jwt keys cannot overlap": func(o *Options) { o.Config.JWTKeyTTL = config.Duration(time.Hour) },
+		"import and upstream": func(o *Options) {
+			o.Upstream = newFakeUpstream(t, clk.Now())
+			o.RootCertPEM = []byte("x")
+		},
+	} {
+		o := base()
+		mod(&o)
+		if _, err := NewCA(ctxT(t), o); err == nil {
+			t.Errorf("%s: NewCA succeeded", name)
+		}
+	}
+}
