@@ -63,6 +63,7 @@ func (c *CA) newIntermediate(ctx context.Context) (*intermediate, error) {
 		notAfter := now.Add(c.set.interTTL)
 		if notAfter.After(root.cert.NotAfter) {
 			notAfter = root.cert.NotAfter
+			c.log.Warn("the active root expires before a full intermediate lifetime; run `writ ca rotate-root`", logRoot, root.id, "root_not_after", root.cert.NotAfter)
 		}
 		if !notAfter.After(now) {
 			return nil, fmt.Errorf("active root %s has expired; rotate the root", root.id)
