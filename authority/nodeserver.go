@@ -27,8 +27,6 @@ import (
 // Bounds on what one node API call may ask for.
 const (
 	maxCSRsPerCall   = 256
-	maxAudiences     = 16
-	maxAudienceLen   = 256
 	nodeCallTimeout  = 30 * time.Second
 	MaxNodeAPIMsgLen = 4 << 20
 )
