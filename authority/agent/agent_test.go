@@ -105,8 +105,6 @@ func newEnvCfg(t testing.TB, tweak func(*Config), entries ...*nodeapi.Entry) *en
 // newEnvFull can also start the agent while writd is down.
 func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*nodeapi.Entry) *env {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	t.Cleanup(cancel)
 	clk := clockwork.NewFakeClockAt(time.Now())
 	w := newFakeWritd(t, clk)
 	w.newToken(tokenOK)
@@ -121,6 +119,27 @@ func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*n
 		w.putEntry(e)
 	}
 
+	// Only the root authority from writd's bundle, as a PEM bootstrap file
+	// would give.
+	boot := spiffebundle.FromX509Authorities(w.td, []*x509.Certificate{w.root})
+	if writdDown {
+		w.stop()
+	}
+	e := startAgent(t, clk, w.addr, tokenOK, boot, tweak)
+	e.w, e.exe = w, exe
+	e.settle()
+	if e.a.Ready() == writdDown {
+		t.Fatalf("agent ready = %v with writd down = %v", e.a.Ready(), writdDown)
+	}
+	return e
+}
+
+// startAgent runs an agent for the node API at addr with its Workload API
+// on a fresh socket, until the test ends.
+func startAgent(t testing.TB, clk *clockwork.FakeClock, addr, token string, boot *spiffebundle.Bundle, tweak func(*Config)) *env {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
 	// A world-traversable directory: the socket must be reachable by any
 	// local user; its subdirectory is created by the agent.
 	dir, err := os.MkdirTemp("/tmp", "writ-agent-test-")
@@ -131,17 +150,14 @@ func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*n
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	// Only the root authority from writd's bundle, as a PEM bootstrap file
-	// would give.
-	boot := spiffebundle.FromX509Authorities(w.td, []*x509.Certificate{w.root})
 	var logw io.Writer = testWriter{t}
 	if _, bench := t.(*testing.B); bench {
 		logw = io.Discard
 	}
 	cfg := Config{
-		ControlPlane: w.addr,
-		JoinToken:    tokenOK,
-		TrustDomain:  w.td,
+		ControlPlane: addr,
+		JoinToken:    token,
+		TrustDomain:  boot.TrustDomain(),
 		TrustBundle:  boot,
 		SyncInterval: 30 * time.Second,
 		Clock:        clk,
@@ -159,9 +175,6 @@ func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*n
 	if err != nil {
 		t.Fatal(err)
 	}
-	if writdDown {
-		w.stop()
-	}
 	runCtx, stop := context.WithCancel(context.Background())
 	errc := make(chan error, 2)
 	go func() { errc <- a.Run(runCtx) }()
@@ -174,12 +187,7 @@ func newEnvFull(t testing.TB, tweak func(*Config), writdDown bool, entries ...*n
 			}
 		}
 	})
-	e := &env{t: t, ctx: ctx, clk: clk, w: w, a: a, sock: sock, exe: exe, errc: errc}
-	e.settle()
-	if a.Ready() == writdDown {
-		t.Fatalf("agent ready = %v with writd down = %v", a.Ready(), writdDown)
-	}
-	return e
+	return &env{t: t, ctx: ctx, clk: clk, a: a, sock: sock, errc: errc}
 }
 
 // settle waits until the agent's loop is asleep on the clock again, i.e.
@@ -449,42 +457,12 @@ func TestEntryChangesAtWritdReachWorkloads(t *testing.T) {
 }
 
 func TestOtherUIDIsRefusedItsNeighboursSVID(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Fatal("this test switches uid and must run as root (CI and sessions do)")
-	}
 	e := newEnv(t)
-	// The child binary must be readable by nobody: copy it to a
-	// world-readable place. Its path is a selector below.
-	dir, err := os.MkdirTemp("/tmp", "writ-agent-child-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	os.Chmod(dir, 0o755)
-	child := filepath.Join(dir, "agent.test")
-	copyFile(t, e.exe, child)
+	child, run := nobodyClient(t, e)
 
 	// Root's entry for this very binary: only the uid tells them apart.
 	e.w.putEntry(&nodeapi.Entry{Id: "e-root-child", SpiffeId: "spiffe://example.org/ns/default/sa/root-child", Selectors: []string{"unix:uid:0", "unix:path:" + child}})
 	e.advance(30 * time.Second)
-
-	run := func() clientResult {
-		cmd := exec.CommandContext(e.ctx, child)
-		cmd.Env = []string{clientEnv + "=" + e.sock}
-		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
-		out, err := cmd.Output()
-		if err != nil {
-			t.Fatalf("child: %v", err)
-		}
-		var res clientResult
-		if err := json.Unmarshal(out, &res); err != nil {
-			t.Fatalf("child output %q: %v", out, err)
-		}
-		if res.UID != 65534 {
-			t.Fatalf("child ran as uid %d", res.UID)
-		}
-		return res
-	}
 
 	// Only root's entry exists: nobody gets nothing.
 	if res := run(); res.Code != codes.PermissionDenied.String() {
@@ -501,6 +479,43 @@ func TestOtherUIDIsRefusedItsNeighboursSVID(t *testing.T) {
 	res := run()
 	if res.Code != codes.OK.String() || len(res.IDs) != 1 || res.IDs[0] != nobodyID {
 		t.Fatalf("uid 65534 got %+v, want exactly %s", res, nobodyID)
+	}
+}
+
+// nobodyClient copies the test binary where uid 65534 can run it and
+// returns its path and a function that runs it in client mode as
+// 65534:65534 against e's socket.
+func nobodyClient(t *testing.T, e *env) (string, func() clientResult) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Fatal("this test switches uid and must run as root (CI and sessions do)")
+	}
+	// The child binary must be readable by nobody: copy it to a
+	// world-readable place. Its path is a selector in the tests.
+	dir, err := os.MkdirTemp("/tmp", "writ-agent-child-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	os.Chmod(dir, 0o755)
+	child := filepath.Join(dir, "agent.test")
+	copyFile(t, e.exe, child)
+	return child, func() clientResult {
+		cmd := exec.CommandContext(e.ctx, child)
+		cmd.Env = []string{clientEnv + "=" + e.sock}
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("child: %v", err)
+		}
+		var res clientResult
+		if err := json.Unmarshal(out, &res); err != nil {
+			t.Fatalf("child output %q: %v", out, err)
+		}
+		if res.UID != 65534 {
+			t.Fatalf("child ran as uid %d", res.UID)
+		}
+		return res
 	}
 }
 
