@@ -15,13 +15,13 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/writmesh/writ/authority/agent"
+	taskrun "github.com/writmesh/writ/internal/run"
 )
 
 func main() {
@@ -46,8 +46,12 @@ Usage:
 Flags:
 `
 
-// shutdownTimeout bounds graceful shutdown of the admin server.
-const shutdownTimeout = 5 * time.Second
+// shutdownTimeout bounds graceful shutdown of the admin server, and
+// shutdownGrace that of the whole process.
+const (
+	shutdownTimeout = 5 * time.Second
+	shutdownGrace   = 10 * time.Second
+)
 
 type options struct {
 	controlPlane string
@@ -167,10 +171,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	log.Info("writ-proxy starting", "control_plane", o.controlPlane, "trust_domain", td.Name(), "workload_api", o.workloadAPI, "admin_addr", adminL.Addr().String())
 
 	admin := &http.Server{Handler: adminMux(a), ReadHeaderTimeout: 5 * time.Second}
-	err = runGroup(ctx,
-		a.Run,
-		func(ctx context.Context) error { return a.Serve(ctx, wl) },
-		func(ctx context.Context) error {
+	err = taskrun.Group(ctx, shutdownGrace,
+		taskrun.Task{Name: "agent", Run: a.Run},
+		taskrun.Task{Name: "workload api", Run: func(ctx context.Context) error { return a.Serve(ctx, wl) }},
+		taskrun.Task{Name: "admin", Run: func(ctx context.Context) error {
 			errc := make(chan error, 1)
 			go func() { errc <- admin.Serve(adminL) }()
 			select {
@@ -181,7 +185,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				defer cancel()
 				return admin.Shutdown(sctx)
 			}
-		},
+		}},
 	)
 	if err != nil {
 		log.Error("writ-proxy stopped", "error", err)
@@ -209,36 +213,4 @@ func adminMux(a *agent.Agent) *http.ServeMux {
 		io.WriteString(w, "ready\n")
 	})
 	return mux
-}
-
-// runGroup runs tasks until ctx ends or one fails; the first error (or a
-// panic, turned into an error) cancels the others, and it waits for all.
-func runGroup(ctx context.Context, tasks ...func(context.Context) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		wg       sync.WaitGroup
-		once     sync.Once
-		firstErr error
-	)
-	for _, task := range tasks {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := func() (err error) {
-				defer func() {
-					if r := recover(); r != nil {
-						err = fmt.Errorf("panic: %v", r)
-					}
-				}()
-				return task(ctx)
-			}()
-			if err != nil {
-				once.Do(func() { firstErr = err })
-			}
-			cancel()
-		}()
-	}
-	wg.Wait()
-	return firstErr
 }
