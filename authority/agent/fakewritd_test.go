@@ -51,6 +51,7 @@ type fakeWritd struct {
 
 	addr string
 	srv  *grpc.Server
+	lis  net.Listener
 
 	mu      sync.Mutex
 	tokens  map[string]bool // unused join tokens
@@ -128,7 +129,7 @@ func (f *fakeWritd) start(t testing.TB, addr string) {
 	nodeapi.RegisterNodeServer(srv, f)
 	go srv.Serve(l)
 	f.mu.Lock()
-	f.srv = srv
+	f.srv, f.lis = srv, l
 	f.mu.Unlock()
 	t.Cleanup(srv.Stop)
 }
@@ -137,9 +138,12 @@ func (f *fakeWritd) start(t testing.TB, addr string) {
 // address.
 func (f *fakeWritd) stop() {
 	f.mu.Lock()
-	srv := f.srv
+	srv, l := f.srv, f.lis
 	f.mu.Unlock()
 	srv.Stop()
+	// Serve may not have taken the listener yet; close it here so the
+	// address is free for restart.
+	l.Close()
 }
 
 func (f *fakeWritd) restart(t testing.TB) { f.start(t, f.addr) }
