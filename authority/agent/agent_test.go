@@ -793,3 +793,28 @@ func TestWorkloadWaitsForTheFirstSync(t *testing.T) {
 		t.Fatal("not ready after attesting")
 	}
 }
+
+// TestCachedJWTServedWhileControlPlaneDown: past its renewal point but
+// before expiry, a cached JWT-SVID is still handed out when writd cannot
+// mint a new one; once expired, the caller is told writd is unavailable.
+func TestCachedJWTServedWhileControlPlaneDown(t *testing.T) {
+	e := newEnv(t)
+	c := e.client()
+	p := jwtsvid.Params{Audience: "svc-b"}
+	before, err := c.FetchJWTSVID(e.ctx, p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.w.stop()
+	e.advance(3 * time.Minute) // past half of the fake's 5 minute JWT lifetime
+	during, err := c.FetchJWTSVID(e.ctx, p)
+	if err != nil {
+		t.Fatalf("cached JWT-SVID not served while writd is down: %v", err)
+	}
+	if during.Marshal() != before.Marshal() {
+		t.Fatal("a different token while writd was down")
+	}
+	e.advance(3 * time.Minute) // now expired
+	_, err = c.FetchJWTSVID(e.ctx, p)
+	wantCode(t, err, codes.Unavailable)
+}
