@@ -1,6 +1,7 @@
 package stepca_test
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -9,10 +10,12 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"io"
+	"log/slog"
 	"math/big"
 	"net"
 	"net/http"
@@ -21,6 +24,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -389,42 +393,139 @@ func TestSignIntermediateRefusesPathLenZeroUpstream(t *testing.T) {
 	}
 }
 
-func TestSignIntermediateRedactsEchoedToken(t *testing.T) {
-	// A misbehaving upstream that echoes the request into its error: the
-	// client must not pass the token on. (A fake peer for this one error
-	// path; the real step-ca never echoes it.)
+// TestSignIntermediateBadUpstreamAnswers covers answers the real step-ca
+// does not give: a peer that echoes the token, floods, redirects or sends
+// junk. The fake peer stands in for step-ca only in this table; the client
+// must fail closed and never repeat the token.
+func TestSignIntermediateBadUpstreamAnswers(t *testing.T) {
 	s := stepcatest.Start(t)
-	var seen string
-	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		var body struct {
-			OTT string `json:"ott"`
-		}
-		_ = jsonDecode(r, &body)
-		seen = body.OTT
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(http.StatusBadRequest)
-		_, _ = w.Write([]byte(`{"status":400,"message":"bad token ` + body.OTT + "\\nsecond line" + `"}`))
-	}))
-	defer srv.Close()
-	rootFile := filepath.Join(t.TempDir(), "root.pem")
-	if err := os.WriteFile(rootFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cfg := s.Config()
-	cfg.URL, cfg.RootFile = srv.URL, rootFile
-	c, err := stepca.New(cfg, stepca.Options{})
+	other := stepcatest.Start(t) // a certificate chain that is not the CSR's
+	otherChain, _, err := newClient(t, other, stepca.Options{}).SignIntermediate(context.Background(), caCSR(t, newKey(t)), time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, err = c.SignIntermediate(context.Background(), caCSR(t, newKey(t)), time.Hour)
-	if err == nil || seen == "" {
-		t.Fatalf("error = %v, token seen %t", err, seen != "")
+	certPEM := func(c *x509.Certificate) string {
+		return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}))
 	}
-	if strings.Contains(err.Error(), seen) || strings.Contains(err.Error(), "\n") {
-		t.Fatal("error carries the echoed token or a raw newline")
+	tests := []struct {
+		name  string
+		reply func(w http.ResponseWriter, ott string)
+		want  string
+	}{
+		{"echoes the token", func(w http.ResponseWriter, ott string) {
+			w.WriteHeader(http.StatusBadRequest)
+			_, _ = w.Write([]byte(`{"status":400,"message":"bad token ` + ott + `\nsecond line"}`))
+		}, "bad token [token] second line"},
+		{"floods", func(w http.ResponseWriter, _ string) {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`{"crt":"` + strings.Repeat("A", 2<<20) + `"}`))
+		}, "larger than"},
+		{"redirects", func(w http.ResponseWriter, _ string) {
+			w.Header().Set("Location", "https://127.0.0.1:1/1.0/sign")
+			w.WriteHeader(http.StatusTemporaryRedirect)
+		}, "HTTP 307"},
+		{"junk", func(w http.ResponseWriter, _ string) {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`<html>`))
+		}, "decode response"},
+		{"not a certificate", func(w http.ResponseWriter, _ string) {
+			w.WriteHeader(http.StatusCreated)
+			_, _ = w.Write([]byte(`{"crt":"hello","certChain":["hello"]}`))
+		}, "not one PEM certificate"},
+		{"too many certificates", func(w http.ResponseWriter, _ string) {
+			w.WriteHeader(http.StatusCreated)
+			chain, _ := json.Marshal(slices.Repeat([]string{certPEM(otherChain[0])}, 9))
+			_, _ = w.Write([]byte(`{"certChain":` + string(chain) + `}`))
+		}, "more than 8"},
+		{"someone else's certificate", func(w http.ResponseWriter, _ string) {
+			w.WriteHeader(http.StatusCreated)
+			chain, _ := json.Marshal([]string{certPEM(otherChain[0]), certPEM(otherChain[1])})
+			_, _ = w.Write([]byte(`{"certChain":` + string(chain) + `}`))
+		}, "not for the requested key"},
 	}
-	if !strings.Contains(err.Error(), "bad token [token]") {
-		t.Errorf("error = %q, want step-ca's message with the token redacted", err)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var seen string
+			srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				var body struct {
+					OTT string `json:"ott"`
+				}
+				_ = jsonDecode(r, &body)
+				seen = body.OTT
+				w.Header().Set("Content-Type", "application/json")
+				tt.reply(w, body.OTT)
+			}))
+			defer srv.Close()
+			rootFile := filepath.Join(t.TempDir(), "root.pem")
+			if err := os.WriteFile(rootFile, []byte(certPEM(srv.Certificate())), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cfg := s.Config()
+			cfg.URL, cfg.RootFile = srv.URL, rootFile
+			c, err := stepca.New(cfg, stepca.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = c.SignIntermediate(context.Background(), caCSR(t, newKey(t)), time.Hour)
+			if err == nil || seen == "" {
+				t.Fatalf("error = %v, token sent %t; want an error after a request", err, seen != "")
+			}
+			if strings.Contains(err.Error(), seen) || strings.ContainsAny(err.Error(), "\n\r") {
+				t.Fatal("error carries the token or a raw line break")
+			}
+			if !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("error = %q, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestSignIntermediateConcurrent(t *testing.T) {
+	s := stepcatest.Start(t)
+	c := newClient(t, s, stepca.Options{})
+	const n = 8
+	errs := make(chan error, n)
+	for range n {
+		go func() {
+			_, _, err := c.SignIntermediate(context.Background(), caCSR(t, newKey(t)), time.Hour)
+			errs <- err
+		}()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func TestSignIntermediateLogsNoSecrets(t *testing.T) {
+	s := stepcatest.Start(t)
+	var buf bytes.Buffer
+	logger := slog.New(slog.NewJSONHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	c := newClient(t, s, stepca.Options{Logger: logger})
+	csr := caCSR(t, newKey(t))
+	chain, _, err := c.SignIntermediate(context.Background(), csr, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := buf.String()
+	if !strings.Contains(out, chain[0].SerialNumber.Text(16)) {
+		t.Errorf("log %q does not record the intermediate's serial", out)
+	}
+	for _, tok := range s.Tokens() {
+		if strings.Contains(out, tok) || strings.Contains(out, strings.Split(tok, ".")[2]) {
+			t.Fatal("log contains the one-time token")
+		}
+	}
+	if strings.Contains(out, base64.StdEncoding.EncodeToString(csr.Raw)[:40]) {
+		t.Error("log contains the CSR")
+	}
+	key, err := os.ReadFile(s.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(out, strings.TrimSpace(string(key))) {
+		t.Error("log contains the provisioner key")
 	}
 }
 
@@ -477,4 +578,42 @@ func selfSignedLeaf(t *testing.T) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return cert
+}
+
+// BenchmarkSignIntermediate is one round trip to a real, in-process step-ca:
+// token, TLS handshake (no keep-alive), signing and the client's checks.
+func BenchmarkSignIntermediate(b *testing.B) {
+	s := stepcatest.Start(b)
+	c, err := stepca.New(s.Config(), stepca.Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{td.ID().URL()}}, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if _, _, err := c.SignIntermediate(context.Background(), csr, time.Hour); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkNew is mostly decrypting the provisioner key (PBES2, 600,000
+// PBKDF2 rounds), which writd pays once at start.
+func BenchmarkNew(b *testing.B) {
+	s := stepcatest.Start(b)
+	for b.Loop() {
+		if _, err := stepca.New(s.Config(), stepca.Options{}); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
