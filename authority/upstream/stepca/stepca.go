@@ -18,11 +18,23 @@
 //		"basicConstraints": {"isCA": true, "maxPathLen": 0}
 //	}
 //
-// step-ca's own intermediate must allow a CA below it (maxPathLen at least 1,
-// or none), and the provisioner's maxTLSCertDuration must cover writd's
-// intermediate TTL. The Client checks what step-ca returns and refuses a
-// certificate that is not a CA, lacks the CSR's key or URI SANs, or does
-// not chain to the configured roots.
+// With the step CLI that is
+//
+//	step ca provisioner add writ --type JWK --create --x509-template intermediate.tpl \
+//		--x509-max-dur 720h
+//
+// after which ca.json's "encryptedKey" for the provisioner (a JWE) is the
+// provisioner_key_file; a private key from `step crypto jwk create` (JWE in
+// JSON form) works too. step-ca's own intermediate must allow a CA below
+// it: `step ca init` issues it with maxPathLen 0, which no verifier accepts
+// above writd's intermediate, so re-issue it with maxPathLen 1 (or none).
+// The provisioner's maxTLSCertDuration must cover ca.intermediate_ttl.
+//
+// The Client checks what step-ca returns and refuses a certificate that is
+// not a CA, is not for the CSR's key, lacks its URI SANs, does not chain to
+// the configured roots, or sits under a path-length limit it would break.
+// It reads root_file once, in New: restart writd after rotating step-ca's
+// root.
 //
 // Only writd's wiring and tests import this package; it imports config.
 package stepca
@@ -80,7 +92,8 @@ type Options struct {
 	// the response; 0 means DefaultTimeout.
 	Timeout time.Duration
 	// Clock stamps tokens and checks certificate validity; nil means the
-	// real clock.
+	// real clock. step-ca checks tokens against its real clock, so a fake
+	// clock is for tests of the token alone.
 	Clock clockwork.Clock
 	// Logger records signed intermediates (serial, expiry, never the token
 	// or the CSR); nil discards.

@@ -32,6 +32,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"go.step.sm/crypto/jose"
 
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/upstream/stepca"
@@ -200,6 +201,32 @@ func TestNewWrongPassword(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "wrong password") || !strings.Contains(err.Error(), cfg.ProvisionerKeyFile) {
 		t.Errorf("error = %q, want it to say wrong password and name the key file", err)
+	}
+}
+
+// TestNewReadsJWEJSONSerialization accepts the key as `step crypto jwk
+// create` writes it: a JWE in JSON serialization rather than compact.
+func TestNewReadsJWEJSONSerialization(t *testing.T) {
+	s := stepcatest.Start(t)
+	compact, err := os.ReadFile(s.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, err := jose.ParseEncrypted(string(compact))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := s.Config()
+	cfg.ProvisionerKeyFile = filepath.Join(t.TempDir(), "priv.json")
+	if err := os.WriteFile(cfg.ProvisionerKeyFile, []byte(enc.FullSerialize()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := stepca.New(cfg, stepca.Options{})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if _, _, err := c.SignIntermediate(context.Background(), caCSR(t, newKey(t)), time.Hour); err != nil {
+		t.Fatalf("SignIntermediate: %v", err)
 	}
 }
 
