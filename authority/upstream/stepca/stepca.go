@@ -207,6 +207,35 @@ func (c *Client) Roots() []*x509.Certificate { return slices.Clone(c.roots) }
 // URL is step-ca's base URL.
 func (c *Client) URL() string { return c.baseURL }
 
+// Health checks that step-ca answers GET /1.0/health with status "ok" over
+// TLS verified against its roots, within the timeout. writd can use it for
+// readiness in upstream mode; it sends no token.
+func (c *Client) Health(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.baseURL+"/1.0/health", nil)
+	if err != nil {
+		return fmt.Errorf("step-ca health: %w", err)
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("step-ca health at %s: %w", c.baseURL, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxErrorMessage))
+	if err != nil {
+		return fmt.Errorf("step-ca health at %s: read: %w", c.baseURL, err)
+	}
+	var h struct {
+		Status string `json:"status"`
+	}
+	if resp.StatusCode != http.StatusOK || json.Unmarshal(data, &h) != nil || h.Status != "ok" {
+		return fmt.Errorf("step-ca health at %s: HTTP %d, status %q", c.baseURL, resp.StatusCode, h.Status)
+	}
+	return nil
+}
+
 // SignIntermediate asks step-ca to sign csr, a CA certificate request, for
 // ttl (0 lets the provisioner choose). It returns the new intermediate
 // followed by step-ca's intermediates (without the root), and step-ca's

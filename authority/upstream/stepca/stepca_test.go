@@ -175,6 +175,23 @@ func TestSignIntermediateChainsToStepCARoot(t *testing.T) {
 	}
 }
 
+func TestHealth(t *testing.T) {
+	s := stepcatest.Start(t)
+	if err := newClient(t, s, stepca.Options{}).Health(context.Background()); err != nil {
+		t.Fatalf("Health: %v", err)
+	}
+	cfg := s.Config()
+	cfg.RootFile = stepcatest.Start(t).RootFile
+	c, err := stepca.New(cfg, stepca.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var uerr x509.UnknownAuthorityError
+	if err := c.Health(context.Background()); !errors.As(err, &uerr) {
+		t.Fatalf("Health against an untrusted step-ca = %v, want an unknown authority error", err)
+	}
+}
+
 func TestSignIntermediateTwiceUsesFreshTokens(t *testing.T) {
 	s := stepcatest.Start(t)
 	c := newClient(t, s, stepca.Options{})
