@@ -5,7 +5,8 @@
 // It speaks step-ca's HTTP API itself: POST /1.0/sign with the CSR and a
 // one-time token signed by a JWK provisioner's key. It deliberately imports
 // only go.step.sm/crypto from smallstep, never github.com/smallstep/certificates,
-// whose client drags the whole CA server (about 450 more packages) into writd;
+// whose client drags the whole CA server into writd (its ca package needs
+// 694 packages, this one 231);
 // a test keeps it that way.
 //
 // The provisioner must issue CA certificates. A template that does, for a
