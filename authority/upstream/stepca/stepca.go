@@ -3,11 +3,10 @@
 // trust. Client implements authority.UpstreamSigner.
 //
 // It speaks step-ca's HTTP API itself: POST /1.0/sign with the CSR and a
-// one-time token signed by a JWK provisioner's key. It deliberately imports
-// only go.step.sm/crypto from smallstep, never github.com/smallstep/certificates,
+// one-time token signed by a JWK provisioner's key. It imports only
+// go.step.sm/crypto from smallstep, never github.com/smallstep/certificates,
 // whose client drags the whole CA server into writd (its ca package needs
-// 694 packages, this one 231);
-// a test keeps it that way.
+// 694 packages, this one 231); TestDependencies keeps it that way.
 //
 // The provisioner must issue CA certificates. A template that does, for a
 // CSR asking for a CA with the URI SAN spiffe://<trust-domain>:
