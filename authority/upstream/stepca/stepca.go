@@ -529,6 +529,11 @@ func readRoots(path string) ([]*x509.Certificate, error) {
 		if !r.BasicConstraintsValid || !r.IsCA {
 			return nil, fmt.Errorf("step-ca root file %s: certificate %q is not a CA", path, r.Subject.CommonName)
 		}
+		// The roots become the trust bundle: an intermediate there would
+		// be trusted on its own, past its issuer's revocation or expiry.
+		if err := r.CheckSignatureFrom(r); err != nil {
+			return nil, fmt.Errorf("step-ca root file %s: certificate %q is not self-signed; give step-ca's root (root_ca.crt), not an intermediate", path, r.Subject.CommonName)
+		}
 	}
 	return roots, nil
 }

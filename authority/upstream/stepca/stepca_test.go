@@ -260,6 +260,7 @@ func TestNewRejectsBadFiles(t *testing.T) {
 	plainJWK := write("plain.json", `{"kty":"EC","crv":"P-256","x":"AAAA","y":"AAAA","d":"AAAA"}`)
 	empty := write("empty", "\n")
 	noCert := write("nocert.pem", "not pem")
+	interPEM := write("inter.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: s.Intermediate.Raw})))
 	leafPEM := write("leaf.pem", string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: selfSignedLeaf(t).Raw})))
 	tests := []struct {
 		name string
@@ -271,6 +272,7 @@ func TestNewRejectsBadFiles(t *testing.T) {
 		{"missing root", func(c *config.StepCA) { c.RootFile = filepath.Join(dir, "absent") }, "root file"},
 		{"root not pem", func(c *config.StepCA) { c.RootFile = noCert }, "no PEM certificate"},
 		{"root not a CA", func(c *config.StepCA) { c.RootFile = leafPEM }, "is not a CA"},
+		{"intermediate as root", func(c *config.StepCA) { c.RootFile = interPEM }, "not self-signed"},
 		{"unencrypted key", func(c *config.StepCA) { c.ProvisionerKeyFile = plainJWK }, "not an encrypted JWK"},
 		{"empty password", func(c *config.StepCA) { c.ProvisionerPasswordFile = empty }, "is empty"},
 	}
