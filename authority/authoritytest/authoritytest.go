@@ -79,7 +79,7 @@ func Start(t testing.TB, o Options) *Env {
 		t.Fatalf("authoritytest: new ca: %v", err)
 	}
 	reg := authority.NewRegistry(pool, TrustDomain, clock)
-	ident, err := authority.NewServerIdentity(ctx, ca, TrustDomain, clock, log)
+	ident, err := authority.NewServerIdentity(ctx, ca, reg, TrustDomain, clock, log)
 	if err != nil {
 		t.Fatalf("authoritytest: server identity: %v", err)
 	}
