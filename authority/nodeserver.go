@@ -74,6 +74,10 @@ func NewNodeServer(signer Signer, reg *Registry, o NodeServerOptions) *NodeServe
 			Name: "writ_identities_refused_total", Help: "Identity requests refused by the node API, by kind.",
 		}, []string{"kind"}),
 	}
+	for _, k := range []string{KindX509SVID, KindJWTSVID, KindNodeSVID, KindJoinToken} {
+		s.issued.WithLabelValues(k)
+		s.refused.WithLabelValues(k)
+	}
 	if o.Metrics != nil {
 		o.Metrics.MustRegister(s.issued, s.refused)
 	}

@@ -25,6 +25,9 @@ const (
 	RotationDone RotationPhase = "done"
 )
 
+// ErrRotationInProgress refuses a second root rotation while one runs.
+var ErrRotationInProgress = errors.New("a root rotation is already in progress")
+
 // RootRotation reports a root rotation.
 type RootRotation struct {
 	Phase RotationPhase
@@ -61,7 +64,7 @@ func (c *CA) RotateRoot(ctx context.Context) (RootRotation, error) {
 		var busy string
 		err := tx.QueryRow(ctx, "SELECT state FROM ca_roots WHERE state IN ('prepared', 'retiring') AND NOT upstream LIMIT 1").Scan(&busy)
 		if err == nil {
-			return fmt.Errorf("a root rotation is already in progress (a root is %s); wait for it to finish", busy)
+			return fmt.Errorf("%w (a root is %s); wait for it to finish", ErrRotationInProgress, busy)
 		}
 		if !errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("read roots: %w", err)

@@ -27,6 +27,7 @@ func ControlPlaneID(td spiffeid.TrustDomain) spiffeid.ID {
 // Run renews it at half life. Safe for concurrent use.
 type ServerIdentity struct {
 	signer Signer
+	reg    *Registry
 	id     spiffeid.ID
 	clock  clockwork.Clock
 	log    *slog.Logger
@@ -34,21 +35,22 @@ type ServerIdentity struct {
 }
 
 // NewServerIdentity issues the first control-plane SVID.
-func NewServerIdentity(ctx context.Context, signer Signer, td spiffeid.TrustDomain, clock clockwork.Clock, log *slog.Logger) (*ServerIdentity, error) {
+// Each issuance is recorded in reg's issuance log when reg is not nil.
+func NewServerIdentity(ctx context.Context, signer Signer, reg *Registry, td spiffeid.TrustDomain, clock clockwork.Clock, log *slog.Logger) (*ServerIdentity, error) {
 	if clock == nil {
 		clock = clockwork.NewRealClock()
 	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	s := &ServerIdentity{signer: signer, id: ControlPlaneID(td), clock: clock, log: log}
-	if err := s.renew(ctx); err != nil {
+	s := &ServerIdentity{signer: signer, reg: reg, id: ControlPlaneID(td), clock: clock, log: log}
+	if err := s.renew(ctx, OutcomeIssued); err != nil {
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *ServerIdentity) renew(ctx context.Context) error {
+func (s *ServerIdentity) renew(ctx context.Context, outcome string) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return fmt.Errorf("control-plane key: %w", err)
@@ -65,6 +67,12 @@ func (s *ServerIdentity) renew(ctx context.Context) error {
 	svid, err := s.signer.SignX509SVID(ctx, X509Request{CSR: csr, ID: s.id})
 	if err != nil {
 		return fmt.Errorf("control-plane svid: %w", err)
+	}
+	if s.reg != nil {
+		if err := s.reg.RecordIssuance(ctx, Issuance{Kind: KindX509SVID, Outcome: outcome, Serial: svid.Serial, SPIFFEID: s.id.String(),
+			NotAfter: svid.NotAfter, Caller: "writd", Signer: svid.Signer}); err != nil {
+			return fmt.Errorf("control-plane svid: %w", err)
+		}
 	}
 	cert := &tls.Certificate{PrivateKey: key, Leaf: svid.Chain[0]}
 	for _, c := range svid.Chain {
@@ -89,7 +97,7 @@ func (s *ServerIdentity) Run(ctx context.Context) error {
 			return nil
 		case <-s.clock.After(max(wait, 0)):
 		}
-		if err := s.renew(ctx); err != nil {
+		if err := s.renew(ctx, OutcomeRenewed); err != nil {
 			if ctx.Err() != nil {
 				return nil
 			}

@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"time"
@@ -72,6 +73,28 @@ type Issuance struct {
 	Caller   string     `json:"caller,omitempty"`
 	Signer   string     `json:"signer,omitempty"`
 	Reason   string     `json:"reason,omitempty"`
+}
+
+// RootRotation is GET and POST /v1/ca/root-rotation.
+type RootRotation struct {
+	Phase        string     `json:"phase"`
+	ActiveRootID string     `json:"active_root_id"`
+	OldRootID    string     `json:"old_root_id,omitempty"`
+	NewRootID    string     `json:"new_root_id,omitempty"`
+	StartedAt    *time.Time `json:"started_at,omitempty"`
+	NextStepAt   *time.Time `json:"next_step_at,omitempty"`
+	CompletedAt  *time.Time `json:"completed_at,omitempty"`
+}
+
+func rotationOut(r authority.RootRotation) RootRotation {
+	opt := func(t time.Time) *time.Time {
+		if t.IsZero() {
+			return nil
+		}
+		return &t
+	}
+	return RootRotation{Phase: string(r.Phase), ActiveRootID: r.ActiveRootID, OldRootID: r.OldRootID, NewRootID: r.NewRootID,
+		StartedAt: opt(r.StartedAt), NextStepAt: opt(r.NextStepAt), CompletedAt: opt(r.CompletedAt)}
 }
 
 // IssuanceList is GET /v1/issuances.
@@ -248,7 +271,7 @@ func (s *Server) rotationStatus(w http.ResponseWriter, r *http.Request) {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, st)
+	writeJSON(w, http.StatusOK, rotationOut(st))
 }
 
 func (s *Server) rotateRoot(w http.ResponseWriter, r *http.Request) {
@@ -257,9 +280,14 @@ func (s *Server) rotateRoot(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	st, err := s.o.CA.RotateRoot(r.Context())
+	if errors.Is(err, authority.ErrRotationInProgress) {
+		writeError(w, http.StatusConflict, err.Error())
+		return
+	}
 	if err != nil {
 		s.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusAccepted, st)
+	note(r, "new_root_id", st.NewRootID)
+	writeJSON(w, http.StatusAccepted, rotationOut(st))
 }
