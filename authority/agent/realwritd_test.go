@@ -60,7 +60,7 @@ func newRealWritd(t *testing.T, clk clockwork.Clock) *realWritd {
 		t.Fatal(err)
 	}
 	reg := authority.NewRegistry(pool, td, clk)
-	ident, err := authority.NewServerIdentity(ctx, ca, td, clk, log)
+	ident, err := authority.NewServerIdentity(ctx, ca, reg, td, clk, log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,7 +40,7 @@ func TestAgainstRealWritd(t *testing.T) {
 		t.Fatal(err)
 	}
 	reg := authority.NewRegistry(pool, td, nil)
-	ident, err := authority.NewServerIdentity(ctx, ca, td, nil, log)
+	ident, err := authority.NewServerIdentity(ctx, ca, reg, td, nil, log)
 	if err != nil {
 		t.Fatal(err)
 	}
