@@ -241,7 +241,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			if err := a.sync(ctx); err != nil {
 				syncFails++
 				d := a.backoff(syncFails)
-				a.log.Warn("sync entries failed; serving cached SVIDs", "error", err, "retry_in", d)
+				a.log.Warn("sync entries failed; serving cached SVIDs", logError, err, logRetryIn, d)
 				nextSync = now.Add(d)
 			} else {
 				syncFails = 0
@@ -409,7 +409,7 @@ func (a *Agent) reconnectIfStale() {
 	a.mu.Unlock()
 	if stale {
 		if err := a.reconnect(); err != nil {
-			a.log.Warn("reconnect to control plane", "error", err)
+			a.log.Warn("reconnect to control plane", logError, err)
 		}
 	}
 }
@@ -441,7 +441,7 @@ func (a *Agent) attestLoop(ctx context.Context) error {
 			return fmt.Errorf("attest node: %w", err)
 		}
 		d := a.backoff(fails)
-		a.log.Warn("attest node failed; retrying", "error", err, "retry_in", d)
+		a.log.Warn("attest node failed; retrying", logError, err, logRetryIn, d)
 		t := a.clk.NewTimer(d)
 		select {
 		case <-ctx.Done():
@@ -487,7 +487,7 @@ func (a *Agent) attest(ctx context.Context) error {
 	a.node = svid
 	a.nodeAt = a.renewTime(now, svid.Certificates[0].NotAfter)
 	a.mu.Unlock()
-	a.log.Info("node attested", "node_id", svid.ID.String(), "expires_at", svid.Certificates[0].NotAfter)
+	a.log.Info("node attested", logNodeID, svid.ID.String(), logExpiresAt, svid.Certificates[0].NotAfter)
 	return a.reconnect()
 }
 
@@ -516,7 +516,7 @@ func (a *Agent) renewNodeIfDue(ctx context.Context, now time.Time) {
 		a.nodeFails++
 		d := a.backoff(a.nodeFails)
 		a.nodeAt = now.Add(d)
-		a.log.Warn("renew node SVID failed", "error", err, "retry_in", d)
+		a.log.Warn("renew node SVID failed", logError, err, logRetryIn, d)
 		return
 	}
 	a.nodeFails = 0
@@ -550,7 +550,7 @@ func (a *Agent) renewNode(ctx context.Context, id spiffeid.ID) error {
 	a.node = svid
 	a.nodeAt = a.renewTime(now, svid.Certificates[0].NotAfter)
 	a.mu.Unlock()
-	a.log.Info("node SVID renewed", "node_id", id.String(), "expires_at", svid.Certificates[0].NotAfter)
+	a.log.Info("node SVID renewed", logNodeID, id.String(), logExpiresAt, svid.Certificates[0].NotAfter)
 	return a.reconnect()
 }
 
@@ -616,7 +616,7 @@ func (a *Agent) applyBundle(in *nodeapi.Bundle) (bool, error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if in.GetSequence() < a.bundleSeq {
-		a.log.Warn("ignoring older trust bundle", "sequence", in.GetSequence(), "have", a.bundleSeq)
+		a.log.Warn("ignoring older trust bundle", logSequence, in.GetSequence(), logHaveSequence, a.bundleSeq)
 		return false, nil
 	}
 	if a.bundle.Equal(b) {
@@ -626,7 +626,7 @@ func (a *Agent) applyBundle(in *nodeapi.Bundle) (bool, error) {
 	a.bundle = b
 	a.bundleSeq = in.GetSequence()
 	a.notifyLocked()
-	a.log.Info("trust bundle updated", "sequence", in.GetSequence(), "x509_authorities", len(b.X509Authorities()), "jwt_authorities", len(b.JWTAuthorities()))
+	a.log.Info("trust bundle updated", logSequence, in.GetSequence(), logX509Authorities, len(b.X509Authorities()), logJWTAuthorities, len(b.JWTAuthorities()))
 	return true, nil
 }
 
@@ -645,7 +645,7 @@ func (a *Agent) sync(ctx context.Context) error {
 	}
 	if resp.GetBundle() != nil {
 		if _, err := a.applyBundle(resp.GetBundle()); err != nil {
-			a.log.Warn("bad bundle from control plane", "error", err)
+			a.log.Warn("bad bundle from control plane", logError, err)
 		}
 	}
 	if len(resp.GetEntries()) > maxEntries {
@@ -656,7 +656,7 @@ func (a *Agent) sync(ctx context.Context) error {
 	for _, in := range resp.GetEntries() {
 		e, err := parseEntry(in, a.cfg.TrustDomain, nodeID)
 		if err != nil {
-			a.log.Warn("skipping entry", "entry_id", in.GetId(), "error", err)
+			a.log.Warn("skipping entry", logEntryID, in.GetId(), logError, err)
 			continue
 		}
 		fresh[e.id] = e
@@ -669,7 +669,7 @@ func (a *Agent) sync(ctx context.Context) error {
 			delete(a.entries, id)
 			a.jwts.dropEntry(id)
 			changed = true
-			a.log.Info("entry removed", "entry_id", id, "spiffe_id", old.spiffeID.String())
+			a.log.Info("entry removed", logEntryID, id, logSPIFFEID, old.spiffeID.String())
 		}
 	}
 	for id, e := range fresh {
@@ -678,7 +678,7 @@ func (a *Agent) sync(ctx context.Context) error {
 		case !ok:
 			a.entries[id] = e
 			changed = true
-			a.log.Info("entry added", "entry_id", id, "spiffe_id", e.spiffeID.String())
+			a.log.Info("entry added", logEntryID, id, logSPIFFEID, e.spiffeID.String())
 		case old.spiffeID != e.spiffeID || old.x509TTL != e.x509TTL:
 			// The identity itself changed: the old SVID must not be served.
 			a.entries[id] = e
@@ -757,7 +757,7 @@ func (a *Agent) signDue(ctx context.Context, now time.Time) {
 	for i := range due {
 		key, csr, err := newKeyAndCSR(due[i].id)
 		if err != nil {
-			a.log.Error("make workload key", "error", err)
+			a.log.Error("make workload key", logError, err)
 			return
 		}
 		due[i].key, due[i].csr = key, csr
@@ -840,7 +840,7 @@ func (a *Agent) storeSigned(now time.Time, batch []pendingCSR, results map[strin
 		e.svid, e.keyDER, e.fails, e.lapsed = g.svid, g.der, 0, false
 		e.renewAt = a.renewTime(a.clk.Now(), g.svid.Certificates[0].NotAfter)
 		changed = true
-		a.log.Info("workload SVID issued", "entry_id", e.id, "spiffe_id", e.spiffeID.String(), "expires_at", g.svid.Certificates[0].NotAfter)
+		a.log.Info("workload SVID issued", logEntryID, e.id, logSPIFFEID, e.spiffeID.String(), logExpiresAt, g.svid.Certificates[0].NotAfter)
 	}
 	for id, err := range failed {
 		e, ok := a.entries[id]
@@ -850,7 +850,7 @@ func (a *Agent) storeSigned(now time.Time, batch []pendingCSR, results map[strin
 		e.fails++
 		d := a.backoff(e.fails)
 		e.renewAt = now.Add(d)
-		a.log.Warn("workload SVID not issued; keeping the cached one while valid", "entry_id", id, "spiffe_id", e.spiffeID.String(), "error", err, "retry_in", d)
+		a.log.Warn("workload SVID not issued; keeping the cached one while valid", logEntryID, id, logSPIFFEID, e.spiffeID.String(), logError, err, logRetryIn, d)
 	}
 	if changed {
 		a.notifyLocked()
@@ -865,7 +865,7 @@ func (a *Agent) dropExpired(now time.Time) {
 	changed := false
 	for _, e := range a.entries {
 		if e.svid != nil && !now.Before(e.svid.Certificates[0].NotAfter) {
-			a.log.Warn("workload SVID expired before it could be renewed", "entry_id", e.id, "spiffe_id", e.spiffeID.String())
+			a.log.Warn("workload SVID expired before it could be renewed", logEntryID, e.id, logSPIFFEID, e.spiffeID.String())
 			e.svid, e.keyDER, e.lapsed = nil, nil, true
 			changed = true
 		}

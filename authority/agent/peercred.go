@@ -22,8 +22,8 @@ import (
 // Workload API connection. It is a grpc credentials.AuthInfo, set by
 // PeerCredentials during the handshake and read back with peer.FromContext.
 //
-// Safe for concurrent use: the fields never change after the handshake and
-// the pidfd is only read.
+// Safe for concurrent use: the exported fields never change after the
+// handshake and the pidfd is guarded by a mutex.
 type PeerInfo struct {
 	credentials.CommonAuthInfo
 	PID int32
@@ -54,7 +54,8 @@ func (*PeerInfo) AuthType() string { return "writ-peercred" }
 // listener that authenticate nothing themselves but record the peer's
 // credentials (SO_PEERCRED, and SO_PEERPIDFD where the kernel has it) so
 // that the Workload API can attest the caller. The kernel fills these at
-// connect(2), so a client cannot forge them.
+// connect(2), so a client cannot forge them. The credentials are stateless
+// and safe for concurrent use.
 func PeerCredentials() credentials.TransportCredentials { return peerCreds{} }
 
 type peerCreds struct{}

@@ -75,8 +75,10 @@ func ListenUnix(addr string) (net.Listener, string, error) {
 	return l, path, nil
 }
 
-// Serve runs the SPIFFE Workload API on l until ctx ends, then stops
-// gracefully (streams are cancelled; they never end on their own).
+// Serve runs the SPIFFE Workload API on l, at most Config.MaxConns
+// connections at a time, until ctx ends. It then stops the server outright:
+// Workload API streams never end by themselves, so waiting for them would
+// only delay shutdown; clients reconnect to the next agent.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	l = limitListener(l, a.cfg.MaxConns)
 	srv := a.NewWorkloadServer()
@@ -93,7 +95,9 @@ func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 }
 
 // NewWorkloadServer returns a grpc server with the Workload API registered,
-// for a unix socket listener.
+// the security header enforced and messages bounded, for a unix socket
+// listener (it attests callers by their peer credentials). Serve uses it;
+// it is exported for callers that manage their own listener.
 func (a *Agent) NewWorkloadServer() *grpc.Server {
 	srv := grpc.NewServer(
 		grpc.Creds(PeerCredentials()),
@@ -144,7 +148,7 @@ func (a *Agent) caller(ctx context.Context) (selector.Set, *PeerInfo, error) {
 	}
 	sels, errs := info.Selectors()
 	for _, err := range errs {
-		a.log.Debug("partial workload attestation", "pid", info.PID, "uid", info.UID, "error", err)
+		a.log.Debug("partial workload attestation", logPID, info.PID, logUID, info.UID, logError, err)
 	}
 	return sels, info, nil
 }
@@ -428,10 +432,10 @@ func (a *Agent) jwtFor(ctx context.Context, e *entry, aud []string) (string, err
 	tok, exp, err := a.mintJWT(ctx, e, aud)
 	if err != nil {
 		if ok && now.Before(cached.expiresAt) {
-			a.log.Warn("mint JWT-SVID failed; serving the cached one", "entry_id", e.id, "error", err)
+			a.log.Warn("mint JWT-SVID failed; serving the cached one", logEntryID, e.id, logError, err)
 			return cached.token, nil
 		}
-		a.log.Warn("mint JWT-SVID failed", "entry_id", e.id, "error", err)
+		a.log.Warn("mint JWT-SVID failed", logEntryID, e.id, logError, err)
 		return "", status.Errorf(codes.Unavailable, "could not mint a JWT-SVID for %s: control plane unavailable", e.spiffeID)
 	}
 	a.mu.Lock()
