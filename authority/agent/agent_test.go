@@ -818,3 +818,14 @@ func TestCachedJWTServedWhileControlPlaneDown(t *testing.T) {
 	_, err = c.FetchJWTSVID(e.ctx, p)
 	wantCode(t, err, codes.Unavailable)
 }
+
+// TestJWTForEntryWritdDropped: writd refuses to mint for an entry it has
+// deleted even before the agent's next sync, and the workload is told it
+// has no identity rather than that writd is down.
+func TestJWTForEntryWritdDropped(t *testing.T) {
+	e := newEnv(t)
+	c := e.client()
+	e.w.removeEntry("e-web")
+	_, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "svc-b"})
+	wantCode(t, err, codes.PermissionDenied)
+}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"net"
 	"net/url"
@@ -431,6 +432,16 @@ func (a *Agent) jwtFor(ctx context.Context, e *entry, aud []string) (string, err
 	}
 	tok, exp, err := a.mintJWT(ctx, e, aud)
 	if err != nil {
+		switch status.Code(errors.Unwrap(err)) {
+		case codes.PermissionDenied, codes.NotFound:
+			// writd no longer has this entry for us; the next sync
+			// drops it here too. A cached token is not served.
+			a.mu.Lock()
+			a.jwts.dropEntry(e.id)
+			a.mu.Unlock()
+			a.log.Warn("control plane refused a JWT-SVID", logEntryID, e.id, logError, err)
+			return "", status.Errorf(codes.PermissionDenied, "no identity issued: %s is no longer registered for this node", e.spiffeID)
+		}
 		if ok && now.Before(cached.expiresAt) {
 			a.log.Warn("mint JWT-SVID failed; serving the cached one", logEntryID, e.id, logError, err)
 			return cached.token, nil
