@@ -209,13 +209,16 @@ func (a *Agent) x509Snapshot(sels selector.Set) (resp *workload.X509SVIDResponse
 
 func (s *workloadServer) FetchX509SVID(_ *workload.X509SVIDRequest, stream workload.SpiffeWorkloadAPI_FetchX509SVIDServer) error {
 	ctx := stream.Context()
-	sels, info, err := s.a.caller(ctx)
-	if err != nil {
-		return err
-	}
 	var last [32]byte
 	sent := false
 	for {
+		// Attest again before every push: the caller may have exec(2)d
+		// another binary, or exited and left the socket to a child,
+		// since the stream began.
+		sels, info, err := s.a.caller(ctx)
+		if err != nil {
+			return err
+		}
 		resp, matched, lapsed, synced, changed := s.a.x509Snapshot(sels)
 		switch {
 		case !synced:
