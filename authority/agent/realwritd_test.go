@@ -245,3 +245,40 @@ func TestRealWritdOtherUIDIsRefusedItsNeighboursSVID(t *testing.T) {
 		t.Fatalf("uid 65534 got %+v, want exactly %s", res, nobodyID)
 	}
 }
+
+// TestRealWritdRootRotationReachesWorkloads: when writd prepares a new
+// root it publishes it in the bundle before using it; the agent must push
+// that bundle to workloads at the next sync, so that peers already trust
+// the new root when it starts signing.
+func TestRealWritdRootRotationReachesWorkloads(t *testing.T) {
+	e, w, _ := newRealEnv(t)
+	c := e.client()
+	wt := newWatcher()
+	go c.WatchX509Context(e.ctx, wt)
+	td := spiffeid.RequireTrustDomainFromString(testTD)
+	first := wt.next(t)
+	b1, err := first.Bundles.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rot, err := w.ca.RotateRoot(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rot.Phase != authority.RotationPrepared {
+		t.Fatalf("rotation phase %s, want prepared", rot.Phase)
+	}
+	e.advance(30 * time.Second)
+	second := wt.next(t)
+	b2, err := second.Bundles.GetX509BundleForTrustDomain(td)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n1, n2 := len(b1.X509Authorities()), len(b2.X509Authorities()); n2 != n1+1 {
+		t.Fatalf("bundle went from %d to %d X.509 authorities, want one more", n1, n2)
+	}
+	// The SVID in hand still verifies against the new bundle.
+	if _, _, err := x509svid.Verify(second.DefaultSVID().Certificates, second.Bundles); err != nil {
+		t.Fatalf("SVID no longer verifies after the bundle update: %v", err)
+	}
+}
