@@ -829,3 +829,20 @@ func TestJWTForEntryWritdDropped(t *testing.T) {
 	_, err := c.FetchJWTSVID(e.ctx, jwtsvid.Params{Audience: "svc-b"})
 	wantCode(t, err, codes.PermissionDenied)
 }
+
+// TestEntryReplacedInOneSync: an entry swapped for another in one sync
+// moves the open stream to the new identity without an error.
+func TestEntryReplacedInOneSync(t *testing.T) {
+	e := newEnv(t)
+	c := e.client()
+	w := newWatcher()
+	go c.WatchX509Context(e.ctx, w)
+	w.next(t)
+	e.w.removeEntry("e-web")
+	e.w.putEntry(&nodeapi.Entry{Id: "e-web-v2", SpiffeId: "spiffe://example.org/ns/default/sa/web-v2", Selectors: []string{"unix:uid:0"}})
+	e.advance(30 * time.Second)
+	got := w.next(t)
+	if len(got.SVIDs) != 1 || got.SVIDs[0].ID.String() != "spiffe://example.org/ns/default/sa/web-v2" {
+		t.Fatalf("got %d SVIDs (first %v), want only web-v2", len(got.SVIDs), got.DefaultSVID().ID)
+	}
+}

@@ -232,11 +232,12 @@ func (s *workloadServer) FetchX509SVID(_ *workload.X509SVIDRequest, stream workl
 				}
 				sent, last = true, sum
 			}
-		case lapsed > 0 || (matched > 0 && sent):
+		case lapsed > 0:
 			return status.Error(codes.Unavailable, "SVIDs expired before the control plane could renew them")
 		case matched > 0:
-			// Entries match but no SVID is signed yet (just added):
-			// wait for one rather than refuse.
+			// Entries match but no SVID is signed yet (just added, maybe
+			// replacing one that was removed): wait for one rather than
+			// refuse.
 		default:
 			return errNoIdentity(info)
 		}
