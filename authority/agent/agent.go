@@ -31,17 +31,17 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"github.com/spiffe/go-spiffe/v2/spiffegrpc/grpccredentials"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/spiffetls/tlsconfig"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/writmesh/writ/authority/nodeapi"
 	"github.com/writmesh/writ/authority/selector"
+	"github.com/writmesh/writ/authority/svidtls"
 )
 
 // Defaults for Config's zero values.
@@ -347,12 +347,13 @@ func (a *Agent) currentBundle() *spiffebundle.Bundle {
 }
 
 func (a *Agent) dial(mtls bool) (*grpc.ClientConn, error) {
-	authz := tlsconfig.AuthorizeID(a.cpID)
-	var creds = grpccredentials.TLSClientCredentials(bundleSource{a}, authz)
+	// Certificates are checked on the agent's clock, like its renewals.
+	var node x509svid.Source
 	if mtls {
-		creds = grpccredentials.MTLSClientCredentials(nodeSource{a}, bundleSource{a}, authz)
+		node = nodeSource{a}
 	}
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(creds)}, a.cfg.DialOptions...)
+	cfg := svidtls.ClientConfig(node, bundleSource{a}, svidtls.AuthorizeID(a.cpID), a.clk)
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}, a.cfg.DialOptions...)
 	cc, err := grpc.NewClient(a.cfg.ControlPlane, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("dial control plane %s: %w", a.cfg.ControlPlane, err)

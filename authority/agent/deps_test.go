@@ -7,7 +7,7 @@ import (
 )
 
 // TestImports keeps the agent small: of Writ's own packages it may use
-// only the node API and selectors. It runs inside sidecars, so the CA,
+// only the node API, selectors and svidtls. It runs inside sidecars, so the CA,
 // the store and anything above authority must stay out of it.
 func TestImports(t *testing.T) {
 	out, err := exec.Command("go", "list", "-deps", "github.com/writmesh/writ/authority/agent").CombinedOutput()
@@ -18,6 +18,7 @@ func TestImports(t *testing.T) {
 		"github.com/writmesh/writ/authority/agent":    true,
 		"github.com/writmesh/writ/authority/nodeapi":  true,
 		"github.com/writmesh/writ/authority/selector": true,
+		"github.com/writmesh/writ/authority/svidtls":  true,
 	}
 	for _, p := range strings.Fields(string(out)) {
 		if strings.HasPrefix(p, "github.com/writmesh/writ/") && !allowed[p] {
