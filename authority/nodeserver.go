@@ -208,37 +208,52 @@ func (s *NodeServer) SignX509SVIDs(ctx context.Context, req *nodeapi.SignX509SVI
 	if err != nil {
 		return nil, err
 	}
+	// Every outcome goes to the log in one batch before any SVID is
+	// handed out: an identity nobody can account for is never returned.
 	resp := &nodeapi.SignX509SVIDsResponse{}
+	var log []Issuance
+	refuse := func(res *nodeapi.SignResult, is Issuance, reason string) {
+		is.Kind, is.Outcome, is.NodeID, is.Caller, is.Reason = KindX509SVID, OutcomeRefused, nodeID.String(), nodeID.String(), reason
+		log = append(log, is)
+		res.Error = reason
+	}
 	for _, c := range req.GetCsrs() {
 		res := &nodeapi.SignResult{EntryId: c.GetEntryId()}
 		resp.Results = append(resp.Results, res)
 		e, ok := entries[c.GetEntryId()]
 		if !ok {
-			res.Error = fmt.Sprintf("entry %q is not registered to node %s", truncate(c.GetEntryId(), 64), nodeID)
-			s.refuse(ctx, Issuance{Kind: KindX509SVID, NodeID: nodeID.String(), Caller: nodeID.String(), Reason: res.Error})
+			refuse(res, Issuance{}, fmt.Sprintf("entry %q is not registered to node %s", truncate(c.GetEntryId(), 64), nodeID))
 			continue
 		}
+		is := Issuance{SPIFFEID: e.SPIFFEID.String(), EntryID: e.ID}
 		csr, err := ParseCSR(c.GetCsr())
 		if err == nil {
 			err = CheckCSRFor(csr, e.SPIFFEID)
 		}
 		if err != nil {
-			res.Error = "csr: " + err.Error()
-			s.refuse(ctx, Issuance{Kind: KindX509SVID, SPIFFEID: e.SPIFFEID.String(), NodeID: nodeID.String(), EntryID: e.ID, Caller: nodeID.String(), Reason: res.Error})
+			refuse(res, is, "csr: "+err.Error())
 			continue
 		}
 		svid, err := s.signer.SignX509SVID(ctx, X509Request{CSR: csr, ID: e.SPIFFEID, TTL: e.X509TTL})
 		if err != nil {
 			s.o.Log.Error("sign x509 svid", "spiffe_id", e.SPIFFEID.String(), "error", err)
-			res.Error = "signing failed"
-			s.refuse(ctx, Issuance{Kind: KindX509SVID, SPIFFEID: e.SPIFFEID.String(), NodeID: nodeID.String(), EntryID: e.ID, Caller: nodeID.String(), Reason: err.Error()})
+			refuse(res, is, "signing failed")
 			continue
 		}
-		if err := s.record(ctx, Issuance{Kind: KindX509SVID, Outcome: OutcomeIssued, Serial: svid.Serial, SPIFFEID: e.SPIFFEID.String(),
-			NotAfter: svid.NotAfter, NodeID: nodeID.String(), EntryID: e.ID, Caller: nodeID.String(), Signer: svid.Signer}); err != nil {
-			return nil, s.internal(ctx, "record issuance", err)
-		}
+		is.Kind, is.Outcome, is.Serial, is.NotAfter, is.NodeID, is.Caller, is.Signer = KindX509SVID, OutcomeIssued, svid.Serial, svid.NotAfter, nodeID.String(), nodeID.String(), svid.Signer
+		log = append(log, is)
 		res.Svid = svidProto(e.SPIFFEID, svid)
+	}
+	if err := s.reg.RecordIssuance(ctx, log...); err != nil {
+		return nil, s.internal(ctx, "record issuance", err)
+	}
+	for _, is := range log {
+		if is.Outcome == OutcomeRefused {
+			s.refused.WithLabelValues(is.Kind).Inc()
+			s.o.Log.Warn("identity request refused", "kind", is.Kind, "spiffe_id", is.SPIFFEID, "node", is.NodeID, "reason", is.Reason)
+		} else {
+			s.issued.WithLabelValues(is.Kind).Inc()
+		}
 	}
 	return resp, nil
 }

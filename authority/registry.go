@@ -417,14 +417,25 @@ const (
 	OutcomeRefused = "refused"
 )
 
-// RecordIssuance appends to the issuance log.
-func (r *Registry) RecordIssuance(ctx context.Context, is Issuance) error {
-	if is.At.IsZero() {
-		is.At = r.clock.Now()
+// RecordIssuance appends rows to the issuance log, several in one round
+// trip and one transaction: either all are on record or none.
+func (r *Registry) RecordIssuance(ctx context.Context, rows ...Issuance) error {
+	const q = `INSERT INTO issuance_log (at, kind, outcome, serial, spiffe_id, not_after, node_id, entry_id, caller, signer, reason)
+		VALUES ($1, $2, $3, NULLIF($4, ''), NULLIF($5, ''), $6, NULLIF($7, ''), NULLIF($8, '')::uuid, NULLIF($9, ''), NULLIF($10, ''), NULLIF($11, ''))`
+	now := r.clock.Now()
+	b := &pgx.Batch{}
+	for _, is := range rows {
+		if is.At.IsZero() {
+			is.At = now
+		}
+		b.Queue(q, is.At.UTC(), is.Kind, is.Outcome, is.Serial, is.SPIFFEID, nullTime(is.NotAfter), is.NodeID, is.EntryID, is.Caller, is.Signer, is.Reason)
 	}
-	_, err := r.pool.Exec(ctx, `INSERT INTO issuance_log (at, kind, outcome, serial, spiffe_id, not_after, node_id, entry_id, caller, signer, reason)
-		VALUES ($1, $2, $3, NULLIF($4, ''), NULLIF($5, ''), $6, NULLIF($7, ''), NULLIF($8, '')::uuid, NULLIF($9, ''), NULLIF($10, ''), NULLIF($11, ''))`,
-		is.At.UTC(), is.Kind, is.Outcome, is.Serial, is.SPIFFEID, nullTime(is.NotAfter), is.NodeID, is.EntryID, is.Caller, is.Signer, is.Reason)
+	var err error
+	if len(rows) == 1 {
+		err = r.pool.SendBatch(ctx, b).Close()
+	} else {
+		err = pgx.BeginFunc(ctx, r.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
+	}
 	if err != nil {
 		return fmt.Errorf("record issuance: %w", err)
 	}
