@@ -2,12 +2,14 @@ package test
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -26,14 +28,31 @@ func binDir(t *testing.T) string {
 	if d := os.Getenv("WRIT_BIN_DIR"); d != "" {
 		return d
 	}
-	d := t.TempDir()
-	cmd := exec.Command("go", "build", "-o", d+"/", "./cmd/...")
-	cmd.Dir = repoRoot(t)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+	buildOnce.Do(func() {
+		d, err := os.MkdirTemp("", "writ-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", d+"/", "./cmd/...")
+		cmd.Dir = repoRoot(t)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build: %v\n%s", err, out)
+			return
+		}
+		builtDir = d
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
 	}
-	return d
+	return builtDir
 }
+
+var (
+	buildOnce sync.Once
+	builtDir  string
+	buildErr  error
+)
 
 func freeAddr(t *testing.T) string {
 	t.Helper()
@@ -102,4 +121,12 @@ func openTempDir(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return d
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if builtDir != "" {
+		os.RemoveAll(builtDir)
+	}
+	os.Exit(code)
 }
