@@ -94,7 +94,7 @@ type Log struct {
 const (
 	DefaultHTTPAddr          = "127.0.0.1:8080"
 	DefaultGRPCAddr          = "127.0.0.1:8081"
-	DefaultAdminSocket       = "/tmp/writ/admin.sock"
+	DefaultAdminSocket       = "/tmp/writ-admin/admin.sock"
 	DefaultRootTTL           = 10 * 365 * 24 * time.Hour
 	DefaultIntermediateTTL   = 24 * time.Hour
 	DefaultX509SVIDTTL       = time.Hour

@@ -1,0 +1,216 @@
+// Command writ-proxy is Writ's sidecar. Today it runs the node agent role:
+// it attests to writd with a join token, keeps this node's SVIDs fresh, and
+// serves the SPIFFE Workload API on a unix socket.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/writmesh/writ/authority/agent"
+	taskrun "github.com/writmesh/writ/internal/run"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+const usage = `writ-proxy: Writ's sidecar (node agent role).
+
+It attests this node to writd with a one-time join token, keeps an X.509
+SVID for every registration entry of the node (keys never leave this
+process), renews them at half life, and serves the SPIFFE Workload API on
+a unix socket. Workloads are identified by their unix peer credentials
+(uid, gid, binary path), not by file permissions.
+
+Usage:
+  WRIT_JOIN_TOKEN=... writ-proxy --control-plane writd.example:8443 \
+    --trust-domain example.org --trust-bundle /etc/writ/bundle.json
+
+Flags:
+`
+
+// shutdownTimeout bounds graceful shutdown of the admin server, and
+// shutdownGrace that of the whole process.
+const (
+	shutdownTimeout = 5 * time.Second
+	shutdownGrace   = 10 * time.Second
+)
+
+type options struct {
+	controlPlane string
+	joinToken    string
+	trustBundle  string
+	trustDomain  string
+	workloadAPI  string
+	adminAddr    string
+	logLevel     string
+	syncInterval time.Duration
+}
+
+func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
+	var o options
+	fs := flag.NewFlagSet("writ-proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.controlPlane, "control-plane", "", "writd node API address, host:port (required)")
+	fs.StringVar(&o.joinToken, "join-token", "", "one-time join token; prefer the WRIT_JOIN_TOKEN environment variable, which other users cannot read in the process list")
+	fs.StringVar(&o.trustBundle, "trust-bundle", "", "bootstrap trust bundle file: SPIFFE bundle JSON (as served by writd's /bundle) or PEM certificates (required)")
+	fs.StringVar(&o.trustDomain, "trust-domain", "", "the mesh's trust domain, e.g. example.org (required)")
+	fs.StringVar(&o.workloadAPI, "workload-api", "unix:///tmp/writ/agent.sock", "Workload API socket address; the directory is created if missing")
+	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address serving /healthz and /readyz")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
+	// Parse reports errors itself; usage is printed here, in full to
+	// stdout when asked for and as a hint otherwise.
+	fs.Usage = func() {}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprint(stdout, usage)
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+			return nil, 0
+		}
+		fmt.Fprintln(stderr, "writ-proxy: see --help")
+		return nil, 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "writ-proxy: unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
+		return nil, 2
+	}
+	if o.joinToken == "" {
+		o.joinToken = os.Getenv("WRIT_JOIN_TOKEN")
+	}
+	var missing []string
+	for _, m := range []struct{ name, val string }{
+		{"--control-plane", o.controlPlane},
+		{"--join-token or WRIT_JOIN_TOKEN", o.joinToken},
+		{"--trust-bundle", o.trustBundle},
+		{"--trust-domain", o.trustDomain},
+	} {
+		if m.val == "" {
+			missing = append(missing, m.name)
+		}
+	}
+	if len(missing) > 0 {
+		fmt.Fprintf(stderr, "writ-proxy: missing %s (see --help)\n", strings.Join(missing, ", "))
+		return nil, 2
+	}
+	return &o, -1
+}
+
+func parseLevel(s string) (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(s)); err != nil {
+		return 0, fmt.Errorf("--log-level %q: want debug, info, warn or error", s)
+	}
+	return l, nil
+}
+
+// run is writ-proxy's whole life: parse, wire, serve until ctx ends.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	o, code := parseFlags(args, stdout, stderr)
+	if o == nil {
+		return code
+	}
+	level, err := parseLevel(o.logLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "writ-proxy: %v\n", err)
+		return 2
+	}
+	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
+	if err != nil {
+		log.Error("bad --trust-domain", "error", err)
+		return 2
+	}
+	bundle, err := agent.LoadTrustBundle(o.trustBundle, td)
+	if err != nil {
+		log.Error("load trust bundle", "error", err)
+		return 1
+	}
+	a, err := agent.New(agent.Config{
+		ControlPlane: o.controlPlane,
+		JoinToken:    o.joinToken,
+		TrustDomain:  td,
+		TrustBundle:  bundle,
+		SyncInterval: o.syncInterval,
+		Log:          log,
+	})
+	if err != nil {
+		log.Error("configure agent", "error", err)
+		return 2
+	}
+	wl, sockPath, err := agent.ListenUnix(o.workloadAPI)
+	if err != nil {
+		log.Error("listen for the workload api", "error", err)
+		return 1
+	}
+	defer os.Remove(sockPath)
+	adminL, err := net.Listen("tcp", o.adminAddr)
+	if err != nil {
+		wl.Close()
+		log.Error("listen for admin", "error", err)
+		return 1
+	}
+	log.Info("writ-proxy starting", "control_plane", o.controlPlane, "trust_domain", td.Name(), "workload_api", o.workloadAPI, "admin_addr", adminL.Addr().String())
+
+	admin := &http.Server{Handler: adminMux(a), ReadHeaderTimeout: 5 * time.Second}
+	err = taskrun.Group(ctx, shutdownGrace,
+		taskrun.Task{Name: "agent", Run: a.Run},
+		taskrun.Task{Name: "workload api", Run: func(ctx context.Context) error { return a.Serve(ctx, wl) }},
+		taskrun.Task{Name: "admin", Run: func(ctx context.Context) error {
+			errc := make(chan error, 1)
+			go func() { errc <- admin.Serve(adminL) }()
+			select {
+			case err := <-errc:
+				return fmt.Errorf("admin server: %w", err)
+			case <-ctx.Done():
+				sctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+				defer cancel()
+				return admin.Shutdown(sctx)
+			}
+		}},
+	)
+	if err != nil {
+		log.Error("writ-proxy stopped", "error", err)
+		return 1
+	}
+	log.Info("writ-proxy stopped")
+	return 0
+}
+
+// adminMux serves liveness and readiness. Ready means a node SVID and a
+// first entry sync: before that the Workload API has nothing to give.
+func adminMux(a *agent.Agent) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if !a.Ready() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "not ready: no node SVID or no entry sync yet\n")
+			return
+		}
+		io.WriteString(w, "ready\n")
+	})
+	return mux
+}

@@ -1,0 +1,205 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// lockedBuffer is an io.Writer safe for the logger and the test.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+func TestHelpAndBadFlags(t *testing.T) {
+	t.Setenv("WRIT_JOIN_TOKEN", "")
+	bundle := writeBundle(t)
+	tests := []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStdout string
+		wantStderr string
+	}{
+		{"help", []string{"--help"}, 0, "WRIT_JOIN_TOKEN", ""},
+		{"help names flags", []string{"-h"}, 0, "-workload-api", ""},
+		{"nothing", nil, 2, "", "missing --control-plane, --join-token or WRIT_JOIN_TOKEN, --trust-bundle, --trust-domain"},
+		{"unknown flag", []string{"--bogus"}, 2, "", "flag provided but not defined: -bogus"},
+		{"extra args", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "extra"}, 2, "", "unexpected arguments: extra"},
+		{"bad level", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "--log-level", "loud"}, 2, "", "--log-level"},
+		{"bad trust domain", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "Not A Domain"}, 2, "", "trust-domain"},
+		{"missing bundle file", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", "/nonexistent", "--trust-domain", "example.org"}, 1, "", "trust bundle"},
+		{"bad workload api address", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "--workload-api", "tcp://1.2.3.4:5"}, 1, "", "unix:///absolute/path.sock"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stdout, stderr lockedBuffer
+			got := run(context.Background(), tt.args, &stdout, &stderr)
+			if got != tt.wantCode {
+				t.Fatalf("exit code %d, want %d; stderr: %s", got, tt.wantCode, stderr.String())
+			}
+			if !strings.Contains(stdout.String(), tt.wantStdout) {
+				t.Errorf("stdout %q does not contain %q", stdout.String(), tt.wantStdout)
+			}
+			if tt.wantCode == 0 && stderr.String() != "" {
+				t.Errorf("stderr %q, want nothing", stderr.String())
+			}
+			if !strings.Contains(stderr.String(), tt.wantStderr) {
+				t.Errorf("stderr %q does not contain %q", stderr.String(), tt.wantStderr)
+			}
+		})
+	}
+}
+
+// TestServesHealthWhileWaitingForWritdAndStopsCleanly runs the agent
+// against an address where nothing listens: it must be alive but not
+// ready, expose a world-connectable socket, and stop on cancellation.
+func TestServesHealthWhileWaitingForWritdAndStopsCleanly(t *testing.T) {
+	dead, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := dead.Addr().String()
+	dead.Close()
+	adminAddr := freeAddr(t)
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "missing", "agent.sock")
+	t.Setenv("WRIT_JOIN_TOKEN", "token-from-env")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var stdout, stderr lockedBuffer
+	done := make(chan int, 1)
+	go func() {
+		done <- run(ctx, []string{
+			"--control-plane", deadAddr,
+			"--trust-bundle", writeBundle(t),
+			"--trust-domain", "example.org",
+			"--workload-api", "unix://" + sock,
+			"--admin-addr", adminAddr,
+		}, &stdout, &stderr)
+	}()
+
+	waitHTTP(t, "http://"+adminAddr+"/healthz", http.StatusOK)
+	if code := get(t, "http://"+adminAddr+"/readyz"); code != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz = %d before attestation, want 503", code)
+	}
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != 0o777 {
+		t.Fatalf("socket mode %v, want a socket with 0777", fi.Mode())
+	}
+	if strings.Contains(stderr.String(), "token-from-env") {
+		t.Fatal("the join token was logged")
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("exit code %d after cancellation; stderr: %s", code, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("writ-proxy did not stop after cancellation")
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("socket left behind: %v", err)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func get(t *testing.T, u string) int {
+	t.Helper()
+	resp, err := http.Get(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// waitHTTP polls until the server answers: startup, not a timed assertion.
+func waitHTTP(t *testing.T, u string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get(u)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == want {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s never answered %d (last error %v)", u, want, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// writeBundle writes a PEM bootstrap bundle with a fresh self-signed root.
+func writeBundle(t *testing.T) string {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+		URIs:                  []*url.URL{{Scheme: "spiffe", Host: "example.org"}},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "bundle.pem")
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
