@@ -38,6 +38,10 @@ const DefaultCacheSize = 1 << 14
 // DefaultPollInterval is how often Run looks for a changed directory.
 const DefaultPollInterval = 2 * time.Second
 
+// fullReadPolls is how many polls Run lets pass between reads of the whole
+// content when file sizes and times have not changed.
+const fullReadPolls = 30
+
 // networkBuiltins are removed from the capabilities of mesh policies unless
 // Options.AllowNetwork is set: a policy that can call out can be made to
 // hang or leak request data, and its answers cannot be cached.
@@ -487,11 +491,24 @@ func (e *Engine) Info() Info {
 func (e *Engine) Run(ctx context.Context) error {
 	t := e.clock.NewTicker(e.opts.PollInterval)
 	defer t.Stop()
-	for {
+	var last string
+	for polls := 1; ; polls++ {
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-t.Chan():
+			// Stat first; read the content only when names, sizes or
+			// times moved, and every fullReadPolls polls in case an edit
+			// kept both size and time.
+			fp, err := fingerprint(e.opts.Dir, e.opts.Bundle)
+			if err != nil {
+				e.log.Warn("policy poll", "err", err)
+				continue
+			}
+			if fp == last && polls%fullReadPolls != 0 {
+				continue
+			}
+			last = fp
 			src, err := e.read()
 			if err != nil {
 				e.log.Warn("policy poll", "err", err)

@@ -345,3 +345,36 @@ func sameSet(a, b []string) bool {
 	}
 	return true
 }
+
+func TestFingerprint(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": "package envoy.authz\n\nallow := input.a == 1\n", "notes.txt": "x"})
+	p := filepath.Join(dir, "authz.rego")
+	first, err := fingerprint(dir, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFiles(t, dir, map[string]string{"notes.txt": "not policy"})
+	if fp, _ := fingerprint(dir, ""); fp != first {
+		t.Fatal("a file that is not policy changed the fingerprint")
+	}
+	writeFiles(t, dir, map[string]string{"authz.rego": "package envoy.authz\n\nallow := input.a == 2\n"})
+	if fp, _ := fingerprint(dir, ""); fp == first {
+		t.Fatal("an edit did not change the fingerprint")
+	}
+	// Same size, time put back: only the periodic full read sees this.
+	if err := os.Chtimes(p, fi.ModTime(), fi.ModTime()); err != nil {
+		t.Fatal(err)
+	}
+	if fp, _ := fingerprint(dir, ""); fp != first {
+		t.Fatal("fingerprint reads content")
+	}
+	writeFiles(t, dir, map[string]string{"more/data.json": "{}"})
+	if fp, _ := fingerprint(dir, ""); fp == first {
+		t.Fatal("a new data file did not change the fingerprint")
+	}
+}

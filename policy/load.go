@@ -113,27 +113,7 @@ func readSource(dir string) (*source, error) {
 	h := sha256.New()
 	var total int64
 	var names []string
-	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(dir, p)
-		if err != nil {
-			return err
-		}
-		rel = filepath.ToSlash(rel)
-		if d.IsDir() {
-			if rel != "." && strings.HasPrefix(d.Name(), ".") {
-				return fs.SkipDir
-			}
-			return nil
-		}
-		if rel != manifestName && !isPolicyFile(rel) {
-			return nil
-		}
-		if !d.Type().IsRegular() {
-			return fmt.Errorf("%s: not a regular file", p)
-		}
+	err := walkPolicyFiles(dir, func(rel, p string, _ fs.DirEntry) error {
 		names = append(names, rel)
 		if len(names) > maxPolicyFiles {
 			return fmt.Errorf("more than %d policy files", maxPolicyFiles)
@@ -174,6 +154,59 @@ func readSource(dir string) (*source, error) {
 		delete(files, manifestName)
 	}
 	return src, nil
+}
+
+// walkPolicyFiles calls fn for every file of the policy set under dir (and
+// its .manifest), skipping hidden directories and refusing anything but
+// regular files.
+func walkPolicyFiles(dir string, fn func(rel, path string, d fs.DirEntry) error) error {
+	return filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, p)
+		if err != nil {
+			return err
+		}
+		rel = filepath.ToSlash(rel)
+		if d.IsDir() {
+			if rel != "." && strings.HasPrefix(d.Name(), ".") {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if rel != manifestName && !isPolicyFile(rel) {
+			return nil
+		}
+		if !d.Type().IsRegular() {
+			return fmt.Errorf("%s: not a regular file", p)
+		}
+		return fn(rel, p, d)
+	})
+}
+
+// fingerprint sums up the names, sizes and modification times of the files
+// a load would read (or of the bundle file), so that a poll can tell that
+// nothing changed without reading them.
+func fingerprint(dir, bundleFile string) (string, error) {
+	h := sha256.New()
+	if bundleFile != "" {
+		fi, err := os.Stat(bundleFile)
+		if err != nil {
+			return "", err
+		}
+		fmt.Fprintf(h, "%d %d %v", fi.Size(), fi.ModTime().UnixNano(), fi.Mode())
+		return hex.EncodeToString(h.Sum(nil)), nil
+	}
+	err := walkPolicyFiles(dir, func(rel, _ string, d fs.DirEntry) error {
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(h, "%d:%s %d %d %v\n", len(rel), rel, fi.Size(), fi.ModTime().UnixNano(), fi.Mode())
+		return nil
+	})
+	return hex.EncodeToString(h.Sum(nil)), err
 }
 
 // parse parses the modules and data documents of src. Errors carry the
