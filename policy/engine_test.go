@@ -304,6 +304,8 @@ func TestAnalysis(t *testing.T) {
 		{"runtime", "package p\n\nallow if opa.runtime().env.X == input.x\n", false, false, []string{"x"}},
 		{"with input", "package p\n\nq if input.a\n\nallow if q with input as {\"a\": true}\n", true, true, nil},
 		{"no input", "package p\n\nallow := true\n", true, false, nil},
+		{"cidr is deterministic", "package p\n\nallow if net.cidr_contains(\"10.0.0.0/8\", input.ip)\n", true, false, []string{"ip"}},
+		{"dns is not", "package p\n\nallow if net.lookup_ip_addr(input.host)\n", false, false, []string{"host"}},
 		{"import alias", "package p\n\nimport input.attributes.request.http as http_request\n\nallow if http_request.method == \"GET\"\n", true, false, []string{"attributes.request.http.method"}},
 		{"rule holding a subtree", "package p\n\nhttp_request := input.attributes.request.http\n\nallow if http_request.method == \"GET\"\n", true, false, []string{"attributes.request.http"}},
 	}
