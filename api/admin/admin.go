@@ -80,6 +80,29 @@ func New(o Options) *Server {
 	return s
 }
 
+// Handle adds a route (net/http pattern syntax) to the admin API, for
+// parts of writd outside this package. The route is authorized and
+// recorded like every other; use Note, Actor, WriteJSON, WriteError and
+// Decode in the handler. Call it before Serve.
+func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+
+// Note adds a field to the current call's admin event. Never put secrets
+// in it.
+func Note(r *http.Request, k string, v any) { note(r, k, v) }
+
+// Actor names the caller of the current call, e.g. "uid:1000".
+func Actor(r *http.Request) string { return actorOf(r) }
+
+// WriteJSON writes v as the JSON answer.
+func WriteJSON(w http.ResponseWriter, code int, v any) { writeJSON(w, code, v) }
+
+// WriteError writes an ErrorBody answer.
+func WriteError(w http.ResponseWriter, code int, msg string) { writeError(w, code, msg) }
+
+// Decode reads a JSON request body strictly into v; on failure it has
+// answered and returns false.
+func Decode(w http.ResponseWriter, r *http.Request, v any) bool { return decode(w, r, v) }
+
 // Listen makes the socket: its directory is created 0700, or must already
 // be owned by this user and closed to others; a stale socket file is
 // replaced, but not one another process still listens on.

@@ -51,6 +51,26 @@ func main() {
 	os.Exit(code)
 }
 
+// command runs one `writ NOUN VERB` with the arguments after it.
+type command func(c *cli, ctx context.Context, args []string) error
+
+// commands maps "noun verb" (or a lone "noun") to its implementation. Each
+// command group registers its own in an init function in its own file.
+var commands = map[string]command{
+	"token create":   (*cli).tokenCreate,
+	"entry create":   (*cli).entryCreate,
+	"entry list":     (*cli).entryList,
+	"entry show":     (*cli).entryShow,
+	"entry delete":   (*cli).entryDelete,
+	"bundle show":    (*cli).bundleShow,
+	"ca rotate-root": (*cli).rotateRoot,
+	"ca status":      (*cli).caStatus,
+	"cert list":      (*cli).certList,
+	"whoami": func(c *cli, ctx context.Context, _ []string) error {
+		return c.whoami(ctx)
+	},
+}
+
 // cli carries what every command needs.
 type cli struct {
 	stdout, stderr io.Writer
@@ -97,32 +117,12 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer, geten
 	if len(subArgs) > 0 && !strings.HasPrefix(subArgs[0], "-") {
 		sub, subArgs = subArgs[0], subArgs[1:]
 	}
-	var err error
-	switch cmd + " " + sub {
-	case "token create":
-		err = c.tokenCreate(ctx, subArgs)
-	case "entry create":
-		err = c.entryCreate(ctx, subArgs)
-	case "entry list":
-		err = c.entryList(ctx, subArgs)
-	case "entry show":
-		err = c.entryShow(ctx, subArgs)
-	case "entry delete":
-		err = c.entryDelete(ctx, subArgs)
-	case "bundle show":
-		err = c.bundleShow(ctx, subArgs)
-	case "ca rotate-root":
-		err = c.rotateRoot(ctx, subArgs)
-	case "ca status":
-		err = c.caStatus(ctx, subArgs)
-	case "cert list":
-		err = c.certList(ctx, subArgs)
-	case "whoami ":
-		err = c.whoami(ctx)
-	default:
+	run, ok := commands[strings.TrimSpace(cmd+" "+sub)]
+	if !ok {
 		fmt.Fprintf(stderr, "writ: unknown command %q\n\n%s", strings.TrimSpace(cmd+" "+sub), usage)
 		return 2
 	}
+	err := run(c, ctx, subArgs)
 	if errors.Is(err, errUsage) || errors.Is(err, flag.ErrHelp) {
 		return 2
 	}

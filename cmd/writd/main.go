@@ -16,6 +16,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -111,6 +112,30 @@ func newLogger(c config.Log, w io.Writer) *slog.Logger {
 	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
+// deps is what writd's parts are built from. Components (see components)
+// add their HTTP routes to mux, their gRPC services to grpc (served with the
+// control-plane SVID over TLS on listen.grpc), their admin routes to
+// adminMux, and their long-running parts to tasks.
+type deps struct {
+	cfg      *config.Server
+	log      *slog.Logger
+	td       spiffeid.TrustDomain
+	pool     *pgxpool.Pool
+	ca       *authority.CA
+	reg      *authority.Registry
+	ident    *authority.ServerIdentity
+	metrics  *prometheus.Registry
+	mux      *http.ServeMux
+	grpc     *grpc.Server
+	adminMux *http.ServeMux
+	tasks    []run.Task
+}
+
+// components are optional parts of writd, each in its own file, which
+// registers its setup function here from an init function. A setup error
+// stops writd from starting.
+var components []func(ctx context.Context, d *deps) error
+
 // serve wires writd together and runs it until ctx is cancelled.
 func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	td, err := spiffeid.TrustDomainFromString(cfg.TrustDomain)
@@ -161,11 +186,51 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	reg := authority.NewRegistry(pool, td, nil)
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	nodeSrv := authority.NewNodeServer(ca, reg, authority.NodeServerOptions{TrustDomain: td, Log: log.With("component", "node-api"), Metrics: metrics})
 	ident, err := authority.NewServerIdentity(ctx, ca, reg, td, nil, log.With("component", "identity"))
 	if err != nil {
 		return err
 	}
+	d := &deps{cfg: cfg, log: log, td: td, pool: pool, ca: ca, reg: reg, ident: ident, metrics: metrics,
+		mux: http.NewServeMux(), adminMux: http.NewServeMux(),
+		grpc: grpc.NewServer(authority.GRPCServerOptions(ident.TLSConfig())...)}
+
+	nodeapi.RegisterNodeServer(d.grpc, authority.NewNodeServer(ca, reg, authority.NodeServerOptions{TrustDomain: td, Log: log.With("component", "node-api"), Metrics: metrics}))
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(d.grpc, hs)
+
+	d.mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
+	d.mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		pctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		if err := pool.Ping(pctx); err != nil {
+			http.Error(w, "database unreachable", http.StatusServiceUnavailable)
+			return
+		}
+		if _, err := ca.Bundle(pctx); err != nil {
+			http.Error(w, "bundle unavailable", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, "ready\n")
+	})
+	d.mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
+	d.mux.Handle("GET /bundle", authority.BundleHandler(ca, log))
+
+	for _, setup := range components {
+		if err := setup(ctx, d); err != nil {
+			return err
+		}
+	}
+
+	var rotator admin.RootRotator
+	if cfg.CA.Upstream == nil {
+		rotator = ca
+	}
+	uids := make([]uint32, len(cfg.Admin.AllowedUIDs))
+	for i, u := range cfg.Admin.AllowedUIDs {
+		uids[i] = uint32(u)
+	}
+	adm := admin.New(admin.Options{Registry: reg, Bundle: ca.Bundle, CA: rotator, Pool: pool, AllowedUIDs: uids, Log: log.With("component", "admin")})
+	adm.Handle("/", d.adminMux)
 
 	grpcL, err := net.Listen("tcp", cfg.Listen.GRPC)
 	if err != nil {
@@ -179,49 +244,17 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	gs := grpc.NewServer(authority.GRPCServerOptions(ident.TLSConfig())...)
-	nodeapi.RegisterNodeServer(gs, nodeSrv)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
-
-	var rotator admin.RootRotator
-	if cfg.CA.Upstream == nil {
-		rotator = ca
-	}
-	uids := make([]uint32, len(cfg.Admin.AllowedUIDs))
-	for i, u := range cfg.Admin.AllowedUIDs {
-		uids[i] = uint32(u)
-	}
-	adm := admin.New(admin.Options{Registry: reg, Bundle: ca.Bundle, CA: rotator, Pool: pool, AllowedUIDs: uids, Log: log.With("component", "admin")})
-
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "ok\n") })
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
-		pctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
-		defer cancel()
-		if err := pool.Ping(pctx); err != nil {
-			http.Error(w, "database unreachable", http.StatusServiceUnavailable)
-			return
-		}
-		if _, err := ca.Bundle(pctx); err != nil {
-			http.Error(w, "bundle unavailable", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = io.WriteString(w, "ready\n")
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(metrics, promhttp.HandlerOpts{}))
-	mux.Handle("GET /bundle", authority.BundleHandler(ca, log))
-	hsrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 32 << 10}
+	hsrv := &http.Server{Handler: d.mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 32 << 10}
 
 	log.Info("writd serving", "http", httpL.Addr().String(), "grpc", grpcL.Addr().String(), "admin_socket", cfg.Admin.Socket)
 	hs.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	return run.Group(ctx, 20*time.Second,
-		run.Task{Name: "ca", Run: ca.Run},
-		run.Task{Name: "identity", Run: ident.Run},
-		run.Task{Name: "admin", Run: func(ctx context.Context) error { return adm.Serve(ctx, adminL) }},
-		run.Task{Name: "grpc", Run: func(ctx context.Context) error {
+	tasks := append([]run.Task{
+		{Name: "ca", Run: ca.Run},
+		{Name: "identity", Run: ident.Run},
+		{Name: "admin", Run: func(ctx context.Context) error { return adm.Serve(ctx, adminL) }},
+		{Name: "grpc", Run: func(ctx context.Context) error {
 			errc := make(chan error, 1)
-			go func() { errc <- gs.Serve(grpcL) }()
+			go func() { errc <- d.grpc.Serve(grpcL) }()
 			select {
 			case err := <-errc:
 				return err
@@ -229,15 +262,15 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 			}
 			hs.Shutdown()
 			stopped := make(chan struct{})
-			go func() { gs.GracefulStop(); close(stopped) }()
+			go func() { d.grpc.GracefulStop(); close(stopped) }()
 			select {
 			case <-stopped:
 			case <-time.After(10 * time.Second):
-				gs.Stop()
+				d.grpc.Stop()
 			}
 			return nil
 		}},
-		run.Task{Name: "http", Run: func(ctx context.Context) error {
+		{Name: "http", Run: func(ctx context.Context) error {
 			errc := make(chan error, 1)
 			go func() { errc <- hsrv.Serve(httpL) }()
 			select {
@@ -252,5 +285,6 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 			defer cancel()
 			return hsrv.Shutdown(sctx)
 		}},
-	)
+	}, d.tasks...)
+	return run.Group(ctx, 20*time.Second, tasks...)
 }
