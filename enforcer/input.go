@@ -303,3 +303,16 @@ func traceID(tp string) string {
 	}
 	return id
 }
+
+// Input builds the complete policy input for req, as Check would before
+// trimming it to what a policy reads. It serves `writ policy eval` and
+// tools that show users their input documents. maxBody <= 0 means
+// DefaultMaxBodyBytes. An error wrapping ErrBadPath means Check would
+// answer 400 without asking policy.
+func Input(req *authv3.CheckRequest, maxBody int) (ast.Value, error) {
+	if maxBody <= 0 {
+		maxBody = DefaultMaxBodyBytes
+	}
+	v, _, err := buildInput(req, maxBody, needAll)
+	return v, err
+}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -277,6 +278,17 @@ test_wrong_expectation if {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}
+	}
+	out.Reset()
+	if _, _, err := RunTestsWith(context.Background(), dir, &out, TestOptions{Coverage: CoverageFiles}); err != nil {
+		t.Fatal(err)
+	}
+	if !regexp.MustCompile(`(?m)^  .*authz\.rego: [0-9.]+% \(\d+ of \d+ lines\)`).MatchString(out.String()) {
+		t.Errorf("per-file coverage lacks authz.rego:\n%s", out.String())
+	}
+	out.Reset()
+	if _, _, err := RunTestsWith(context.Background(), dir, &out, TestOptions{}); err != nil || strings.Contains(out.String(), "coverage") {
+		t.Errorf("coverage reported when not asked for (err %v):\n%s", err, out.String())
 	}
 	writeFiles(t, dir, map[string]string{"bad.rego": "package x\n\np if {\n"})
 	if _, _, err := RunTests(context.Background(), dir, &out, false); err == nil || !strings.Contains(err.Error(), "bad.rego:") {

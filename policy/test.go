@@ -4,6 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sort"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -21,6 +24,28 @@ const testTimeout = 5 * time.Second
 // that passed and that failed or errored; err is for tests that could not
 // be run at all (a parse or compile error, naming file and line).
 func RunTests(ctx context.Context, dir string, w io.Writer, verbose bool) (passed, failed int, err error) {
+	return RunTestsWith(ctx, dir, w, TestOptions{Verbose: verbose, Coverage: CoverageSummary})
+}
+
+// Coverage reporting levels of TestOptions.
+const (
+	CoverageNone    = 0 // no coverage lines
+	CoverageSummary = 1 // one line for the whole set
+	CoverageFiles   = 2 // the summary, then every file with its uncovered lines
+)
+
+// TestOptions tune RunTestsWith.
+type TestOptions struct {
+	// Verbose lists every test and its trace notes, like `opa test -v`.
+	Verbose bool
+	// Coverage is one of the Coverage constants.
+	Coverage int
+}
+
+// RunTestsWith is RunTests with the report's detail chosen by opts. Safe
+// for concurrent use: every call compiles its own copy.
+func RunTestsWith(ctx context.Context, dir string, w io.Writer, opts TestOptions) (passed, failed int, err error) {
+	verbose := opts.Verbose
 	caps := capabilities(false)
 	mods, store, err := tester.LoadWithParserOptions([]string{dir}, nil, ast.ParserOptions{
 		RegoVersion:       ast.RegoV1,
@@ -72,10 +97,39 @@ func RunTests(ctx context.Context, dir string, w io.Writer, verbose bool) (passe
 	if err := <-done; err != nil {
 		return passed, failed, fmt.Errorf("report tests: %w", err)
 	}
-	if passed+failed > 0 {
+	if passed+failed > 0 && opts.Coverage > CoverageNone {
 		rep := cov.Report(mods)
 		fmt.Fprintf(w, "coverage: %.1f%% (%d of %d lines)\n", rep.Coverage,
 			rep.CoveredLines, rep.CoveredLines+rep.NotCoveredLines)
+		if opts.Coverage >= CoverageFiles {
+			writeFileCoverage(w, rep)
+		}
 	}
 	return passed, failed, nil
+}
+
+// writeFileCoverage lists each file's coverage and the line ranges no test
+// reached, files in name order.
+func writeFileCoverage(w io.Writer, rep cover.Report) {
+	names := make([]string, 0, len(rep.Files))
+	for n := range rep.Files {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		f := rep.Files[n]
+		fmt.Fprintf(w, "  %s: %.1f%% (%d of %d lines)", n, f.Coverage, f.CoveredLines, f.CoveredLines+f.NotCoveredLines)
+		if len(f.NotCovered) > 0 {
+			parts := make([]string, 0, len(f.NotCovered))
+			for _, r := range f.NotCovered {
+				if r.Start.Row == r.End.Row {
+					parts = append(parts, strconv.Itoa(r.Start.Row))
+				} else {
+					parts = append(parts, fmt.Sprintf("%d-%d", r.Start.Row, r.End.Row))
+				}
+			}
+			fmt.Fprintf(w, "; not covered: %s", strings.Join(parts, ", "))
+		}
+		fmt.Fprintln(w)
+	}
 }

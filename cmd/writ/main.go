@@ -39,6 +39,9 @@ Usage:
   writ ca status
   writ cert list [--limit 50] [-o table|json]
   writ whoami
+  writ policy test DIR... [-v] [--coverage]       (local: runs *_test.rego; exit 1 on failure)
+  writ policy eval --policy DIR --input FILE [--decision data.envoy.authz.allow] [--explain notes|fails|full]
+                                                   (local: input is a policy input or an Envoy CheckRequest JSON)
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)
