@@ -22,6 +22,21 @@ type Server struct {
 	Admin     Admin  `yaml:"admin"`
 	CA        CA     `yaml:"ca"`
 	Log       Log    `yaml:"log"`
+	// Policy, when set, makes writd serve a policy directory as an OPA
+	// bundle to writ-enforcer, writ-proxy and stock OPA.
+	Policy *Policy `yaml:"policy"`
+}
+
+// Policy configures the bundle service: the directory is served at
+// GET /bundles/{bundle_name} on the HTTP listener.
+type Policy struct {
+	// Dir is the policy directory (Rego modules, JSON/YAML data, optional
+	// .manifest); it is re-read when its files change.
+	Dir string `yaml:"dir"`
+	// BundleName names the bundle in its URL; default "mesh".
+	BundleName string `yaml:"bundle_name"`
+	// PollInterval is how often Dir is checked for changes; default 2s.
+	PollInterval Duration `yaml:"poll_interval"`
 }
 
 // Listen holds writd's network listeners.
@@ -103,6 +118,8 @@ const (
 	DefaultJWTSVIDMaxTTL     = time.Hour
 	DefaultJWTKeyTTL         = 24 * time.Hour
 	DefaultBundleRefreshHint = 5 * time.Minute
+	DefaultPolicyBundleName  = "mesh"
+	DefaultPolicyPoll        = 2 * time.Second
 	// MinSVIDTTL keeps renew-at-half-life from turning into a busy loop.
 	MinSVIDTTL = 30 * time.Second
 )
@@ -182,6 +199,12 @@ func (s *Server) ApplyDefaults() {
 	def(&s.CA.JWTSVIDMaxTTL, DefaultJWTSVIDMaxTTL)
 	def(&s.CA.JWTKeyTTL, DefaultJWTKeyTTL)
 	def(&s.CA.BundleRefreshHint, DefaultBundleRefreshHint)
+	if s.Policy != nil {
+		if s.Policy.BundleName == "" {
+			s.Policy.BundleName = DefaultPolicyBundleName
+		}
+		def(&s.Policy.PollInterval, DefaultPolicyPoll)
+	}
 	if s.Log.Level == "" {
 		s.Log.Level = "info"
 	}
@@ -272,6 +295,19 @@ func (s *Server) Validate() []*FieldError {
 			}
 		}
 	}
+	if p := s.Policy; p != nil {
+		if p.Dir == "" {
+			bad("policy.dir", "required in policy")
+		} else if !strings.HasPrefix(p.Dir, "/") {
+			bad("policy.dir", "must be an absolute path")
+		}
+		if !validBundleName(p.BundleName) {
+			bad("policy.bundle_name", "%q: want 1 to 64 letters, digits, dots, dashes or underscores", p.BundleName)
+		}
+		if p.PollInterval.D() < 100*time.Millisecond {
+			bad("policy.poll_interval", "must be at least 100ms")
+		}
+	}
 	switch s.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -302,4 +338,19 @@ func ValidTrustDomain(td string) error {
 		}
 	}
 	return nil
+}
+
+// validBundleName reports whether a bundle name is safe in a URL path.
+func validBundleName(n string) bool {
+	if n == "" || len(n) > 64 || n == "." || n == ".." {
+		return false
+	}
+	for _, r := range n {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '.', r == '-', r == '_':
+		default:
+			return false
+		}
+	}
+	return true
 }

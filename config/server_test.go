@@ -22,6 +22,16 @@ func TestParseServerDefaults(t *testing.T) {
 	if got, want := s.Listen.HTTP, DefaultHTTPAddr; got != want {
 		t.Errorf("listen.http = %q, want %q", got, want)
 	}
+	if s.Policy != nil {
+		t.Errorf("policy = %+v, want nil when not configured", s.Policy)
+	}
+	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n"), noenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Policy.BundleName != "mesh" || s.Policy.PollInterval.D() != 2*time.Second {
+		t.Errorf("policy defaults %+v, want bundle_name mesh and poll_interval 2s", s.Policy)
+	}
 }
 
 func TestParseServerEnvOverridesDatabase(t *testing.T) {
@@ -54,6 +64,10 @@ func TestParseServerErrors(t *testing.T) {
 		{"wrong type", "trust_domain: example.org\ndatabase_url: postgres://x/y\nadmin:\n  allowed_uids: nope\n", "writ.yaml:4: admin.allowed_uids"},
 		{"second document", "trust_domain: example.org\n---\nfoo: 1\n", "unexpected second document"},
 		{"empty", "", "empty document"},
+		{"policy without dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  bundle_name: mesh\n", "writ.yaml:3: policy.dir: required"},
+		{"policy relative dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: policies\n", "writ.yaml:4: policy.dir: must be an absolute path"},
+		{"policy bad bundle name", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle_name: a/b\n", "writ.yaml:5: policy.bundle_name"},
+		{"policy unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle: x\n", "writ.yaml:5: policy.bundle: field bundle not found"},
 		{"upstream incomplete", "trust_domain: example.org\ndatabase_url: postgres://x/y\nca:\n  upstream:\n    step_ca:\n      url: http://ca\n", "ca.upstream.step_ca.url: must be an https:// URL"},
 	}
 	for _, tt := range tests {

@@ -178,6 +178,18 @@ func NewEngine(ctx context.Context, opts Options) (*Engine, error) {
 	if (opts.Dir == "") == (opts.Bundle == "") {
 		return nil, errors.New("policy engine: want exactly one of a policy directory and a bundle")
 	}
+	e, err := prepareEngine(opts)
+	if err != nil {
+		return nil, err
+	}
+	if err := e.Reload(ctx); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// prepareEngine checks and defaults opts; the engine has no policy set yet.
+func prepareEngine(opts Options) (*Engine, error) {
 	if opts.BundleKey != nil && opts.Bundle == "" {
 		return nil, errors.New("policy engine: a bundle key without a bundle")
 	}
@@ -203,11 +215,7 @@ func NewEngine(ctx context.Context, opts Options) (*Engine, error) {
 	if opts.SmokeInputs == nil {
 		opts.SmokeInputs = defaultSmokeInputs()
 	}
-	e := &Engine{opts: opts, path: ref, caps: capabilities(opts.AllowNetwork), log: opts.Logger, clock: opts.Clock}
-	if err := e.Reload(ctx); err != nil {
-		return nil, err
-	}
-	return e, nil
+	return &Engine{opts: opts, path: ref, caps: capabilities(opts.AllowNetwork), log: opts.Logger, clock: opts.Clock}, nil
 }
 
 func parseDecisionPath(p string) (ast.Ref, error) {

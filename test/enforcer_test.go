@@ -345,3 +345,66 @@ func TestEnforcerEndToEnd(t *testing.T) {
 		t.Fatalf("exit code %d after SIGTERM\n%s", code, p.log)
 	}
 }
+
+// TestEnforcerPullsBundleFromWritd: writd serves a policy directory as an
+// OPA bundle; writ-enforcer pulls it by URL and answers by it, follows an
+// edit, and keeps answering by the last good policy when the directory
+// breaks (writd never serves the broken set).
+func TestEnforcerPullsBundleFromWritd(t *testing.T) {
+	dir := meshPolicyDir(t)
+	w := startWritd(t, fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n  poll_interval: 100ms\n", dir))
+	wl, src := enforcerEnv(t)
+	p := startEnforcer(t, "--workload-api", wl, "--spiffe-id", enforcerID.String(),
+		"--bundle-url", "http://"+w.http+"/bundles/mesh", "--bundle-poll", "100ms")
+	client := authv3.NewAuthorizationClient(dialEnforcer(t, src, p.listen))
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	intruder := "spiffe://example.org/ns/demo/sa/intruder"
+	answer := func(src string) code.Code {
+		t.Helper()
+		resp, err := client.Check(ctx, checkReq(src, serverID.String(), "GET", "/items/7"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return code.Code(resp.GetStatus().GetCode())
+	}
+	if got := answer(clientID.String()); got != code.Code_OK {
+		t.Fatalf("client: %v, want OK", got)
+	}
+	if got := answer(intruder); got != code.Code_PERMISSION_DENIED {
+		t.Fatalf("intruder: %v, want PERMISSION_DENIED", got)
+	}
+
+	// Edit: the intruder is now allowed, once writd rebuilt and the
+	// enforcer polled.
+	write(t, filepath.Join(dir, "data.json"), `{"writ": {"mesh": {"allowed": [
+		{"source": {"namespace": "demo", "service_account": "*"},
+		 "destination": {"namespace": "demo", "service_account": "server"}}]}}}`)
+	deadline := time.Now().Add(30 * time.Second)
+	for answer(intruder) != code.Code_OK {
+		if time.Now().After(deadline) {
+			t.Fatalf("the edit never reached the enforcer\nwritd:\n%s\nenforcer:\n%s", w.log, p.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// A broken edit: writd refuses to build it and keeps serving the last
+	// good bundle; answers stay.
+	write(t, filepath.Join(dir, "broken.rego"), "package envoy.authz\n\nallow if {\n")
+	deadline = time.Now().Add(30 * time.Second)
+	for !strings.Contains(w.get(t, "/metrics"), `writ_policy_bundle_builds_total{outcome="rejected"} 1`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("writd never rejected the broken edit\n%s", w.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := answer(intruder); got != code.Code_OK {
+		t.Fatalf("after a broken edit: %v, want the last good policy's OK", got)
+	}
+	if code, _ := p.get("/readyz"); code != http.StatusOK {
+		t.Fatalf("enforcer readyz %d after a broken edit upstream", code)
+	}
+	if code := p.stop(t); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM\n%s", code, p.log)
+	}
+}

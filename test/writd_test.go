@@ -28,7 +28,8 @@ type writd struct {
 	done                   chan error
 }
 
-func startWritd(t *testing.T) *writd {
+// startWritd starts writd; extraConfig is appended to its writ.yaml.
+func startWritd(t *testing.T, extraConfig ...string) *writd {
 	t.Helper()
 	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
@@ -41,6 +42,7 @@ func startWritd(t *testing.T) *writd {
 	}
 	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
 		pgtest.URL(t), w.http, freeAddr(t), w.socket, filepath.Join(w.dir, "kek"))
+	cfg += strings.Join(extraConfig, "")
 	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
