@@ -8,7 +8,7 @@ PKGS := ./...
 TEST_PG_DIR ?= $(CURDIR)/.tmp/testpg
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-short lint vet fmt demo bench proto clean
+.PHONY: all build test test-short lint vet fmt demo bench bench-authz proto clean
 
 all: build
 
@@ -42,6 +42,11 @@ demo: build
 # Benchmarks: in-process figures for the CA.
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./authority/...
+
+# Writ's in-process check and writ-enforcer side by side with a stock OPA
+# server (built from the OPA version in go.mod, cached under .tmp/opa).
+bench-authz: build
+	WRIT_BIN_DIR=$(BIN) scripts/bench-authz.sh
 
 proto:
 	cd authority/nodeapi && PATH="$$PATH:$$($(GO) env GOPATH)/bin" $(GO) generate .

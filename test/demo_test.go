@@ -15,7 +15,7 @@ import (
 )
 
 // repoRoot is the module's root directory.
-func repoRoot(t *testing.T) string {
+func repoRoot(t testing.TB) string {
 	t.Helper()
 	_, file, _, _ := runtime.Caller(0)
 	return filepath.Dir(filepath.Dir(file))
@@ -23,7 +23,7 @@ func repoRoot(t *testing.T) string {
 
 // binDir returns a directory with writd, writ and writ-proxy: make test's
 // ./bin (WRIT_BIN_DIR), or a fresh build.
-func binDir(t *testing.T) string {
+func binDir(t testing.TB) string {
 	t.Helper()
 	if d := os.Getenv("WRIT_BIN_DIR"); d != "" {
 		return d
@@ -54,7 +54,7 @@ var (
 	buildErr  error
 )
 
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -66,7 +66,7 @@ func (s *syncBuffer) String() string {
 
 // startEnforcer runs writ-enforcer with args added to its listen, admin
 // and decision-log flags and waits until it is ready.
-func startEnforcer(t *testing.T, args ...string) *enforcerProc {
+func startEnforcer(t testing.TB, args ...string) *enforcerProc {
 	t.Helper()
 	p := &enforcerProc{log: &syncBuffer{}, done: make(chan error, 1), listen: freeAddr(t), admin: freeAddr(t),
 		decisionLg: filepath.Join(t.TempDir(), "decisions.jsonl")}
@@ -124,7 +124,7 @@ func (p *enforcerProc) metric(t *testing.T, name string) float64 {
 }
 
 // stop sends SIGTERM and returns the exit code.
-func (p *enforcerProc) stop(t *testing.T) int {
+func (p *enforcerProc) stop(t testing.TB) int {
 	t.Helper()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -161,7 +161,7 @@ func meshPolicyDir(t *testing.T) string {
 	return dir
 }
 
-func write(t *testing.T, path, content string) {
+func write(t testing.TB, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
@@ -184,7 +184,7 @@ func checkReq(src, dst, method, path string) *authv3.CheckRequest {
 
 // enforcerEnv is an authority, an agent serving SVIDs for the enforcer
 // and its client to this uid, and the client's X509 source.
-func enforcerEnv(t *testing.T) (addr string, client *workloadapi.X509Source) {
+func enforcerEnv(t testing.TB) (addr string, client *workloadapi.X509Source) {
 	t.Helper()
 	env := authoritytest.Start(t, authoritytest.Options{})
 	ctx := context.Background()
@@ -208,7 +208,7 @@ func enforcerEnv(t *testing.T) (addr string, client *workloadapi.X509Source) {
 
 // dialEnforcer connects over mTLS as the client workload, accepting only
 // the enforcer's SVID.
-func dialEnforcer(t *testing.T, src *workloadapi.X509Source, addr string) *grpc.ClientConn {
+func dialEnforcer(t testing.TB, src *workloadapi.X509Source, addr string) *grpc.ClientConn {
 	t.Helper()
 	cfg := svidtls.ClientConfig(src, src, svidtls.AuthorizeID(enforcerID), clockwork.NewRealClock())
 	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))

@@ -30,7 +30,7 @@ var (
 
 // startAgent runs a real node agent against env and returns its Workload
 // API address.
-func startAgent(t *testing.T, env *authoritytest.Env, node string) string {
+func startAgent(t testing.TB, env *authoritytest.Env, node string) string {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	tok, err := env.Registry.CreateJoinToken(ctx, "spiffe://example.org/node/"+node, 10*time.Minute, "test")

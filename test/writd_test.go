@@ -29,7 +29,7 @@ type writd struct {
 }
 
 // startWritd starts writd; extraConfig is appended to its writ.yaml.
-func startWritd(t *testing.T, extraConfig ...string) *writd {
+func startWritd(t testing.TB, extraConfig ...string) *writd {
 	t.Helper()
 	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
@@ -86,7 +86,7 @@ func (w *writd) writ(t *testing.T, args ...string) (string, int) {
 	return string(out), code
 }
 
-func (w *writd) get(t *testing.T, path string) string {
+func (w *writd) get(t testing.TB, path string) string {
 	t.Helper()
 	resp, err := http.Get("http://" + w.http + path)
 	if err != nil {
