@@ -143,7 +143,13 @@ type Info struct {
 	// CacheEnabled means the whole input.
 	CacheKeyPaths []string
 	CacheEntries  int
-	LoadedAt      time.Time
+	// ResidualPaths are the input paths evaluated per request on the
+	// residual fast path (the policy partially evaluated on the other
+	// paths); empty when the set has no fast path.
+	ResidualPaths []string
+	// ResidualAnswers counts decisions the fast path gave.
+	ResidualAnswers uint64
+	LoadedAt        time.Time
 }
 
 // compiledSet is one immutable, prepared policy set.
@@ -154,6 +160,7 @@ type compiledSet struct {
 	query    rego.PreparedEvalQuery
 	an       analysis
 	cache    *decisionCache // nil when off
+	fast     *residuals     // nil when the set has no residual fast path
 	loadedAt time.Time
 }
 
@@ -349,6 +356,7 @@ func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error)
 			}
 		}
 		set.cache = newDecisionCache(paths, e.opts.CacheSize)
+		set.fast = newResiduals(compiler, store, e.path, set.an, e.caps, !e.opts.LenientBuiltinErrors, e.opts.CacheSize)
 	}
 	return set, nil
 }
@@ -420,22 +428,33 @@ func (s Snapshot) Eval(ctx context.Context, input ast.Value) (Result, error) {
 		return Result{Revision: set.revision}, fmt.Errorf("evaluate policy %s: %w", set.revision, err)
 	}
 	if set.cache == nil || !set.cache.use() {
-		return set.eval(ctx, input)
+		return set.evalFast(ctx, input)
 	}
 	key, sum, size := set.cache.key(input)
 	if size > maxKeyBytes {
-		return set.eval(ctx, input)
+		return set.evalFast(ctx, input)
 	}
 	if r, ok := set.cache.get(key, sum); ok {
 		r.Cached = true
 		return r, nil
 	}
-	r, err := set.eval(ctx, input)
+	r, err := set.evalFast(ctx, input)
 	if err != nil {
 		return r, err
 	}
 	set.cache.put(key, sum, r)
 	return r, nil
+}
+
+// evalFast answers from the residual fast path when the set has one and
+// it applies to input, else evaluates in full.
+func (s *compiledSet) evalFast(ctx context.Context, input ast.Value) (Result, error) {
+	if s.fast != nil {
+		if r, ok := s.fast.eval(ctx, input, s.revision); ok {
+			return r, nil
+		}
+	}
+	return s.eval(ctx, input)
 }
 
 func (s *compiledSet) eval(ctx context.Context, input ast.Value) (Result, error) {
@@ -490,6 +509,12 @@ func (e *Engine) Info() Info {
 			in.CacheKeyPaths = append(in.CacheKeyPaths, "input."+strings.Join(p, "."))
 		}
 		in.CacheEntries = s.cache.len()
+	}
+	if s.fast != nil {
+		for _, p := range s.fast.unknown {
+			in.ResidualPaths = append(in.ResidualPaths, "input."+strings.Join(p, "."))
+		}
+		in.ResidualAnswers = s.fast.answered.Load()
 	}
 	return in
 }
