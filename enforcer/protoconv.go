@@ -4,6 +4,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"math"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,6 +45,15 @@ type converter struct{ target string }
 type need struct {
 	all  bool
 	kids map[string]*need
+	// order lists kids in key order with their key terms, built once so
+	// that a request neither iterates a map nor allocates key terms.
+	order []needKid
+}
+
+type needKid struct {
+	name string
+	key  *ast.Term
+	need *need
 }
 
 var needAll = &need{all: true}
@@ -71,7 +81,21 @@ func newNeed(paths [][]string, whole bool) *need {
 			n = kid
 		}
 	}
+	root.index()
 	return root
+}
+
+// index fills order in every node below n.
+func (n *need) index() {
+	if n == nil || n.all {
+		return
+	}
+	n.order = n.order[:0]
+	for k, kid := range n.kids {
+		n.order = append(n.order, needKid{name: k, key: ast.StringTerm(k), need: kid})
+		kid.index()
+	}
+	slices.SortFunc(n.order, func(a, b needKid) int { return strings.Compare(a.name, b.name) })
 }
 
 // child is what is needed under key k, or nil if nothing.
@@ -121,14 +145,14 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 	} else {
 		// Visit only the fields the policy can read: protojson names
 		// fields by JSON name and leaves unpopulated ones out, as Has does.
-		items = make([][2]*ast.Term, 0, len(n.kids))
+		items = make([][2]*ast.Term, 0, len(n.order))
 		fields := d.Fields()
-		for k, sub := range n.kids {
-			fd := fields.ByJSONName(k)
+		for _, kid := range n.order {
+			fd := fields.ByJSONName(kid.name)
 			if fd == nil || !m.Has(fd) {
 				continue
 			}
-			if !add(fd, m.Get(fd), sub) {
+			if !add(fd, m.Get(fd), kid.need) {
 				break
 			}
 		}

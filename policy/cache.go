@@ -17,7 +17,8 @@ import (
 // cheaper under contention than one LRU list, and as good for a workload
 // whose hot set fits.
 type decisionCache struct {
-	paths    [][]string // nil means the whole input
+	paths    [][]string    // nil means the whole input
+	terms    [][]*ast.Term // paths as key terms, made once: InternedTerm allocates for most names
 	shards   [cacheShards]cacheShard
 	perShard int
 	seed     maphash.Seed
@@ -79,7 +80,7 @@ func newDecisionCache(paths [][]string, size int) *decisionCache {
 	if per < 1 {
 		per = 1
 	}
-	c := &decisionCache{paths: paths, perShard: per, seed: maphash.MakeSeed()}
+	c := &decisionCache{paths: paths, terms: pathTerms(paths), perShard: per, seed: maphash.MakeSeed()}
 	for i := range c.shards {
 		c.shards[i].m = make(map[uint64][]cacheEntry)
 	}
@@ -98,7 +99,7 @@ func (c *decisionCache) key(input ast.Value) (key []ast.Value, sum uint64, size 
 		return []ast.Value{input}, h.Sum64(), size
 	}
 	key = make([]ast.Value, 0, len(c.paths)*2)
-	for _, p := range c.paths {
+	for _, p := range c.terms {
 		v := input
 		depth := 0
 		for _, k := range p {
@@ -106,7 +107,7 @@ func (c *decisionCache) key(input ast.Value) (key []ast.Value, sum uint64, size 
 			if !ok {
 				break
 			}
-			t := obj.Get(ast.InternedTerm(k))
+			t := obj.Get(k)
 			if t == nil {
 				v = keyMissing
 				break
@@ -292,4 +293,19 @@ func writeHash(h *maphash.Hash, v ast.Value) int {
 		h.WriteString(s)
 		return len(s) + 1
 	}
+}
+
+// pathTerms turns paths into string terms once.
+func pathTerms(paths [][]string) [][]*ast.Term {
+	if paths == nil {
+		return nil
+	}
+	out := make([][]*ast.Term, len(paths))
+	for i, p := range paths {
+		out[i] = make([]*ast.Term, len(p))
+		for j, k := range p {
+			out[i][j] = ast.StringTerm(k)
+		}
+	}
+	return out
 }

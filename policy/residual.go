@@ -39,6 +39,7 @@ var residualBuiltins = map[string]bool{
 type residuals struct {
 	query      ast.Body
 	unknown    [][]string
+	unknownKey [][]*ast.Term // unknown as key terms
 	unknownRef []*ast.Term
 	hasDefault bool
 	compiler   *ast.Compiler
@@ -132,6 +133,7 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 	return &residuals{
 		query:      ast.NewBody(ast.Equality.Expr(ast.NewTerm(path), ast.InternedTerm(true))),
 		unknown:    unknown,
+		unknownKey: pathTerms(unknown),
 		unknownRef: refs,
 		hasDefault: hasDefault,
 		compiler:   compiler,
@@ -321,7 +323,7 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 	if len(f.unknown) > len(vals) {
 		return Result{}, false
 	}
-	for i, p := range f.unknown {
+	for i, p := range f.unknownKey {
 		t := lookup(input, p)
 		if t == nil {
 			return Result{}, false
@@ -389,14 +391,14 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 }
 
 // lookup follows a constant path through nested objects.
-func lookup(v ast.Value, p []string) *ast.Term {
+func lookup(v ast.Value, p []*ast.Term) *ast.Term {
 	var t *ast.Term
 	for _, k := range p {
 		obj, ok := v.(ast.Object)
 		if !ok {
 			return nil
 		}
-		if t = obj.Get(ast.InternedTerm(k)); t == nil {
+		if t = obj.Get(k); t == nil {
 			return nil
 		}
 		v = t.Value

@@ -80,7 +80,7 @@ allow if {
 // residualInput is corpusInput with some paths missing or not strings.
 func residualInput(r *rand.Rand, i int) ast.Value {
 	in := corpusInput(r, i)
-	http := lookup(in, []string{"attributes", "request", "http"}).Value.(ast.Object)
+	http := lookup(in, pathTerms([][]string{{"attributes", "request", "http"}})[0]).Value.(ast.Object)
 	switch r.IntN(12) {
 	case 0:
 		// No path: rebuild without it.
