@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"context"
+	"runtime"
 	"time"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -40,12 +41,16 @@ func NewServer(e *Enforcer, timeout time.Duration) *Server {
 }
 
 // ServerOptions are the message bounds every ext_authz server should use,
-// to append to the caller's credentials option.
+// to append to the caller's credentials option. Streams are served by a
+// fixed pool of workers: a goroutine per check would grow a fresh stack
+// for every request, which costs more than the policy.
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxCheckMessageBytes),
 		grpc.MaxSendMsgSize(MaxCheckMessageBytes),
 		grpc.MaxConcurrentStreams(1024),
+		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)*4))),
+		grpc.SharedWriteBuffer(true),
 	}
 }
 

@@ -36,7 +36,7 @@ type testCA struct {
 	key  *ecdsa.PrivateKey
 }
 
-func newTestCA(t *testing.T, td string) *testCA {
+func newTestCA(t testing.TB, td string) *testCA {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -67,7 +67,7 @@ func (ca *testCA) bundle() *x509bundle.Bundle {
 	return x509bundle.FromX509Authorities(ca.td, []*x509.Certificate{ca.cert})
 }
 
-func (ca *testCA) svid(t *testing.T, id string) *x509svid.SVID {
+func (ca *testCA) svid(t testing.TB, id string) *x509svid.SVID {
 	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
