@@ -126,7 +126,7 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 	bundleURL := "http://" + w.http + "/bundles/mesh"
 	wl, src := enforcerEnv(b)
 	p := startEnforcer(b, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--bundle-url", bundleURL,
-		"--log-level", "warn")
+		"--log-level", "warn", "--pprof")
 	cc := dialEnforcer(b, src, p.listen)
 	client := authv3.NewAuthorizationClient(cc)
 	opaURL, opaPID := startOPA(b, opaBin, w.http)
@@ -171,6 +171,22 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 			}
 			return *out.Result, nil
 		}},
+	}
+	if prof := os.Getenv("WRIT_BENCH_PROFILE"); prof != "" {
+		// A CPU profile of writ-enforcer over the server rounds.
+		go func() {
+			resp, err := http.Get("http://" + p.admin + "/debug/pprof/profile?seconds=" + os.Getenv("WRIT_BENCH_PROFILE_SECONDS"))
+			if err != nil {
+				return
+			}
+			defer resp.Body.Close()
+			f, err := os.Create(prof)
+			if err != nil {
+				return
+			}
+			defer f.Close()
+			_, _ = io.Copy(f, resp.Body)
+		}()
 	}
 	runInterleaved(b, servers, maxDur, ref)
 	if code := p.stop(b); code != 0 {

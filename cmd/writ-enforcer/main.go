@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"strings"
@@ -108,6 +109,7 @@ type options struct {
 	logLevel      string
 	allowNetwork  bool
 	maxConcurrent uint
+	pprof         bool
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
@@ -133,6 +135,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.allowNetwork, "allow-network-builtins", false, "let policies call http.send and net.lookup_ip_addr (turns the cache off)")
 	fs.UintVar(&o.maxConcurrent, "max-concurrent-streams", 1024, "concurrent gRPC streams per client connection")
+	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's /debug/pprof on the admin address (keep it on loopback)")
 	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -327,7 +330,14 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return fmt.Errorf("listen for admin: %w", err)
 	}
 	var serving atomic.Bool
-	admin := &http.Server{Handler: adminMux(reg, engine, src, &serving), ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 30 * time.Second}
+	mux := adminMux(reg, engine, src, &serving)
+	if o.pprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
+	admin := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, WriteTimeout: 60 * time.Second}
 	log.Info("writ-enforcer starting", "listen", lis.Addr().String(), "admin_addr", adminL.Addr().String(),
 		"spiffe_id", svid.ID.String(), "policy_revision", engine.Revision(), "decision", o.decisionPath)
 
