@@ -408,3 +408,42 @@ func TestEnforcerPullsBundleFromWritd(t *testing.T) {
 		t.Fatalf("exit code %d after SIGTERM\n%s", code, p.log)
 	}
 }
+
+// TestEnforcerPeerAuthorization: with --allow-spiffe-id, a client of the
+// trust domain that is not listed gets no answer, and neither does a
+// client without an SVID; a listed one does.
+func TestEnforcerPeerAuthorization(t *testing.T) {
+	wl, src := enforcerEnv(t)
+	dir := meshPolicyDir(t)
+	p := startEnforcer(t, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--policy-dir", dir,
+		"--allow-spiffe-id", "spiffe://example.org/ns/demo/sa/envoy")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	req := checkReq(clientID.String(), serverID.String(), "GET", "/")
+	if _, err := authv3.NewAuthorizationClient(dialEnforcer(t, src, p.listen)).Check(ctx, req); err == nil {
+		t.Fatal("a client not in --allow-spiffe-id got an answer")
+	}
+	anon := svidtls.ClientConfig(nil, src, svidtls.AuthorizeID(enforcerID), clockwork.NewRealClock())
+	cc, err := grpc.NewClient(p.listen, grpc.WithTransportCredentials(credentials.NewTLS(anon)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	if _, err := authv3.NewAuthorizationClient(cc).Check(ctx, req); err == nil {
+		t.Fatal("a client without an SVID got an answer")
+	}
+	if bs, _ := os.ReadFile(p.decisionLg); len(bs) != 0 {
+		t.Fatalf("refused clients produced decisions:\n%s", bs)
+	}
+	if code := p.stop(t); code != 0 {
+		t.Fatalf("exit code %d after SIGTERM\n%s", code, p.log)
+	}
+
+	// The same client, listed, is answered.
+	p = startEnforcer(t, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--policy-dir", dir,
+		"--allow-spiffe-id", clientID.String())
+	resp, err := authv3.NewAuthorizationClient(dialEnforcer(t, src, p.listen)).Check(ctx, req)
+	if err != nil || code.Code(resp.GetStatus().GetCode()) != code.Code_OK {
+		t.Fatalf("listed client: %v, %v", resp, err)
+	}
+}
