@@ -23,9 +23,9 @@ import (
 // writd is a writd process started for one test.
 type writd struct {
 	bin, dir, http, grpc, socket string
-	cmd                    *exec.Cmd
-	log                    *bytes.Buffer
-	done                   chan error
+	cmd                          *exec.Cmd
+	log                          *bytes.Buffer
+	done                         chan error
 }
 
 // writdOptions add to the config file startWritd writes.
