@@ -74,9 +74,10 @@ func (s *recordingSink) records() []decision.Record {
 
 // env is a decision API served over real TLS by a test authority's SVIDs.
 type env struct {
-	t        *testing.T
+	t        testing.TB
 	auth     *authoritytest.Env
 	url      string
+	api      http.Handler
 	sink     *recordingSink
 	reg      *prometheus.Registry
 	serverID spiffeid.ID
@@ -88,7 +89,7 @@ type envOptions struct {
 }
 
 // adminDir is the shipped admin policy with the tests' grants.
-func adminDir(t *testing.T) string {
+func adminDir(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
 	rego, err := os.ReadFile(filepath.Join("..", "..", "policies", "admin", "admin.rego"))
@@ -104,7 +105,7 @@ func adminDir(t *testing.T) string {
 	return dir
 }
 
-func newEnv(t *testing.T, o envOptions) *env {
+func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	ctx := context.Background()
 	a := authoritytest.Start(t, authoritytest.Options{})
@@ -138,11 +139,11 @@ func newEnv(t *testing.T, o envOptions) *env {
 	done := make(chan struct{})
 	go func() { _ = hs.Serve(tl); close(done) }()
 	t.Cleanup(func() { _ = hs.Close(); <-done })
-	return &env{t: t, auth: a, url: "https://" + l.Addr().String(), sink: sink, reg: reg, serverID: serverID}
+	return &env{t: t, api: api, auth: a, url: "https://" + l.Addr().String(), sink: sink, reg: reg, serverID: serverID}
 }
 
 // issue signs an X.509 SVID for id with the test authority.
-func issue(t *testing.T, a *authoritytest.Env, id spiffeid.ID) *x509svid.SVID {
+func issue(t testing.TB, a *authoritytest.Env, id spiffeid.ID) *x509svid.SVID {
 	t.Helper()
 	key, der := authoritytest.CSR(t, id)
 	csr, err := authority.ParseCSR(der)
