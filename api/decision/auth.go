@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -61,9 +62,16 @@ func (s *Server) authenticate(r *http.Request) (Caller, error) {
 		hasX509 bool
 	)
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-		id, _, err := x509svid.Verify(r.TLS.PeerCertificates, s.x509, x509svid.WithTime(s.clock.Now()))
-		if err != nil {
-			return Caller{}, errors.New("client certificate is not a valid X.509 SVID of a trusted domain")
+		certs, now := r.TLS.PeerCertificates, s.clock.Now()
+		id, ok := s.authCache.x509Lookup(certs, s.x509, now)
+		if !ok {
+			var chains [][]*x509.Certificate
+			var err error
+			id, chains, err = x509svid.Verify(certs, s.x509, x509svid.WithTime(now))
+			if err != nil {
+				return Caller{}, errors.New("client certificate is not a valid X.509 SVID of a trusted domain")
+			}
+			s.authCache.x509Store(certs, id, chains[0])
 		}
 		c, hasX509 = Caller{ID: id, Auth: AuthX509}, true
 	}
@@ -87,18 +95,24 @@ func (s *Server) authenticate(r *http.Request) (Caller, error) {
 	if len(tok) > maxTokenLen {
 		return Caller{}, fmt.Errorf("bearer token longer than %d bytes", maxTokenLen)
 	}
-	svid, err := jwtsvid.ParseAndValidate(tok, s.jwt, s.audience)
-	if err != nil {
-		// go-spiffe's messages name the failed check, never the token.
-		return Caller{}, fmt.Errorf("bearer token is not a valid JWT-SVID: %v", err)
+	// go-spiffe checks expiry on the wall clock; so does the cache.
+	id, ok := s.authCache.jwtLookup(tok, s.jwt, time.Now())
+	if !ok {
+		svid, err := jwtsvid.ParseAndValidate(tok, s.jwt, s.audience)
+		if err != nil {
+			// go-spiffe's messages name the failed check, never the token.
+			return Caller{}, fmt.Errorf("bearer token is not a valid JWT-SVID: %v", err)
+		}
+		id = svid.ID
+		s.authCache.jwtStore(tok, id, svid.Expiry)
 	}
-	if hasX509 && svid.ID != c.ID {
+	if hasX509 && id != c.ID {
 		return Caller{}, errors.New("the client certificate and the bearer token name different SPIFFE IDs")
 	}
 	if hasX509 {
 		return c, nil
 	}
-	return Caller{ID: svid.ID, Auth: AuthJWT}, nil
+	return Caller{ID: id, Auth: AuthJWT}, nil
 }
 
 // TLSConfig is a server configuration for the API on its own listener:

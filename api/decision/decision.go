@@ -188,6 +188,7 @@ type Server struct {
 	clock         clockwork.Clock
 	log           *slog.Logger
 	mux           *http.ServeMux
+	authCache     authCache
 }
 
 var _ http.Handler = (*Server)(nil)
