@@ -215,3 +215,23 @@ func TestNewRequiresEverything(t *testing.T) {
 		t.Fatal("New with no options: got no error")
 	}
 }
+
+// Served with svidtls.ServerConfig (a client SVID required at the
+// handshake), the handler takes the caller from the verified chain, and
+// a caller without a certificate cannot connect.
+func TestServedWithSvidtlsServerConfig(t *testing.T) {
+	e := newEnv(t, envOptions{svidtls: true})
+	r := e.do(e.mtls(appID), "POST", "/access/v1/evaluation", aliceReads, "")
+	if r.status != 200 || canonical(t, string(r.body)) != `{"decision":true}` {
+		t.Fatalf("status %d: %s", r.status, r.body)
+	}
+	if recs := e.sink.records(); len(recs) != 1 || recs[0].Caller != appID.String() || recs[0].Auth != decision.AuthX509 {
+		t.Errorf("records = %+v", recs)
+	}
+	req, _ := http.NewRequest("POST", e.url+"/access/v1/evaluation", strings.NewReader(aliceReads))
+	req.Header.Set("Authorization", "Bearer "+e.token(appID, testAudience))
+	if resp, err := e.client(nil).Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a caller without a certificate was answered %d", resp.StatusCode)
+	}
+}

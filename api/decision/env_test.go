@@ -86,6 +86,9 @@ type env struct {
 type envOptions struct {
 	evalTimeout time.Duration
 	maxBody     int64
+	// svidtls serves with svidtls.ServerConfig (client SVID required), as
+	// writ-enforcer may, instead of decision.TLSConfig.
+	svidtls bool
 }
 
 // adminDir is the shipped admin policy with the tests' grants.
@@ -109,7 +112,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	ctx := context.Background()
 	a := authoritytest.Start(t, authoritytest.Options{})
-	engine, err := policy.NewEngine(ctx, policy.Options{Dir: "testdata/policy", DecisionPath: decision.DefaultAuthZENPath})
+	engine, err := policy.NewEngine(ctx, decision.EngineOptions("testdata/policy", ""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +138,11 @@ func newEnv(t testing.TB, o envOptions) *env {
 		t.Fatal(err)
 	}
 	hs := &http.Server{Handler: api, ReadHeaderTimeout: 10 * time.Second, ErrorLog: log.New(io.Discard, "", 0)}
-	tl := tls.NewListener(l, decision.TLSConfig(issue(t, a, serverID), bundle, a.Clock))
+	tcfg := decision.TLSConfig(issue(t, a, serverID), bundle, a.Clock)
+	if o.svidtls {
+		tcfg = svidtls.ServerConfig(issue(t, a, serverID), bundle, svidtls.AuthorizeMemberOf(authoritytest.TrustDomain), a.Clock)
+	}
+	tl := tls.NewListener(l, tcfg)
 	done := make(chan struct{})
 	go func() { _ = hs.Serve(tl); close(done) }()
 	t.Cleanup(func() { _ = hs.Close(); <-done })

@@ -32,7 +32,9 @@ func setupDecision(ctx context.Context, d *deps) error {
 	}
 	c := d.cfg.Decision
 	log := d.log.With("component", "decision-api")
-	engine, err := policy.NewEngine(ctx, policy.Options{Dir: c.PolicyDir, DecisionPath: c.DecisionPath, Logger: log.With("policy", "decision")})
+	eopts := decision.EngineOptions(c.PolicyDir, c.DecisionPath)
+	eopts.Logger = log.With("policy", "decision")
+	engine, err := policy.NewEngine(ctx, eopts)
 	if err != nil {
 		return fmt.Errorf("decision api policy: %w", err)
 	}
