@@ -196,7 +196,13 @@ func TestDataAPIRequests(t *testing.T) {
 				t.Errorf("got %v", m)
 			}
 		}},
-		{"empty segments are dropped", c, "POST", "/v1/data/writ//authzen/allow/", `{"input": {}}`, 200, nil},
+		{"a trailing slash is no segment", c, "POST", "/v1/data/writ/authzen/allow/", `{"input": {}}`, 200, func(t *testing.T, m map[string]any) {
+			if m["result"] != false || m["warning"] != nil {
+				t.Errorf("got %v", m)
+			}
+		}},
+		{"empty segments are refused, not redirected", c, "POST", "/v1/data/writ//authzen/allow", `{"input": {}}`, 400, nil},
+		{"dot segments are refused, not redirected", c, "POST", "/v1/data/writ/x/../authzen/allow", `{"input": {}}`, 400, nil},
 		{"escaped segments are read", c, "POST", "/v1/data/writ/%61uthzen/allow", `{"input": {}}`, 200, func(t *testing.T, m map[string]any) {
 			if m["result"] != false {
 				t.Errorf("result = %v", m["result"])

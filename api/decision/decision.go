@@ -54,6 +54,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"path"
+	"strings"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -261,7 +263,26 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	h := w.Header()
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-store")
+	// ServeMux would redirect a path with "//", "." or ".." segments, and
+	// clients follow a 301 by turning a POST into a GET without its body:
+	// a query with input would be answered as one without. Refuse instead.
+	if p := r.URL.Path; p != cleanPath(p) {
+		writeJSON(w, http.StatusBadRequest, apiError{Code: codeInvalidParameter, Message: "the URL path has empty, \".\" or \"..\" segments"}, false)
+		return
+	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// cleanPath is the canonical form ServeMux redirects to.
+func cleanPath(p string) string {
+	if p == "" || p[0] != '/' {
+		p = "/" + p
+	}
+	np := path.Clean(p)
+	if strings.HasSuffix(p, "/") && np != "/" {
+		np += "/"
+	}
+	return np
 }
 
 func checkBaseURL(b string) (string, error) {
