@@ -266,6 +266,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// ServeMux would redirect a path with "//", "." or ".." segments, and
 	// clients follow a 301 by turning a POST into a GET without its body:
 	// a query with input would be answered as one without. Refuse instead.
+	if id := r.Header.Get("X-Request-ID"); id != "" {
+		if len(id) > maxRequestIDLen || !printable(id) {
+			writeJSON(w, http.StatusBadRequest, apiError{Code: codeInvalidParameter, Message: fmt.Sprintf("X-Request-ID must be at most %d printable ASCII characters", maxRequestIDLen)}, false)
+			return
+		}
+		h.Set("X-Request-ID", id)
+	}
 	if p := r.URL.Path; p != cleanPath(p) {
 		writeJSON(w, http.StatusBadRequest, apiError{Code: codeInvalidParameter, Message: "the URL path has empty, \".\" or \"..\" segments"}, false)
 		return

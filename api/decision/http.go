@@ -62,14 +62,7 @@ func (s *Server) serve(api string, h func(c *call)) http.HandlerFunc {
 		rw := &statusWriter{ResponseWriter: w}
 		c.w = rw
 		defer func() { s.metrics.request(api, rw.status, s.clock.Since(c.start)) }()
-		if id := r.Header.Get("X-Request-ID"); id != "" {
-			if len(id) > maxRequestIDLen || !printable(id) {
-				s.fail(c, http.StatusBadRequest, codeInvalidParameter, fmt.Sprintf("X-Request-ID must be at most %d printable ASCII characters", maxRequestIDLen))
-				return
-			}
-			c.requestID = id
-			w.Header().Set("X-Request-ID", id)
-		}
+		c.requestID = r.Header.Get("X-Request-ID") // checked and echoed by ServeHTTP
 		caller, err := s.authenticate(r)
 		if err != nil {
 			s.log.Debug("decision api: unauthenticated", "api", api, "remote", r.RemoteAddr, "err", err)
