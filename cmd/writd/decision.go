@@ -61,11 +61,7 @@ func setupDecision(ctx context.Context, d *deps) error {
 	if err != nil {
 		return fmt.Errorf("listen decision: %w", err)
 	}
-	srv := &http.Server{
-		Handler:           api,
-		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second,
-		WriteTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: 32 << 10,
-	}
+	srv := decision.HTTPServer(api)
 	tl := tls.NewListener(l, d.ident.TLSConfig())
 	log.Info("decision api serving", "addr", l.Addr().String(), "policy_revision", engine.Revision(), "admin_policy_revision", admin.Revision())
 	d.tasks = append(d.tasks,
