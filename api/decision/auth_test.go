@@ -3,6 +3,7 @@ package decision_test
 import (
 	"context"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -233,5 +234,35 @@ func TestServedWithSvidtlsServerConfig(t *testing.T) {
 	if resp, err := e.client(nil).Do(req); err == nil {
 		resp.Body.Close()
 		t.Fatalf("a caller without a certificate was answered %d", resp.StatusCode)
+	}
+}
+
+// A change of the admin policy's grants takes effect on reload, without a
+// restart, and a bad one never replaces the running policy.
+func TestAdminPolicyReload(t *testing.T) {
+	e := newEnv(t, envOptions{})
+	guest := e.mtls(guestID)
+	if r := e.do(guest, "POST", "/access/v1/evaluation", aliceReads, ""); r.status != http.StatusForbidden {
+		t.Fatalf("before: status %d, want 403", r.status)
+	}
+	grants := strings.Replace(testGrants, `"spiffe://example.org/ns/apps/sa/*"], "apis": ["authzen"]`,
+		`"spiffe://example.org/ns/apps/sa/*", "spiffe://example.org/ns/guest/sa/*"], "apis": ["authzen"]`, 1)
+	if err := os.WriteFile(filepath.Join(e.adminDir, "data.json"), []byte(grants), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.admin.Reload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if r := e.do(guest, "POST", "/access/v1/evaluation", aliceReads, ""); r.status != http.StatusOK {
+		t.Fatalf("after the grant: status %d: %s", r.status, r.body)
+	}
+	if err := os.WriteFile(filepath.Join(e.adminDir, "admin.rego"), []byte("package writ.admin\n\nallow if {"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.admin.Reload(context.Background()); err == nil {
+		t.Fatal("a broken admin policy was accepted")
+	}
+	if r := e.do(guest, "POST", "/access/v1/evaluation", aliceReads, ""); r.status != http.StatusOK {
+		t.Fatalf("after a rejected reload: status %d, want the running policy's 200", r.status)
 	}
 }

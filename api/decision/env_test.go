@@ -78,6 +78,8 @@ type env struct {
 	auth     *authoritytest.Env
 	url      string
 	api      http.Handler
+	admin    *policy.Engine
+	adminDir string
 	sink     *recordingSink
 	reg      *prometheus.Registry
 	serverID spiffeid.ID
@@ -116,7 +118,8 @@ func newEnv(t testing.TB, o envOptions) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	admin, err := policy.NewEngine(ctx, decision.AdminEngineOptions(adminDir(t)))
+	adir := adminDir(t)
+	admin, err := policy.NewEngine(ctx, decision.AdminEngineOptions(adir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +149,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	done := make(chan struct{})
 	go func() { _ = hs.Serve(tl); close(done) }()
 	t.Cleanup(func() { _ = hs.Close(); <-done })
-	return &env{t: t, api: api, auth: a, url: "https://" + l.Addr().String(), sink: sink, reg: reg, serverID: serverID}
+	return &env{t: t, api: api, admin: admin, adminDir: adir, auth: a, url: "https://" + l.Addr().String(), sink: sink, reg: reg, serverID: serverID}
 }
 
 // issue signs an X.509 SVID for id with the test authority.
