@@ -266,3 +266,25 @@ func TestAdminPolicyReload(t *testing.T) {
 		t.Fatalf("after a rejected reload: status %d, want the running policy's 200", r.status)
 	}
 }
+
+// A sink that takes batches gets an AuthZEN batch's records in one call,
+// and a batch it refuses leaves no record.
+func TestBatchSink(t *testing.T) {
+	bs := &batchSink{recordingSink: &recordingSink{}}
+	e := newEnv(t, envOptions{sink: bs})
+	c := e.mtls(appID)
+	body := `{"evaluations": [` + aliceReads + `, ` + aliceReads + `, ` + aliceReads + `]}`
+	if r := e.do(c, "POST", "/access/v1/evaluations", body, ""); r.status != 200 {
+		t.Fatalf("status %d: %s", r.status, r.body)
+	}
+	if len(bs.batches) != 1 || len(bs.batches[0]) != 3 {
+		t.Fatalf("batches = %d, want one of 3 records", len(bs.batches))
+	}
+	bs.setErr(errSinkDown)
+	if r := e.do(c, "POST", "/access/v1/evaluations", body, ""); r.status != http.StatusServiceUnavailable {
+		t.Fatalf("refused batch: status %d, want 503", r.status)
+	}
+	if n := len(bs.records()); n != 3 {
+		t.Errorf("%d records after a refused batch, want the first batch's 3", n)
+	}
+}

@@ -143,8 +143,7 @@ func (s *Server) evaluation(c *call) {
 		s.fail(c, http.StatusBadRequest, codeInvalidParameter, err.Error())
 		return
 	}
-	ctx, cancel := context.WithTimeout(c.r.Context(), s.timeout)
-	defer cancel()
+	ctx := c.ctx
 	snap := s.engine.Snapshot()
 	resp, rec := s.evaluate(ctx, c, snap, t, 0)
 	if !s.audit(c, rec) {
@@ -178,8 +177,7 @@ func (s *Server) evaluations(c *call) {
 			return
 		}
 	}
-	ctx, cancel := context.WithTimeout(c.r.Context(), s.timeout)
-	defer cancel()
+	ctx := c.ctx
 	snap := s.engine.Snapshot() // one policy set answers the whole batch
 	if len(req.Evaluations) == 0 {
 		// No evaluations: a single evaluation of the top-level tuple.
@@ -215,10 +213,8 @@ func (s *Server) evaluations(c *call) {
 			break
 		}
 	}
-	for _, rec := range recs {
-		if !s.audit(c, rec) {
-			return
-		}
+	if !s.audit(c, recs...) {
+		return
 	}
 	writeJSON(c.w, http.StatusOK, map[string]any{"evaluations": out}, false)
 }

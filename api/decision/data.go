@@ -1,7 +1,6 @@
 package decision
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -142,8 +141,7 @@ func (s *Server) data(c *call) {
 		}
 		dig = digest(input)
 	}
-	ctx, cancel := context.WithTimeout(c.r.Context(), s.timeout)
-	defer cancel()
+	ctx := c.ctx
 	snap := s.engine.Snapshot()
 	rec := s.record(c, path, 0, dig)
 	rec.PolicyRevision = snap.Revision()

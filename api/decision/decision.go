@@ -137,6 +137,15 @@ type Sink interface {
 	Record(ctx context.Context, r Record) error
 }
 
+// BatchSink is a Sink that also records the records of one AuthZEN batch
+// in one call, all or none. Sinks without it get the records one by one,
+// and a failure part way leaves the first ones recorded for a batch whose
+// answer was withheld.
+type BatchSink interface {
+	Sink
+	RecordBatch(ctx context.Context, rs []Record) error
+}
+
 // SinkFunc adapts a function to Sink.
 type SinkFunc func(ctx context.Context, r Record) error
 

@@ -2,6 +2,7 @@ package decision_test
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -85,7 +86,26 @@ type env struct {
 	serverID spiffeid.ID
 }
 
+// batchSink is a recordingSink that takes batches whole.
+type batchSink struct {
+	*recordingSink
+	batches [][]decision.Record
+}
+
+func (s *batchSink) RecordBatch(_ context.Context, rs []decision.Record) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.err != nil {
+		return s.err
+	}
+	s.batches = append(s.batches, rs)
+	s.recs = append(s.recs, rs...)
+	return nil
+}
+
 type envOptions struct {
+	// sink, if set, replaces the env's recordingSink as the API's sink.
+	sink        decision.Sink
 	evalTimeout time.Duration
 	maxBody     int64
 	// svidtls serves with svidtls.ServerConfig (client SVID required), as
@@ -127,7 +147,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	sink := &recordingSink{}
 	reg := prometheus.NewRegistry()
 	api, err := decision.New(decision.Options{
-		Engine: engine, Admin: admin, Sink: sink,
+		Engine: engine, Admin: admin, Sink: cmp.Or[decision.Sink](o.sink, sink),
 		X509Bundles: bundle, JWTBundles: bundle, Audience: []string{testAudience},
 		MaxBodyBytes: o.maxBody, EvalTimeout: o.evalTimeout,
 		Metrics: reg, Clock: a.Clock,

@@ -46,6 +46,9 @@ type apiError struct {
 
 // call is one request being served.
 type call struct {
+	// ctx bounds the whole request's evaluation (admin policy included)
+	// by the evaluation timeout.
+	ctx       context.Context
 	api       string
 	caller    Caller
 	requestID string
@@ -58,7 +61,9 @@ type call struct {
 // policy, metrics.
 func (s *Server) serve(api string, h func(c *call)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		c := &call{api: api, start: s.clock.Now(), w: w, r: r}
+		ctx, cancel := context.WithTimeout(r.Context(), s.timeout)
+		defer cancel()
+		c := &call{ctx: ctx, api: api, start: s.clock.Now(), w: w, r: r}
 		rw := &statusWriter{ResponseWriter: w}
 		c.w = rw
 		defer func() { s.metrics.request(api, rw.status, s.clock.Since(c.start)) }()
@@ -85,8 +90,7 @@ func (s *Server) authorize(c *call, action, path string) bool {
 		"method": c.r.Method,
 		"path":   path,
 	}
-	ctx, cancel := context.WithTimeout(c.r.Context(), s.timeout)
-	defer cancel()
+	ctx := c.ctx
 	v, err := ast.InterfaceToValue(in)
 	if err != nil {
 		s.fail(c, http.StatusInternalServerError, codeInternal, "admin policy input")
@@ -129,17 +133,34 @@ func (s *Server) record(c *call, path string, item int, digest string) Record {
 	}
 }
 
-// audit hands rec to the sink and counts it; on a sink error it answers
-// 503 and returns false.
-func (s *Server) audit(c *call, rec Record) bool {
-	rec.Latency = s.clock.Since(c.start)
-	if err := s.sink.Record(c.r.Context(), rec); err != nil {
-		s.log.Error("decision api: audit sink refused a record; answer withheld", "id", rec.ID, "api", rec.API, "err", err)
-		s.metrics.sinkError(rec.API)
+// audit hands recs (one answer's records) to the sink and counts them; on
+// a sink error it answers 503 and returns false. A BatchSink takes them in
+// one call, all or none; other sinks one by one, stopping at the first
+// error.
+func (s *Server) audit(c *call, recs ...Record) bool {
+	lat := s.clock.Since(c.start)
+	for i := range recs {
+		recs[i].Latency = lat
+	}
+	var err error
+	if bs, ok := s.sink.(BatchSink); ok && len(recs) > 1 {
+		err = bs.RecordBatch(c.r.Context(), recs)
+	} else {
+		for _, rec := range recs {
+			if err = s.sink.Record(c.r.Context(), rec); err != nil {
+				break
+			}
+		}
+	}
+	if err != nil {
+		s.log.Error("decision api: audit sink refused a record; answer withheld", "id", recs[0].ID, "api", c.api, "records", len(recs), "err", err)
+		s.metrics.sinkError(c.api)
 		s.fail(c, http.StatusServiceUnavailable, codeUnavailable, "the decision could not be audited")
 		return false
 	}
-	s.metrics.decision(rec.API, rec.Result)
+	for _, rec := range recs {
+		s.metrics.decision(rec.API, rec.Result)
+	}
 	return true
 }
 
