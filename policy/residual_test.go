@@ -146,3 +146,42 @@ func TestResidualFastPathAgrees(t *testing.T) {
 		})
 	}
 }
+
+// TestResidualFastPathConcurrent: goroutines sharing an engine whose
+// residuals are built while they evaluate get the answers a plain engine
+// gives (run with -race).
+func TestResidualFastPathConcurrent(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": residualPolicies[0].rego, "rbac/data.json": corpusData})
+	plain := newEngine(t, Options{Dir: dir, CacheSize: -1})
+	fast := newEngine(t, Options{Dir: dir, CacheSize: 64})
+	ctx := context.Background()
+	r := rand.New(rand.NewPCG(5, 5))
+	ins := make([]ast.Value, 2000)
+	want := make([]Result, len(ins))
+	for i := range ins {
+		ins[i] = residualInput(r, i)
+		want[i], _ = plain.Eval(ctx, ins[i])
+	}
+	errs := make(chan error, 4)
+	for w := range 4 {
+		go func() {
+			for i := w; i < len(ins); i += 2 {
+				got, _ := fast.Eval(ctx, ins[i%len(ins)])
+				if got.Defined != want[i].Defined || !reflect.DeepEqual(got.Value, want[i].Value) {
+					errs <- fmt.Errorf("input %v: fast %+v, plain %+v", ins[i], got, want[i])
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 4 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if fast.Info().ResidualAnswers == 0 {
+		t.Fatal("the fast path never answered")
+	}
+}
