@@ -115,52 +115,56 @@ func (c *converter) message(m protoreflect.Message, n *need) (ast.Value, error) 
 		n = needAll
 	}
 	isHTTP := d.FullName() == httpRequestName
-	var items [][2]*ast.Term
-	var err error
-	add := func(fd protoreflect.FieldDescriptor, v protoreflect.Value, sub *need) bool {
-		var val ast.Value
-		switch {
-		case fd.IsMap():
-			val, err = c.mapValue(fd, v.Map(), isHTTP && fd.Name() == "headers", sub)
-		case fd.IsList():
-			val, err = c.list(fd, v.List())
-		case isHTTP && fd.Name() == "path":
-			val = ast.String(c.target)
-		case fd.Kind() == protoreflect.MessageKind:
-			val, err = c.message(v.Message(), sub)
-		default:
-			val, err = c.singular(fd, v)
-		}
-		if err != nil {
-			return false
-		}
-		items = append(items, ast.Item(keyTerm(fd), ast.NewTerm(val)))
-		return true
-	}
-	if n.all {
-		items = make([][2]*ast.Term, 0, d.Fields().Len())
-		m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-			return add(fd, v, needAll)
-		})
-	} else {
+	if !n.all {
 		// Visit only the fields the policy can read: protojson names
-		// fields by JSON name and leaves unpopulated ones out, as Has does.
-		items = make([][2]*ast.Term, 0, len(n.order))
+		// fields by JSON name and leaves unpopulated ones out, as Has
+		// does. No closure here: this is the hot path, and a closure's
+		// captured variables would be allocated on every call.
+		items := make([][2]*ast.Term, 0, len(n.order))
 		fields := d.Fields()
 		for _, kid := range n.order {
 			fd := fields.ByJSONName(kid.name)
 			if fd == nil || !m.Has(fd) {
 				continue
 			}
-			if !add(fd, m.Get(fd), kid.need) {
-				break
+			val, err := c.field(fd, m.Get(fd), kid.need, isHTTP)
+			if err != nil {
+				return nil, err
 			}
+			items = append(items, ast.Item(keyTerm(fd), ast.NewTerm(val)))
 		}
+		return ast.NewObject(items...), nil
 	}
+	items := make([][2]*ast.Term, 0, d.Fields().Len())
+	var err error
+	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		var val ast.Value
+		if val, err = c.field(fd, v, needAll, isHTTP); err != nil {
+			return false
+		}
+		items = append(items, ast.Item(keyTerm(fd), ast.NewTerm(val)))
+		return true
+	})
 	if err != nil {
 		return nil, err
 	}
 	return ast.NewObject(items...), nil
+}
+
+// field converts one populated field of a message.
+func (c *converter) field(fd protoreflect.FieldDescriptor, v protoreflect.Value, sub *need, isHTTP bool) (ast.Value, error) {
+	switch {
+	case fd.IsMap():
+		return c.mapValue(fd, v.Map(), isHTTP && fd.Name() == "headers", sub)
+	case fd.IsList():
+		return c.list(fd, v.List())
+	case isHTTP && fd.Name() == "path":
+		return ast.String(c.target), nil
+	case fd.Kind() == protoreflect.MessageKind:
+		return c.message(v.Message(), sub)
+	default:
+		return c.singular(fd, v)
+	}
 }
 
 // keyTerms holds one shared key term per field, so that building an input
