@@ -19,6 +19,7 @@ func TestFlags(t *testing.T) {
 		{"two policies", []string{"--workload-api", "unix:///x", "--policy-dir", "p", "--bundle-file", "b"}, 2, "", "exactly one of"},
 		{"no workload api", []string{"--policy-dir", "p"}, 2, "", "missing --workload-api"},
 		{"stray argument", []string{"--policy-dir", "p", "extra"}, 2, "", "unexpected arguments"},
+		{"gc percent too low", []string{"--workload-api", "unix:///x", "--policy-dir", "p", "--gc-percent", "1"}, 2, "", "--gc-percent"},
 		{"bad level", []string{"--workload-api", "unix:///x", "--policy-dir", "p", "--log-level", "loud"}, 2, "", "--log-level"},
 	}
 	for _, tt := range tests {
