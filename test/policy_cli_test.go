@@ -1,11 +1,14 @@
 package test
 
 import (
+	"context"
 	"encoding/json"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/writmesh/writ/policy"
 )
 
 // runWrit runs the built writ CLI (no writd needed for policy commands)
@@ -117,6 +120,18 @@ func TestPolicyEvalCommand(t *testing.T) {
 			}
 		})
 	}
+	t.Run("bundle file", func(t *testing.T) {
+		b, err := policy.BuildBundle(context.Background(), dir, policy.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(t.TempDir(), "mesh.tar.gz")
+		write(t, file, string(b.Data))
+		out, code := runWrit(t, "policy", "eval", "--policy", file, "--input", allowReq)
+		if code != 0 || !strings.Contains(out, `"result": true`) || !strings.Contains(out, b.Revision) {
+			t.Fatalf("exit %d, want the allowed result and revision %s:\n%s", code, b.Revision, out)
+		}
+	})
 	t.Run("explain", func(t *testing.T) {
 		out, code := runWrit(t, "policy", "eval", "--policy", dir, "--input", allowReq, "--explain", "full")
 		if code != 0 || !strings.Contains(out, "mesh.rego:") || !strings.Contains(out, `"result": true`) {
