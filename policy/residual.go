@@ -348,6 +348,11 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 			return Result{}, false
 		}
 		res = f.partial(ctx, input)
+		if ctx.Err() != nil {
+			// A cancelled partial evaluation says nothing about the
+			// policy: do not remember it.
+			return Result{}, false
+		}
 		f.cache.put(key, sum, Result{Value: res})
 	}
 	if res == nil {

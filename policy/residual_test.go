@@ -185,3 +185,23 @@ func TestResidualFastPathConcurrent(t *testing.T) {
 		t.Fatal("the fast path never answered")
 	}
 }
+
+// TestResidualNotPoisonedByCancellation: a request cancelled while its
+// residual was being computed leaves no entry behind, so the next request
+// with the same known inputs still takes the fast path.
+func TestResidualNotPoisonedByCancellation(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": residualPolicies[0].rego, "rbac/data.json": corpusData})
+	e := newEngine(t, Options{Dir: dir, CacheSize: 64})
+	in := input(t, `{"attributes": {"source": {"principal": "spiffe://td/ns/a/sa/web"}, "request": {"http": {"method": "GET", "path": "/api/v1/users/1/orders/2"}}}}`)
+	set := e.cur.Load()
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, ok := set.fast.eval(cancelled, in, set.revision); ok {
+		t.Fatal("a cancelled evaluation answered from the fast path")
+	}
+	r, ok := set.fast.eval(context.Background(), in, set.revision)
+	if !ok || r.Value != true {
+		t.Fatalf("after a cancelled one: %+v, %v; want true from the fast path", r, ok)
+	}
+}
