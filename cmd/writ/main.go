@@ -39,6 +39,13 @@ Usage:
   writ ca status
   writ cert list [--limit 50] [-o table|json]
   writ whoami
+  writ apply -f FILE|DIR                 apply mesh resources (all documents or none)
+  writ diff -f FILE|DIR                  show what apply would change
+  writ get KIND [NAME] [-n NS] [-o table|yaml|json]
+  writ delete KIND NAME [-n NS]
+  writ history KIND NAME [-n NS] [-o table|json]
+  writ rollback KIND NAME --to REV [-n NS]
+    KIND: service, route, trafficpolicy, authorizationpolicy
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)
@@ -118,6 +125,13 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer, geten
 		sub, subArgs = subArgs[0], subArgs[1:]
 	}
 	run, ok := commands[strings.TrimSpace(cmd+" "+sub)]
+	if !ok && sub != "" {
+		// A lone-noun command whose first argument is positional
+		// (writ get route NAME).
+		if run, ok = commands[cmd]; ok {
+			subArgs = rest[1:]
+		}
+	}
 	if !ok {
 		fmt.Fprintf(stderr, "writ: unknown command %q\n\n%s", strings.TrimSpace(cmd+" "+sub), usage)
 		return 2
