@@ -1,0 +1,519 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	xdscreds "google.golang.org/grpc/credentials/xds"
+	testgrpc "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/xds"
+
+	"github.com/writmesh/writ/authority/agent"
+	"github.com/writmesh/writ/store/pgtest"
+)
+
+// The proxyless roles run in child processes of the test binary: grpc-go
+// reads GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE (needed to verify writd's
+// URI-only SVID on the xDS channel) once at start, and each process gets
+// its own bootstrap, node id and identity.
+const roleEnv = "WRIT_XDS_ROLE"
+
+func init() {
+	switch os.Getenv(roleEnv) {
+	case "server":
+		os.Exit(greeterServerMain())
+	case "client":
+		os.Exit(greeterClientMain())
+	}
+}
+
+// versionServer answers with its version and the caller's SPIFFE ID, as
+// the TLS layer verified it.
+type versionServer struct {
+	testgrpc.UnimplementedTestServiceServer
+	version string
+}
+
+func (s *versionServer) UnaryCall(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	caller := ""
+	if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+			if id, err := x509svid.IDFromCert(ti.State.PeerCertificates[0]); err == nil {
+				caller = id.String()
+			}
+		}
+	}
+	return &testgrpc.SimpleResponse{ServerId: s.version, Username: caller}, nil
+}
+
+func greeterServerMain() int {
+	creds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var once sync.Once
+	srv, err := xds.NewGRPCServer(grpc.Creds(creds), xds.ServingModeCallback(func(addr net.Addr, args xds.ServingModeChangeArgs) {
+		fmt.Fprintf(os.Stderr, "serving mode %v on %v: %v\n", args.Mode, addr, args.Err)
+		if args.Mode == connectivity.ServingModeServing {
+			once.Do(func() { fmt.Println("serving") })
+		}
+	}))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	testgrpc.RegisterTestServiceServer(srv, &versionServer{version: os.Getenv("WRIT_XDS_VERSION")})
+	lis, err := net.Listen("tcp", os.Getenv("WRIT_XDS_ADDR"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	go func() { _, _ = io.Copy(io.Discard, os.Stdin); srv.Stop() }() // parent gone: stop
+	if err := srv.Serve(lis); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// callResult is one "call N" answer of the client process.
+type callResult struct {
+	Versions  map[string]int `json:"versions"`
+	Errors    int            `json:"errors"`
+	LastError string         `json:"last_error,omitempty"`
+	Callers   map[string]int `json:"callers"`
+}
+
+func greeterClientMain() int {
+	creds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	cc, err := grpc.NewClient(os.Getenv("WRIT_XDS_TARGET"), grpc.WithTransportCredentials(creds))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer cc.Close()
+	c := testgrpc.NewTestServiceClient(cc)
+	sc := bufio.NewScanner(os.Stdin)
+	enc := json.NewEncoder(os.Stdout)
+	for sc.Scan() {
+		n, err := strconv.Atoi(strings.TrimPrefix(sc.Text(), "call "))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "bad command", sc.Text())
+			return 1
+		}
+		res := callResult{Versions: map[string]int{}, Callers: map[string]int{}}
+		for range n {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+			cancel()
+			if err != nil {
+				res.Errors++
+				res.LastError = err.Error()
+				continue
+			}
+			res.Versions[r.GetServerId()]++
+			res.Callers[r.GetUsername()]++
+		}
+		if err := enc.Encode(res); err != nil {
+			return 1
+		}
+	}
+	return 0
+}
+
+// meshWritd is a writd replica started on a given database.
+type meshWritd struct {
+	*writd
+	grpc string
+}
+
+func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
+	t.Helper()
+	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
+	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
+	grpcAddr := freeAddr(t)
+	cfg := fmt.Sprintf("trust_domain: example.org\nreplica_id: %s\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
+		name, dbURL, w.http, grpcAddr, w.socket, kekFile)
+	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w.cmd = exec.Command(filepath.Join(w.bin, "writd"), "serve", "--config", filepath.Join(w.dir, "writ.yaml"))
+	w.cmd.Stdout, w.cmd.Stderr = w.log, w.log
+	if err := w.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { w.done <- w.cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = w.cmd.Process.Kill()
+		<-w.done
+		if t.Failed() {
+			t.Logf("writd %s log:\n%s", name, w.log)
+		}
+	})
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		resp, err := http.Get("http://" + w.http + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return &meshWritd{writd: w, grpc: grpcAddr}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("writd not ready: %v\n%s", err, w.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// identityFiles holds one workload's SVID as the file_watcher provider
+// reads it.
+type identityFiles struct{ cert, key, ca, bundleMap string }
+
+// writeSVIDs fetches the SVIDs of ids from the agent's Workload API and
+// writes each to its own directory.
+func writeSVIDs(t *testing.T, addr, dir string, bundleJSON []byte, ids ...spiffeid.ID) map[spiffeid.ID]identityFiles {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var svids []*x509svid.SVID
+	var roots []*x509.Certificate
+	for {
+		xc, err := workloadapi.FetchX509Context(ctx, workloadapi.WithAddr(addr))
+		if err == nil {
+			svids = xc.SVIDs
+			if b, ok := xc.Bundles.Get(spiffeid.RequireTrustDomainFromString("example.org")); ok {
+				roots = b.X509Authorities()
+			}
+			have := 0
+			for _, id := range ids {
+				for _, s := range svids {
+					if s.ID == id {
+						have++
+						break
+					}
+				}
+			}
+			if have == len(ids) {
+				break
+			}
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("workload API never served %v: %v", ids, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	var caPEM []byte
+	for _, c := range roots {
+		caPEM = append(caPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	out := map[spiffeid.ID]identityFiles{}
+	for _, id := range ids {
+		for _, s := range svids {
+			if s.ID != id {
+				continue
+			}
+			certPEM, keyPEM, err := s.Marshal()
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := filepath.Join(dir, strings.ReplaceAll(strings.TrimPrefix(id.Path(), "/"), "/", "_"))
+			if err := os.MkdirAll(d, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			f := identityFiles{cert: filepath.Join(d, "cert.pem"), key: filepath.Join(d, "key.pem"), ca: filepath.Join(d, "ca.pem"), bundleMap: filepath.Join(d, "bundle-map.json")}
+			bm, _ := json.Marshal(map[string]any{"trust_domains": map[string]json.RawMessage{"example.org": bundleJSON}})
+			for p, b := range map[string][]byte{f.cert: certPEM, f.key: keyPEM, f.ca: caPEM, f.bundleMap: bm} {
+				if err := os.WriteFile(p, b, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			out[id] = f
+		}
+	}
+	return out
+}
+
+// bootstrap writes a grpc-go xDS bootstrap pointing at writd's ADS over
+// mTLS with the workload's SVID, with the file_watcher certificate
+// provider for data-plane mTLS.
+func bootstrap(t *testing.T, path, writdGRPC, nodeID string, f identityFiles, metadata map[string]any) {
+	t.Helper()
+	b := map[string]any{
+		"xds_servers": []any{map[string]any{
+			"server_uri":      writdGRPC,
+			"channel_creds":   []any{map[string]any{"type": "tls", "config": map[string]any{"certificate_file": f.cert, "private_key_file": f.key, "spiffe_trust_bundle_map_file": f.bundleMap}}},
+			"server_features": []any{"xds_v3"},
+		}},
+		"node": map[string]any{"id": nodeID, "metadata": metadata},
+		"certificate_providers": map[string]any{"writ": map[string]any{"plugin_name": "file_watcher", "config": map[string]any{
+			"certificate_file": f.cert, "private_key_file": f.key, "ca_certificate_file": f.ca, "refresh_interval": "10s"}}},
+		"server_listener_resource_name_template": "writ/inbound/%s",
+	}
+	data, _ := json.MarshalIndent(b, "", "  ")
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// child is a role process of this test binary.
+type child struct {
+	cmd   *exec.Cmd
+	in    io.WriteCloser
+	out   *bufio.Reader
+	log   *bytes.Buffer
+	lines chan string
+}
+
+func startChild(t *testing.T, env ...string) *child {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &child{cmd: exec.Command(exe), log: &bytes.Buffer{}, lines: make(chan string, 16)}
+	c.cmd.Env = append(os.Environ(), append(env, "GRPC_EXPERIMENTAL_XDS_MTLS_SPIFFE=true")...)
+	c.cmd.Stderr = &lockedBuffer{b: c.log}
+	if c.in, err = c.cmd.StdinPipe(); err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := c.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			c.lines <- sc.Text()
+		}
+		close(c.lines)
+	}()
+	t.Cleanup(func() {
+		c.in.Close()
+		_ = c.cmd.Process.Kill()
+		_ = c.cmd.Wait()
+		if t.Failed() {
+			t.Logf("%v log:\n%s", env, c.log.String())
+		}
+	})
+	return c
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  *bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (c *child) line(t *testing.T, timeout time.Duration) string {
+	t.Helper()
+	select {
+	case l, ok := <-c.lines:
+		if !ok {
+			t.Fatalf("child exited")
+		}
+		return l
+	case <-time.After(timeout):
+		t.Fatalf("child said nothing for %v", timeout)
+	}
+	return ""
+}
+
+func (c *child) call(t *testing.T, n int) callResult {
+	t.Helper()
+	if _, err := fmt.Fprintf(c.in, "call %d\n", n); err != nil {
+		t.Fatal(err)
+	}
+	var r callResult
+	if err := json.Unmarshal([]byte(c.line(t, time.Duration(n)*6*time.Second+10*time.Second)), &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// TestProxylessGRPC: a grpc-go client and two grpc-go servers (versions v1
+// and v2), all proxyless through google.golang.org/grpc/xds, take their
+// configuration from writd's ADS over mTLS with SVIDs from a real agent.
+// Calls succeed over mTLS (the server sees the client's SPIFFE ID), an
+// 80/20 split shows in 1,000 calls, and a route change applied through a
+// second writd replica reaches the client without restarting anything.
+func TestProxylessGRPC(t *testing.T) {
+	db := pgtest.URL(t)
+	dir := t.TempDir()
+	kek, err := exec.Command(filepath.Join(binDir(t), "writd"), "gen-kek").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kekFile := filepath.Join(dir, "kek")
+	if err := os.WriteFile(kekFile, kek, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a := startMeshWritd(t, db, kekFile, "replica-a")
+	b := startMeshWritd(t, db, kekFile, "replica-b")
+
+	// Identities: a node, and entries for the greeter and its client.
+	uid := strconv.Itoa(os.Getuid())
+	out, code := a.writ(t, "token", "create", "--spiffe-id", "spiffe://example.org/node/n1")
+	if code != 0 {
+		t.Fatalf("token create: %s", out)
+	}
+	token := strings.TrimSpace(strings.TrimPrefix(strings.Split(out, "\n")[0], "Token: "))
+	greeterID := spiffeid.RequireFromString("spiffe://example.org/ns/demo/sa/greeter")
+	clientID := spiffeid.RequireFromString("spiffe://example.org/ns/demo/sa/client")
+	for _, id := range []spiffeid.ID{greeterID, clientID} {
+		if out, code := a.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/n1", "--spiffe-id", id.String(), "--selector", "unix:uid:"+uid); code != 0 {
+			t.Fatalf("entry create: %s", out)
+		}
+	}
+	bundleJSON := []byte(a.get(t, "/bundle"))
+	bundle, err := spiffebundle.Parse(spiffeid.RequireTrustDomainFromString("example.org"), bundleJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag, err := agent.New(agent.Config{ControlPlane: a.grpc, JoinToken: token, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), TrustBundle: bundle, SyncInterval: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "writ-xds-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "unix://" + filepath.Join(sockDir, "agent.sock")
+	l, _, err := agent.ListenUnix(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	actx, acancel := context.WithCancel(context.Background())
+	agentDone := make(chan struct{}, 2)
+	go func() { _ = ag.Run(actx); agentDone <- struct{}{} }()
+	go func() { _ = ag.Serve(actx, l); agentDone <- struct{}{} }()
+	t.Cleanup(func() { acancel(); <-agentDone; <-agentDone; os.RemoveAll(sockDir) })
+	files := writeSVIDs(t, addr, dir, bundleJSON, greeterID, clientID)
+
+	// The mesh: the greeter with two subsets, an 80/20 split, and an
+	// authorization policy allowing the client (expressed as RBAC).
+	authz := `apiVersion: writ.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: greeter, namespace: demo}
+spec:
+  service: greeter
+  package: writ.authz
+  mode: enforce
+  allow:
+    - principals: ["spiffe://example.org/ns/demo/sa/client"]
+      paths: ["/grpc.testing.TestService/*"]
+`
+	meshFile := filepath.Join(dir, "mesh.yaml")
+	if err := os.WriteFile(meshFile, []byte(meshService+"---\n"+meshRoute+"---\n"+authz), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := a.writ(t, "apply", "-f", meshFile); code != 0 {
+		t.Fatalf("apply: %s", out)
+	}
+
+	for _, v := range []string{"v1", "v2"} {
+		srvAddr := freeAddr(t)
+		_, port, _ := net.SplitHostPort(srvAddr)
+		p, _ := strconv.Atoi(port)
+		bs := filepath.Join(dir, "bootstrap-"+v+".json")
+		bootstrap(t, bs, a.grpc, "greeter-"+v, files[greeterID], map[string]any{
+			"WRIT_PROXY": "grpc", "WRIT_NAMESPACE": "demo", "WRIT_SERVICE": "greeter",
+			"WRIT_LABELS": map[string]any{"version": v}, "WRIT_ADDRESS": "127.0.0.1", "WRIT_PORTS": []any{p},
+		})
+		s := startChild(t, roleEnv+"=server", "GRPC_XDS_BOOTSTRAP="+bs, "WRIT_XDS_ADDR="+srvAddr, "WRIT_XDS_VERSION="+v)
+		if got := s.line(t, 60*time.Second); got != "serving" {
+			t.Fatalf("server %s: %q", v, got)
+		}
+	}
+	cbs := filepath.Join(dir, "bootstrap-client.json")
+	bootstrap(t, cbs, a.grpc, "client-1", files[clientID], map[string]any{"WRIT_PROXY": "grpc", "WRIT_NAMESPACE": "demo"})
+	cl := startChild(t, roleEnv+"=client", "GRPC_XDS_BOOTSTRAP="+cbs, "WRIT_XDS_TARGET=xds:///greeter.demo")
+
+	// Wait until both versions are reachable (registrations propagate).
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		r := cl.call(t, 20)
+		if r.Errors == 0 && r.Versions["v1"] > 0 && r.Versions["v2"] > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("calls never reached both versions: %+v", r)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+
+	r := cl.call(t, 1000)
+	if r.Errors != 0 {
+		t.Fatalf("%d of 1000 calls failed: %s", r.Errors, r.LastError)
+	}
+	// Binomial(1000, 0.8): sd ≈ 12.6; five sd either side.
+	if v1 := r.Versions["v1"]; v1 < 737 || v1 > 863 || v1+r.Versions["v2"] != 1000 {
+		t.Fatalf("80/20 split: got %v", r.Versions)
+	}
+	if r.Callers[clientID.String()] != 1000 {
+		t.Fatalf("servers saw callers %v, want %s on every call (mTLS)", r.Callers, clientID)
+	}
+	t.Logf("1000 calls: %v", r.Versions)
+
+	// A route change through the other replica: everything to v2.
+	allV2 := strings.Replace(strings.Replace(meshRoute, "weight: 80", "weight: 0", 1), "weight: 20", "weight: 100", 1)
+	if err := os.WriteFile(meshFile, []byte(allV2), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := b.writ(t, "apply", "-f", meshFile); code != 0 || !strings.Contains(out, "updated") {
+		t.Fatalf("apply through replica b: %s", out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		r := cl.call(t, 20)
+		if r.Errors == 0 && r.Versions["v2"] == 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("route change never arrived: %+v", r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r := cl.call(t, 200); r.Errors != 0 || r.Versions["v2"] != 200 {
+		t.Fatalf("after the route change: %+v", r)
+	}
+}
