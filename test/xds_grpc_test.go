@@ -155,6 +155,13 @@ func greeterClientMain() int {
 type meshWritd struct {
 	*writd
 	grpc string
+	logs *lockedBuffer
+}
+
+func (m *meshWritd) logText() string {
+	m.logs.mu.Lock()
+	defer m.logs.mu.Unlock()
+	return m.logs.b.String()
 }
 
 func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
@@ -168,7 +175,8 @@ func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
 		t.Fatal(err)
 	}
 	w.cmd = exec.Command(filepath.Join(w.bin, "writd"), "serve", "--config", filepath.Join(w.dir, "writ.yaml"))
-	w.cmd.Stdout, w.cmd.Stderr = w.log, w.log
+	logs := &lockedBuffer{b: w.log}
+	w.cmd.Stdout, w.cmd.Stderr = logs, logs
 	if err := w.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -186,11 +194,11 @@ func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return &meshWritd{writd: w, grpc: grpcAddr}
+				return &meshWritd{writd: w, grpc: grpcAddr, logs: logs}
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("writd not ready: %v\n%s", err, w.log)
+			t.Fatalf("writd not ready: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -399,7 +407,8 @@ func TestProxylessGRPC(t *testing.T) {
 	token := strings.TrimSpace(strings.TrimPrefix(strings.Split(out, "\n")[0], "Token: "))
 	greeterID := spiffeid.RequireFromString("spiffe://example.org/ns/demo/sa/greeter")
 	clientID := spiffeid.RequireFromString("spiffe://example.org/ns/demo/sa/client")
-	for _, id := range []spiffeid.ID{greeterID, clientID} {
+	intruderID := spiffeid.RequireFromString("spiffe://example.org/ns/demo/sa/intruder")
+	for _, id := range []spiffeid.ID{greeterID, clientID, intruderID} {
 		if out, code := a.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/n1", "--spiffe-id", id.String(), "--selector", "unix:uid:"+uid); code != 0 {
 			t.Fatalf("entry create: %s", out)
 		}
@@ -427,7 +436,7 @@ func TestProxylessGRPC(t *testing.T) {
 	go func() { _ = ag.Run(actx); agentDone <- struct{}{} }()
 	go func() { _ = ag.Serve(actx, l); agentDone <- struct{}{} }()
 	t.Cleanup(func() { acancel(); <-agentDone; <-agentDone; os.RemoveAll(sockDir) })
-	files := writeSVIDs(t, addr, dir, bundleJSON, greeterID, clientID)
+	files := writeSVIDs(t, addr, dir, bundleJSON, greeterID, clientID, intruderID)
 
 	// The mesh: the greeter with two subsets, an 80/20 split, and an
 	// authorization policy allowing the client (expressed as RBAC).
@@ -493,6 +502,32 @@ spec:
 		t.Fatalf("servers saw callers %v, want %s on every call (mTLS)", r.Callers, clientID)
 	}
 	t.Logf("1000 calls: %v", r.Versions)
+
+	// Another workload of the mesh, not in the allow list, reaches the
+	// servers over mTLS but RBAC refuses every call.
+	ibs := filepath.Join(dir, "bootstrap-intruder.json")
+	bootstrap(t, ibs, a.grpc, "intruder-1", files[intruderID], map[string]any{"WRIT_PROXY": "grpc", "WRIT_NAMESPACE": "demo"})
+	in := startChild(t, roleEnv+"=client", "GRPC_XDS_BOOTSTRAP="+ibs, "WRIT_XDS_TARGET=xds:///greeter.demo")
+	if r := in.call(t, 10); r.Errors != 10 || !strings.Contains(r.LastError, "PermissionDenied") {
+		t.Fatalf("a caller outside the allow list: %+v", r)
+	}
+
+	// A workload may only register as its own service: the client's
+	// identity claiming to serve greeter is refused.
+	fbs := filepath.Join(dir, "bootstrap-fake.json")
+	bootstrap(t, fbs, a.grpc, "fake-greeter", files[clientID], map[string]any{
+		"WRIT_PROXY": "grpc", "WRIT_NAMESPACE": "demo", "WRIT_SERVICE": "greeter",
+		"WRIT_LABELS": map[string]any{"version": "v1"}, "WRIT_ADDRESS": "127.0.0.1", "WRIT_PORTS": []any{1},
+	})
+	fake := startChild(t, roleEnv+"=server", "GRPC_XDS_BOOTSTRAP="+fbs, "WRIT_XDS_ADDR="+freeAddr(t), "WRIT_XDS_VERSION=fake")
+	deadline = time.Now().Add(30 * time.Second)
+	for !strings.Contains(a.logText(), "may only serve") {
+		if time.Now().After(deadline) {
+			t.Fatalf("writd did not refuse a node claiming another service")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	_ = fake
 
 	// A route change through the other replica: everything to v2.
 	allV2 := strings.Replace(strings.Replace(meshRoute, "weight: 80", "weight: 0", 1), "weight: 20", "weight: 100", 1)
