@@ -33,7 +33,7 @@ spec:
         - {subset: v2, weight: 20}
 `
 
-func mustDecode(t *testing.T, y string) []*config.Resource {
+func mustDecode(t testing.TB, y string) []*config.Resource {
 	t.Helper()
 	rs, err := config.DecodeMesh("test.yaml", []byte(y))
 	if err != nil {
