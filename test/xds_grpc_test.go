@@ -502,6 +502,12 @@ spec:
 		t.Fatalf("servers saw callers %v, want %s on every call (mTLS)", r.Callers, clientID)
 	}
 	t.Logf("1000 calls: %v", r.Versions)
+	if out, code := b.writ(t, "mesh", "endpoints"); code != 0 || !strings.Contains(out, "greeter-v1") || !strings.Contains(out, "version=v2") {
+		t.Fatalf("writ mesh endpoints (replica b sees the registry): %d\n%s", code, out)
+	}
+	if out, code := a.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, "client-1") || !strings.Contains(out, "spiffe://example.org/ns/demo/sa/client") {
+		t.Fatalf("writ mesh nodes: %d\n%s", code, out)
+	}
 
 	// Another workload of the mesh, not in the allow list, reaches the
 	// servers over mTLS but RBAC refuses every call.

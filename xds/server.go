@@ -103,7 +103,9 @@ type nodeState struct {
 }
 
 // NewServer returns the xDS server; Register it on a gRPC server and Run it.
-func NewServer(o ServerOptions) *Server {
+// Its streams end when ctx does, so a graceful gRPC stop is not held up by
+// data planes that never hang up.
+func NewServer(ctx context.Context, o ServerOptions) *Server {
 	if o.Clock == nil {
 		o.Clock = clockwork.NewRealClock()
 	}
@@ -138,7 +140,7 @@ func NewServer(o ServerOptions) *Server {
 	if o.Metrics != nil {
 		o.Metrics.MustRegister(s.nacks, s.pushes, s.connected, s.rebuilds)
 	}
-	s.xds = serverv3.NewServer(context.Background(), s.cache, serverv3.CallbackFuncs{
+	s.xds = serverv3.NewServer(ctx, s.cache, serverv3.CallbackFuncs{
 		StreamOpenFunc:    s.onStreamOpen,
 		StreamClosedFunc:  s.onStreamClosed,
 		StreamRequestFunc: s.onStreamRequest,

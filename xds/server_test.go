@@ -85,7 +85,8 @@ func startADS(t testing.TB) *adsEnv {
 	store := NewStore(pool, nil)
 	pki := newTestPKI(t)
 	reg := prometheus.NewRegistry()
-	srv := NewServer(ServerOptions{Store: store, Pool: pool, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Replica: "test", Metrics: reg})
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := NewServer(ctx, ServerOptions{Store: store, Pool: pool, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Replica: "test", Metrics: reg})
 	cert := pki.leaf(t, "spiffe://example.org/writ/control-plane", "localhost")
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.pool})))
 	srv.Register(g)
@@ -93,7 +94,6 @@ func startADS(t testing.TB) *adsEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{}, 2)
 	go func() { _ = g.Serve(l); done <- struct{}{} }()
 	go func() { _ = srv.Run(ctx); done <- struct{}{} }()

@@ -46,6 +46,8 @@ Usage:
   writ history KIND NAME [-n NS] [-o table|json]
   writ rollback KIND NAME --to REV [-n NS]
     KIND: service, route, trafficpolicy, authorizationpolicy
+  writ mesh nodes [-o table|json]        xDS nodes on this writd: versions pushed, ACKed, last NACK
+  writ mesh endpoints                    the service registry
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)

@@ -24,6 +24,50 @@ func init() {
 	commands["delete"] = (*cli).meshDelete
 	commands["history"] = (*cli).meshHistory
 	commands["rollback"] = (*cli).meshRollback
+	commands["mesh nodes"] = (*cli).meshNodes
+	commands["mesh endpoints"] = (*cli).meshEndpoints
+}
+
+func (c *cli) meshNodes(ctx context.Context, args []string) error {
+	fs := c.flags("mesh nodes")
+	output := fs.String("o", "table", "output: table or json")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	var list xds.NodeList
+	if err := c.client.Do(ctx, http.MethodGet, "/v1/mesh/nodes", nil, &list); err != nil {
+		return err
+	}
+	if *output == "json" {
+		return printJSON(c.stdout, list.Nodes)
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tSPIFFE ID\tVERSION\tACKED\tLAST ERROR")
+	for _, n := range list.Nodes {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", n.NodeID, n.SPIFFEID, n.Version, n.Acked, n.LastError)
+	}
+	return tw.Flush()
+}
+
+func (c *cli) meshEndpoints(ctx context.Context, args []string) error {
+	if _, err := parse(c.flags("mesh endpoints"), args, 0); err != nil {
+		return err
+	}
+	var eps []xds.Endpoint
+	if err := c.client.Do(ctx, http.MethodGet, "/v1/mesh/endpoints", nil, &eps); err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(c.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NODE\tSERVICE\tADDRESS\tPORTS\tLABELS\tSPIFFE ID")
+	for _, e := range eps {
+		var labels []string
+		for k, v := range e.Labels {
+			labels = append(labels, k+"="+v)
+		}
+		sort.Strings(labels)
+		fmt.Fprintf(tw, "%s\t%s.%s\t%s\t%v\t%s\t%s\n", e.NodeID, e.Service, e.Namespace, e.Address, e.Ports, strings.Join(labels, ","), e.SPIFFEID)
+	}
+	return tw.Flush()
 }
 
 // maxMeshFile bounds one YAML file read by apply and diff.
