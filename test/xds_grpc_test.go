@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -556,5 +557,54 @@ spec:
 	}
 	if r := cl.call(t, 200); r.Errors != 0 || r.Versions["v2"] != 200 {
 		t.Fatalf("after the route change: %+v", r)
+	}
+
+	// Fault injection reaches the client too: abort every call with
+	// RESOURCE_EXHAUSTED; then take the fault out again.
+	faulty := meshRoute + "      fault:\n        abort: {grpcStatus: 8, percent: 100}\n"
+	if err := os.WriteFile(meshFile, []byte(faulty), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := a.writ(t, "apply", "-f", meshFile); code != 0 {
+		t.Fatalf("apply fault: %s", out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		r := cl.call(t, 10)
+		if r.Errors == 10 && strings.Contains(r.LastError, "ResourceExhausted") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fault never applied: %+v", r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out, code := a.writ(t, "rollback", "route", "greeter", "-n", "demo", "--to", "1"); code != 0 {
+		t.Fatalf("rollback: %s", out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		r := cl.call(t, 20)
+		if r.Errors == 0 && r.Versions["v1"] > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rollback never arrived: %+v", r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// Every change is an admin event naming what changed.
+	conn, err := pgx.Connect(context.Background(), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var n int
+	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM admin_events WHERE path IN ('/v1/mesh/apply', '/v1/mesh/rollback/Route/demo/greeter') AND status = 200 AND detail::text LIKE '%Route/demo/greeter%'`).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 4 {
+		t.Fatalf("%d admin events for route changes, want 4 (apply, apply via b, fault, rollback)", n)
 	}
 }
