@@ -16,8 +16,10 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -79,14 +81,16 @@ type adsEnv struct {
 
 // startADS runs a Server on a real TLS gRPC listener that verifies client
 // certificates against a test CA.
-func startADS(t testing.TB) *adsEnv {
+func startADS(t testing.TB) *adsEnv { return startADSWithClock(t, nil) }
+
+func startADSWithClock(t testing.TB, clock clockwork.Clock) *adsEnv {
 	t.Helper()
 	pool := pgtest.NewMigrated(t)
-	store := NewStore(pool, nil)
+	store := NewStore(pool, clock)
 	pki := newTestPKI(t)
 	reg := prometheus.NewRegistry()
 	ctx, cancel := context.WithCancel(context.Background())
-	srv := NewServer(ctx, ServerOptions{Store: store, Pool: pool, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Replica: "test", Metrics: reg})
+	srv := NewServer(ctx, ServerOptions{Store: store, Pool: pool, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Replica: "test", Metrics: reg, Clock: clock, Grace: 30 * time.Second})
 	cert := pki.leaf(t, "spiffe://example.org/writ/control-plane", "localhost")
 	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.pool})))
 	srv.Register(g)
@@ -257,4 +261,70 @@ func waitFor(t testing.TB, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// TestRegistryFollowsStreams: a serving workload registers through its
+// node metadata, its endpoint reaches clients over EDS, and it leaves the
+// registry (and the clients' endpoints) once its stream has been closed
+// for the grace period.
+func TestRegistryFollowsStreams(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	e := startADSWithClock(t, clock)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	cla := "outbound|50051|v2|greeter.demo"
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := c.request(resource.EndpointType, []string{cla}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r := c.recv(t)
+	if n := countEndpoints(t, r); n != 0 {
+		t.Fatalf("endpoints before any workload: %d", n)
+	}
+	srv := e.dial(t, "spiffe://example.org/ns/demo/sa/greeter", "greeter-v2", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo",
+		MetaService: "greeter", MetaAddress: "10.0.0.9", MetaPorts: []any{float64(50051)}, MetaLabels: map[string]any{"version": "v2"}})
+	if err := srv.request(resource.ListenerType, []string{"writ/inbound/10.0.0.9:50051"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.request(resource.EndpointType, []string{cla}, r.VersionInfo, r.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	r = c.recv(t)
+	if n := countEndpoints(t, r); n != 1 {
+		t.Fatalf("endpoints after the workload joined: %d", n)
+	}
+	if err := c.request(resource.EndpointType, []string{cla}, r.VersionInfo, r.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	srv.cc.Close()
+	waitFor(t, func() bool {
+		var n int
+		_ = e.store.pool.QueryRow(ctx, `SELECT count(*) FROM mesh_endpoints WHERE expires_at IS NOT NULL`).Scan(&n)
+		return n == 1
+	})
+	if eps, _ := e.store.Endpoints(ctx); len(eps) != 1 {
+		t.Fatalf("inside the grace period: %d endpoints", len(eps))
+	}
+	clock.Advance(31 * time.Second)
+	r = c.recv(t)
+	if n := countEndpoints(t, r); n != 0 {
+		t.Fatalf("endpoints after the grace period: %d", n)
+	}
+}
+
+func countEndpoints(t testing.TB, r *discoverygrpc.DiscoveryResponse) int {
+	t.Helper()
+	n := 0
+	for _, a := range r.Resources {
+		var cla endpointv3.ClusterLoadAssignment
+		if err := a.UnmarshalTo(&cla); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range cla.Endpoints {
+			n += len(l.LbEndpoints)
+		}
+	}
+	return n
 }
