@@ -298,6 +298,15 @@ func TestRegistryFollowsStreams(t *testing.T) {
 	if err := c.request(resource.EndpointType, []string{cla}, r.VersionInfo, r.Nonce, ""); err != nil {
 		t.Fatal(err)
 	}
+	// Each node gets only its own snapshot: the server's inbound listener
+	// is not in the client's, even when the client asks for it by name.
+	lc := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-2", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := lc.request(resource.ListenerType, []string{"writ/inbound/10.0.0.9:50051", "greeter.demo"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if lr := lc.recv(t); len(lr.Resources) != 1 {
+		t.Fatalf("client asking for another node's listener got %d resources, want only greeter.demo", len(lr.Resources))
+	}
 	srv.cc.Close()
 	waitFor(t, func() bool {
 		var n int
