@@ -63,7 +63,7 @@ type ServerOptions struct {
 	Resync time.Duration
 }
 
-// Server serves ADS and SDS (state of the world) from per-node snapshots
+// Server serves ADS and SDS (state of the world, and delta) from per-node snapshots
 // built from the mesh configuration and registry. Every node is
 // authenticated by its SVID: its node id is bound to that identity, its
 // namespace and service must match it, and it only ever receives the
@@ -144,8 +144,16 @@ func NewServer(ctx context.Context, o ServerOptions) *Server {
 		StreamOpenFunc:    s.onStreamOpen,
 		StreamClosedFunc:  s.onStreamClosed,
 		StreamRequestFunc: s.onStreamRequest,
-		DeltaStreamOpenFunc: func(context.Context, int64, string) error {
-			return status.Error(codes.Unimplemented, "delta xDS is not served; use state-of-the-world ADS")
+		// Delta streams count their ids apart from state-of-the-world
+		// ones; they are kept under negative ids here.
+		DeltaStreamOpenFunc: func(ctx context.Context, id int64, typeURL string) error {
+			return s.onStreamOpen(ctx, -id, typeURL)
+		},
+		DeltaStreamClosedFunc: func(id int64, n *corev3.Node) { s.onStreamClosed(-id, n) },
+		StreamDeltaRequestFunc: func(id int64, req *discoverygrpc.DeltaDiscoveryRequest) error {
+			// Delta has no version in requests: a request answering a
+			// response (a nonce, no error) acknowledges the latest push.
+			return s.onRequest(-id, req.GetNode(), req.GetTypeUrl(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil, "", req.GetResponseNonce() != "")
 		},
 		FetchRequestFunc: func(context.Context, *discoverygrpc.DiscoveryRequest) error {
 			return status.Error(codes.Unimplemented, "REST/fetch xDS is not served; use ADS")
@@ -270,6 +278,13 @@ func (s *Server) nodeFrom(caller spiffeid.ID, cn *corev3.Node) (Node, error) {
 }
 
 func (s *Server) onStreamRequest(id int64, req *discoverygrpc.DiscoveryRequest) error {
+	return s.onRequest(id, req.GetNode(), req.GetTypeUrl(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil, req.GetVersionInfo(), false)
+}
+
+// onRequest handles a request of either protocol: the first binds the
+// stream to its node; later ones are ACKs (version equal to the one pushed,
+// or ackLatest for delta) or NACKs.
+func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string, nack bool, version string, ackLatest bool) error {
 	s.mu.Lock()
 	st := s.streams[id]
 	if st == nil {
@@ -278,28 +293,27 @@ func (s *Server) onStreamRequest(id int64, req *discoverygrpc.DiscoveryRequest) 
 	}
 	if st.nodeID == "" {
 		s.mu.Unlock()
-		if err := s.joinNode(st, req.GetNode()); err != nil {
-			s.o.Log.Warn("xds node refused", "spiffe_id", st.spiffeID.String(), "node", req.GetNode().GetId(), "error", err)
+		if err := s.joinNode(st, node); err != nil {
+			s.o.Log.Warn("xds node refused", "spiffe_id", st.spiffeID.String(), "node", node.GetId(), "error", err)
 			return err
 		}
 		s.mu.Lock()
 	}
 	ns := s.nodes[st.nodeID]
-	if req.GetNode().GetId() != "" && req.GetNode().GetId() != st.nodeID {
+	if node.GetId() != "" && node.GetId() != st.nodeID {
 		s.mu.Unlock()
 		return status.Error(codes.InvalidArgument, "node id changed on the stream")
 	}
 	var revert *cachev3.Snapshot
 	if ns != nil {
 		switch {
-		case req.GetErrorDetail() != nil:
+		case nack:
 			// A NACK: the node keeps its last good config. Record why,
 			// never push this version to it again, and put the last good
 			// snapshot back so later requests get consistent answers.
-			msg := req.GetErrorDetail().GetMessage()
-			ns.lastErr = fmt.Sprintf("%s: %s", req.GetTypeUrl(), msg)
-			s.nacks.WithLabelValues(req.GetTypeUrl()).Inc()
-			s.o.Log.Error("xds config refused by node", "node", st.nodeID, "spiffe_id", st.spiffeID.String(), "type_url", req.GetTypeUrl(), "nonce", req.GetResponseNonce(), "error", msg)
+			ns.lastErr = fmt.Sprintf("%s: %s", typeURL, nackMsg)
+			s.nacks.WithLabelValues(typeURL).Inc()
+			s.o.Log.Error("xds config refused by node", "node", st.nodeID, "spiffe_id", st.spiffeID.String(), "type_url", typeURL, "version", ns.version, "error", nackMsg)
 			if ns.version != "" && ns.version != ns.acked {
 				ns.bad = ns.version
 				if ns.lastGood != nil {
@@ -307,7 +321,7 @@ func (s *Server) onStreamRequest(id int64, req *discoverygrpc.DiscoveryRequest) 
 					ns.current, ns.version = ns.lastGood, ns.acked
 				}
 			}
-		case req.GetVersionInfo() != "" && req.GetVersionInfo() == ns.version:
+		case ackLatest || (version != "" && version == ns.version):
 			if ns.acked != ns.version {
 				ns.acked, ns.lastGood = ns.version, ns.current
 			}

@@ -337,3 +337,58 @@ func countEndpoints(t testing.TB, r *discoverygrpc.DiscoveryResponse) int {
 	}
 	return n
 }
+
+// TestDeltaADS: a delta xDS client subscribes by name, gets the route,
+// and receives the change when the configuration moves.
+func TestDeltaADS(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "delta-1", map[string]any{MetaProxy: "envoy", MetaNamespace: "demo"})
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(c.cc).DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{Node: c.node, TypeUrl: resource.RouteType, ResourceNamesSubscribe: []string{"outbound|50051"}}); err != nil {
+		t.Fatal(err)
+	}
+	recv := func() *discoverygrpc.DeltaDiscoveryResponse {
+		t.Helper()
+		ch := make(chan *discoverygrpc.DeltaDiscoveryResponse, 1)
+		go func() {
+			r, err := stream.Recv()
+			if err != nil {
+				t.Error(err)
+			}
+			ch <- r
+		}()
+		select {
+		case r := <-ch:
+			if r == nil {
+				t.FailNow()
+			}
+			return r
+		case <-time.After(20 * time.Second):
+			t.Fatal("no delta response in 20 s")
+		}
+		return nil
+	}
+	r1 := recv()
+	if len(r1.Resources) != 1 || r1.Resources[0].Name != "outbound|50051" {
+		t.Fatalf("first delta response: %v", r1.Resources)
+	}
+	if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{TypeUrl: resource.RouteType, ResponseNonce: r1.Nonce}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { ns := e.srv.Nodes(); return len(ns) == 1 && ns[0].Acked != "" })
+	updated := strings.Replace(strings.Replace(meshYAML, "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1)
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, updated), false); err != nil {
+		t.Fatal(err)
+	}
+	r2 := recv()
+	if len(r2.Resources) != 1 || r2.Resources[0].Version == r1.Resources[0].Version {
+		t.Fatalf("delta update: %v", r2.Resources)
+	}
+}
