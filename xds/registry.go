@@ -73,10 +73,31 @@ func (s *Store) Leave(ctx context.Context, nodeID, spiffeID string, grace time.D
 	return nil
 }
 
-// Reap deletes registrations whose grace period is over and announces the
-// change when there were any. It returns how many it removed.
+// Stale is how long a registration whose replica stopped refreshing it
+// (Touch) stays live: it outlives a replica that crashed without calling
+// Leave by this much.
+const Stale = 90 * time.Second
+
+// Touch refreshes the registrations replica holds streams for, so they do
+// not go stale.
+func (s *Store) Touch(ctx context.Context, replica string, nodeIDs []string) error {
+	if len(nodeIDs) == 0 {
+		return nil
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE mesh_endpoints SET updated_at=$3 WHERE replica=$1 AND node_id = ANY($2) AND expires_at IS NULL`,
+		replica, nodeIDs, s.clock.Now().UTC())
+	if err != nil {
+		return fmt.Errorf("touch registrations: %w", err)
+	}
+	return nil
+}
+
+// Reap deletes registrations whose grace period is over, or that went
+// stale, and announces the change when there were any. It returns how many
+// it removed.
 func (s *Store) Reap(ctx context.Context) (int, error) {
-	tag, err := s.pool.Exec(ctx, `DELETE FROM mesh_endpoints WHERE expires_at IS NOT NULL AND expires_at <= $1`, s.clock.Now().UTC())
+	now := s.clock.Now().UTC()
+	tag, err := s.pool.Exec(ctx, `DELETE FROM mesh_endpoints WHERE (expires_at IS NOT NULL AND expires_at <= $1) OR (expires_at IS NULL AND updated_at <= $2)`, now, now.Add(-Stale))
 	if err != nil {
 		return 0, fmt.Errorf("reap: %w", err)
 	}
@@ -89,10 +110,12 @@ func (s *Store) Reap(ctx context.Context) (int, error) {
 	return n, nil
 }
 
-// Endpoints returns every registration still inside its lifetime.
+// Endpoints returns every registration still inside its lifetime: held by
+// a stream (and refreshed within Stale) or inside its grace period.
 func (s *Store) Endpoints(ctx context.Context) ([]Endpoint, error) {
+	now := s.clock.Now().UTC()
 	rows, err := s.pool.Query(ctx, `SELECT node_id, spiffe_id, service, namespace, labels, address, ports FROM mesh_endpoints
-		WHERE expires_at IS NULL OR expires_at > $1 ORDER BY node_id`, s.clock.Now().UTC())
+		WHERE (expires_at IS NULL AND updated_at > $2) OR expires_at > $1 ORDER BY node_id`, now, now.Add(-Stale))
 	if err != nil {
 		return nil, fmt.Errorf("endpoints: %w", err)
 	}

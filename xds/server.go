@@ -528,6 +528,9 @@ func (s *Server) Run(ctx context.Context) error {
 		case <-resync.Chan():
 		case <-reap.Chan():
 			rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			if err := s.o.Store.Touch(rctx, s.o.Replica, s.servingNodes()); err != nil {
+				s.o.Log.Error("xds refresh registrations", "error", err)
+			}
 			n, err := s.o.Store.Reap(rctx)
 			cancel()
 			if err != nil {
@@ -580,6 +583,18 @@ func (s *Server) listen(ctx context.Context) {
 		case <-s.o.Clock.After(time.Second):
 		}
 	}
+}
+
+func (s *Server) servingNodes() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var ids []string
+	for id, ns := range s.nodes {
+		if ns.node.Service != "" {
+			ids = append(ids, id)
+		}
+	}
+	return ids
 }
 
 // Nodes reports the nodes connected to this replica, sorted by id.

@@ -161,6 +161,23 @@ func TestRegistryGrace(t *testing.T) {
 	if err := s.Register(ctx, "r1", other); err != nil {
 		t.Fatal(err)
 	}
+	// A replica that stops refreshing (it crashed) loses its
+	// registrations after Stale; one that refreshes keeps them.
+	clock.Advance(Stale / 2)
+	if err := s.Touch(ctx, "r1", []string{"n1"}); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(Stale/2 + time.Second)
+	if eps, _ := s.Endpoints(ctx); len(eps) != 1 {
+		t.Fatalf("refreshed registration: %d endpoints", len(eps))
+	}
+	clock.Advance(Stale)
+	if eps, _ := s.Endpoints(ctx); len(eps) != 0 {
+		t.Fatalf("stale registration still live: %d endpoints", len(eps))
+	}
+	if n, err := s.Reap(ctx); err != nil || n != 1 {
+		t.Fatalf("reap stale: %d, %v", n, err)
+	}
 }
 
 func TestLineDiff(t *testing.T) {
