@@ -19,6 +19,8 @@ type Endpoint struct {
 	Labels    map[string]string `json:"labels"`
 	Address   string            `json:"address"`
 	Ports     []int             `json:"ports"`
+	// Healthy is set once the workload has ACKed its own configuration.
+	Healthy bool `json:"healthy"`
 }
 
 // ErrNodeClaimed is returned when a node id is held by another identity.
@@ -49,7 +51,8 @@ func (s *Store) Register(ctx context.Context, replica string, e Endpoint) error 
 	}
 	if _, err := tx.Exec(ctx, `INSERT INTO mesh_endpoints (node_id, spiffe_id, service, namespace, labels, address, ports, replica, expires_at, updated_at)
 		VALUES ($1,$2,$3,$4,$5,$6,$7,$8,NULL,$9)
-		ON CONFLICT (node_id) DO UPDATE SET spiffe_id=$2, service=$3, namespace=$4, labels=$5, address=$6, ports=$7, replica=$8, expires_at=NULL, updated_at=$9`,
+		ON CONFLICT (node_id) DO UPDATE SET spiffe_id=$2, service=$3, namespace=$4, labels=$5, address=$6, ports=$7, replica=$8, expires_at=NULL, updated_at=$9,
+			healthy = mesh_endpoints.healthy AND mesh_endpoints.spiffe_id=$2 AND mesh_endpoints.address=$6 AND mesh_endpoints.ports=$7`,
 		e.NodeID, e.SPIFFEID, e.Service, e.Namespace, labels, e.Address, ports, replica, now); err != nil {
 		return fmt.Errorf("register: %w", err)
 	}
@@ -58,6 +61,21 @@ func (s *Store) Register(ctx context.Context, replica string, e Endpoint) error 
 	}
 	if err := tx.Commit(ctx); err != nil {
 		return fmt.Errorf("register: %w", err)
+	}
+	return nil
+}
+
+// SetHealthy records whether a registered node can serve, and announces a
+// change.
+func (s *Store) SetHealthy(ctx context.Context, nodeID, spiffeID string, healthy bool) error {
+	tag, err := s.pool.Exec(ctx, `UPDATE mesh_endpoints SET healthy=$3 WHERE node_id=$1 AND spiffe_id=$2 AND healthy <> $3`, nodeID, spiffeID, healthy)
+	if err != nil {
+		return fmt.Errorf("set healthy: %w", err)
+	}
+	if tag.RowsAffected() > 0 {
+		if _, err := s.pool.Exec(ctx, `SELECT pg_notify($1, $2)`, NotifyChannel, "registry"); err != nil {
+			return fmt.Errorf("set healthy: notify: %w", err)
+		}
 	}
 	return nil
 }
@@ -114,7 +132,7 @@ func (s *Store) Reap(ctx context.Context) (int, error) {
 // a stream (and refreshed within Stale) or inside its grace period.
 func (s *Store) Endpoints(ctx context.Context) ([]Endpoint, error) {
 	now := s.clock.Now().UTC()
-	rows, err := s.pool.Query(ctx, `SELECT node_id, spiffe_id, service, namespace, labels, address, ports FROM mesh_endpoints
+	rows, err := s.pool.Query(ctx, `SELECT node_id, spiffe_id, service, namespace, labels, address, ports, healthy FROM mesh_endpoints
 		WHERE (expires_at IS NULL AND updated_at > $2) OR expires_at > $1 ORDER BY node_id`, now, now.Add(-Stale))
 	if err != nil {
 		return nil, fmt.Errorf("endpoints: %w", err)
@@ -124,7 +142,7 @@ func (s *Store) Endpoints(ctx context.Context) ([]Endpoint, error) {
 	for rows.Next() {
 		var e Endpoint
 		var labels, ports []byte
-		if err := rows.Scan(&e.NodeID, &e.SPIFFEID, &e.Service, &e.Namespace, &labels, &e.Address, &ports); err != nil {
+		if err := rows.Scan(&e.NodeID, &e.SPIFFEID, &e.Service, &e.Namespace, &labels, &e.Address, &ports, &e.Healthy); err != nil {
 			return nil, fmt.Errorf("endpoints: %w", err)
 		}
 		if err := json.Unmarshal(labels, &e.Labels); err != nil {

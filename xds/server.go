@@ -20,6 +20,7 @@ import (
 	routeservice "github.com/envoyproxy/go-control-plane/envoy/service/route/v3"
 	secretservice "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jonboulle/clockwork"
@@ -100,6 +101,9 @@ type nodeState struct {
 	lastGood *cachev3.Snapshot
 	bad      string // version the node refused; never pushed again
 	lastErr  string
+	// hasInbound: the current snapshot holds the node's own inbound
+	// listeners; healthy: it ACKed such a snapshot.
+	hasInbound, healthy bool
 }
 
 // NewServer returns the xDS server; Register it on a gRPC server and Run it.
@@ -325,6 +329,18 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 			if ns.acked != ns.version {
 				ns.acked, ns.lastGood = ns.version, ns.current
 			}
+			if ns.node.Service != "" && !ns.healthy && ns.hasInbound {
+				// It has taken its own listeners: it can serve now.
+				ns.healthy = true
+				n := ns.node
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					defer cancel()
+					if err := s.o.Store.SetHealthy(ctx, n.ID, n.SPIFFEID, true); err != nil {
+						s.o.Log.Error("xds mark node healthy", "node", n.ID, "error", err)
+					}
+				}()
+			}
 		}
 	}
 	nodeID := st.nodeID
@@ -459,6 +475,7 @@ func (s *Server) setNode(nodeID string, rs Resources) {
 		s.o.Log.Debug("xds snapshot not self-consistent", "node", nodeID, "error", err)
 	}
 	ns.version, ns.current = version, snap
+	ns.hasInbound = hasInbound(rs, ns.node)
 	s.mu.Unlock()
 	if err := s.cache.SetSnapshot(context.Background(), nodeID, snap); err != nil {
 		s.o.Log.Error("xds set snapshot", "node", nodeID, "error", err)
@@ -627,4 +644,18 @@ func NodeMetadata(flavor Flavor, namespace, service, address string, ports []int
 		m[MetaLabels] = ls
 	}
 	return structpb.NewStruct(m)
+}
+
+// hasInbound reports whether rs holds a listener for one of n's own ports.
+func hasInbound(rs Resources, n Node) bool {
+	if n.Service == "" {
+		return false
+	}
+	for _, r := range rs[resource.ListenerType] {
+		name := cachev3.GetResourceName(r)
+		if strings.HasPrefix(name, ServerListenerPrefix) || strings.HasPrefix(name, "inbound|") {
+			return true
+		}
+	}
+	return false
 }

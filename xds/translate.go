@@ -456,9 +456,16 @@ func buildCLA(m *Mesh, si *svcInfo, ref string, p config.ServicePort, cluster st
 		return true
 	}
 	var lbs []*endpointv3.LbEndpoint
-	lb := func(addr string, port int) *endpointv3.LbEndpoint {
+	lb := func(addr string, port int, healthy bool) *endpointv3.LbEndpoint {
+		// A registered workload that has not yet taken its own
+		// configuration cannot serve: UNHEALTHY keeps Envoy and grpc-go
+		// from sending it traffic.
+		hs := corev3.HealthStatus_HEALTHY
+		if !healthy {
+			hs = corev3.HealthStatus_UNHEALTHY
+		}
 		return &endpointv3.LbEndpoint{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{
-			Address: sockAddr(addr, port)}}, HealthStatus: corev3.HealthStatus_HEALTHY}
+			Address: sockAddr(addr, port)}}, HealthStatus: hs}
 	}
 	name, ns, _ := strings.Cut(ref, ".")
 	for _, e := range m.Endpoints {
@@ -474,11 +481,11 @@ func buildCLA(m *Mesh, si *svcInfo, ref string, p config.ServicePort, cluster st
 		if port == 0 {
 			continue
 		}
-		lbs = append(lbs, lb(e.Address, port))
+		lbs = append(lbs, lb(e.Address, port, e.Healthy))
 	}
 	for _, se := range si.spec.Endpoints {
 		if match(se.Labels) {
-			lbs = append(lbs, lb(se.Address, se.Port))
+			lbs = append(lbs, lb(se.Address, se.Port, true))
 		}
 	}
 	cla := &endpointv3.ClusterLoadAssignment{ClusterName: cluster}

@@ -48,7 +48,7 @@ func loadMesh(t *testing.T, file string) *Mesh {
 // flavor and compares with testdata/*.golden.json (go test -update
 // rewrites them). Build itself fails if any resource fails Validate().
 func TestBuildGolden(t *testing.T) {
-	greeterV1 := Endpoint{NodeID: "g1", Service: "greeter", Namespace: "demo", Labels: map[string]string{"version": "v1"}, Address: "10.0.0.1", Ports: []int{50051}}
+	greeterV1 := Endpoint{NodeID: "g1", Service: "greeter", Namespace: "demo", Labels: map[string]string{"version": "v1"}, Address: "10.0.0.1", Ports: []int{50051}, Healthy: true}
 	greeterV2 := Endpoint{NodeID: "g2", Service: "greeter", Namespace: "demo", Labels: map[string]string{"version": "v2"}, Address: "10.0.0.2", Ports: []int{40000}}
 	client := Node{ID: "client", SPIFFEID: "spiffe://example.org/ns/demo/sa/client", Namespace: "demo"}
 	server := Node{ID: "g1", SPIFFEID: "spiffe://example.org/ns/demo/sa/greeter", Namespace: "demo", Service: "greeter", Labels: map[string]string{"version": "v1"}, Address: "10.0.0.1", Ports: []int{50051}}

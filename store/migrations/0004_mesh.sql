@@ -44,6 +44,10 @@ INSERT INTO mesh_generation (generation) VALUES (0);
 -- Workloads registered through their xDS node metadata. A row lives while
 -- any replica holds a stream from the node, and for a grace period after
 -- (expires_at); spiffe_id binds the node id to the identity that claimed it.
+-- healthy turns true once the node has ACKed configuration that includes
+-- its own inbound listeners, i.e. once it can serve; until then clients do
+-- not send it traffic. updated_at is refreshed by the replica holding the
+-- stream, so a crashed replica's registrations go stale.
 CREATE TABLE mesh_endpoints (
     node_id    text PRIMARY KEY,
     spiffe_id  text NOT NULL,
@@ -53,6 +57,7 @@ CREATE TABLE mesh_endpoints (
     address    text NOT NULL,
     ports      jsonb NOT NULL,
     replica    text NOT NULL,
+    healthy    boolean NOT NULL DEFAULT false,
     expires_at timestamptz,
     updated_at timestamptz NOT NULL
 );
