@@ -115,7 +115,7 @@ type svcInfo struct {
 	spec   *config.ServiceSpec
 	route  *config.RouteSpec
 	policy *config.TrafficPolicySpec
-	authz  *config.AuthorizationPolicySpec
+	authz  []*config.AuthorizationPolicySpec // sorted by namespace/name
 }
 
 func (m *Mesh) index() {
@@ -141,7 +141,7 @@ func (m *Mesh) index() {
 			}
 		case *config.AuthorizationPolicySpec:
 			if si := m.services[config.ServiceRef(s.Service, ns)]; si != nil {
-				si.authz = s
+				si.authz = append(si.authz, s)
 			}
 		}
 	}
@@ -697,63 +697,73 @@ func downstreamTLS(f Flavor) *corev3.TransportSocket {
 		CommonTlsContext: common, RequireClientCertificate: wrapperspb.Bool(true)})}}
 }
 
-// rbacFor expresses an AuthorizationPolicy's allow list as RBAC. Default
-// deny: no policy at all allows nothing. A policy without an allow list is
-// Rego only, which RBAC cannot express; the server must then evaluate it
-// in-process (enforcer's gRPC interceptor) and no RBAC filter is added.
-// Dry-run policies become shadow rules.
-func rbacFor(td string, a *config.AuthorizationPolicySpec) *rbacfilterv3.RBAC {
-	if a != nil && len(a.Allow) == 0 {
-		return nil
-	}
+// rbacFor expresses a service's AuthorizationPolicies as RBAC: a request
+// is allowed when an allow rule of any enforced policy matches it. Default
+// deny: with no enforced policy nothing is allowed. A policy without an
+// allow list is Rego only, which RBAC cannot express: if an enforced one
+// exists, no RBAC filter is generated and the server must evaluate the
+// policies in-process (the enforcer's gRPC interceptor). Dry-run policies'
+// allow lists become shadow rules: evaluated and reported, never enforced.
+func rbacFor(td string, policies []*config.AuthorizationPolicySpec) *rbacfilterv3.RBAC {
 	rules := &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
-	if a != nil {
+	var shadow *rbacv3.RBAC
+	for pi, a := range policies {
+		target := rules
+		if a.Mode == config.ModeDryRun {
+			if shadow == nil {
+				shadow = &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: map[string]*rbacv3.Policy{}}
+			}
+			target = shadow
+		} else if len(a.Allow) == 0 {
+			return nil
+		}
 		for i, al := range a.Allow {
-			pol := &rbacv3.Policy{}
-			var ids []*rbacv3.Principal
-			for _, p := range al.Principals {
-				if p == "*" {
-					ids = append(ids, &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://" + td + "/"}}}}})
-					continue
-				}
-				ids = append(ids, &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: p}}}}})
-			}
-			if len(ids) == 0 {
-				ids = []*rbacv3.Principal{{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://" + td + "/"}}}}}}
-			}
-			pol.Principals = []*rbacv3.Principal{{Identifier: &rbacv3.Principal_OrIds{OrIds: &rbacv3.Principal_Set{Ids: ids}}}}
-			var perms []*rbacv3.Permission
-			for _, path := range al.Paths {
-				sm := &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: path}}
-				if strings.HasSuffix(path, "*") {
-					sm.MatchPattern = &matcherv3.StringMatcher_Prefix{Prefix: strings.TrimSuffix(path, "*")}
-				}
-				perms = append(perms, &rbacv3.Permission{Rule: &rbacv3.Permission_UrlPath{UrlPath: &matcherv3.PathMatcher{Rule: &matcherv3.PathMatcher_Path{Path: sm}}}})
-			}
-			var methods []*rbacv3.Permission
-			for _, m := range al.Methods {
-				methods = append(methods, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{Name: ":method", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: m}}}}}})
-			}
-			var and []*rbacv3.Permission
-			if len(perms) > 0 {
-				and = append(and, &rbacv3.Permission{Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: perms}}})
-			}
-			if len(methods) > 0 {
-				and = append(and, &rbacv3.Permission{Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: methods}}})
-			}
-			if len(and) == 0 {
-				pol.Permissions = []*rbacv3.Permission{{Rule: &rbacv3.Permission_Any{Any: true}}}
-			} else {
-				pol.Permissions = []*rbacv3.Permission{{Rule: &rbacv3.Permission_AndRules{AndRules: &rbacv3.Permission_Set{Rules: and}}}}
-			}
-			rules.Policies[fmt.Sprintf("allow-%d", i)] = pol
+			target.Policies[fmt.Sprintf("policy-%d-allow-%d", pi, i)] = allowPolicy(td, al)
 		}
 	}
-	if a != nil && a.Mode == config.ModeDryRun {
-		// Shadow rules are evaluated and reported, never enforced.
-		return &rbacfilterv3.RBAC{ShadowRules: rules}
+	return &rbacfilterv3.RBAC{Rules: rules, ShadowRules: shadow}
+}
+
+func allowPolicy(td string, al config.AllowRule) *rbacv3.Policy {
+	anyPeer := &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: "spiffe://" + td + "/"}}}}}
+	pol := &rbacv3.Policy{}
+	var ids []*rbacv3.Principal
+	for _, p := range al.Principals {
+		if p == "*" {
+			ids = append(ids, anyPeer)
+			continue
+		}
+		ids = append(ids, &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{PrincipalName: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: p}}}}})
 	}
-	return &rbacfilterv3.RBAC{Rules: rules}
+	if len(ids) == 0 {
+		ids = []*rbacv3.Principal{anyPeer}
+	}
+	pol.Principals = []*rbacv3.Principal{{Identifier: &rbacv3.Principal_OrIds{OrIds: &rbacv3.Principal_Set{Ids: ids}}}}
+	var perms []*rbacv3.Permission
+	for _, path := range al.Paths {
+		sm := &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: path}}
+		if strings.HasSuffix(path, "*") {
+			sm.MatchPattern = &matcherv3.StringMatcher_Prefix{Prefix: strings.TrimSuffix(path, "*")}
+		}
+		perms = append(perms, &rbacv3.Permission{Rule: &rbacv3.Permission_UrlPath{UrlPath: &matcherv3.PathMatcher{Rule: &matcherv3.PathMatcher_Path{Path: sm}}}})
+	}
+	var methods []*rbacv3.Permission
+	for _, m := range al.Methods {
+		methods = append(methods, &rbacv3.Permission{Rule: &rbacv3.Permission_Header{Header: &routev3.HeaderMatcher{Name: ":method", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: m}}}}}})
+	}
+	var and []*rbacv3.Permission
+	if len(perms) > 0 {
+		and = append(and, &rbacv3.Permission{Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: perms}}})
+	}
+	if len(methods) > 0 {
+		and = append(and, &rbacv3.Permission{Rule: &rbacv3.Permission_OrRules{OrRules: &rbacv3.Permission_Set{Rules: methods}}})
+	}
+	if len(and) == 0 {
+		pol.Permissions = []*rbacv3.Permission{{Rule: &rbacv3.Permission_Any{Any: true}}}
+	} else {
+		pol.Permissions = []*rbacv3.Permission{{Rule: &rbacv3.Permission_AndRules{AndRules: &rbacv3.Permission_Set{Rules: and}}}}
+	}
+	return pol
 }
 
 func grpcServerListener(m *Mesh, si *svcInfo, n Node, name string, port int) *listenerv3.Listener {

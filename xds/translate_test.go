@@ -66,6 +66,7 @@ func TestBuildGolden(t *testing.T) {
 		{"authz-grpc-server", "authz.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"authz-envoy-server", "authz.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
 		{"noauthz-grpc-server", "split.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
+		{"authz-mixed-grpc-server", "authz-mixed.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"tcp-envoy", "tcp.yaml", client, FlavorEnvoy, nil},
 	}
 	for _, tt := range tests {
