@@ -271,9 +271,13 @@ func (s *Server) nodeFrom(caller spiffeid.ID, cn *corev3.Node) (Node, error) {
 		if len(n.Ports) == 0 || len(n.Ports) > 64 {
 			return Node{}, status.Errorf(codes.InvalidArgument, "node serving %q needs 1 to 64 %s", v, MetaPorts)
 		}
-		for k, lv := range md[MetaLabels].GetStructValue().GetFields() {
-			if len(n.Labels) >= 32 {
-				break
+		labels := md[MetaLabels].GetStructValue().GetFields()
+		if len(labels) > 32 {
+			return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: more than 32 labels", MetaLabels)
+		}
+		for k, lv := range labels {
+			if len(k) > 63 || len(lv.GetStringValue()) > 253 {
+				return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: label %.63q is too long", MetaLabels, k)
 			}
 			n.Labels[k] = lv.GetStringValue()
 		}
