@@ -43,11 +43,14 @@ demo: build
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./authority/...
 
-# N simulated proxyless ADS clients over mTLS; per route change, the time
-# until every client has ACKed the new version (p50, p99, max) and the heap.
+# N simulated ADS clients over mTLS; per route change, the time until every
+# client has ACKed the new version (p50, p99, max). First against the xds
+# server in-process (heap of server and clients), then against the real
+# writd binary with changes made by `writ apply` (writd's RSS).
 XDS_CLIENTS ?= 1000
-bench-xds:
+bench-xds: build
 	WRIT_BENCH_XDS_N=$(XDS_CLIENTS) $(GO) test -run '^$$' -bench BenchmarkADSPush -benchtime 5x ./xds
+	WRIT_BENCH_XDS_N=$(XDS_CLIENTS) WRIT_BIN_DIR=$(BIN) $(GO) test -run '^$$' -bench BenchmarkWritdADSPush -benchtime 5x ./test
 
 proto:
 	cd authority/nodeapi && PATH="$$PATH:$$($(GO) env GOPATH)/bin" $(GO) generate .

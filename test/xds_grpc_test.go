@@ -152,6 +152,16 @@ func greeterClientMain() int {
 	return 0
 }
 
+func freeAddrTB(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
 // meshWritd is a writd replica started on a given database.
 type meshWritd struct {
 	*writd
@@ -165,11 +175,11 @@ func (m *meshWritd) logText() string {
 	return m.logs.b.String()
 }
 
-func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
+func startMeshWritd(t testing.TB, bin, dbURL, kekFile, name string) *meshWritd {
 	t.Helper()
-	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
+	w := &writd{bin: bin, dir: t.TempDir(), http: freeAddrTB(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
-	grpcAddr := freeAddr(t)
+	grpcAddr := freeAddrTB(t)
 	cfg := fmt.Sprintf("trust_domain: example.org\nreplica_id: %s\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
 		name, dbURL, w.http, grpcAddr, w.socket, kekFile)
 	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {
@@ -205,13 +215,43 @@ func startMeshWritd(t *testing.T, dbURL, kekFile, name string) *meshWritd {
 	}
 }
 
+// startMeshAgent runs a real node agent attested with token against
+// writd's node API and returns its Workload API address.
+func startMeshAgent(t testing.TB, writdGRPC, token string, bundleJSON []byte) string {
+	t.Helper()
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	bundle, err := spiffebundle.Parse(td, bundleJSON)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ag, err := agent.New(agent.Config{ControlPlane: writdGRPC, JoinToken: token, TrustDomain: td, TrustBundle: bundle, SyncInterval: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "writ-xds-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := "unix://" + filepath.Join(sockDir, "agent.sock")
+	l, _, err := agent.ListenUnix(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{}, 2)
+	go func() { _ = ag.Run(ctx); done <- struct{}{} }()
+	go func() { _ = ag.Serve(ctx, l); done <- struct{}{} }()
+	t.Cleanup(func() { cancel(); <-done; <-done; os.RemoveAll(sockDir) })
+	return addr
+}
+
 // identityFiles holds one workload's SVID as the file_watcher provider
 // reads it.
 type identityFiles struct{ cert, key, ca, bundleMap string }
 
 // writeSVIDs fetches the SVIDs of ids from the agent's Workload API and
 // writes each to its own directory.
-func writeSVIDs(t *testing.T, addr, dir string, bundleJSON []byte, ids ...spiffeid.ID) map[spiffeid.ID]identityFiles {
+func writeSVIDs(t testing.TB, addr, dir string, bundleJSON []byte, ids ...spiffeid.ID) map[spiffeid.ID]identityFiles {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -396,8 +436,8 @@ func TestProxylessGRPC(t *testing.T) {
 	if err := os.WriteFile(kekFile, kek, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	a := startMeshWritd(t, db, kekFile, "replica-a")
-	b := startMeshWritd(t, db, kekFile, "replica-b")
+	a := startMeshWritd(t, binDir(t), db, kekFile, "replica-a")
+	b := startMeshWritd(t, binDir(t), db, kekFile, "replica-b")
 
 	// Identities: a node, and entries for the greeter and its client.
 	uid := strconv.Itoa(os.Getuid())
@@ -415,28 +455,7 @@ func TestProxylessGRPC(t *testing.T) {
 		}
 	}
 	bundleJSON := []byte(a.get(t, "/bundle"))
-	bundle, err := spiffebundle.Parse(spiffeid.RequireTrustDomainFromString("example.org"), bundleJSON)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ag, err := agent.New(agent.Config{ControlPlane: a.grpc, JoinToken: token, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), TrustBundle: bundle, SyncInterval: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	sockDir, err := os.MkdirTemp("", "writ-xds-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := "unix://" + filepath.Join(sockDir, "agent.sock")
-	l, _, err := agent.ListenUnix(addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	agentDone := make(chan struct{}, 2)
-	go func() { _ = ag.Run(actx); agentDone <- struct{}{} }()
-	go func() { _ = ag.Serve(actx, l); agentDone <- struct{}{} }()
-	t.Cleanup(func() { acancel(); <-agentDone; <-agentDone; os.RemoveAll(sockDir) })
+	addr := startMeshAgent(t, a.grpc, token, bundleJSON)
 	files := writeSVIDs(t, addr, dir, bundleJSON, greeterID, clientID, intruderID)
 
 	// The mesh: the greeter with two subsets, an 80/20 split, and an
