@@ -471,8 +471,19 @@ spec:
     - principals: ["spiffe://example.org/ns/demo/sa/client"]
       paths: ["/grpc.testing.TestService/*"]
 `
+	// A traffic policy grpc-go must accept: least request, circuit
+	// breaking, outlier detection (a NACK would show in writ mesh nodes).
+	policy := `apiVersion: writ.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: greeter, namespace: demo}
+spec:
+  service: greeter
+  loadBalancer: {policy: least_request}
+  connectionPool: {maxRequests: 1000}
+  outlierDetection: {consecutive5xx: 5, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50}
+`
 	meshFile := filepath.Join(dir, "mesh.yaml")
-	if err := os.WriteFile(meshFile, []byte(meshService+"---\n"+meshRoute+"---\n"+authz), 0o600); err != nil {
+	if err := os.WriteFile(meshFile, []byte(meshService+"---\n"+meshRoute+"---\n"+authz+"---\n"+policy), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if out, code := a.writ(t, "apply", "-f", meshFile); code != 0 {
@@ -525,8 +536,8 @@ spec:
 	if out, code := b.writ(t, "mesh", "endpoints"); code != 0 || !strings.Contains(out, "greeter-v1") || !strings.Contains(out, "version=v2") {
 		t.Fatalf("writ mesh endpoints (replica b sees the registry): %d\n%s", code, out)
 	}
-	if out, code := a.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, "client-1") || !strings.Contains(out, "spiffe://example.org/ns/demo/sa/client") {
-		t.Fatalf("writ mesh nodes: %d\n%s", code, out)
+	if out, code := a.writ(t, "mesh", "nodes", "-o", "json"); code != 0 || !strings.Contains(out, "client-1") || !strings.Contains(out, "spiffe://example.org/ns/demo/sa/client") || strings.Contains(out, "last_error") {
+		t.Fatalf("writ mesh nodes (no node may have refused its config): %d\n%s", code, out)
 	}
 
 	// Another workload of the mesh, not in the allow list, reaches the
