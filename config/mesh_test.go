@@ -72,6 +72,8 @@ func TestDecodeMeshErrors(t *testing.T) {
 			[]string{"f.yaml:6: spec.colour: field colour not found"}},
 		{"unknown field in second document", svc + "---\napiVersion: writ.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: a\n  rules:\n    - destinations: [{subset: v1}]\n      tiemout: 2s\n",
 			[]string{"f.yaml:15: spec.rules[0].tiemout: field tiemout not found"}},
+		{"unknown field in a flow mapping", "apiVersion: writ.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80, protocol: http, colour: red}]\n",
+			[]string{"f.yaml:5: spec.ports[0].colour: field colour not found"}},
 		{"missing kind", "apiVersion: writ.dev/v1alpha1\nmetadata: {name: a}\n", []string{"f.yaml:1: kind: missing kind"}},
 		{"unknown kind", "apiVersion: writ.dev/v1alpha1\nkind: Gateway\n", []string{"f.yaml:2: kind: unknown kind \"Gateway\""}},
 		{"bad apiVersion", strings.Replace(svc, "v1alpha1", "v9", 1), []string{"f.yaml:1: apiVersion: unsupported apiVersion"}},
