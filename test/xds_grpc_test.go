@@ -60,7 +60,15 @@ type versionServer struct {
 	version string
 }
 
-func (s *versionServer) UnaryCall(ctx context.Context, _ *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+func (s *versionServer) UnaryCall(ctx context.Context, req *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	if d := time.Duration(req.GetResponseSize()) * time.Millisecond; d > 0 {
+		// A slow answer on request, for route timeouts.
+		select {
+		case <-time.After(d):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	caller := ""
 	if p, ok := peer.FromContext(ctx); ok {
 		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
@@ -127,7 +135,13 @@ func greeterClientMain() int {
 	sc := bufio.NewScanner(os.Stdin)
 	enc := json.NewEncoder(os.Stdout)
 	for sc.Scan() {
-		n, err := strconv.Atoi(strings.TrimPrefix(sc.Text(), "call "))
+		// "call N" or "call N slow MS"
+		f := strings.Fields(sc.Text())
+		var slow int
+		if len(f) == 4 && f[2] == "slow" {
+			slow, _ = strconv.Atoi(f[3])
+		}
+		n, err := strconv.Atoi(f[1])
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bad command", sc.Text())
 			return 1
@@ -135,7 +149,7 @@ func greeterClientMain() int {
 		res := callResult{Versions: map[string]int{}, Callers: map[string]int{}}
 		for range n {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{})
+			r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: int32(slow)})
 			cancel()
 			if err != nil {
 				res.Errors++
@@ -407,9 +421,12 @@ func (c *child) line(t *testing.T, timeout time.Duration) string {
 	return ""
 }
 
-func (c *child) call(t *testing.T, n int) callResult {
+func (c *child) call(t *testing.T, n int) callResult { t.Helper(); return c.callSlow(t, n, 0) }
+
+// callSlow asks the servers to take ms milliseconds for each answer.
+func (c *child) callSlow(t *testing.T, n, ms int) callResult {
 	t.Helper()
-	if _, err := fmt.Fprintf(c.in, "call %d\n", n); err != nil {
+	if _, err := fmt.Fprintf(c.in, "call %d slow %d\n", n, ms); err != nil {
 		t.Fatal(err)
 	}
 	var r callResult
@@ -609,6 +626,28 @@ spec:
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// A route timeout reaches the client: answers slower than 300 ms
+	// fail with DeadlineExceeded, faster ones pass.
+	timed := strings.Replace(meshRoute, "        - {subset: v2, weight: 20}\n", "        - {subset: v2, weight: 20}\n      timeout: 300ms\n", 1)
+	if err := os.WriteFile(meshFile, []byte(timed), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := a.writ(t, "apply", "-f", meshFile); code != 0 {
+		t.Fatalf("apply timeout: %s", out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		r := cl.callSlow(t, 2, 1000)
+		if r.Errors == 2 && strings.Contains(r.LastError, "DeadlineExceeded") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("route timeout never applied: %+v", r)
+		}
+	}
+	if r := cl.callSlow(t, 5, 10); r.Errors != 0 {
+		t.Fatalf("fast calls under the route timeout: %+v", r)
+	}
 	if out, code := a.writ(t, "rollback", "route", "greeter", "-n", "demo", "--to", "1"); code != 0 {
 		t.Fatalf("rollback: %s", out)
 	}
@@ -634,7 +673,7 @@ spec:
 	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM admin_events WHERE path IN ('/v1/mesh/apply', '/v1/mesh/rollback/Route/demo/greeter') AND status = 200 AND detail::text LIKE '%Route/demo/greeter%'`).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
-	if n != 4 {
-		t.Fatalf("%d admin events for route changes, want 4 (apply, apply via b, fault, rollback)", n)
+	if n != 5 {
+		t.Fatalf("%d admin events for route changes, want 5 (apply, apply via b, fault, timeout, rollback)", n)
 	}
 }

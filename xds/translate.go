@@ -543,6 +543,9 @@ func buildRouteConfig(si *svcInfo, ref string, p config.ServicePort, first bool)
 		}
 		if rule.Timeout > 0 {
 			act.Timeout = dur(rule.Timeout)
+			// grpc-go ignores timeout and honours max_stream_duration
+			// (gRFC A31); Envoy applies the stricter of the two.
+			act.MaxStreamDuration = &routev3.RouteAction_MaxStreamDuration{MaxStreamDuration: dur(rule.Timeout)}
 		}
 		if rt := rule.Retries; rt != nil && rt.Attempts > 0 {
 			on := rt.On
