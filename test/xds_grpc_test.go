@@ -36,6 +36,7 @@ import (
 
 	"github.com/writmesh/writ/authority/agent"
 	"github.com/writmesh/writ/store/pgtest"
+	writxds "github.com/writmesh/writ/xds"
 )
 
 // The proxyless roles run in child processes of the test binary: grpc-go
@@ -327,23 +328,26 @@ func writeSVIDs(t testing.TB, addr, dir string, bundleJSON []byte, ids ...spiffe
 	return out
 }
 
-// bootstrap writes a grpc-go xDS bootstrap pointing at writd's ADS over
-// mTLS with the workload's SVID, with the file_watcher certificate
-// provider for data-plane mTLS.
+// bootstrap writes a grpc-go xDS bootstrap with xds.GRPCBootstrap (what
+// writ mesh bootstrap prints).
 func bootstrap(t *testing.T, path, writdGRPC, nodeID string, f identityFiles, metadata map[string]any) {
 	t.Helper()
-	b := map[string]any{
-		"xds_servers": []any{map[string]any{
-			"server_uri":      writdGRPC,
-			"channel_creds":   []any{map[string]any{"type": "tls", "config": map[string]any{"certificate_file": f.cert, "private_key_file": f.key, "spiffe_trust_bundle_map_file": f.bundleMap}}},
-			"server_features": []any{"xds_v3"},
-		}},
-		"node": map[string]any{"id": nodeID, "metadata": metadata},
-		"certificate_providers": map[string]any{"writ": map[string]any{"plugin_name": "file_watcher", "config": map[string]any{
-			"certificate_file": f.cert, "private_key_file": f.key, "ca_certificate_file": f.ca, "refresh_interval": "10s"}}},
-		"server_listener_resource_name_template": "writ/inbound/%s",
+	o := writxds.GRPCBootstrapOptions{ServerURI: writdGRPC, NodeID: nodeID, CertFile: f.cert, KeyFile: f.key, CAFile: f.ca, BundleMapFile: f.bundleMap,
+		Namespace: metadata["WRIT_NAMESPACE"].(string)}
+	if svc, ok := metadata["WRIT_SERVICE"].(string); ok {
+		o.Service, o.Address = svc, metadata["WRIT_ADDRESS"].(string)
+		for _, p := range metadata["WRIT_PORTS"].([]any) {
+			o.Ports = append(o.Ports, p.(int))
+		}
+		o.Labels = map[string]string{}
+		for k, v := range metadata["WRIT_LABELS"].(map[string]any) {
+			o.Labels[k] = v.(string)
+		}
 	}
-	data, _ := json.MarshalIndent(b, "", "  ")
+	data, err := writxds.GRPCBootstrap(o)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -48,6 +48,8 @@ Usage:
     KIND: service, route, trafficpolicy, authorizationpolicy
   writ mesh nodes [-o table|json]        xDS nodes on this writd: versions pushed, ACKed, last NACK
   writ mesh endpoints                    the service registry
+  writ mesh bootstrap --xds-server H:P --node-id ID --namespace NS --cert F --key F --ca F --bundle-map F
+      [--service S --address IP --port P --label k=v]   print a grpc-go xDS bootstrap
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -26,6 +27,50 @@ func init() {
 	commands["rollback"] = (*cli).meshRollback
 	commands["mesh nodes"] = (*cli).meshNodes
 	commands["mesh endpoints"] = (*cli).meshEndpoints
+	commands["mesh bootstrap"] = (*cli).meshBootstrap
+}
+
+// meshBootstrap prints a grpc-go xDS bootstrap for a proxyless workload.
+// It needs no writd: everything it writes comes from its flags.
+func (c *cli) meshBootstrap(_ context.Context, args []string) error {
+	fs := c.flags("mesh bootstrap")
+	var o xds.GRPCBootstrapOptions
+	fs.StringVar(&o.ServerURI, "xds-server", "", "writd's gRPC address, host:port (required)")
+	fs.StringVar(&o.NodeID, "node-id", "", "this workload instance's node id (required)")
+	fs.StringVar(&o.Namespace, "namespace", "", "the workload's namespace, as in its SPIFFE ID (required)")
+	fs.StringVar(&o.CertFile, "cert", "", "SVID certificate chain file, PEM (required)")
+	fs.StringVar(&o.KeyFile, "key", "", "SVID private key file, PEM (required)")
+	fs.StringVar(&o.CAFile, "ca", "", "trust bundle file, PEM (required)")
+	fs.StringVar(&o.BundleMapFile, "bundle-map", "", "trust bundle as a SPIFFE bundle map, JSON (required)")
+	fs.StringVar(&o.Service, "service", "", "the service this workload serves (its service account); omit for clients")
+	fs.StringVar(&o.Address, "address", "", "the IP it serves on")
+	var ports, labels multiFlag
+	fs.Var(&ports, "port", "a port it serves on, repeatable")
+	fs.Var(&labels, "label", "a label KEY=VALUE subsets select by, repeatable")
+	if _, err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	for _, p := range ports {
+		n, err := strconv.Atoi(p)
+		if err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("--port %q is not a port", p)
+		}
+		o.Ports = append(o.Ports, n)
+	}
+	o.Labels = map[string]string{}
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			return fmt.Errorf("--label %q: want KEY=VALUE", l)
+		}
+		o.Labels[k] = v
+	}
+	b, err := xds.GRPCBootstrap(o)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(c.stdout, "%s\n", b)
+	return err
 }
 
 func (c *cli) meshNodes(ctx context.Context, args []string) error {
