@@ -26,12 +26,14 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	testgrpc "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/xds"
 
 	"github.com/writmesh/writ/authority/agent"
@@ -59,9 +61,23 @@ func init() {
 type versionServer struct {
 	testgrpc.UnimplementedTestServiceServer
 	version string
+
+	mu   sync.Mutex
+	seen map[string]bool // flaky request ids already failed once
 }
 
 func (s *versionServer) UnaryCall(ctx context.Context, req *testgrpc.SimpleRequest) (*testgrpc.SimpleResponse, error) {
+	if id := string(req.GetPayload().GetBody()); strings.HasPrefix(id, "flaky-") {
+		// A flaky request fails with UNAVAILABLE the first time this
+		// server sees it, for route retries.
+		s.mu.Lock()
+		first := !s.seen[id]
+		s.seen[id] = true
+		s.mu.Unlock()
+		if first {
+			return nil, status.Error(codes.Unavailable, "flaky: first attempt")
+		}
+	}
 	if d := time.Duration(req.GetResponseSize()) * time.Millisecond; d > 0 {
 		// A slow answer on request, for route timeouts.
 		select {
@@ -98,7 +114,7 @@ func greeterServerMain() int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	testgrpc.RegisterTestServiceServer(srv, &versionServer{version: os.Getenv("WRIT_XDS_VERSION")})
+	testgrpc.RegisterTestServiceServer(srv, &versionServer{version: os.Getenv("WRIT_XDS_VERSION"), seen: map[string]bool{}})
 	lis, err := net.Listen("tcp", os.Getenv("WRIT_XDS_ADDR"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -136,21 +152,26 @@ func greeterClientMain() int {
 	sc := bufio.NewScanner(os.Stdin)
 	enc := json.NewEncoder(os.Stdout)
 	for sc.Scan() {
-		// "call N" or "call N slow MS"
+		// "call N", "call N slow MS" or "call N flaky"
 		f := strings.Fields(sc.Text())
 		var slow int
 		if len(f) == 4 && f[2] == "slow" {
 			slow, _ = strconv.Atoi(f[3])
 		}
+		flaky := len(f) == 3 && f[2] == "flaky"
 		n, err := strconv.Atoi(f[1])
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "bad command", sc.Text())
 			return 1
 		}
 		res := callResult{Versions: map[string]int{}, Callers: map[string]int{}}
-		for range n {
+		for i := range n {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			r, err := c.UnaryCall(ctx, &testgrpc.SimpleRequest{ResponseSize: int32(slow)})
+			req := &testgrpc.SimpleRequest{ResponseSize: int32(slow)}
+			if flaky {
+				req.Payload = &testgrpc.Payload{Body: fmt.Appendf(nil, "flaky-%d-%d", time.Now().UnixNano(), i)}
+			}
+			r, err := c.UnaryCall(ctx, req)
 			cancel()
 			if err != nil {
 				res.Errors++
@@ -427,6 +448,19 @@ func (c *child) line(t *testing.T, timeout time.Duration) string {
 
 func (c *child) call(t *testing.T, n int) callResult { t.Helper(); return c.callSlow(t, n, 0) }
 
+// callFlaky makes calls each server fails once with UNAVAILABLE.
+func (c *child) callFlaky(t *testing.T, n int) callResult {
+	t.Helper()
+	if _, err := fmt.Fprintf(c.in, "call %d flaky\n", n); err != nil {
+		t.Fatal(err)
+	}
+	var r callResult
+	if err := json.Unmarshal([]byte(c.line(t, time.Duration(n)*6*time.Second+10*time.Second)), &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 // callSlow asks the servers to take ms milliseconds for each answer.
 func (c *child) callSlow(t *testing.T, n, ms int) callResult {
 	t.Helper()
@@ -667,6 +701,30 @@ spec:
 		time.Sleep(100 * time.Millisecond)
 	}
 
+	// Route retries reach the client: with none, calls that fail once
+	// fail; with three retries on UNAVAILABLE they all succeed.
+	if r := cl.callFlaky(t, 10); r.Errors != 10 {
+		t.Fatalf("flaky calls without retries: %+v", r)
+	}
+	retried := strings.Replace(meshRoute, "        - {subset: v2, weight: 20}\n", "        - {subset: v2, weight: 20}\n      retries: {attempts: 3, on: [unavailable]}\n", 1)
+	if err := os.WriteFile(meshFile, []byte(retried), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := a.writ(t, "apply", "-f", meshFile); code != 0 {
+		t.Fatalf("apply retries: %s", out)
+	}
+	deadline = time.Now().Add(30 * time.Second)
+	for {
+		r := cl.callFlaky(t, 20)
+		if r.Errors == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("route retries never applied: %+v", r)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
 	// Every change is an admin event naming what changed.
 	conn, err := pgx.Connect(context.Background(), db)
 	if err != nil {
@@ -677,7 +735,7 @@ spec:
 	if err := conn.QueryRow(context.Background(), `SELECT count(*) FROM admin_events WHERE path IN ('/v1/mesh/apply', '/v1/mesh/rollback/Route/demo/greeter') AND status = 200 AND detail::text LIKE '%Route/demo/greeter%'`).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
-	if n != 5 {
-		t.Fatalf("%d admin events for route changes, want 5 (apply, apply via b, fault, timeout, rollback)", n)
+	if n != 6 {
+		t.Fatalf("%d admin events for route changes, want 6 (apply, apply via b, fault, timeout, rollback, retries)", n)
 	}
 }
