@@ -118,6 +118,10 @@ func (c *cli) meshEndpoints(ctx context.Context, args []string) error {
 // maxMeshFile bounds one YAML file read by apply and diff.
 const maxMeshFile = 1 << 20
 
+// maxApplyBody leaves room for JSON escaping under the admin API's 64 KiB
+// request limit.
+const maxApplyBody = 56 << 10
+
 // readSources reads FILE, or every *.yaml and *.yml in DIR (not
 // recursive), in name order.
 func readSources(path string) ([]xds.SourceFile, error) {
@@ -179,6 +183,15 @@ func (c *cli) sendApply(ctx context.Context, name string, args []string, dryRun 
 	files, err := readSources(*file)
 	if err != nil {
 		return nil, err
+	}
+	total := 0
+	for _, f := range files {
+		total += len(f.Content) + len(f.Name)
+	}
+	if total > maxApplyBody {
+		// The admin API bounds request bodies at 64 KiB; say so plainly
+		// rather than let the server cut the request off.
+		return nil, fmt.Errorf("%s: %d bytes of YAML is more than one apply takes (%d); apply it in parts", *file, total, maxApplyBody)
 	}
 	var resp xds.ApplyResponse
 	if err := c.client.Do(ctx, http.MethodPost, "/v1/mesh/apply", xds.ApplyRequest{Files: files, DryRun: dryRun}, &resp); err != nil {
