@@ -8,7 +8,7 @@ PKGS := ./...
 TEST_PG_DIR ?= $(CURDIR)/.tmp/testpg
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-short lint vet fmt demo bench bench-authz proto clean
+.PHONY: all build test test-short lint vet fmt demo bench bench-authz bench-xds proto clean
 
 all: build
 
@@ -47,6 +47,14 @@ bench:
 # server (built from the OPA version in go.mod, cached under .tmp/opa).
 bench-authz: build
 	WRIT_BIN_DIR=$(BIN) scripts/bench-authz.sh
+# N simulated ADS clients over mTLS; per route change, the time until every
+# client has ACKed the new version (p50, p99, max). First against the xds
+# server in-process (heap of server and clients), then against the real
+# writd binary with changes made by `writ apply` (writd's RSS).
+XDS_CLIENTS ?= 1000
+bench-xds: build
+	WRIT_BENCH_XDS_N=$(XDS_CLIENTS) $(GO) test -run '^$$' -bench BenchmarkADSPush -benchtime 5x ./xds
+	WRIT_BENCH_XDS_N=$(XDS_CLIENTS) WRIT_BIN_DIR=$(BIN) $(GO) test -run '^$$' -bench BenchmarkWritdADSPush -benchtime 5x ./test
 
 proto:
 	cd authority/nodeapi && PATH="$$PATH:$$($(GO) env GOPATH)/bin" $(GO) generate .

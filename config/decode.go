@@ -58,7 +58,10 @@ type Validator interface {
 	Validate() []*FieldError
 }
 
-var lineRE = regexp.MustCompile(`line (\d+): (.*)`)
+var (
+	lineRE    = regexp.MustCompile(`line (\d+): (.*)`)
+	unknownRE = regexp.MustCompile(`^field (\S+) not found`)
+)
 
 // Decode parses one YAML document from data into v strictly: unknown keys,
 // a second document or trailing content, and values of the wrong type are
@@ -116,7 +119,14 @@ func fromYAMLError(file string, root *yaml.Node, err error) error {
 			fe.Line, _ = strconv.Atoi(sm[1])
 			fe.Msg = sm[2]
 			if root != nil {
-				fe.Field = fieldAt(root, fe.Line)
+				fe.Field = fieldAt(root, fe.Line, "")
+				// In a flow mapping several keys share a line: name the
+				// unknown one itself.
+				if um := unknownRE.FindStringSubmatch(fe.Msg); um != nil {
+					if f := fieldAt(root, fe.Line, um[1]); f != "" {
+						fe.Field = f
+					}
+				}
 			}
 		}
 		out = append(out, fe)
@@ -124,8 +134,9 @@ func fromYAMLError(file string, root *yaml.Node, err error) error {
 	return out
 }
 
-// fieldAt returns the dotted path of the mapping key on the given line.
-func fieldAt(n *yaml.Node, line int) string {
+// fieldAt returns the dotted path of the mapping key on the given line
+// (named key, when not empty).
+func fieldAt(n *yaml.Node, line int, key string) string {
 	var walk func(n *yaml.Node, path string) string
 	walk = func(n *yaml.Node, path string) string {
 		switch n.Kind {
@@ -139,7 +150,7 @@ func fieldAt(n *yaml.Node, line int) string {
 			for i := 0; i+1 < len(n.Content); i += 2 {
 				k, val := n.Content[i], n.Content[i+1]
 				p := join(path, k.Value)
-				if k.Line == line {
+				if k.Line == line && (key == "" || k.Value == key) {
 					return p
 				}
 				if r := walk(val, p); r != "" {

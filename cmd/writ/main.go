@@ -42,6 +42,17 @@ Usage:
   writ policy test DIR... [-v] [--coverage]       (local: runs *_test.rego; exit 1 on failure)
   writ policy eval --policy DIR --input FILE [--decision data.envoy.authz.allow] [--explain notes|fails|full]
                                                    (local: input is a policy input or an Envoy CheckRequest JSON)
+  writ apply -f FILE|DIR                 apply mesh resources (all documents or none)
+  writ diff -f FILE|DIR                  show what apply would change
+  writ get KIND [NAME] [-n NS] [-o table|yaml|json]
+  writ delete KIND NAME [-n NS]
+  writ history KIND NAME [-n NS] [-o table|json]
+  writ rollback KIND NAME --to REV [-n NS]
+    KIND: service, route, trafficpolicy, authorizationpolicy
+  writ mesh nodes [-o table|json]        xDS nodes on this writd: versions pushed, ACKed, last NACK
+  writ mesh endpoints                    the service registry
+  writ mesh bootstrap --xds-server H:P --node-id ID --namespace NS --cert F --key F --ca F --bundle-map F
+      [--service S --address IP --port P --label k=v]   print a grpc-go xDS bootstrap
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)
@@ -121,6 +132,13 @@ func runMain(ctx context.Context, args []string, stdout, stderr io.Writer, geten
 		sub, subArgs = subArgs[0], subArgs[1:]
 	}
 	run, ok := commands[strings.TrimSpace(cmd+" "+sub)]
+	if !ok && sub != "" {
+		// A lone-noun command whose first argument is positional
+		// (writ get route NAME).
+		if run, ok = commands[cmd]; ok {
+			subArgs = rest[1:]
+		}
+	}
 	if !ok {
 		fmt.Fprintf(stderr, "writ: unknown command %q\n\n%s", strings.TrimSpace(cmd+" "+sub), usage)
 		return 2

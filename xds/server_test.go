@@ -1,0 +1,394 @@
+package xds
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/jonboulle/clockwork"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	grpcstatus "google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/writmesh/writ/store/pgtest"
+)
+
+// testPKI is a throwaway CA issuing SVID-shaped certificates, so the ADS
+// server sees real verified TLS chains.
+type testPKI struct {
+	ca   *x509.Certificate
+	key  *ecdsa.PrivateKey
+	pool *x509.CertPool
+}
+
+func newTestPKI(t testing.TB) *testPKI {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test ca"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	return &testPKI{ca: ca, key: key, pool: pool}
+}
+
+func (p *testPKI) leaf(t testing.TB, id string, dns ...string) tls.Certificate {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	u, _ := url.Parse(id)
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		URIs: []*url.URL{u}, DNSNames: dns, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &key.PublicKey, p.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+type adsEnv struct {
+	srv   *Server
+	store *Store
+	addr  string
+	pki   *testPKI
+	reg   *prometheus.Registry
+}
+
+// startADS runs a Server on a real TLS gRPC listener that verifies client
+// certificates against a test CA.
+func startADS(t testing.TB) *adsEnv { return startADSWithClock(t, nil) }
+
+func startADSWithClock(t testing.TB, clock clockwork.Clock) *adsEnv {
+	t.Helper()
+	pool := pgtest.NewMigrated(t)
+	store := NewStore(pool, clock)
+	pki := newTestPKI(t)
+	reg := prometheus.NewRegistry()
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := NewServer(ctx, ServerOptions{Store: store, Pool: pool, TrustDomain: spiffeid.RequireTrustDomainFromString("example.org"), Replica: "test", Metrics: reg, Clock: clock, Grace: 30 * time.Second})
+	cert := pki.leaf(t, "spiffe://example.org/writ/control-plane", "localhost")
+	g := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pki.pool})))
+	srv.Register(g)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{}, 2)
+	go func() { _ = g.Serve(l); done <- struct{}{} }()
+	go func() { _ = srv.Run(ctx); done <- struct{}{} }()
+	t.Cleanup(func() { cancel(); g.Stop(); <-done; <-done })
+	return &adsEnv{srv: srv, store: store, addr: l.Addr().String(), pki: pki, reg: reg}
+}
+
+// adsClient is a minimal state-of-the-world ADS client.
+type adsClient struct {
+	stream discoverygrpc.AggregatedDiscoveryService_StreamAggregatedResourcesClient
+	node   *corev3.Node
+	cc     *grpc.ClientConn
+}
+
+func (e *adsEnv) dial(t testing.TB, id, nodeID string, md map[string]any) *adsClient {
+	t.Helper()
+	cert := e.pki.leaf(t, id)
+	cc, err := grpc.NewClient(e.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, RootCAs: e.pki.pool, ServerName: "localhost"})))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cc.Close() })
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(cc).StreamAggregatedResources(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := &corev3.Node{Id: nodeID}
+	if md != nil {
+		s, err := structpb.NewStruct(md)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n.Metadata = s
+	}
+	return &adsClient{stream: stream, node: n, cc: cc}
+}
+
+func (c *adsClient) request(typeURL string, names []string, version, nonce string, nack string) error {
+	req := &discoverygrpc.DiscoveryRequest{Node: c.node, TypeUrl: typeURL, ResourceNames: names, VersionInfo: version, ResponseNonce: nonce}
+	if nack != "" {
+		req.ErrorDetail = &status.Status{Code: int32(codes.InvalidArgument), Message: nack}
+	}
+	return c.stream.Send(req)
+}
+
+func (c *adsClient) recv(t testing.TB) *discoverygrpc.DiscoveryResponse {
+	t.Helper()
+	type res struct {
+		r   *discoverygrpc.DiscoveryResponse
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { r, err := c.stream.Recv(); ch <- res{r, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatalf("recv: %v", r.err)
+		}
+		return r.r
+	case <-time.After(20 * time.Second):
+		t.Fatal("no response in 20 s")
+	}
+	return nil
+}
+
+func TestADSNackKeepsLastGood(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := c.request(resource.RouteType, []string{"greeter.demo:50051"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r1 := c.recv(t)
+	if len(r1.Resources) != 1 || r1.VersionInfo == "" {
+		t.Fatalf("first response: %d resources, version %q", len(r1.Resources), r1.VersionInfo)
+	}
+	if err := c.request(resource.RouteType, []string{"greeter.demo:50051"}, r1.VersionInfo, r1.Nonce, ""); err != nil { // ACK
+		t.Fatal(err)
+	}
+	// A change: the node refuses it.
+	updated := strings.Replace(strings.Replace(meshYAML, "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1)
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, updated), false); err != nil {
+		t.Fatal(err)
+	}
+	r2 := c.recv(t)
+	if r2.VersionInfo == r1.VersionInfo {
+		t.Fatal("no new version pushed")
+	}
+	if err := c.request(resource.RouteType, []string{"greeter.demo:50051"}, r1.VersionInfo, r2.Nonce, "weights not supported"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool {
+		ns := e.srv.Nodes()
+		return len(ns) == 1 && strings.Contains(ns[0].LastError, "weights not supported") && ns[0].Version == r1.VersionInfo
+	})
+	if got := testutil.ToFloat64(e.srv.nacks.WithLabelValues(resource.RouteType)); got != 1 {
+		t.Fatalf("nack metric = %v, want 1", got)
+	}
+	// A rebuild with the same (refused) content is not pushed again; a
+	// new change is.
+	e.srv.Kick()
+	third := updated + "      timeout: 3s\n"
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, third), false); err != nil {
+		t.Fatal(err)
+	}
+	r3 := c.recv(t)
+	if r3.VersionInfo == r1.VersionInfo || r3.VersionInfo == r2.VersionInfo {
+		t.Fatalf("third push has version %q (first %q, refused %q)", r3.VersionInfo, r1.VersionInfo, r2.VersionInfo)
+	}
+}
+
+func TestADSRefusesMismatchedClaims(t *testing.T) {
+	e := startADS(t)
+	tests := []struct {
+		name, id, node string
+		md             map[string]any
+		want           codes.Code
+	}{
+		{"other namespace", "spiffe://example.org/ns/demo/sa/client", "n1", map[string]any{MetaNamespace: "prod"}, codes.PermissionDenied},
+		{"other service", "spiffe://example.org/ns/demo/sa/client", "n2", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1", MetaPorts: []any{float64(1)}}, codes.PermissionDenied},
+		{"not a workload", "spiffe://example.org/node/n1", "n3", nil, codes.PermissionDenied},
+		{"other trust domain", "spiffe://evil.org/ns/demo/sa/client", "n4", nil, codes.PermissionDenied},
+		{"service without ports", "spiffe://example.org/ns/demo/sa/greeter", "n5", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1"}, codes.InvalidArgument},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := e.dial(t, tt.id, tt.node, tt.md)
+			if err := c.request(resource.ListenerType, []string{"x"}, "", "", ""); err != nil {
+				t.Fatal(err)
+			}
+			_, err := c.stream.Recv()
+			if got := grpcstatus.Code(err); got != tt.want {
+				t.Fatalf("got %v (%v), want %v", got, err, tt.want)
+			}
+		})
+	}
+	// A node id in use by one identity cannot be taken by another.
+	a := e.dial(t, "spiffe://example.org/ns/demo/sa/a", "shared", nil)
+	if err := a.request(resource.ListenerType, []string{"x"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return len(e.srv.Nodes()) == 1 })
+	b := e.dial(t, "spiffe://example.org/ns/demo/sa/b", "shared", nil)
+	if err := b.request(resource.ListenerType, []string{"x"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.stream.Recv(); grpcstatus.Code(err) != codes.PermissionDenied {
+		t.Fatalf("node id takeover: %v", err)
+	}
+}
+
+func waitFor(t testing.TB, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met in 20 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestRegistryFollowsStreams: a serving workload registers through its
+// node metadata, its endpoint reaches clients over EDS, and it leaves the
+// registry (and the clients' endpoints) once its stream has been closed
+// for the grace period.
+func TestRegistryFollowsStreams(t *testing.T) {
+	clock := clockwork.NewFakeClock()
+	e := startADSWithClock(t, clock)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	cla := "outbound|50051|v2|greeter.demo"
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := c.request(resource.EndpointType, []string{cla}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r := c.recv(t)
+	if n := countEndpoints(t, r); n != 0 {
+		t.Fatalf("endpoints before any workload: %d", n)
+	}
+	srv := e.dial(t, "spiffe://example.org/ns/demo/sa/greeter", "greeter-v2", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo",
+		MetaService: "greeter", MetaAddress: "10.0.0.9", MetaPorts: []any{float64(50051)}, MetaLabels: map[string]any{"version": "v2"}})
+	if err := srv.request(resource.ListenerType, []string{"writ/inbound/10.0.0.9:50051"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.request(resource.EndpointType, []string{cla}, r.VersionInfo, r.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	r = c.recv(t)
+	if n := countEndpoints(t, r); n != 1 {
+		t.Fatalf("endpoints after the workload joined: %d", n)
+	}
+	if err := c.request(resource.EndpointType, []string{cla}, r.VersionInfo, r.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	// Each node gets only its own snapshot: the server's inbound listener
+	// is not in the client's, even when the client asks for it by name.
+	lc := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-2", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := lc.request(resource.ListenerType, []string{"writ/inbound/10.0.0.9:50051", "greeter.demo"}, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if lr := lc.recv(t); len(lr.Resources) != 1 {
+		t.Fatalf("client asking for another node's listener got %d resources, want only greeter.demo", len(lr.Resources))
+	}
+	srv.cc.Close()
+	waitFor(t, func() bool {
+		var n int
+		_ = e.store.pool.QueryRow(ctx, `SELECT count(*) FROM mesh_endpoints WHERE expires_at IS NOT NULL`).Scan(&n)
+		return n == 1
+	})
+	if eps, _ := e.store.Endpoints(ctx); len(eps) != 1 {
+		t.Fatalf("inside the grace period: %d endpoints", len(eps))
+	}
+	clock.Advance(31 * time.Second)
+	r = c.recv(t)
+	if n := countEndpoints(t, r); n != 0 {
+		t.Fatalf("endpoints after the grace period: %d", n)
+	}
+}
+
+func countEndpoints(t testing.TB, r *discoverygrpc.DiscoveryResponse) int {
+	t.Helper()
+	n := 0
+	for _, a := range r.Resources {
+		var cla endpointv3.ClusterLoadAssignment
+		if err := a.UnmarshalTo(&cla); err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range cla.Endpoints {
+			n += len(l.LbEndpoints)
+		}
+	}
+	return n
+}
+
+// TestDeltaADS: a delta xDS client subscribes by name, gets the route,
+// and receives the change when the configuration moves.
+func TestDeltaADS(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "delta-1", map[string]any{MetaProxy: "envoy", MetaNamespace: "demo"})
+	stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(c.cc).DeltaAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{Node: c.node, TypeUrl: resource.RouteType, ResourceNamesSubscribe: []string{"outbound|50051"}}); err != nil {
+		t.Fatal(err)
+	}
+	recv := func() *discoverygrpc.DeltaDiscoveryResponse {
+		t.Helper()
+		ch := make(chan *discoverygrpc.DeltaDiscoveryResponse, 1)
+		go func() {
+			r, err := stream.Recv()
+			if err != nil {
+				t.Error(err)
+			}
+			ch <- r
+		}()
+		select {
+		case r := <-ch:
+			if r == nil {
+				t.FailNow()
+			}
+			return r
+		case <-time.After(20 * time.Second):
+			t.Fatal("no delta response in 20 s")
+		}
+		return nil
+	}
+	r1 := recv()
+	if len(r1.Resources) != 1 || r1.Resources[0].Name != "outbound|50051" {
+		t.Fatalf("first delta response: %v", r1.Resources)
+	}
+	if err := stream.Send(&discoverygrpc.DeltaDiscoveryRequest{TypeUrl: resource.RouteType, ResponseNonce: r1.Nonce}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { ns := e.srv.Nodes(); return len(ns) == 1 && ns[0].Acked != "" })
+	updated := strings.Replace(strings.Replace(meshYAML, "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1)
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, updated), false); err != nil {
+		t.Fatal(err)
+	}
+	r2 := recv()
+	if len(r2.Resources) != 1 || r2.Resources[0].Version == r1.Resources[0].Version {
+		t.Fatalf("delta update: %v", r2.Resources)
+	}
+}
