@@ -453,6 +453,14 @@ func (s *Spool) Append(ctx context.Context, ev *Event) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// Hash what PostgreSQL will give back: canonical attributes and
+	// microsecond UTC times.
+	attrs, err := CanonicalJSON(ev.Attributes)
+	if err != nil {
+		return fmt.Errorf("audit spool: event %s: %w", ev.ID, err)
+	}
+	ev.Attributes = attrs
+	ev.Time = NormalizeTime(ev.Time)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()

@@ -1,0 +1,104 @@
+package collector_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/audit/collector"
+)
+
+// seed puts n chained events of one source into the database.
+func seed(t *testing.T, r *rig, n int) string {
+	t.Helper()
+	src := "spiffe://example.org/ns/a/sa/proxy"
+	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, Durability: audit.DurabilityWrite})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	appendN(t, s, n)
+	_ = s.Sync()
+	var rd audit.Reader
+	defer rd.Close()
+	raws, err := s.ReadBatch(&rd, 1, n, 1<<22)
+	if err != nil || len(raws) != n {
+		t.Fatalf("read %d: %v", len(raws), err)
+	}
+	evs, err := audit.DecodeBatch(audit.EncodeBatch(raws))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.col.Insert(context.Background(), evs); err != nil {
+		t.Fatal(err)
+	}
+	return src
+}
+
+// tamper runs SQL with the append-only trigger disabled, as a superuser
+// attacking the table directly could.
+func tamper(t *testing.T, r *rig, sql ...string) {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := r.env.Pool.Acquire(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Release()
+	if _, err := conn.Exec(ctx, "SET session_replication_role = replica"); err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Exec(ctx, "SET session_replication_role = origin")
+	for _, q := range sql {
+		if _, err := conn.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+}
+
+func TestVerifyCatchesTampering(t *testing.T) {
+	tests := []struct {
+		name    string
+		sql     []string
+		wantSeq uint64
+		want    string
+	}{
+		{"update", []string{"UPDATE audit_events SET result = 'deny' WHERE seq = 5"}, 5, "altered"},
+		{"update attributes", []string{`UPDATE audit_events SET attributes = '{"n":2}' WHERE seq = 6`}, 6, "altered"},
+		{"delete", []string{"DELETE FROM audit_events WHERE seq = 7"}, 7, "missing"},
+		{"delete first", []string{"DELETE FROM audit_events WHERE seq = 1"}, 1, "missing"},
+		{"delete tail", []string{"DELETE FROM audit_events WHERE seq >= 19"}, 19, "end of the chain"},
+		{"insert", []string{`INSERT INTO audit_events SELECT gen_random_uuid(), time, kind, source, seq, prev_hash, hash,
+			principal, destination, action, resource, 'deny', status, reason, cause, policy_revision, trace_id, attributes, received_at
+			FROM audit_events WHERE seq = 10`}, 10, "altered|repeated"},
+		{"reorder", []string{"UPDATE audit_events SET seq = -1 WHERE seq = 3", "UPDATE audit_events SET seq = 3 WHERE seq = 4", "UPDATE audit_events SET seq = 4 WHERE seq = -1"}, 3, "altered"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRig(t)
+			seed(t, r, 20)
+			res, err := collector.Verify(context.Background(), r.env.Pool, time.Time{}, time.Time{})
+			if err != nil || !res.OK() || res.Events != 20 {
+				t.Fatalf("before tampering: %+v, %v", res, err)
+			}
+			tamper(t, r, tc.sql...)
+			res, err = collector.Verify(context.Background(), r.env.Pool, time.Time{}, time.Time{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(res.Breaks) == 0 {
+				t.Fatal("tampering not detected")
+			}
+			b := res.Breaks[0]
+			matched := false
+			for _, w := range strings.Split(tc.want, "|") {
+				matched = matched || strings.Contains(b.Problem, w)
+			}
+			if b.Seq != tc.wantSeq || !matched {
+				t.Fatalf("first break %+v, want seq %d and %q", b, tc.wantSeq, tc.want)
+			}
+		})
+	}
+}
