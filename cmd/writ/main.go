@@ -39,6 +39,8 @@ Usage:
   writ ca status
   writ cert list [--limit 50] [-o table|json]
   writ whoami
+  writ audit verify [--from RFC3339] [--to RFC3339] [-o table|json]
+  writ audit query [--source ID] [--destination ID] [--recorder ID] [--result allow|deny] [--kind K] [--since 1h] [--limit 100] [--all] [--format table|json|csv]
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)
