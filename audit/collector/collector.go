@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
@@ -184,13 +185,9 @@ func (c *Collector) Insert(ctx context.Context, evs []audit.Event) error {
 			heads[ev.Source] = ev
 		}
 	}
-	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS audit_staging
-			(LIKE audit_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS`); err != nil {
-			return fmt.Errorf("staging table: %w", err)
-		}
+	rows := func() pgx.CopyFromSource {
 		i := 0
-		_, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_staging"}, columns, pgx.CopyFromFunc(func() ([]any, error) {
+		return pgx.CopyFromFunc(func() ([]any, error) {
 			if i == len(evs) {
 				return nil, nil
 			}
@@ -202,12 +199,35 @@ func (c *Collector) Insert(ctx context.Context, evs []audit.Event) error {
 			}
 			return []any{e.ID, e.Time, e.Kind, e.Source, int64(e.Seq), e.PrevHash[:], e.Hash[:], e.Principal, e.Destination,
 				e.Action, e.Resource, e.Result, int32(e.Status), e.Reason, e.Cause, e.PolicyRevision, e.TraceID, string(attrs)}, nil
-		}))
-		if err != nil {
-			return fmt.Errorf("copy events: %w", err)
+		})
+	}
+	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error {
+		// Fast path: COPY straight into audit_events. A batch holding an
+		// event already stored (a re-send after a lost acknowledgement)
+		// violates the primary key; then the batch goes through a staging
+		// table and INSERT … ON CONFLICT DO NOTHING instead.
+		if _, err := tx.Exec(ctx, "SAVEPOINT direct"); err != nil {
+			return err
 		}
-		if _, err := tx.Exec(ctx, insertSQL); err != nil {
-			return fmt.Errorf("insert events: %w", err)
+		_, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_events"}, columns, rows())
+		if err != nil {
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "23505" { // unique_violation
+				return fmt.Errorf("copy events: %w", err)
+			}
+			if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT direct"); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, `CREATE TEMP TABLE IF NOT EXISTS audit_staging
+				(LIKE audit_events INCLUDING DEFAULTS) ON COMMIT DELETE ROWS`); err != nil {
+				return fmt.Errorf("staging table: %w", err)
+			}
+			if _, err := tx.CopyFrom(ctx, pgx.Identifier{"audit_staging"}, columns, rows()); err != nil {
+				return fmt.Errorf("copy events: %w", err)
+			}
+			if _, err := tx.Exec(ctx, insertSQL); err != nil {
+				return fmt.Errorf("insert events: %w", err)
+			}
 		}
 		for src, h := range heads {
 			if _, err := tx.Exec(ctx, `INSERT INTO audit_sources (source, last_seq, last_hash) VALUES ($1, $2, $3)

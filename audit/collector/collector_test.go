@@ -31,7 +31,9 @@ type rig struct {
 	addr string
 }
 
-func startRig(t *testing.T) *rig {
+func startRig(t *testing.T) *rig { return startRigB(t) }
+
+func startRigB(t testing.TB) *rig {
 	t.Helper()
 	env := authoritytest.Start(t, authoritytest.Options{})
 	col, err := collector.New(collector.Options{Pool: env.Pool})
@@ -50,7 +52,9 @@ func startRig(t *testing.T) *rig {
 }
 
 // dial connects to the collector presenting svid.
-func (r *rig) dial(t *testing.T, svid *x509svid.SVID) *grpc.ClientConn {
+func (r *rig) dial(t *testing.T, svid *x509svid.SVID) *grpc.ClientConn { return r.dialB(t, svid) }
+
+func (r *rig) dialB(t testing.TB, svid *x509svid.SVID) *grpc.ClientConn {
 	t.Helper()
 	var src x509svid.Source
 	if svid != nil {
@@ -256,5 +260,40 @@ func TestPartitionsAhead(t *testing.T) {
 	_ = r.env.Pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_class WHERE relname IN ('audit_events_p20300101','audit_events_p20300102','audit_events_p20300103')`).Scan(&n)
 	if n != 3 {
 		t.Fatalf("%d of 3 partitions ahead exist", n)
+	}
+}
+
+// TestReplicasCollectConcurrently has two collectors (two writd replicas)
+// insert overlapping batches at the same time: every event is stored once.
+func TestReplicasCollectConcurrently(t *testing.T) {
+	r := startRig(t)
+	other, err := collector.New(collector.Options{Pool: r.env.Pool})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: "spiffe://example.org/node/n", Durability: audit.DurabilityWrite})
+	defer s.Close()
+	appendN(t, s, 3000)
+	_ = s.Sync()
+	var rd audit.Reader
+	defer rd.Close()
+	raws, _ := s.ReadBatch(&rd, 1, 3000, 1<<24)
+	evs, err := audit.DecodeBatch(audit.EncodeBatch(raws))
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 6)
+	for i, c := range []*collector.Collector{r.col, other, r.col, other, r.col, other} {
+		go func() { errs <- c.Insert(context.Background(), evs[i*300:min(len(evs), i*300+1500)]) }()
+	}
+	for range 6 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	var n, distinct int
+	_ = r.env.Pool.QueryRow(context.Background(), "SELECT count(*), count(DISTINCT id) FROM audit_events").Scan(&n, &distinct)
+	if n != 3000 || distinct != 3000 {
+		t.Fatalf("%d rows, %d distinct; want 3000", n, distinct)
 	}
 }
