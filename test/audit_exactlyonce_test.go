@@ -31,6 +31,11 @@ allow if input.attributes.request.http.method == "GET"
 // auditedEnforcer is an enforcer with a real policy whose sink is a spool.
 func auditedEnforcer(t *testing.T, spool *audit.Spool) *enforcer.Enforcer {
 	t.Helper()
+	return newBenchEnforcer(t, &enforcer.AuditSink{Spool: spool})
+}
+
+func newBenchEnforcer(t testing.TB, sink enforcer.Sink) *enforcer.Enforcer {
+	t.Helper()
 	dir := t.TempDir()
 	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(auditPolicy), 0o644); err != nil {
 		t.Fatal(err)
@@ -39,7 +44,7 @@ func auditedEnforcer(t *testing.T, spool *audit.Spool) *enforcer.Enforcer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: &enforcer.AuditSink{Spool: spool}})
+	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: sink})
 	if err != nil {
 		t.Fatal(err)
 	}
