@@ -296,36 +296,21 @@ func (a *Agent) bundleSnapshot() (td string, x509DER []byte, jwks []byte, change
 }
 
 func (s *workloadServer) FetchX509Bundles(_ *workload.X509BundlesRequest, stream workload.SpiffeWorkloadAPI_FetchX509BundlesServer) error {
-	ctx := stream.Context()
-	sels, info, err := s.a.caller(ctx)
-	if err != nil {
-		return err
-	}
-	var last []byte
-	for {
-		if err := s.a.mayVerify(sels, info); err != nil {
-			return err
-		}
-		td, roots, _, changed, err := s.a.bundleSnapshot()
-		if err != nil {
-			return err
-		}
-		if last == nil || !bytes.Equal(last, roots) {
-			if err := stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: roots}}); err != nil {
-				return err
-			}
-			last = roots
-		}
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-changed:
-		}
-	}
+	return s.streamBundles(stream.Context(), func(roots, _ []byte) []byte { return roots }, func(td string, b []byte) error {
+		return stream.Send(&workload.X509BundlesResponse{Bundles: map[string][]byte{td: b}})
+	})
 }
 
 func (s *workloadServer) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream workload.SpiffeWorkloadAPI_FetchJWTBundlesServer) error {
-	ctx := stream.Context()
+	return s.streamBundles(stream.Context(), func(_, jwks []byte) []byte { return jwks }, func(td string, b []byte) error {
+		return stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: b}})
+	})
+}
+
+// streamBundles sends one form of the bundle (pick chooses X.509 roots or
+// JWKS) now and again whenever it changes, re-attesting the caller before
+// every send.
+func (s *workloadServer) streamBundles(ctx context.Context, pick func(roots, jwks []byte) []byte, send func(td string, b []byte) error) error {
 	sels, info, err := s.a.caller(ctx)
 	if err != nil {
 		return err
@@ -335,15 +320,15 @@ func (s *workloadServer) FetchJWTBundles(_ *workload.JWTBundlesRequest, stream w
 		if err := s.a.mayVerify(sels, info); err != nil {
 			return err
 		}
-		td, _, jwks, changed, err := s.a.bundleSnapshot()
+		td, roots, jwks, changed, err := s.a.bundleSnapshot()
 		if err != nil {
 			return err
 		}
-		if last == nil || !bytes.Equal(last, jwks) {
-			if err := stream.Send(&workload.JWTBundlesResponse{Bundles: map[string][]byte{td: jwks}}); err != nil {
+		if b := pick(roots, jwks); last == nil || !bytes.Equal(last, b) {
+			if err := send(td, b); err != nil {
 				return err
 			}
-			last = jwks
+			last = b
 		}
 		select {
 		case <-ctx.Done():
