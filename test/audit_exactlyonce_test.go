@@ -147,7 +147,7 @@ func checkTrail(t *testing.T, pool *pgxpool.Pool, src string, decided map[string
 			t.Fatalf("event %s = %s %s %s, decision %s %s %s", ev.ID, ev.Result, ev.Resource, ev.Principal, d.Result, d.Path, d.Source)
 		}
 	}
-	res, err := collector.Verify(ctx, pool, time.Time{}, time.Time{})
+	res, err := collector.Verify(ctx, pool, collector.VerifyOptions{})
 	if err != nil || !res.OK() {
 		t.Fatalf("verify: %+v %v", res, err)
 	}

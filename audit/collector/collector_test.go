@@ -133,7 +133,7 @@ func TestShipperToCollectorOverMTLS(t *testing.T) {
 	if st := s.Stats(); st.Segments != 1 {
 		t.Fatalf("acknowledged segments kept: %+v", st)
 	}
-	res, err := collector.Verify(context.Background(), r.env.Pool, time.Time{}, time.Time{})
+	res, err := collector.Verify(context.Background(), r.env.Pool, collector.VerifyOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

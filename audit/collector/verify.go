@@ -2,6 +2,7 @@ package collector
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"time"
 
@@ -22,9 +23,20 @@ type Break struct {
 
 // VerifyResult is what Verify found.
 type VerifyResult struct {
-	Sources int     `json:"sources"`
-	Events  int64   `json:"events"`
-	Breaks  []Break `json:"breaks"`
+	Sources     int     `json:"sources"`
+	Events      int64   `json:"events"`
+	Checkpoints int     `json:"checkpoints"`
+	Breaks      []Break `json:"breaks"`
+}
+
+// VerifyOptions select what Verify checks.
+type VerifyOptions struct {
+	// From and To bound the events' times ([From, To)); zero leaves that
+	// end open.
+	From, To time.Time
+	// Roots are the trust bundle's X.509 authorities. When set, signed
+	// checkpoints (created in the range) are checked too.
+	Roots *x509.CertPool
 }
 
 // OK reports an intact trail.
@@ -66,9 +78,12 @@ func scanEvent(row pgx.CollectableRow) (audit.Event, error) {
 // that end open) and follows each source's chain: sequence numbers must
 // run without gap or repeat, each prev_hash must be the previous event's
 // hash, and with an open start every chain must begin at 1; with an open
-// end every chain must reach the head the collector recorded. It names
-// the first broken link of each source.
-func Verify(ctx context.Context, pool *pgxpool.Pool, from, to time.Time) (VerifyResult, error) {
+// end every chain must reach the head the collector recorded. With roots,
+// every signed checkpoint in the range must verify and its heads must
+// still be in the table unchanged. It names the first broken link of each
+// source.
+func Verify(ctx context.Context, pool *pgxpool.Pool, o VerifyOptions) (VerifyResult, error) {
+	from, to := o.From, o.To
 	q := selectEvents + " WHERE true"
 	var args []any
 	if !from.IsZero() {
@@ -132,6 +147,11 @@ func Verify(ctx context.Context, pool *pgxpool.Pool, from, to time.Time) (Verify
 	}
 	if err := rows.Err(); err != nil {
 		return res, fmt.Errorf("verify: %w", err)
+	}
+	if o.Roots != nil {
+		if err := checkCheckpoints(ctx, pool, o.Roots, from, to, &res); err != nil {
+			return res, fmt.Errorf("verify checkpoints: %w", err)
+		}
 	}
 	if to.IsZero() {
 		heads, err := pool.Query(ctx, "SELECT source, last_seq FROM audit_sources ORDER BY source")

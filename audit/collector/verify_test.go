@@ -2,9 +2,10 @@ package collector_test
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/hex"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/audit/collector"
@@ -79,12 +80,12 @@ func TestVerifyCatchesTampering(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := startRig(t)
 			seed(t, r, 20)
-			res, err := collector.Verify(context.Background(), r.env.Pool, time.Time{}, time.Time{})
+			res, err := collector.Verify(context.Background(), r.env.Pool, collector.VerifyOptions{})
 			if err != nil || !res.OK() || res.Events != 20 {
 				t.Fatalf("before tampering: %+v, %v", res, err)
 			}
 			tamper(t, r, tc.sql...)
-			res, err = collector.Verify(context.Background(), r.env.Pool, time.Time{}, time.Time{})
+			res, err = collector.Verify(context.Background(), r.env.Pool, collector.VerifyOptions{})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -98,6 +99,80 @@ func TestVerifyCatchesTampering(t *testing.T) {
 			}
 			if b.Seq != tc.wantSeq || !matched {
 				t.Fatalf("first break %+v, want seq %d and %q", b, tc.wantSeq, tc.want)
+			}
+		})
+	}
+}
+
+func roots(t *testing.T, r *rig) *x509.CertPool {
+	t.Helper()
+	p := x509.NewCertPool()
+	for _, c := range r.env.Bundle(t).X509Authorities() {
+		p.AddCert(c)
+	}
+	return p
+}
+
+// TestSignedCheckpointsCatchWhatChainsCannot covers attacks that keep every
+// chain consistent: cutting the tail and fixing audit_sources, or
+// rewriting the last event with a recomputed hash. Only the signed
+// checkpoint shows them.
+func TestSignedCheckpointsCatchWhatChainsCannot(t *testing.T) {
+	ctx := context.Background()
+	tests := []struct {
+		name   string
+		attack func(t *testing.T, r *rig, src string)
+		want   string
+	}{
+		{"cut tail and fix heads", func(t *testing.T, r *rig, src string) {
+			tamper(t, r, "DELETE FROM audit_events WHERE seq >= 19",
+				"UPDATE audit_sources SET last_seq = 18, last_hash = (SELECT hash FROM audit_events WHERE seq = 18)")
+		}, "missing"},
+		{"rewrite last event", func(t *testing.T, r *rig, src string) {
+			evs, err := collector.Events(ctx, r.env.Pool, src)
+			if err != nil {
+				t.Fatal(err)
+			}
+			last := evs[len(evs)-1]
+			last.Result = "deny"
+			last.Seal()
+			h := hex.EncodeToString(last.Hash[:])
+			tamper(t, r, "UPDATE audit_events SET result = 'deny', hash = '\\x"+h+"' WHERE seq = 20",
+				"UPDATE audit_sources SET last_hash = '\\x"+h+"'")
+		}, "differs from signed checkpoint"},
+		{"alter checkpoint", func(t *testing.T, r *rig, src string) {
+			tamper(t, r, `UPDATE audit_checkpoints SET body = convert_to(replace(convert_from(body, 'UTF8'), '"seq":20', '"seq":18'), 'UTF8')`)
+		}, "signature does not verify"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRig(t)
+			src := seed(t, r, 20)
+			cp := &collector.Checkpointer{Pool: r.env.Pool, Certificate: r.env.Identity.Certificate}
+			if ok, err := cp.Write(ctx); err != nil || !ok {
+				t.Fatalf("checkpoint: %v %v", ok, err)
+			}
+			if ok, _ := cp.Write(ctx); ok {
+				t.Fatal("a checkpoint of unchanged heads was written")
+			}
+			res, err := collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r)})
+			if err != nil || !res.OK() || res.Checkpoints != 1 {
+				t.Fatalf("before: %+v %v", res, err)
+			}
+			tc.attack(t, r, src)
+			if res, _ := collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{}); !res.OK() {
+				t.Fatalf("the attack should keep the chains consistent, but: %+v", res.Breaks)
+			}
+			res, err = collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			found := false
+			for _, b := range res.Breaks {
+				found = found || strings.Contains(b.Problem, tc.want)
+			}
+			if !found {
+				t.Fatalf("breaks %+v, want one saying %q", res.Breaks, tc.want)
 			}
 		})
 	}

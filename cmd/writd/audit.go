@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"net/http"
 	"time"
@@ -24,7 +25,8 @@ func setupAudit(ctx context.Context, d *deps) error {
 		return err
 	}
 	audit.RegisterCollector(d.grpc, col)
-	d.tasks = append(d.tasks, run.Task{Name: "audit-partitions", Run: col.Run})
+	cp := &collector.Checkpointer{Pool: d.pool, Certificate: d.ident.Certificate, Logger: d.log.With("component", "audit")}
+	d.tasks = append(d.tasks, run.Task{Name: "audit-partitions", Run: col.Run}, run.Task{Name: "audit-checkpoints", Run: cp.Run})
 
 	d.adminMux.HandleFunc("GET /v1/audit/verify", func(w http.ResponseWriter, r *http.Request) {
 		from, to, err := timeRange(r)
@@ -32,7 +34,16 @@ func setupAudit(ctx context.Context, d *deps) error {
 			admin.WriteError(w, http.StatusBadRequest, err.Error())
 			return
 		}
-		res, err := collector.Verify(r.Context(), d.pool, from, to)
+		b, err := d.ca.Bundle(r.Context())
+		if err != nil {
+			admin.WriteError(w, http.StatusServiceUnavailable, "trust bundle unavailable")
+			return
+		}
+		roots := x509.NewCertPool()
+		for _, c := range b.X509Authorities() {
+			roots.AddCert(c)
+		}
+		res, err := collector.Verify(r.Context(), d.pool, collector.VerifyOptions{From: from, To: to, Roots: roots})
 		if err != nil {
 			d.log.Error("audit verify", "err", err)
 			admin.WriteError(w, http.StatusInternalServerError, "audit verify failed")

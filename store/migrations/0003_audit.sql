@@ -63,3 +63,23 @@ CREATE TABLE audit_sources (
     last_hash  bytea       NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Checkpoints: the chain heads (per source: last seq, which is also the
+-- count, and last hash) at a moment, signed by the writd replica that
+-- wrote them with its control-plane SVID key. An attacker with write access
+-- to the database who deletes a chain's tail and fixes audit_sources, or
+-- rewrites a chain with recomputed hashes, cannot make the signed heads
+-- match again without that key.
+CREATE TABLE audit_checkpoints (
+    id         bigserial   PRIMARY KEY,
+    created_at timestamptz NOT NULL,
+    signer     text        NOT NULL,  -- SPIFFE ID of the signing writd
+    body       bytea       NOT NULL,  -- the signed JSON document
+    signature  bytea       NOT NULL,  -- ECDSA (ASN.1) over SHA-256(body)
+    cert_chain bytea[]     NOT NULL   -- the signer's SVID chain, leaf first (DER)
+);
+CREATE INDEX audit_checkpoints_created ON audit_checkpoints (created_at);
+
+CREATE TRIGGER audit_checkpoints_append_only
+    BEFORE UPDATE OR DELETE ON audit_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION audit_events_refuse_change();
