@@ -168,7 +168,8 @@ func Unmarshal(b []byte) (Event, error) {
 	if len(d.b) != 0 {
 		return Event{}, fmt.Errorf("decode event: %d trailing bytes", len(d.b))
 	}
-	if e.ComputeHash() != e.Hash {
+	// The canonical encoding is exactly the bytes before the hash.
+	if sha256.Sum256(b[:len(b)-HashSize]) != e.Hash {
 		return Event{}, fmt.Errorf("decode event %s: hash does not match content", e.ID)
 	}
 	return e, nil

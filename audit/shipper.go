@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/jonboulle/clockwork"
@@ -19,8 +20,11 @@ type ShipperOptions struct {
 	// recorder's SVID (the collector checks that every event's source is
 	// the caller): build it with authority/svidtls.ClientConfig.
 	Conn        grpc.ClientConnInterface
-	BatchEvents int           // default 5000
-	BatchBytes  int           // default 2 MiB
+	BatchEvents int // default 5000
+	BatchBytes  int // default 2 MiB
+	// InFlight is how many batches may await acknowledgement at once
+	// (default 1; more did not help on a loaded 2-core machine).
+	InFlight    int
 	CallTimeout time.Duration // default 15s
 	MinBackoff  time.Duration // default 100ms
 	MaxBackoff  time.Duration // default 10s
@@ -53,6 +57,9 @@ func NewShipper(o ShipperOptions) (*Shipper, error) {
 	}
 	o.BatchBytes = min(o.BatchBytes, MaxBatchBytes-MaxRecordBytes)
 	o.BatchEvents = min(o.BatchEvents, MaxBatchEvents)
+	if o.InFlight <= 0 {
+		o.InFlight = 1
+	}
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 15 * time.Second
 	}
@@ -82,8 +89,22 @@ func (s *Shipper) Run(ctx context.Context) error {
 	failures := 0
 	for ctx.Err() == nil {
 		next := s.o.Spool.Stats().Acked + 1
-		batch, err := s.o.Spool.ReadBatch(&r, next, s.o.BatchEvents, s.o.BatchBytes)
-		if err == nil && len(batch) == 0 {
+		// Up to InFlight batches go out at once, so that reading and
+		// sending overlap the collector's commits; acknowledgements are
+		// applied in order, up to the first failure.
+		var batches [][][]byte
+		var firsts []uint64
+		var err error
+		from := next
+		for len(batches) < s.o.InFlight {
+			var b [][]byte
+			if b, err = s.o.Spool.ReadBatch(&r, from, s.o.BatchEvents, s.o.BatchBytes); err != nil || len(b) == 0 {
+				break
+			}
+			batches, firsts = append(batches, b), append(firsts, from)
+			from += uint64(len(b))
+		}
+		if err == nil && len(batches) == 0 {
 			select {
 			case <-ctx.Done():
 			case <-s.o.Spool.Durable():
@@ -91,14 +112,34 @@ func (s *Shipper) Run(ctx context.Context) error {
 			}
 			continue
 		}
-		if err == nil {
-			err = s.send(ctx, batch, next)
+		if len(batches) > 0 {
+			lasts := make([]uint64, len(batches))
+			errs := make([]error, len(batches))
+			var wg sync.WaitGroup
+			for i := range batches {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					lasts[i], errs[i] = s.send(ctx, batches[i], firsts[i])
+				}()
+			}
+			wg.Wait()
+			for i := range batches {
+				if errs[i] != nil {
+					err = errs[i]
+					break
+				}
+				if aerr := s.o.Spool.Ack(lasts[i]); aerr != nil {
+					err = aerr
+					break
+				}
+			}
 		}
 		if err != nil {
 			r.Close()
 			failures++
 			d := s.backoff(failures)
-			s.o.Logger.Warn("audit shipper: batch not acknowledged; retrying", "from_seq", next, "events", len(batch), "attempt", failures, "retry_in", d, "err", err)
+			s.o.Logger.Warn("audit shipper: batch not acknowledged; retrying", "from_seq", next, "attempt", failures, "retry_in", d, "err", err)
 			select {
 			case <-ctx.Done():
 			case <-s.o.Clock.After(d):
@@ -110,17 +151,18 @@ func (s *Shipper) Run(ctx context.Context) error {
 	return nil
 }
 
-func (s *Shipper) send(ctx context.Context, batch [][]byte, first uint64) error {
+// send ships one batch and returns the acknowledged seq.
+func (s *Shipper) send(ctx context.Context, batch [][]byte, first uint64) (uint64, error) {
 	cctx, cancel := context.WithTimeout(ctx, s.o.CallTimeout)
 	defer cancel()
 	last, err := ship(cctx, s.o.Conn, EncodeBatch(batch))
 	if err != nil {
-		return fmt.Errorf("ship: %w", err)
+		return 0, fmt.Errorf("ship: %w", err)
 	}
 	if want := first + uint64(len(batch)) - 1; last != want {
-		return fmt.Errorf("collector acknowledged seq %d, want %d", last, want)
+		return 0, fmt.Errorf("collector acknowledged seq %d, want %d", last, want)
 	}
-	return s.o.Spool.Ack(last)
+	return last, nil
 }
 
 // backoff doubles from MinBackoff to MaxBackoff with full jitter in the

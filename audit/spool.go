@@ -776,32 +776,47 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 		if r.off >= end {
 			break // a rotated-in segment with nothing durable yet
 		}
-		hdr := make([]byte, recHeaderSize)
-		if _, err := r.f.ReadAt(hdr, r.off); err != nil {
+		// One read for many records: the rest of what the batch may take
+		// from this segment, at least one whole record.
+		want := min(end-r.off, int64(max(maxBytes-size, MaxRecordBytes+recHeaderSize)))
+		if int64(cap(r.buf)) < want {
+			r.buf = make([]byte, want)
+		}
+		chunk := r.buf[:want]
+		if _, err := r.f.ReadAt(chunk, r.off); err != nil {
 			return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
 		}
-		n := int(binary.BigEndian.Uint32(hdr[0:4]))
-		buf := make([]byte, n)
-		if _, err := r.f.ReadAt(buf, r.off+recHeaderSize); err != nil {
-			return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+		progressed := false
+		for len(chunk) >= recHeaderSize && from <= limit && len(out) < maxEvents && size < maxBytes {
+			n := int(binary.BigEndian.Uint32(chunk[0:4]))
+			if recHeaderSize+n > len(chunk) {
+				break
+			}
+			payload := chunk[recHeaderSize : recHeaderSize+n]
+			if crc32.Update(crc32.Checksum(chunk[8:16], castagnoli), castagnoli, payload) != binary.BigEndian.Uint32(chunk[4:8]) {
+				return out, fmt.Errorf("audit spool: %s at offset %d: checksum mismatch", r.seg.path, r.off)
+			}
+			if seq := binary.BigEndian.Uint64(chunk[8:16]); seq != from {
+				return out, fmt.Errorf("audit spool: %s at offset %d: seq %d, want %d", r.seg.path, r.off, seq, from)
+			}
+			out = append(out, append([]byte(nil), payload...))
+			size += n
+			r.off += int64(recHeaderSize + n)
+			chunk = chunk[recHeaderSize+n:]
+			from++
+			r.next = from
+			progressed = true
 		}
-		if crc32.Update(crc32.Checksum(hdr[8:16], castagnoli), castagnoli, buf) != binary.BigEndian.Uint32(hdr[4:8]) {
-			return out, fmt.Errorf("audit spool: %s at offset %d: checksum mismatch", r.seg.path, r.off)
+		if !progressed {
+			break
 		}
-		if seq := binary.BigEndian.Uint64(hdr[8:16]); seq != from {
-			return out, fmt.Errorf("audit spool: %s at offset %d: seq %d, want %d", r.seg.path, r.off, seq, from)
-		}
-		out = append(out, buf)
-		size += n
-		r.off += int64(recHeaderSize + n)
-		from++
-		r.next = from
 	}
 	return out, nil
 }
 
 // Reader is a read position in a spool, used by one goroutine.
 type Reader struct {
+	buf  []byte
 	f    *os.File
 	seg  *segment
 	off  int64

@@ -16,8 +16,9 @@ import (
 //
 //	go test -run '^$' -bench Ingest -benchtime 200000x ./audit/collector/
 func BenchmarkIngest(b *testing.B) {
-	for _, batch := range []int{2000, 5000} {
-		b.Run(fmt.Sprintf("batch=%d", batch), func(b *testing.B) {
+	for _, c := range []struct{ batch, inflight int }{{5000, 1}, {5000, 2}, {2000, 4}} {
+		batch, inflight := c.batch, c.inflight
+		b.Run(fmt.Sprintf("batch=%d/inflight=%d", batch, inflight), func(b *testing.B) {
 			r := startRigB(b)
 			svid := r.env.Attest(b, "bench")
 			s, err := audit.OpenSpool(audit.SpoolOptions{Dir: b.TempDir(), Source: svid.ID.String(), Durability: audit.DurabilityWrite, MaxBytes: 8 << 30})
@@ -39,7 +40,7 @@ func BenchmarkIngest(b *testing.B) {
 			if err := s.Sync(); err != nil {
 				b.Fatal(err)
 			}
-			sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: r.dialB(b, svid), BatchEvents: batch})
+			sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: r.dialB(b, svid), BatchEvents: batch, InFlight: inflight})
 			if err != nil {
 				b.Fatal(err)
 			}
