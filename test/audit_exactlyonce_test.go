@@ -241,6 +241,26 @@ func TestAuditExactlyOnceAcrossFailures(t *testing.T) {
 	if len(rows) != wantDeny {
 		t.Fatalf("query returned %d denials, want %d", len(rows), wantDeny)
 	}
+
+	// The table refuses changes; a superuser bypassing the trigger is
+	// caught by writ audit verify, which names the link.
+	if _, err := pool.Exec(context.Background(), "UPDATE audit_events SET result = 'allow' WHERE seq = 700"); err == nil || !strings.Contains(err.Error(), "append-only") {
+		t.Fatalf("update: got %v, want the append-only refusal", err)
+	}
+	conn, err := pool.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []string{"SET session_replication_role = replica", "UPDATE audit_events SET reason = reason || ' (edited)' WHERE seq = 700", "SET session_replication_role = origin"} {
+		if _, err := conn.Exec(context.Background(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn.Release()
+	out, code = w.writ(t, "audit", "verify")
+	if code != 1 || !strings.Contains(out, "BROKEN "+src+" seq 700") || !strings.Contains(out, "altered") {
+		t.Fatalf("writ audit verify after tampering: %d %s", code, out)
+	}
 }
 
 // TestAuditSpoolFullFailsClosed fills a small spool while PostgreSQL is
