@@ -81,9 +81,29 @@ type Event struct {
 	// PolicyRevision is the revision of the policy that decided.
 	PolicyRevision string
 	TraceID        string
-	// Attributes is a canonical JSON object (see CanonicalJSON) holding
-	// the rest, already redacted.
+	// Attributes is a JSON object holding the rest, already redacted.
+	// The spool canonicalizes it (CanonicalJSON) before hashing unless it
+	// was set by SetAttributes and not replaced since.
 	Attributes json.RawMessage
+
+	canon json.RawMessage // what SetAttributes produced
+}
+
+// SetAttributes sets Attributes to the canonical JSON of attrs, sparing
+// the spool a second pass.
+func (e *Event) SetAttributes(attrs map[string]any) error {
+	raw, err := Attributes(attrs)
+	if err != nil {
+		return err
+	}
+	e.Attributes, e.canon = raw, raw
+	return nil
+}
+
+// attrsCanonical reports whether Attributes is still what SetAttributes
+// (or NewEvent) put there.
+func (e *Event) attrsCanonical() bool {
+	return len(e.canon) > 0 && len(e.canon) == len(e.Attributes) && &e.canon[0] == &e.Attributes[0]
 }
 
 // Canonical returns the bytes the event's hash covers: the fields in a
@@ -220,7 +240,7 @@ func (e *Event) Validate() error {
 	if !kinds[e.Kind] {
 		return fmt.Errorf("event kind %q is unknown", e.Kind)
 	}
-	if len(e.Attributes) != 0 && !json.Valid(e.Attributes) {
+	if len(e.Attributes) != 0 && !e.attrsCanonical() && !json.Valid(e.Attributes) {
 		return errors.New("event attributes are not valid JSON")
 	}
 	return nil
@@ -233,7 +253,7 @@ func NewEvent(kind string, t time.Time) (Event, error) {
 	if err != nil {
 		return Event{}, fmt.Errorf("new event id: %w", err)
 	}
-	return Event{ID: id, Time: NormalizeTime(t), Kind: kind, Attributes: emptyObject}, nil
+	return Event{ID: id, Time: NormalizeTime(t), Kind: kind, Attributes: emptyObject, canon: emptyObject}, nil
 }
 
 // NormalizeTime returns t in UTC truncated to microseconds, the precision
@@ -259,6 +279,16 @@ func CanonicalJSON(raw []byte) (json.RawMessage, error) {
 }
 
 func canonicalValue(v any) (json.RawMessage, error) {
+	v, ok := plain(v)
+	if !ok {
+		// Other Go types (structs, typed maps) encode differently from
+		// their decoded form: take the round trip.
+		b, err := json.Marshal(v)
+		if err != nil {
+			return nil, fmt.Errorf("canonical json: %w", err)
+		}
+		return CanonicalJSON(b)
+	}
 	v = stripNUL(v)
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
@@ -286,4 +316,58 @@ func stripNUL(v any) any {
 		return t
 	}
 	return v
+}
+
+// plain converts v to what json.Unmarshal into any would produce (numbers
+// as float64, map[string]any, []any), reporting false for anything else.
+func plain(v any) (any, bool) {
+	switch t := v.(type) {
+	case nil, bool, string, float64:
+		return t, true
+	case int:
+		return float64(t), true
+	case int32:
+		return float64(t), true
+	case int64:
+		return float64(t), true
+	case uint32:
+		return float64(t), true
+	case uint64:
+		return float64(t), true
+	case float32:
+		return float64(t), true
+	case map[string]any:
+		out := make(map[string]any, len(t))
+		for k, x := range t {
+			p, ok := plain(x)
+			if !ok {
+				return nil, false
+			}
+			out[k] = p
+		}
+		return out, true
+	case map[string]string:
+		out := make(map[string]any, len(t))
+		for k, x := range t {
+			out[k] = x
+		}
+		return out, true
+	case []any:
+		out := make([]any, len(t))
+		for i, x := range t {
+			p, ok := plain(x)
+			if !ok {
+				return nil, false
+			}
+			out[i] = p
+		}
+		return out, true
+	case []string:
+		out := make([]any, len(t))
+		for i, x := range t {
+			out[i] = x
+		}
+		return out, true
+	}
+	return nil, false
 }

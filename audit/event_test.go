@@ -75,3 +75,34 @@ func TestRedactionRefusesCredentials(t *testing.T) {
 		t.Fatalf("got %v", got)
 	}
 }
+
+// TestAttributesMatchTheRoundTrip checks that attributes built from Go
+// values are byte for byte what CanonicalJSON makes of them, since the
+// spool skips the second pass for them.
+func TestAttributesMatchTheRoundTrip(t *testing.T) {
+	in := map[string]any{
+		"latency_us": int64(1234567), "big": int64(1) << 60, "f": float32(0.1), "tiny": 1e-9, "huge": 1e22,
+		"s": "<a&b>\u2028\x00é", "b": true, "n": nil, "list": []any{1, "x", map[string]any{"z": 1, "a": 2}},
+		"headers": map[string]string{"user-agent": "curl"}, "tags": []string{"a", "b"},
+		"st": struct{ B, A int }{1, 2},
+	}
+	got, err := Attributes(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := CanonicalJSON(got)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(got) != string(again) {
+		t.Fatalf("Attributes:   %s\nround trip:   %s", got, again)
+	}
+	var ev Event
+	if err := ev.SetAttributes(in); err != nil || !ev.attrsCanonical() {
+		t.Fatalf("SetAttributes: %v %v", err, ev.attrsCanonical())
+	}
+	ev.Attributes = []byte(`{"b":1, "a":2}`)
+	if ev.attrsCanonical() {
+		t.Fatal("replaced attributes still taken as canonical")
+	}
+}

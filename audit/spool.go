@@ -455,11 +455,13 @@ func (s *Spool) Append(ctx context.Context, ev *Event) error {
 	}
 	// Hash what PostgreSQL will give back: canonical attributes and
 	// microsecond UTC times.
-	attrs, err := CanonicalJSON(ev.Attributes)
-	if err != nil {
-		return fmt.Errorf("audit spool: event %s: %w", ev.ID, err)
+	if !ev.attrsCanonical() {
+		attrs, err := CanonicalJSON(ev.Attributes)
+		if err != nil {
+			return fmt.Errorf("audit spool: event %s: %w", ev.ID, err)
+		}
+		ev.Attributes = attrs
 	}
-	ev.Attributes = attrs
 	ev.Time = NormalizeTime(ev.Time)
 	s.mu.Lock()
 	if s.closed {

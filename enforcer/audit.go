@@ -62,18 +62,18 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 	if h := r.Headers(headers); h != nil {
 		attrs["headers"] = h
 	}
-	raw, err := audit.Attributes(attrs)
-	if err != nil {
-		return audit.Event{}, err
-	}
 	status := d.HTTPStatus
 	if status == 0 && d.Result == ResultAllow {
 		status = http.StatusOK
 	}
-	return audit.Event{
+	ev := audit.Event{
 		ID: id, Time: audit.NormalizeTime(d.Time), Kind: audit.KindRequest,
 		Principal: d.Source, Destination: d.Destination, Action: d.Method, Resource: d.Path,
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
-		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID, Attributes: raw,
-	}, nil
+		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
+	}
+	if err := ev.SetAttributes(attrs); err != nil {
+		return audit.Event{}, err
+	}
+	return ev, nil
 }
