@@ -341,6 +341,12 @@ func TestRecordChainsAcrossReplicas(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = tx.Rollback(ctx)
+	// A batch with an invalid event records none of its events.
+	good, _ := audit.NewEvent(audit.KindDecisionAPI, time.Now())
+	bad, _ := audit.NewEvent("no-such-kind", time.Now())
+	if err := r.col.RecordBatch(ctx, src, []*audit.Event{&good, &bad}); err == nil {
+		t.Fatal("a batch with an invalid event was recorded")
+	}
 	evs, err := collector.Events(ctx, r.env.Pool, src)
 	if err != nil {
 		t.Fatal(err)

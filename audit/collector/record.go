@@ -19,6 +19,24 @@ func (c *Collector) Record(ctx context.Context, source string, ev *audit.Event) 
 	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error { return c.recordTx(ctx, tx, source, ev) })
 }
 
+// RecordBatch appends evs under source in one transaction, all or none
+// (an AuthZEN batch's answers, for instance).
+func (c *Collector) RecordBatch(ctx context.Context, source string, evs []*audit.Event) error {
+	for _, ev := range evs {
+		if err := c.EnsurePartition(ctx, ev.Time); err != nil {
+			return err
+		}
+	}
+	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error {
+		for _, ev := range evs {
+			if err := c.recordTx(ctx, tx, source, ev); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // RecordTx appends ev inside tx, the transaction that makes the change the
 // event records, so that the change and its audit event commit together or
 // not at all: exactly once with no spool. The chain head of source is
