@@ -137,7 +137,7 @@ func (c *Checkpointer) Write(ctx context.Context) (bool, error) {
 // checkCheckpoints verifies every checkpoint's signature against roots (at
 // the checkpoint's time: SVIDs are short-lived) and that each head it
 // signed is still in the table with the same hash.
-func checkCheckpoints(ctx context.Context, pool *pgxpool.Pool, roots *x509.CertPool, from, to time.Time, res *VerifyResult) error {
+func checkCheckpoints(ctx context.Context, pool *pgxpool.Pool, roots *x509.CertPool, signer string, from, to time.Time, res *VerifyResult) error {
 	if to.IsZero() {
 		to = time.Date(9999, 1, 1, 0, 0, 0, 0, time.UTC)
 	}
@@ -180,6 +180,10 @@ func checkCheckpoints(ctx context.Context, pool *pgxpool.Pool, roots *x509.CertP
 		}
 		if _, err := certs[0].Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: c.At, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
 			bad("signer certificate does not verify against the trust bundle: " + err.Error())
+			continue
+		}
+		if id, err := x509svid.IDFromCert(certs[0]); err != nil || id.String() != signer {
+			bad(fmt.Sprintf("signed by %v, not by %s", id, signer))
 			continue
 		}
 		pub, ok := certs[0].PublicKey.(*ecdsa.PublicKey)

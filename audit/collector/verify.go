@@ -3,6 +3,7 @@ package collector
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"time"
 
@@ -35,8 +36,11 @@ type VerifyOptions struct {
 	// end open.
 	From, To time.Time
 	// Roots are the trust bundle's X.509 authorities. When set, signed
-	// checkpoints (created in the range) are checked too.
-	Roots *x509.CertPool
+	// checkpoints (created in the range) are checked too, and each must be
+	// signed by Signer (writd's control-plane SPIFFE ID): a workload's SVID
+	// chains to the same roots but may not vouch for the trail.
+	Roots  *x509.CertPool
+	Signer string
 }
 
 // OK reports an intact trail.
@@ -149,7 +153,10 @@ func Verify(ctx context.Context, pool *pgxpool.Pool, o VerifyOptions) (VerifyRes
 		return res, fmt.Errorf("verify: %w", err)
 	}
 	if o.Roots != nil {
-		if err := checkCheckpoints(ctx, pool, o.Roots, from, to, &res); err != nil {
+		if o.Signer == "" {
+			return res, errors.New("verify: checkpoints need the expected signer")
+		}
+		if err := checkCheckpoints(ctx, pool, o.Roots, o.Signer, from, to, &res); err != nil {
 			return res, fmt.Errorf("verify checkpoints: %w", err)
 		}
 	}

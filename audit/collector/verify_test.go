@@ -2,6 +2,7 @@ package collector_test
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
 	"strings"
@@ -9,6 +10,8 @@ import (
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/audit/collector"
+	"github.com/writmesh/writ/authority"
+	"github.com/writmesh/writ/authority/authoritytest"
 )
 
 // seed puts n chained events of one source into the database.
@@ -104,6 +107,8 @@ func TestVerifyCatchesTampering(t *testing.T) {
 	}
 }
 
+var cpID = authority.ControlPlaneID(authoritytest.TrustDomain).String()
+
 func roots(t *testing.T, r *rig) *x509.CertPool {
 	t.Helper()
 	p := x509.NewCertPool()
@@ -140,6 +145,20 @@ func TestSignedCheckpointsCatchWhatChainsCannot(t *testing.T) {
 			tamper(t, r, "UPDATE audit_events SET result = 'deny', hash = '\\x"+h+"' WHERE seq = 20",
 				"UPDATE audit_sources SET last_hash = '\\x"+h+"'")
 		}, "differs from signed checkpoint"},
+		{"checkpoint by a workload", func(t *testing.T, r *rig, src string) {
+			// A compromised workload's key chains to the same roots.
+			svid := r.env.Attest(t, "evil")
+			cert := &tls.Certificate{PrivateKey: svid.PrivateKey}
+			for _, c := range svid.Certificates {
+				cert.Certificate = append(cert.Certificate, c.Raw)
+			}
+			tamper(t, r, "DELETE FROM audit_checkpoints", "DELETE FROM audit_events WHERE seq = 20",
+				"UPDATE audit_sources SET last_seq = 19, last_hash = (SELECT hash FROM audit_events WHERE seq = 19)")
+			forged := &collector.Checkpointer{Pool: r.env.Pool, Certificate: func() *tls.Certificate { return cert }}
+			if ok, err := forged.Write(ctx); !ok || err != nil {
+				t.Fatalf("forged checkpoint: %v %v", ok, err)
+			}
+		}, "not by " + cpID},
 		{"alter checkpoint", func(t *testing.T, r *rig, src string) {
 			tamper(t, r, `UPDATE audit_checkpoints SET body = convert_to(replace(convert_from(body, 'UTF8'), '"seq":20', '"seq":18'), 'UTF8')`)
 		}, "signature does not verify"},
@@ -155,7 +174,7 @@ func TestSignedCheckpointsCatchWhatChainsCannot(t *testing.T) {
 			if ok, _ := cp.Write(ctx); ok {
 				t.Fatal("a checkpoint of unchanged heads was written")
 			}
-			res, err := collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r)})
+			res, err := collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r), Signer: cpID})
 			if err != nil || !res.OK() || res.Checkpoints != 1 {
 				t.Fatalf("before: %+v %v", res, err)
 			}
@@ -163,7 +182,7 @@ func TestSignedCheckpointsCatchWhatChainsCannot(t *testing.T) {
 			if res, _ := collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{}); !res.OK() {
 				t.Fatalf("the attack should keep the chains consistent, but: %+v", res.Breaks)
 			}
-			res, err = collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r)})
+			res, err = collector.Verify(ctx, r.env.Pool, collector.VerifyOptions{Roots: roots(t, r), Signer: cpID})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -10,6 +10,7 @@ import (
 	"github.com/writmesh/writ/api/admin"
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/audit/collector"
+	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/internal/run"
 )
 
@@ -43,7 +44,7 @@ func setupAudit(ctx context.Context, d *deps) error {
 		for _, c := range b.X509Authorities() {
 			roots.AddCert(c)
 		}
-		res, err := collector.Verify(r.Context(), d.pool, collector.VerifyOptions{From: from, To: to, Roots: roots})
+		res, err := collector.Verify(r.Context(), d.pool, collector.VerifyOptions{From: from, To: to, Roots: roots, Signer: authority.ControlPlaneID(d.td).String()})
 		if err != nil {
 			d.log.Error("audit verify", "err", err)
 			admin.WriteError(w, http.StatusInternalServerError, "audit verify failed")
