@@ -288,6 +288,16 @@ func (s *Spool) recover() error {
 		}
 		s.active = f
 	}
+	// The acked file is written without fsync: after a crash it may lag
+	// (a resend follows, which the collector ignores) or, with segments
+	// already deleted, point before the first one still here.
+	if first := s.segs[0].first; s.acked < first-1 {
+		s.acked = first - 1
+	}
+	if s.acked > s.nextSeq-1 {
+		s.log.Error("audit spool: acknowledged past the last event on disk; the disk lost fsynced data", "acked", s.acked, "last", s.nextSeq-1)
+		s.acked = s.nextSeq - 1
+	}
 	s.synced = s.nextSeq - 1
 	s.m.bytes.Set(float64(s.total))
 	return nil

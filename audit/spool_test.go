@@ -355,3 +355,31 @@ func spoolChild(dir string) {
 		fmt.Fprintf(os.Stdout, "acked %d\n", ev.Seq)
 	}
 }
+
+// TestSpoolLostAckFile reopens a spool whose acked file is gone after
+// acknowledged segments were deleted: reading resumes at the first event
+// still on disk instead of asking for deleted ones.
+func TestSpoolLostAckFile(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityWrite})
+	for i := range 50 {
+		_ = s.Append(context.Background(), testEvent(t, i))
+	}
+	_ = s.Sync()
+	if err := s.Ack(30); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := os.Remove(filepath.Join(dir, "acked")); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, SpoolOptions{Dir: dir})
+	defer s.Close()
+	st := s.Stats()
+	if st.Acked == 0 || st.Acked > 30 {
+		t.Fatalf("acked = %d, want the seq before the first segment kept (<= 30)", st.Acked)
+	}
+	if got := readAll(t, s, st.Acked+1); len(got) != int(50-st.Acked) {
+		t.Fatalf("read %d events from %d", len(got), st.Acked+1)
+	}
+}
