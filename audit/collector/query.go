@@ -52,6 +52,9 @@ type Page struct {
 	Next   string `json:"next,omitempty"`
 }
 
+// ErrBadFilter marks a Query refused for its filter (a caller's mistake).
+var ErrBadFilter = errors.New("bad audit query")
+
 // Query returns events matching f, newest first, paginated by a keyset
 // cursor on (time, id) so that pages stay stable while events arrive.
 func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
@@ -59,7 +62,7 @@ func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
 		f.Limit = 100
 	}
 	if f.Limit > 1000 {
-		return Page{}, errors.New("limit is at most 1000")
+		return Page{}, fmt.Errorf("%w: limit is at most 1000", ErrBadFilter)
 	}
 	var where []string
 	var args []any
@@ -93,7 +96,7 @@ func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
 		t, err := time.Parse(time.RFC3339Nano, ts)
 		u, err2 := uuid.Parse(id)
 		if !ok || err != nil || err2 != nil {
-			return Page{}, errors.New("bad page cursor")
+			return Page{}, fmt.Errorf("%w: bad page cursor", ErrBadFilter)
 		}
 		args = append(args, t, u)
 		where = append(where, fmt.Sprintf("(time, id) < ($%d, $%d)", len(args)-1, len(args)))

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -71,9 +72,13 @@ func setupAudit(ctx context.Context, d *deps) error {
 			}
 		}
 		page, err := collector.Query(r.Context(), d.pool, f)
+		if errors.Is(err, collector.ErrBadFilter) {
+			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			return
+		}
 		if err != nil {
 			d.log.Error("audit query", "err", err)
-			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			admin.WriteError(w, http.StatusInternalServerError, "audit query failed")
 			return
 		}
 		admin.WriteJSON(w, http.StatusOK, page)
