@@ -61,3 +61,12 @@ proto:
 
 clean:
 	rm -rf $(BIN) .tmp
+
+# The audit pipeline's figures (docs/audit.md): spool append latency per
+# durability mode, the audited Check path, and ingest from spool to
+# committed rows on a throwaway PostgreSQL.
+.PHONY: bench-audit
+bench-audit:
+	$(GO) test -run '^$$' -bench SpoolAppend -benchtime 2000x ./audit/
+	$(GO) test -run '^$$' -bench CheckAudited -benchtime 1000x ./test/
+	$(GO) test -run '^$$' -bench 'Ingest|Insert' -benchtime 100000x ./audit/collector/

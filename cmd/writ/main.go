@@ -53,6 +53,8 @@ Usage:
   writ mesh endpoints                    the service registry
   writ mesh bootstrap --xds-server H:P --node-id ID --namespace NS --cert F --key F --ca F --bundle-map F
       [--service S --address IP --port P --label k=v]   print a grpc-go xDS bootstrap
+  writ audit verify [--from RFC3339] [--to RFC3339] [-o table|json]
+  writ audit query [--source ID] [--destination ID] [--recorder ID] [--result allow|deny] [--kind K] [--since 1h] [--limit 100] [--all] [--format table|json|csv]
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)

@@ -1,0 +1,130 @@
+package collector
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Filter selects events for Query. Empty fields match everything.
+type Filter struct {
+	Source      string // the request's source: the events' principal
+	Recorder    string // the SPIFFE ID that recorded the events (the chain owner)
+	Destination string
+	Result      string
+	Kind        string
+	Since       time.Time // inclusive
+	Until       time.Time // exclusive
+	Limit       int       // default 100, at most 1000
+	After       string    // the Next cursor of the previous page
+}
+
+// Row is one event as Query returns it.
+type Row struct {
+	ID             string          `json:"id"`
+	Time           time.Time       `json:"time"`
+	Kind           string          `json:"kind"`
+	Recorder       string          `json:"recorder"`
+	Seq            uint64          `json:"seq"`
+	Source         string          `json:"source"`
+	Destination    string          `json:"destination"`
+	Action         string          `json:"action"`
+	Resource       string          `json:"resource"`
+	Result         string          `json:"result"`
+	Status         int             `json:"status"`
+	Reason         string          `json:"reason"`
+	Cause          string          `json:"cause"`
+	PolicyRevision string          `json:"policy_revision"`
+	TraceID        string          `json:"trace_id,omitempty"`
+	Attributes     json.RawMessage `json:"attributes"`
+}
+
+// Page is one page of Query, newest first; Next is empty on the last.
+type Page struct {
+	Events []Row  `json:"events"`
+	Next   string `json:"next,omitempty"`
+}
+
+// ErrBadFilter marks a Query refused for its filter (a caller's mistake).
+var ErrBadFilter = errors.New("bad audit query")
+
+// Query returns events matching f, newest first, paginated by a keyset
+// cursor on (time, id) so that pages stay stable while events arrive.
+func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
+	if f.Limit <= 0 {
+		f.Limit = 100
+	}
+	if f.Limit > 1000 {
+		return Page{}, fmt.Errorf("%w: limit is at most 1000", ErrBadFilter)
+	}
+	var where []string
+	var args []any
+	add := func(cond string, v any) {
+		args = append(args, v)
+		where = append(where, fmt.Sprintf(cond, len(args)))
+	}
+	if f.Source != "" {
+		add("principal = $%d", f.Source)
+	}
+	if f.Recorder != "" {
+		add("source = $%d", f.Recorder)
+	}
+	if f.Destination != "" {
+		add("destination = $%d", f.Destination)
+	}
+	if f.Result != "" {
+		add("result = $%d", f.Result)
+	}
+	if f.Kind != "" {
+		add("kind = $%d", f.Kind)
+	}
+	if !f.Since.IsZero() {
+		add("time >= $%d", f.Since)
+	}
+	if !f.Until.IsZero() {
+		add("time < $%d", f.Until)
+	}
+	if f.After != "" {
+		ts, id, ok := strings.Cut(f.After, "_")
+		t, err := time.Parse(time.RFC3339Nano, ts)
+		u, err2 := uuid.Parse(id)
+		if !ok || err != nil || err2 != nil {
+			return Page{}, fmt.Errorf("%w: bad page cursor", ErrBadFilter)
+		}
+		args = append(args, t, u)
+		where = append(where, fmt.Sprintf("(time, id) < ($%d, $%d)", len(args)-1, len(args)))
+	}
+	q := selectEvents
+	if len(where) > 0 {
+		q += " WHERE " + strings.Join(where, " AND ")
+	}
+	args = append(args, f.Limit+1)
+	q += fmt.Sprintf(" ORDER BY time DESC, id DESC LIMIT $%d", len(args))
+	rows, err := pool.Query(ctx, q, args...)
+	if err != nil {
+		return Page{}, fmt.Errorf("query events: %w", err)
+	}
+	evs, err := pgx.CollectRows(rows, scanEvent)
+	if err != nil {
+		return Page{}, fmt.Errorf("query events: %w", err)
+	}
+	p := Page{Events: []Row{}}
+	for i, e := range evs {
+		if i == f.Limit {
+			last := evs[i-1]
+			p.Next = last.Time.Format(time.RFC3339Nano) + "_" + last.ID.String()
+			break
+		}
+		p.Events = append(p.Events, Row{ID: e.ID.String(), Time: e.Time, Kind: e.Kind, Recorder: e.Source, Seq: e.Seq,
+			Source: e.Principal, Destination: e.Destination, Action: e.Action, Resource: e.Resource, Result: e.Result,
+			Status: e.Status, Reason: e.Reason, Cause: e.Cause, PolicyRevision: e.PolicyRevision, TraceID: e.TraceID, Attributes: e.Attributes})
+	}
+	return p, nil
+}

@@ -1,0 +1,385 @@
+package audit
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const testSource = "spiffe://example.org/ns/default/sa/proxy"
+
+func testEvent(t testing.TB, i int) *Event {
+	t.Helper()
+	ev, err := NewEvent(KindRequest, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev.Principal = "spiffe://example.org/ns/a/sa/client"
+	ev.Destination = "spiffe://example.org/ns/b/sa/server"
+	ev.Action, ev.Resource, ev.Result, ev.Status = "GET", fmt.Sprintf("/items/%d", i), "allow", 200
+	return &ev
+}
+
+func openTest(t *testing.T, o SpoolOptions) *Spool {
+	t.Helper()
+	if o.Source == "" {
+		o.Source = testSource
+	}
+	s, err := OpenSpool(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// readAll reads every durable event from seq 1 and checks the chain.
+func readAll(t *testing.T, s *Spool, from uint64) []Event {
+	t.Helper()
+	var r Reader
+	defer r.Close()
+	var out []Event
+	for {
+		b, err := s.ReadBatch(&r, from, 100, 1<<20)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(b) == 0 {
+			return out
+		}
+		for _, raw := range b {
+			ev, err := Unmarshal(raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev.Seq != from {
+				t.Fatalf("got seq %d, want %d", ev.Seq, from)
+			}
+			if len(out) > 0 && ev.PrevHash != out[len(out)-1].Hash {
+				t.Fatalf("seq %d: prev hash does not match", ev.Seq)
+			}
+			out = append(out, ev)
+			from++
+		}
+	}
+}
+
+func TestSpoolAppendReopenRotateAck(t *testing.T) {
+	for _, d := range []Durability{DurabilityGrouped, DurabilityPerEvent, DurabilityWrite} {
+		t.Run(string(d), func(t *testing.T) {
+			dir := t.TempDir()
+			s := openTest(t, SpoolOptions{Dir: dir, Durability: d, SegmentBytes: 4096})
+			for i := range 100 {
+				if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if got := len(readAll(t, s, 1)); got != 100 {
+				t.Fatalf("read %d events, want 100", got)
+			}
+			st := s.Stats()
+			if st.Segments < 3 {
+				t.Fatalf("segments = %d, want rotation into several", st.Segments)
+			}
+			if err := s.Ack(60); err != nil {
+				t.Fatal(err)
+			}
+			if s.Stats().Segments >= st.Segments || s.Stats().Bytes >= st.Bytes {
+				t.Fatalf("ack deleted nothing: %+v -> %+v", st, s.Stats())
+			}
+			head := s.Stats().Head
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			s = openTest(t, SpoolOptions{Dir: dir, Durability: d, SegmentBytes: 4096})
+			defer s.Close()
+			if got := s.Stats(); got.NextSeq != 101 || got.Acked != 60 || got.Head != head {
+				t.Fatalf("reopened: %+v, want next 101, acked 60, same head", got)
+			}
+			if err := s.Append(context.Background(), testEvent(t, 100)); err != nil {
+				t.Fatal(err)
+			}
+			_ = s.Sync()
+			evs := readAll(t, s, 61)
+			if len(evs) != 41 || evs[len(evs)-1].Seq != 101 {
+				t.Fatalf("after reopen read %d events", len(evs))
+			}
+		})
+	}
+}
+
+func lastSegment(t *testing.T, dir string) string {
+	t.Helper()
+	m, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+	sort.Strings(m)
+	if len(m) == 0 {
+		t.Fatal("no segments")
+	}
+	return m[len(m)-1]
+}
+
+func TestSpoolTornTailIsTruncated(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, SpoolOptions{Dir: dir, Durability: DurabilityPerEvent})
+	for i := range 10 {
+		if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	seg := lastSegment(t, dir)
+	st, _ := os.Stat(seg)
+	// Cut the last record in the middle, as a crash during write(2) can.
+	if err := os.Truncate(seg, st.Size()-37); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, SpoolOptions{Dir: dir})
+	defer s.Close()
+	if got := s.Stats().NextSeq; got != 10 {
+		t.Fatalf("next seq after torn tail = %d, want 10 (record 10 dropped)", got)
+	}
+	if got := len(readAll(t, s, 1)); got != 9 {
+		t.Fatalf("read %d, want 9", got)
+	}
+	// The chain continues from record 9.
+	if err := s.Append(context.Background(), testEvent(t, 10)); err != nil {
+		t.Fatal(err)
+	}
+	_ = s.Sync()
+	if got := len(readAll(t, s, 1)); got != 10 {
+		t.Fatalf("read %d, want 10", got)
+	}
+}
+
+func TestSpoolTornChecksumAtEndIsTruncated(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, SpoolOptions{Dir: dir, Durability: DurabilityPerEvent})
+	for i := range 5 {
+		_ = s.Append(context.Background(), testEvent(t, i))
+	}
+	s.Close()
+	seg := lastSegment(t, dir)
+	flipByte(t, seg, -3)
+	s = openTest(t, SpoolOptions{Dir: dir})
+	defer s.Close()
+	if got := s.Stats().NextSeq; got != 5 {
+		t.Fatalf("next seq = %d, want 5", got)
+	}
+}
+
+func flipByte(t *testing.T, path string, at int64) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if at < 0 {
+		at += int64(len(b))
+	}
+	b[at] ^= 0xff
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSpoolCorruptionInTheMiddleIsRefused(t *testing.T) {
+	tests := []struct {
+		name string
+		// damage changes the spool in dir
+		damage func(t *testing.T, dir string)
+		want   string
+	}{
+		{"checksum in last segment with records after", func(t *testing.T, dir string) {
+			flipByte(t, lastSegment(t, dir), segHeaderSize+recHeaderSize+20)
+		}, "checksum mismatch with"},
+		{"torn record in an earlier segment", func(t *testing.T, dir string) {
+			m, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+			sort.Strings(m)
+			st, _ := os.Stat(m[0])
+			_ = os.Truncate(m[0], st.Size()-5)
+		}, "not the last segment"},
+		{"missing segment", func(t *testing.T, dir string) {
+			m, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+			sort.Strings(m)
+			_ = os.Remove(m[1])
+		}, "does not continue"},
+		{"bad header", func(t *testing.T, dir string) {
+			m, _ := filepath.Glob(filepath.Join(dir, "*.seg"))
+			sort.Strings(m)
+			flipByte(t, m[0], 3)
+		}, "bad header"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityWrite})
+			for i := range 40 {
+				_ = s.Append(context.Background(), testEvent(t, i))
+			}
+			s.Close()
+			tc.damage(t, dir)
+			_, err := OpenSpool(SpoolOptions{Dir: dir, Source: testSource})
+			if err == nil || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("open: got %v, want a corruption error mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestSpoolBoundFailClosed(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, SegmentBytes: 2048, Durability: DurabilityWrite})
+	defer s.Close()
+	n := 0
+	var err error
+	for ; n < 1000; n++ {
+		if err = s.Append(context.Background(), testEvent(t, n)); err != nil {
+			break
+		}
+	}
+	var fe *FullError
+	if !errors.Is(err, ErrSpoolFull) || !errors.As(err, &fe) || !strings.Contains(err.Error(), "fail-closed") {
+		t.Fatalf("append %d: got %v, want a FullError", n, err)
+	}
+	// Nothing accepted is lost and the refusal took no sequence number.
+	_ = s.Sync()
+	if got := len(readAll(t, s, 1)); got != n {
+		t.Fatalf("spool holds %d events, want the %d accepted", got, n)
+	}
+	// Acknowledging frees room.
+	if err := s.Ack(uint64(n - 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Append(context.Background(), testEvent(t, n)); err != nil {
+		t.Fatalf("after ack: %v", err)
+	}
+}
+
+func TestSpoolBoundFailOpenWithAlarm(t *testing.T) {
+	dir := t.TempDir()
+	var logb strings.Builder
+	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, OverflowBytes: 4096, SegmentBytes: 2048, Durability: DurabilityWrite,
+		OnFull: FailOpenWithAlarm, Logger: newTestLogger(&logb)})
+	defer s.Close()
+	for i := range 200 {
+		if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	st := s.Stats()
+	if st.Bytes <= 8192 || st.Bytes > 8192+4096 {
+		t.Fatalf("bytes = %d, want past the bound and within the overflow", st.Bytes)
+	}
+	kept := int(st.NextSeq - 1)
+	if kept >= 200 {
+		t.Fatal("no event spilled")
+	}
+	// Every spilled event is in the log in full.
+	if got := strings.Count(logb.String(), "event written to this log only"); got != 200-kept {
+		t.Fatalf("log holds %d spilled events, want %d", got, 200-kept)
+	}
+}
+
+// TestSpoolSurvivesKill9 appends in a child process, kills it with SIGKILL
+// mid-stream, and checks that every append the child saw succeed is in the
+// spool after recovery.
+func TestSpoolSurvivesKill9(t *testing.T) {
+	if dir := os.Getenv("WRIT_AUDIT_SPOOL_CHILD"); dir != "" {
+		spoolChild(dir)
+		return
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestSpoolSurvivesKill9$")
+	cmd.Env = append(os.Environ(), "WRIT_AUDIT_SPOOL_CHILD="+dir)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	var maxAcked uint64
+	for sc.Scan() {
+		seq, err := strconv.ParseUint(strings.TrimPrefix(sc.Text(), "acked "), 10, 64)
+		if err != nil {
+			continue
+		}
+		maxAcked = seq
+		if seq >= 3000 {
+			break
+		}
+	}
+	if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = cmd.Wait()
+	if maxAcked < 3000 {
+		t.Fatalf("child acknowledged only %d appends", maxAcked)
+	}
+	s := openTest(t, SpoolOptions{Dir: dir})
+	defer s.Close()
+	evs := readAll(t, s, 1)
+	if uint64(len(evs)) < maxAcked {
+		t.Fatalf("after kill -9 the spool holds %d events; the child had acknowledged %d", len(evs), maxAcked)
+	}
+	t.Logf("child acknowledged %d, spool recovered %d", maxAcked, len(evs))
+}
+
+func spoolChild(dir string) {
+	s, err := OpenSpool(SpoolOptions{Dir: dir, Source: testSource, Durability: DurabilityWrite, SegmentBytes: 64 << 10})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	for i := 0; ; i++ {
+		ev, _ := NewEvent(KindRequest, time.Now())
+		ev.Resource = fmt.Sprintf("/x/%d", i)
+		if err := s.Append(context.Background(), &ev); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		// Unbuffered: the parent sees exactly what returned.
+		fmt.Fprintf(os.Stdout, "acked %d\n", ev.Seq)
+	}
+}
+
+// TestSpoolLostAckFile reopens a spool whose acked file is gone after
+// acknowledged segments were deleted: reading resumes at the first event
+// still on disk instead of asking for deleted ones.
+func TestSpoolLostAckFile(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityWrite})
+	for i := range 50 {
+		_ = s.Append(context.Background(), testEvent(t, i))
+	}
+	_ = s.Sync()
+	if err := s.Ack(30); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := os.Remove(filepath.Join(dir, "acked")); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, SpoolOptions{Dir: dir})
+	defer s.Close()
+	st := s.Stats()
+	if st.Acked == 0 || st.Acked > 30 {
+		t.Fatalf("acked = %d, want the seq before the first segment kept (<= 30)", st.Acked)
+	}
+	if got := readAll(t, s, st.Acked+1); len(got) != int(50-st.Acked) {
+		t.Fatalf("read %d events from %d", len(got), st.Acked+1)
+	}
+}

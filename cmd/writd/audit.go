@@ -1,0 +1,110 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/writmesh/writ/api/admin"
+	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/audit/collector"
+	"github.com/writmesh/writ/authority"
+	"github.com/writmesh/writ/internal/run"
+)
+
+func init() { components = append(components, setupAudit) }
+
+// setupAudit runs the audit collector: the gRPC service shippers send
+// their spools to (authenticated by their SVIDs on listen.grpc), the task
+// keeping daily partitions created ahead, and the admin routes for verify
+// and query.
+func setupAudit(ctx context.Context, d *deps) error {
+	col, err := collector.New(collector.Options{Pool: d.pool, Logger: d.log.With("component", "audit"), Registerer: d.metrics})
+	if err != nil {
+		return err
+	}
+	audit.RegisterCollector(d.grpc, col)
+	cp := &collector.Checkpointer{Pool: d.pool, Certificate: d.ident.Certificate, Logger: d.log.With("component", "audit")}
+	d.tasks = append(d.tasks, run.Task{Name: "audit-partitions", Run: col.Run}, run.Task{Name: "audit-checkpoints", Run: cp.Run})
+
+	d.adminMux.HandleFunc("GET /v1/audit/verify", func(w http.ResponseWriter, r *http.Request) {
+		from, to, err := timeRange(r)
+		if err != nil {
+			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		b, err := d.ca.Bundle(r.Context())
+		if err != nil {
+			admin.WriteError(w, http.StatusServiceUnavailable, "trust bundle unavailable")
+			return
+		}
+		roots := x509.NewCertPool()
+		for _, c := range b.X509Authorities() {
+			roots.AddCert(c)
+		}
+		res, err := collector.Verify(r.Context(), d.pool, collector.VerifyOptions{From: from, To: to, Roots: roots, Signer: authority.ControlPlaneID(d.td).String()})
+		if err != nil {
+			d.log.Error("audit verify", "err", err)
+			admin.WriteError(w, http.StatusInternalServerError, "audit verify failed")
+			return
+		}
+		if res.Breaks == nil {
+			res.Breaks = []collector.Break{}
+		}
+		admin.WriteJSON(w, http.StatusOK, res)
+	})
+	d.adminMux.HandleFunc("GET /v1/audit/events", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		f := collector.Filter{Source: q.Get("source"), Recorder: q.Get("recorder"), Destination: q.Get("destination"),
+			Result: q.Get("result"), Kind: q.Get("kind"), After: q.Get("after")}
+		var err error
+		if f.Since, f.Until, err = timeRange(r); err != nil {
+			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		if l := q.Get("limit"); l != "" {
+			if _, err := fmt.Sscan(l, &f.Limit); err != nil {
+				admin.WriteError(w, http.StatusBadRequest, "limit is not a number")
+				return
+			}
+		}
+		page, err := collector.Query(r.Context(), d.pool, f)
+		if errors.Is(err, collector.ErrBadFilter) {
+			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		if err != nil {
+			d.log.Error("audit query", "err", err)
+			admin.WriteError(w, http.StatusInternalServerError, "audit query failed")
+			return
+		}
+		admin.WriteJSON(w, http.StatusOK, page)
+	})
+	return nil
+}
+
+// timeRange reads from/to (RFC 3339) and since (a duration before now).
+func timeRange(r *http.Request) (from, to time.Time, err error) {
+	q := r.URL.Query()
+	if s := q.Get("from"); s != "" {
+		if from, err = time.Parse(time.RFC3339, s); err != nil {
+			return from, to, fmt.Errorf("from: %w", err)
+		}
+	}
+	if s := q.Get("since"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d <= 0 {
+			return from, to, fmt.Errorf("since: want a positive duration like 1h")
+		}
+		from = time.Now().Add(-d)
+	}
+	if s := q.Get("to"); s != "" {
+		if to, err = time.Parse(time.RFC3339, s); err != nil {
+			return from, to, fmt.Errorf("to: %w", err)
+		}
+	}
+	return from, to, nil
+}
