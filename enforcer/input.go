@@ -68,17 +68,24 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 		traceID:     traceID(headerValue(h, "traceparent")),
 		grpc:        strings.HasPrefix(headerValue(h, "content-type"), "application/grpc"),
 	}
-	path, query, err := NormalizePath(h.GetPath())
-	if err != nil {
-		return nil, f, err
-	}
-	f.path = path
-	target := path
-	if query != "" {
-		target += "?" + query
+	// A request without HTTP attributes is a network-level (L4) check, as
+	// Envoy's network ext_authz filter sends once per connection: there is
+	// no path to normalize, and input has no parsed_path or parsed_query.
+	var target string
+	if h != nil {
+		path, query, err := NormalizePath(h.GetPath())
+		if err != nil {
+			return nil, f, err
+		}
+		f.path = path
+		target = path
+		if query != "" {
+			target += "?" + query
+		}
 	}
 
 	var base ast.Object
+	var err error
 	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
 		base, err = protojsonValue(req, target)
 		n = needAll
@@ -137,7 +144,7 @@ func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody i
 	if n.child("version") != nil {
 		in.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue.Copy()))
 	}
-	if n.child("parsed_path") != nil || n.child("parsed_query") != nil {
+	if req.GetAttributes().GetRequest().GetHttp() != nil && (n.child("parsed_path") != nil || n.child("parsed_query") != nil) {
 		parsedPath, parsedQuery, err := parsePathAndQuery(target)
 		if err != nil {
 			return err
