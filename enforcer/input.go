@@ -71,8 +71,9 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 	// A request without HTTP attributes is a network-level (L4) check, as
 	// Envoy's network ext_authz filter sends once per connection: there is
 	// no path to normalize, and input has no parsed_path or parsed_query.
+	// It must name its source peer; an empty request is still refused.
 	var target string
-	if h != nil {
+	if h != nil || attrs.GetSource() == nil {
 		path, query, err := NormalizePath(h.GetPath())
 		if err != nil {
 			return nil, f, err
