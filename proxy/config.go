@@ -1,0 +1,300 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is everything the data plane routes by. Its shapes follow Envoy's
+// resources (listeners, route configurations with virtual hosts, clusters
+// with endpoints) so that the xDS client can fill it from the resources
+// writd serves; until then it comes from a YAML file and flags. A Config
+// is immutable once handed to the proxy.
+type Config struct {
+	// Inbound listeners terminate mTLS from other sidecars.
+	Inbound []Inbound `yaml:"inbound" json:"inbound"`
+	// Outbound listeners take plaintext from the local application.
+	Outbound []Outbound    `yaml:"outbound" json:"outbound"`
+	Routes   []RouteConfig `yaml:"routes" json:"routes"`
+	Clusters []Cluster     `yaml:"clusters" json:"clusters"`
+}
+
+// Inbound is a mesh port: it terminates mTLS with the workload's SVID,
+// authorizes every HTTP request (and every TCP connection) with the
+// enforcer and forwards to the local application.
+type Inbound struct {
+	Name    string `yaml:"name" json:"name"`
+	Address string `yaml:"address" json:"address"`
+	// Service is the local service's name, given to policy as
+	// input.writ.destination_service.
+	Service string `yaml:"service" json:"service"`
+	// App is the local application's host:port.
+	App string `yaml:"app" json:"app"`
+	// AppProtocol is how HTTP reaches the app: "http1" (default) or "h2c".
+	// gRPC always goes over h2c.
+	AppProtocol string `yaml:"app_protocol" json:"app_protocol,omitempty"`
+}
+
+// Outbound is a local plaintext port of the application's.
+type Outbound struct {
+	Name    string `yaml:"name" json:"name"`
+	Address string `yaml:"address" json:"address"`
+	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route) or "tcp"
+	// (spliced to Cluster).
+	Protocol string `yaml:"protocol" json:"protocol"`
+	// Route names a RouteConfig (http).
+	Route string `yaml:"route" json:"route,omitempty"`
+	// Cluster names the cluster of a tcp listener.
+	Cluster string `yaml:"cluster" json:"cluster,omitempty"`
+}
+
+// RouteConfig is Envoy's RouteConfiguration: virtual hosts chosen by the
+// request's Host.
+type RouteConfig struct {
+	Name         string        `yaml:"name" json:"name"`
+	VirtualHosts []VirtualHost `yaml:"virtual_hosts" json:"virtual_hosts"`
+}
+
+// VirtualHost matches Domains ("*" matches any host; a port in the Host is
+// ignored) and holds routes tried in order.
+type VirtualHost struct {
+	Name    string   `yaml:"name" json:"name"`
+	Domains []string `yaml:"domains" json:"domains"`
+	Routes  []Route  `yaml:"routes" json:"routes"`
+}
+
+// Route sends requests whose path starts with Prefix to one of Clusters,
+// chosen by weight.
+type Route struct {
+	Prefix   string            `yaml:"prefix" json:"prefix"`
+	Clusters []WeightedCluster `yaml:"clusters" json:"clusters"`
+	// Timeout bounds the whole request, retries included; zero is 15 s
+	// as in Envoy.
+	Timeout Duration     `yaml:"timeout" json:"timeout,omitempty"`
+	Retry   *RetryPolicy `yaml:"retry" json:"retry,omitempty"`
+}
+
+// WeightedCluster is one target of a route.
+type WeightedCluster struct {
+	Name   string `yaml:"name" json:"name"`
+	Weight uint32 `yaml:"weight" json:"weight"`
+}
+
+// RetryPolicy is Envoy's retry policy: attempts after the first, each
+// bounded by PerTryTimeout, spaced by exponential backoff with full
+// jitter between BaseInterval and MaxInterval.
+type RetryPolicy struct {
+	// RetryOn lists the conditions: "5xx", "gateway-error",
+	// "connect-failure", "reset".
+	RetryOn       []string `yaml:"retry_on" json:"retry_on"`
+	NumRetries    int      `yaml:"num_retries" json:"num_retries"`
+	PerTryTimeout Duration `yaml:"per_try_timeout" json:"per_try_timeout,omitempty"`
+	BaseInterval  Duration `yaml:"base_interval" json:"base_interval,omitempty"`
+	MaxInterval   Duration `yaml:"max_interval" json:"max_interval,omitempty"`
+}
+
+// Cluster is a set of peer sidecars serving one service.
+type Cluster struct {
+	Name string `yaml:"name" json:"name"`
+	// LBPolicy is "ROUND_ROBIN" (default) or "LEAST_REQUEST" (power of
+	// two choices).
+	LBPolicy       string     `yaml:"lb_policy" json:"lb_policy"`
+	ConnectTimeout Duration   `yaml:"connect_timeout" json:"connect_timeout,omitempty"`
+	Endpoints      []Endpoint `yaml:"endpoints" json:"endpoints"`
+	// PeerIDs are the SPIFFE IDs the peers must present (Envoy's
+	// match_typed_subject_alt_names); at least one is required.
+	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
+}
+
+// Endpoint is a peer sidecar's mesh port.
+type Endpoint struct {
+	Address string `yaml:"address" json:"address"`
+}
+
+// LB policies.
+const (
+	RoundRobin   = "ROUND_ROBIN"
+	LeastRequest = "LEAST_REQUEST"
+)
+
+// Duration is a time.Duration written as "1.5s" in YAML and JSON.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	if v < 0 {
+		return fmt.Errorf("negative duration %s", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes a Go duration.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// LoadConfig reads a YAML Config strictly: unknown keys and trailing
+// documents are errors.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read proxy config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	var extra any
+	if err := dec.Decode(&extra); err == nil {
+		return nil, fmt.Errorf("proxy config %s: more than one document", path)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// Validate checks names, references and addresses, so that a bad
+// configuration is refused before it replaces a good one.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	clusters := map[string]bool{}
+	for i, cl := range c.Clusters {
+		where := fmt.Sprintf("clusters[%d] %q", i, cl.Name)
+		if cl.Name == "" || clusters[cl.Name] {
+			bad("%s: empty or duplicate name", where)
+		}
+		clusters[cl.Name] = true
+		if cl.LBPolicy != "" && cl.LBPolicy != RoundRobin && cl.LBPolicy != LeastRequest {
+			bad("%s: lb_policy %q: want %s or %s", where, cl.LBPolicy, RoundRobin, LeastRequest)
+		}
+		if len(cl.PeerIDs) == 0 {
+			bad("%s: peer_ids: at least one SPIFFE ID is required", where)
+		}
+		for _, id := range cl.PeerIDs {
+			if _, err := spiffeid.FromString(id); err != nil {
+				bad("%s: peer_ids: %q: %v", where, id, err)
+			}
+		}
+		for _, ep := range cl.Endpoints {
+			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
+				bad("%s: endpoint %q: %v", where, ep.Address, err)
+			}
+		}
+	}
+	routes := map[string]bool{}
+	for i, rc := range c.Routes {
+		where := fmt.Sprintf("routes[%d] %q", i, rc.Name)
+		if rc.Name == "" || routes[rc.Name] {
+			bad("%s: empty or duplicate name", where)
+		}
+		routes[rc.Name] = true
+		for _, vh := range rc.VirtualHosts {
+			if len(vh.Domains) == 0 {
+				bad("%s: virtual host %q has no domains", where, vh.Name)
+			}
+			for j, r := range vh.Routes {
+				if !strings.HasPrefix(r.Prefix, "/") {
+					bad("%s: virtual host %q route %d: prefix %q must start with /", where, vh.Name, j, r.Prefix)
+				}
+				var total uint64
+				for _, wc := range r.Clusters {
+					if !clusters[wc.Name] {
+						bad("%s: virtual host %q route %d: unknown cluster %q", where, vh.Name, j, wc.Name)
+					}
+					total += uint64(wc.Weight)
+				}
+				if len(r.Clusters) == 0 || (len(r.Clusters) > 1 && total == 0) {
+					bad("%s: virtual host %q route %d: no cluster with weight", where, vh.Name, j)
+				}
+				if rp := r.Retry; rp != nil {
+					for _, on := range rp.RetryOn {
+						if !slices.Contains([]string{"5xx", "gateway-error", "connect-failure", "reset"}, on) {
+							bad("%s: virtual host %q route %d: retry_on %q unknown", where, vh.Name, j, on)
+						}
+					}
+					if rp.NumRetries < 0 || rp.NumRetries > 10 {
+						bad("%s: virtual host %q route %d: num_retries %d: want 0 to 10", where, vh.Name, j, rp.NumRetries)
+					}
+				}
+			}
+		}
+	}
+	names := map[string]bool{}
+	listener := func(kind string, i int, name, addr string) string {
+		where := fmt.Sprintf("%s[%d] %q", kind, i, name)
+		if name == "" || names[name] {
+			bad("%s: empty or duplicate listener name", where)
+		}
+		names[name] = true
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			bad("%s: address %q: %v", where, addr, err)
+		}
+		return where
+	}
+	for i, in := range c.Inbound {
+		where := listener("inbound", i, in.Name, in.Address)
+		if _, _, err := net.SplitHostPort(in.App); err != nil {
+			bad("%s: app %q: %v", where, in.App, err)
+		}
+		if in.AppProtocol != "" && in.AppProtocol != "http1" && in.AppProtocol != "h2c" {
+			bad("%s: app_protocol %q: want http1 or h2c", where, in.AppProtocol)
+		}
+	}
+	for i, out := range c.Outbound {
+		where := listener("outbound", i, out.Name, out.Address)
+		switch out.Protocol {
+		case "http", "":
+			if !routes[out.Route] {
+				bad("%s: unknown route %q", where, out.Route)
+			}
+		case "tcp":
+			if !clusters[out.Cluster] {
+				bad("%s: unknown cluster %q", where, out.Cluster)
+			}
+		default:
+			bad("%s: protocol %q: want http or tcp", where, out.Protocol)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// AddUpstream adds what the --upstream flag asks for: a local HTTP port
+// whose every request goes to cluster name.
+func (c *Config) AddUpstream(name, addr string) {
+	c.Routes = append(c.Routes, RouteConfig{Name: "upstream:" + name, VirtualHosts: []VirtualHost{{
+		Name: name, Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: name, Weight: 1}}}},
+	}}})
+	c.Outbound = append(c.Outbound, Outbound{Name: "upstream:" + name, Address: addr, Protocol: "http", Route: "upstream:" + name})
+}
+
+// AddHTTPProxy adds an HTTP proxy port: applications set HTTP_PROXY and
+// call http://<cluster>/..., and the Host picks the cluster. Clusters that
+// a route configuration already names keep that configuration's routes
+// for their name.
+func (c *Config) AddHTTPProxy(addr string) {
+	rc := RouteConfig{Name: "http_proxy"}
+	for _, cl := range c.Clusters {
+		rc.VirtualHosts = append(rc.VirtualHosts, VirtualHost{
+			Name: cl.Name, Domains: []string{cl.Name},
+			Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: cl.Name, Weight: 1}}}},
+		})
+	}
+	c.Routes = append(c.Routes, rc)
+	c.Outbound = append(c.Outbound, Outbound{Name: "http_proxy", Address: addr, Protocol: "http", Route: "http_proxy"})
+}

@@ -1,0 +1,333 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"sync"
+	"time"
+)
+
+var (
+	errNoRoute    = errors.New("no route")
+	errNoEndpoint = errors.New("no endpoint")
+)
+
+// defaultRouteTimeout is Envoy's default request timeout.
+const defaultRouteTimeout = 15 * time.Second
+
+// maxRetryBody bounds the request body kept for replay on retry; a larger
+// or unsized body is sent once.
+const maxRetryBody = 64 << 10
+
+// outboundListener is a local plaintext port of the application's.
+type outboundListener struct {
+	p   *Proxy
+	cfg Outbound
+	ln  net.Listener
+	srv *http.Server
+	rp  *httputil.ReverseProxy
+	ctx context.Context
+	end context.CancelFunc
+}
+
+// targetKey carries a request's chosen route and cluster to the transport.
+type targetKey struct{}
+
+type target struct {
+	route   *Route
+	cluster *cluster
+}
+
+func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
+	ln, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		return nil, fmt.Errorf("outbound %s: %w", cfg.Name, err)
+	}
+	l := &outboundListener{p: p, cfg: cfg, ln: ln}
+	l.ctx, l.end = context.WithCancel(context.Background())
+	if cfg.Protocol == "tcp" {
+		return l, nil
+	}
+	l.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "https"
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:    roundTripper{p},
+		BufferPool:   bufPool,
+		ErrorHandler: proxyError,
+	}
+	l.srv = &http.Server{
+		Handler:           l,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
+	// The app may speak HTTP/1.1 or HTTP/2 with prior knowledge (gRPC).
+	l.srv.Protocols = new(http.Protocols)
+	l.srv.Protocols.SetHTTP1(true)
+	l.srv.Protocols.SetUnencryptedHTTP2(true)
+	return l, nil
+}
+
+func (l *outboundListener) serve() error {
+	if l.srv != nil {
+		err := l.srv.Serve(l.ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return fmt.Errorf("outbound %s: %w", l.cfg.Name, err)
+	}
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("outbound %s: accept: %w", l.cfg.Name, err)
+		}
+		l.p.tcpWG.Add(1)
+		go func() {
+			defer l.p.tcpWG.Done()
+			l.serveTCP(c)
+		}()
+	}
+}
+
+func (l *outboundListener) shutdown(ctx context.Context) {
+	l.end()
+	if l.srv == nil {
+		l.ln.Close()
+		return
+	}
+	if err := l.srv.Shutdown(ctx); err != nil {
+		l.srv.Close()
+	}
+}
+
+// ServeHTTP routes a request from the app to a peer sidecar.
+func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := l.p.clock.Now()
+	st := l.p.state.Load()
+	rw := newRecorder(w)
+	defer rw.release()
+	self := l.p.selfID()
+	ns, wl := workloadParts(self)
+	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
+		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
+	res.traceID = ensureTrace(r.Header, true)
+	// The app speaks for itself only through its SVID: identity headers
+	// it sets are not forwarded.
+	stripIdentityHeaders(r.Header)
+	rt := st.route(l.cfg.Route, r.Host, r.URL.Path)
+	if rt == nil {
+		proxyError(rw, r, errNoRoute)
+	} else {
+		cl := st.clusters[pickCluster(rt)]
+		res.dest = cl.cfg.Name
+		timeout := time.Duration(rt.Timeout)
+		if timeout <= 0 {
+			timeout = defaultRouteTimeout
+		}
+		ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), targetKey{}, &target{route: rt, cluster: cl}), timeout)
+		l.rp.ServeHTTP(rw, r.WithContext(ctx))
+		cancel()
+	}
+	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
+	l.p.observe(&res)
+}
+
+// roundTripper sends a request to the chosen cluster: it picks an
+// endpoint, bounds each try, and retries as the route says.
+type roundTripper struct{ p *Proxy }
+
+func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	tg, _ := req.Context().Value(targetKey{}).(*target)
+	if tg == nil {
+		return nil, errNoRoute
+	}
+	cl, rp := tg.cluster, tg.route.Retry
+	attempts := 1
+	var perTry time.Duration
+	if rp != nil {
+		attempts += rp.NumRetries
+		perTry = time.Duration(rp.PerTryTimeout)
+	}
+	var body []byte
+	if attempts > 1 && req.Body != nil && req.Body != http.NoBody {
+		if req.ContentLength < 0 || req.ContentLength > maxRetryBody {
+			attempts = 1
+		} else {
+			b, err := io.ReadAll(io.LimitReader(req.Body, maxRetryBody+1))
+			if err != nil {
+				return nil, fmt.Errorf("read request body: %w", err)
+			}
+			body = b
+		}
+	}
+	var last *endpoint
+	for try := 0; ; try++ {
+		if try > 0 {
+			t.p.metrics.retries.WithLabelValues(cl.cfg.Name).Inc()
+			select {
+			case <-t.p.clock.After(backoff(rp, try)):
+			case <-req.Context().Done():
+				return nil, req.Context().Err()
+			}
+		}
+		ep := cl.pick(last)
+		if ep == nil {
+			return nil, errNoEndpoint
+		}
+		last = ep
+		ctx, cancel := req.Context(), context.CancelFunc(func() {})
+		if perTry > 0 {
+			ctx, cancel = context.WithTimeout(ctx, perTry)
+		}
+		out := req.WithContext(ctx)
+		u := *req.URL
+		u.Host = ep.addr
+		out.URL = &u
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		ep.active.Add(1)
+		resp, err := cl.transport.RoundTrip(out)
+		final := try == attempts-1 || req.Context().Err() != nil
+		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
+			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); ep.active.Add(-1) }}
+			return resp, nil
+		}
+		if resp != nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+		}
+		cancel()
+		ep.active.Add(-1)
+		if err != nil && (final || !retryError(rp, err)) {
+			if ctx.Err() != nil && req.Context().Err() == nil {
+				err = fmt.Errorf("per-try timeout: %w", context.DeadlineExceeded)
+			}
+			return nil, err
+		}
+	}
+}
+
+// backoff is Envoy's: full jitter below base*2^(try-1), capped at max
+// (default 10×base; base defaults to 25 ms).
+func backoff(rp *RetryPolicy, try int) time.Duration {
+	base := time.Duration(rp.BaseInterval)
+	if base <= 0 {
+		base = 25 * time.Millisecond
+	}
+	max := time.Duration(rp.MaxInterval)
+	if max <= 0 {
+		max = 10 * base
+	}
+	d := base << min(try-1, 20)
+	if d > max || d <= 0 {
+		d = max
+	}
+	return time.Duration(rand.Int64N(int64(d)) + 1)
+}
+
+func retryStatus(rp *RetryPolicy, status int) bool {
+	for _, on := range rp.RetryOn {
+		switch on {
+		case "5xx":
+			if status >= 500 {
+				return true
+			}
+		case "gateway-error":
+			if status == 502 || status == 503 || status == 504 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func retryError(rp *RetryPolicy, err error) bool {
+	var op *net.OpError
+	dial := errors.As(err, &op) && op.Op == "dial"
+	for _, on := range rp.RetryOn {
+		switch on {
+		case "5xx", "gateway-error":
+			return true
+		case "connect-failure":
+			if dial {
+				return true
+			}
+		case "reset":
+			if !dial {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// doneBody runs done once when the body is closed.
+type doneBody struct {
+	io.ReadCloser
+	once sync.Once
+	done func()
+}
+
+func (b *doneBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
+}
+
+// serveTCP splices an app's connection to a peer sidecar over mTLS.
+func (l *outboundListener) serveTCP(c net.Conn) {
+	start := l.p.clock.Now()
+	st := l.p.state.Load()
+	cl := st.clusters[l.cfg.Cluster]
+	self := l.p.selfID()
+	ns, wl := workloadParts(self)
+	res := reqLog{direction: "outbound", proto: "tcp", source: self.String(), srcNS: ns, srcWL: wl, dest: l.cfg.Cluster, authz: authzNone}
+	defer func() {
+		res.dur = l.p.clock.Since(start)
+		l.p.observeTCP(&res)
+	}()
+	var last *endpoint
+	for try := 0; try < 2; try++ {
+		ep := cl.pick(last)
+		if ep == nil {
+			break
+		}
+		last = ep
+		raw, err := cl.dialer.DialContext(l.ctx, "tcp", ep.addr)
+		if err != nil {
+			continue
+		}
+		tc := tls.Client(raw, cl.tcpTLS)
+		if err := tlsHandshake(l.ctx, tc); err != nil {
+			l.p.metrics.handshakeErrors.WithLabelValues("outbound").Inc()
+			l.p.log.Warn("outbound tcp handshake", "cluster", cl.cfg.Name, "endpoint", ep.addr, "error", err)
+			raw.Close()
+			continue
+		}
+		ep.active.Add(1)
+		res.sent, res.recv = l.p.splice(c, tc)
+		ep.active.Add(-1)
+		return
+	}
+	res.status = 503
+	c.Close()
+}

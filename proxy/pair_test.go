@@ -1,0 +1,256 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/policy"
+)
+
+// The package tests mint SVIDs with a throwaway CA made here (a stand-in
+// for the authority inside unit tests and benchmarks); test/proxy_*_test.go
+// runs the same paths with SVIDs from a real authority and agent.
+var td = spiffeid.RequireTrustDomainFromString("example.org")
+
+type testCA struct {
+	cert *x509.Certificate
+	key  *ecdsa.PrivateKey
+}
+
+func newTestCA(t testing.TB) *testCA {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test ca"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+		URIs: []*url.URL{td.ID().URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return &testCA{cert: cert, key: key}
+}
+
+// staticSource is a fixed SVID and bundle.
+type staticSource struct {
+	svid   *x509svid.SVID
+	bundle *x509bundle.Bundle
+}
+
+func (s staticSource) GetX509SVID() (*x509svid.SVID, error) { return s.svid, nil }
+func (s staticSource) GetX509BundleForTrustDomain(d spiffeid.TrustDomain) (*x509bundle.Bundle, error) {
+	return s.bundle.GetX509BundleForTrustDomain(d)
+}
+
+func (ca *testCA) source(t testing.TB, path string) staticSource {
+	t.Helper()
+	id := spiffeid.RequireFromPath(td, path)
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()), NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		URIs: []*url.URL{id.URL()},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	return staticSource{
+		svid:   &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{cert}, PrivateKey: key},
+		bundle: x509bundle.FromX509Authorities(td, []*x509.Certificate{ca.cert}),
+	}
+}
+
+const allowClientRego = `package envoy.authz
+
+default allow := false
+
+allow if {
+	input.writ.source.service_account == "client"
+	input.writ.destination_service == "server"
+}
+`
+
+// decisions collects what the enforcer records.
+type decisions struct {
+	mu  sync.Mutex
+	got []enforcer.Decision
+}
+
+func (d *decisions) Record(_ context.Context, dec enforcer.Decision) error {
+	d.mu.Lock()
+	d.got = append(d.got, dec)
+	d.mu.Unlock()
+	return nil
+}
+
+func newTestEnforcer(t testing.TB, rego string, sink enforcer.Sink) *enforcer.Enforcer {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(rego), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: sink})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+// startProxy runs p until the test ends.
+func startProxy(t testing.TB, cfg *Config, opts Options) *Proxy {
+	t.Helper()
+	if opts.Log == nil {
+		opts.Log = slog.New(slog.DiscardHandler)
+	}
+	p, err := New(cfg, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("proxy run: %v", err)
+		}
+	})
+	return p
+}
+
+// pair is client app -> outbound proxy -> inbound proxy -> server app.
+type pair struct {
+	server, client *Proxy
+	upstream       string // the client's local port for "server"
+	seen           chan http.Header
+}
+
+func startPair(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler) *pair {
+	t.Helper()
+	if sink == nil {
+		sink = &decisions{}
+	}
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appSrv := &http.Server{Handler: app}
+	go appSrv.Serve(appL)
+	t.Cleanup(func() { appSrv.Close() })
+
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, sink)})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
+	return &pair{server: srv, client: cli, upstream: cli.Addr("upstream:server")}
+}
+
+func echoApp(seen chan<- http.Header) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if seen != nil {
+			seen <- r.Header.Clone()
+		}
+		w.Header().Set("Content-Type", "text/plain")
+		io.WriteString(w, "hello "+r.URL.Path)
+	})
+}
+
+func TestPairAllowDenyAndXFCC(t *testing.T) {
+	ca := newTestCA(t)
+	seen := make(chan http.Header, 10)
+	dec := &decisions{}
+	p := startPair(t, ca, "/ns/demo/sa/client", dec, echoApp(seen))
+
+	req, _ := http.NewRequest("GET", "http://"+p.upstream+"/a", nil)
+	req.Header.Set("X-Forwarded-Client-Cert", "URI=spiffe://example.org/ns/demo/sa/admin")
+	req.Header.Set("X-Writ-Source", "forged")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "hello /a" {
+		t.Fatalf("allowed client: got %d %q, want 200 %q", resp.StatusCode, body, "hello /a")
+	}
+	h := <-seen
+	xfcc := h.Get("X-Forwarded-Client-Cert")
+	if !strings.HasPrefix(xfcc, "By=spiffe://example.org/ns/demo/sa/server;Hash=") || !strings.HasSuffix(xfcc, ";URI=spiffe://example.org/ns/demo/sa/client") {
+		t.Errorf("app saw XFCC %q, want By=server;Hash=...;URI=client", xfcc)
+	}
+	if len(h.Values("X-Forwarded-Client-Cert")) != 1 || h.Get("X-Writ-Source") != "" {
+		t.Errorf("spoofed identity headers reached the app: %v", h)
+	}
+	if _, ok := validTraceparent(h.Get("Traceparent")); !ok {
+		t.Errorf("app saw traceparent %q, want a valid one", h.Get("Traceparent"))
+	}
+
+	other := startPair(t, ca, "/ns/demo/sa/other", nil, echoApp(nil))
+	resp, err = http.Get("http://" + other.upstream + "/a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("denied client: got %d, want 403", resp.StatusCode)
+	}
+	dec.mu.Lock()
+	defer dec.mu.Unlock()
+	// Sidecars talk HTTP/2 to each other whatever the app speaks.
+	if len(dec.got) != 1 || dec.got[0].Result != enforcer.ResultAllow || dec.got[0].Source != "spiffe://example.org/ns/demo/sa/client" || dec.got[0].Protocol != "HTTP/2.0" {
+		t.Fatalf("decisions: %+v", dec.got)
+	}
+}
+
+// TestNoEnforcerDenies: an inbound listener without a policy denies.
+func TestNoEnforcerDenies(t *testing.T) {
+	ca := newTestCA(t)
+	appL, _ := net.Listen("tcp", "127.0.0.1:0")
+	go http.Serve(appL, echoApp(nil))
+	defer appL.Close()
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server")})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	resp, err := http.Post("http://"+cli.Addr("upstream:server")+"/", "text/plain", bytes.NewReader([]byte("x")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("got %d, want 403", resp.StatusCode)
+	}
+}

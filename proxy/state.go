@@ -1,0 +1,186 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/writmesh/writ/authority/svidtls"
+)
+
+// state is one compiled Config: read-only once stored, swapped whole.
+type state struct {
+	cfg      *Config
+	routes   map[string]*RouteConfig
+	clusters map[string]*cluster
+}
+
+// cluster is a Cluster with its load balancer and its pool of HTTP/2
+// connections to the peer sidecars.
+type cluster struct {
+	cfg       Cluster
+	eps       []*endpoint
+	rr        atomic.Uint64
+	transport *http.Transport
+	tcpTLS    *tls.Config
+	dialer    *net.Dialer
+}
+
+// endpoint is one peer sidecar; active counts its requests in flight for
+// least-request balancing.
+type endpoint struct {
+	addr   string
+	active atomic.Int64
+}
+
+const defaultConnectTimeout = 5 * time.Second
+
+// compile builds the runtime state of cfg, reusing the transports (and so
+// the pooled connections) of clusters whose peers and timeouts are
+// unchanged in old.
+func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}}
+	for i := range cfg.Routes {
+		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
+	}
+	for _, c := range cfg.Clusters {
+		cl := &cluster{cfg: c}
+		for _, ep := range c.Endpoints {
+			cl.eps = append(cl.eps, &endpoint{addr: ep.Address})
+		}
+		if old != nil {
+			if o, ok := old.clusters[c.Name]; ok && slices.Equal(o.cfg.PeerIDs, c.PeerIDs) && o.cfg.ConnectTimeout == c.ConnectTimeout {
+				cl.transport, cl.tcpTLS, cl.dialer = o.transport, o.tcpTLS, o.dialer
+				st.clusters[c.Name] = cl
+				continue
+			}
+		}
+		ids := make([]spiffeid.ID, 0, len(c.PeerIDs))
+		for _, s := range c.PeerIDs {
+			id, err := spiffeid.FromString(s)
+			if err != nil {
+				return nil, fmt.Errorf("cluster %s: peer id %q: %w", c.Name, s, err)
+			}
+			ids = append(ids, id)
+		}
+		authz := func(id spiffeid.ID) error {
+			if slices.Contains(ids, id) {
+				return nil
+			}
+			return fmt.Errorf("peer %s is not one of cluster %s's %v", id, c.Name, c.PeerIDs)
+		}
+		ct := time.Duration(c.ConnectTimeout)
+		if ct <= 0 {
+			ct = defaultConnectTimeout
+		}
+		cl.dialer = &net.Dialer{Timeout: ct, KeepAlive: 30 * time.Second}
+		h2 := svidtls.ClientConfig(p.src, p.src, authz, p.clock)
+		h2.NextProtos = []string{"h2"}
+		cl.tcpTLS = svidtls.ClientConfig(p.src, p.src, authz, p.clock)
+		tr := &http.Transport{
+			DialContext:         cl.dialer.DialContext,
+			TLSClientConfig:     h2,
+			TLSHandshakeTimeout: handshakeTimeout,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+			// Bodies pass through untouched; compression is the app's.
+			DisableCompression: true,
+		}
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetHTTP2(true)
+		cl.transport = tr
+		st.clusters[c.Name] = cl
+	}
+	return st, nil
+}
+
+// pick chooses an endpoint, avoiding not (the one that just failed) when
+// there is another. It returns nil for a cluster without endpoints.
+func (c *cluster) pick(not *endpoint) *endpoint {
+	n := len(c.eps)
+	switch {
+	case n == 0:
+		return nil
+	case n == 1:
+		return c.eps[0]
+	}
+	if c.cfg.LBPolicy == LeastRequest {
+		// Power of two choices: two distinct random endpoints, the one
+		// with fewer requests in flight wins.
+		i := rand.IntN(n)
+		j := rand.IntN(n - 1)
+		if j >= i {
+			j++
+		}
+		a, b := c.eps[i], c.eps[j]
+		if a == not || (b != not && b.active.Load() < a.active.Load()) {
+			return b
+		}
+		return a
+	}
+	e := c.eps[c.rr.Add(1)%uint64(n)]
+	if e == not {
+		e = c.eps[c.rr.Add(1)%uint64(n)]
+	}
+	return e
+}
+
+// route finds the route for host and path in the named configuration.
+func (st *state) route(name, host, path string) *Route {
+	rc := st.routes[name]
+	if rc == nil {
+		return nil
+	}
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
+		host = host[:i]
+	}
+	var vh *VirtualHost
+	for i := range rc.VirtualHosts {
+		for _, d := range rc.VirtualHosts[i].Domains {
+			if d == "*" && vh == nil || strings.EqualFold(d, host) {
+				vh = &rc.VirtualHosts[i]
+				if d != "*" {
+					goto found
+				}
+			}
+		}
+	}
+found:
+	if vh == nil {
+		return nil
+	}
+	for i := range vh.Routes {
+		if strings.HasPrefix(path, vh.Routes[i].Prefix) {
+			return &vh.Routes[i]
+		}
+	}
+	return nil
+}
+
+// pickCluster chooses one of a route's clusters by weight.
+func pickCluster(r *Route) string {
+	if len(r.Clusters) == 1 {
+		return r.Clusters[0].Name
+	}
+	var total uint64
+	for _, c := range r.Clusters {
+		total += uint64(c.Weight)
+	}
+	x := rand.Uint64N(total)
+	for _, c := range r.Clusters {
+		if x < uint64(c.Weight) {
+			return c.Name
+		}
+		x -= uint64(c.Weight)
+	}
+	return r.Clusters[len(r.Clusters)-1].Name
+}
