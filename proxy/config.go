@@ -274,11 +274,17 @@ func (c *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
+// defaultRetry is what Istio retries by default: a failed connection, on
+// another endpoint, twice.
+func defaultRetry() *RetryPolicy {
+	return &RetryPolicy{RetryOn: []string{"connect-failure"}, NumRetries: 2}
+}
+
 // AddUpstream adds what the --upstream flag asks for: a local HTTP port
-// whose every request goes to cluster name.
+// whose every request goes to cluster name, retried on connection failures.
 func (c *Config) AddUpstream(name, addr string) {
 	c.Routes = append(c.Routes, RouteConfig{Name: "upstream:" + name, VirtualHosts: []VirtualHost{{
-		Name: name, Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: name, Weight: 1}}}},
+		Name: name, Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: name, Weight: 1}}, Retry: defaultRetry()}},
 	}}})
 	c.Outbound = append(c.Outbound, Outbound{Name: "upstream:" + name, Address: addr, Protocol: "http", Route: "upstream:" + name})
 }
@@ -292,7 +298,7 @@ func (c *Config) AddHTTPProxy(addr string) {
 	for _, cl := range c.Clusters {
 		rc.VirtualHosts = append(rc.VirtualHosts, VirtualHost{
 			Name: cl.Name, Domains: []string{cl.Name},
-			Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: cl.Name, Weight: 1}}}},
+			Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: cl.Name, Weight: 1}}, Retry: defaultRetry()}},
 		})
 	}
 	c.Routes = append(c.Routes, rc)

@@ -331,6 +331,7 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 		l.p.observeTCP(&res)
 	}()
 	if pi.id == "" {
+		l.p.countTCP(&res)
 		tc.Close()
 		return
 	}
@@ -345,11 +346,14 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 		}})
 	}
 	res.decisionID = d.ID
+	if d.Result == enforcer.ResultAllow {
+		res.authz = authzAllow
+	}
+	l.p.countTCP(&res)
 	if d.Result != enforcer.ResultAllow {
 		tc.Close()
 		return
 	}
-	res.authz = authzAllow
 	app, err := net.DialTimeout("tcp", l.cfg.App, defaultConnectTimeout)
 	if err != nil {
 		res.status = 503

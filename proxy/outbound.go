@@ -323,11 +323,13 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 			raw.Close()
 			continue
 		}
+		l.p.countTCP(&res)
 		ep.active.Add(1)
 		res.sent, res.recv = l.p.splice(c, tc)
 		ep.active.Add(-1)
 		return
 	}
 	res.status = 503
+	l.p.countTCP(&res)
 	c.Close()
 }

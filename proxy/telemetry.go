@@ -51,7 +51,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}, reqLabels),
 		tcpConns: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "writ_tcp_connections_total", Help: "Opaque TCP connections through the proxy, counted when they end.",
+			Name: "writ_tcp_connections_total", Help: "Opaque TCP connections through the proxy, counted when authorized or refused.",
 		}, tcpLabels),
 		tcpSent: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_tcp_sent_bytes_total", Help: "Bytes sent to the connection's accepting side's peer (downstream to upstream).",
@@ -107,8 +107,13 @@ func (p *Proxy) observe(r *reqLog) {
 	p.alog.write(r, p.clock.Now())
 }
 
-func (p *Proxy) observeTCP(r *reqLog) {
+// countTCP counts a connection once it is authorized or refused.
+func (p *Proxy) countTCP(r *reqLog) {
 	p.metrics.tcpConns.WithLabelValues(r.direction, r.srcWL, r.srcNS, r.dest, r.authz).Inc()
+}
+
+// observeTCP records a connection's end.
+func (p *Proxy) observeTCP(r *reqLog) {
 	p.metrics.tcpSent.WithLabelValues(r.direction, r.dest).Add(float64(r.sent))
 	p.metrics.tcpRecv.WithLabelValues(r.direction, r.dest).Add(float64(r.recv))
 	p.alog.write(r, p.clock.Now())
