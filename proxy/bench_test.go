@@ -2,12 +2,12 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"net"
 	"net/http"
 	"testing"
 
-	"context"
 	"github.com/writmesh/writ/enforcer"
 )
 
@@ -59,4 +59,48 @@ func BenchmarkProxyPair(b *testing.B) {
 	sink := enforcer.SinkFunc(func(context.Context, enforcer.Decision) error { return nil })
 	p := startPair(b, ca, "/ns/demo/sa/client", sink, benchApp())
 	benchGet(b, &http.Client{Transport: &http.Transport{}}, "http://"+p.upstream+"/orders/1")
+}
+
+func benchParallel(b *testing.B, url string) {
+	c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	b.ReportAllocs()
+	b.SetParallelism(8) // 16 client goroutines on 2 CPUs, like 16 connections
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			resp, err := c.Get(url)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			n, _ := io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 || n != 1024 {
+				b.Errorf("got %d, %d bytes", resp.StatusCode, n)
+				return
+			}
+		}
+	})
+}
+
+// BenchmarkDirectParallel is BenchmarkDirect with 16 concurrent clients.
+func BenchmarkDirectParallel(b *testing.B) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := &http.Server{Handler: benchApp()}
+	go srv.Serve(l)
+	defer srv.Close()
+	benchParallel(b, "http://"+l.Addr().String()+"/")
+}
+
+// BenchmarkProxyPairParallel is BenchmarkProxyPair with 16 concurrent
+// clients: their requests share one multiplexed HTTP/2 connection between
+// the sidecars.
+func BenchmarkProxyPairParallel(b *testing.B) {
+	ca := newTestCA(b)
+	sink := enforcer.SinkFunc(func(context.Context, enforcer.Decision) error { return nil })
+	p := startPair(b, ca, "/ns/demo/sa/client", sink, benchApp())
+	benchParallel(b, "http://"+p.upstream+"/orders/1")
 }

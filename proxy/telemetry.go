@@ -323,24 +323,32 @@ func (r *recorder) status() int {
 }
 
 // bufPool lends 32 KiB copy buffers to the reverse proxies and to TCP
-// splicing, so that no request allocates its own.
-var bufPool = &bytePool{}
+// splicing, so that no request allocates its own. It is a bounded free
+// list rather than a sync.Pool: ReverseProxy's BufferPool hands back bare
+// slices, and putting one in a sync.Pool would allocate a box each time.
+var bufPool = &bytePool{free: make(chan []byte, 256)}
 
-type bytePool struct{ p sync.Pool }
+const bufSize = 32 << 10
+
+type bytePool struct{ free chan []byte }
 
 func (bp *bytePool) Get() []byte {
-	if b, ok := bp.p.Get().(*[]byte); ok {
-		return *b
+	select {
+	case b := <-bp.free:
+		return b
+	default:
+		return make([]byte, bufSize)
 	}
-	return make([]byte, 32<<10)
 }
 
 func (bp *bytePool) Put(b []byte) {
-	if cap(b) < 32<<10 {
+	if cap(b) < bufSize {
 		return
 	}
-	b = b[:32<<10]
-	bp.p.Put(&b)
+	select {
+	case bp.free <- b[:bufSize]:
+	default:
+	}
 }
 
 // splice copies both ways until both directions end, half-closing where
