@@ -42,6 +42,8 @@ type inboundListener struct {
 	toApp  appTransport
 	ctx    context.Context
 	cancel context.CancelFunc
+	// ext is the CheckRequests' context extensions (read-only).
+	ext map[string]string
 }
 
 // peerKey carries the connection's verified peer into its requests.
@@ -58,6 +60,8 @@ type peerInfo struct {
 	port      uint32
 	local     string
 	localPort uint32
+	source    *authv3.AttributeContext_Peer
+	dest      *authv3.AttributeContext_Peer
 }
 
 func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
@@ -65,7 +69,7 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inbound %s: %w", cfg.Name, err)
 	}
-	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr())}
+	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: map[string]string{enforcer.ServiceContextKey: cfg.Service}}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
@@ -111,6 +115,10 @@ func (l *inboundListener) peer(c *tls.Conn) *peerInfo {
 		return pi
 	}
 	pi.id = id.String()
+	// The peers of every request on this connection: built once, shared
+	// read-only by the requests' CheckRequests.
+	pi.source = &authv3.AttributeContext_Peer{Principal: pi.id, Address: sockAddr(pi.addr, pi.port)}
+	pi.dest = &authv3.AttributeContext_Peer{Principal: l.p.selfID().String(), Address: sockAddr(pi.local, pi.localPort), Service: l.cfg.Service}
 	pi.namespace, pi.workload = workloadParts(id)
 	sum := sha256.Sum256(st.PeerCertificates[0].Raw)
 	pi.xfcc = "By=" + l.p.selfID().String() + ";Hash=" + hex.EncodeToString(sum[:]) + ";URI=" + pi.id
@@ -232,19 +240,12 @@ func (l *inboundListener) checkRequest(r *http.Request, pi *peerInfo) *authv3.Ch
 	target := r.URL.RequestURI()
 	headers[":method"], headers[":path"], headers[":authority"], headers[":scheme"] = r.Method, target, r.Host, "https"
 	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source: &authv3.AttributeContext_Peer{
-			Principal: pi.id,
-			Address:   sockAddr(pi.addr, pi.port),
-		},
-		Destination: &authv3.AttributeContext_Peer{
-			Principal: l.p.selfID().String(),
-			Address:   sockAddr(pi.local, pi.localPort),
-			Service:   l.cfg.Service,
-		},
+		Source:      pi.source,
+		Destination: pi.dest,
 		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
 			Method: r.Method, Path: target, Host: r.Host, Scheme: "https", Protocol: r.Proto, Headers: headers,
 		}},
-		ContextExtensions: map[string]string{enforcer.ServiceContextKey: l.cfg.Service},
+		ContextExtensions: l.ext,
 	}}
 }
 
@@ -340,9 +341,7 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 		d.Result = enforcer.ResultDeny
 	} else {
 		_, d = l.p.enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-			Source:            &authv3.AttributeContext_Peer{Principal: pi.id, Address: sockAddr(pi.addr, pi.port)},
-			Destination:       &authv3.AttributeContext_Peer{Principal: l.p.selfID().String(), Address: sockAddr(pi.local, pi.localPort), Service: l.cfg.Service},
-			ContextExtensions: map[string]string{enforcer.ServiceContextKey: l.cfg.Service},
+			Source: pi.source, Destination: pi.dest, ContextExtensions: l.ext,
 		}})
 	}
 	res.decisionID = d.ID

@@ -46,6 +46,19 @@ type target struct {
 	cluster *cluster
 }
 
+// targetCtx carries a target without a separate context.WithValue.
+type targetCtx struct {
+	context.Context
+	t target
+}
+
+func (c *targetCtx) Value(key any) any {
+	if key == (targetKey{}) {
+		return &c.t
+	}
+	return c.Context.Value(key)
+}
+
 func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	ln, err := net.Listen("tcp", cfg.Address)
 	if err != nil {
@@ -142,7 +155,7 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if timeout <= 0 {
 			timeout = defaultRouteTimeout
 		}
-		ctx, cancel := context.WithTimeout(context.WithValue(r.Context(), targetKey{}, &target{route: rt, cluster: cl}), timeout)
+		ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
 		l.rp.ServeHTTP(rw, r.WithContext(ctx))
 		cancel()
 	}
@@ -193,7 +206,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, errNoEndpoint
 		}
 		last = ep
-		ctx, cancel := req.Context(), context.CancelFunc(func() {})
+		ctx, cancel := req.Context(), context.CancelFunc(nil)
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
 		}
@@ -208,14 +221,16 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := cl.transport.RoundTrip(out)
 		final := try == attempts-1 || req.Context().Err() != nil
 		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
-			resp.Body = &doneBody{ReadCloser: resp.Body, done: func() { cancel(); ep.active.Add(-1) }}
+			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
 			return resp, nil
 		}
 		if resp != nil {
 			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 			resp.Body.Close()
 		}
-		cancel()
+		if cancel != nil {
+			cancel()
+		}
 		ep.active.Add(-1)
 		if err != nil && (final || !retryError(rp, err)) {
 			if ctx.Err() != nil && req.Context().Err() == nil {
@@ -280,16 +295,23 @@ func retryError(rp *RetryPolicy, err error) bool {
 	return false
 }
 
-// doneBody runs done once when the body is closed.
+// doneBody ends a try when its response body is closed: the per-try
+// timeout's context is released and the endpoint's request count drops.
 type doneBody struct {
 	io.ReadCloser
-	once sync.Once
-	done func()
+	once   sync.Once
+	cancel context.CancelFunc
+	ep     *endpoint
 }
 
 func (b *doneBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.once.Do(b.done)
+	b.once.Do(func() {
+		if b.cancel != nil {
+			b.cancel()
+		}
+		b.ep.active.Add(-1)
+	})
 	return err
 }
 
