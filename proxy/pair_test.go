@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -252,5 +253,133 @@ func TestNoEnforcerDenies(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusForbidden {
 		t.Fatalf("got %d, want 403", resp.StatusCode)
+	}
+}
+
+// TestRetriesAndTimeouts: a failing endpoint's 503 is retried on the
+// other one; a slow app hits the per-try timeout and then the request
+// timeout (504).
+func TestRetriesAndTimeouts(t *testing.T) {
+	ca := newTestCA(t)
+	release := make(chan struct{})
+	defer close(release)
+	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}
+		io.WriteString(w, "good")
+	}))
+	bad := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	peer := []string{"spiffe://example.org/ns/demo/sa/server"}
+	cfg := &Config{
+		Clusters: []Cluster{
+			{Name: "server", Endpoints: []Endpoint{{Address: bad.server.Addr("mesh")}, {Address: good.server.Addr("mesh")}}, PeerIDs: peer},
+			{Name: "slow", Endpoints: []Endpoint{{Address: good.server.Addr("mesh")}}, PeerIDs: peer},
+		},
+		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+			{Prefix: "/slow", Clusters: []WeightedCluster{{Name: "slow", Weight: 1}}, Timeout: Duration(300 * time.Millisecond),
+				Retry: &RetryPolicy{RetryOn: []string{"5xx"}, NumRetries: 1, PerTryTimeout: Duration(100 * time.Millisecond), BaseInterval: Duration(time.Millisecond)}},
+			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}},
+				Retry: &RetryPolicy{RetryOn: []string{"gateway-error"}, NumRetries: 1, BaseInterval: Duration(time.Millisecond)}},
+		}}}}},
+		Outbound: []Outbound{{Name: "out", Address: "127.0.0.1:0", Protocol: "http", Route: "r"}},
+	}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	for i := range 6 {
+		resp, err := http.Get("http://" + p.Addr("out") + "/x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(b) != "good" {
+			t.Fatalf("request %d: got %d %q, want the 503 retried onto the good endpoint", i, resp.StatusCode, b)
+		}
+	}
+	// Both /slow tries hit the per-try timeout: 504.
+	resp, err := http.Get("http://" + p.Addr("out") + "/slow")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusGatewayTimeout {
+		t.Fatalf("slow: got %d, want 504", resp.StatusCode)
+	}
+}
+
+// TestUpdateSwapsEndpoints: Update moves traffic to new endpoints and
+// refuses listener changes.
+func TestUpdateSwapsEndpoints(t *testing.T) {
+	ca := newTestCA(t)
+	a := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a") }))
+	b := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "b") }))
+	fetch := func() string {
+		resp, err := http.Get("http://" + a.upstream + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return string(body)
+	}
+	if got := fetch(); got != "a" {
+		t.Fatalf("before update: %q", got)
+	}
+	cfg := *a.client.Config()
+	cfg.Clusters = []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: b.server.Addr("mesh")}}, PeerIDs: cfg.Clusters[0].PeerIDs}}
+	if err := a.client.Update(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := fetch(); got != "b" {
+		t.Fatalf("after update: %q, want b", got)
+	}
+	cfg2 := cfg
+	cfg2.Outbound = append([]Outbound{{Name: "new", Address: "127.0.0.1:0", Route: cfg.Outbound[0].Route}}, cfg.Outbound...)
+	if err := a.client.Update(&cfg2); err == nil || !strings.Contains(err.Error(), "listener") {
+		t.Fatalf("listener change: %v", err)
+	}
+	bad := cfg
+	bad.Clusters = nil
+	if err := a.client.Update(&bad); err == nil {
+		t.Fatal("a configuration with a dangling route was accepted")
+	}
+	if got := fetch(); got != "b" {
+		t.Fatalf("after refused updates: %q, want b", got)
+	}
+}
+
+// TestExpiredSVID: once the injected clock passes the SVID's expiry the
+// proxy is not ready and peers' handshakes fail, so no request reaches
+// the app.
+func TestExpiredSVID(t *testing.T) {
+	ca := newTestCA(t)
+	clock := clockwork.NewFakeClock()
+	appL, _ := net.Listen("tcp", "127.0.0.1:0")
+	go http.Serve(appL, echoApp(nil))
+	defer appL.Close()
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, &decisions{}), Clock: clock})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), Clock: clock})
+	if err := srv.Ready(); err != nil {
+		t.Fatalf("fresh SVID: %v", err)
+	}
+	clock.Advance(2 * time.Hour)
+	if err := srv.Ready(); err == nil || !strings.Contains(err.Error(), "not valid") {
+		t.Fatalf("expired SVID: Ready() = %v", err)
+	}
+	resp, err := http.Get("http://" + cli.Addr("upstream:server") + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("request with expired SVIDs: %d, want 503 (handshake refused)", resp.StatusCode)
 	}
 }
