@@ -81,6 +81,17 @@ type Route struct {
 	// as in Envoy.
 	Timeout Duration     `yaml:"timeout" json:"timeout,omitempty"`
 	Retry   *RetryPolicy `yaml:"retry" json:"retry,omitempty"`
+	Fault   *Fault       `yaml:"fault" json:"fault,omitempty"`
+}
+
+// Fault is Envoy's HTTP fault injection on a route: a share of requests is
+// delayed, a share is answered with AbortStatus without reaching the
+// upstream. Percentages are 0 to 100.
+type Fault struct {
+	DelayPercent float64  `yaml:"delay_percent" json:"delay_percent,omitempty"`
+	Delay        Duration `yaml:"delay" json:"delay,omitempty"`
+	AbortPercent float64  `yaml:"abort_percent" json:"abort_percent,omitempty"`
+	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
 }
 
 // WeightedCluster is one target of a route.
@@ -113,6 +124,30 @@ type Cluster struct {
 	// PeerIDs are the SPIFFE IDs the peers must present (Envoy's
 	// match_typed_subject_alt_names); at least one is required.
 	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
+	// CircuitBreakers bound the cluster's concurrency; nil takes Envoy's
+	// defaults (1024 requests, 3 concurrent retries).
+	CircuitBreakers *CircuitBreakers `yaml:"circuit_breakers" json:"circuit_breakers,omitempty"`
+	// OutlierDetection ejects endpoints that keep failing; nil disables it.
+	OutlierDetection *OutlierDetection `yaml:"outlier_detection" json:"outlier_detection,omitempty"`
+}
+
+// CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
+// flight are refused with 503 at once, and a failed try is not retried
+// while MaxRetries retries of the cluster are waiting out their backoff.
+type CircuitBreakers struct {
+	MaxRequests int `yaml:"max_requests" json:"max_requests"`
+	MaxRetries  int `yaml:"max_retries" json:"max_retries"`
+}
+
+// OutlierDetection ejects an endpoint after Consecutive5xx failures in a
+// row (5xx answers or failed connections) for BaseEjectionTime times the
+// number of its ejections so far; it returns by itself when that passes.
+// At most MaxEjectionPercent of the endpoints are out at once (at least
+// one, as in Envoy).
+type OutlierDetection struct {
+	Consecutive5xx     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
+	BaseEjectionTime   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
+	MaxEjectionPercent int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
 }
 
 // Endpoint is a peer sidecar's mesh port.
@@ -191,6 +226,12 @@ func (c *Config) Validate() error {
 				bad("%s: peer_ids: %q: %v", where, id, err)
 			}
 		}
+		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxRequests < 0 || cb.MaxRetries < 0) {
+			bad("%s: circuit_breakers: negative threshold", where)
+		}
+		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100) {
+			bad("%s: outlier_detection: consecutive_5xx >= 0 and max_ejection_percent 0 to 100", where)
+		}
 		for _, ep := range cl.Endpoints {
 			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
 				bad("%s: endpoint %q: %v", where, ep.Address, err)
@@ -221,6 +262,14 @@ func (c *Config) Validate() error {
 				}
 				if len(r.Clusters) == 0 || (len(r.Clusters) > 1 && total == 0) {
 					bad("%s: virtual host %q route %d: no cluster with weight", where, vh.Name, j)
+				}
+				if f := r.Fault; f != nil {
+					if f.DelayPercent < 0 || f.DelayPercent > 100 || f.AbortPercent < 0 || f.AbortPercent > 100 {
+						bad("%s: virtual host %q route %d: fault percentages must be 0 to 100", where, vh.Name, j)
+					}
+					if f.AbortPercent > 0 && (f.AbortStatus < 200 || f.AbortStatus > 599) {
+						bad("%s: virtual host %q route %d: fault abort_status %d is not an HTTP status", where, vh.Name, j, f.AbortStatus)
+					}
 				}
 				if rp := r.Retry; rp != nil {
 					for _, on := range rp.RetryOn {

@@ -130,14 +130,14 @@ func TestLoadBalancing(t *testing.T) {
 	rr := &cluster{cfg: Cluster{LBPolicy: RoundRobin}, eps: eps}
 	seen := map[string]int{}
 	for range 30 {
-		seen[rr.pick(nil).addr]++
+		seen[rr.pick(nil, 0).addr]++
 	}
 	for _, e := range eps {
 		if seen[e.addr] != 10 {
 			t.Errorf("round robin: %s got %d of 30, want 10", e.addr, seen[e.addr])
 		}
 	}
-	if next := eps[(rr.rr.Load()+1)%3]; rr.pick(next) == next {
+	if next := eps[(rr.rr.Load()+1)%3]; rr.pick(next, 0) == next {
 		t.Errorf("round robin picked the endpoint it was told to avoid")
 	}
 	// Least request: the busy endpoint is chosen only when it is one of
@@ -145,13 +145,13 @@ func TestLoadBalancing(t *testing.T) {
 	eps[1].active.Store(100)
 	lr := &cluster{cfg: Cluster{LBPolicy: LeastRequest}, eps: eps}
 	for range 1000 {
-		if lr.pick(nil) == eps[1] {
+		if lr.pick(nil, 0) == eps[1] {
 			t.Fatal("least request picked the busy endpoint")
 		}
 	}
 	// Retries avoid the endpoint that failed when there is another.
 	for range 100 {
-		if lr.pick(eps[0]) == eps[0] {
+		if lr.pick(eps[0], 0) == eps[0] {
 			t.Fatal("least request picked the endpoint to avoid")
 		}
 	}

@@ -151,16 +151,49 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	} else {
 		cl := st.clusters[pickCluster(rt)]
 		res.dest = cl.cfg.Name
-		timeout := time.Duration(rt.Timeout)
-		if timeout <= 0 {
-			timeout = defaultRouteTimeout
-		}
-		ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
-		l.rp.ServeHTTP(rw, r.WithContext(ctx))
-		cancel()
+		l.forward(rw, r, rt, cl)
 	}
 	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 	l.p.observe(&res)
+}
+
+// forward applies the route's faults and the cluster's circuit breaker,
+// then proxies within the route's timeout.
+func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *Route, cl *cluster) {
+	if f := rt.Fault; f != nil {
+		if f.DelayPercent > 0 && rand.Float64()*100 < f.DelayPercent {
+			l.p.metrics.faults.WithLabelValues("delay").Inc()
+			select {
+			case <-l.p.clock.After(time.Duration(f.Delay)):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if f.AbortPercent > 0 && rand.Float64()*100 < f.AbortPercent {
+			l.p.metrics.faults.WithLabelValues("abort").Inc()
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.WriteHeader(f.AbortStatus)
+			_, _ = io.WriteString(w, "fault filter abort\n")
+			return
+		}
+	}
+	if cl.inflight.Add(1) > cl.maxReq {
+		cl.inflight.Add(-1)
+		l.p.metrics.overflows.WithLabelValues(cl.cfg.Name).Inc()
+		w.Header().Set("X-Writ-Overloaded", "true")
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, "upstream overflow\n")
+		return
+	}
+	defer cl.inflight.Add(-1)
+	timeout := time.Duration(rt.Timeout)
+	if timeout <= 0 {
+		timeout = defaultRouteTimeout
+	}
+	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
+	l.rp.ServeHTTP(w, r.WithContext(ctx))
+	cancel()
 }
 
 // roundTripper sends a request to the chosen cluster: it picks an
@@ -195,13 +228,16 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	for try := 0; ; try++ {
 		if try > 0 {
 			t.p.metrics.retries.WithLabelValues(cl.cfg.Name).Inc()
+			cl.retrying.Add(1)
 			select {
 			case <-t.p.clock.After(backoff(rp, try)):
+				cl.retrying.Add(-1)
 			case <-req.Context().Done():
+				cl.retrying.Add(-1)
 				return nil, req.Context().Err()
 			}
 		}
-		ep := cl.pick(last)
+		ep := cl.pick(last, t.p.clock.Now().UnixNano())
 		if ep == nil {
 			return nil, errNoEndpoint
 		}
@@ -219,7 +255,9 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		ep.active.Add(1)
 		resp, err := cl.transport.RoundTrip(out)
-		final := try == attempts-1 || req.Context().Err() != nil
+		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
+		// The last try, a finished request, or a retry budget spent.
+		final := try == attempts-1 || req.Context().Err() != nil || cl.retrying.Load() >= cl.maxRetry
 		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
 			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
 			return resp, nil
@@ -329,12 +367,13 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 	}()
 	var last *endpoint
 	for try := 0; try < 2; try++ {
-		ep := cl.pick(last)
+		ep := cl.pick(last, l.p.clock.Now().UnixNano())
 		if ep == nil {
 			break
 		}
 		last = ep
 		raw, err := cl.dialer.DialContext(l.ctx, "tcp", ep.addr)
+		cl.outcome(ep, err != nil, l.p.clock.Now().UnixNano())
 		if err != nil {
 			continue
 		}

@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -381,5 +383,116 @@ func TestExpiredSVID(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusServiceUnavailable {
 		t.Fatalf("request with expired SVIDs: %d, want 503 (handshake refused)", resp.StatusCode)
+	}
+}
+
+// TestOutlierDetection: an endpoint answering 503 is ejected after two in
+// a row, traffic goes to the healthy one, and after the ejection time
+// (on the injected clock) it is back in the pool.
+func TestOutlierDetection(t *testing.T) {
+	ca := newTestCA(t)
+	clock := clockwork.NewFakeClock()
+	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "good") }))
+	bad := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	cfg := &Config{Clusters: []Cluster{{Name: "server",
+		Endpoints:        []Endpoint{{Address: bad.server.Addr("mesh")}, {Address: good.server.Addr("mesh")}},
+		PeerIDs:          []string{"spiffe://example.org/ns/demo/sa/server"},
+		OutlierDetection: &OutlierDetection{Consecutive5xx: 2, BaseEjectionTime: Duration(30 * time.Second), MaxEjectionPercent: 50},
+	}}}
+	cfg.Routes = []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}}}}}}}
+	cfg.Outbound = []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}}
+	reg := prometheus.NewRegistry()
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), Clock: clock, Registry: reg})
+	status := func() int {
+		resp, err := http.Get("http://" + p.Addr("out") + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	fails := 0
+	for range 4 { // round robin: two of these land on the bad endpoint
+		if status() == 503 {
+			fails++
+		}
+	}
+	if fails != 2 {
+		t.Fatalf("%d of 4 requests failed before ejection, want 2", fails)
+	}
+	for i := range 10 {
+		if s := status(); s != 200 {
+			t.Fatalf("request %d after ejection: %d, want 200", i, s)
+		}
+	}
+	clock.Advance(31 * time.Second)
+	fails = 0
+	for range 4 {
+		if status() == 503 {
+			fails++
+		}
+	}
+	if fails == 0 {
+		t.Fatal("the ejected endpoint never came back")
+	}
+	var m dto.Metric
+	if err := p.metrics.ejections.WithLabelValues("server").Write(&m); err != nil || m.GetCounter().GetValue() < 1 {
+		got := m.GetCounter().GetValue()
+		t.Fatalf("writ_upstream_ejections_total = %v", got)
+	}
+}
+
+// TestFaultsAndCircuitBreaker: an abort fault answers about its share of
+// requests itself; a cluster at max_requests refuses the next with 503.
+func TestFaultsAndCircuitBreaker(t *testing.T) {
+	ca := newTestCA(t)
+	release := make(chan struct{})
+	arrived := make(chan struct{}, 1)
+	srv := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			arrived <- struct{}{}
+			<-release
+		}
+		io.WriteString(w, "ok")
+	}))
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.server.Addr("mesh")}},
+		PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}, CircuitBreakers: &CircuitBreakers{MaxRequests: 1}}}}
+	cfg.Routes = []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+		{Prefix: "/fault", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}, Fault: &Fault{AbortPercent: 25, AbortStatus: 503}},
+		{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}},
+	}}}}}
+	cfg.Outbound = []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	get := func(path string) int {
+		resp, err := http.Get("http://" + p.Addr("out") + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	aborted := 0
+	for range 400 {
+		if get("/fault") == 503 {
+			aborted++
+		}
+	}
+	if aborted < 60 || aborted > 140 {
+		t.Fatalf("25%% abort fault: %d of 400 aborted, want about 100", aborted)
+	}
+	done := make(chan int, 1)
+	go func() { done <- get("/hold") }()
+	<-arrived
+	if s := get("/"); s != 503 {
+		t.Fatalf("second request with max_requests 1: %d, want 503", s)
+	}
+	close(release)
+	if s := <-done; s != 200 {
+		t.Fatalf("held request: %d", s)
+	}
+	if s := get("/"); s != 200 {
+		t.Fatalf("after the breaker closed: %d", s)
 	}
 }

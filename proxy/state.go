@@ -27,6 +27,12 @@ type state struct {
 // connections to the peer sidecars.
 type cluster struct {
 	cfg       Cluster
+	maxReq    int64
+	maxRetry  int64
+	inflight  atomic.Int64
+	retrying  atomic.Int64
+	ejected   atomic.Int64 // > 0 while some endpoint may be ejected
+	onEject   func()
 	eps       []*endpoint
 	rr        atomic.Uint64
 	transport *http.Transport
@@ -39,6 +45,16 @@ type cluster struct {
 type endpoint struct {
 	addr   string
 	active atomic.Int64
+	// Outlier detection state.
+	fails        atomic.Int32
+	ejections    atomic.Int32
+	ejectedUntil atomic.Int64 // unix nanoseconds; 0 when in the pool
+}
+
+// in reports whether the endpoint is in the pool at now.
+func (e *endpoint) in(now int64) bool {
+	u := e.ejectedUntil.Load()
+	return u == 0 || now >= u
 }
 
 const defaultConnectTimeout = 5 * time.Second
@@ -52,7 +68,17 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
 	}
 	for _, c := range cfg.Clusters {
-		cl := &cluster{cfg: c}
+		cl := &cluster{cfg: c, maxReq: 1024, maxRetry: 3}
+		name := c.Name
+		cl.onEject = func() { p.metrics.ejections.WithLabelValues(name).Inc() }
+		if cb := c.CircuitBreakers; cb != nil {
+			if cb.MaxRequests > 0 {
+				cl.maxReq = int64(cb.MaxRequests)
+			}
+			if cb.MaxRetries > 0 {
+				cl.maxRetry = int64(cb.MaxRetries)
+			}
+		}
 		for _, ep := range c.Endpoints {
 			cl.eps = append(cl.eps, &endpoint{addr: ep.Address})
 		}
@@ -103,17 +129,39 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 	return st, nil
 }
 
-// pick chooses an endpoint, avoiding not (the one that just failed) when
-// there is another. It returns nil for a cluster without endpoints.
-func (c *cluster) pick(not *endpoint) *endpoint {
-	n := len(c.eps)
+// pick chooses an endpoint in the pool at now, avoiding not (the one that
+// just failed) when there is another. When every endpoint is ejected the
+// ejections are ignored (Envoy's panic mode): some traffic beats none.
+// It returns nil for a cluster without endpoints.
+func (c *cluster) pick(not *endpoint, now int64) *endpoint {
+	eps := c.eps
+	if c.ejected.Load() > 0 {
+		healthy := make([]*endpoint, 0, len(eps))
+		for _, e := range eps {
+			if e.in(now) {
+				healthy = append(healthy, e)
+			}
+		}
+		switch len(healthy) {
+		case len(eps):
+			c.ejected.Store(0) // every ejection has ended
+		case 0:
+		default:
+			eps = healthy
+		}
+	}
+	return pickFrom(eps, not, c.cfg.LBPolicy, &c.rr)
+}
+
+func pickFrom(eps []*endpoint, not *endpoint, policy string, rr *atomic.Uint64) *endpoint {
+	n := len(eps)
 	switch {
 	case n == 0:
 		return nil
 	case n == 1:
-		return c.eps[0]
+		return eps[0]
 	}
-	if c.cfg.LBPolicy == LeastRequest {
+	if policy == LeastRequest {
 		// Power of two choices: two distinct random endpoints, the one
 		// with fewer requests in flight wins.
 		i := rand.IntN(n)
@@ -121,17 +169,65 @@ func (c *cluster) pick(not *endpoint) *endpoint {
 		if j >= i {
 			j++
 		}
-		a, b := c.eps[i], c.eps[j]
+		a, b := eps[i], eps[j]
 		if a == not || (b != not && b.active.Load() < a.active.Load()) {
 			return b
 		}
 		return a
 	}
-	e := c.eps[c.rr.Add(1)%uint64(n)]
+	e := eps[rr.Add(1)%uint64(n)]
 	if e == not {
-		e = c.eps[c.rr.Add(1)%uint64(n)]
+		e = eps[rr.Add(1)%uint64(n)]
 	}
 	return e
+}
+
+// outcome feeds outlier detection: failed is a 5xx answer or a failed
+// connection.
+func (c *cluster) outcome(e *endpoint, failed bool, now int64) {
+	od := c.cfg.OutlierDetection
+	if od == nil {
+		return
+	}
+	if !failed {
+		e.fails.Store(0)
+		return
+	}
+	limit := od.Consecutive5xx
+	if limit <= 0 {
+		limit = 5
+	}
+	if int(e.fails.Add(1)) < limit {
+		return
+	}
+	e.fails.Store(0)
+	if !e.in(now) {
+		return
+	}
+	// Recount who is out now, then respect the cap.
+	out := 0
+	for _, x := range c.eps {
+		if !x.in(now) {
+			out++
+		}
+	}
+	pct := od.MaxEjectionPercent
+	if pct == 0 {
+		pct = 10
+	}
+	if max := max(1, len(c.eps)*pct/100); out >= max {
+		return
+	}
+	base := time.Duration(od.BaseEjectionTime)
+	if base <= 0 {
+		base = 30 * time.Second
+	}
+	n := e.ejections.Add(1)
+	e.ejectedUntil.Store(now + int64(base)*int64(n))
+	c.ejected.Store(int64(out + 1))
+	if c.onEject != nil {
+		c.onEject()
+	}
 }
 
 // route finds the route for host and path in the named configuration.

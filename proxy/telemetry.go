@@ -35,6 +35,9 @@ type metrics struct {
 	tcpSent         *prometheus.CounterVec
 	tcpRecv         *prometheus.CounterVec
 	retries         *prometheus.CounterVec
+	overflows       *prometheus.CounterVec
+	ejections       *prometheus.CounterVec
+	faults          *prometheus.CounterVec
 	handshakeErrors *prometheus.CounterVec
 }
 
@@ -62,11 +65,20 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_upstream_retries_total", Help: "Request retries by cluster.",
 		}, []string{"cluster"}),
+		overflows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_upstream_overflow_total", Help: "Requests refused (503) by a cluster's circuit breaker.",
+		}, []string{"cluster"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_upstream_ejections_total", Help: "Endpoints ejected by outlier detection.",
+		}, []string{"cluster"}),
+		faults: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_fault_injections_total", Help: "Injected faults by kind (delay, abort).",
+		}, []string{"kind"}),
 		handshakeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_tls_handshake_errors_total", Help: "Failed mTLS handshakes (no or untrusted peer SVID, wrong peer ID).",
 		}, []string{"direction"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.handshakeErrors} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.handshakeErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register proxy metrics: %w", err)
 		}
