@@ -3,6 +3,7 @@ package test
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -102,6 +103,12 @@ func (d *decisionLog) Record(_ context.Context, dec enforcer.Decision) error {
 	return nil
 }
 
+func (d *decisionLog) all() []enforcer.Decision {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]enforcer.Decision(nil), d.got...)
+}
+
 func (d *decisionLog) results() []string {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -178,6 +185,8 @@ type serverSide struct {
 	release  chan struct{}
 	sink     *decisionLog
 	registry string // admin URL
+	// accessLog holds the inbound proxy's access log.
+	accessLog *syncBuffer
 }
 
 func startServerSide(t *testing.T, m *meshEnv) *serverSide {
@@ -230,7 +239,8 @@ func startServerSide(t *testing.T, m *meshEnv) *serverSide {
 		{Name: "grpc", Address: "127.0.0.1:0", Service: "orders", App: gl.Addr().String(), AppProtocol: "h2c"},
 		{Name: "tcp", Address: "127.0.0.1:0", Service: "orders", App: tl.Addr().String()},
 	}}
-	p, stop := runProxy(t, cfg, proxy.Options{Source: m.sources[meshServerID], Enforcer: meshEnforcer(t, s.sink), DrainTimeout: 20 * time.Second})
+	s.accessLog = &syncBuffer{}
+	p, stop := runProxy(t, cfg, proxy.Options{Source: m.sources[meshServerID], Enforcer: meshEnforcer(t, s.sink), DrainTimeout: 20 * time.Second, AccessLog: s.accessLog})
 	s.proxy, s.stop = p, stop
 	admin := httptest.NewServer(p.AdminHandler(nil))
 	t.Cleanup(admin.Close)
@@ -321,6 +331,44 @@ func TestProxyPair(t *testing.T) {
 			if h.Get("X-Writ-Authz") != "" {
 				t.Errorf("spoofed x-writ header reached the app")
 			}
+		}
+	})
+	t.Run("traceparent and access log", func(t *testing.T) {
+		const tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+		code, _, _ := get(t, h1, "http://"+front.Addr("orders")+"/traced", map[string]string{"traceparent": tp})
+		if code != 200 {
+			t.Fatalf("got %d", code)
+		}
+		h := <-s.seen
+		got := h.Get("Traceparent")
+		if !strings.HasPrefix(got, tp[:36]) || got == tp {
+			t.Fatalf("app saw traceparent %q, want trace 4bf9… with the outbound hop's new span", got)
+		}
+		var line string
+		for _, l := range strings.Split(s.accessLog.String(), "\n") {
+			if strings.Contains(l, `"path":"/traced"`) {
+				line = l
+			}
+		}
+		var entry struct {
+			Direction, Authz, Source string
+			DecisionID               string `json:"decision_id"`
+			TraceID                  string `json:"trace_id"`
+			Status                   int
+		}
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Fatalf("access log line %q: %v", line, err)
+		}
+		if entry.Direction != "inbound" || entry.Authz != "allow" || entry.Status != 200 || entry.Source != meshClientID.String() ||
+			entry.TraceID != "4bf92f3577b34da6a3ce929d0e0e4736" || len(entry.DecisionID) != 36 {
+			t.Fatalf("access log entry %+v", entry)
+		}
+		found := false
+		for _, d := range s.sink.all() {
+			found = found || (d.ID == entry.DecisionID && d.TraceID == entry.TraceID)
+		}
+		if !found {
+			t.Fatalf("no recorded decision %s with trace %s", entry.DecisionID, entry.TraceID)
 		}
 	})
 	t.Run("deny", func(t *testing.T) {
