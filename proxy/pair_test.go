@@ -496,3 +496,28 @@ func TestFaultsAndCircuitBreaker(t *testing.T) {
 		t.Fatalf("after the breaker closed: %d", s)
 	}
 }
+
+// TestForeignTrustDomainRefused: a client whose SVID comes from another
+// trust domain's CA fails the handshake; nothing reaches policy or app.
+func TestForeignTrustDomainRefused(t *testing.T) {
+	ca := newTestCA(t)
+	dec := &decisions{}
+	p := startPair(t, ca, "/ns/demo/sa/client", dec, echoApp(nil))
+	foreign := newTestCA(t) // same trust domain name, different keys
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: p.server.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	intruder := startProxy(t, cfg, Options{Source: foreign.source(t, "/ns/demo/sa/client")})
+	resp, err := http.Get("http://" + intruder.Addr("upstream:server") + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("client with a foreign SVID: %d, want 503 (handshake refused)", resp.StatusCode)
+	}
+	dec.mu.Lock()
+	defer dec.mu.Unlock()
+	if len(dec.got) != 0 {
+		t.Fatalf("a foreign client reached policy: %+v", dec.got)
+	}
+}
