@@ -145,7 +145,10 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The app speaks for itself only through its SVID: identity headers
 	// it sets are not forwarded.
 	stripIdentityHeaders(r.Header)
-	rt := st.route(l.cfg.Route, r.Host, r.URL.Path)
+	var rt *Route
+	if r.Method != http.MethodConnect { // no tunnels through the proxy port
+		rt = st.route(l.cfg.Route, r.Host, r.URL.Path)
+	}
 	if rt == nil {
 		proxyError(rw, r, errNoRoute)
 	} else {

@@ -114,7 +114,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	}
 	p := &Proxy{
 		src: opts.Source, td: svid.ID.TrustDomain(), enf: opts.Enforcer, reg: opts.Registry, metrics: m,
-		alog: &accessLog{w: opts.AccessLog}, drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
+		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
 		tcpConns: map[net.Conn]struct{}{},
 	}
 	st, err := p.compile(cfg, nil)
@@ -214,10 +214,20 @@ func (p *Proxy) Run(ctx context.Context) error {
 		go func() { errc <- l.serve() }()
 	}
 	var err error
-	select {
-	case <-ctx.Done():
-	case err = <-errc:
-		err = fmt.Errorf("proxy listener: %w", err)
+	tick := p.clock.NewTicker(accessLogFlush)
+	defer tick.Stop()
+	defer p.alog.flush()
+wait:
+	for {
+		select {
+		case <-tick.Chan():
+			p.alog.flush()
+		case <-ctx.Done():
+			break wait
+		case err = <-errc:
+			err = fmt.Errorf("proxy listener: %w", err)
+			break wait
+		}
 	}
 	p.log.Info("proxy draining", "timeout", p.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), p.drain)

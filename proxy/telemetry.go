@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -131,11 +132,26 @@ func (p *Proxy) observeTCP(r *reqLog) {
 	p.alog.write(r, p.clock.Now())
 }
 
-// accessLog writes one JSON object per line. Safe for concurrent use.
+// accessLog writes one JSON object per line into a buffer that Run
+// flushes every accessLogFlush and when full, so that logging costs no
+// system call per request. Safe for concurrent use.
 type accessLog struct {
 	mu  sync.Mutex
 	w   io.Writer
+	out *bufio.Writer
 	buf []byte
+}
+
+const accessLogFlush = 200 * time.Millisecond
+
+func newAccessLog(w io.Writer) *accessLog {
+	return &accessLog{w: w, out: bufio.NewWriterSize(w, 64<<10)}
+}
+
+func (a *accessLog) flush() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	_ = a.out.Flush()
 }
 
 func (a *accessLog) write(r *reqLog, now time.Time) {
@@ -173,7 +189,7 @@ func (a *accessLog) write(r *reqLog, now time.Time) {
 		b = strconv.AppendInt(b, r.bytes, 10)
 	}
 	b = append(b, "}\n"...)
-	_, _ = a.w.Write(b)
+	_, _ = a.out.Write(b)
 	a.buf = b
 }
 

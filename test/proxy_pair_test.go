@@ -344,10 +344,16 @@ func TestProxyPair(t *testing.T) {
 		if !strings.HasPrefix(got, tp[:36]) || got == tp {
 			t.Fatalf("app saw traceparent %q, want trace 4bf9… with the outbound hop's new span", got)
 		}
+		// The access log is flushed every 200 ms.
 		var line string
-		for _, l := range strings.Split(s.accessLog.String(), "\n") {
-			if strings.Contains(l, `"path":"/traced"`) {
-				line = l
+		for i := 0; line == "" && i < 500; i++ {
+			for _, l := range strings.Split(s.accessLog.String(), "\n") {
+				if strings.Contains(l, `"path":"/traced"`) {
+					line = l
+				}
+			}
+			if line == "" {
+				time.Sleep(10 * time.Millisecond)
 			}
 		}
 		var entry struct {

@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"crypto/tls"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -188,9 +189,29 @@ func TestWritProxyProcesses(t *testing.T) {
 		}
 	}
 
-	// One access-log line per request, with decision and trace ids.
-	if !strings.Contains(orders.out.String(), `"direction":"inbound"`) || !strings.Contains(orders.out.String(), `"authz":"allow"`) {
-		t.Errorf("no inbound access-log line:\n%s", orders.out)
+	// One access-log line per request on each side (flushed every
+	// 200 ms), with the decision id inbound and the same trace id on both.
+	traceOf := func(p *proxyProc, dir string) (trace, decision string) {
+		for i := 0; i < 500; i++ {
+			for _, line := range strings.Split(p.out.String(), "\n") {
+				var e struct {
+					Direction, Path string
+					TraceID         string `json:"trace_id"`
+					DecisionID      string `json:"decision_id"`
+				}
+				if json.Unmarshal([]byte(line), &e) == nil && e.Direction == dir && e.Path == "/items" {
+					return e.TraceID, e.DecisionID
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		t.Fatalf("no %s access-log line:\n%s", dir, p.out)
+		return "", ""
+	}
+	inTrace, decision := traceOf(orders, "inbound")
+	outTrace, _ := traceOf(front, "outbound")
+	if inTrace == "" || inTrace != outTrace || decision == "" {
+		t.Errorf("access logs: inbound trace %q decision %q, outbound trace %q", inTrace, decision, outTrace)
 	}
 	for _, p := range []*proxyProc{front, orders} {
 		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
