@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"slices"
 	"strings"
@@ -72,10 +73,11 @@ type VirtualHost struct {
 	Routes  []Route  `yaml:"routes" json:"routes"`
 }
 
-// Route sends requests whose path starts with Prefix to one of Clusters,
-// chosen by weight.
+// Route sends requests whose path starts with Prefix (and whose headers
+// match Headers) to one of Clusters, chosen by weight.
 type Route struct {
 	Prefix   string            `yaml:"prefix" json:"prefix"`
+	Headers  []HeaderMatch     `yaml:"headers" json:"headers,omitempty"`
 	Clusters []WeightedCluster `yaml:"clusters" json:"clusters"`
 	// Timeout bounds the whole request, retries included; zero is 15 s
 	// as in Envoy.
@@ -92,6 +94,31 @@ type Fault struct {
 	Delay        Duration `yaml:"delay" json:"delay,omitempty"`
 	AbortPercent float64  `yaml:"abort_percent" json:"abort_percent,omitempty"`
 	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
+}
+
+// HeaderMatch is Envoy's header matcher, reduced to what Writ's routes
+// use: the header's value is Exact, starts with Prefix, or (both empty)
+// the header is Present. Invert negates the match.
+type HeaderMatch struct {
+	Name   string `yaml:"name" json:"name"`
+	Exact  string `yaml:"exact" json:"exact,omitempty"`
+	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
+	Invert bool   `yaml:"invert" json:"invert,omitempty"`
+}
+
+func (m *HeaderMatch) matches(h http.Header) bool {
+	vs, ok := h[http.CanonicalHeaderKey(m.Name)]
+	v := strings.Join(vs, ",")
+	var hit bool
+	switch {
+	case m.Exact != "":
+		hit = ok && v == m.Exact
+	case m.Prefix != "":
+		hit = ok && strings.HasPrefix(v, m.Prefix)
+	default:
+		hit = ok
+	}
+	return hit != m.Invert
 }
 
 // WeightedCluster is one target of a route.
@@ -252,6 +279,11 @@ func (c *Config) Validate() error {
 			for j, r := range vh.Routes {
 				if !strings.HasPrefix(r.Prefix, "/") {
 					bad("%s: virtual host %q route %d: prefix %q must start with /", where, vh.Name, j, r.Prefix)
+				}
+				for _, hm := range r.Headers {
+					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") {
+						bad("%s: virtual host %q route %d: header match needs a regular header name, not %q", where, vh.Name, j, hm.Name)
+					}
 				}
 				var total uint64
 				for _, wc := range r.Clusters {

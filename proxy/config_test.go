@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -34,6 +35,9 @@ routes:
     domains: ["*"]
     routes:
     - prefix: /
+      headers: [{name: x-canary, exact: "yes"}]
+      clusters: [{name: orders-v2, weight: 1}]
+    - prefix: /
       timeout: 3s
       clusters: [{name: orders, weight: 90}, {name: orders-v2, weight: 10}]
       retry: {retry_on: [5xx, connect-failure], num_retries: 2, per_try_timeout: 500ms}
@@ -46,7 +50,7 @@ func TestLoadConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := c.Routes[0].VirtualHosts[0].Routes[0]
+	r := c.Routes[0].VirtualHosts[0].Routes[1]
 	if got, want := time.Duration(r.Retry.PerTryTimeout), 500*time.Millisecond; got != want {
 		t.Errorf("per_try_timeout = %v, want %v", got, want)
 	}
@@ -91,17 +95,20 @@ func TestRouteMatch(t *testing.T) {
 	}
 	tests := []struct {
 		name, route, host, path string
+		header                  http.Header
 		want                    string // first cluster, "" for no route
 	}{
-		{"wildcard", "orders", "anything:80", "/x", "orders"},
-		{"proxy by host", "http_proxy", "orders-v2", "/x", "orders-v2"},
-		{"proxy host with port", "http_proxy", "orders:80", "/", "orders"},
-		{"proxy unknown host", "http_proxy", "payments", "/", ""},
-		{"unknown route config", "nope", "orders", "/", ""},
+		{"header route", "orders", "orders", "/x", http.Header{"X-Canary": {"yes"}}, "orders-v2"},
+		{"header route, other value", "orders", "orders", "/x", http.Header{"X-Canary": {"no"}}, "orders"},
+		{"wildcard", "orders", "anything:80", "/x", nil, "orders"},
+		{"proxy by host", "http_proxy", "orders-v2", "/x", nil, "orders-v2"},
+		{"proxy host with port", "http_proxy", "orders:80", "/", nil, "orders"},
+		{"proxy unknown host", "http_proxy", "payments", "/", nil, ""},
+		{"unknown route config", "nope", "orders", "/", nil, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := st.route(tt.route, tt.host, tt.path)
+			r := st.route(tt.route, tt.host, tt.path, tt.header)
 			got := ""
 			if r != nil {
 				got = r.Clusters[0].Name

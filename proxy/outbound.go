@@ -147,7 +147,7 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	stripIdentityHeaders(r.Header)
 	var rt *Route
 	if r.Method != http.MethodConnect { // no tunnels through the proxy port
-		rt = st.route(l.cfg.Route, r.Host, r.URL.Path)
+		rt = st.route(l.cfg.Route, r.Host, r.URL.Path, r.Header)
 	}
 	if rt == nil {
 		proxyError(rw, r, errNoRoute)

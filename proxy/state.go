@@ -230,8 +230,9 @@ func (c *cluster) outcome(e *endpoint, failed bool, now int64) {
 	}
 }
 
-// route finds the route for host and path in the named configuration.
-func (st *state) route(name, host, path string) *Route {
+// route finds the route for host, path and headers in the named
+// configuration.
+func (st *state) route(name, host, path string, h http.Header) *Route {
 	rc := st.routes[name]
 	if rc == nil {
 		return nil
@@ -254,10 +255,18 @@ found:
 	if vh == nil {
 		return nil
 	}
+next:
 	for i := range vh.Routes {
-		if strings.HasPrefix(path, vh.Routes[i].Prefix) {
-			return &vh.Routes[i]
+		r := &vh.Routes[i]
+		if !strings.HasPrefix(path, r.Prefix) {
+			continue
 		}
+		for j := range r.Headers {
+			if !r.Headers[j].matches(h) {
+				continue next
+			}
+		}
+		return r
 	}
 	return nil
 }
