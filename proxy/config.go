@@ -84,6 +84,16 @@ type Route struct {
 	Timeout Duration     `yaml:"timeout" json:"timeout,omitempty"`
 	Retry   *RetryPolicy `yaml:"retry" json:"retry,omitempty"`
 	Fault   *Fault       `yaml:"fault" json:"fault,omitempty"`
+	Mirror  *Mirror      `yaml:"mirror" json:"mirror,omitempty"`
+}
+
+// Mirror is Envoy's request mirror policy: a copy of Percent of the
+// requests goes to Cluster with "-shadow" appended to its Host; the
+// response is discarded and the original never waits for it. Requests
+// whose body is larger than 64 KiB or unsized are not mirrored.
+type Mirror struct {
+	Cluster string  `yaml:"cluster" json:"cluster"`
+	Percent float64 `yaml:"percent" json:"percent"`
 }
 
 // Fault is Envoy's HTTP fault injection on a route: a share of requests is
@@ -294,6 +304,9 @@ func (c *Config) Validate() error {
 				}
 				if len(r.Clusters) == 0 || (len(r.Clusters) > 1 && total == 0) {
 					bad("%s: virtual host %q route %d: no cluster with weight", where, vh.Name, j)
+				}
+				if m := r.Mirror; m != nil && (!clusters[m.Cluster] || m.Percent < 0 || m.Percent > 100) {
+					bad("%s: virtual host %q route %d: mirror: unknown cluster %q or percent outside 0 to 100", where, vh.Name, j, m.Cluster)
 				}
 				if f := r.Fault; f != nil {
 					if f.DelayPercent < 0 || f.DelayPercent > 100 || f.AbortPercent < 0 || f.AbortPercent > 100 {

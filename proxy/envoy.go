@@ -102,8 +102,19 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 	default:
 		return r, errors.New("action: only cluster and weighted_clusters are supported")
 	}
-	if a.GetPrefixRewrite() != "" || a.GetRegexRewrite() != nil || a.GetHostRewriteLiteral() != "" || len(a.GetRequestMirrorPolicies()) > 0 || len(a.GetHashPolicy()) > 0 {
-		return r, errors.New("action: rewrites, mirroring and hash policies are not supported yet")
+	if a.GetPrefixRewrite() != "" || a.GetRegexRewrite() != nil || a.GetHostRewriteLiteral() != "" || len(a.GetHashPolicy()) > 0 {
+		return r, errors.New("action: rewrites and hash policies are not supported yet")
+	}
+	switch mp := a.GetRequestMirrorPolicies(); len(mp) {
+	case 0:
+	case 1:
+		pct := 100.0
+		if f := mp[0].GetRuntimeFraction(); f != nil {
+			pct = percent(f.GetDefaultValue())
+		}
+		r.Mirror = &Mirror{Cluster: mp[0].GetCluster(), Percent: pct}
+	default:
+		return r, errors.New("action: at most one request mirror policy is supported")
 	}
 	r.Timeout = duration(a.GetTimeout())
 	if rp := a.GetRetryPolicy(); rp != nil {

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strings"
 	"sync"
 	"time"
 )
@@ -36,6 +37,8 @@ type outboundListener struct {
 	rp  *httputil.ReverseProxy
 	ctx context.Context
 	end context.CancelFunc
+	// mirrors holds a token per mirrored request in flight.
+	mirrors chan struct{}
 }
 
 // targetKey carries a request's chosen route and cluster to the transport.
@@ -64,7 +67,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("outbound %s: %w", cfg.Name, err)
 	}
-	l := &outboundListener{p: p, cfg: cfg, ln: ln}
+	l := &outboundListener{p: p, cfg: cfg, ln: ln, mirrors: make(chan struct{}, maxMirrors)}
 	l.ctx, l.end = context.WithCancel(context.Background())
 	if cfg.Protocol == "tcp" {
 		return l, nil
@@ -194,9 +197,73 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	if timeout <= 0 {
 		timeout = defaultRouteTimeout
 	}
+	if m := rt.Mirror; m != nil && m.Percent > 0 && rand.Float64()*100 < m.Percent {
+		l.mirror(r, m, timeout)
+	}
 	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
 	l.rp.ServeHTTP(w, r.WithContext(ctx))
 	cancel()
+}
+
+// maxMirrors bounds the mirrored requests in flight per listener; beyond
+// it copies are dropped rather than queued.
+const maxMirrors = 64
+
+// mirror sends a copy of r to the mirror cluster in the background. The
+// body (up to maxRetryBody) is read into memory and replayed to both.
+func (l *outboundListener) mirror(r *http.Request, m *Mirror, timeout time.Duration) {
+	cl := l.p.state.Load().clusters[m.Cluster]
+	if cl == nil {
+		return
+	}
+	var body []byte
+	if r.Body != nil && r.Body != http.NoBody {
+		if r.ContentLength < 0 || r.ContentLength > maxRetryBody {
+			return
+		}
+		b, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
+		if err != nil || len(b) > maxRetryBody {
+			return
+		}
+		body = b
+		r.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	select {
+	case l.mirrors <- struct{}{}:
+	default:
+		l.p.metrics.mirrors.WithLabelValues(m.Cluster, "dropped").Inc()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	out := r.Clone(ctx)
+	out.RequestURI = ""
+	out.URL.Scheme = "https"
+	out.Host = hostWithoutPort(r.Host) + "-shadow"
+	out.Close = false
+	if body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	go func() {
+		defer func() { <-l.mirrors }()
+		defer cancel()
+		result := "error"
+		if ep := cl.pick(nil, l.p.clock.Now().UnixNano()); ep != nil {
+			out.URL.Host = ep.addr
+			if resp, err := cl.transport.RoundTrip(out); err == nil {
+				_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+				resp.Body.Close()
+				result = codeLabel(resp.StatusCode)
+			}
+		}
+		l.p.metrics.mirrors.WithLabelValues(m.Cluster, result).Inc()
+	}()
+}
+
+func hostWithoutPort(h string) string {
+	if i := strings.LastIndexByte(h, ':'); i >= 0 && !strings.HasSuffix(h, "]") {
+		return h[:i]
+	}
+	return h
 }
 
 // roundTripper sends a request to the chosen cluster: it picks an

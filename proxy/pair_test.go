@@ -8,6 +8,7 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/big"
@@ -519,5 +520,51 @@ func TestForeignTrustDomainRefused(t *testing.T) {
 	defer dec.mu.Unlock()
 	if len(dec.got) != 0 {
 		t.Fatalf("a foreign client reached policy: %+v", dec.got)
+	}
+}
+
+// TestMirror: every request is copied to the shadow cluster (Host with
+// "-shadow", same body); the shadow's slowness never delays the original.
+func TestMirror(t *testing.T) {
+	ca := newTestCA(t)
+	type copyOf struct{ host, body string }
+	shadowSaw := make(chan copyOf, 10)
+	release := make(chan struct{})
+	main := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "main") }))
+	shadow := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		shadowSaw <- copyOf{r.Host, string(b)}
+		<-release
+		io.WriteString(w, "shadow")
+	}))
+	defer close(release)
+	peer := []string{"spiffe://example.org/ns/demo/sa/server"}
+	cfg := &Config{
+		Clusters: []Cluster{
+			{Name: "server", Endpoints: []Endpoint{{Address: main.server.Addr("mesh")}}, PeerIDs: peer},
+			{Name: "shadow", Endpoints: []Endpoint{{Address: shadow.server.Addr("mesh")}}, PeerIDs: peer},
+		},
+		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}, Mirror: &Mirror{Cluster: "shadow", Percent: 100}},
+		}}}}},
+		Outbound: []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}},
+	}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	for i := range 3 {
+		req, _ := http.NewRequest("POST", "http://orders/x", strings.NewReader(fmt.Sprint("body ", i)))
+		req.URL.Host = p.Addr("out")
+		req.Host = "orders"
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(b) != "main" {
+			t.Fatalf("original %d: %d %q", i, resp.StatusCode, b)
+		}
+		if got := <-shadowSaw; got.host != "orders-shadow" || got.body != fmt.Sprint("body ", i) {
+			t.Fatalf("shadow saw %+v", got)
+		}
 	}
 }

@@ -39,6 +39,7 @@ type metrics struct {
 	overflows       *prometheus.CounterVec
 	ejections       *prometheus.CounterVec
 	faults          *prometheus.CounterVec
+	mirrors         *prometheus.CounterVec
 	handshakeErrors *prometheus.CounterVec
 }
 
@@ -75,11 +76,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		faults: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_fault_injections_total", Help: "Injected faults by kind (delay, abort).",
 		}, []string{"kind"}),
+		mirrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_mirrored_requests_total", Help: "Request copies sent to mirror clusters, by the shadow's response code (or error, dropped).",
+		}, []string{"cluster", "result"}),
 		handshakeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_tls_handshake_errors_total", Help: "Failed mTLS handshakes (no or untrusted peer SVID, wrong peer ID).",
 		}, []string{"direction"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.handshakeErrors} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.handshakeErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register proxy metrics: %w", err)
 		}
