@@ -85,6 +85,9 @@ type Route struct {
 	Retry   *RetryPolicy `yaml:"retry" json:"retry,omitempty"`
 	Fault   *Fault       `yaml:"fault" json:"fault,omitempty"`
 	Mirror  *Mirror      `yaml:"mirror" json:"mirror,omitempty"`
+	// HashHeader names the header whose value keys RING_HASH clusters
+	// (Envoy's hash_policy with a header).
+	HashHeader string `yaml:"hash_header" json:"hash_header,omitempty"`
 }
 
 // Mirror is Envoy's request mirror policy: a copy of Percent of the
@@ -153,8 +156,9 @@ type RetryPolicy struct {
 // Cluster is a set of peer sidecars serving one service.
 type Cluster struct {
 	Name string `yaml:"name" json:"name"`
-	// LBPolicy is "ROUND_ROBIN" (default) or "LEAST_REQUEST" (power of
-	// two choices).
+	// LBPolicy is "ROUND_ROBIN" (default), "LEAST_REQUEST" (power of two
+	// choices) or "RING_HASH" (consistent hashing on the route's
+	// HashHeader; requests without the header are spread round robin).
 	LBPolicy       string     `yaml:"lb_policy" json:"lb_policy"`
 	ConnectTimeout Duration   `yaml:"connect_timeout" json:"connect_timeout,omitempty"`
 	Endpoints      []Endpoint `yaml:"endpoints" json:"endpoints"`
@@ -196,6 +200,7 @@ type Endpoint struct {
 const (
 	RoundRobin   = "ROUND_ROBIN"
 	LeastRequest = "LEAST_REQUEST"
+	RingHash     = "RING_HASH"
 )
 
 // Duration is a time.Duration written as "1.5s" in YAML and JSON.
@@ -252,8 +257,8 @@ func (c *Config) Validate() error {
 			bad("%s: empty or duplicate name", where)
 		}
 		clusters[cl.Name] = true
-		if cl.LBPolicy != "" && cl.LBPolicy != RoundRobin && cl.LBPolicy != LeastRequest {
-			bad("%s: lb_policy %q: want %s or %s", where, cl.LBPolicy, RoundRobin, LeastRequest)
+		if cl.LBPolicy != "" && cl.LBPolicy != RoundRobin && cl.LBPolicy != LeastRequest && cl.LBPolicy != RingHash {
+			bad("%s: lb_policy %q: want %s, %s or %s", where, cl.LBPolicy, RoundRobin, LeastRequest, RingHash)
 		}
 		if len(cl.PeerIDs) == 0 {
 			bad("%s: peer_ids: at least one SPIFFE ID is required", where)

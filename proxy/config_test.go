@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -189,6 +190,40 @@ func TestTraceparent(t *testing.T) {
 	for _, bad := range []string{"", "00-00000000000000000000000000000000-0000000000000001-01", "00-zz", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"} {
 		if _, ok := validTraceparent(bad); ok {
 			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// TestRingHash: a key always maps to the same endpoint; keys spread over
+// all endpoints; an ejected endpoint's keys move and the rest stay.
+func TestRingHash(t *testing.T) {
+	eps := []*endpoint{{addr: "10.0.0.1:1"}, {addr: "10.0.0.2:1"}, {addr: "10.0.0.3:1"}}
+	c := &cluster{cfg: Cluster{LBPolicy: RingHash}, eps: eps, ring: buildRing(eps)}
+	owner := map[string]*endpoint{}
+	count := map[*endpoint]int{}
+	for i := range 3000 {
+		k := fmt.Sprint("user-", i)
+		e := c.pickHash(hashKey(k), nil, 0)
+		if again := c.pickHash(hashKey(k), nil, 0); again != e {
+			t.Fatalf("key %s moved from %s to %s", k, e.addr, again.addr)
+		}
+		owner[k] = e
+		count[e]++
+	}
+	for _, e := range eps {
+		if count[e] < 600 {
+			t.Errorf("%s got %d of 3000 keys", e.addr, count[e])
+		}
+	}
+	eps[0].ejectedUntil.Store(100)
+	c.ejected.Store(1)
+	for k, e := range owner {
+		got := c.pickHash(hashKey(k), nil, 50)
+		if e != eps[0] && got != e {
+			t.Fatalf("key %s of a healthy endpoint moved", k)
+		}
+		if got == eps[0] {
+			t.Fatalf("key %s went to the ejected endpoint", k)
 		}
 	}
 }

@@ -102,8 +102,15 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 	default:
 		return r, errors.New("action: only cluster and weighted_clusters are supported")
 	}
-	if a.GetPrefixRewrite() != "" || a.GetRegexRewrite() != nil || a.GetHostRewriteLiteral() != "" || len(a.GetHashPolicy()) > 0 {
-		return r, errors.New("action: rewrites and hash policies are not supported yet")
+	if a.GetPrefixRewrite() != "" || a.GetRegexRewrite() != nil || a.GetHostRewriteLiteral() != "" {
+		return r, errors.New("action: rewrites are not supported yet")
+	}
+	switch hp := a.GetHashPolicy(); {
+	case len(hp) == 0:
+	case len(hp) == 1 && hp[0].GetHeader() != nil:
+		r.HashHeader = hp[0].GetHeader().GetHeaderName()
+	default:
+		return r, errors.New("action: hash_policy: only one header hash policy is supported")
 	}
 	switch mp := a.GetRequestMirrorPolicies(); len(mp) {
 	case 0:
@@ -191,6 +198,8 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 		c.LBPolicy = RoundRobin
 	case clusterv3.Cluster_LEAST_REQUEST:
 		c.LBPolicy = LeastRequest
+	case clusterv3.Cluster_RING_HASH:
+		c.LBPolicy = RingHash
 	default:
 		return c, fmt.Errorf("lb_policy %s is not supported", ec.GetLbPolicy())
 	}

@@ -133,10 +133,10 @@ func TestFromEnvoy(t *testing.T) {
 func TestFromEnvoyRefusesWhatItCannotDo(t *testing.T) {
 	plain := envoyCluster(t, "plain")
 	plain.TransportSocket = nil
-	ring := envoyCluster(t, "ring")
-	ring.LbPolicy = clusterv3.Cluster_RING_HASH
-	_, err := ClustersFromEnvoy([]*clusterv3.Cluster{plain, ring}, nil)
-	for _, want := range []string{`cluster "plain": no transport_socket`, `cluster "ring": lb_policy RING_HASH`} {
+	maglev := envoyCluster(t, "maglev")
+	maglev.LbPolicy = clusterv3.Cluster_MAGLEV
+	_, err := ClustersFromEnvoy([]*clusterv3.Cluster{plain, maglev}, nil)
+	for _, want := range []string{`cluster "plain": no transport_socket`, `cluster "maglev": lb_policy MAGLEV`} {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("got %v, want an error containing %q", err, want)
 		}

@@ -307,7 +307,12 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 				return nil, req.Context().Err()
 			}
 		}
-		ep := cl.pick(last, t.p.clock.Now().UnixNano())
+		var ep *endpoint
+		if hk := tg.route.HashHeader; hk != "" && cl.ring != nil && req.Header.Get(hk) != "" {
+			ep = cl.pickHash(hashKey(req.Header.Get(hk)), last, t.p.clock.Now().UnixNano())
+		} else {
+			ep = cl.pick(last, t.p.clock.Now().UnixNano())
+		}
 		if ep == nil {
 			return nil, errNoEndpoint
 		}

@@ -1,12 +1,14 @@
 package proxy
 
 import (
+	"cmp"
 	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -33,6 +35,7 @@ type cluster struct {
 	retrying  atomic.Int64
 	ejected   atomic.Int64 // > 0 while some endpoint may be ejected
 	onEject   func()
+	ring      []ringEntry // RING_HASH: sorted by hash
 	eps       []*endpoint
 	rr        atomic.Uint64
 	transport *http.Transport
@@ -81,6 +84,9 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		}
 		for _, ep := range c.Endpoints {
 			cl.eps = append(cl.eps, &endpoint{addr: ep.Address})
+		}
+		if c.LBPolicy == RingHash {
+			cl.ring = buildRing(cl.eps)
 		}
 		if old != nil {
 			if o, ok := old.clusters[c.Name]; ok && slices.Equal(o.cfg.PeerIDs, c.PeerIDs) && o.cfg.ConnectTimeout == c.ConnectTimeout {
@@ -180,6 +186,54 @@ func pickFrom(eps []*endpoint, not *endpoint, policy string, rr *atomic.Uint64) 
 		e = eps[rr.Add(1)%uint64(n)]
 	}
 	return e
+}
+
+// ringEntry is one point of a hash ring.
+type ringEntry struct {
+	hash uint64
+	ep   *endpoint
+}
+
+// ringPoints is how many points each endpoint gets on the ring: enough
+// for an even spread over a few dozen endpoints.
+const ringPoints = 128
+
+func buildRing(eps []*endpoint) []ringEntry {
+	ring := make([]ringEntry, 0, len(eps)*ringPoints)
+	for _, e := range eps {
+		for i := range ringPoints {
+			ring = append(ring, ringEntry{hash: hashKey(e.addr + "_" + strconv.Itoa(i)), ep: e})
+		}
+	}
+	slices.SortFunc(ring, func(a, b ringEntry) int { return cmp.Compare(a.hash, b.hash) })
+	return ring
+}
+
+// hashKey is FNV-1a, 64 bits: stable across processes, so every sidecar
+// maps a key to the same endpoint.
+func hashKey(s string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= 1099511628211
+	}
+	return h
+}
+
+// pickHash walks the ring from key's point to the first endpoint in the
+// pool at now that is not not; with none, it falls back to pick.
+func (c *cluster) pickHash(key uint64, not *endpoint, now int64) *endpoint {
+	if len(c.ring) == 0 {
+		return c.pick(not, now)
+	}
+	i, _ := slices.BinarySearchFunc(c.ring, key, func(e ringEntry, k uint64) int { return cmp.Compare(e.hash, k) })
+	for n := 0; n < len(c.ring); n++ {
+		e := c.ring[(i+n)%len(c.ring)].ep
+		if e != not && e.in(now) {
+			return e
+		}
+	}
+	return c.pick(not, now)
 }
 
 // outcome feeds outlier detection: failed is a 5xx answer or a failed
