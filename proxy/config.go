@@ -173,11 +173,16 @@ type Cluster struct {
 }
 
 // CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
-// flight are refused with 503 at once, and a failed try is not retried
-// while MaxRetries retries of the cluster are waiting out their backoff.
+// flight are refused with 503 at once, and a failed first try is not
+// retried while MaxRetries requests of the cluster are retrying.
 type CircuitBreakers struct {
 	MaxRequests int `yaml:"max_requests" json:"max_requests"`
 	MaxRetries  int `yaml:"max_retries" json:"max_retries"`
+	// RetryBudgetPercent, when set, replaces MaxRetries by Envoy's retry
+	// budget: retrying requests may be that share of the requests in
+	// flight, and at least MinRetryConcurrency (default 3).
+	RetryBudgetPercent  float64 `yaml:"retry_budget_percent" json:"retry_budget_percent,omitempty"`
+	MinRetryConcurrency int     `yaml:"min_retry_concurrency" json:"min_retry_concurrency,omitempty"`
 }
 
 // OutlierDetection ejects an endpoint after Consecutive5xx failures in a
@@ -268,7 +273,7 @@ func (c *Config) Validate() error {
 				bad("%s: peer_ids: %q: %v", where, id, err)
 			}
 		}
-		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxRequests < 0 || cb.MaxRetries < 0) {
+		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxRequests < 0 || cb.MaxRetries < 0 || cb.RetryBudgetPercent < 0 || cb.RetryBudgetPercent > 100 || cb.MinRetryConcurrency < 0) {
 			bad("%s: circuit_breakers: negative threshold", where)
 		}
 		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100) {

@@ -227,3 +227,19 @@ func TestRingHash(t *testing.T) {
 		}
 	}
 }
+
+func TestRetryCap(t *testing.T) {
+	c := &cluster{maxRetry: 3}
+	if got := c.retryCap(); got != 3 {
+		t.Errorf("default: %d, want 3", got)
+	}
+	c.cfg.CircuitBreakers = &CircuitBreakers{RetryBudgetPercent: 20, MinRetryConcurrency: 2}
+	c.inflight.Store(100)
+	if got := c.retryCap(); got != 20 {
+		t.Errorf("20%% of 100 in flight: %d, want 20", got)
+	}
+	c.inflight.Store(5)
+	if got := c.retryCap(); got != 2 {
+		t.Errorf("budget below the minimum: %d, want 2", got)
+	}
+}

@@ -214,6 +214,15 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 		if v := th.GetMaxRetries(); v != nil {
 			c.CircuitBreakers.MaxRetries = int(v.GetValue())
 		}
+		if rb := th.GetRetryBudget(); rb != nil {
+			c.CircuitBreakers.RetryBudgetPercent = 20
+			if v := rb.GetBudgetPercent(); v != nil {
+				c.CircuitBreakers.RetryBudgetPercent = v.GetValue()
+			}
+			if v := rb.GetMinRetryConcurrency(); v != nil {
+				c.CircuitBreakers.MinRetryConcurrency = int(v.GetValue())
+			}
+		}
 	}
 	if od := ec.GetOutlierDetection(); od != nil {
 		c.OutlierDetection = &OutlierDetection{Consecutive5xx: 5, BaseEjectionTime: duration(od.GetBaseEjectionTime()), MaxEjectionPercent: 10}

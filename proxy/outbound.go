@@ -298,12 +298,15 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	for try := 0; ; try++ {
 		if try > 0 {
 			t.p.metrics.retries.WithLabelValues(cl.cfg.Name).Inc()
-			cl.retrying.Add(1)
+			if try == 1 {
+				// This request counts as one retry in progress until
+				// its last try has answered.
+				cl.retrying.Add(1)
+				defer cl.retrying.Add(-1)
+			}
 			select {
 			case <-t.p.clock.After(backoff(rp, try)):
-				cl.retrying.Add(-1)
 			case <-req.Context().Done():
-				cl.retrying.Add(-1)
 				return nil, req.Context().Err()
 			}
 		}
@@ -332,7 +335,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := cl.transport.RoundTrip(out)
 		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
 		// The last try, a finished request, or a retry budget spent.
-		final := try == attempts-1 || req.Context().Err() != nil || cl.retrying.Load() >= cl.maxRetry
+		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())
 		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
 			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
 			return resp, nil

@@ -188,6 +188,21 @@ func pickFrom(eps []*endpoint, not *endpoint, policy string, rr *atomic.Uint64) 
 	return e
 }
 
+// retryCap is how many requests may be retrying at once: max_retries, or
+// with a retry budget that share of the requests in flight (at least
+// min_retry_concurrency).
+func (c *cluster) retryCap() int64 {
+	cb := c.cfg.CircuitBreakers
+	if cb == nil || cb.RetryBudgetPercent <= 0 {
+		return c.maxRetry
+	}
+	min := int64(cb.MinRetryConcurrency)
+	if min <= 0 {
+		min = 3
+	}
+	return max(min, int64(cb.RetryBudgetPercent*float64(c.inflight.Load())/100))
+}
+
 // ringEntry is one point of a hash ring.
 type ringEntry struct {
 	hash uint64
