@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -244,8 +246,8 @@ func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (ast.Value, 
 func writInput(req *authv3.CheckRequest) ast.Object {
 	attrs := req.GetAttributes()
 	w := ast.NewObject(
-		ast.Item(ast.InternedTerm("source"), ast.NewTerm(spiffeParts(attrs.GetSource().GetPrincipal()))),
-		ast.Item(ast.InternedTerm("destination"), ast.NewTerm(spiffeParts(attrs.GetDestination().GetPrincipal()))),
+		ast.Item(ast.InternedTerm("source"), ast.NewTerm(spiffePartsCached(attrs.GetSource().GetPrincipal()))),
+		ast.Item(ast.InternedTerm("destination"), ast.NewTerm(spiffePartsCached(attrs.GetDestination().GetPrincipal()))),
 	)
 	if s := destinationService(req); s != "" {
 		w.Insert(ast.InternedTerm("destination_service"), ast.StringTerm(s))
@@ -269,6 +271,28 @@ func destinationService(req *authv3.CheckRequest) string {
 		host = host[:i]
 	}
 	return host
+}
+
+// spiffeCache keeps the input object of principals seen before: a mesh
+// has few, and every request of a connection names the same two. Cached
+// objects are shared by concurrent inputs and never modified. The cache
+// stops growing at spiffeCacheMax entries.
+var (
+	spiffeCache  sync.Map // principal -> ast.Object
+	spiffeCached atomic.Int64
+)
+
+const spiffeCacheMax = 4096
+
+func spiffePartsCached(principal string) ast.Object {
+	if v, ok := spiffeCache.Load(principal); ok {
+		return v.(ast.Object)
+	}
+	o := spiffeParts(principal)
+	if spiffeCached.Add(1) <= spiffeCacheMax {
+		spiffeCache.Store(principal, o)
+	}
+	return o
 }
 
 // spiffeParts splits a workload SPIFFE ID of the form
