@@ -213,6 +213,27 @@ func TestWritProxyProcesses(t *testing.T) {
 	if inTrace == "" || inTrace != outTrace || decision == "" {
 		t.Errorf("access logs: inbound trace %q decision %q, outbound trace %q", inTrace, decision, outTrace)
 	}
+	// A hundred more requests, then the proxies' resident memory (agent
+	// and proxy in one process), for the record.
+	c := &http.Client{Transport: &http.Transport{}}
+	for range 100 {
+		resp, err := c.Get("http://" + up + "/items")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		<-seen
+	}
+	for name, p := range map[string]*proxyProc{"frontend": front, "orders": orders} {
+		fams := scrape(t, "http://"+p.admin+"/metrics")
+		if g := fams["process_resident_memory_bytes"].GetMetric(); len(g) == 1 {
+			t.Logf("writ-proxy %s: resident memory %.1f MiB", name, g[0].GetGauge().GetValue()/(1<<20))
+		} else {
+			t.Errorf("writ-proxy %s: no process_resident_memory_bytes on /metrics", name)
+		}
+	}
+
 	for _, p := range []*proxyProc{front, orders} {
 		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 			t.Fatal(err)
