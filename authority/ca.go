@@ -238,6 +238,15 @@ func NewCA(ctx context.Context, o Options) (*CA, error) {
 		return nil, fmt.Errorf("new ca: %w", err)
 	}
 	c.jwtCur = k
+	if k.activeAt.After(c.clock.Now()) {
+		adopted, err := c.adoptJWTKey(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("new ca: %w", err)
+		}
+		if adopted != nil {
+			c.jwtCur, c.jwtNext = adopted, k
+		}
+	}
 	if err := c.refreshBundle(ctx); err != nil {
 		return nil, fmt.Errorf("new ca: %w", err)
 	}
@@ -389,7 +398,7 @@ func (c *CA) insertRoot(ctx context.Context, tx pgx.Tx, r *rootCA, state string,
 	if err != nil {
 		return fmt.Errorf("marshal root key: %w", err)
 	}
-	sealed, err := seal(c.kek, r.id, der)
+	sealed, err := seal(c.kek, rootAAD(r.id), der)
 	if err != nil {
 		return err
 	}
@@ -428,7 +437,7 @@ func (c *CA) loadRoot(ctx context.Context, q interface {
 	if sealed == nil {
 		return nil, fmt.Errorf("root %s has no key in the database", id)
 	}
-	plain, err := unseal(c.kek, id, sealed)
+	plain, err := unseal(c.kek, rootAAD(id), "root key "+id, sealed)
 	if err != nil {
 		return nil, err
 	}

@@ -151,14 +151,14 @@ func TestKEK(t *testing.T) {
 		}
 	}
 	// Sealed keys are bound to their root id.
-	sealed, err := seal(fromFile, "root-a", []byte("secret"))
+	sealed, err := seal(fromFile, rootAAD("root-a"), []byte("secret"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := unseal(fromFile, "root-b", sealed); err == nil {
+	if _, err := unseal(fromFile, rootAAD("root-b"), "root key root-b", sealed); err == nil {
 		t.Fatal("sealed key opened under another root id")
 	}
-	if got, err := unseal(fromFile, "root-a", sealed); err != nil || string(got) != "secret" {
+	if got, err := unseal(fromFile, rootAAD("root-a"), "root key root-a", sealed); err != nil || string(got) != "secret" {
 		t.Fatalf("unseal = %q, %v", got, err)
 	}
 }

@@ -57,6 +57,19 @@ func (c *CA) newJWTKey(ctx context.Context, first bool) (*jwtKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("jwt signer: %w", err)
 	}
+	// With a KEK the private key is also kept sealed, like the root's, so
+	// that a restarted replica can go on signing with it (adoptJWTKey)
+	// instead of waiting for a new key to reach every verifier.
+	var sealed []byte
+	if c.kek != nil {
+		der, err := x509.MarshalPKCS8PrivateKey(key)
+		if err != nil {
+			return nil, fmt.Errorf("marshal jwt key: %w", err)
+		}
+		if sealed, err = seal(c.kek, jwtAAD(kid), der); err != nil {
+			return nil, err
+		}
+	}
 	now := c.clock.Now()
 	k := &jwtKey{kid: kid, signer: signer, createdAt: now, activeAt: now.Add(c.set.publishDelay()), notAfter: now.Add(c.set.jwtKeyTTL)}
 	if first {
@@ -67,10 +80,10 @@ func (c *CA) newJWTKey(ctx context.Context, first bool) (*jwtKey, error) {
 			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", caLockKey); err != nil {
 				return fmt.Errorf("take ca lock: %w", err)
 			}
-			tag, err := tx.Exec(ctx, `INSERT INTO jwt_keys (kid, public_key_der, replica_id, created_at, active_at, not_after)
-				SELECT $1, $2, $3, $4, $4, $5
+			tag, err := tx.Exec(ctx, `INSERT INTO jwt_keys (kid, public_key_der, replica_id, created_at, active_at, not_after, key_sealed)
+				SELECT $1, $2, $3, $4, $4, $5, $6
 				WHERE NOT EXISTS (SELECT 1 FROM jwt_keys WHERE not_after > $4)`,
-				kid, pub, c.replica, now, k.notAfter)
+				kid, pub, c.replica, now, k.notAfter, sealed)
 			inserted = err == nil && tag.RowsAffected() == 1
 			return err
 		})
@@ -83,12 +96,54 @@ func (c *CA) newJWTKey(ctx context.Context, first bool) (*jwtKey, error) {
 			return k, nil
 		}
 	}
-	if _, err := c.pool.Exec(ctx, `INSERT INTO jwt_keys (kid, public_key_der, replica_id, created_at, active_at, not_after)
-		VALUES ($1, $2, $3, $4, $5, $6)`, kid, pub, c.replica, now, k.activeAt, k.notAfter); err != nil {
+	if _, err := c.pool.Exec(ctx, `INSERT INTO jwt_keys (kid, public_key_der, replica_id, created_at, active_at, not_after, key_sealed)
+		VALUES ($1, $2, $3, $4, $5, $6, $7)`, kid, pub, c.replica, now, k.activeAt, k.notAfter, sealed); err != nil {
 		return nil, fmt.Errorf("publish jwt key: %w", err)
 	}
 	c.log.Info("published jwt signing key", logKeyID, kid, "signs_from", k.activeAt)
 	return k, nil
+}
+
+// adoptJWTKey finds a sealed key that verifiers already trust and that can
+// still sign tokens of the maximum lifetime, and opens it: a replica that
+// starts (or restarts) while such a key exists signs with it until its own
+// new key has been published long enough. Without it, a restarted
+// single-replica writd could not issue JWT-SVIDs for two refresh hints.
+// It returns nil when there is no such key.
+func (c *CA) adoptJWTKey(ctx context.Context) (*jwtKey, error) {
+	if c.kek == nil {
+		return nil, nil
+	}
+	now := c.clock.Now()
+	var k jwtKey
+	var sealed []byte
+	err := c.pool.QueryRow(ctx, `SELECT kid, key_sealed, created_at, active_at, not_after FROM jwt_keys
+		WHERE key_sealed IS NOT NULL AND active_at <= $1 AND not_after > $2
+		ORDER BY active_at DESC LIMIT 1`, now, now.Add(c.set.jwtMax)).Scan(&k.kid, &sealed, &k.createdAt, &k.activeAt, &k.notAfter)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("adopt jwt key: %w", err)
+	}
+	der, err := unseal(c.kek, jwtAAD(k.kid), "jwt key "+k.kid, sealed)
+	if err != nil {
+		return nil, fmt.Errorf("adopt jwt key: %w", err)
+	}
+	priv, err := x509.ParsePKCS8PrivateKey(der)
+	if err != nil {
+		return nil, fmt.Errorf("adopt jwt key %s: %w", k.kid, err)
+	}
+	ec, ok := priv.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("adopt jwt key %s: not an ECDSA key", k.kid)
+	}
+	if k.signer, err = jose.NewSigner(jose.SigningKey{Algorithm: jose.ES256, Key: jose.JSONWebKey{Key: ec, KeyID: k.kid}},
+		(&jose.SignerOptions{}).WithType("JWT")); err != nil {
+		return nil, fmt.Errorf("adopt jwt key %s: %w", k.kid, err)
+	}
+	c.log.Info("signing with a published jwt key until this replica's own is usable", logKeyID, k.kid)
+	return &k, nil
 }
 
 // rotateJWTKey prepares the next key at half the current key's life and

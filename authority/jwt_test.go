@@ -78,8 +78,10 @@ func TestJWTKeyRotationPublishesBeforeUse(t *testing.T) {
 	a := newCA(t, pool, clk, "a", kek, mod)
 	b := newCA(t, pool, clk, "b", kek, mod)
 	firstKID := a.jwtCur.kid
-	if _, err := b.SignJWTSVID(ctxT(t), workloadID("b"), []string{"x"}, 0); err == nil || !strings.Contains(err.Error(), "still being published") {
-		t.Fatalf("second replica signed with an unpublished key: err = %v", err)
+	// The second replica signs at once, with the key verifiers already
+	// hold, while its own is being published.
+	if j, err := b.SignJWTSVID(ctxT(t), workloadID("b"), []string{"x"}, 0); err != nil || j.KeyID != firstKID {
+		t.Fatalf("second replica at start: %v, want a token under the published key %s", err, firstKID)
 	}
 	type tok struct {
 		*IssuedJWT
@@ -100,9 +102,6 @@ func TestJWTKeyRotationPublishesBeforeUse(t *testing.T) {
 		history = append(history, bundleOf(t, a))
 		for _, ca := range []*CA{a, b} {
 			j, err := ca.SignJWTSVID(ctxT(t), workloadID(ca.replica), []string{"x"}, 0)
-			if ca == b && step < 4 {
-				continue // its first key is still being published
-			}
 			if err != nil {
 				t.Fatalf("step %d: replica %s: %v", step, ca.replica, err)
 			}
@@ -144,5 +143,34 @@ func TestJWTKeyRotationPublishesBeforeUse(t *testing.T) {
 	}
 	if n := len(final.JWTAuthorities()); n > 4 {
 		t.Fatalf("bundle holds %d JWT keys, want at most two per replica", n)
+	}
+}
+
+// A replica that restarts (a new process, a new replica id) goes on issuing
+// JWT-SVIDs at once, under a key that a bundle fetched before the restart
+// already holds.
+func TestRestartedReplicaSignsJWTsAtOnce(t *testing.T) {
+	pool := newPool(t)
+	clk := newClock()
+	kek := testKEK(t)
+	a := newCA(t, pool, clk, "a", kek, nil)
+	before := bundleOf(t, a)
+	a.stop()
+	clk.Advance(time.Minute)
+	restarted := newCA(t, pool, clk, "a-restarted", kek, nil)
+	j, err := restarted.SignJWTSVID(ctxT(t), workloadID("web"), []string{"x"}, 0)
+	if err != nil {
+		t.Fatalf("restarted replica cannot sign jwt-svids: %v", err)
+	}
+	if _, err := jwtsvid.ParseAndValidate(j.Token, before, []string{"x"}); err != nil {
+		t.Fatalf("token from the restarted replica does not validate against the bundle from before the restart: %v", err)
+	}
+	// The sealed key opens only with the KEK.
+	var sealed []byte
+	if err := pool.QueryRow(ctxT(t), `SELECT key_sealed FROM jwt_keys WHERE kid = $1`, j.KeyID).Scan(&sealed); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unseal(testKEK(t), jwtAAD(j.KeyID), "jwt key", sealed); err == nil {
+		t.Fatal("a sealed jwt key opened with another KEK")
 	}
 }

@@ -72,36 +72,40 @@ func LoadKEK(file string, getenv func(string) string) ([]byte, error) {
 // errWrongKEK is returned when a sealed root key does not open: either the
 // operator supplied a different KEK than the one the key was sealed with,
 // or the stored key was altered.
-var errWrongKEK = errors.New("the ca key-encryption key (KEK) does not open the stored root key: it is not the KEK this root was sealed with, or the stored key was altered")
+var errWrongKEK = errors.New("the ca key-encryption key (KEK) does not open the stored key: it is not the KEK the key was sealed with, or the stored key was altered")
 
 func rootAAD(rootID string) []byte { return []byte("writ ca root key " + rootID) }
 
-// seal encrypts a root key with AES-256-GCM; the root id is additional
-// data, so a sealed key cannot be moved to another root's row.
-func seal(kek []byte, rootID string, plain []byte) ([]byte, error) {
+// jwtAAD binds a sealed JWT signing key to its key id.
+func jwtAAD(kid string) []byte { return []byte("writ ca jwt key " + kid) }
+
+// seal encrypts a key with AES-256-GCM; aad names the key's row (rootAAD,
+// jwtAAD), so a sealed key cannot be moved to another row.
+func seal(kek, aad, plain []byte) ([]byte, error) {
 	aead, err := newAEAD(kek)
 	if err != nil {
 		return nil, err
 	}
 	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
-		return nil, fmt.Errorf("seal root key: %w", err)
+		return nil, fmt.Errorf("seal key: %w", err)
 	}
-	return aead.Seal(nonce, nonce, plain, rootAAD(rootID)), nil
+	return aead.Seal(nonce, nonce, plain, aad), nil
 }
 
-func unseal(kek []byte, rootID string, sealed []byte) ([]byte, error) {
+// unseal opens a sealed key; name is for error messages.
+func unseal(kek, aad []byte, name string, sealed []byte) ([]byte, error) {
 	aead, err := newAEAD(kek)
 	if err != nil {
 		return nil, err
 	}
 	if len(sealed) < aead.NonceSize()+aead.Overhead() {
-		return nil, fmt.Errorf("unseal root key %s: sealed key is truncated", rootID)
+		return nil, fmt.Errorf("unseal %s: sealed key is truncated", name)
 	}
 	n := aead.NonceSize()
-	plain, err := aead.Open(nil, sealed[:n], sealed[n:], rootAAD(rootID))
+	plain, err := aead.Open(nil, sealed[:n], sealed[n:], aad)
 	if err != nil {
-		return nil, fmt.Errorf("unseal root key %s: %w", rootID, errWrongKEK)
+		return nil, fmt.Errorf("unseal %s: %w", name, errWrongKEK)
 	}
 	return plain, nil
 }

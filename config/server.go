@@ -22,6 +22,9 @@ type Server struct {
 	Admin     Admin  `yaml:"admin"`
 	CA        CA     `yaml:"ca"`
 	Log       Log    `yaml:"log"`
+	// Decision configures the authorization decision API served on
+	// listen.decision.
+	Decision Decision `yaml:"decision"`
 }
 
 // Listen holds writd's network listeners.
@@ -30,6 +33,34 @@ type Listen struct {
 	HTTP string `yaml:"http"`
 	// GRPC serves the node API to agents over TLS.
 	GRPC string `yaml:"grpc"`
+	// Decision, if set, serves the authorization decision API (AuthZEN
+	// and OPA's data API) over TLS with the control-plane SVID. Off when
+	// empty.
+	Decision string `yaml:"decision"`
+}
+
+// Decision configures the authorization decision API. Its fields matter
+// only when listen.decision is set.
+type Decision struct {
+	// PolicyDir is the policy directory that answers (required).
+	PolicyDir string `yaml:"policy_dir"`
+	// DecisionPath is the rule AuthZEN evaluations query.
+	DecisionPath string `yaml:"decision_path"`
+	// AdminPolicyDir holds the admin policy (data.writ.admin.allow) that
+	// decides what each caller may ask (required; see policies/admin).
+	AdminPolicyDir string `yaml:"admin_policy_dir"`
+	// JWTAudiences are the audiences accepted on JWT-SVID bearer tokens;
+	// default writd's control-plane SPIFFE ID.
+	JWTAudiences []string `yaml:"jwt_audiences"`
+	// BaseURL is published as the AuthZEN policy decision point
+	// identifier (https://host:port); default from each request's Host.
+	BaseURL string `yaml:"base_url"`
+	// MaxBodyBytes bounds request bodies.
+	MaxBodyBytes int64 `yaml:"max_body_bytes"`
+	// MaxEvaluations bounds the items of one AuthZEN batch.
+	MaxEvaluations int `yaml:"max_evaluations"`
+	// EvalTimeout bounds the evaluation of one request.
+	EvalTimeout Duration `yaml:"eval_timeout"`
 }
 
 // Admin configures the local admin API.
@@ -105,6 +136,15 @@ const (
 	DefaultBundleRefreshHint = 5 * time.Minute
 	// MinSVIDTTL keeps renew-at-half-life from turning into a busy loop.
 	MinSVIDTTL = 30 * time.Second
+
+	// The decision API's defaults (api/decision has the same).
+	DefaultDecisionPath    = "data.writ.authzen.decision"
+	DefaultDecisionMaxBody = 1 << 20
+	DefaultMaxEvaluations  = 256
+	DefaultDecisionTimeout = 2 * time.Second
+	MaxDecisionBody        = 64 << 20
+	MaxEvaluationsLimit    = 10000
+	MaxDecisionEvalTimeout = time.Minute
 )
 
 // LoadServer reads, decodes, defaults and validates a writd config file.
@@ -182,6 +222,22 @@ func (s *Server) ApplyDefaults() {
 	def(&s.CA.JWTSVIDMaxTTL, DefaultJWTSVIDMaxTTL)
 	def(&s.CA.JWTKeyTTL, DefaultJWTKeyTTL)
 	def(&s.CA.BundleRefreshHint, DefaultBundleRefreshHint)
+	if s.Listen.Decision != "" {
+		d := &s.Decision
+		if d.DecisionPath == "" {
+			d.DecisionPath = DefaultDecisionPath
+		}
+		if len(d.JWTAudiences) == 0 && s.TrustDomain != "" {
+			d.JWTAudiences = []string{"spiffe://" + s.TrustDomain + "/writ/control-plane"}
+		}
+		if d.MaxBodyBytes == 0 {
+			d.MaxBodyBytes = DefaultDecisionMaxBody
+		}
+		if d.MaxEvaluations == 0 {
+			d.MaxEvaluations = DefaultMaxEvaluations
+		}
+		def(&d.EvalTimeout, DefaultDecisionTimeout)
+	}
 	if s.Log.Level == "" {
 		s.Log.Level = "info"
 	}
@@ -272,6 +328,9 @@ func (s *Server) Validate() []*FieldError {
 			}
 		}
 	}
+	if s.Listen.Decision != "" {
+		errs = append(errs, s.validateDecision()...)
+	}
 	switch s.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -281,6 +340,51 @@ func (s *Server) Validate() []*FieldError {
 	case "json", "text":
 	default:
 		bad("log.format", "%q: want json or text", s.Log.Format)
+	}
+	return errs
+}
+
+func (s *Server) validateDecision() []*FieldError {
+	var errs []*FieldError
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, &FieldError{Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+	if _, _, err := net.SplitHostPort(s.Listen.Decision); err != nil {
+		bad("listen.decision", "%q is not host:port", s.Listen.Decision)
+	}
+	for _, a := range []string{s.Listen.HTTP, s.Listen.GRPC} {
+		if a == s.Listen.Decision {
+			bad("listen.decision", "%q is already used by another listener", a)
+		}
+	}
+	d := s.Decision
+	if d.PolicyDir == "" {
+		bad("decision.policy_dir", "required with listen.decision")
+	}
+	if d.AdminPolicyDir == "" {
+		bad("decision.admin_policy_dir", "required with listen.decision (the admin policy decides what callers may ask; see policies/admin)")
+	}
+	if !strings.HasPrefix(d.DecisionPath, "data.") || strings.ContainsAny(d.DecisionPath, " \t\n") {
+		bad("decision.decision_path", "%q: want a rule path such as data.writ.authzen.decision", d.DecisionPath)
+	}
+	for i, a := range d.JWTAudiences {
+		if a == "" || len(a) > 255 {
+			bad(fmt.Sprintf("decision.jwt_audiences[%d]", i), "must be 1 to 255 characters")
+		}
+	}
+	if d.BaseURL != "" {
+		if u, err := url.Parse(d.BaseURL); err != nil || u.Scheme != "https" || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" {
+			bad("decision.base_url", "%q: want https://host[:port] without path, query or fragment", d.BaseURL)
+		}
+	}
+	if d.MaxBodyBytes < 1024 || d.MaxBodyBytes > MaxDecisionBody {
+		bad("decision.max_body_bytes", "%d: want 1024 to %d", d.MaxBodyBytes, MaxDecisionBody)
+	}
+	if d.MaxEvaluations < 1 || d.MaxEvaluations > MaxEvaluationsLimit {
+		bad("decision.max_evaluations", "%d: want 1 to %d", d.MaxEvaluations, MaxEvaluationsLimit)
+	}
+	if d.EvalTimeout <= 0 || d.EvalTimeout.D() > MaxDecisionEvalTimeout {
+		bad("decision.eval_timeout", "%s: want more than 0 and at most %s", d.EvalTimeout.D(), MaxDecisionEvalTimeout)
 	}
 	return errs
 }

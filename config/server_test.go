@@ -24,6 +24,31 @@ func TestParseServerDefaults(t *testing.T) {
 	}
 }
 
+func TestParseServerDecisionDefaults(t *testing.T) {
+	s, err := ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /etc/writ/policies\n  admin_policy_dir: /etc/writ/policies/admin\n"), noenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := s.Decision
+	if got, want := d.DecisionPath, DefaultDecisionPath; got != want {
+		t.Errorf("decision_path = %q, want %q", got, want)
+	}
+	if got, want := strings.Join(d.JWTAudiences, ","), "spiffe://example.org/writ/control-plane"; got != want {
+		t.Errorf("jwt_audiences = %q, want %q", got, want)
+	}
+	if d.MaxBodyBytes != DefaultDecisionMaxBody || d.MaxEvaluations != DefaultMaxEvaluations || d.EvalTimeout.D() != DefaultDecisionTimeout {
+		t.Errorf("limits = %d, %d, %s; want the defaults", d.MaxBodyBytes, d.MaxEvaluations, d.EvalTimeout.D())
+	}
+	// Off unless listen.decision is set: nothing required then.
+	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\n"), noenv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Listen.Decision != "" || s.Decision.DecisionPath != "" {
+		t.Errorf("decision API configured by default: %+v", s.Decision)
+	}
+}
+
 func TestParseServerEnvOverridesDatabase(t *testing.T) {
 	env := func(k string) string {
 		if k == "WRIT_DATABASE_URL" {
@@ -54,6 +79,15 @@ func TestParseServerErrors(t *testing.T) {
 		{"wrong type", "trust_domain: example.org\ndatabase_url: postgres://x/y\nadmin:\n  allowed_uids: nope\n", "writ.yaml:4: admin.allowed_uids"},
 		{"second document", "trust_domain: example.org\n---\nfoo: 1\n", "unexpected second document"},
 		{"empty", "", "empty document"},
+		{"decision api without policies", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\n", "decision.policy_dir: required with listen.decision"},
+		{"decision api without admin policy", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n", "decision.admin_policy_dir: required"},
+		{"decision api bad listener", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: nowhere\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n", "listen.decision: \"nowhere\" is not host:port"},
+		{"decision api shares a listener", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  http: 127.0.0.1:9000\n  decision: 127.0.0.1:9000\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n", "already used by another listener"},
+		{"decision api bad path", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  decision_path: writ.allow\n", "decision.decision_path"},
+		{"decision api http base url", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  base_url: http://pdp.example.org\n", "decision.base_url"},
+		{"decision api huge body", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  max_body_bytes: 1000000000\n", "decision.max_body_bytes"},
+		{"decision api timeout", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  eval_timeout: 2h\n", "decision.eval_timeout"},
+		{"decision api unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\ndecision:\n  policy: /p\n", "decision.policy: field policy not found"},
 		{"upstream incomplete", "trust_domain: example.org\ndatabase_url: postgres://x/y\nca:\n  upstream:\n    step_ca:\n      url: http://ca\n", "ca.upstream.step_ca.url: must be an https:// URL"},
 	}
 	for _, tt := range tests {

@@ -23,6 +23,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/bundle"
 	"github.com/open-policy-agent/opa/v1/metrics"
 	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/open-policy-agent/opa/v1/storage"
 	"github.com/open-policy-agent/opa/v1/storage/inmem"
 	"github.com/open-policy-agent/opa/v1/topdown"
 )
@@ -155,6 +156,10 @@ type compiledSet struct {
 	an       analysis
 	cache    *decisionCache // nil when off
 	loadedAt time.Time
+	// compiler and store answer queries of other paths (EvalPath).
+	compiler *ast.Compiler
+	store    storage.Store
+	paths    preparedPaths
 }
 
 // Engine evaluates the active policy set and replaces it on reload. Eval is
@@ -326,6 +331,9 @@ func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error)
 		query:    pq,
 		an:       analyse(compiler.Modules),
 		loadedAt: e.clock.Now(),
+		compiler: compiler,
+		store:    store,
+		paths:    preparedPaths{caps: e.caps, strict: !e.opts.LenientBuiltinErrors},
 	}
 	for i, in := range e.opts.SmokeInputs {
 		if _, err := set.eval(ctx, in); err != nil {

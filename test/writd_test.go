@@ -22,15 +22,22 @@ import (
 
 // writd is a writd process started for one test.
 type writd struct {
-	bin, dir, http, socket string
-	cmd                    *exec.Cmd
-	log                    *bytes.Buffer
-	done                   chan error
+	bin, dir, http, grpc, socket string
+	cmd                          *exec.Cmd
+	log                          *bytes.Buffer
+	done                         chan error
 }
 
-func startWritd(t *testing.T) *writd {
+// writdOptions add to the config file startWritd writes.
+type writdOptions struct {
+	listenDecision string // listen.decision
+	extra          string // top-level YAML appended
+}
+
+// startWritd starts writd with a fresh database.
+func startWritd(t *testing.T, opts ...writdOptions) *writd {
 	t.Helper()
-	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
+	w := &writd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), grpc: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
 	kek, err := exec.Command(filepath.Join(w.bin, "writd"), "gen-kek").Output()
 	if err != nil {
@@ -39,8 +46,16 @@ func startWritd(t *testing.T) *writd {
 	if err := os.WriteFile(filepath.Join(w.dir, "kek"), kek, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
-		pgtest.URL(t), w.http, freeAddr(t), w.socket, filepath.Join(w.dir, "kek"))
+	var o writdOptions
+	if len(opts) > 0 {
+		o = opts[0]
+	}
+	listen := fmt.Sprintf("listen:\n  http: %s\n  grpc: %s\n", w.http, w.grpc)
+	if o.listenDecision != "" {
+		listen += fmt.Sprintf("  decision: %s\n", o.listenDecision)
+	}
+	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\n%sadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
+		pgtest.URL(t), listen, w.socket, filepath.Join(w.dir, "kek")) + o.extra
 	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -45,8 +45,9 @@ Environment:
   WRIT_CA_KEK         the key-encryption key, instead of ca.kek_file
 
 writd serve applies database migrations at start, listens on listen.http
-(/healthz, /readyz, /metrics, /bundle), listen.grpc (node API, TLS) and the
-admin unix socket, and stops gracefully on SIGTERM or SIGINT.
+(/healthz, /readyz, /metrics, /bundle), listen.grpc (node API, TLS), the
+admin unix socket and, when set, listen.decision (the AuthZEN and OPA data
+decision API, TLS), and stops gracefully on SIGTERM or SIGINT.
 `
 
 func main() {
