@@ -170,6 +170,20 @@ type Cluster struct {
 	CircuitBreakers *CircuitBreakers `yaml:"circuit_breakers" json:"circuit_breakers,omitempty"`
 	// OutlierDetection ejects endpoints that keep failing; nil disables it.
 	OutlierDetection *OutlierDetection `yaml:"outlier_detection" json:"outlier_detection,omitempty"`
+	// HealthCheck actively probes every endpoint; nil disables it.
+	HealthCheck *HealthCheck `yaml:"health_check" json:"health_check,omitempty"`
+}
+
+// HealthCheck is an active check of each endpoint every Interval: a
+// connection and mTLS handshake with the peer sidecar, which must present
+// one of the cluster's peer IDs, within Timeout. UnhealthyThreshold
+// failures in a row take an endpoint out of the pool, HealthyThreshold
+// successes bring it back. Endpoints start healthy.
+type HealthCheck struct {
+	Interval           Duration `yaml:"interval" json:"interval"`
+	Timeout            Duration `yaml:"timeout" json:"timeout"`
+	UnhealthyThreshold int      `yaml:"unhealthy_threshold" json:"unhealthy_threshold"`
+	HealthyThreshold   int      `yaml:"healthy_threshold" json:"healthy_threshold"`
 }
 
 // CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
@@ -278,6 +292,9 @@ func (c *Config) Validate() error {
 		}
 		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100) {
 			bad("%s: outlier_detection: consecutive_5xx >= 0 and max_ejection_percent 0 to 100", where)
+		}
+		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
+			bad("%s: health_check: interval is required and thresholds must not be negative", where)
 		}
 		for _, ep := range cl.Endpoints {
 			if _, _, err := net.SplitHostPort(ep.Address); err != nil {

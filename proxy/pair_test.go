@@ -568,3 +568,58 @@ func TestMirror(t *testing.T) {
 		}
 	}
 }
+
+// TestActiveHealthCheck: an endpoint that stops accepting leaves the pool
+// at the next check (on the injected clock) and comes back by itself once
+// a sidecar serves there again.
+func TestActiveHealthCheck(t *testing.T) {
+	ca := newTestCA(t)
+	clock := clockwork.NewFakeClock()
+	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "good") }))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	downAddr := l.Addr().String()
+	l.Close()
+	cfg := &Config{Clusters: []Cluster{{Name: "server",
+		Endpoints:   []Endpoint{{Address: downAddr}, {Address: good.server.Addr("mesh")}},
+		PeerIDs:     []string{"spiffe://example.org/ns/demo/sa/server"},
+		HealthCheck: &HealthCheck{Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1},
+	}}}
+	cfg.Routes = []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}}}}}}}
+	cfg.Outbound = []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), Clock: clock})
+	down := p.state.Load().clusters["server"].eps[0]
+	// waitFor advances the clock a check interval at a time until cond.
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for i := 0; !cond(); i++ {
+			if i > 2000 {
+				t.Fatalf("%s never happened", what)
+			}
+			if i%50 == 0 {
+				clock.Advance(5 * time.Second)
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	waitFor("the dead endpoint leaving the pool", down.unhealthy.Load)
+	for i := range 6 {
+		resp, err := http.Get("http://" + p.Addr("out") + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d with the dead endpoint out of the pool: %d", i, resp.StatusCode)
+		}
+	}
+	// A sidecar starts serving at the dead address: the endpoint returns.
+	appL, _ := net.Listen("tcp", "127.0.0.1:0")
+	go http.Serve(appL, echoApp(nil))
+	defer appL.Close()
+	startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: downAddr, Service: "server", App: appL.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, &decisions{})})
+	waitFor("the endpoint rejoining the pool", func() bool { return !down.unhealthy.Load() })
+}

@@ -213,6 +213,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	for _, l := range p.outbound {
 		go func() { errc <- l.serve() }()
 	}
+	hctx, hcancel := context.WithCancel(ctx)
+	hdone := make(chan struct{})
+	go func() { p.healthCheck(hctx); close(hdone) }()
+	defer func() { hcancel(); <-hdone }()
 	var err error
 	tick := p.clock.NewTicker(accessLogFlush)
 	defer tick.Stop()

@@ -52,10 +52,17 @@ type endpoint struct {
 	fails        atomic.Int32
 	ejections    atomic.Int32
 	ejectedUntil atomic.Int64 // unix nanoseconds; 0 when in the pool
+	// Active health check state, written by the checker only.
+	unhealthy      atomic.Bool
+	hcFail, hcPass int
 }
 
-// in reports whether the endpoint is in the pool at now.
+// in reports whether the endpoint is in the pool at now: healthy and not
+// ejected.
 func (e *endpoint) in(now int64) bool {
+	if e.unhealthy.Load() {
+		return false
+	}
 	u := e.ejectedUntil.Load()
 	return u == 0 || now >= u
 }

@@ -40,6 +40,7 @@ type metrics struct {
 	ejections       *prometheus.CounterVec
 	faults          *prometheus.CounterVec
 	mirrors         *prometheus.CounterVec
+	healthChanges   *prometheus.CounterVec
 	handshakeErrors *prometheus.CounterVec
 }
 
@@ -79,11 +80,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		mirrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_mirrored_requests_total", Help: "Request copies sent to mirror clusters, by the shadow's response code (or error, dropped).",
 		}, []string{"cluster", "result"}),
+		healthChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_upstream_health_changes_total", Help: "Endpoints leaving (unhealthy) or rejoining (healthy) the pool by active health check.",
+		}, []string{"cluster", "to"}),
 		handshakeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_tls_handshake_errors_total", Help: "Failed mTLS handshakes (no or untrusted peer SVID, wrong peer ID).",
 		}, []string{"direction"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.handshakeErrors} {
+	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("register proxy metrics: %w", err)
 		}
