@@ -414,6 +414,17 @@ func TestProxyPair(t *testing.T) {
 		if err != nil || resp.GetStatus() != healthpb.HealthCheckResponse_SERVING {
 			t.Fatalf("grpc health check through the pair: %v %v", resp, err)
 		}
+		// A server stream passes through unbuffered: Watch's first
+		// message arrives while the stream stays open.
+		wctx, wcancel := context.WithCancel(ctx)
+		stream, err := healthpb.NewHealthClient(conn).Watch(wctx, &healthpb.HealthCheckRequest{Service: "orders"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if msg, err := stream.Recv(); err != nil || msg.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("grpc server stream through the pair: %v %v", msg, err)
+		}
+		wcancel()
 		// An unknown service is the app's NotFound, carried back in
 		// trailers.
 		_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{Service: "nope"})
