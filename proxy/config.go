@@ -379,6 +379,11 @@ func (c *Config) Validate() error {
 	}
 	for i, out := range c.Outbound {
 		where := listener("outbound", i, out.Name, out.Address)
+		// An outbound port speaks with the workload's identity: reachable
+		// from other hosts it would lend that identity to anyone.
+		if host, _, err := net.SplitHostPort(out.Address); err == nil && !isLoopback(host) {
+			bad("%s: address %q: outbound listeners must bind a loopback address", where, out.Address)
+		}
 		switch out.Protocol {
 		case "http", "":
 			if !routes[out.Route] {
@@ -393,6 +398,14 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // defaultRetry is what Istio retries by default: a failed connection, on

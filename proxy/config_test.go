@@ -72,6 +72,7 @@ func TestConfigErrors(t *testing.T) {
 		{"unknown route", strings.Replace(goodConfig, "route: orders}", "route: nope}", 1), `unknown route "nope"`},
 		{"bad retry_on", strings.Replace(goodConfig, "[5xx, connect-failure]", "[sometimes]", 1), `retry_on "sometimes"`},
 		{"bad duration", strings.Replace(goodConfig, "3s", "soon", 1), "soon"},
+		{"outbound off loopback", strings.Replace(goodConfig, `"127.0.0.1:9001"`, `"0.0.0.0:9001"`, 1), "must bind a loopback address"},
 		{"bad endpoint", strings.Replace(goodConfig, `"127.0.0.1:15008"`, `"nohost"`, 1), `endpoint "nohost"`},
 	}
 	for _, tt := range tests {
