@@ -82,7 +82,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.trustBundle, "trust-bundle", "", "bootstrap trust bundle file: SPIFFE bundle JSON (as served by writd's /bundle) or PEM certificates (required)")
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "the mesh's trust domain, e.g. example.org (required)")
 	fs.StringVar(&o.workloadAPI, "workload-api", "unix:///tmp/writ/agent.sock", "Workload API socket address; the directory is created if missing")
-	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address serving /healthz and /readyz")
+	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address (keep it on loopback): /healthz, /readyz and, with the proxy role, /metrics, /config_dump and /debug/pprof/")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
@@ -207,7 +207,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}},
 	}
 	if role != nil {
-		tasks = append(tasks, taskrun.Task{Name: "proxy", Run: role.Run})
+		tasks = append(tasks, taskrun.Task{Name: "proxy", Run: role.Run}, taskrun.Task{Name: "policy", Run: role.RunPolicy})
 	}
 	err = taskrun.Group(ctx, shutdownGrace+o.proxy.drainTimeout, tasks...)
 	if err != nil {

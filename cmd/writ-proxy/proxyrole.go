@@ -109,6 +109,7 @@ type proxyRole struct {
 	running  atomic.Pointer[proxy.Proxy]
 	admin    atomic.Pointer[http.Handler]
 	enforcer *enforcer.Enforcer
+	engine   *policy.Engine
 }
 
 // ServeHTTP serves the proxy's admin paths (/metrics, /config_dump,
@@ -151,10 +152,21 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 		if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
 			return nil, err
 		}
+		r.engine = eng
 	} else {
 		log.Warn("no --policy-dir: every inbound request will be denied")
 	}
 	return r, nil
+}
+
+// RunPolicy reloads --policy-dir when it changes (a bad policy never
+// replaces the running one) until ctx ends.
+func (r *proxyRole) RunPolicy(ctx context.Context) error {
+	if r.engine == nil {
+		<-ctx.Done()
+		return nil
+	}
+	return r.engine.Run(ctx)
 }
 
 // Ready is nil once the proxy serves with a valid SVID.
