@@ -49,8 +49,10 @@ type Inbound struct {
 type Outbound struct {
 	Name    string `yaml:"name" json:"name"`
 	Address string `yaml:"address" json:"address"`
-	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route) or "tcp"
-	// (spliced to Cluster).
+	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route), "tcp"
+	// (spliced to Cluster) or "transparent": connections redirected here
+	// by iptables are spliced to the cluster whose Addresses hold their
+	// original destination (SO_ORIGINAL_DST, Linux, IPv4).
 	Protocol string `yaml:"protocol" json:"protocol"`
 	// Route names a RouteConfig (http).
 	Route string `yaml:"route" json:"route,omitempty"`
@@ -165,6 +167,9 @@ type Cluster struct {
 	// PeerIDs are the SPIFFE IDs the peers must present (Envoy's
 	// match_typed_subject_alt_names); at least one is required.
 	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
+	// Addresses are the service addresses (host:port) applications dial,
+	// by which transparent listeners find the cluster.
+	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
 	// CircuitBreakers bound the cluster's concurrency; nil takes Envoy's
 	// defaults (1024 requests, 3 concurrent retries).
 	CircuitBreakers *CircuitBreakers `yaml:"circuit_breakers" json:"circuit_breakers,omitempty"`
@@ -270,6 +275,7 @@ func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
 	clusters := map[string]bool{}
+	addrs := map[string]string{}
 	for i, cl := range c.Clusters {
 		where := fmt.Sprintf("clusters[%d] %q", i, cl.Name)
 		if cl.Name == "" || clusters[cl.Name] {
@@ -295,6 +301,15 @@ func (c *Config) Validate() error {
 		}
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)
+		}
+		for _, a := range cl.Addresses {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				bad("%s: address %q: %v", where, a, err)
+			}
+			if addrs[a] != "" {
+				bad("%s: address %q is also cluster %q's", where, a, addrs[a])
+			}
+			addrs[a] = cl.Name
 		}
 		for _, ep := range cl.Endpoints {
 			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
@@ -393,8 +408,9 @@ func (c *Config) Validate() error {
 			if !clusters[out.Cluster] {
 				bad("%s: unknown cluster %q", where, out.Cluster)
 			}
+		case "transparent":
 		default:
-			bad("%s: protocol %q: want http or tcp", where, out.Protocol)
+			bad("%s: protocol %q: want http, tcp or transparent", where, out.Protocol)
 		}
 	}
 	return errors.Join(errs...)

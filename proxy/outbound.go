@@ -69,7 +69,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	}
 	l := &outboundListener{p: p, cfg: cfg, ln: ln, mirrors: make(chan struct{}, maxMirrors)}
 	l.ctx, l.end = context.WithCancel(context.Background())
-	if cfg.Protocol == "tcp" {
+	if cfg.Protocol == "tcp" || cfg.Protocol == "transparent" {
 		return l, nil
 	}
 	l.rp = &httputil.ReverseProxy{
@@ -431,7 +431,9 @@ func (b *doneBody) Close() error {
 	return err
 }
 
-// serveTCP splices an app's connection to a peer sidecar over mTLS.
+// serveTCP splices an app's connection to a peer sidecar over mTLS: to
+// the listener's cluster, or for a transparent listener to the cluster of
+// the connection's original destination.
 func (l *outboundListener) serveTCP(c net.Conn) {
 	start := l.p.clock.Now()
 	st := l.p.state.Load()
@@ -443,6 +445,17 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 		res.dur = l.p.clock.Since(start)
 		l.p.observeTCP(&res)
 	}()
+	if l.cfg.Protocol == "transparent" {
+		dst, err := originalDst(c)
+		if cl = st.byAddr[dst]; cl == nil {
+			l.p.log.Warn("transparent: no cluster for the original destination", "listener", l.cfg.Name, "destination", dst, "error", err)
+			res.status = 404
+			l.p.countTCP(&res)
+			c.Close()
+			return
+		}
+		res.dest = cl.cfg.Name
+	}
 	var last *endpoint
 	for try := 0; try < 2; try++ {
 		ep := cl.pick(last, l.p.clock.Now().UnixNano())

@@ -23,6 +23,7 @@ type state struct {
 	cfg      *Config
 	routes   map[string]*RouteConfig
 	clusters map[string]*cluster
+	byAddr   map[string]*cluster // service address -> cluster
 }
 
 // cluster is a Cluster with its load balancer and its pool of HTTP/2
@@ -73,7 +74,14 @@ const defaultConnectTimeout = 5 * time.Second
 // the pooled connections) of clusters whose peers and timeouts are
 // unchanged in old.
 func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
-	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}}
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}}
+	defer func() {
+		for _, c := range cfg.Clusters {
+			for _, a := range c.Addresses {
+				st.byAddr[a] = st.clusters[c.Name]
+			}
+		}
+	}()
 	for i := range cfg.Routes {
 		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
 	}
