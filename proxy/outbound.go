@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -39,6 +40,51 @@ type outboundListener struct {
 	end context.CancelFunc
 	// mirrors holds a token per mirrored request in flight.
 	mirrors chan struct{}
+	// httpLn feeds captured HTTP connections to srv (transparent only).
+	httpLn *connListener
+}
+
+// handedOff marks a captured connection given to the HTTP server, which
+// logs its requests instead.
+const handedOff = -1
+
+// capturedKey carries a captured connection's cluster into its requests.
+type capturedKey struct{}
+
+// peekedConn is a connection whose first bytes were read to tell HTTP
+// from other protocols; reads drain them first.
+type peekedConn struct {
+	net.Conn
+	r       *bufio.Reader
+	cluster string
+}
+
+func (c *peekedConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+
+func (c *peekedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// sniffWait bounds the wait for a client's first bytes: protocols where
+// the server speaks first send none, and are spliced after it.
+const sniffWait = 200 * time.Millisecond
+
+// sniffHTTP tells whether c starts with an HTTP/1 request line or the
+// HTTP/2 preface.
+func sniffHTTP(c net.Conn, cluster string) (*peekedConn, bool) {
+	pc := &peekedConn{Conn: c, r: bufio.NewReaderSize(c, 4096), cluster: cluster}
+	_ = c.SetReadDeadline(time.Now().Add(sniffWait))
+	b, _ := pc.r.Peek(4)
+	_ = c.SetReadDeadline(time.Time{})
+	for _, m := range []string{"GET ", "POST", "PUT ", "HEAD", "DELE", "OPTI", "PATC", "PRI "} {
+		if string(b) == m {
+			return pc, true
+		}
+	}
+	return pc, false
 }
 
 // targetKey carries a request's chosen route and cluster to the transport.
@@ -69,8 +115,11 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	}
 	l := &outboundListener{p: p, cfg: cfg, ln: ln, mirrors: make(chan struct{}, maxMirrors)}
 	l.ctx, l.end = context.WithCancel(context.Background())
-	if cfg.Protocol == "tcp" || cfg.Protocol == "transparent" {
+	if cfg.Protocol == "tcp" {
 		return l, nil
+	}
+	if cfg.Protocol == "transparent" {
+		l.httpLn = newConnListener(ln.Addr())
 	}
 	l.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
@@ -86,6 +135,12 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peekedConn); ok {
+				return context.WithValue(ctx, capturedKey{}, pc.cluster)
+			}
+			return ctx
+		},
 	}
 	// The app may speak HTTP/1.1 or HTTP/2 with prior knowledge (gRPC).
 	l.srv.Protocols = new(http.Protocols)
@@ -95,7 +150,9 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 }
 
 func (l *outboundListener) serve() error {
-	if l.srv != nil {
+	if l.httpLn != nil {
+		go func() { _ = l.srv.Serve(l.httpLn) }()
+	} else if l.srv != nil {
 		err := l.srv.Serve(l.ln)
 		if errors.Is(err, http.ErrServerClosed) {
 			return nil
@@ -125,8 +182,8 @@ func (l *outboundListener) serve() error {
 
 func (l *outboundListener) shutdown(ctx context.Context) {
 	l.end()
+	l.ln.Close()
 	if l.srv == nil {
-		l.ln.Close()
 		return
 	}
 	if err := l.srv.Shutdown(ctx); err != nil {
@@ -149,7 +206,13 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// it sets are not forwarded.
 	stripIdentityHeaders(r.Header)
 	var rt *Route
-	if r.Method != http.MethodConnect { // no tunnels through the proxy port
+	switch {
+	case r.Method == http.MethodConnect: // no tunnels through the proxy port
+	case l.httpLn != nil:
+		// Captured HTTP goes to the cluster of its original destination.
+		name, _ := r.Context().Value(capturedKey{}).(string)
+		rt = st.captured[name]
+	default:
 		rt = st.route(l.cfg.Route, r.Host, r.URL.Path, r.Header)
 	}
 	if rt == nil {
@@ -442,6 +505,9 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 	ns, wl := workloadParts(self)
 	res := reqLog{direction: "outbound", proto: "tcp", source: self.String(), srcNS: ns, srcWL: wl, dest: l.cfg.Cluster, authz: authzNone}
 	defer func() {
+		if res.status == handedOff {
+			return
+		}
 		res.dur = l.p.clock.Since(start)
 		l.p.observeTCP(&res)
 	}()
@@ -455,6 +521,17 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 			return
 		}
 		res.dest = cl.cfg.Name
+		// HTTP is routed, retried and decided per request: hand it to
+		// the HTTP server; anything else is spliced.
+		pc, isHTTP := sniffHTTP(c, cl.cfg.Name)
+		if isHTTP {
+			if !l.httpLn.push(pc) {
+				c.Close()
+			}
+			res.status = handedOff
+			return
+		}
+		c = pc
 	}
 	var last *endpoint
 	for try := 0; try < 2; try++ {

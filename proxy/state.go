@@ -24,6 +24,10 @@ type state struct {
 	routes   map[string]*RouteConfig
 	clusters map[string]*cluster
 	byAddr   map[string]*cluster // service address -> cluster
+	// captured is the route of HTTP captured for each cluster with
+	// service addresses: all of it to the cluster, retried on failed
+	// connections.
+	captured map[string]*Route
 }
 
 // cluster is a Cluster with its load balancer and its pool of HTTP/2
@@ -74,11 +78,14 @@ const defaultConnectTimeout = 5 * time.Second
 // the pooled connections) of clusters whose peers and timeouts are
 // unchanged in old.
 func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
-	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}}
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}, captured: map[string]*Route{}}
 	defer func() {
 		for _, c := range cfg.Clusters {
 			for _, a := range c.Addresses {
 				st.byAddr[a] = st.clusters[c.Name]
+			}
+			if len(c.Addresses) > 0 {
+				st.captured[c.Name] = &Route{Prefix: "/", Clusters: []WeightedCluster{{Name: c.Name, Weight: 1}}, Retry: defaultRetry()}
 			}
 		}
 	}()

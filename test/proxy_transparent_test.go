@@ -2,8 +2,11 @@ package test
 
 import (
 	"bufio"
+	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"runtime"
@@ -16,11 +19,9 @@ import (
 	"github.com/writmesh/writ/proxy"
 )
 
-// inNetns runs f on an OS thread switched into the named network
-// namespace. Sockets f creates stay in that namespace whichever thread
-// later uses them; the thread is discarded afterwards.
-func inNetns(t *testing.T, name string, f func()) {
-	t.Helper()
+// netnsDo runs f on an OS thread switched into the named network
+// namespace, reporting a failure to switch.
+func netnsDo(name string, f func()) error {
 	done := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
@@ -37,7 +38,15 @@ func inNetns(t *testing.T, name string, f func()) {
 		f()
 		done <- nil
 	}()
-	if err := <-done; err != nil {
+	return <-done
+}
+
+// inNetns runs f on an OS thread switched into the named network
+// namespace. Sockets f creates stay in that namespace whichever thread
+// later uses them; the thread is discarded afterwards.
+func inNetns(t *testing.T, name string, f func()) {
+	t.Helper()
+	if err := netnsDo(name, f); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -68,8 +77,10 @@ func TestTransparentCapture(t *testing.T) {
 	m := startMesh(t)
 	s := startServerSide(t, m)
 	cfg := &proxy.Config{
-		Clusters: []proxy.Cluster{{Name: "orders-tcp", Addresses: []string{"127.0.0.5:8080"},
-			Endpoints: []proxy.Endpoint{{Address: s.proxy.Addr("tcp")}}, PeerIDs: []string{meshServerID.String()}}},
+		Clusters: []proxy.Cluster{
+			{Name: "orders-tcp", Addresses: []string{"127.0.0.5:8080"}, Endpoints: []proxy.Endpoint{{Address: s.proxy.Addr("tcp")}}, PeerIDs: []string{meshServerID.String()}},
+			{Name: "orders", Addresses: []string{"127.0.0.5:80"}, Endpoints: []proxy.Endpoint{{Address: s.proxy.Addr("http")}}, PeerIDs: []string{meshServerID.String()}},
+		},
 		Outbound: []proxy.Outbound{{Name: "capture", Address: "127.0.0.1:0", Protocol: "transparent"}},
 	}
 	// The client proxy's listeners live in the namespace; its connections
@@ -91,6 +102,38 @@ func TestTransparentCapture(t *testing.T) {
 	if line, err := bufio.NewReader(conn).ReadString('\n'); err != nil || line != "echo captured\n" {
 		t.Fatalf("captured connection through the pair: %q %v", line, err)
 	}
+	// Captured HTTP is proxied per request: the app sees the caller's
+	// verified identity, and policy decided the request.
+	runCmd(t, "ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.5", "--dport", "80", "-j", "REDIRECT", "--to-ports", port)
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		var err error
+		if nerr := netnsDo(ns, func() { c, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr) }); nerr != nil {
+			return nil, nerr
+		}
+		return c, err
+	}}}
+	resp, err := c.Get("http://127.0.0.5/captured")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || string(body) != "orders HTTP/1.1 /captured" {
+		t.Fatalf("captured HTTP: %d %q", resp.StatusCode, body)
+	}
+	for h := range s.seen {
+		if h.Get("Test-Path") == "/captured" {
+			if !strings.HasSuffix(h.Get("X-Forwarded-Client-Cert"), ";URI="+meshClientID.String()) {
+				t.Fatalf("app saw XFCC %q", h.Get("X-Forwarded-Client-Cert"))
+			}
+			break
+		}
+	}
+	if got := s.sink.results(); !containsStr(got, meshClientID.String()+" allow") {
+		t.Fatalf("no allowed decision for the captured request: %v", got)
+	}
+
 	// A destination no cluster claims is refused.
 	runCmd(t, "ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.6", "--dport", "8080", "-j", "REDIRECT", "--to-ports", port)
 	inNetns(t, ns, func() { conn, err = net.DialTimeout("tcp", "127.0.0.6:8080", 5*time.Second) })
