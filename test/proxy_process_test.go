@@ -135,7 +135,14 @@ func TestWritProxyProcesses(t *testing.T) {
 		}
 	}
 	seen := make(chan string, 10)
+	slowArrived, release := make(chan struct{}), make(chan struct{})
 	app := serveHTTP(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(slowArrived)
+			<-release
+			io.WriteString(w, "slow done")
+			return
+		}
 		seen <- r.Header.Get("X-Forwarded-Client-Cert")
 		io.WriteString(w, "orders here")
 	}))
@@ -234,10 +241,43 @@ func TestWritProxyProcesses(t *testing.T) {
 		}
 	}
 
-	for _, p := range []*proxyProc{front, orders} {
-		if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
+	// SIGTERM drains: orders' proxy stops accepting but the request in
+	// flight completes.
+	slow := make(chan string, 1)
+	go func() {
+		resp, err := c.Get("http://" + up + "/slow")
+		if err != nil {
+			slow <- err.Error()
+			return
 		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		slow <- fmt.Sprint(resp.StatusCode, " ", string(b))
+	}()
+	<-slowArrived
+	if err := orders.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; ; i++ {
+		conn, err := net.DialTimeout("tcp", mesh, time.Second)
+		if err != nil {
+			break
+		}
+		conn.Close()
+		if i > 1000 {
+			t.Fatal("orders' mesh port still accepts after SIGTERM")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(release)
+	if got := <-slow; got != "200 slow done" {
+		t.Fatalf("request in flight across SIGTERM: %s", got)
+	}
+
+	if err := front.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*proxyProc{front, orders} {
 		select {
 		case err := <-p.done:
 			p.done <- err
