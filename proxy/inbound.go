@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -82,13 +83,13 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 		Transport:    l.toApp,
 		BufferPool:   bufPool,
 		ErrorHandler: proxyError,
-		ErrorLog:     nil,
 	}
 	l.srv = &http.Server{
 		Handler:           l,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       5 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
 			if tc, ok := c.(*tls.Conn); ok {
 				return context.WithValue(ctx, peerKey{}, l.peer(tc))
