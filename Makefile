@@ -39,9 +39,11 @@ fmt:
 demo: build
 	scripts/demo.sh
 
-# Benchmarks: in-process figures for the CA.
+# Benchmarks: in-process figures for the CA, and the proxy pair beside a
+# direct connection (compare ns/op and allocs/op line by line).
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./authority/...
+	$(GO) test -run '^$$' -bench 'Direct|ProxyPair' -benchmem -benchtime 5000x ./proxy/
 
 # Writ's in-process check and writ-enforcer side by side with a stock OPA
 # server (built from the OPA version in go.mod, cached under .tmp/opa).

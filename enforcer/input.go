@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -68,17 +70,25 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 		traceID:     traceID(headerValue(h, "traceparent")),
 		grpc:        strings.HasPrefix(headerValue(h, "content-type"), "application/grpc"),
 	}
-	path, query, err := NormalizePath(h.GetPath())
-	if err != nil {
-		return nil, f, err
-	}
-	f.path = path
-	target := path
-	if query != "" {
-		target += "?" + query
+	// A request without HTTP attributes is a network-level (L4) check, as
+	// Envoy's network ext_authz filter sends once per connection: there is
+	// no path to normalize, and input has no parsed_path or parsed_query.
+	// It must name its source peer; an empty request is still refused.
+	var target string
+	if h != nil || attrs.GetSource() == nil {
+		path, query, err := NormalizePath(h.GetPath())
+		if err != nil {
+			return nil, f, err
+		}
+		f.path = path
+		target = path
+		if query != "" {
+			target += "?" + query
+		}
 	}
 
 	var base ast.Object
+	var err error
 	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
 		base, err = protojsonValue(req, target)
 		n = needAll
@@ -137,7 +147,7 @@ func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody i
 	if n.child("version") != nil {
 		in.Insert(ast.InternedTerm("version"), ast.NewTerm(versionValue.Copy()))
 	}
-	if n.child("parsed_path") != nil || n.child("parsed_query") != nil {
+	if req.GetAttributes().GetRequest().GetHttp() != nil && (n.child("parsed_path") != nil || n.child("parsed_query") != nil) {
 		parsedPath, parsedQuery, err := parsePathAndQuery(target)
 		if err != nil {
 			return err
@@ -236,8 +246,8 @@ func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (ast.Value, 
 func writInput(req *authv3.CheckRequest) ast.Object {
 	attrs := req.GetAttributes()
 	w := ast.NewObject(
-		ast.Item(ast.InternedTerm("source"), ast.NewTerm(spiffeParts(attrs.GetSource().GetPrincipal()))),
-		ast.Item(ast.InternedTerm("destination"), ast.NewTerm(spiffeParts(attrs.GetDestination().GetPrincipal()))),
+		ast.Item(ast.InternedTerm("source"), ast.NewTerm(spiffePartsCached(attrs.GetSource().GetPrincipal()))),
+		ast.Item(ast.InternedTerm("destination"), ast.NewTerm(spiffePartsCached(attrs.GetDestination().GetPrincipal()))),
 	)
 	if s := destinationService(req); s != "" {
 		w.Insert(ast.InternedTerm("destination_service"), ast.StringTerm(s))
@@ -261,6 +271,28 @@ func destinationService(req *authv3.CheckRequest) string {
 		host = host[:i]
 	}
 	return host
+}
+
+// spiffeCache keeps the input object of principals seen before: a mesh
+// has few, and every request of a connection names the same two. Cached
+// objects are shared by concurrent inputs and never modified. The cache
+// stops growing at spiffeCacheMax entries.
+var (
+	spiffeCache  sync.Map // principal -> ast.Object
+	spiffeCached atomic.Int64
+)
+
+const spiffeCacheMax = 4096
+
+func spiffePartsCached(principal string) ast.Object {
+	if v, ok := spiffeCache.Load(principal); ok {
+		return v.(ast.Object)
+	}
+	o := spiffeParts(principal)
+	if spiffeCached.Add(1) <= spiffeCacheMax {
+		spiffeCache.Store(principal, o)
+	}
+	return o
 }
 
 // spiffeParts splits a workload SPIFFE ID of the form

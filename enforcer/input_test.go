@@ -140,3 +140,14 @@ func TestFacts(t *testing.T) {
 		}
 	}
 }
+
+// TestSpiffePartsCached: the cached object equals a fresh parse, and the
+// same object is returned for the same principal.
+func TestSpiffePartsCached(t *testing.T) {
+	for _, p := range []string{"spiffe://example.org/ns/shop/sa/orders", "spiffe://example.org/writ/control-plane", "not a spiffe id", ""} {
+		a, b := spiffePartsCached(p), spiffePartsCached(p)
+		if a.Compare(spiffeParts(p)) != 0 || a.Compare(b) != 0 {
+			t.Errorf("%q: cached %v, fresh %v", p, a, spiffeParts(p))
+		}
+	}
+}

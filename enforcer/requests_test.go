@@ -1,7 +1,9 @@
 package enforcer
 
 import (
+	"context"
 	"fmt"
+	"testing"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -101,5 +103,32 @@ func goldenRequests() map[string]*authv3.CheckRequest {
 				},
 				RawBody: []byte{0, 0, 0, 0, 2, 8, 42},
 			}, map[string]string{ServiceContextKey: "orders"}),
+	}
+}
+
+// TestNetworkCheck: a CheckRequest without HTTP attributes (one per TCP
+// connection, as Envoy's network filter sends) is decided on the peers
+// alone, not refused as a bad path.
+func TestNetworkCheck(t *testing.T) {
+	e := newEnforcer(t, policyDir(t, `package envoy.authz
+default allow := false
+allow if input.writ.source.service_account == "client"
+`), &recorder{}, nil)
+	for _, tc := range []struct {
+		name, source string
+		want         string
+	}{
+		{"allowed peer", "spiffe://example.org/ns/demo/sa/client", ResultAllow},
+		{"other peer", "spiffe://example.org/ns/demo/sa/other", ResultDeny},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req := &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+				Source: &authv3.AttributeContext_Peer{Principal: tc.source},
+			}}
+			_, d := e.Check(context.Background(), req)
+			if d.Result != tc.want || (tc.want == ResultDeny && d.Cause != CausePolicy) {
+				t.Errorf("got %s (%s: %s), want %s", d.Result, d.Cause, d.Reason, tc.want)
+			}
+		})
 	}
 }

@@ -1,6 +1,8 @@
-// Command writ-proxy is Writ's sidecar. Today it runs the node agent role:
-// it attests to writd with a join token, keeps this node's SVIDs fresh, and
-// serves the SPIFFE Workload API on a unix socket.
+// Command writ-proxy is Writ's sidecar. It runs the node agent role (it
+// attests to writd with a join token, keeps this node's SVIDs fresh, and
+// serves the SPIFFE Workload API on a unix socket) and, when listeners are
+// configured, the proxy role: the data plane of package proxy, taking its
+// SVID from the agent's Workload API.
 package main
 
 import (
@@ -31,13 +33,19 @@ func main() {
 	os.Exit(code)
 }
 
-const usage = `writ-proxy: Writ's sidecar (node agent role).
+const usage = `writ-proxy: Writ's sidecar (node agent and proxy).
 
 It attests this node to writd with a one-time join token, keeps an X.509
 SVID for every registration entry of the node (keys never leave this
 process), renews them at half life, and serves the SPIFFE Workload API on
 a unix socket. Workloads are identified by their unix peer credentials
 (uid, gid, binary path), not by file permissions.
+
+With --inbound, --upstream, --http-proxy or --proxy-config it also proxies:
+the inbound mesh port terminates mTLS with the workload's SVID and decides
+every request with the Rego policies of --policy-dir (none: deny all);
+upstream ports carry the app's plaintext to peer sidecars over mTLS HTTP/2.
+Configuration is static (flags and YAML) until writd's xDS drives it.
 
 Usage:
   WRIT_JOIN_TOKEN=... writ-proxy --control-plane writd.example:8443 \
@@ -62,6 +70,7 @@ type options struct {
 	adminAddr    string
 	logLevel     string
 	syncInterval time.Duration
+	proxy        proxyOptions
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
@@ -73,9 +82,10 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.trustBundle, "trust-bundle", "", "bootstrap trust bundle file: SPIFFE bundle JSON (as served by writd's /bundle) or PEM certificates (required)")
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "the mesh's trust domain, e.g. example.org (required)")
 	fs.StringVar(&o.workloadAPI, "workload-api", "unix:///tmp/writ/agent.sock", "Workload API socket address; the directory is created if missing")
-	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address serving /healthz and /readyz")
+	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address (keep it on loopback): /healthz, /readyz and, with the proxy role, /metrics, /config_dump and /debug/pprof/")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
+	o.proxy.register(fs)
 	// Parse reports errors itself; usage is printed here, in full to
 	// stdout when asked for and as a hint otherwise.
 	fs.Usage = func() {}
@@ -170,8 +180,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("writ-proxy starting", "control_plane", o.controlPlane, "trust_domain", td.Name(), "workload_api", o.workloadAPI, "admin_addr", adminL.Addr().String())
 
-	admin := &http.Server{Handler: adminMux(a), ReadHeaderTimeout: 5 * time.Second}
-	err = taskrun.Group(ctx, shutdownGrace,
+	var role *proxyRole
+	if o.proxy.enabled() {
+		if role, err = newProxyRole(ctx, &o.proxy, o.workloadAPI, stdout, log); err != nil {
+			adminL.Close()
+			wl.Close()
+			log.Error("configure proxy", "error", err)
+			return 2
+		}
+	}
+	admin := &http.Server{Handler: adminMux(a, role), ReadHeaderTimeout: 5 * time.Second}
+	tasks := []taskrun.Task{
 		taskrun.Task{Name: "agent", Run: a.Run},
 		taskrun.Task{Name: "workload api", Run: func(ctx context.Context) error { return a.Serve(ctx, wl) }},
 		taskrun.Task{Name: "admin", Run: func(ctx context.Context) error {
@@ -186,7 +205,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 				return admin.Shutdown(sctx)
 			}
 		}},
-	)
+	}
+	if role != nil {
+		tasks = append(tasks, taskrun.Task{Name: "proxy", Run: role.Run}, taskrun.Task{Name: "policy", Run: role.RunPolicy})
+	}
+	err = taskrun.Group(ctx, shutdownGrace+o.proxy.drainTimeout, tasks...)
 	if err != nil {
 		log.Error("writ-proxy stopped", "error", err)
 		return 1
@@ -196,9 +219,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 // adminMux serves liveness and readiness. Ready means a node SVID and a
-// first entry sync: before that the Workload API has nothing to give.
-func adminMux(a *agent.Agent) *http.ServeMux {
+// first entry sync (before that the Workload API has nothing to give) and,
+// with the proxy role, a proxy serving with a valid SVID. The proxy's
+// /metrics, /config_dump and /debug/pprof/ are served here too.
+func adminMux(a *agent.Agent, role *proxyRole) *http.ServeMux {
 	mux := http.NewServeMux()
+	if role != nil {
+		mux.Handle("/", role)
+	}
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		io.WriteString(w, "ok\n")
@@ -209,6 +237,13 @@ func adminMux(a *agent.Agent) *http.ServeMux {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			io.WriteString(w, "not ready: no node SVID or no entry sync yet\n")
 			return
+		}
+		if role != nil {
+			if err := role.Ready(); err != nil {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				io.WriteString(w, "not ready: "+err.Error()+"\n")
+				return
+			}
 		}
 		io.WriteString(w, "ready\n")
 	})

@@ -1,0 +1,456 @@
+package proxy
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"gopkg.in/yaml.v3"
+)
+
+// Config is everything the data plane routes by. Its shapes follow Envoy's
+// resources (listeners, route configurations with virtual hosts, clusters
+// with endpoints) so that the xDS client can fill it from the resources
+// writd serves; until then it comes from a YAML file and flags. A Config
+// is immutable once handed to the proxy.
+type Config struct {
+	// Inbound listeners terminate mTLS from other sidecars.
+	Inbound []Inbound `yaml:"inbound" json:"inbound"`
+	// Outbound listeners take plaintext from the local application.
+	Outbound []Outbound    `yaml:"outbound" json:"outbound"`
+	Routes   []RouteConfig `yaml:"routes" json:"routes"`
+	Clusters []Cluster     `yaml:"clusters" json:"clusters"`
+}
+
+// Inbound is a mesh port: it terminates mTLS with the workload's SVID,
+// authorizes every HTTP request (and every TCP connection) with the
+// enforcer and forwards to the local application.
+type Inbound struct {
+	Name    string `yaml:"name" json:"name"`
+	Address string `yaml:"address" json:"address"`
+	// Service is the local service's name, given to policy as
+	// input.writ.destination_service.
+	Service string `yaml:"service" json:"service"`
+	// App is the local application's host:port.
+	App string `yaml:"app" json:"app"`
+	// AppProtocol is how HTTP reaches the app: "http1" (default) or "h2c".
+	// gRPC always goes over h2c.
+	AppProtocol string `yaml:"app_protocol" json:"app_protocol,omitempty"`
+}
+
+// Outbound is a local plaintext port of the application's.
+type Outbound struct {
+	Name    string `yaml:"name" json:"name"`
+	Address string `yaml:"address" json:"address"`
+	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route), "tcp"
+	// (spliced to Cluster) or "transparent": connections redirected here
+	// by iptables are spliced to the cluster whose Addresses hold their
+	// original destination (SO_ORIGINAL_DST, Linux, IPv4).
+	Protocol string `yaml:"protocol" json:"protocol"`
+	// Route names a RouteConfig (http).
+	Route string `yaml:"route" json:"route,omitempty"`
+	// Cluster names the cluster of a tcp listener.
+	Cluster string `yaml:"cluster" json:"cluster,omitempty"`
+}
+
+// RouteConfig is Envoy's RouteConfiguration: virtual hosts chosen by the
+// request's Host.
+type RouteConfig struct {
+	Name         string        `yaml:"name" json:"name"`
+	VirtualHosts []VirtualHost `yaml:"virtual_hosts" json:"virtual_hosts"`
+}
+
+// VirtualHost matches Domains ("*" matches any host; a port in the Host is
+// ignored) and holds routes tried in order.
+type VirtualHost struct {
+	Name    string   `yaml:"name" json:"name"`
+	Domains []string `yaml:"domains" json:"domains"`
+	Routes  []Route  `yaml:"routes" json:"routes"`
+}
+
+// Route sends requests whose path starts with Prefix (and whose headers
+// match Headers) to one of Clusters, chosen by weight.
+type Route struct {
+	Prefix   string            `yaml:"prefix" json:"prefix"`
+	Headers  []HeaderMatch     `yaml:"headers" json:"headers,omitempty"`
+	Clusters []WeightedCluster `yaml:"clusters" json:"clusters"`
+	// Timeout bounds the whole request, retries included; zero is 15 s
+	// as in Envoy.
+	Timeout Duration     `yaml:"timeout" json:"timeout,omitempty"`
+	Retry   *RetryPolicy `yaml:"retry" json:"retry,omitempty"`
+	Fault   *Fault       `yaml:"fault" json:"fault,omitempty"`
+	Mirror  *Mirror      `yaml:"mirror" json:"mirror,omitempty"`
+	// HashHeader names the header whose value keys RING_HASH clusters
+	// (Envoy's hash_policy with a header).
+	HashHeader string `yaml:"hash_header" json:"hash_header,omitempty"`
+}
+
+// Mirror is Envoy's request mirror policy: a copy of Percent of the
+// requests goes to Cluster with "-shadow" appended to its Host; the
+// response is discarded and the original never waits for it. Requests
+// whose body is larger than 64 KiB or unsized are not mirrored.
+type Mirror struct {
+	Cluster string  `yaml:"cluster" json:"cluster"`
+	Percent float64 `yaml:"percent" json:"percent"`
+}
+
+// Fault is Envoy's HTTP fault injection on a route: a share of requests is
+// delayed, a share is answered with AbortStatus without reaching the
+// upstream. Percentages are 0 to 100.
+type Fault struct {
+	DelayPercent float64  `yaml:"delay_percent" json:"delay_percent,omitempty"`
+	Delay        Duration `yaml:"delay" json:"delay,omitempty"`
+	AbortPercent float64  `yaml:"abort_percent" json:"abort_percent,omitempty"`
+	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
+}
+
+// HeaderMatch is Envoy's header matcher, reduced to what Writ's routes
+// use: the header's value is Exact, starts with Prefix, or (both empty)
+// the header is Present. Invert negates the match.
+type HeaderMatch struct {
+	Name   string `yaml:"name" json:"name"`
+	Exact  string `yaml:"exact" json:"exact,omitempty"`
+	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
+	Invert bool   `yaml:"invert" json:"invert,omitempty"`
+}
+
+func (m *HeaderMatch) matches(h http.Header) bool {
+	vs, ok := h[http.CanonicalHeaderKey(m.Name)]
+	v := strings.Join(vs, ",")
+	var hit bool
+	switch {
+	case m.Exact != "":
+		hit = ok && v == m.Exact
+	case m.Prefix != "":
+		hit = ok && strings.HasPrefix(v, m.Prefix)
+	default:
+		hit = ok
+	}
+	return hit != m.Invert
+}
+
+// WeightedCluster is one target of a route.
+type WeightedCluster struct {
+	Name   string `yaml:"name" json:"name"`
+	Weight uint32 `yaml:"weight" json:"weight"`
+}
+
+// RetryPolicy is Envoy's retry policy: attempts after the first, each
+// bounded by PerTryTimeout, spaced by exponential backoff with full
+// jitter between BaseInterval and MaxInterval.
+type RetryPolicy struct {
+	// RetryOn lists the conditions: "5xx", "gateway-error",
+	// "connect-failure", "reset".
+	RetryOn       []string `yaml:"retry_on" json:"retry_on"`
+	NumRetries    int      `yaml:"num_retries" json:"num_retries"`
+	PerTryTimeout Duration `yaml:"per_try_timeout" json:"per_try_timeout,omitempty"`
+	BaseInterval  Duration `yaml:"base_interval" json:"base_interval,omitempty"`
+	MaxInterval   Duration `yaml:"max_interval" json:"max_interval,omitempty"`
+}
+
+// Cluster is a set of peer sidecars serving one service.
+type Cluster struct {
+	Name string `yaml:"name" json:"name"`
+	// LBPolicy is "ROUND_ROBIN" (default), "LEAST_REQUEST" (power of two
+	// choices) or "RING_HASH" (consistent hashing on the route's
+	// HashHeader; requests without the header are spread round robin).
+	LBPolicy       string     `yaml:"lb_policy" json:"lb_policy"`
+	ConnectTimeout Duration   `yaml:"connect_timeout" json:"connect_timeout,omitempty"`
+	Endpoints      []Endpoint `yaml:"endpoints" json:"endpoints"`
+	// PeerIDs are the SPIFFE IDs the peers must present (Envoy's
+	// match_typed_subject_alt_names); at least one is required.
+	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
+	// Addresses are the service addresses (host:port) applications dial,
+	// by which transparent listeners find the cluster.
+	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
+	// CircuitBreakers bound the cluster's concurrency; nil takes Envoy's
+	// defaults (1024 requests, 3 concurrent retries).
+	CircuitBreakers *CircuitBreakers `yaml:"circuit_breakers" json:"circuit_breakers,omitempty"`
+	// OutlierDetection ejects endpoints that keep failing; nil disables it.
+	OutlierDetection *OutlierDetection `yaml:"outlier_detection" json:"outlier_detection,omitempty"`
+	// HealthCheck actively probes every endpoint; nil disables it.
+	HealthCheck *HealthCheck `yaml:"health_check" json:"health_check,omitempty"`
+}
+
+// HealthCheck is an active check of each endpoint every Interval: a
+// connection and mTLS handshake with the peer sidecar, which must present
+// one of the cluster's peer IDs, within Timeout. UnhealthyThreshold
+// failures in a row take an endpoint out of the pool, HealthyThreshold
+// successes bring it back. Endpoints start healthy.
+type HealthCheck struct {
+	Interval           Duration `yaml:"interval" json:"interval"`
+	Timeout            Duration `yaml:"timeout" json:"timeout"`
+	UnhealthyThreshold int      `yaml:"unhealthy_threshold" json:"unhealthy_threshold"`
+	HealthyThreshold   int      `yaml:"healthy_threshold" json:"healthy_threshold"`
+}
+
+// CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
+// flight are refused with 503 at once, and a failed first try is not
+// retried while MaxRetries requests of the cluster are retrying.
+type CircuitBreakers struct {
+	MaxRequests int `yaml:"max_requests" json:"max_requests"`
+	MaxRetries  int `yaml:"max_retries" json:"max_retries"`
+	// RetryBudgetPercent, when set, replaces MaxRetries by Envoy's retry
+	// budget: retrying requests may be that share of the requests in
+	// flight, and at least MinRetryConcurrency (default 3).
+	RetryBudgetPercent  float64 `yaml:"retry_budget_percent" json:"retry_budget_percent,omitempty"`
+	MinRetryConcurrency int     `yaml:"min_retry_concurrency" json:"min_retry_concurrency,omitempty"`
+}
+
+// OutlierDetection ejects an endpoint after Consecutive5xx failures in a
+// row (5xx answers or failed connections) for BaseEjectionTime times the
+// number of its ejections so far; it returns by itself when that passes.
+// At most MaxEjectionPercent of the endpoints are out at once (at least
+// one, as in Envoy).
+type OutlierDetection struct {
+	Consecutive5xx     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
+	BaseEjectionTime   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
+	MaxEjectionPercent int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
+}
+
+// Endpoint is a peer sidecar's mesh port.
+type Endpoint struct {
+	Address string `yaml:"address" json:"address"`
+}
+
+// LB policies.
+const (
+	RoundRobin   = "ROUND_ROBIN"
+	LeastRequest = "LEAST_REQUEST"
+	RingHash     = "RING_HASH"
+)
+
+// Duration is a time.Duration written as "1.5s" in YAML and JSON.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return err
+	}
+	if v < 0 {
+		return fmt.Errorf("negative duration %s", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes a Go duration.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// LoadConfig reads a YAML Config strictly: unknown keys and trailing
+// documents are errors.
+func LoadConfig(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read proxy config: %w", err)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	var c Config
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	var extra any
+	if err := dec.Decode(&extra); err == nil {
+		return nil, fmt.Errorf("proxy config %s: more than one document", path)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("proxy config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// Validate checks names, references and addresses, so that a bad
+// configuration is refused before it replaces a good one.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
+	clusters := map[string]bool{}
+	addrs := map[string]string{}
+	for i, cl := range c.Clusters {
+		where := fmt.Sprintf("clusters[%d] %q", i, cl.Name)
+		if cl.Name == "" || clusters[cl.Name] {
+			bad("%s: empty or duplicate name", where)
+		}
+		clusters[cl.Name] = true
+		if cl.LBPolicy != "" && cl.LBPolicy != RoundRobin && cl.LBPolicy != LeastRequest && cl.LBPolicy != RingHash {
+			bad("%s: lb_policy %q: want %s, %s or %s", where, cl.LBPolicy, RoundRobin, LeastRequest, RingHash)
+		}
+		if len(cl.PeerIDs) == 0 {
+			bad("%s: peer_ids: at least one SPIFFE ID is required", where)
+		}
+		for _, id := range cl.PeerIDs {
+			if _, err := spiffeid.FromString(id); err != nil {
+				bad("%s: peer_ids: %q: %v", where, id, err)
+			}
+		}
+		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxRequests < 0 || cb.MaxRetries < 0 || cb.RetryBudgetPercent < 0 || cb.RetryBudgetPercent > 100 || cb.MinRetryConcurrency < 0) {
+			bad("%s: circuit_breakers: negative threshold", where)
+		}
+		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100) {
+			bad("%s: outlier_detection: consecutive_5xx >= 0 and max_ejection_percent 0 to 100", where)
+		}
+		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
+			bad("%s: health_check: interval is required and thresholds must not be negative", where)
+		}
+		for _, a := range cl.Addresses {
+			if _, _, err := net.SplitHostPort(a); err != nil {
+				bad("%s: address %q: %v", where, a, err)
+			}
+			if addrs[a] != "" {
+				bad("%s: address %q is also cluster %q's", where, a, addrs[a])
+			}
+			addrs[a] = cl.Name
+		}
+		for _, ep := range cl.Endpoints {
+			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
+				bad("%s: endpoint %q: %v", where, ep.Address, err)
+			}
+		}
+	}
+	routes := map[string]bool{}
+	for i, rc := range c.Routes {
+		where := fmt.Sprintf("routes[%d] %q", i, rc.Name)
+		if rc.Name == "" || routes[rc.Name] {
+			bad("%s: empty or duplicate name", where)
+		}
+		routes[rc.Name] = true
+		for _, vh := range rc.VirtualHosts {
+			if len(vh.Domains) == 0 {
+				bad("%s: virtual host %q has no domains", where, vh.Name)
+			}
+			for j, r := range vh.Routes {
+				if !strings.HasPrefix(r.Prefix, "/") {
+					bad("%s: virtual host %q route %d: prefix %q must start with /", where, vh.Name, j, r.Prefix)
+				}
+				for _, hm := range r.Headers {
+					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") {
+						bad("%s: virtual host %q route %d: header match needs a regular header name, not %q", where, vh.Name, j, hm.Name)
+					}
+				}
+				var total uint64
+				for _, wc := range r.Clusters {
+					if !clusters[wc.Name] {
+						bad("%s: virtual host %q route %d: unknown cluster %q", where, vh.Name, j, wc.Name)
+					}
+					total += uint64(wc.Weight)
+				}
+				if len(r.Clusters) == 0 || (len(r.Clusters) > 1 && total == 0) {
+					bad("%s: virtual host %q route %d: no cluster with weight", where, vh.Name, j)
+				}
+				if m := r.Mirror; m != nil && (!clusters[m.Cluster] || m.Percent < 0 || m.Percent > 100) {
+					bad("%s: virtual host %q route %d: mirror: unknown cluster %q or percent outside 0 to 100", where, vh.Name, j, m.Cluster)
+				}
+				if f := r.Fault; f != nil {
+					if f.DelayPercent < 0 || f.DelayPercent > 100 || f.AbortPercent < 0 || f.AbortPercent > 100 {
+						bad("%s: virtual host %q route %d: fault percentages must be 0 to 100", where, vh.Name, j)
+					}
+					if f.AbortPercent > 0 && (f.AbortStatus < 200 || f.AbortStatus > 599) {
+						bad("%s: virtual host %q route %d: fault abort_status %d is not an HTTP status", where, vh.Name, j, f.AbortStatus)
+					}
+				}
+				if rp := r.Retry; rp != nil {
+					for _, on := range rp.RetryOn {
+						if !slices.Contains([]string{"5xx", "gateway-error", "connect-failure", "reset"}, on) {
+							bad("%s: virtual host %q route %d: retry_on %q unknown", where, vh.Name, j, on)
+						}
+					}
+					if rp.NumRetries < 0 || rp.NumRetries > 10 {
+						bad("%s: virtual host %q route %d: num_retries %d: want 0 to 10", where, vh.Name, j, rp.NumRetries)
+					}
+				}
+			}
+		}
+	}
+	names := map[string]bool{}
+	listener := func(kind string, i int, name, addr string) string {
+		where := fmt.Sprintf("%s[%d] %q", kind, i, name)
+		if name == "" || names[name] {
+			bad("%s: empty or duplicate listener name", where)
+		}
+		names[name] = true
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			bad("%s: address %q: %v", where, addr, err)
+		}
+		return where
+	}
+	for i, in := range c.Inbound {
+		where := listener("inbound", i, in.Name, in.Address)
+		if _, _, err := net.SplitHostPort(in.App); err != nil {
+			bad("%s: app %q: %v", where, in.App, err)
+		}
+		if in.AppProtocol != "" && in.AppProtocol != "http1" && in.AppProtocol != "h2c" {
+			bad("%s: app_protocol %q: want http1 or h2c", where, in.AppProtocol)
+		}
+	}
+	for i, out := range c.Outbound {
+		where := listener("outbound", i, out.Name, out.Address)
+		// An outbound port speaks with the workload's identity: reachable
+		// from other hosts it would lend that identity to anyone.
+		if host, _, err := net.SplitHostPort(out.Address); err == nil && !isLoopback(host) {
+			bad("%s: address %q: outbound listeners must bind a loopback address", where, out.Address)
+		}
+		switch out.Protocol {
+		case "http", "":
+			if !routes[out.Route] {
+				bad("%s: unknown route %q", where, out.Route)
+			}
+		case "tcp":
+			if !clusters[out.Cluster] {
+				bad("%s: unknown cluster %q", where, out.Cluster)
+			}
+		case "transparent":
+		default:
+			bad("%s: protocol %q: want http, tcp or transparent", where, out.Protocol)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// defaultRetry is what Istio retries by default: a failed connection, on
+// another endpoint, twice.
+func defaultRetry() *RetryPolicy {
+	return &RetryPolicy{RetryOn: []string{"connect-failure"}, NumRetries: 2}
+}
+
+// AddUpstream adds what the --upstream flag asks for: a local HTTP port
+// whose every request goes to cluster name, retried on connection failures.
+func (c *Config) AddUpstream(name, addr string) {
+	c.Routes = append(c.Routes, RouteConfig{Name: "upstream:" + name, VirtualHosts: []VirtualHost{{
+		Name: name, Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: name, Weight: 1}}, Retry: defaultRetry()}},
+	}}})
+	c.Outbound = append(c.Outbound, Outbound{Name: "upstream:" + name, Address: addr, Protocol: "http", Route: "upstream:" + name})
+}
+
+// AddHTTPProxy adds an HTTP proxy port: applications set HTTP_PROXY and
+// call http://<cluster>/..., and the Host picks the cluster. Clusters that
+// a route configuration already names keep that configuration's routes
+// for their name.
+func (c *Config) AddHTTPProxy(addr string) {
+	rc := RouteConfig{Name: "http_proxy"}
+	for _, cl := range c.Clusters {
+		rc.VirtualHosts = append(rc.VirtualHosts, VirtualHost{
+			Name: cl.Name, Domains: []string{cl.Name},
+			Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: cl.Name, Weight: 1}}, Retry: defaultRetry()}},
+		})
+	}
+	c.Routes = append(c.Routes, rc)
+	c.Outbound = append(c.Outbound, Outbound{Name: "http_proxy", Address: addr, Protocol: "http", Route: "http_proxy"})
+}

@@ -1,0 +1,246 @@
+package proxy
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "proxy.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+const goodConfig = `
+clusters:
+- name: orders
+  lb_policy: LEAST_REQUEST
+  connect_timeout: 2s
+  endpoints: [{address: "127.0.0.1:15006"}, {address: "127.0.0.1:15007"}]
+  peer_ids: [spiffe://example.org/ns/shop/sa/orders]
+- name: orders-v2
+  endpoints: [{address: "127.0.0.1:15008"}]
+  peer_ids: [spiffe://example.org/ns/shop/sa/orders]
+routes:
+- name: orders
+  virtual_hosts:
+  - name: orders
+    domains: ["*"]
+    routes:
+    - prefix: /
+      headers: [{name: x-canary, exact: "yes"}]
+      clusters: [{name: orders-v2, weight: 1}]
+    - prefix: /
+      timeout: 3s
+      clusters: [{name: orders, weight: 90}, {name: orders-v2, weight: 10}]
+      retry: {retry_on: [5xx, connect-failure], num_retries: 2, per_try_timeout: 500ms}
+outbound:
+- {name: orders, address: "127.0.0.1:9001", protocol: http, route: orders}
+`
+
+func TestLoadConfig(t *testing.T) {
+	c, err := LoadConfig(writeFile(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := c.Routes[0].VirtualHosts[0].Routes[1]
+	if got, want := time.Duration(r.Retry.PerTryTimeout), 500*time.Millisecond; got != want {
+		t.Errorf("per_try_timeout = %v, want %v", got, want)
+	}
+	if got, want := time.Duration(c.Clusters[0].ConnectTimeout), 2*time.Second; got != want {
+		t.Errorf("connect_timeout = %v, want %v", got, want)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	tests := []struct {
+		name, body, want string
+	}{
+		{"unknown key", goodConfig + "bogus: 1\n", "field bogus not found"},
+		{"two documents", goodConfig + "---\n{}\n", "more than one document"},
+		{"bad lb", strings.Replace(goodConfig, "LEAST_REQUEST", "RANDOM", 1), `lb_policy "RANDOM"`},
+		{"no peer ids", strings.Replace(goodConfig, "  peer_ids: [spiffe://example.org/ns/shop/sa/orders]\n- name: orders-v2", "- name: orders-v2", 1), "peer_ids: at least one"},
+		{"unknown cluster", strings.Replace(goodConfig, "{name: orders-v2, weight: 10}", "{name: nope, weight: 10}", 1), `unknown cluster "nope"`},
+		{"unknown route", strings.Replace(goodConfig, "route: orders}", "route: nope}", 1), `unknown route "nope"`},
+		{"bad retry_on", strings.Replace(goodConfig, "[5xx, connect-failure]", "[sometimes]", 1), `retry_on "sometimes"`},
+		{"bad duration", strings.Replace(goodConfig, "3s", "soon", 1), "soon"},
+		{"outbound off loopback", strings.Replace(goodConfig, `"127.0.0.1:9001"`, `"0.0.0.0:9001"`, 1), "must bind a loopback address"},
+		{"bad endpoint", strings.Replace(goodConfig, `"127.0.0.1:15008"`, `"nohost"`, 1), `endpoint "nohost"`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := LoadConfig(writeFile(t, tt.body))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestRouteMatch(t *testing.T) {
+	c, err := LoadConfig(writeFile(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.AddHTTPProxy("127.0.0.1:0")
+	st := &state{routes: map[string]*RouteConfig{}}
+	for i := range c.Routes {
+		st.routes[c.Routes[i].Name] = &c.Routes[i]
+	}
+	tests := []struct {
+		name, route, host, path string
+		header                  http.Header
+		want                    string // first cluster, "" for no route
+	}{
+		{"header route", "orders", "orders", "/x", http.Header{"X-Canary": {"yes"}}, "orders-v2"},
+		{"header route, other value", "orders", "orders", "/x", http.Header{"X-Canary": {"no"}}, "orders"},
+		{"wildcard", "orders", "anything:80", "/x", nil, "orders"},
+		{"proxy by host", "http_proxy", "orders-v2", "/x", nil, "orders-v2"},
+		{"proxy host with port", "http_proxy", "orders:80", "/", nil, "orders"},
+		{"proxy unknown host", "http_proxy", "payments", "/", nil, ""},
+		{"unknown route config", "nope", "orders", "/", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := st.route(tt.route, tt.host, tt.path, tt.header)
+			got := ""
+			if r != nil {
+				got = r.Clusters[0].Name
+			}
+			if got != tt.want {
+				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestWeightedSplit: a 90/10 split sends about 90 % to the first cluster.
+func TestWeightedSplit(t *testing.T) {
+	r := &Route{Clusters: []WeightedCluster{{Name: "v1", Weight: 90}, {Name: "v2", Weight: 10}}}
+	n := map[string]int{}
+	for range 20000 {
+		n[pickCluster(r)]++
+	}
+	if v2 := n["v2"]; v2 < 1600 || v2 > 2400 {
+		t.Fatalf("v2 got %d of 20000, want about 2000", v2)
+	}
+}
+
+func TestLoadBalancing(t *testing.T) {
+	eps := []*endpoint{{addr: "a"}, {addr: "b"}, {addr: "c"}}
+	rr := &cluster{cfg: Cluster{LBPolicy: RoundRobin}, eps: eps}
+	seen := map[string]int{}
+	for range 30 {
+		seen[rr.pick(nil, 0).addr]++
+	}
+	for _, e := range eps {
+		if seen[e.addr] != 10 {
+			t.Errorf("round robin: %s got %d of 30, want 10", e.addr, seen[e.addr])
+		}
+	}
+	if next := eps[(rr.rr.Load()+1)%3]; rr.pick(next, 0) == next {
+		t.Errorf("round robin picked the endpoint it was told to avoid")
+	}
+	// Least request: the busy endpoint is chosen only when it is one of
+	// two picks and the other is busier, which never happens here.
+	eps[1].active.Store(100)
+	lr := &cluster{cfg: Cluster{LBPolicy: LeastRequest}, eps: eps}
+	for range 1000 {
+		if lr.pick(nil, 0) == eps[1] {
+			t.Fatal("least request picked the busy endpoint")
+		}
+	}
+	// Retries avoid the endpoint that failed when there is another.
+	for range 100 {
+		if lr.pick(eps[0], 0) == eps[0] {
+			t.Fatal("least request picked the endpoint to avoid")
+		}
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	rp := &RetryPolicy{BaseInterval: Duration(10 * time.Millisecond), MaxInterval: Duration(40 * time.Millisecond)}
+	for try, ceiling := range map[int]time.Duration{1: 10 * time.Millisecond, 2: 20 * time.Millisecond, 3: 40 * time.Millisecond, 9: 40 * time.Millisecond} {
+		for range 200 {
+			if d := backoff(rp, try); d <= 0 || d > ceiling {
+				t.Fatalf("try %d: backoff %v, want in (0, %v]", try, d, ceiling)
+			}
+		}
+	}
+}
+
+func TestTraceparent(t *testing.T) {
+	h := map[string][]string{}
+	id := ensureTrace(h, true)
+	tp := h["Traceparent"][0]
+	if got, ok := validTraceparent(tp); !ok || got != id {
+		t.Fatalf("new traceparent %q (id %q) invalid", tp, id)
+	}
+	h2 := map[string][]string{"Traceparent": {tp}}
+	if id2 := ensureTrace(h2, true); id2 != id || h2["Traceparent"][0][36:52] == tp[36:52] {
+		t.Fatalf("outbound hop kept trace %q (want %q) and span %q (want new)", id2, id, h2["Traceparent"][0])
+	}
+	for _, bad := range []string{"", "00-00000000000000000000000000000000-0000000000000001-01", "00-zz", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"} {
+		if _, ok := validTraceparent(bad); ok {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// TestRingHash: a key always maps to the same endpoint; keys spread over
+// all endpoints; an ejected endpoint's keys move and the rest stay.
+func TestRingHash(t *testing.T) {
+	eps := []*endpoint{{addr: "10.0.0.1:1"}, {addr: "10.0.0.2:1"}, {addr: "10.0.0.3:1"}}
+	c := &cluster{cfg: Cluster{LBPolicy: RingHash}, eps: eps, ring: buildRing(eps)}
+	owner := map[string]*endpoint{}
+	count := map[*endpoint]int{}
+	for i := range 3000 {
+		k := fmt.Sprint("user-", i)
+		e := c.pickHash(hashKey(k), nil, 0)
+		if again := c.pickHash(hashKey(k), nil, 0); again != e {
+			t.Fatalf("key %s moved from %s to %s", k, e.addr, again.addr)
+		}
+		owner[k] = e
+		count[e]++
+	}
+	for _, e := range eps {
+		if count[e] < 600 {
+			t.Errorf("%s got %d of 3000 keys", e.addr, count[e])
+		}
+	}
+	eps[0].ejectedUntil.Store(100)
+	c.ejected.Store(1)
+	for k, e := range owner {
+		got := c.pickHash(hashKey(k), nil, 50)
+		if e != eps[0] && got != e {
+			t.Fatalf("key %s of a healthy endpoint moved", k)
+		}
+		if got == eps[0] {
+			t.Fatalf("key %s went to the ejected endpoint", k)
+		}
+	}
+}
+
+func TestRetryCap(t *testing.T) {
+	c := &cluster{maxRetry: 3}
+	if got := c.retryCap(); got != 3 {
+		t.Errorf("default: %d, want 3", got)
+	}
+	c.cfg.CircuitBreakers = &CircuitBreakers{RetryBudgetPercent: 20, MinRetryConcurrency: 2}
+	c.inflight.Store(100)
+	if got := c.retryCap(); got != 20 {
+		t.Errorf("20%% of 100 in flight: %d, want 20", got)
+	}
+	c.inflight.Store(5)
+	if got := c.retryCap(); got != 2 {
+		t.Errorf("budget below the minimum: %d, want 2", got)
+	}
+}

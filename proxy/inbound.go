@@ -1,0 +1,415 @@
+package proxy
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/writmesh/writ/authority/svidtls"
+	"github.com/writmesh/writ/enforcer"
+)
+
+// Header names the proxy owns.
+const (
+	headerXFCC        = "X-Forwarded-Client-Cert"
+	headerTraceparent = "Traceparent"
+)
+
+// inboundListener is one mesh port. Every connection is a TLS handshake
+// requiring a client SVID of the trust domain; ALPN then decides whether
+// it carries HTTP (h2, http/1.1) or opaque TCP (no ALPN).
+type inboundListener struct {
+	p      *Proxy
+	cfg    Inbound
+	ln     net.Listener
+	tlsCfg *tls.Config
+	httpLn *connListener
+	srv    *http.Server
+	rp     *httputil.ReverseProxy
+	toApp  appTransport
+	ctx    context.Context
+	cancel context.CancelFunc
+	// ext is the CheckRequests' context extensions (read-only).
+	ext map[string]string
+}
+
+// peerKey carries the connection's verified peer into its requests.
+type peerKey struct{}
+
+// peerInfo is what the proxy knows of a connection's peer, computed once
+// per connection.
+type peerInfo struct {
+	id        string
+	namespace string
+	workload  string
+	xfcc      string
+	addr      string
+	port      uint32
+	local     string
+	localPort uint32
+	source    *authv3.AttributeContext_Peer
+	dest      *authv3.AttributeContext_Peer
+}
+
+func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
+	ln, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		return nil, fmt.Errorf("inbound %s: %w", cfg.Name, err)
+	}
+	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: map[string]string{enforcer.ServiceContextKey: cfg.Service}}
+	l.ctx, l.cancel = context.WithCancel(context.Background())
+	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
+	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
+	l.toApp = newAppTransport(cfg.AppProtocol == "h2c")
+	l.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "http"
+			pr.Out.URL.Host = cfg.App
+		},
+		Transport:    l.toApp,
+		BufferPool:   bufPool,
+		ErrorHandler: proxyError,
+	}
+	l.srv = &http.Server{
+		Handler:           l,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if tc, ok := c.(*tls.Conn); ok {
+				return context.WithValue(ctx, peerKey{}, l.peer(tc))
+			}
+			return ctx
+		},
+	}
+	return l, nil
+}
+
+// peer describes a connection's verified peer, with the XFCC value in
+// Envoy's format (By, Hash, URI).
+func (l *inboundListener) peer(c *tls.Conn) *peerInfo {
+	st := c.ConnectionState()
+	pi := &peerInfo{}
+	if ra, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		pi.addr, pi.port = ra.IP.String(), uint32(ra.Port)
+	}
+	if la, ok := c.LocalAddr().(*net.TCPAddr); ok {
+		pi.local, pi.localPort = la.IP.String(), uint32(la.Port)
+	}
+	id, err := svidtls.PeerID(st)
+	if err != nil {
+		return pi
+	}
+	pi.id = id.String()
+	// The peers of every request on this connection: built once, shared
+	// read-only by the requests' CheckRequests.
+	pi.source = &authv3.AttributeContext_Peer{Principal: pi.id, Address: sockAddr(pi.addr, pi.port)}
+	pi.dest = &authv3.AttributeContext_Peer{Principal: l.p.selfID().String(), Address: sockAddr(pi.local, pi.localPort), Service: l.cfg.Service}
+	pi.namespace, pi.workload = workloadParts(id)
+	sum := sha256.Sum256(st.PeerCertificates[0].Raw)
+	pi.xfcc = "By=" + l.p.selfID().String() + ";Hash=" + hex.EncodeToString(sum[:]) + ";URI=" + pi.id
+	return pi
+}
+
+// workloadParts splits spiffe://td/ns/NS/sa/SA into NS and SA.
+func workloadParts(id spiffeid.ID) (ns, sa string) {
+	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(segs) == 4 && segs[0] == "ns" && segs[2] == "sa" {
+		return segs[1], segs[3]
+	}
+	return "", id.Path()
+}
+
+func (l *inboundListener) serve() error {
+	go func() { _ = l.srv.Serve(l.httpLn) }()
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("inbound %s: accept: %w", l.cfg.Name, err)
+		}
+		l.p.tcpWG.Add(1)
+		go func() {
+			defer l.p.tcpWG.Done()
+			l.handshake(c)
+		}()
+	}
+}
+
+// handshake authenticates a connection and hands it to HTTP or TCP.
+func (l *inboundListener) handshake(c net.Conn) {
+	tc := tls.Server(c, l.tlsCfg)
+	if err := tlsHandshake(l.ctx, tc); err != nil {
+		l.p.metrics.handshakeErrors.WithLabelValues("inbound").Inc()
+		l.p.log.Debug("inbound handshake failed", "listener", l.cfg.Name, "remote", c.RemoteAddr().String(), "error", err)
+		c.Close()
+		return
+	}
+	switch tc.ConnectionState().NegotiatedProtocol {
+	case "h2", "http/1.1":
+		if !l.httpLn.push(tc) {
+			tc.Close()
+		}
+	default:
+		l.serveTCP(tc)
+	}
+}
+
+func (l *inboundListener) shutdown(ctx context.Context) {
+	l.ln.Close()
+	l.cancel()
+	if err := l.srv.Shutdown(ctx); err != nil {
+		l.srv.Close()
+	}
+}
+
+// ServeHTTP authorizes one request and forwards it to the app.
+func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := l.p.clock.Now()
+	pi, _ := r.Context().Value(peerKey{}).(*peerInfo)
+	if pi == nil || pi.id == "" {
+		http.Error(w, "no verified peer", http.StatusForbidden)
+		return
+	}
+	stripIdentityHeaders(r.Header)
+	trace := ensureTrace(r.Header, false)
+	rw := newRecorder(w)
+	defer rw.release()
+	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
+		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: trace, authz: authzDeny}
+
+	resp, d := l.check(r, pi)
+	res.decisionID = d.ID
+	if d.Result != enforcer.ResultAllow {
+		writeDenied(rw, resp, d)
+	} else {
+		res.authz = authzAllow
+		ok := resp.GetOkResponse()
+		for _, h := range ok.GetHeaders() {
+			applyHeader(r.Header, h)
+		}
+		for _, name := range ok.GetHeadersToRemove() {
+			r.Header.Del(name)
+		}
+		for _, h := range ok.GetResponseHeadersToAdd() {
+			applyHeader(rw.Header(), h)
+		}
+		r.Header.Set(headerXFCC, pi.xfcc)
+		l.rp.ServeHTTP(rw, r)
+	}
+	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
+	l.p.observe(&res)
+}
+
+// check asks the enforcer, denying when there is none.
+func (l *inboundListener) check(r *http.Request, pi *peerInfo) (*authv3.CheckResponse, enforcer.Decision) {
+	if l.p.enf == nil {
+		return nil, enforcer.Decision{Result: enforcer.ResultDeny, HTTPStatus: http.StatusForbidden, Reason: "no policy loaded"}
+	}
+	return l.p.enf.Check(r.Context(), l.checkRequest(r, pi))
+}
+
+// checkRequest describes r the way Envoy's ext_authz filter does:
+// lower-case header names (joined with ","), pseudo-headers included.
+func (l *inboundListener) checkRequest(r *http.Request, pi *peerInfo) *authv3.CheckRequest {
+	headers := make(map[string]string, len(r.Header)+4)
+	for k, vs := range r.Header {
+		headers[lowerHeader(k)] = strings.Join(vs, ",")
+	}
+	target := r.URL.RequestURI()
+	headers[":method"], headers[":path"], headers[":authority"], headers[":scheme"] = r.Method, target, r.Host, "https"
+	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		Source:      pi.source,
+		Destination: pi.dest,
+		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
+			Method: r.Method, Path: target, Host: r.Host, Scheme: "https", Protocol: r.Proto, Headers: headers,
+		}},
+		ContextExtensions: l.ext,
+	}}
+}
+
+func sockAddr(ip string, port uint32) *corev3.Address {
+	return &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// lowerHeader lower-cases canonical header names, allocating only for
+// names not seen before.
+func lowerHeader(k string) string {
+	if v, ok := lowerNames.Load(k); ok {
+		return v.(string)
+	}
+	low := strings.ToLower(k)
+	if lowerNamesN.Add(1) < 4096 {
+		lowerNames.Store(k, low)
+	}
+	return low
+}
+
+var (
+	lowerNames  sync.Map
+	lowerNamesN atomicCounter
+)
+
+// stripIdentityHeaders removes headers that claim identity from outside:
+// only the proxy sets them, from the verified peer.
+func stripIdentityHeaders(h http.Header) {
+	for k := range h {
+		if len(k) >= 7 && strings.EqualFold(k[:7], "x-writ-") || k == headerXFCC {
+			delete(h, k)
+		}
+	}
+}
+
+// writeDenied sends the enforcer's denial: its status, headers and body.
+func writeDenied(w http.ResponseWriter, resp *authv3.CheckResponse, d enforcer.Decision) {
+	status := d.HTTPStatus
+	body := ""
+	if den := resp.GetDeniedResponse(); den != nil {
+		if s := int(den.GetStatus().GetCode()); s >= 200 && s <= 599 {
+			status = s
+		}
+		for _, h := range den.GetHeaders() {
+			applyHeader(w.Header(), h)
+		}
+		body = den.GetBody()
+	}
+	if status < 400 || status > 599 {
+		status = http.StatusForbidden
+	}
+	if body == "" {
+		body = http.StatusText(status) + "\n"
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	}
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(body))
+}
+
+// applyHeader adds or sets a header as Envoy's HeaderValueOption says
+// (append when asked, else overwrite).
+func applyHeader(h http.Header, o *corev3.HeaderValueOption) {
+	k, v := o.GetHeader().GetKey(), o.GetHeader().GetValue()
+	if k == "" || strings.HasPrefix(k, ":") {
+		return
+	}
+	if o.GetAppend().GetValue() || o.GetAppendAction() == corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD {
+		h.Add(k, v)
+		return
+	}
+	h.Set(k, v)
+}
+
+// serveTCP authorizes a connection once and splices it to the app.
+func (l *inboundListener) serveTCP(tc *tls.Conn) {
+	start := l.p.clock.Now()
+	pi := l.peer(tc)
+	res := reqLog{direction: "inbound", proto: "tcp", source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, authz: authzDeny}
+	defer func() {
+		res.dur = l.p.clock.Since(start)
+		l.p.observeTCP(&res)
+	}()
+	if pi.id == "" {
+		l.p.countTCP(&res)
+		tc.Close()
+		return
+	}
+	var d enforcer.Decision
+	if l.p.enf == nil {
+		d.Result = enforcer.ResultDeny
+	} else {
+		_, d = l.p.enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+			Source: pi.source, Destination: pi.dest, ContextExtensions: l.ext,
+		}})
+	}
+	res.decisionID = d.ID
+	if d.Result == enforcer.ResultAllow {
+		res.authz = authzAllow
+	}
+	l.p.countTCP(&res)
+	if d.Result != enforcer.ResultAllow {
+		tc.Close()
+		return
+	}
+	app, err := net.DialTimeout("tcp", l.cfg.App, defaultConnectTimeout)
+	if err != nil {
+		res.status = 503
+		l.p.log.Warn("inbound tcp: dial app", "listener", l.cfg.Name, "error", err)
+		tc.Close()
+		return
+	}
+	res.sent, res.recv = l.p.splice(tc, app)
+}
+
+// appTransport forwards to the local app over pooled connections: HTTP/1.1
+// by default, h2c for gRPC and when the app speaks it.
+type appTransport struct {
+	h1, h2c *http.Transport
+	allH2C  bool
+}
+
+func newAppTransport(allH2C bool) appTransport {
+	h1 := &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: defaultConnectTimeout}).DialContext,
+		MaxIdleConnsPerHost: 256,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+	}
+	h2c := &http.Transport{
+		DialContext:        (&net.Dialer{Timeout: defaultConnectTimeout}).DialContext,
+		IdleConnTimeout:    90 * time.Second,
+		DisableCompression: true,
+	}
+	h2c.Protocols = new(http.Protocols)
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	return appTransport{h1: h1, h2c: h2c, allH2C: allH2C}
+}
+
+// RoundTrip picks the transport.
+func (t appTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if t.allH2C || (r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc")) {
+		return t.h2c.RoundTrip(r)
+	}
+	return t.h1.RoundTrip(r)
+}
+
+// proxyError answers a failed forward as Envoy would: 504 on a timeout,
+// 503 when no upstream could be reached.
+func proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	status := http.StatusServiceUnavailable
+	msg := "upstream connect error or disconnect/reset before headers\n"
+	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		status, msg = http.StatusGatewayTimeout, "upstream request timeout\n"
+	case errors.Is(err, errNoRoute):
+		status, msg = http.StatusNotFound, "no route\n"
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		status, msg = 499, "client closed request\n"
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(msg))
+}

@@ -1,0 +1,566 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"strings"
+	"sync"
+	"time"
+)
+
+var (
+	errNoRoute    = errors.New("no route")
+	errNoEndpoint = errors.New("no endpoint")
+)
+
+// defaultRouteTimeout is Envoy's default request timeout.
+const defaultRouteTimeout = 15 * time.Second
+
+// maxRetryBody bounds the request body kept for replay on retry; a larger
+// or unsized body is sent once.
+const maxRetryBody = 64 << 10
+
+// outboundListener is a local plaintext port of the application's.
+type outboundListener struct {
+	p   *Proxy
+	cfg Outbound
+	ln  net.Listener
+	srv *http.Server
+	rp  *httputil.ReverseProxy
+	ctx context.Context
+	end context.CancelFunc
+	// mirrors holds a token per mirrored request in flight.
+	mirrors chan struct{}
+	// httpLn feeds captured HTTP connections to srv (transparent only).
+	httpLn *connListener
+}
+
+// handedOff marks a captured connection given to the HTTP server, which
+// logs its requests instead.
+const handedOff = -1
+
+// capturedKey carries a captured connection's cluster into its requests.
+type capturedKey struct{}
+
+// peekedConn is a connection whose first bytes were read to tell HTTP
+// from other protocols; reads drain them first.
+type peekedConn struct {
+	net.Conn
+	r       *bufio.Reader
+	cluster string
+}
+
+func (c *peekedConn) Read(b []byte) (int, error) { return c.r.Read(b) }
+
+func (c *peekedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(closeWriter); ok {
+		return cw.CloseWrite()
+	}
+	return c.Conn.Close()
+}
+
+// sniffWait bounds the wait for a client's first bytes: protocols where
+// the server speaks first send none, and are spliced after it.
+const sniffWait = 200 * time.Millisecond
+
+// sniffHTTP tells whether c starts with an HTTP/1 request line or the
+// HTTP/2 preface.
+func sniffHTTP(c net.Conn, cluster string) (*peekedConn, bool) {
+	pc := &peekedConn{Conn: c, r: bufio.NewReaderSize(c, 4096), cluster: cluster}
+	_ = c.SetReadDeadline(time.Now().Add(sniffWait))
+	b, _ := pc.r.Peek(4)
+	_ = c.SetReadDeadline(time.Time{})
+	for _, m := range []string{"GET ", "POST", "PUT ", "HEAD", "DELE", "OPTI", "PATC", "PRI "} {
+		if string(b) == m {
+			return pc, true
+		}
+	}
+	return pc, false
+}
+
+// targetKey carries a request's chosen route and cluster to the transport.
+type targetKey struct{}
+
+type target struct {
+	route   *Route
+	cluster *cluster
+}
+
+// targetCtx carries a target without a separate context.WithValue.
+type targetCtx struct {
+	context.Context
+	t target
+}
+
+func (c *targetCtx) Value(key any) any {
+	if key == (targetKey{}) {
+		return &c.t
+	}
+	return c.Context.Value(key)
+}
+
+func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
+	ln, err := net.Listen("tcp", cfg.Address)
+	if err != nil {
+		return nil, fmt.Errorf("outbound %s: %w", cfg.Name, err)
+	}
+	l := &outboundListener{p: p, cfg: cfg, ln: ln, mirrors: make(chan struct{}, maxMirrors)}
+	l.ctx, l.end = context.WithCancel(context.Background())
+	if cfg.Protocol == "tcp" {
+		return l, nil
+	}
+	if cfg.Protocol == "transparent" {
+		l.httpLn = newConnListener(ln.Addr())
+	}
+	l.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = "https"
+			pr.Out.Host = pr.In.Host
+		},
+		Transport:    roundTripper{p},
+		BufferPool:   bufPool,
+		ErrorHandler: proxyError,
+	}
+	l.srv = &http.Server{
+		Handler:           l,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peekedConn); ok {
+				return context.WithValue(ctx, capturedKey{}, pc.cluster)
+			}
+			return ctx
+		},
+	}
+	// The app may speak HTTP/1.1 or HTTP/2 with prior knowledge (gRPC).
+	l.srv.Protocols = new(http.Protocols)
+	l.srv.Protocols.SetHTTP1(true)
+	l.srv.Protocols.SetUnencryptedHTTP2(true)
+	return l, nil
+}
+
+func (l *outboundListener) serve() error {
+	if l.httpLn != nil {
+		go func() { _ = l.srv.Serve(l.httpLn) }()
+	} else if l.srv != nil {
+		err := l.srv.Serve(l.ln)
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return fmt.Errorf("outbound %s: %w", l.cfg.Name, err)
+	}
+	for {
+		c, err := l.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("outbound %s: accept: %w", l.cfg.Name, err)
+		}
+		l.p.tcpWG.Add(1)
+		go func() {
+			defer l.p.tcpWG.Done()
+			l.serveTCP(c)
+		}()
+	}
+}
+
+func (l *outboundListener) shutdown(ctx context.Context) {
+	l.end()
+	l.ln.Close()
+	if l.srv == nil {
+		return
+	}
+	if err := l.srv.Shutdown(ctx); err != nil {
+		l.srv.Close()
+	}
+}
+
+// ServeHTTP routes a request from the app to a peer sidecar.
+func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	start := l.p.clock.Now()
+	st := l.p.state.Load()
+	rw := newRecorder(w)
+	defer rw.release()
+	self := l.p.selfID()
+	ns, wl := workloadParts(self)
+	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
+		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
+	res.traceID = ensureTrace(r.Header, true)
+	// The app speaks for itself only through its SVID: identity headers
+	// it sets are not forwarded.
+	stripIdentityHeaders(r.Header)
+	var rt *Route
+	switch {
+	case r.Method == http.MethodConnect: // no tunnels through the proxy port
+	case l.httpLn != nil:
+		// Captured HTTP goes to the cluster of its original destination.
+		name, _ := r.Context().Value(capturedKey{}).(string)
+		rt = st.captured[name]
+	default:
+		rt = st.route(l.cfg.Route, r.Host, r.URL.Path, r.Header)
+	}
+	if rt == nil {
+		proxyError(rw, r, errNoRoute)
+	} else {
+		cl := st.clusters[pickCluster(rt)]
+		res.dest = cl.cfg.Name
+		l.forward(rw, r, rt, cl)
+	}
+	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
+	l.p.observe(&res)
+}
+
+// forward applies the route's faults and the cluster's circuit breaker,
+// then proxies within the route's timeout.
+func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *Route, cl *cluster) {
+	if f := rt.Fault; f != nil {
+		if f.DelayPercent > 0 && rand.Float64()*100 < f.DelayPercent {
+			l.p.metrics.faults.WithLabelValues("delay").Inc()
+			select {
+			case <-l.p.clock.After(time.Duration(f.Delay)):
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if f.AbortPercent > 0 && rand.Float64()*100 < f.AbortPercent {
+			l.p.metrics.faults.WithLabelValues("abort").Inc()
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			w.WriteHeader(f.AbortStatus)
+			_, _ = io.WriteString(w, "fault filter abort\n")
+			return
+		}
+	}
+	if cl.inflight.Add(1) > cl.maxReq {
+		cl.inflight.Add(-1)
+		l.p.metrics.overflows.WithLabelValues(cl.cfg.Name).Inc()
+		w.Header().Set("X-Writ-Overloaded", "true")
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w, "upstream overflow\n")
+		return
+	}
+	defer cl.inflight.Add(-1)
+	timeout := time.Duration(rt.Timeout)
+	if timeout <= 0 {
+		timeout = defaultRouteTimeout
+	}
+	if m := rt.Mirror; m != nil && m.Percent > 0 && rand.Float64()*100 < m.Percent {
+		l.mirror(r, m, timeout)
+	}
+	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
+	l.rp.ServeHTTP(w, r.WithContext(ctx))
+	cancel()
+}
+
+// maxMirrors bounds the mirrored requests in flight per listener; beyond
+// it copies are dropped rather than queued.
+const maxMirrors = 64
+
+// mirror sends a copy of r to the mirror cluster in the background. The
+// body (up to maxRetryBody) is read into memory and replayed to both.
+func (l *outboundListener) mirror(r *http.Request, m *Mirror, timeout time.Duration) {
+	cl := l.p.state.Load().clusters[m.Cluster]
+	if cl == nil {
+		return
+	}
+	var body []byte
+	if r.Body != nil && r.Body != http.NoBody {
+		if r.ContentLength < 0 || r.ContentLength > maxRetryBody {
+			return
+		}
+		b, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
+		if err != nil || len(b) > maxRetryBody {
+			return
+		}
+		body = b
+		r.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	select {
+	case l.mirrors <- struct{}{}:
+	default:
+		l.p.metrics.mirrors.WithLabelValues(m.Cluster, "dropped").Inc()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
+	out := r.Clone(ctx)
+	out.RequestURI = ""
+	out.URL.Scheme = "https"
+	out.Host = hostWithoutPort(r.Host) + "-shadow"
+	out.Close = false
+	if body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	go func() {
+		defer func() { <-l.mirrors }()
+		defer cancel()
+		result := "error"
+		if ep := cl.pick(nil, l.p.clock.Now().UnixNano()); ep != nil {
+			out.URL.Host = ep.addr
+			if resp, err := cl.transport.RoundTrip(out); err == nil {
+				_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+				resp.Body.Close()
+				result = codeLabel(resp.StatusCode)
+			}
+		}
+		l.p.metrics.mirrors.WithLabelValues(m.Cluster, result).Inc()
+	}()
+}
+
+func hostWithoutPort(h string) string {
+	if i := strings.LastIndexByte(h, ':'); i >= 0 && !strings.HasSuffix(h, "]") {
+		return h[:i]
+	}
+	return h
+}
+
+// roundTripper sends a request to the chosen cluster: it picks an
+// endpoint, bounds each try, and retries as the route says.
+type roundTripper struct{ p *Proxy }
+
+func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	tg, _ := req.Context().Value(targetKey{}).(*target)
+	if tg == nil {
+		return nil, errNoRoute
+	}
+	cl, rp := tg.cluster, tg.route.Retry
+	attempts := 1
+	var perTry time.Duration
+	if rp != nil {
+		attempts += rp.NumRetries
+		perTry = time.Duration(rp.PerTryTimeout)
+	}
+	var body []byte
+	if attempts > 1 && req.Body != nil && req.Body != http.NoBody {
+		if req.ContentLength < 0 || req.ContentLength > maxRetryBody {
+			attempts = 1
+		} else {
+			b, err := io.ReadAll(io.LimitReader(req.Body, maxRetryBody+1))
+			if err != nil {
+				return nil, fmt.Errorf("read request body: %w", err)
+			}
+			body = b
+		}
+	}
+	var last *endpoint
+	for try := 0; ; try++ {
+		if try > 0 {
+			t.p.metrics.retries.WithLabelValues(cl.cfg.Name).Inc()
+			if try == 1 {
+				// This request counts as one retry in progress until
+				// its last try has answered.
+				cl.retrying.Add(1)
+				defer cl.retrying.Add(-1)
+			}
+			select {
+			case <-t.p.clock.After(backoff(rp, try)):
+			case <-req.Context().Done():
+				return nil, req.Context().Err()
+			}
+		}
+		var ep *endpoint
+		if hk := tg.route.HashHeader; hk != "" && cl.ring != nil && req.Header.Get(hk) != "" {
+			ep = cl.pickHash(hashKey(req.Header.Get(hk)), last, t.p.clock.Now().UnixNano())
+		} else {
+			ep = cl.pick(last, t.p.clock.Now().UnixNano())
+		}
+		if ep == nil {
+			return nil, errNoEndpoint
+		}
+		last = ep
+		ctx, cancel := req.Context(), context.CancelFunc(nil)
+		if perTry > 0 {
+			ctx, cancel = context.WithTimeout(ctx, perTry)
+		}
+		out := req.WithContext(ctx)
+		u := *req.URL
+		u.Host = ep.addr
+		out.URL = &u
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		ep.active.Add(1)
+		resp, err := cl.transport.RoundTrip(out)
+		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
+		// The last try, a finished request, or a retry budget spent.
+		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())
+		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
+			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
+			return resp, nil
+		}
+		if resp != nil {
+			_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+			resp.Body.Close()
+		}
+		if cancel != nil {
+			cancel()
+		}
+		ep.active.Add(-1)
+		if err != nil && (final || !retryError(rp, err)) {
+			if ctx.Err() != nil && req.Context().Err() == nil {
+				err = fmt.Errorf("per-try timeout: %w", context.DeadlineExceeded)
+			}
+			return nil, err
+		}
+	}
+}
+
+// backoff is Envoy's: full jitter below base*2^(try-1), capped at max
+// (default 10×base; base defaults to 25 ms).
+func backoff(rp *RetryPolicy, try int) time.Duration {
+	base := time.Duration(rp.BaseInterval)
+	if base <= 0 {
+		base = 25 * time.Millisecond
+	}
+	max := time.Duration(rp.MaxInterval)
+	if max <= 0 {
+		max = 10 * base
+	}
+	d := base << min(try-1, 20)
+	if d > max || d <= 0 {
+		d = max
+	}
+	return time.Duration(rand.Int64N(int64(d)) + 1)
+}
+
+func retryStatus(rp *RetryPolicy, status int) bool {
+	for _, on := range rp.RetryOn {
+		switch on {
+		case "5xx":
+			if status >= 500 {
+				return true
+			}
+		case "gateway-error":
+			if status == 502 || status == 503 || status == 504 {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func retryError(rp *RetryPolicy, err error) bool {
+	var op *net.OpError
+	dial := errors.As(err, &op) && op.Op == "dial"
+	for _, on := range rp.RetryOn {
+		switch on {
+		case "5xx", "gateway-error":
+			return true
+		case "connect-failure":
+			if dial {
+				return true
+			}
+		case "reset":
+			if !dial {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// doneBody ends a try when its response body is closed: the per-try
+// timeout's context is released and the endpoint's request count drops.
+type doneBody struct {
+	io.ReadCloser
+	once   sync.Once
+	cancel context.CancelFunc
+	ep     *endpoint
+}
+
+func (b *doneBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(func() {
+		if b.cancel != nil {
+			b.cancel()
+		}
+		b.ep.active.Add(-1)
+	})
+	return err
+}
+
+// serveTCP splices an app's connection to a peer sidecar over mTLS: to
+// the listener's cluster, or for a transparent listener to the cluster of
+// the connection's original destination.
+func (l *outboundListener) serveTCP(c net.Conn) {
+	start := l.p.clock.Now()
+	st := l.p.state.Load()
+	cl := st.clusters[l.cfg.Cluster]
+	self := l.p.selfID()
+	ns, wl := workloadParts(self)
+	res := reqLog{direction: "outbound", proto: "tcp", source: self.String(), srcNS: ns, srcWL: wl, dest: l.cfg.Cluster, authz: authzNone}
+	defer func() {
+		if res.status == handedOff {
+			return
+		}
+		res.dur = l.p.clock.Since(start)
+		l.p.observeTCP(&res)
+	}()
+	if l.cfg.Protocol == "transparent" {
+		dst, err := originalDst(c)
+		if cl = st.byAddr[dst]; cl == nil {
+			l.p.log.Warn("transparent: no cluster for the original destination", "listener", l.cfg.Name, "destination", dst, "error", err)
+			res.status = 404
+			l.p.countTCP(&res)
+			c.Close()
+			return
+		}
+		res.dest = cl.cfg.Name
+		// HTTP is routed, retried and decided per request: hand it to
+		// the HTTP server; anything else is spliced.
+		pc, isHTTP := sniffHTTP(c, cl.cfg.Name)
+		if isHTTP {
+			if !l.httpLn.push(pc) {
+				c.Close()
+			}
+			res.status = handedOff
+			return
+		}
+		c = pc
+	}
+	var last *endpoint
+	for try := 0; try < 2; try++ {
+		ep := cl.pick(last, l.p.clock.Now().UnixNano())
+		if ep == nil {
+			break
+		}
+		last = ep
+		raw, err := cl.dialer.DialContext(l.ctx, "tcp", ep.addr)
+		cl.outcome(ep, err != nil, l.p.clock.Now().UnixNano())
+		if err != nil {
+			continue
+		}
+		tc := tls.Client(raw, cl.tcpTLS)
+		if err := tlsHandshake(l.ctx, tc); err != nil {
+			l.p.metrics.handshakeErrors.WithLabelValues("outbound").Inc()
+			l.p.log.Warn("outbound tcp handshake", "cluster", cl.cfg.Name, "endpoint", ep.addr, "error", err)
+			raw.Close()
+			continue
+		}
+		l.p.countTCP(&res)
+		ep.active.Add(1)
+		res.sent, res.recv = l.p.splice(c, tc)
+		ep.active.Add(-1)
+		return
+	}
+	res.status = 503
+	l.p.countTCP(&res)
+	c.Close()
+}

@@ -1,0 +1,382 @@
+package proxy
+
+import (
+	"cmp"
+	"crypto/tls"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/writmesh/writ/authority/svidtls"
+)
+
+// state is one compiled Config: read-only once stored, swapped whole.
+type state struct {
+	cfg      *Config
+	routes   map[string]*RouteConfig
+	clusters map[string]*cluster
+	byAddr   map[string]*cluster // service address -> cluster
+	// captured is the route of HTTP captured for each cluster with
+	// service addresses: all of it to the cluster, retried on failed
+	// connections.
+	captured map[string]*Route
+}
+
+// cluster is a Cluster with its load balancer and its pool of HTTP/2
+// connections to the peer sidecars.
+type cluster struct {
+	cfg       Cluster
+	maxReq    int64
+	maxRetry  int64
+	inflight  atomic.Int64
+	retrying  atomic.Int64
+	ejected   atomic.Int64 // > 0 while some endpoint may be ejected
+	onEject   func()
+	ring      []ringEntry // RING_HASH: sorted by hash
+	eps       []*endpoint
+	rr        atomic.Uint64
+	transport *http.Transport
+	tcpTLS    *tls.Config
+	dialer    *net.Dialer
+}
+
+// endpoint is one peer sidecar; active counts its requests in flight for
+// least-request balancing.
+type endpoint struct {
+	addr   string
+	active atomic.Int64
+	// Outlier detection state.
+	fails        atomic.Int32
+	ejections    atomic.Int32
+	ejectedUntil atomic.Int64 // unix nanoseconds; 0 when in the pool
+	// Active health check state, written by the checker only.
+	unhealthy      atomic.Bool
+	hcFail, hcPass int
+}
+
+// in reports whether the endpoint is in the pool at now: healthy and not
+// ejected.
+func (e *endpoint) in(now int64) bool {
+	if e.unhealthy.Load() {
+		return false
+	}
+	u := e.ejectedUntil.Load()
+	return u == 0 || now >= u
+}
+
+const defaultConnectTimeout = 5 * time.Second
+
+// compile builds the runtime state of cfg, reusing the transports (and so
+// the pooled connections) of clusters whose peers and timeouts are
+// unchanged in old.
+func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}, captured: map[string]*Route{}}
+	defer func() {
+		for _, c := range cfg.Clusters {
+			for _, a := range c.Addresses {
+				st.byAddr[a] = st.clusters[c.Name]
+			}
+			if len(c.Addresses) > 0 {
+				st.captured[c.Name] = &Route{Prefix: "/", Clusters: []WeightedCluster{{Name: c.Name, Weight: 1}}, Retry: defaultRetry()}
+			}
+		}
+	}()
+	for i := range cfg.Routes {
+		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
+	}
+	for _, c := range cfg.Clusters {
+		cl := &cluster{cfg: c, maxReq: 1024, maxRetry: 3}
+		name := c.Name
+		cl.onEject = func() { p.metrics.ejections.WithLabelValues(name).Inc() }
+		if cb := c.CircuitBreakers; cb != nil {
+			if cb.MaxRequests > 0 {
+				cl.maxReq = int64(cb.MaxRequests)
+			}
+			if cb.MaxRetries > 0 {
+				cl.maxRetry = int64(cb.MaxRetries)
+			}
+		}
+		for _, ep := range c.Endpoints {
+			cl.eps = append(cl.eps, &endpoint{addr: ep.Address})
+		}
+		if c.LBPolicy == RingHash {
+			cl.ring = buildRing(cl.eps)
+		}
+		if old != nil {
+			if o, ok := old.clusters[c.Name]; ok && slices.Equal(o.cfg.PeerIDs, c.PeerIDs) && o.cfg.ConnectTimeout == c.ConnectTimeout {
+				cl.transport, cl.tcpTLS, cl.dialer = o.transport, o.tcpTLS, o.dialer
+				st.clusters[c.Name] = cl
+				continue
+			}
+		}
+		ids := make([]spiffeid.ID, 0, len(c.PeerIDs))
+		for _, s := range c.PeerIDs {
+			id, err := spiffeid.FromString(s)
+			if err != nil {
+				return nil, fmt.Errorf("cluster %s: peer id %q: %w", c.Name, s, err)
+			}
+			ids = append(ids, id)
+		}
+		authz := func(id spiffeid.ID) error {
+			if slices.Contains(ids, id) {
+				return nil
+			}
+			return fmt.Errorf("peer %s is not one of cluster %s's %v", id, c.Name, c.PeerIDs)
+		}
+		ct := time.Duration(c.ConnectTimeout)
+		if ct <= 0 {
+			ct = defaultConnectTimeout
+		}
+		cl.dialer = &net.Dialer{Timeout: ct, KeepAlive: 30 * time.Second}
+		h2 := svidtls.ClientConfig(p.src, p.src, authz, p.clock)
+		h2.NextProtos = []string{"h2"}
+		cl.tcpTLS = svidtls.ClientConfig(p.src, p.src, authz, p.clock)
+		tr := &http.Transport{
+			DialContext:         cl.dialer.DialContext,
+			TLSClientConfig:     h2,
+			TLSHandshakeTimeout: handshakeTimeout,
+			ForceAttemptHTTP2:   true,
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+			// Bodies pass through untouched; compression is the app's.
+			DisableCompression: true,
+		}
+		tr.Protocols = new(http.Protocols)
+		tr.Protocols.SetHTTP2(true)
+		cl.transport = tr
+		st.clusters[c.Name] = cl
+	}
+	return st, nil
+}
+
+// pick chooses an endpoint in the pool at now, avoiding not (the one that
+// just failed) when there is another. When every endpoint is ejected the
+// ejections are ignored (Envoy's panic mode): some traffic beats none.
+// It returns nil for a cluster without endpoints.
+func (c *cluster) pick(not *endpoint, now int64) *endpoint {
+	eps := c.eps
+	if c.ejected.Load() > 0 {
+		healthy := make([]*endpoint, 0, len(eps))
+		for _, e := range eps {
+			if e.in(now) {
+				healthy = append(healthy, e)
+			}
+		}
+		switch len(healthy) {
+		case len(eps):
+			c.ejected.Store(0) // every ejection has ended
+		case 0:
+		default:
+			eps = healthy
+		}
+	}
+	return pickFrom(eps, not, c.cfg.LBPolicy, &c.rr)
+}
+
+func pickFrom(eps []*endpoint, not *endpoint, policy string, rr *atomic.Uint64) *endpoint {
+	n := len(eps)
+	switch {
+	case n == 0:
+		return nil
+	case n == 1:
+		return eps[0]
+	}
+	if policy == LeastRequest {
+		// Power of two choices: two distinct random endpoints, the one
+		// with fewer requests in flight wins.
+		i := rand.IntN(n)
+		j := rand.IntN(n - 1)
+		if j >= i {
+			j++
+		}
+		a, b := eps[i], eps[j]
+		if a == not || (b != not && b.active.Load() < a.active.Load()) {
+			return b
+		}
+		return a
+	}
+	e := eps[rr.Add(1)%uint64(n)]
+	if e == not {
+		e = eps[rr.Add(1)%uint64(n)]
+	}
+	return e
+}
+
+// retryCap is how many requests may be retrying at once: max_retries, or
+// with a retry budget that share of the requests in flight (at least
+// min_retry_concurrency).
+func (c *cluster) retryCap() int64 {
+	cb := c.cfg.CircuitBreakers
+	if cb == nil || cb.RetryBudgetPercent <= 0 {
+		return c.maxRetry
+	}
+	min := int64(cb.MinRetryConcurrency)
+	if min <= 0 {
+		min = 3
+	}
+	return max(min, int64(cb.RetryBudgetPercent*float64(c.inflight.Load())/100))
+}
+
+// ringEntry is one point of a hash ring.
+type ringEntry struct {
+	hash uint64
+	ep   *endpoint
+}
+
+// ringPoints is how many points each endpoint gets on the ring: enough
+// for an even spread over a few dozen endpoints.
+const ringPoints = 128
+
+func buildRing(eps []*endpoint) []ringEntry {
+	ring := make([]ringEntry, 0, len(eps)*ringPoints)
+	for _, e := range eps {
+		for i := range ringPoints {
+			ring = append(ring, ringEntry{hash: hashKey(e.addr + "_" + strconv.Itoa(i)), ep: e})
+		}
+	}
+	slices.SortFunc(ring, func(a, b ringEntry) int { return cmp.Compare(a.hash, b.hash) })
+	return ring
+}
+
+// hashKey is FNV-1a, 64 bits: stable across processes, so every sidecar
+// maps a key to the same endpoint.
+func hashKey(s string) uint64 {
+	h := uint64(14695981039346656037)
+	for i := 0; i < len(s); i++ {
+		h ^= uint64(s[i])
+		h *= 1099511628211
+	}
+	return h
+}
+
+// pickHash walks the ring from key's point to the first endpoint in the
+// pool at now that is not not; with none, it falls back to pick.
+func (c *cluster) pickHash(key uint64, not *endpoint, now int64) *endpoint {
+	if len(c.ring) == 0 {
+		return c.pick(not, now)
+	}
+	i, _ := slices.BinarySearchFunc(c.ring, key, func(e ringEntry, k uint64) int { return cmp.Compare(e.hash, k) })
+	for n := 0; n < len(c.ring); n++ {
+		e := c.ring[(i+n)%len(c.ring)].ep
+		if e != not && e.in(now) {
+			return e
+		}
+	}
+	return c.pick(not, now)
+}
+
+// outcome feeds outlier detection: failed is a 5xx answer or a failed
+// connection.
+func (c *cluster) outcome(e *endpoint, failed bool, now int64) {
+	od := c.cfg.OutlierDetection
+	if od == nil {
+		return
+	}
+	if !failed {
+		e.fails.Store(0)
+		return
+	}
+	limit := od.Consecutive5xx
+	if limit <= 0 {
+		limit = 5
+	}
+	if int(e.fails.Add(1)) < limit {
+		return
+	}
+	e.fails.Store(0)
+	if !e.in(now) {
+		return
+	}
+	// Recount who is out now, then respect the cap.
+	out := 0
+	for _, x := range c.eps {
+		if !x.in(now) {
+			out++
+		}
+	}
+	pct := od.MaxEjectionPercent
+	if pct == 0 {
+		pct = 10
+	}
+	if max := max(1, len(c.eps)*pct/100); out >= max {
+		return
+	}
+	base := time.Duration(od.BaseEjectionTime)
+	if base <= 0 {
+		base = 30 * time.Second
+	}
+	n := e.ejections.Add(1)
+	e.ejectedUntil.Store(now + int64(base)*int64(n))
+	c.ejected.Store(int64(out + 1))
+	if c.onEject != nil {
+		c.onEject()
+	}
+}
+
+// route finds the route for host, path and headers in the named
+// configuration.
+func (st *state) route(name, host, path string, h http.Header) *Route {
+	rc := st.routes[name]
+	if rc == nil {
+		return nil
+	}
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
+		host = host[:i]
+	}
+	var vh *VirtualHost
+	for i := range rc.VirtualHosts {
+		for _, d := range rc.VirtualHosts[i].Domains {
+			if d == "*" && vh == nil || strings.EqualFold(d, host) {
+				vh = &rc.VirtualHosts[i]
+				if d != "*" {
+					goto found
+				}
+			}
+		}
+	}
+found:
+	if vh == nil {
+		return nil
+	}
+next:
+	for i := range vh.Routes {
+		r := &vh.Routes[i]
+		if !strings.HasPrefix(path, r.Prefix) {
+			continue
+		}
+		for j := range r.Headers {
+			if !r.Headers[j].matches(h) {
+				continue next
+			}
+		}
+		return r
+	}
+	return nil
+}
+
+// pickCluster chooses one of a route's clusters by weight.
+func pickCluster(r *Route) string {
+	if len(r.Clusters) == 1 {
+		return r.Clusters[0].Name
+	}
+	var total uint64
+	for _, c := range r.Clusters {
+		total += uint64(c.Weight)
+	}
+	x := rand.Uint64N(total)
+	for _, c := range r.Clusters {
+		if x < uint64(c.Weight) {
+			return c.Name
+		}
+		x -= uint64(c.Weight)
+	}
+	return r.Clusters[len(r.Clusters)-1].Name
+}
