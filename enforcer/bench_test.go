@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,9 +14,8 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/jonboulle/clockwork"
 	"github.com/open-policy-agent/opa/v1/rego"
-	"github.com/open-policy-agent/opa/v1/util"
+	"github.com/writmesh/writ/enforcer/enforcertest"
 	"github.com/writmesh/writ/policy"
-	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // benchRules is the size of the opa-envoy-style RBAC policy: one rule per
@@ -168,7 +166,7 @@ func BenchmarkCheck(b *testing.B) {
 					h.Headers[":path"] = h.Path
 				}
 				t0 := time.Now()
-				in, err := opaEnvoyInput(req)
+				in, err := enforcertest.OPAEnvoyInput(req)
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -190,35 +188,4 @@ func BenchmarkCheck(b *testing.B) {
 			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "decisions/s")
 		})
 	}
-}
-
-// opaEnvoyInput builds the input as opa-envoy-plugin does, for the baseline.
-func opaEnvoyInput(req *authv3.CheckRequest) (map[string]any, error) {
-	bs, err := protojson.Marshal(req)
-	if err != nil {
-		return nil, err
-	}
-	var in map[string]any
-	if err := util.UnmarshalJSON(bs, &in); err != nil {
-		return nil, err
-	}
-	in["version"] = map[string]any{"ext_authz": "v3", "encoding": "protojson"}
-	u, err := url.Parse(req.GetAttributes().GetRequest().GetHttp().GetPath())
-	if err != nil {
-		return nil, err
-	}
-	var pp []any
-	for _, s := range strings.Split(strings.TrimLeft(u.Path, "/"), "/") {
-		pp = append(pp, s)
-	}
-	pq := map[string]any{}
-	for k, vs := range u.Query() {
-		l := make([]any, len(vs))
-		for i, v := range vs {
-			l[i] = v
-		}
-		pq[k] = l
-	}
-	in["parsed_path"], in["parsed_query"], in["parsed_body"], in["truncated_body"] = pp, pq, nil, false
-	return in, nil
 }

@@ -178,15 +178,7 @@ func (w *auditWritd) kill9(t *testing.T) {
 
 func (w *auditWritd) writ(t *testing.T, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(w.bin, "writ"), append([]string{"--admin-socket", w.socket}, args...)...)
-	out, err := cmd.CombinedOutput()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return string(out), code
+	return runWrit(t, append([]string{"--admin-socket", w.socket}, args...)...)
 }
 
 func (w *auditWritd) bundle(t *testing.T) *spiffebundle.Bundle {

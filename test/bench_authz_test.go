@@ -8,7 +8,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -26,11 +25,10 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/jonboulle/clockwork"
 	"github.com/open-policy-agent/opa/v1/rego"
-	"github.com/open-policy-agent/opa/v1/util"
 	"google.golang.org/genproto/googleapis/rpc/code"
-	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/enforcer/enforcertest"
 	"github.com/writmesh/writ/policy"
 )
 
@@ -107,7 +105,7 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 			b.Fatal(err)
 		}
 		inproc = append(inproc, &benchSystem{name: "opa in-process (opa-envoy input, rego)", conc: 1, n: min(nInProc, 5000), cpu: selfCPU, f: func(ctx context.Context, i int) (bool, error) {
-			in, err := opaEnvoyInput(reqs[i])
+			in, err := enforcertest.OPAEnvoyInput(reqs[i])
 			if err != nil {
 				return false, err
 			}
@@ -132,7 +130,7 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 	opaURL, opaPID := startOPA(b, opaBin, w.http)
 	bodies := make([][]byte, nServer)
 	for i := range bodies {
-		in, err := opaEnvoyInput(reqs[i])
+		in, err := enforcertest.OPAEnvoyInput(reqs[i])
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -462,38 +460,6 @@ func authzBenchRequests(n int) []*authv3.CheckRequest {
 		}}
 	}
 	return reqs
-}
-
-// opaEnvoyInput builds the input as opa-envoy-plugin does: protojson of
-// the CheckRequest plus parsed_path, parsed_query and version.
-func opaEnvoyInput(req *authv3.CheckRequest) (map[string]any, error) {
-	bs, err := protojson.Marshal(req)
-	if err != nil {
-		return nil, err
-	}
-	var in map[string]any
-	if err := util.UnmarshalJSON(bs, &in); err != nil {
-		return nil, err
-	}
-	in["version"] = map[string]any{"ext_authz": "v3", "encoding": "protojson"}
-	u, err := url.Parse(req.GetAttributes().GetRequest().GetHttp().GetPath())
-	if err != nil {
-		return nil, err
-	}
-	var pp []any
-	for _, s := range strings.Split(strings.TrimLeft(u.Path, "/"), "/") {
-		pp = append(pp, s)
-	}
-	pq := map[string]any{}
-	for k, vs := range u.Query() {
-		l := make([]any, len(vs))
-		for i, v := range vs {
-			l[i] = v
-		}
-		pq[k] = l
-	}
-	in["parsed_path"], in["parsed_query"], in["parsed_body"], in["truncated_body"] = pp, pq, nil, false
-	return in, nil
 }
 
 // perCPU is decisions per CPU-second of the deciding process: on a shared

@@ -13,6 +13,8 @@ import (
 
 // runWrit runs the built writ CLI (no writd needed for policy commands)
 // and returns its combined output and exit code.
+// runWrit runs the writ binary from binDir and returns its output and
+// exit code.
 func runWrit(t *testing.T, args ...string) (string, int) {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(binDir(t), "writ"), args...)

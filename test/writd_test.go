@@ -88,15 +88,7 @@ func startWritd(t testing.TB, opts ...writdOptions) *writd {
 // writ runs the CLI against w and returns its output and exit code.
 func (w *writd) writ(t *testing.T, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(w.bin, "writ"), append([]string{"--admin-socket", w.socket}, args...)...)
-	out, err := cmd.CombinedOutput()
-	code := 0
-	if ee, ok := err.(*exec.ExitError); ok {
-		code = ee.ExitCode()
-	} else if err != nil {
-		t.Fatal(err)
-	}
-	return string(out), code
+	return runWrit(t, append([]string{"--admin-socket", w.socket}, args...)...)
 }
 
 func (w *writd) get(t testing.TB, path string) string {
