@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	listenerservice "github.com/envoyproxy/go-control-plane/envoy/service/listener/v3"
 	routeservice "github.com/envoyproxy/go-control-plane/envoy/service/route/v3"
 	secretservice "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
@@ -43,6 +45,9 @@ const (
 	MetaLabels    = "WRIT_LABELS"    // struct of string labels, e.g. {"version": "v1"}
 	MetaAddress   = "WRIT_ADDRESS"   // IP the workload serves on
 	MetaPorts     = "WRIT_PORTS"     // list of port numbers
+	// MetaAppPorts maps mesh ports to the local application's ports
+	// ({"15006": 8080}) when they differ; Envoy-flavor nodes only.
+	MetaAppPorts = "WRIT_APP_PORTS"
 )
 
 // ServerOptions configures the xDS server.
@@ -271,6 +276,17 @@ func (s *Server) nodeFrom(caller spiffeid.ID, cn *corev3.Node) (Node, error) {
 		if len(n.Ports) == 0 || len(n.Ports) > 64 {
 			return Node{}, status.Errorf(codes.InvalidArgument, "node serving %q needs 1 to 64 %s", v, MetaPorts)
 		}
+		for k, v := range md[MetaAppPorts].GetStructValue().GetFields() {
+			mp, err := strconv.Atoi(k)
+			ap := int(v.GetNumberValue())
+			if err != nil || !slices.Contains(n.Ports, mp) || ap < 1 || ap > 65535 || float64(ap) != v.GetNumberValue() {
+				return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: %q: %v: want one of %s mapped to a port number", MetaAppPorts, k, v.AsInterface(), MetaPorts)
+			}
+			if n.AppPorts == nil {
+				n.AppPorts = map[int]int{}
+			}
+			n.AppPorts[mp] = ap
+		}
 		labels := md[MetaLabels].GetStructValue().GetFields()
 		if len(labels) > 32 {
 			return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: more than 32 labels", MetaLabels)
@@ -467,7 +483,16 @@ func (s *Server) setNode(nodeID string, rs Resources) {
 		s.mu.Unlock()
 		return
 	}
-	snap, err := cachev3.NewSnapshot(version, rs)
+	// Every type gets a version, even with no resources: the snapshot
+	// cache never answers a request for a type the snapshot lacks, and a
+	// data plane that waits for a consistent set of all types (writ-proxy)
+	// would wait forever on an empty one.
+	full := make(Resources, len(rs)+5)
+	for _, t := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType, resource.SecretType} {
+		full[t] = []types.Resource{}
+	}
+	maps.Copy(full, rs)
+	snap, err := cachev3.NewSnapshot(version, full)
 	if err != nil {
 		s.mu.Unlock()
 		s.o.Log.Error("xds snapshot", "node", nodeID, "error", err)
@@ -516,7 +541,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 	s.mu.Unlock()
 	built := map[string]Resources{}
 	for _, n := range nodes {
-		key := fmt.Sprintf("%s|%s|%s|%s|%v|%v", n.Flavor, n.Namespace, n.Service, n.Address, n.Ports, n.Labels)
+		key := fmt.Sprintf("%s|%s|%s|%s|%v|%v|%v", n.Flavor, n.Namespace, n.Service, n.Address, n.Ports, n.Labels, n.AppPorts)
 		res, ok := built[key]
 		if !ok {
 			if res, err = Build(mesh, n); err != nil {

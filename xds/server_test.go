@@ -224,6 +224,8 @@ func TestADSRefusesMismatchedClaims(t *testing.T) {
 		{"not a workload", "spiffe://example.org/node/n1", "n3", nil, codes.PermissionDenied},
 		{"other trust domain", "spiffe://evil.org/ns/demo/sa/client", "n4", nil, codes.PermissionDenied},
 		{"service without ports", "spiffe://example.org/ns/demo/sa/greeter", "n5", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1"}, codes.InvalidArgument},
+		{"app port for a port not served", "spiffe://example.org/ns/demo/sa/greeter", "n6", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1", MetaPorts: []any{float64(15006)}, MetaAppPorts: map[string]any{"15007": float64(8080)}}, codes.InvalidArgument},
+		{"app port out of range", "spiffe://example.org/ns/demo/sa/greeter", "n7", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1", MetaPorts: []any{float64(15006)}, MetaAppPorts: map[string]any{"15006": float64(70000)}}, codes.InvalidArgument},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
