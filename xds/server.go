@@ -483,15 +483,19 @@ func (s *Server) setNode(nodeID string, rs Resources) {
 		s.mu.Unlock()
 		return
 	}
-	// Every type gets a version, even with no resources: the snapshot
-	// cache never answers a request for a type the snapshot lacks, and a
-	// data plane that waits for a consistent set of all types (writ-proxy)
-	// would wait forever on an empty one.
-	full := make(Resources, len(rs)+5)
-	for _, t := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType, resource.SecretType} {
-		full[t] = []types.Resource{}
+	// Envoy-flavor nodes subscribe by type (wildcard) and writ-proxy
+	// waits for a consistent set of every type: each type gets a version
+	// even with no resources, since the snapshot cache never answers for
+	// a type the snapshot lacks. gRPC clients ask by name and are better
+	// left waiting than told a resource does not exist.
+	full := rs
+	if ns.node.Flavor == FlavorEnvoy {
+		full = make(Resources, len(rs)+5)
+		for _, t := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType, resource.SecretType} {
+			full[t] = []types.Resource{}
+		}
+		maps.Copy(full, rs)
 	}
-	maps.Copy(full, rs)
 	snap, err := cachev3.NewSnapshot(version, full)
 	if err != nil {
 		s.mu.Unlock()
