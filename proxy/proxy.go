@@ -61,16 +61,16 @@ type Options struct {
 
 // Proxy is a running data plane. It is safe for concurrent use.
 type Proxy struct {
-	src      Source
-	td       spiffeid.TrustDomain
-	enf      *enforcer.Enforcer
-	reg      *prometheus.Registry
-	metrics  *metrics
-	alog     *accessLog
-	drain    time.Duration
-	clock    clockwork.Clock
-	log      *slog.Logger
-	state    atomic.Pointer[state]
+	src     Source
+	td      spiffeid.TrustDomain
+	enf     *enforcer.Enforcer
+	reg     *prometheus.Registry
+	metrics *metrics
+	alog    *accessLog
+	drain   time.Duration
+	clock   clockwork.Clock
+	log     *slog.Logger
+	state   atomic.Pointer[state]
 	// lmu guards the listener sets, which Update may change while Run
 	// serves them, and the fields below it.
 	lmu      sync.Mutex
@@ -78,7 +78,7 @@ type Proxy struct {
 	outbound []*outboundListener
 	serving  bool // Run has started the listeners and not begun to drain
 	stopped  bool
-	errc     chan error    // listener failures, for Run
+	errc     chan error     // listener failures, for Run
 	retiring sync.WaitGroup // listeners removed by Update, draining
 	// tcpConns tracks spliced connections so that drain can end them.
 	tcpMu    sync.Mutex
