@@ -30,7 +30,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/writmesh/writ/config"
 	"github.com/writmesh/writ/proxy"
@@ -513,5 +515,38 @@ func TestClientVerifiesServerID(t *testing.T) {
 	}
 	if !strings.Contains(c.Status().LastError, "impostor") {
 		t.Errorf("the error does not name the unexpected server: %s", c.Status().LastError)
+	}
+}
+
+// TestNodeMetadata: the node writ-proxy sends is one writd's registry
+// reads: the keys are xds's, and the claims come out as meant.
+func TestNodeMetadata(t *testing.T) {
+	for got, want := range map[string]string{metaProxy: xds.MetaProxy, metaNamespace: xds.MetaNamespace, metaService: xds.MetaService,
+		metaLabels: xds.MetaLabels, metaAddress: xds.MetaAddress, metaPorts: xds.MetaPorts, metaAppPorts: xds.MetaAppPorts} {
+		if got != want {
+			t.Errorf("metadata key %q, xds has %q", got, want)
+		}
+	}
+	n, err := Node(NodeOptions{ID: "orders-1", Namespace: "shop", Service: "orders", Inbound: "127.0.0.1:15006", App: "127.0.0.1:8080", Labels: map[string]string{"version": "v1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := xds.NodeMetadata(xds.FlavorEnvoy, "shop", "orders", "127.0.0.1", []int{15006}, map[string]string{"version": "v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want.Fields[xds.MetaAppPorts] = structpb.NewStructValue(&structpb.Struct{Fields: map[string]*structpb.Value{"15006": structpb.NewNumberValue(8080)}})
+	if !proto.Equal(n.GetMetadata(), want) {
+		t.Errorf("metadata:\n got %v\nwant %v", n.GetMetadata(), want)
+	}
+	for _, bad := range []NodeOptions{
+		{ID: "x", Namespace: "shop", Service: "orders", Inbound: "0.0.0.0:15006", App: "127.0.0.1:8080"},
+		{ID: "x", Namespace: "shop", Service: "orders", Inbound: "127.0.0.1:15006", App: "10.0.0.1:8080"},
+		{ID: "x", Namespace: "shop", Service: "orders", Inbound: "127.0.0.1", App: "127.0.0.1:8080"},
+		{ID: "", Namespace: "shop"},
+	} {
+		if _, err := Node(bad); err == nil {
+			t.Errorf("%+v: accepted", bad)
+		}
 	}
 }
