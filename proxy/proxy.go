@@ -4,8 +4,9 @@
 // to peer sidecars, metrics, access logs and an admin port.
 //
 // Its configuration is a Config, shaped like the Envoy resources writd
-// serves over xDS; today it is static (YAML and flags) and Proxy.Update is
-// the seam where the xDS client will push new ones.
+// serves over xDS: proxy/xdsclient translates them (ListenersFromEnvoy,
+// RoutesFromEnvoy, ClustersFromEnvoy) and pushes each new one with
+// Proxy.Update; a static YAML Config serves tests without writd.
 //
 // It imports enforcer and authority/svidtls; only cmd/writ-proxy and tests
 // import it.
