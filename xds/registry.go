@@ -19,7 +19,8 @@ type Endpoint struct {
 	Labels    map[string]string `json:"labels"`
 	Address   string            `json:"address"`
 	Ports     []int             `json:"ports"`
-	// Healthy is set once the workload has ACKed its own configuration.
+	// Healthy is set once the workload has ACKed its own configuration,
+	// and while its data plane reports its app healthy.
 	Healthy bool `json:"healthy"`
 }
 

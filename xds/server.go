@@ -17,6 +17,7 @@ import (
 	clusterservice "github.com/envoyproxy/go-control-plane/envoy/service/cluster/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	endpointservice "github.com/envoyproxy/go-control-plane/envoy/service/endpoint/v3"
+	healthv3 "github.com/envoyproxy/go-control-plane/envoy/service/health/v3"
 	listenerservice "github.com/envoyproxy/go-control-plane/envoy/service/listener/v3"
 	routeservice "github.com/envoyproxy/go-control-plane/envoy/service/route/v3"
 	secretservice "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
@@ -105,8 +106,9 @@ type nodeState struct {
 	bad      string // version the node refused; never pushed again
 	lastErr  string
 	// hasInbound: the current snapshot holds the node's own inbound
-	// listeners; healthy: it ACKed such a snapshot.
-	hasInbound, healthy bool
+	// listeners; healthy: it ACKed such a snapshot; appDown: its data
+	// plane last reported its app unhealthy (StreamHealthCheck).
+	hasInbound, healthy, appDown bool
 }
 
 // NewServer returns the xDS server; Register it on a gRPC server and Run it.
@@ -169,7 +171,8 @@ func NewServer(ctx context.Context, o ServerOptions) *Server {
 	return s
 }
 
-// Register adds ADS, the per-type discovery services and SDS to g.
+// Register adds ADS, the per-type discovery services, SDS and the health
+// reports of data planes (HDS) to g.
 func (s *Server) Register(g *grpc.Server) {
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
 	listenerservice.RegisterListenerDiscoveryServiceServer(g, s.xds)
@@ -177,6 +180,7 @@ func (s *Server) Register(g *grpc.Server) {
 	clusterservice.RegisterClusterDiscoveryServiceServer(g, s.xds)
 	endpointservice.RegisterEndpointDiscoveryServiceServer(g, s.xds)
 	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
+	healthv3.RegisterHealthDiscoveryServiceServer(g, healthService{s: s})
 }
 
 // Kick asks for a rebuild (coalesced with pending ones).
@@ -336,13 +340,14 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 				ns.acked, ns.lastGood = ns.version, ns.current
 			}
 			if ns.node.Service != "" && !ns.healthy && ns.hasInbound {
-				// It has taken its own listeners: it can serve now.
+				// It has taken its own listeners: it can serve now,
+				// unless its data plane reports its app down.
 				ns.healthy = true
-				n := ns.node
+				n, serving := ns.node, !ns.appDown
 				go func() {
 					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 					defer cancel()
-					if err := s.o.Store.SetHealthy(ctx, n.ID, n.SPIFFEID, true); err != nil {
+					if err := s.o.Store.SetHealthy(ctx, n.ID, n.SPIFFEID, serving); err != nil {
 						s.o.Log.Error("xds mark node healthy", "node", n.ID, "error", err)
 					}
 				}()
