@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -78,6 +79,27 @@ func startADSProxy(t *testing.T, w *auditWritd, node string, args ...string) *ad
 	return &adsProxy{p}
 }
 
+// startAppAt serves an HTTP app answering body on addr (retrying while a
+// previous server's port frees).
+func startAppAt(t *testing.T, addr, body string) *http.Server {
+	t.Helper()
+	var l net.Listener
+	var err error
+	for i := 0; i < 100; i++ {
+		if l, err = net.Listen("tcp", addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, body) })}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return srv
+}
+
 // dump is the proxy's /config_dump.
 type adsDump struct {
 	XDS struct {
@@ -140,8 +162,9 @@ spec:
 // v1 and v2 serving, frontend calling) configured only over ADS. Requests
 // through the pair are allowed and denied by policy; route changes applied
 // with `writ apply` reach the running proxies; a route the proxy cannot
-// follow is NACKed with its reason while the old configuration stays; and
-// with writd killed the proxies keep serving, then reconnect.
+// follow is NACKed with its reason while the old configuration stays; a
+// sidecar whose app is down gets taken out of its peers' endpoints and
+// back; and with writd killed the proxies keep serving, then reconnect.
 func TestWritProxyOverADS(t *testing.T) {
 	pg := startPG(t)
 	w := newAuditWritd(t, pg.url)
@@ -175,7 +198,9 @@ func TestWritProxyOverADS(t *testing.T) {
 		}))
 	}
 	v1 := startADSProxy(t, w, "orders-v1", "--inbound", freeAddr(t), "--app", app("v1"), "--version", "v1", "--policy-dir", policyDir)
-	startADSProxy(t, w, "orders-v2", "--inbound", freeAddr(t), "--app", app("v2"), "--version", "v2", "--policy-dir", policyDir)
+	v2addr := freeAddr(t)
+	v2app := startAppAt(t, v2addr, "v2")
+	startADSProxy(t, w, "orders-v2", "--inbound", freeAddr(t), "--app", v2addr, "--version", "v2", "--policy-dir", policyDir, "--app-check-interval", "100ms")
 	up, httpProxy := freeAddr(t), freeAddr(t)
 	front := startADSProxy(t, w, "frontend", "--upstream", "orders="+up, "--http-proxy", httpProxy)
 	strangerUp := freeAddr(t)
@@ -257,6 +282,34 @@ func TestWritProxyOverADS(t *testing.T) {
 	if seen["v1"] == 0 || seen["v2"] == 0 || seen["v1"]+seen["v2"] != 40 {
 		t.Fatalf("after the NACK the split should stay: %v", seen)
 	}
+
+	// Health comes from the data planes: with the route gone, requests
+	// go round robin to both versions; orders v2's sidecar finds its app
+	// down and writd takes v2 out of frontend's endpoints, then puts it
+	// back when the app returns.
+	if out, code := w.writ(t, "delete", "route", "orders", "-n", "shop"); code != 0 {
+		t.Fatalf("delete route: %s", out)
+	}
+	clear(seen)
+	waitUntil(t, 20*time.Second, "both versions without a route", func() bool {
+		_, body := get(up)
+		seen[body]++
+		return seen["v1"] > 0 && seen["v2"] > 0
+	})
+	v2app.Close()
+	waitUntil(t, 30*time.Second, "v2 out of the pool", func() bool {
+		for range 6 {
+			if code, body := get(up); code != 200 || body != "v1" {
+				return false
+			}
+		}
+		return true
+	})
+	v2app = startAppAt(t, v2addr, "v2")
+	waitUntil(t, 30*time.Second, "v2 back in the pool", func() bool {
+		_, body := get(up)
+		return body == "v2"
+	})
 
 	// writd killed: the proxies keep serving the configuration in force.
 	w.kill9(t)

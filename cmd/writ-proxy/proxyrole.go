@@ -51,6 +51,7 @@ type proxyOptions struct {
 	labels        string
 	version       string
 	outboundPorts bool
+	appCheck      time.Duration
 }
 
 type multiFlag []string
@@ -65,6 +66,7 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.namespace, "namespace", "", "the workload's namespace, sent to writd (default: the SVID's)")
 	fs.StringVar(&o.labels, "labels", "", "workload labels sent to writd, k=v,k2=v2 (subsets select by them)")
 	fs.StringVar(&o.version, "version", "", "shorthand for the label version=VERSION")
+	fs.DurationVar(&o.appCheck, "app-check-interval", 5*time.Second, "with --xds-server and --inbound, how often the app is probed (TCP); writd takes the workload out of its peers' endpoints while the app is down (0: no checks)")
 	fs.BoolVar(&o.outboundPorts, "outbound-ports", false, "with --xds-server, also bind writd's per-port outbound listeners on 127.0.0.1:PORT, as Envoy does")
 	fs.StringVar(&o.configFile, "proxy-config", "", "static proxy configuration (YAML: inbound, outbound, routes, clusters), for tests without writd; not with --xds-server")
 	fs.StringVar(&o.inbound, "inbound", "", "mesh port terminating mTLS for the local app, host:port (with --xds-server, the address peers reach it at, registered with writd)")
@@ -353,8 +355,12 @@ func (r *proxyRole) runXDS(ctx context.Context, src proxy.Source, popts proxy.Op
 		started <- p
 		return nil
 	}
+	var check xdsclient.AppCheck
+	if r.o.inbound != "" {
+		check.Interval = r.o.appCheck
+	}
 	c, err := xdsclient.New(xdsclient.Options{Server: r.o.xdsServer, ServerID: serverID, Source: src, Node: node, Local: local,
-		Apply: apply, Log: r.log.With("component", "xds"), Metrics: r.reg})
+		Apply: apply, AppCheck: check, Log: r.log.With("component", "xds"), Metrics: r.reg})
 	if err != nil {
 		return err
 	}

@@ -84,6 +84,9 @@ type Options struct {
 	Metrics prometheus.Registerer
 	// DialOptions are added to the gRPC dial (tests).
 	DialOptions []grpc.DialOption
+	// AppCheck, for a serving workload (one with inbound listeners),
+	// probes its app and reports the result to writd.
+	AppCheck AppCheck
 }
 
 // Client is an ADS client. It is safe for concurrent use.
@@ -95,6 +98,9 @@ type Client struct {
 	applied   *Snapshot
 	cfg       *proxy.Config
 	lastErr   string
+	// appDown is the app check's verdict; appChanged wakes the reporter.
+	appDown    bool
+	appChanged chan struct{}
 
 	mConnected prometheus.Gauge
 	mNacks     prometheus.Counter
@@ -118,8 +124,16 @@ func New(o Options) (*Client, error) {
 	if o.Log == nil {
 		o.Log = slog.New(slog.DiscardHandler)
 	}
+	if o.AppCheck.Interval > 0 {
+		if o.AppCheck.Timeout <= 0 {
+			o.AppCheck.Timeout = min(o.AppCheck.Interval, time.Second)
+		}
+		if o.AppCheck.Threshold <= 0 {
+			o.AppCheck.Threshold = 2
+		}
+	}
 	c := &Client{
-		o: o,
+		o: o, appChanged: make(chan struct{}, 1),
 		mConnected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "writ_proxy_xds_connected",
 			Help: "1 while the ADS stream to writd is up."}),
 		mNacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "writ_proxy_xds_nacks_total",
@@ -205,6 +219,12 @@ func (c *Client) Dump() ([]byte, error) {
 // Run keeps a stream to writd until ctx ends, reconnecting with backoff.
 // The configuration in force stays while writd is unreachable.
 func (c *Client) Run(ctx context.Context) error {
+	if c.o.AppCheck.Interval > 0 {
+		actx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { c.runAppCheck(actx); close(done) }()
+		defer func() { cancel(); <-done }()
+	}
 	backoff := c.o.MinBackoff
 	for {
 		got, err := c.stream(ctx)
@@ -293,6 +313,12 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 			got = true
 			c.setConnected(true)
 			c.o.Log.Info("xds stream to writd up", "server", c.o.Server)
+			if c.o.AppCheck.Interval > 0 {
+				// writd has joined the node by now: it takes reports for it.
+				hdone := make(chan struct{})
+				go func() { c.reportHealth(sctx, cc); close(hdone) }()
+				defer func() { cancel(); <-hdone }()
+			}
 		}
 		t := r.GetTypeUrl()
 		if !isType(t) {
@@ -396,6 +422,11 @@ func (c *Client) apply(snap *Snapshot) string {
 	c.mu.Lock()
 	c.applied, c.cfg, c.lastErr = snap, cfg, ""
 	c.mu.Unlock()
+	// The reporter names the inbound listeners in force.
+	select {
+	case c.appChanged <- struct{}{}:
+	default:
+	}
 	c.mApplied.Inc()
 	c.o.Log.Info("xds configuration applied", "version", snap.Version, "listeners", len(snap.Listeners), "routes", len(snap.Routes), "clusters", len(snap.Clusters))
 	return ""
