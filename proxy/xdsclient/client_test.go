@@ -20,6 +20,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	healthv3 "github.com/envoyproxy/go-control-plane/envoy/service/health/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
@@ -138,6 +139,11 @@ var sidecar = xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/s
 // build is what writd serves the sidecar for the mesh.
 func build(t *testing.T, yaml string) xds.Resources {
 	t.Helper()
+	return buildFor(t, sidecar, yaml)
+}
+
+func buildFor(t *testing.T, node xds.Node, yaml string) xds.Resources {
+	t.Helper()
 	rs, err := config.DecodeMesh("mesh.yaml", []byte(yaml))
 	if err != nil {
 		t.Fatal(err)
@@ -151,7 +157,7 @@ func build(t *testing.T, yaml string) xds.Resources {
 		// Not yet serving: writd sends it UNHEALTHY.
 		{NodeID: "orders-3", Service: "orders", Namespace: "shop", Labels: map[string]string{"version": "v2"}, Address: "127.0.0.3", Ports: []int{15006}},
 	}}
-	res, err := xds.Build(m, sidecar)
+	res, err := xds.Build(m, node)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,11 +271,51 @@ type adsServer struct {
 	ca    *testCA
 	mu    sync.Mutex
 	reqs  []*discoverygrpc.DiscoveryRequest
+	// health records the statuses reported over HDS, by node id.
+	health map[string][]corev3.HealthStatus
+}
+
+// hdsRecorder stands in for writd's HDS service: it records reports.
+type hdsRecorder struct {
+	healthv3.UnimplementedHealthDiscoveryServiceServer
+	s *adsServer
+}
+
+func (h hdsRecorder) StreamHealthCheck(st healthv3.HealthDiscoveryService_StreamHealthCheckServer) error {
+	first, err := st.Recv()
+	if err != nil {
+		return err
+	}
+	node := first.GetHealthCheckRequest().GetNode().GetId()
+	if err := st.Send(&healthv3.HealthCheckSpecifier{}); err != nil {
+		return err
+	}
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			return nil
+		}
+		for _, e := range m.GetEndpointHealthResponse().GetEndpointsHealth() {
+			h.s.mu.Lock()
+			h.s.health[node] = append(h.s.health[node], e.GetHealthStatus())
+			h.s.mu.Unlock()
+		}
+	}
+}
+
+func (s *adsServer) lastHealth(node string) corev3.HealthStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.health[node]
+	if len(h) == 0 {
+		return corev3.HealthStatus_UNKNOWN
+	}
+	return h[len(h)-1]
 }
 
 func startADS(t *testing.T, ca *testCA, serverPath, addr string) *adsServer {
 	t.Helper()
-	s := &adsServer{ca: ca}
+	s := &adsServer{ca: ca, health: map[string][]corev3.HealthStatus{}}
 	if addr == "" {
 		addr = "127.0.0.1:0"
 	}
@@ -299,6 +345,7 @@ func startADS(t *testing.T, ca *testCA, serverPath, addr string) *adsServer {
 	pool.AddCert(ca.cert)
 	s.g = grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: pool})))
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(s.g, srv)
+	healthv3.RegisterHealthDiscoveryServiceServer(s.g, hdsRecorder{s: s})
 	done := make(chan struct{})
 	go func() { _ = s.g.Serve(l); close(done) }()
 	t.Cleanup(func() { cancel(); s.g.Stop(); <-done })
@@ -549,4 +596,65 @@ func TestNodeMetadata(t *testing.T) {
 			t.Errorf("%+v: accepted", bad)
 		}
 	}
+}
+
+// TestAppCheckReports: the client probes the app behind its inbound
+// listener on its clock and reports HEALTHY, then UNHEALTHY after the
+// threshold of failed probes, then HEALTHY again.
+func TestAppCheckReports(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startADS(t, ca, "/writ/control-plane", "")
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appAddr := appL.Addr().String()
+	_, port, err := splitPort(appAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := sidecar
+	node.AppPorts = map[int]int{15006: port}
+	rs := buildFor(t, node, meshYAML)
+	full := map[resource.Type][]types.Resource{}
+	for _, typ := range typeURLs {
+		full[typ] = append([]types.Resource{}, rs[typ]...)
+	}
+	snap, err := cachev3.NewSnapshot(rs.Version(), full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.cache.SetSnapshot(context.Background(), "orders-1", snap); err != nil {
+		t.Fatal(err)
+	}
+	clock := clockwork.NewFakeClockAt(time.Now())
+	app := &applied{}
+	c, err := New(Options{Server: srv.addr, ServerID: spiffeid.RequireFromPath(td, "/writ/control-plane"), Source: ca.source(t, "/ns/shop/sa/orders"),
+		Node: &corev3.Node{Id: "orders-1"}, Local: Local{Service: "orders"}, Apply: app.apply, Clock: clock,
+		AppCheck: AppCheck{Interval: time.Second, Threshold: 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "healthy reported", func() bool { return srv.lastHealth("orders-1") == corev3.HealthStatus_HEALTHY })
+	appL.Close()
+	waitFor(t, "unhealthy reported", func() bool {
+		clock.Advance(time.Second)
+		return srv.lastHealth("orders-1") == corev3.HealthStatus_UNHEALTHY
+	})
+	if c.AppHealthy() {
+		t.Fatal("AppHealthy after the app went away")
+	}
+	appL2, err := net.Listen("tcp", appAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer appL2.Close()
+	waitFor(t, "healthy again", func() bool {
+		clock.Advance(time.Second)
+		return srv.lastHealth("orders-1") == corev3.HealthStatus_HEALTHY
+	})
 }
