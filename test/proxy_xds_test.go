@@ -245,11 +245,13 @@ func TestWritProxyOverADS(t *testing.T) {
 
 	// A header route and a split, applied through writd, reach the running
 	// proxy without a restart.
+	applied := time.Now()
 	apply("route.yaml", adsRoute("    - match: {pathPrefix: /, headers: [{name: x-canary, exact: \"1\"}]}\n      destinations: [{subset: v2}]\n    - destinations: [{subset: v1}]\n"))
 	waitUntil(t, 20*time.Second, "header route to v2", func() bool {
 		_, body := get(up, "x-canary", "1")
 		return body == "v2"
 	})
+	t.Logf("a route change took %v from writ apply to requests through the running proxy", time.Since(applied).Round(time.Millisecond))
 	if _, body := get(up); body != "v1" {
 		t.Fatalf("without the header: %q, want v1", body)
 	}
@@ -323,8 +325,10 @@ func TestWritProxyOverADS(t *testing.T) {
 		t.Fatal("orders lost its configuration with writd")
 	}
 	// Back: the proxies reconnect and take the next change.
+	restarted := time.Now()
 	w.start(t)
 	waitUntil(t, 60*time.Second, "frontend reconnected", func() bool { return front.dump(t).XDS.Connected })
+	t.Logf("frontend reconnected %v after writd started again (ready included)", time.Since(restarted).Round(time.Millisecond))
 	apply("route.yaml", adsRoute("    - destinations: [{subset: v2}]\n"))
 	waitUntil(t, 30*time.Second, "route change after writd's restart", func() bool {
 		for range 5 {
