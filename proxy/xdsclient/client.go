@@ -304,6 +304,7 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	}
 	pending := map[string]*response{}
 	mismatched := 0
+	refusedVer, refusals := "", 0
 	for {
 		r, err := st.Recv()
 		if err != nil {
@@ -362,6 +363,22 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		mismatched = 0
 		snap := snapshot(version, pending)
 		reason := c.apply(snap)
+		if reason == "" {
+			refusedVer, refusals = "", 0
+		} else if version == refusedVer {
+			// The server sends again what was refused (writd does not; a
+			// plain snapshot cache does on every NACK): answer after a
+			// growing pause rather than in a tight loop.
+			refusals++
+			wait := min(c.o.MinBackoff<<min(refusals-1, 16), c.o.MaxBackoff)
+			select {
+			case <-ctx.Done():
+				return got, ctx.Err()
+			case <-c.o.Clock.After(wait):
+			}
+		} else {
+			refusedVer, refusals = version, 0
+		}
 		for _, t := range typeURLs {
 			p := pending[t]
 			if reason == "" {

@@ -492,7 +492,12 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 	app.fail = errors.New("outbound local:http_proxy: listen tcp 127.0.0.1:15001: bind: address already in use")
 	app.mu.Unlock()
 	v2 := srv.set(t, build(t, meshYAML+splitRoute))
-	waitFor(t, "NACK of an unappliable configuration", func() bool { return strings.Contains(c.Status().LastError, "address already in use") })
+	// The client answers a version refused again after a pause on its
+	// clock (go-control-plane's cache sends it again on every NACK).
+	waitFor(t, "NACK of an unappliable configuration", func() bool {
+		clock.Advance(time.Second)
+		return strings.Contains(c.Status().LastError, "address already in use")
+	})
 	if c.Status().Version != v1 {
 		t.Fatal("an unappliable configuration replaced the one in force")
 	}
@@ -501,7 +506,10 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 	app.mu.Lock()
 	app.fail = nil
 	app.mu.Unlock()
-	waitFor(t, "split applied", func() bool { return c.Status().Version == v2 })
+	waitFor(t, "split applied", func() bool {
+		clock.Advance(time.Second)
+		return c.Status().Version == v2
+	})
 
 	// The dump shows the resources in force.
 	b, err := c.Dump()
