@@ -654,3 +654,28 @@ func TestActiveHealthCheck(t *testing.T) {
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
 	waitFor("the endpoint rejoining the pool", func() bool { return !down.unhealthy.Load() })
 }
+
+// TestNewFailureLeavesRegistry: a proxy that cannot bind its listeners
+// leaves the metrics registry as it found it, so that the next attempt
+// (the xDS client's next configuration) can start on the same registry.
+func TestNewFailureLeavesRegistry(t *testing.T) {
+	ca := newTestCA(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	cfg := &Config{Inbound: []Inbound{{Name: "mesh", Address: taken.Addr().String(), Service: "server", App: "127.0.0.1:1"}}}
+	opts := Options{Source: ca.source(t, "/ns/demo/sa/server"), Registry: reg}
+	if _, err := New(cfg, opts); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("New on a taken port: %v", err)
+	}
+	addr := taken.Addr().String()
+	taken.Close()
+	cfg.Inbound[0].Address = addr
+	p, err := New(cfg, opts)
+	if err != nil {
+		t.Fatalf("New after a failed New on the same registry: %v", err)
+	}
+	p.Close()
+}

@@ -124,24 +124,29 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
 		tcpConns: map[net.Conn]struct{}{}, errc: make(chan error, 1),
 	}
+	// A proxy that fails to start leaves the registry as it found it: the
+	// xDS client tries again with the next configuration.
+	fail := func(err error) (*Proxy, error) {
+		p.Close()
+		m.unregister(opts.Registry)
+		return nil, err
+	}
 	st, err := p.compile(cfg, nil)
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
 	p.state.Store(st)
 	for _, in := range cfg.Inbound {
 		l, err := p.newInbound(in)
 		if err != nil {
-			p.Close()
-			return nil, err
+			return fail(err)
 		}
 		p.inbound = append(p.inbound, l)
 	}
 	for _, out := range cfg.Outbound {
 		l, err := p.newOutbound(out)
 		if err != nil {
-			p.Close()
-			return nil, err
+			return fail(err)
 		}
 		p.outbound = append(p.outbound, l)
 	}

@@ -25,6 +25,21 @@ type adsProxy struct {
 // ready: an SVID and a first configuration.
 func startADSProxy(t *testing.T, w *auditWritd, node string, args ...string) *adsProxy {
 	t.Helper()
+	p := launchADSProxy(t, w, node, args...)
+	waitUntil(t, 60*time.Second, "writ-proxy "+node+" ready", func() bool {
+		resp, err := http.Get("http://" + p.admin + "/readyz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return p
+}
+
+// launchADSProxy starts writ-proxy without waiting for it to be ready.
+func launchADSProxy(t *testing.T, w *auditWritd, node string, args ...string) *adsProxy {
+	t.Helper()
 	out, code := w.writ(t, "token", "create", "--spiffe-id", "spiffe://example.org/node/"+node, "--ttl", "5m")
 	if code != 0 {
 		t.Fatalf("token create: %s", out)
@@ -67,14 +82,6 @@ func startADSProxy(t *testing.T, w *auditWritd, node string, args ...string) *ad
 		if t.Failed() {
 			t.Logf("writ-proxy %s output:\n%s", node, p.out)
 		}
-	})
-	waitUntil(t, 60*time.Second, "writ-proxy "+node+" ready", func() bool {
-		resp, err := http.Get("http://" + p.admin + "/readyz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
 	})
 	return &adsProxy{p}
 }
@@ -170,7 +177,7 @@ func TestWritProxyOverADS(t *testing.T) {
 	w := newAuditWritd(t, pg.url)
 	exe := filepath.Join(binDir(t), "writ-proxy")
 	uid := fmt.Sprint(os.Geteuid())
-	for node, sa := range map[string]string{"orders-v1": "orders", "orders-v2": "orders", "frontend": "frontend", "stranger": "stranger"} {
+	for node, sa := range map[string]string{"orders-v1": "orders", "orders-v2": "orders", "orders-v3": "orders", "frontend": "frontend", "stranger": "stranger"} {
 		if out, code := w.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", "spiffe://example.org/ns/shop/sa/"+sa,
 			"--selector", "unix:uid:"+uid, "--selector", "unix:path:"+exe); code != 0 {
 			t.Fatalf("entry create: %s", out)
@@ -205,6 +212,24 @@ func TestWritProxyOverADS(t *testing.T) {
 	front := startADSProxy(t, w, "frontend", "--upstream", "orders="+up, "--http-proxy", httpProxy)
 	strangerUp := freeAddr(t)
 	startADSProxy(t, w, "stranger", "--upstream", "orders="+strangerUp)
+
+	// A sidecar whose first configuration cannot be applied (its mesh
+	// port is taken) NACKs it and is not ready, saying why.
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	v3 := launchADSProxy(t, w, "orders-v3", "--inbound", taken.Addr().String(), "--app", app("v3"), "--version", "v3", "--policy-dir", policyDir)
+	waitUntil(t, 60*time.Second, "orders-v3 NACKs its first configuration", func() bool {
+		resp, err := http.Get("http://" + v3.admin + "/readyz")
+		if err != nil {
+			return false
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable && strings.Contains(string(b), "address already in use")
+	})
 
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{}}
 	get := func(addr string, hdr ...string) (int, string) {
