@@ -22,8 +22,15 @@ import (
 // and a change or certificate recorded in both is counted once
 // (docs/compliance.md gives the keys).
 type querier struct {
-	pool *pgxpool.Pool
+	pool *pgxpool.Pool // for Verify
+	db   db            // for everything else: one connection with JIT off
 	o    *Options
+}
+
+// db is what the querier needs of a connection.
+type db interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
 // sqlArgs numbers query parameters.
@@ -75,7 +82,7 @@ func (q *querier) decisions(ctx context.Context, s *Sections) error {
 	d := &s.Decisions
 	a := &sqlArgs{}
 	from := q.requests(a)
-	if err := q.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+from, a.args...).
+	if err := q.db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+from, a.args...).
 		Scan(&d.Total, &d.Allow, &d.Deny); err != nil {
 		return err
 	}
@@ -84,12 +91,12 @@ func (q *querier) decisions(ctx context.Context, s *Sections) error {
 	if c := q.idInScope(a, "e.principal"); c != "" {
 		api += " AND (" + c + " OR " + q.idInScope(a, "e.destination") + ")"
 	}
-	if err := q.pool.QueryRow(ctx, api, a.args...).Scan(&d.DecisionAPI); err != nil {
+	if err := q.db.QueryRow(ctx, api, a.args...).Scan(&d.DecisionAPI); err != nil {
 		return err
 	}
 	a = &sqlArgs{}
 	from = q.requests(a)
-	rows, err := q.pool.Query(ctx, `SELECT principal, destination, count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+
+	rows, err := q.db.Query(ctx, `SELECT principal, destination, count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+
 		from+fmt.Sprintf(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT %d", MaxPairs+1), a.args...)
 	if err != nil {
 		return err
@@ -103,7 +110,7 @@ func (q *querier) decisions(ctx context.Context, s *Sections) error {
 	}
 	a = &sqlArgs{}
 	from = q.requests(a)
-	rows, err = q.pool.Query(ctx, `SELECT to_char(date_trunc('day', time AT TIME ZONE 'UTC'), 'YYYY-MM-DD'), count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+
+	rows, err = q.db.Query(ctx, `SELECT to_char(date_trunc('day', time AT TIME ZONE 'UTC'), 'YYYY-MM-DD'), count(*) FILTER (WHERE result = 'allow'), count(*) FILTER (WHERE result = 'deny') `+
 		from+" GROUP BY 1 ORDER BY 1", a.args...)
 	if err != nil {
 		return err
@@ -127,7 +134,7 @@ func (q *querier) denied(ctx context.Context, s *Sections) error {
 		sql += fmt.Sprintf(" AND (e.time, e.id) > (%s, %s)", a.p(t), a.p(u))
 	}
 	sql += fmt.Sprintf(" ORDER BY e.time, e.id LIMIT %d", q.o.DeniedLimit+1)
-	rows, err := q.pool.Query(ctx, sql, a.args...)
+	rows, err := q.db.Query(ctx, sql, a.args...)
 	if err != nil {
 		return err
 	}
@@ -186,11 +193,11 @@ func (q *querier) changes(ctx context.Context, s *Sections) error {
 	c := &s.Changes
 	a := &sqlArgs{}
 	all := q.changesSQL(a)
-	if err := q.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE author = '') FROM (`+all+`) c`, a.args...).Scan(&c.Total, &c.Unattributed); err != nil {
+	if err := q.db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE author = '') FROM (`+all+`) c`, a.args...).Scan(&c.Total, &c.Unattributed); err != nil {
 		return err
 	}
 	a = &sqlArgs{}
-	rows, err := q.pool.Query(ctx, `SELECT author, count(*) FROM (`+q.changesSQL(a)+`) c GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000`, a.args...)
+	rows, err := q.db.Query(ctx, `SELECT author, count(*) FROM (`+q.changesSQL(a)+`) c GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000`, a.args...)
 	if err != nil {
 		return err
 	}
@@ -198,7 +205,7 @@ func (q *querier) changes(ctx context.Context, s *Sections) error {
 		return err
 	}
 	a = &sqlArgs{}
-	rows, err = q.pool.Query(ctx, `SELECT * FROM (`+q.changesSQL(a)+fmt.Sprintf(`) c ORDER BY time, origin, kind, namespace, name, revision LIMIT %d`, q.o.ChangesLimit+1), a.args...)
+	rows, err = q.db.Query(ctx, `SELECT * FROM (`+q.changesSQL(a)+fmt.Sprintf(`) c ORDER BY time, origin, kind, namespace, name, revision LIMIT %d`, q.o.ChangesLimit+1), a.args...)
 	if err != nil {
 		return err
 	}
@@ -263,7 +270,7 @@ func (q *querier) issuanceSQL(a *sqlArgs, inRange bool) string {
 func (q *querier) certificates(ctx context.Context, s *Sections) error {
 	c := &s.Certificates
 	a := &sqlArgs{}
-	rows, err := q.pool.Query(ctx, `SELECT kind, count(*) FILTER (WHERE outcome = 'issued'), count(*) FILTER (WHERE outcome = 'renewed'),
+	rows, err := q.db.Query(ctx, `SELECT kind, count(*) FILTER (WHERE outcome = 'issued'), count(*) FILTER (WHERE outcome = 'renewed'),
 		count(*) FILTER (WHERE outcome = 'refused'), count(*) FILTER (WHERE outcome = 'used'),
 		coalesce(extract(epoch FROM max(not_after - at) FILTER (WHERE outcome IN ('issued', 'renewed')))::bigint, 0)
 		FROM (`+q.issuanceSQL(a, true)+`) i GROUP BY kind ORDER BY kind`, a.args...)
@@ -280,7 +287,7 @@ func (q *querier) certificates(ctx context.Context, s *Sections) error {
 	}
 	a = &sqlArgs{}
 	var l Lifetime
-	err = q.pool.QueryRow(ctx, `SELECT kind, serial, spiffe_id, at, not_after, extract(epoch FROM not_after - at)::bigint
+	err = q.db.QueryRow(ctx, `SELECT kind, serial, spiffe_id, at, not_after, extract(epoch FROM not_after - at)::bigint
 		FROM (`+q.issuanceSQL(a, true)+`) i WHERE outcome IN ('issued', 'renewed') AND not_after IS NOT NULL AND kind <> 'intermediate'
 		ORDER BY not_after - at DESC, at, serial LIMIT 1`, a.args...).Scan(&l.Kind, &l.Serial, &l.SPIFFEID, &l.IssuedAt, &l.NotAfter, &l.Seconds)
 	switch err {
@@ -304,7 +311,7 @@ func (q *querier) expiredInUse(ctx context.Context, s *Sections) error {
 	x.Checked = s.MTLS.MTLS
 	a := &sqlArgs{}
 	base := q.requests(a) + " AND " + mtlsExpr
-	if err := q.pool.QueryRow(ctx, `SELECT count(*) `+base+` AND e.attributes ? 'peer_cert_not_after'`, a.args...).Scan(&x.Recorded); err != nil {
+	if err := q.db.QueryRow(ctx, `SELECT count(*) `+base+` AND e.attributes ? 'peer_cert_not_after'`, a.args...).Scan(&x.Recorded); err != nil {
 		return err
 	}
 	switch {
@@ -315,19 +322,31 @@ func (q *querier) expiredInUse(ctx context.Context, s *Sections) error {
 	default:
 		x.Method = "recorded+derived"
 	}
+	// Derived: a request is covered when some certificate of its caller
+	// was issued at or before it and expires after it, that is when the
+	// latest expiry among the caller's certificates issued up to the
+	// request's time is past it. One pass over the caller's certificates
+	// and requests in time order computes that running maximum (a
+	// correlated lookup per request would cost requests x certificates).
 	a = &sqlArgs{}
 	base = q.requests(a) + " AND " + mtlsExpr
 	iss := q.issuanceSQL(a, false)
-	sql := fmt.Sprintf(`WITH iss AS (%s), f AS (
-		SELECT e.principal, e.time,
-			CASE WHEN e.attributes->>'peer_cert_not_after' ~ %s THEN 'recorded' ELSE 'derived' END AS basis,
-			CASE WHEN e.attributes->>'peer_cert_not_after' ~ %s THEN e.time > (e.attributes->>'peer_cert_not_after')::timestamptz
-			ELSE NOT EXISTS (SELECT 1 FROM iss i WHERE i.spiffe_id = e.principal AND i.kind IN ('x509-svid', 'node-svid')
-				AND i.outcome IN ('issued', 'renewed') AND i.at <= e.time AND i.not_after > e.time) END AS lapsed
-		%s)
-		SELECT principal, basis, count(*), min(time), max(time) FROM f WHERE lapsed GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 1000`,
-		iss, rfc3339Re, rfc3339Re, base)
-	rows, err := q.pool.Query(ctx, sql, a.args...)
+	sql := fmt.Sprintf(`WITH ev AS MATERIALIZED (SELECT e.principal, e.time, e.attributes->>'peer_cert_not_after' AS nat %[1]s),
+		u AS (
+			SELECT i.spiffe_id AS principal, i.at AS time, i.not_after, false AS is_event
+			FROM (%[2]s) i WHERE i.kind IN ('x509-svid', 'node-svid') AND i.outcome IN ('issued', 'renewed') AND i.not_after IS NOT NULL
+				AND i.spiffe_id IN (SELECT DISTINCT principal FROM ev)
+			UNION ALL
+			SELECT principal, time, NULL, true FROM ev WHERE NOT (nat IS NOT NULL AND nat ~ %[3]s)),
+		w AS (SELECT principal, time, is_event,
+			max(not_after) OVER (PARTITION BY principal ORDER BY time, is_event ROWS UNBOUNDED PRECEDING) AS cover FROM u),
+		f AS (
+			SELECT principal, time, 'derived' AS basis FROM w WHERE is_event AND (cover IS NULL OR cover <= time)
+			UNION ALL
+			SELECT principal, time, 'recorded' FROM ev WHERE nat ~ %[3]s AND time > nat::timestamptz)
+		SELECT principal, basis, count(*), min(time), max(time) FROM f GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 1000`,
+		base, iss, rfc3339Re)
+	rows, err := q.db.Query(ctx, sql, a.args...)
 	if err != nil {
 		return err
 	}
@@ -346,7 +365,7 @@ func (q *querier) expiredInUse(ctx context.Context, s *Sections) error {
 func (q *querier) mtls(ctx context.Context, s *Sections) error {
 	m := &s.MTLS
 	a := &sqlArgs{}
-	if err := q.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE `+mtlsExpr+`) `+q.requests(a), a.args...).Scan(&m.Requests, &m.MTLS); err != nil {
+	if err := q.db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE `+mtlsExpr+`) `+q.requests(a), a.args...).Scan(&m.Requests, &m.MTLS); err != nil {
 		return err
 	}
 	m.Plaintext = m.Requests - m.MTLS
@@ -354,7 +373,7 @@ func (q *querier) mtls(ctx context.Context, s *Sections) error {
 		m.Share = float64(m.MTLS) / float64(m.Requests)
 	}
 	a = &sqlArgs{}
-	rows, err := q.pool.Query(ctx, `SELECT principal, destination, count(*), count(*) FILTER (WHERE result = 'deny'), min(time), max(time) `+
+	rows, err := q.db.Query(ctx, `SELECT principal, destination, count(*), count(*) FILTER (WHERE result = 'deny'), min(time), max(time) `+
 		q.requests(a)+` AND NOT `+mtlsExpr+` GROUP BY 1, 2 ORDER BY 3 DESC, 2, 1 LIMIT 1001`, a.args...)
 	if err != nil {
 		return err
@@ -393,7 +412,7 @@ func (q *querier) adminSQL(a *sqlArgs) string {
 func (q *querier) adminAccess(ctx context.Context, s *Sections) error {
 	ad := &s.AdminAccess
 	a := &sqlArgs{}
-	rows, err := q.pool.Query(ctx, `SELECT actor, count(*), count(*) FILTER (WHERE failed) FROM (`+q.adminSQL(a)+`) x GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000`, a.args...)
+	rows, err := q.db.Query(ctx, `SELECT actor, count(*), count(*) FILTER (WHERE failed) FROM (`+q.adminSQL(a)+`) x GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1000`, a.args...)
 	if err != nil {
 		return err
 	}
@@ -401,11 +420,11 @@ func (q *querier) adminAccess(ctx context.Context, s *Sections) error {
 		return err
 	}
 	a = &sqlArgs{}
-	if err := q.pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE failed) FROM (`+q.adminSQL(a)+`) x`, a.args...).Scan(&ad.Total, &ad.Failed); err != nil {
+	if err := q.db.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE failed) FROM (`+q.adminSQL(a)+`) x`, a.args...).Scan(&ad.Total, &ad.Failed); err != nil {
 		return err
 	}
 	a = &sqlArgs{}
-	rows, err = q.pool.Query(ctx, `SELECT time, origin, actor, method, path, status, result FROM (`+q.adminSQL(a)+
+	rows, err = q.db.Query(ctx, `SELECT time, origin, actor, method, path, status, result FROM (`+q.adminSQL(a)+
 		fmt.Sprintf(`) x ORDER BY time, origin, actor, path LIMIT %d`, q.o.AdminLimit+1), a.args...)
 	if err != nil {
 		return err

@@ -366,7 +366,26 @@ func Generate(ctx context.Context, pool *pgxpool.Pool, o Options) (*Report, erro
 		Limits:         Limits{Denied: o.DeniedLimit, Changes: o.ChangesLimit, Admin: o.AdminLimit, Pairs: MaxPairs},
 		MappingVersion: m.Version,
 	}
-	q := &querier{pool: pool, o: &o}
+	// Report queries scan many daily partitions, so the planner's cost
+	// estimates cross the JIT threshold, and compiling the plan costs more
+	// than it saves: 0.8 s of a 0.9 s query over 20,000 events here. They
+	// run on one connection with JIT off.
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("report: %w", err)
+	}
+	defer conn.Release()
+	if _, err := conn.Exec(ctx, "SET jit = off"); err != nil {
+		return nil, fmt.Errorf("report: %w", err)
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if _, err := conn.Exec(rctx, "RESET jit"); err != nil {
+			conn.Conn().Close(rctx) // never hand a changed session back to the pool
+		}
+	}()
+	q := &querier{pool: pool, db: conn, o: &o}
 	steps := []struct {
 		name string
 		run  func(context.Context, *Sections) error
