@@ -62,7 +62,7 @@ func BenchmarkReport(b *testing.B) {
 			spent := map[string]time.Duration{}
 			for b.Loop() {
 				last, lastAt := "", time.Now()
-				progress := func(s string) {
+				progress := func(s string, _, _ int) {
 					if last != "" {
 						spent[last] += time.Since(lastAt)
 					}

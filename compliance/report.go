@@ -68,8 +68,9 @@ type Options struct {
 	Now time.Time
 	// Generator names who generated the report (writd's replica).
 	Generator string
-	// Progress, when set, is told each section as its work starts.
-	Progress func(section string)
+	// Progress, when set, is told each section as its work starts: its
+	// name and its place among all steps (1-based).
+	Progress func(section string, step, steps int)
 }
 
 // ErrBadOptions marks options refused as the caller's mistake.
@@ -398,9 +399,9 @@ func Generate(ctx context.Context, pool *pgxpool.Pool, o Options) (*Report, erro
 		{SectionAdminAccess, q.adminAccess},
 		{SectionIntegrity, q.integrity},
 	}
-	for _, s := range steps {
+	for i, s := range steps {
 		if o.Progress != nil {
-			o.Progress(s.name)
+			o.Progress(s.name, i+1, len(steps))
 		}
 		if err := s.run(ctx, &r.Sections); err != nil {
 			return nil, fmt.Errorf("report section %s: %w", s.name, err)

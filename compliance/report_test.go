@@ -233,7 +233,7 @@ func generate(t *testing.T, env *authoritytest.Env, o compliance.Options) *compl
 	o.From, o.To, o.Now, o.Generator = from, to, generatedAt, "test-replica"
 	o.Roots, o.Signer = roots(t, env), signer
 	var steps []string
-	o.Progress = func(s string) { steps = append(steps, s) }
+	o.Progress = func(s string, _, _ int) { steps = append(steps, s) }
 	r, err := compliance.Generate(context.Background(), env.Pool, o)
 	if err != nil {
 		t.Fatal(err)

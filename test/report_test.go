@@ -81,7 +81,7 @@ func TestReportProcesses(t *testing.T) {
 		if code != 0 {
 			t.Fatalf("report generate --format %s: exit %d\n%s", format, code, text)
 		}
-		for _, want := range []string{"6 request decisions", "6 requests, 2 denied (2 listed), 2 changes; audit trail intact", "signed by spiffe://example.org/writ/control-plane"} {
+		for _, want := range []string{"6 request decisions", "[1/7] decisions", "[7/7] integrity", "6 requests, 2 denied (2 listed), 2 changes; audit trail intact", "signed by spiffe://example.org/writ/control-plane"} {
 			if !strings.Contains(text, want) {
 				t.Errorf("generate %s: output lacks %q:\n%s", format, want, text)
 			}

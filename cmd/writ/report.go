@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -52,6 +53,17 @@ type reportResponse struct {
 		IntegrityEvents int64  `json:"integrity_events"`
 		Millis          int64  `json:"millis"`
 	} `json:"summary"`
+}
+
+type reportLine struct {
+	Progress *struct {
+		Section       string `json:"section"`
+		Step          int    `json:"step"`
+		Steps         int    `json:"steps"`
+		ElapsedMillis int64  `json:"elapsed_ms"`
+	} `json:"progress"`
+	Result *reportResponse `json:"result"`
+	Error  string          `json:"error"`
 }
 
 type reportEstimate struct {
@@ -112,11 +124,29 @@ func (c *cli) reportGenerate(ctx context.Context, args []string) error {
 		fmt.Fprintln(c.stderr, "a large range: writd verifies every event's hash; this may take minutes (it stops after 4)")
 	}
 	fmt.Fprintf(c.stderr, "generating the %s report on writd...\n", *format)
-	var resp reportResponse
-	err = c.client.Do(ctx, http.MethodPost, "/v1/reports", reportRequest{From: from, To: to, Service: *service, Namespace: *namespace,
-		Framework: *framework, Format: *format, DeniedLimit: *deniedLimit, DeniedAfter: *deniedAfter}, &resp)
+	var resp *reportResponse
+	err = c.client.Stream(ctx, http.MethodPost, "/v1/reports", reportRequest{From: from, To: to, Service: *service, Namespace: *namespace,
+		Framework: *framework, Format: *format, DeniedLimit: *deniedLimit, DeniedAfter: *deniedAfter}, func(line []byte) error {
+		var l reportLine
+		if err := json.Unmarshal(line, &l); err != nil {
+			return fmt.Errorf("decode writd's answer: %w", err)
+		}
+		switch {
+		case l.Error != "":
+			return fmt.Errorf("writd: %s", l.Error)
+		case l.Progress != nil:
+			p := l.Progress
+			fmt.Fprintf(c.stderr, "  [%d/%d] %s (%.1fs)\n", p.Step, p.Steps, p.Section, float64(p.ElapsedMillis)/1000)
+		case l.Result != nil:
+			resp = l.Result
+		}
+		return nil
+	})
 	if err != nil {
 		return err
+	}
+	if resp == nil {
+		return errors.New("writd's answer ended without a report")
 	}
 	// The signature is checked before anything is written: what lands on
 	// disk is what writd signed.

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"slices"
@@ -40,8 +41,9 @@ type ReportRequest struct {
 	DeniedAfter  string    `json:"denied_after,omitempty"`
 }
 
-// ReportResponse carries the export and its detached signature, both as
-// the exact bytes to write (base64 in JSON).
+// ReportResponse is the last line of a successful answer: the export and
+// its detached signature, both as the exact bytes to write (base64 in
+// JSON).
 type ReportResponse struct {
 	Format    string `json:"format"`
 	File      []byte `json:"file"`
@@ -62,6 +64,39 @@ type ReportSummary struct {
 	IntegrityOK     bool   `json:"integrity_ok"`
 	IntegrityEvents int64  `json:"integrity_events"`
 	Millis          int64  `json:"millis"`
+}
+
+// ReportProgress is a streamed line: a section's work starts.
+type ReportProgress struct {
+	Section       string `json:"section"`
+	Step          int    `json:"step"`
+	Steps         int    `json:"steps"`
+	ElapsedMillis int64  `json:"elapsed_ms"`
+}
+
+// reportLine is one line of POST /v1/reports' answer: exactly one field set.
+type reportLine struct {
+	Progress *ReportProgress `json:"progress,omitempty"`
+	Result   *ReportResponse `json:"result,omitempty"`
+	Error    string          `json:"error,omitempty"`
+}
+
+// reportStream writes JSON lines, flushing each, and starts the answer
+// (200, application/x-ndjson) with the first.
+type reportStream struct {
+	w       http.ResponseWriter
+	started bool
+}
+
+func (s *reportStream) send(l reportLine) {
+	if !s.started {
+		s.w.Header().Set("Content-Type", "application/x-ndjson")
+		s.w.WriteHeader(http.StatusOK)
+		s.started = true
+	}
+	b, _ := json.Marshal(l)
+	_, _ = s.w.Write(append(b, '\n'))
+	_ = http.NewResponseController(s.w).Flush()
 }
 
 // ReportEstimate is the answer of GET /v1/reports/estimate: how much the
@@ -116,48 +151,63 @@ func setupReports(ctx context.Context, d *deps) error {
 		}
 		gctx, cancel := context.WithTimeout(r.Context(), reportTimeout)
 		defer cancel()
+		// The answer streams JSON lines: one per section as its work
+		// starts, then the result or an error. The stream starts with the
+		// first section, so options refused up front still get an error
+		// status.
+		st := &reportStream{w: w}
 		start := time.Now()
 		rep, err := compliance.Generate(gctx, d.pool, compliance.Options{
 			From: req.From, To: req.To, Service: req.Service, Namespace: req.Namespace, Framework: req.Framework,
 			DeniedLimit: req.DeniedLimit, ChangesLimit: req.ChangesLimit, AdminLimit: req.AdminLimit, DeniedAfter: req.DeniedAfter,
 			Roots: roots, Signer: authority.ControlPlaneID(d.td).String(), Generator: d.cfg.ReplicaID,
-			Progress: func(s string) { d.log.Debug("report section", "section", s) },
+			Progress: func(section string, step, steps int) {
+				st.send(reportLine{Progress: &ReportProgress{Section: section, Step: step, Steps: steps, ElapsedMillis: time.Since(start).Milliseconds()}})
+			},
 		})
+		fail := func(code int, msg string) {
+			admin.Note(r, "error", msg)
+			if st.started {
+				st.send(reportLine{Error: msg})
+			} else {
+				admin.WriteError(w, code, msg)
+			}
+		}
 		switch {
 		case errors.Is(err, compliance.ErrBadOptions):
-			admin.WriteError(w, http.StatusBadRequest, err.Error())
+			fail(http.StatusBadRequest, err.Error())
 			return
 		case errors.Is(gctx.Err(), context.DeadlineExceeded):
-			admin.WriteError(w, http.StatusServiceUnavailable, "the report took longer than "+reportTimeout.String()+"; narrow the range (--from/--to) or the scope (--service/--namespace)")
+			fail(http.StatusServiceUnavailable, "the report took longer than "+reportTimeout.String()+"; narrow the range (--from/--to) or the scope (--service/--namespace)")
 			return
 		case err != nil:
 			d.log.Error("report", "err", err)
-			admin.WriteError(w, http.StatusInternalServerError, "report generation failed; see writd's log")
+			fail(http.StatusInternalServerError, "report generation failed; see writd's log")
 			return
 		}
 		file, err := compliance.Export(rep, req.Format)
 		if err != nil {
 			d.log.Error("report export", "err", err)
-			admin.WriteError(w, http.StatusInternalServerError, "report export failed; see writd's log")
+			fail(http.StatusInternalServerError, "report export failed; see writd's log")
 			return
 		}
 		if len(file) > maxReportBytes {
-			admin.WriteError(w, http.StatusRequestEntityTooLarge, "the export is larger than 20 MiB; lower the list limits or narrow the range")
+			fail(http.StatusRequestEntityTooLarge, "the export is larger than 20 MiB; lower the list limits or narrow the range")
 			return
 		}
 		sig, err := compliance.Sign(file, d.ident.Certificate(), time.Now())
 		if err != nil {
 			d.log.Error("report sign", "err", err)
-			admin.WriteError(w, http.StatusInternalServerError, "report signing failed; see writd's log")
+			fail(http.StatusInternalServerError, "report signing failed; see writd's log")
 			return
 		}
 		sum := sha256.Sum256(file)
 		admin.Note(r, "sha256", hex.EncodeToString(sum[:]))
 		s := rep.Sections
-		admin.WriteJSON(w, http.StatusOK, ReportResponse{Format: req.Format, File: file, Signature: sig, SHA256: hex.EncodeToString(sum[:]),
+		st.send(reportLine{Result: &ReportResponse{Format: req.Format, File: file, Signature: sig, SHA256: hex.EncodeToString(sum[:]),
 			Signer: authority.ControlPlaneID(d.td).String(),
 			Summary: ReportSummary{Requests: s.Decisions.Total, Denied: s.Denied.Total, DeniedListed: s.Denied.Returned, DeniedNext: s.Denied.Next,
-				Changes: s.Changes.Total, IntegrityOK: s.Integrity.OK, IntegrityEvents: s.Integrity.Events, Millis: time.Since(start).Milliseconds()}})
+				Changes: s.Changes.Total, IntegrityOK: s.Integrity.OK, IntegrityEvents: s.Integrity.Events, Millis: time.Since(start).Milliseconds()}}})
 	})
 	return nil
 }
