@@ -64,3 +64,14 @@ func TestCSVCellDefusesFormulas(t *testing.T) {
 		}
 	}
 }
+
+// Text outside Windows-1252 (the PDF's built-in font) must not fail the
+// export: it is shown as '?'.
+func TestPDFNonLatinText(t *testing.T) {
+	r := &Report{}
+	r.Sections.Denied.Requests = []DeniedRequest{{Reason: "拒否 😀 é ü — “quoted”"}}
+	b, err := PDF(r)
+	if err != nil || len(b) == 0 || !strings.HasPrefix(string(b), "%PDF-") {
+		t.Fatalf("pdf with non-Latin text: %d bytes, %v", len(b), err)
+	}
+}

@@ -118,8 +118,8 @@ func (c *cli) reportGenerate(ctx context.Context, args []string) error {
 	if err := c.client.Do(ctx, http.MethodGet, "/v1/reports/estimate?"+q.Encode(), nil, &est); err != nil {
 		return err
 	}
-	fmt.Fprintf(c.stderr, "range %s to %s: %d days, %d audit events (%d request decisions)\n",
-		from.UTC().Format(time.RFC3339), to.UTC().Format(time.RFC3339), est.Days, est.Events, est.Requests)
+	fmt.Fprintf(c.stderr, "range %s to %s (%s): %d audit events (%d request decisions)\n",
+		from.UTC().Format(time.RFC3339), to.UTC().Format(time.RFC3339), to.Sub(from), est.Events, est.Requests)
 	if est.Events > 1_000_000 {
 		fmt.Fprintln(c.stderr, "a large range: writd verifies every event's hash; this may take minutes (it stops after 4)")
 	}
