@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/jonboulle/clockwork"
+	"github.com/santhosh-tekuri/jsonschema/v6"
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/audit/collector"
@@ -516,6 +517,7 @@ func TestExports(t *testing.T) {
 			t.Error("json export is not reproducible")
 		}
 		checkSchemaCovers(t, b)
+		validateSchema(t, b)
 	})
 
 	t.Run("csv", func(t *testing.T) {
@@ -769,4 +771,43 @@ func checkSchemaCovers(t *testing.T, doc []byte) {
 		}
 	}
 	walk("$", schema, v)
+}
+
+// validateSchema validates the JSON export against report.schema.json
+// with a JSON Schema 2020-12 validator, formats (date-time) asserted.
+func validateSchema(t *testing.T, doc []byte) {
+	t.Helper()
+	raw, err := os.ReadFile("report.schema.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sdoc, err := jsonschema.UnmarshalJSON(bytes.NewReader(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := jsonschema.NewCompiler()
+	c.AssertFormat()
+	if err := c.AddResource(compliance.SchemaID, sdoc); err != nil {
+		t.Fatal(err)
+	}
+	sch, err := c.Compile(compliance.SchemaID)
+	if err != nil {
+		t.Fatalf("schema: %v", err)
+	}
+	inst, err := jsonschema.UnmarshalJSON(bytes.NewReader(doc))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sch.Validate(inst); err != nil {
+		t.Errorf("the JSON export does not validate against its schema: %v", err)
+	}
+	// And the schema is not vacuous: a wrong type is refused.
+	var m map[string]any
+	_ = json.Unmarshal(doc, &m)
+	m["schema_version"] = "one"
+	bad, _ := json.Marshal(m)
+	inst, _ = jsonschema.UnmarshalJSON(bytes.NewReader(bad))
+	if err := sch.Validate(inst); err == nil {
+		t.Error("schema accepted schema_version \"one\"")
+	}
 }

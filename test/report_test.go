@@ -175,6 +175,9 @@ func TestReportProcesses(t *testing.T) {
 	if text, code := w.writ(t, "report", "generate", "--from", to, "--to", from, "-o", filepath.Join(dir, "x.pdf")); code != 1 || !strings.Contains(text, "must be before") {
 		t.Errorf("reversed range: exit %d\n%s", code, text)
 	}
+	if text, code := w.writ(t, "report", "generate", "--from", from, "--to", to, "--framework", "cobit", "-o", filepath.Join(dir, "x.pdf")); code != 1 || !strings.Contains(text, `unknown framework "cobit"`) {
+		t.Errorf("unknown framework: exit %d\n%s", code, text)
+	}
 	if _, err := os.Stat(filepath.Join(dir, "x.pdf")); !os.IsNotExist(err) {
 		t.Errorf("a refused report left a file: %v", err)
 	}
