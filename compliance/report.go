@@ -15,6 +15,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -357,7 +358,7 @@ func Generate(ctx context.Context, pool *pgxpool.Pool, o Options) (*Report, erro
 	if err != nil {
 		return nil, err
 	}
-	if o.Framework != "" && !contains(m.Frameworks(), o.Framework) {
+	if o.Framework != "" && !slices.Contains(m.Frameworks(), o.Framework) {
 		return nil, fmt.Errorf("%w: unknown framework %q (known: %v)", ErrBadOptions, o.Framework, m.Frameworks())
 	}
 	r := &Report{
@@ -409,13 +410,4 @@ func Generate(ctx context.Context, pool *pgxpool.Pool, o Options) (*Report, erro
 	}
 	r.Controls = m.evaluate(r, o.Framework)
 	return r, nil
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
