@@ -3,7 +3,9 @@ package compliance
 import (
 	"archive/zip"
 	"bytes"
+	"crypto/sha256"
 	"encoding/csv"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -161,21 +163,38 @@ func CSVZip(r *Report) ([]byte, error) {
 	names, files := CSVFiles(r)
 	var buf bytes.Buffer
 	zw := zip.NewWriter(&buf)
-	for _, name := range names {
+	add := func(name string, data []byte) error {
 		w, err := zw.CreateHeader(&zip.FileHeader{Name: name, Method: zip.Deflate, Modified: r.GeneratedAt.UTC()})
 		if err != nil {
-			return nil, fmt.Errorf("csv export: %w", err)
+			return err
 		}
-		cw := csv.NewWriter(w)
+		_, err = w.Write(data)
+		return err
+	}
+	// SHA256SUMS lists every CSV's hash in sha256sum's format, so a
+	// reviewer who extracts the files can check them (sha256sum -c) after
+	// verifying the archive's signature.
+	var sums bytes.Buffer
+	for _, name := range names {
 		rows := files[name]
 		for _, row := range rows {
 			for i, c := range row {
 				row[i] = cell(c)
 			}
 		}
+		var f bytes.Buffer
+		cw := csv.NewWriter(&f)
 		if err := cw.WriteAll(rows); err != nil {
 			return nil, fmt.Errorf("csv export %s: %w", name, err)
 		}
+		sum := sha256.Sum256(f.Bytes())
+		fmt.Fprintf(&sums, "%s  %s\n", hex.EncodeToString(sum[:]), name)
+		if err := add(name, f.Bytes()); err != nil {
+			return nil, fmt.Errorf("csv export: %w", err)
+		}
+	}
+	if err := add("SHA256SUMS", sums.Bytes()); err != nil {
+		return nil, fmt.Errorf("csv export: %w", err)
 	}
 	if err := zw.Close(); err != nil {
 		return nil, fmt.Errorf("csv export: %w", err)

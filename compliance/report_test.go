@@ -525,7 +525,19 @@ func TestExports(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		files := readZip(t, b)
+		files, raw := readZip(t, b)
+		// SHA256SUMS holds every CSV's hash, checked by sha256sum itself.
+		dir := t.TempDir()
+		for name, data := range raw {
+			if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		cmd := exec.Command("sha256sum", "-c", "--strict", "SHA256SUMS")
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil || strings.Count(string(out), ": OK") != 11 {
+			t.Errorf("sha256sum -c: %v\n%s", err, out)
+		}
 		want := []string{"report.csv", "decisions.csv", "decisions_by_day.csv", "denied.csv", "changes.csv", "certificates.csv",
 			"expired_in_use.csv", "plaintext_attempts.csv", "admin_access.csv", "integrity_breaks.csv", "controls.csv"}
 		for _, n := range want {
@@ -604,13 +616,14 @@ func TestExports(t *testing.T) {
 
 func itoa(n int) string { return strconv.Itoa(n) }
 
-func readZip(t *testing.T, b []byte) map[string][][]string {
+func readZip(t *testing.T, b []byte) (map[string][][]string, map[string][]byte) {
 	t.Helper()
 	zr, err := zip.NewReader(bytes.NewReader(b), int64(len(b)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	out := map[string][][]string{}
+	raw := map[string][]byte{}
 	for _, f := range zr.File {
 		rc, err := f.Open()
 		if err != nil {
@@ -618,13 +631,17 @@ func readZip(t *testing.T, b []byte) map[string][][]string {
 		}
 		data, _ := io.ReadAll(rc)
 		rc.Close()
+		raw[f.Name] = data
+		if f.Name == "SHA256SUMS" {
+			continue
+		}
 		rows, err := csv.NewReader(bytes.NewReader(data)).ReadAll()
 		if err != nil {
 			t.Fatalf("%s: %v", f.Name, err)
 		}
 		out[f.Name] = rows
 	}
-	return out
+	return out, raw
 }
 
 // pdfText extracts a PDF's text with poppler's pdftotext, as a reader's
