@@ -127,7 +127,7 @@ func TestReportProcesses(t *testing.T) {
 		t.Errorf("admin access lacks the CLI's calls: %v", paths)
 	}
 
-	if text := pdfToText(t, files["pdf"]); !strings.Contains(text, "Range") || !strings.Contains(text, from+" to "+to) ||
+	if text, ok := pdfToText(t, files["pdf"]); ok && !strings.Contains(text, "Range") || !strings.Contains(text, from+" to "+to) ||
 		!strings.Contains(text, "INTACT: 6 events from 1 sources") || !strings.Contains(text, "6 requests: 4 allowed, 2 denied") {
 		t.Errorf("pdf first page:\n%s", text)
 	}
@@ -185,18 +185,20 @@ func TestReportProcesses(t *testing.T) {
 
 // pdfToText extracts the text of a PDF file with poppler's pdftotext; CI
 // installs it (.ci/run), and there a missing pdftotext fails the test.
-func pdfToText(t *testing.T, path string) string {
+// Elsewhere the PDF's text is not checked (the rest of the test runs).
+func pdfToText(t *testing.T, path string) (string, bool) {
 	t.Helper()
 	bin, err := exec.LookPath("pdftotext")
 	if err != nil {
 		if os.Getenv("CI") == "true" {
 			t.Fatal("pdftotext (Debian poppler-utils) is required under CI")
 		}
-		t.Skip("pdftotext not installed: apt-get install poppler-utils")
+		t.Log("pdftotext not installed (apt-get install poppler-utils): the PDF's text is not checked")
+		return "", false
 	}
 	out, err := exec.Command(bin, "-layout", path, "-").Output()
 	if err != nil {
 		t.Fatalf("pdftotext: %v", err)
 	}
-	return string(out)
+	return string(out), true
 }
