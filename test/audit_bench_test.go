@@ -18,7 +18,7 @@ import (
 //
 //	go test -run '^$' -bench CheckAudited -benchtime 1000x ./test/
 func BenchmarkCheckAudited(b *testing.B) {
-	modes := []audit.Durability{"", audit.DurabilityWrite, audit.DurabilityGrouped, audit.DurabilityPerEvent}
+	modes := []audit.Durability{"", audit.DurabilityGrouped, audit.DurabilityPerEvent}
 	for _, mode := range modes {
 		name := string(mode)
 		if name == "" {

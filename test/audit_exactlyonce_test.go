@@ -271,7 +271,7 @@ func TestAuditSpoolFullFailsClosed(t *testing.T) {
 	w := newAuditWritd(t, pg.url)
 	svid := w.attest(t, "audit-node")
 	src := svid.ID.String()
-	spool, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, MaxBytes: 96 << 10, SegmentBytes: 16 << 10, Durability: audit.DurabilityWrite})
+	spool, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, MaxBytes: 96 << 10, SegmentBytes: 16 << 10, Durability: audit.DurabilityGrouped})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -111,7 +111,7 @@ func TestShipperToCollectorOverMTLS(t *testing.T) {
 	r := startRig(t)
 	svid := r.env.Attest(t, "node1")
 	src := svid.ID.String()
-	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, SegmentBytes: 32 << 10, Durability: audit.DurabilityWrite})
+	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, SegmentBytes: 32 << 10, Durability: audit.DurabilityGrouped})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,7 +271,7 @@ func TestReplicasCollectConcurrently(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: "spiffe://example.org/node/n", Durability: audit.DurabilityWrite})
+	s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: "spiffe://example.org/node/n", Durability: audit.DurabilityGrouped})
 	defer s.Close()
 	appendN(t, s, 3000)
 	_ = s.Sync()
