@@ -106,7 +106,10 @@ func (c *Collector) Ship(ctx context.Context, req *wrapperspb.BytesValue) (*wrap
 	}
 	latest := c.o.Clock.Now().Add(MaxClockSkew)
 	for i, ev := range evs {
-		if ev.Source != caller {
+		// A recorder's chains are named by its SPIFFE ID, or ID#instance
+		// when replicas share the ID (audit.OpenRecorder); one batch is
+		// one chain.
+		if audit.SourceOf(ev.Source) != caller || ev.Source != evs[0].Source {
 			c.batches.WithLabelValues("forbidden").Inc()
 			c.o.Logger.Warn("audit collector: refused events recorded by another source", "caller", caller, "source", ev.Source)
 			return nil, status.Errorf(codes.PermissionDenied, "event %s has source %s; the caller is %s", ev.ID, ev.Source, caller)

@@ -83,6 +83,10 @@ func appendN(t *testing.T, s *audit.Spool, n int) {
 			t.Fatal(err)
 		}
 	}
+	// Readers see only fsynced records; fsync-grouped syncs later.
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func count(t *testing.T, r *rig, source string) int {
@@ -192,10 +196,31 @@ func TestCollectorRefusesAnotherSourcesEvents(t *testing.T) {
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("got %v, want Unauthenticated", err)
 	}
+	// A source that merely starts with the caller's ID is another
+	// identity; ID#instance is the caller's own chain.
+	for _, tc := range []struct {
+		source string
+		want   codes.Code
+	}{
+		{svid.ID.String() + "0", codes.PermissionDenied},
+		{svid.ID.String() + "/x#i", codes.PermissionDenied},
+		{svid.ID.String() + "#0123456789abcdef", codes.OK},
+	} {
+		s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: tc.source})
+		appendN(t, s, 2)
+		var rd audit.Reader
+		raws, _ := s.ReadBatch(&rd, 1, 100, 1<<20)
+		rd.Close()
+		s.Close()
+		err := r.dial(t, svid).Invoke(context.Background(), "/writ.audit.v1.Collector/Ship", wrapperspb.Bytes(audit.EncodeBatch(raws)), new(wrapperspb.UInt64Value))
+		if status.Code(err) != tc.want {
+			t.Fatalf("source %s: got %v, want %v", tc.source, err, tc.want)
+		}
+	}
 	var n int
 	_ = r.env.Pool.QueryRow(context.Background(), "SELECT count(*) FROM audit_events").Scan(&n)
-	if n != 0 {
-		t.Fatalf("%d rows written", n)
+	if n != 2 {
+		t.Fatalf("%d rows written, want the 2 of the caller's own instance", n)
 	}
 }
 

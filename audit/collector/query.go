@@ -16,7 +16,7 @@ import (
 // Filter selects events for Query. Empty fields match everything.
 type Filter struct {
 	Source      string // the request's source: the events' principal
-	Recorder    string // the SPIFFE ID that recorded the events (the chain owner)
+	Recorder    string // the source that recorded the events: an exact source, or a SPIFFE ID for all its instances
 	Destination string
 	Result      string
 	Kind        string
@@ -74,7 +74,9 @@ func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
 		add("principal = $%d", f.Source)
 	}
 	if f.Recorder != "" {
-		add("source = $%d", f.Recorder)
+		// A SPIFFE ID names all its instances' chains (ID#instance).
+		args = append(args, f.Recorder)
+		where = append(where, fmt.Sprintf("(source = $%d OR (starts_with(source, $%d || '#')))", len(args), len(args)))
 	}
 	if f.Destination != "" {
 		add("destination = $%d", f.Destination)

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -33,6 +34,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 
+	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
 	taskrun "github.com/writmesh/writ/internal/run"
@@ -115,6 +117,7 @@ type options struct {
 	pprof         bool
 	gcPercent     int
 	memLimitMiB   int64
+	audit         audit.RecorderOptions
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
@@ -133,7 +136,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.DurationVar(&o.bundlePoll, "bundle-poll", 10*time.Second, "how often --bundle-url is polled")
 	fs.DurationVar(&o.pollInterval, "poll-interval", policy.DefaultPollInterval, "how often --policy-dir or --bundle-file is checked for changes")
 	fs.StringVar(&o.decisionPath, "decision", policy.DefaultDecisionPath, "the policy rule that decides")
-	fs.StringVar(&o.decisionLog, "decision-log", "-", "file to append decisions to as JSON lines; - for stderr")
+	fs.StringVar(&o.decisionLog, "decision-log", "-", "without --audit-spool-dir: file to append decisions to as JSON lines (not durable audit); - for stderr")
+	o.audit.RegisterFlags(fs)
 	fs.DurationVar(&o.checkTimeout, "check-timeout", enforcer.DefaultCheckTimeout, "deadline of one check, whatever the client asks")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body")
 	fs.IntVar(&o.cacheSize, "cache-size", 0, "decision cache entries (0: default, negative: off)")
@@ -174,6 +178,10 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	}
 	if o.gcPercent < 10 || o.memLimitMiB < 0 {
 		fmt.Fprintln(stderr, "writ-enforcer: --gc-percent must be at least 10 and --memory-limit-mib not negative")
+		return nil, 2
+	}
+	if o.audit.Enabled() && o.audit.Collector == "" {
+		fmt.Fprintln(stderr, "writ-enforcer: --audit-spool-dir needs --audit-collector (writd's gRPC address)")
 		return nil, 2
 	}
 	if o.bundlePoll <= 0 || o.pollInterval <= 0 || o.checkTimeout <= 0 {
@@ -323,11 +331,29 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return fmt.Errorf("load policy: %w", err)
 	}
 
-	sink, closeSink, err := openDecisionLog(o.decisionLog, stderr)
-	if err != nil {
-		return err
+	var sink enforcer.Sink
+	var rec *audit.Recorder
+	if o.audit.Enabled() {
+		// Decisions go to the durable spool, shipped to writd's
+		// collector under this enforcer's SVID.
+		rec, err = audit.OpenRecorder(o.audit, audit.RecorderEnv{
+			ID: svid.ID.String(), TLS: collectorTLS(src, svid.ID.TrustDomain(), clock),
+			Clock: clock, Logger: log.With("component", "audit"), Registerer: reg,
+		})
+		if err != nil {
+			return err
+		}
+		defer rec.Close()
+		sink = &enforcer.AuditSink{Spool: rec.Spool}
+	} else {
+		log.Warn("no --audit-spool-dir: decisions go to the decision log only, which is not the durable audit trail")
+		dl, closeSink, err := openDecisionLog(o.decisionLog, stderr)
+		if err != nil {
+			return err
+		}
+		defer closeSink()
+		sink = dl
 	}
-	defer closeSink()
 	enf, err := enforcer.New(enforcer.Options{
 		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, Metrics: metrics, Clock: clock,
 		Logger: log.With("component", "enforcer"),
@@ -404,6 +430,9 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			}
 		}},
 	}
+	if rec != nil {
+		tasks = append(tasks, taskrun.Task{Name: "audit shipper", Run: rec.Run})
+	}
 	if fetcher != nil {
 		tasks = append(tasks, taskrun.Task{Name: "bundle poll", Run: func(ctx context.Context) error {
 			return fetcher.run(ctx, engine)
@@ -444,4 +473,11 @@ func adminMux(reg *prometheus.Registry, engine *policy.Engine, src *workloadapi.
 		}
 	})
 	return mux
+}
+
+// collectorTLS presents the enforcer's SVID to writd's gRPC port and
+// accepts only writd's control-plane identity (authority.ControlPlaneID,
+// not imported here: it would pull the CA into the enforcer).
+func collectorTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) *tls.Config {
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(spiffeid.RequireFromPath(td, "/writ/control-plane")), clock)
 }

@@ -22,10 +22,7 @@ func init() { components = append(components, setupAudit) }
 // keeping daily partitions created ahead, and the admin routes for verify
 // and query.
 func setupAudit(ctx context.Context, d *deps) error {
-	col, err := collector.New(collector.Options{Pool: d.pool, Logger: d.log.With("component", "audit"), Registerer: d.metrics})
-	if err != nil {
-		return err
-	}
+	col := d.audit
 	audit.RegisterCollector(d.grpc, col)
 	cp := &collector.Checkpointer{Pool: d.pool, Certificate: d.ident.Certificate, Logger: d.log.With("component", "audit")}
 	d.tasks = append(d.tasks, run.Task{Name: "audit-partitions", Run: col.Run}, run.Task{Name: "audit-checkpoints", Run: cp.Run})

@@ -47,8 +47,7 @@ func setupDecision(ctx context.Context, d *deps) error {
 	bundles := caBundles{ca: d.ca}
 	api, err := decision.New(decision.Options{
 		Engine: engine, Admin: admin,
-		// The durable audit pipeline replaces this sink when it lands.
-		Sink:        decision.LogSink{Log: log.With("audit", "decision")},
+		Sink:        &decision.AuditSink{Recorder: d.audit, Source: d.auditSource},
 		X509Bundles: bundles, JWTBundles: bundles,
 		Audience: c.JWTAudiences, BaseURL: c.BaseURL,
 		MaxBodyBytes: c.MaxBodyBytes, MaxEvaluations: c.MaxEvaluations, EvalTimeout: c.EvalTimeout.D(),

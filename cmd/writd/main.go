@@ -26,6 +26,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/writmesh/writ/api/admin"
+	"github.com/writmesh/writ/audit/collector"
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/nodeapi"
 	"github.com/writmesh/writ/config"
@@ -130,6 +131,10 @@ type deps struct {
 	grpc     *grpc.Server
 	adminMux *http.ServeMux
 	tasks    []run.Task
+	// audit records writd's own events (changes, issuance, logins,
+	// decision-API answers) under auditSource, and collects the shippers'.
+	audit       *collector.Collector
+	auditSource string
 }
 
 // components are optional parts of writd, each in its own file, which
@@ -191,7 +196,12 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	col, err := collector.New(collector.Options{Pool: pool, Logger: log.With("component", "audit"), Registerer: metrics})
+	if err != nil {
+		return err
+	}
 	d := &deps{cfg: cfg, log: log, td: td, pool: pool, ca: ca, reg: reg, ident: ident, metrics: metrics,
+		audit: col, auditSource: authority.ControlPlaneID(td).String() + "#" + cfg.ReplicaID,
 		mux: http.NewServeMux(), adminMux: http.NewServeMux(),
 		grpc: grpc.NewServer(authority.GRPCServerOptions(ident.TLSConfig())...)}
 
