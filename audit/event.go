@@ -30,13 +30,14 @@ const (
 	KindCertIssued   = "cert_issued"   // a certificate was issued
 	KindCertRenewed  = "cert_renewed"  // a certificate was renewed
 	KindCertRefused  = "cert_refused"  // a certificate request was refused
-	KindLogin        = "login"         // an admin, API or console login (successful or not)
+	KindLogin        = "login"         // an admin, API or console login, or a node's join-token attestation (successful or not)
+	KindAdminCall    = "admin_call"    // a call of writd's admin API, authenticated by peer uid
 )
 
 // kinds is the set of valid kinds.
 var kinds = map[string]bool{
 	KindRequest: true, KindDecisionAPI: true, KindConfigChange: true, KindPolicyChange: true,
-	KindCertIssued: true, KindCertRenewed: true, KindCertRefused: true, KindLogin: true,
+	KindCertIssued: true, KindCertRenewed: true, KindCertRefused: true, KindLogin: true, KindAdminCall: true,
 }
 
 // HashSize is the size of an event hash (SHA-256).

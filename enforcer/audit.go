@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/policy"
 )
 
 // AuditSink records decisions as audit events appended to a spool before
@@ -73,6 +75,25 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
 	if err := ev.SetAttributes(attrs); err != nil {
+		return audit.Event{}, err
+	}
+	return ev, nil
+}
+
+// PolicyReloadEvent is the audit event (kind policy_change) of a policy
+// reload attempt: result ok with the revision now active, or error with
+// the reason the attempted content was refused (the old revision stays).
+// name says which policy (a directory, a bundle, "decision-api").
+func PolicyReloadEvent(name string, r policy.ReloadEvent) (audit.Event, error) {
+	ev, err := audit.NewEvent(audit.KindPolicyChange, time.Now())
+	if err != nil {
+		return audit.Event{}, err
+	}
+	ev.Action, ev.Resource, ev.PolicyRevision, ev.Result = "reload", name, r.Revision, "ok"
+	if r.Err != nil {
+		ev.Result, ev.Reason = "error", r.Err.Error()
+	}
+	if err := ev.SetAttributes(map[string]any{"attempted_revision": r.Attempted}); err != nil {
 		return audit.Event{}, err
 	}
 	return ev, nil

@@ -134,3 +134,16 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 		t.Fatalf("audit verify: %d %s", code, out)
 	}
 }
+
+// openPool connects to a test database, closed at cleanup.
+func openPool(t testing.TB, dbURL string) *pgxpool.Pool {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool, err := pgxpool.New(ctx, dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return pool
+}

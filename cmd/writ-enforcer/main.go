@@ -300,37 +300,6 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return err
 	}
 
-	// Policy: a bundle URL is fetched once before the engine starts, then
-	// polled.
-	popts := policy.Options{
-		Dir:          o.policyDir,
-		Bundle:       o.bundleFile,
-		DecisionPath: o.decisionPath,
-		AllowNetwork: o.allowNetwork,
-		CacheSize:    o.cacheSize,
-		PollInterval: o.pollInterval,
-		Clock:        clock,
-		Logger:       log.With("component", "policy"),
-		OnReload:     metrics.ObserveReload,
-	}
-	var fetcher *bundleFetcher
-	if o.bundleURL != "" {
-		dir, err := os.MkdirTemp("", "writ-enforcer-bundle-")
-		if err != nil {
-			return fmt.Errorf("bundle cache dir: %w", err)
-		}
-		defer os.RemoveAll(dir)
-		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, clock, log.With("component", "bundle"))
-		if err := fetcher.first(ctx); err != nil {
-			return err
-		}
-		popts.Bundle = fetcher.file
-	}
-	engine, err := policy.NewEngine(ctx, popts)
-	if err != nil {
-		return fmt.Errorf("load policy: %w", err)
-	}
-
 	var sink enforcer.Sink
 	var rec *audit.Recorder
 	if o.audit.Enabled() {
@@ -354,6 +323,42 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		defer closeSink()
 		sink = dl
 	}
+	// Policy: a bundle URL is fetched once before the engine starts, then
+	// polled.
+	popts := policy.Options{
+		Dir:          o.policyDir,
+		Bundle:       o.bundleFile,
+		DecisionPath: o.decisionPath,
+		AllowNetwork: o.allowNetwork,
+		CacheSize:    o.cacheSize,
+		PollInterval: o.pollInterval,
+		Clock:        clock,
+		Logger:       log.With("component", "policy"),
+		OnReload: func(r policy.ReloadEvent) {
+			metrics.ObserveReload(r)
+			if rec != nil {
+				recordReload(rec.Spool, policyName(o), r, log)
+			}
+		},
+	}
+	var fetcher *bundleFetcher
+	if o.bundleURL != "" {
+		dir, err := os.MkdirTemp("", "writ-enforcer-bundle-")
+		if err != nil {
+			return fmt.Errorf("bundle cache dir: %w", err)
+		}
+		defer os.RemoveAll(dir)
+		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, clock, log.With("component", "bundle"))
+		if err := fetcher.first(ctx); err != nil {
+			return err
+		}
+		popts.Bundle = fetcher.file
+	}
+	engine, err := policy.NewEngine(ctx, popts)
+	if err != nil {
+		return fmt.Errorf("load policy: %w", err)
+	}
+
 	enf, err := enforcer.New(enforcer.Options{
 		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, Metrics: metrics, Clock: clock,
 		Logger: log.With("component", "enforcer"),
@@ -480,4 +485,27 @@ func adminMux(reg *prometheus.Registry, engine *policy.Engine, src *workloadapi.
 // not imported here: it would pull the CA into the enforcer).
 func collectorTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) *tls.Config {
 	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(spiffeid.RequireFromPath(td, "/writ/control-plane")), clock)
+}
+
+// policyName names the enforcer's policy source in its audit events.
+func policyName(o *options) string {
+	switch {
+	case o.policyDir != "":
+		return "dir:" + o.policyDir
+	case o.bundleURL != "":
+		return "bundle:" + o.bundleURL
+	}
+	return "bundle-file:" + o.bundleFile
+}
+
+// recordReload appends a policy reload to the audit spool. The reload has
+// happened either way; a refused append is logged at error level.
+func recordReload(sp *audit.Spool, name string, r policy.ReloadEvent, log *slog.Logger) {
+	ev, err := enforcer.PolicyReloadEvent(name, r)
+	if err == nil {
+		err = sp.Append(context.Background(), &ev)
+	}
+	if err != nil {
+		log.Error("audit: policy reload not recorded", "policy", name, "revision", r.Revision, "err", err)
+	}
 }
