@@ -31,6 +31,10 @@ type RecorderOptions struct {
 	OnFull     FullPolicy
 	// Collector is writd's gRPC address (host:port).
 	Collector string
+	// Headers are the request headers kept in request events
+	// (NewRedaction refuses credential headers); DefaultAllowedHeaders
+	// when empty.
+	Headers []string
 }
 
 // RegisterFlags adds the --audit-* flags to fs.
@@ -55,6 +59,13 @@ func (o *RecorderOptions) RegisterFlags(fs *flag.FlagSet) {
 		return err
 	})
 	fs.StringVar(&o.Collector, "audit-collector", "", "writd gRPC address receiving the audit stream, host:port")
+	fs.Func("audit-header", "a request header kept in audit events (repeatable; credentials such as authorization and cookie are refused); default user-agent, x-request-id, content-type, traceparent", func(s string) error {
+		if _, err := NewRedaction([]string{s}); err != nil {
+			return err
+		}
+		o.Headers = append(o.Headers, s)
+		return nil
+	})
 }
 
 // Enabled says whether a spool directory was configured.
@@ -77,9 +88,11 @@ type RecorderEnv struct {
 // the durable audit of one decision point. Append through Spool; run Run
 // in the process's task group; Close after Run returned.
 type Recorder struct {
-	Spool   *Spool
-	shipper *Shipper
-	conn    *grpc.ClientConn
+	Spool *Spool
+	// Redaction keeps the configured headers (Headers) in request events.
+	Redaction *Redaction
+	shipper   *Shipper
+	conn      *grpc.ClientConn
 }
 
 // OpenRecorder opens (and recovers) the spool in o.SpoolDir and prepares
@@ -103,6 +116,14 @@ func OpenRecorder(o RecorderOptions, env RecorderEnv) (*Recorder, error) {
 	}
 	if err := os.MkdirAll(o.SpoolDir, 0o700); err != nil {
 		return nil, fmt.Errorf("audit spool: %w", err)
+	}
+	hs := o.Headers
+	if len(hs) == 0 {
+		hs = DefaultAllowedHeaders
+	}
+	red, err := NewRedaction(hs)
+	if err != nil {
+		return nil, err
 	}
 	inst, err := instanceName(o.SpoolDir)
 	if err != nil {
@@ -128,7 +149,7 @@ func OpenRecorder(o RecorderOptions, env RecorderEnv) (*Recorder, error) {
 	}
 	env.Logger.Info("audit spool open", "dir", o.SpoolDir, "source", sp.Source(), "durability", sp.o.Durability,
 		"max_bytes", sp.o.MaxBytes, "on_full", sp.o.OnFull, "collector", o.Collector, "next_seq", sp.Stats().NextSeq)
-	return &Recorder{Spool: sp, shipper: sh, conn: conn}, nil
+	return &Recorder{Spool: sp, Redaction: red, shipper: sh, conn: conn}, nil
 }
 
 // Run ships the spool until ctx ends.

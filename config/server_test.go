@@ -102,6 +102,11 @@ func TestParseServerErrors(t *testing.T) {
 		{"decision api huge body", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  max_body_bytes: 1000000000\n", "decision.max_body_bytes"},
 		{"decision api timeout", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  eval_timeout: 2h\n", "decision.eval_timeout"},
 		{"decision api unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\ndecision:\n  policy: /p\n", "decision.policy: field policy not found"},
+		{"audit retention under the minimum", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention_days: 30\n", "writ.yaml:4: audit.retention_days: 30 is shorter than min_retention_days (90)"},
+		{"audit retention under a raised minimum", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  min_retention_days: 400\n", "audit.retention_days: 365 is shorter than min_retention_days (400)"},
+		{"audit bad durability", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  durability: write\n", "writ.yaml:4: audit.durability: \"write\": want fsync-grouped or fsync-per-event"},
+		{"audit fast retention job", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention_interval: 1s\n", "audit.retention_interval: must be at least 1m"},
+		{"audit unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention: 30\n", "audit.retention: field retention not found"},
 		{"upstream incomplete", "trust_domain: example.org\ndatabase_url: postgres://x/y\nca:\n  upstream:\n    step_ca:\n      url: http://ca\n", "ca.upstream.step_ca.url: must be an https:// URL"},
 	}
 	for _, tt := range tests {

@@ -26,7 +26,7 @@ var _ Sink = (*AuditSink)(nil)
 
 // Record appends d.
 func (s *AuditSink) Record(ctx context.Context, d Decision) error {
-	ev, err := DecisionEvent(d, s.Redaction, nil)
+	ev, err := DecisionEvent(d, s.Redaction, d.Headers)
 	if err != nil {
 		return err
 	}
@@ -48,6 +48,9 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		"raw_path":   d.RawPath,
 		"protocol":   d.Protocol,
 		"latency_us": d.Latency.Microseconds(),
+	}
+	if d.Host != "" {
+		attrs["host"] = d.Host
 	}
 	if d.GRPC {
 		attrs["grpc"] = true

@@ -67,6 +67,12 @@ type Decision struct {
 	Cached         bool // the policy answer came from the decision cache
 	Latency        time.Duration
 	TraceID        string // from the W3C traceparent header, if any
+	// Host is the request's host (:authority).
+	Host string
+	// Headers are the request's headers as received (the request's own
+	// map, not a copy). Sinks keep only an allowlisted subset
+	// (audit.Redaction) and never log them whole: they carry credentials.
+	Headers map[string]string
 	// DryRun is the candidate policy's answer, when one is configured and
 	// the request reached policy (nil for a 400). It is recorded, never
 	// enforced.
@@ -189,6 +195,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	in, f, err := buildInput(req, e.maxBody, n)
 	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
 	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
+	if h := req.GetAttributes().GetRequest().GetHttp(); h != nil {
+		d.Host, d.Headers = h.GetHost(), h.GetHeaders()
+	}
 	if err != nil {
 		if errors.Is(err, ErrBadPath) {
 			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, CauseBadPath, err.Error())

@@ -118,7 +118,11 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 		{clientID.String(), "GET", fmt.Sprintf("/ok/%d", stamp), code.Code_OK},
 		{"spiffe://example.org/ns/demo/sa/intruder", "GET", fmt.Sprintf("/no/%d", stamp), code.Code_PERMISSION_DENIED},
 	} {
-		resp, err := client.Check(sctx, checkReq(c.src, serverID.String(), c.method, c.path))
+		req := checkReq(c.src, serverID.String(), c.method, c.path)
+		// Allowlisted headers are kept; credentials never are.
+		req.Attributes.Request.Http.Headers["user-agent"] = "writ-test"
+		req.Attributes.Request.Http.Headers["authorization"] = "Bearer secret-token"
+		resp, err := client.Check(sctx, req)
 		if err != nil || code.Code(resp.GetStatus().GetCode()) != c.want {
 			t.Fatalf("check %s: %v %v, want %v", c.path, resp.GetStatus(), err, c.want)
 		}
@@ -127,7 +131,8 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 			result = "deny"
 		}
 		waitAudit(t, w.dbURL, "the enforcer's decision on "+c.path,
-			"kind = 'request' AND resource = $1 AND result = $2 AND principal = $3 AND starts_with(source, $4)",
+			"kind = 'request' AND resource = $1 AND result = $2 AND principal = $3 AND starts_with(source, $4)"+
+				" AND attributes->'headers'->>'user-agent' = 'writ-test' AND attributes::text NOT LIKE '%secret-token%'",
 			c.path, result, c.src, enforcerID.String()+"#")
 	}
 	if out, code := w.writ(t, "audit", "verify"); code != 0 || !strings.Contains(out, "all chains intact") {

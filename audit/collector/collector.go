@@ -42,9 +42,16 @@ type Options struct {
 	// PartitionsAhead is how many days of partitions Run keeps created
 	// beyond today (default 3).
 	PartitionsAhead int
-	Clock           clockwork.Clock
-	Logger          *slog.Logger
-	Registerer      prometheus.Registerer
+	// AsyncCommit lets Record and RecordBatch commit with
+	// synchronous_commit off: PostgreSQL's WAL writer flushes them in
+	// groups (within 3 × wal_writer_delay, 600 ms by default), so a crash
+	// of the database server can lose that last window of them, while
+	// the commit costs no WAL flush. RecordTx (changes) and shipped
+	// batches always commit synchronously.
+	AsyncCommit bool
+	Clock       clockwork.Clock
+	Logger      *slog.Logger
+	Registerer  prometheus.Registerer
 }
 
 // Collector inserts audit events. It is safe for concurrent use.

@@ -16,7 +16,12 @@ func (c *Collector) Record(ctx context.Context, source string, ev *audit.Event) 
 	if err := c.EnsurePartition(ctx, ev.Time); err != nil {
 		return err
 	}
-	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error { return c.recordTx(ctx, tx, source, ev) })
+	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error {
+		if err := c.asyncCommit(ctx, tx); err != nil {
+			return err
+		}
+		return c.recordTx(ctx, tx, source, ev)
+	})
 }
 
 // RecordBatch appends evs under source in one transaction, all or none
@@ -28,6 +33,9 @@ func (c *Collector) RecordBatch(ctx context.Context, source string, evs []*audit
 		}
 	}
 	return pgx.BeginFunc(ctx, c.o.Pool, func(tx pgx.Tx) error {
+		if err := c.asyncCommit(ctx, tx); err != nil {
+			return err
+		}
 		for _, ev := range evs {
 			if err := c.recordTx(ctx, tx, source, ev); err != nil {
 				return err
@@ -86,6 +94,16 @@ func (c *Collector) recordTx(ctx context.Context, tx pgx.Tx, source string, ev *
 	if _, err := tx.Exec(ctx, `UPDATE audit_sources SET last_seq = $2, last_hash = $3, updated_at = now() WHERE source = $1`,
 		source, int64(ev.Seq), ev.Hash[:]); err != nil {
 		return fmt.Errorf("audit record: chain head: %w", err)
+	}
+	return nil
+}
+
+func (c *Collector) asyncCommit(ctx context.Context, tx pgx.Tx) error {
+	if !c.o.AsyncCommit {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+		return fmt.Errorf("audit record: %w", err)
 	}
 	return nil
 }

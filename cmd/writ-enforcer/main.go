@@ -313,7 +313,7 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			return err
 		}
 		defer rec.Close()
-		sink = &enforcer.AuditSink{Spool: rec.Spool}
+		sink = &enforcer.AuditSink{Spool: rec.Spool, Redaction: rec.Redaction}
 	} else {
 		log.Warn("no --audit-spool-dir: decisions go to the decision log only, which is not the durable audit trail")
 		dl, closeSink, err := openDecisionLog(o.decisionLog, stderr)

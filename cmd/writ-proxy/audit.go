@@ -45,7 +45,7 @@ func (r *proxyRole) openAudit(src *workloadapi.X509Source, id spiffeid.ID) (*aud
 	if err != nil {
 		return nil, err
 	}
-	r.sink.s.Store(&enforcer.AuditSink{Spool: rec.Spool})
+	r.sink.s.Store(&enforcer.AuditSink{Spool: rec.Spool, Redaction: rec.Redaction})
 	return rec, nil
 }
 

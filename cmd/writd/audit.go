@@ -13,6 +13,7 @@ import (
 	"github.com/writmesh/writ/audit/collector"
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/internal/run"
+	"github.com/writmesh/writ/store"
 )
 
 func init() { components = append(components, setupAudit) }
@@ -26,6 +27,32 @@ func setupAudit(ctx context.Context, d *deps) error {
 	audit.RegisterCollector(d.grpc, col)
 	cp := &collector.Checkpointer{Pool: d.pool, Certificate: d.ident.Certificate, Logger: d.log.With("component", "audit")}
 	d.tasks = append(d.tasks, run.Task{Name: "audit-partitions", Run: col.Run}, run.Task{Name: "audit-checkpoints", Run: cp.Run})
+
+	// Retention runs as its own role when one is configured: the role
+	// that owns the partitions, which the collector's should not.
+	ac := d.cfg.Audit
+	rpool := d.pool
+	if ac.RetentionDatabaseURL != "" {
+		p, err := store.Open(ctx, ac.RetentionDatabaseURL)
+		if err != nil {
+			return fmt.Errorf("audit retention database: %w", err)
+		}
+		rpool = p
+		d.tasks = append(d.tasks, run.Task{Name: "audit-retention-pool", Run: func(ctx context.Context) error {
+			<-ctx.Done()
+			p.Close()
+			return nil
+		}})
+	} else {
+		d.log.Warn("audit retention runs with writd's own database role; set audit.retention_database_url to a role that owns the partitions and revoke DROP from writd's")
+	}
+	ret, err := collector.NewRetainer(collector.Retainer{Pool: rpool, Keep: time.Duration(ac.RetentionDays) * 24 * time.Hour,
+		Minimum: time.Duration(ac.MinRetentionDays) * 24 * time.Hour, Interval: ac.RetentionInterval.D(),
+		Logger: d.log.With("component", "audit-retention")}, d.metrics)
+	if err != nil {
+		return err
+	}
+	d.tasks = append(d.tasks, run.Task{Name: "audit-retention", Run: ret.Run})
 
 	d.adminMux.HandleFunc("GET /v1/audit/verify", func(w http.ResponseWriter, r *http.Request) {
 		from, to, err := timeRange(r)

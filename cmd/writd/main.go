@@ -162,7 +162,8 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// The collector first: the CA's first intermediate is an audit event.
-	col, err := collector.New(collector.Options{Pool: pool, Logger: log.With("component", "audit"), Registerer: metrics})
+	col, err := collector.New(collector.Options{Pool: pool, Logger: log.With("component", "audit"), Registerer: metrics,
+		AsyncCommit: cfg.Audit.Durability == config.AuditFsyncGrouped})
 	if err != nil {
 		return err
 	}
