@@ -187,6 +187,10 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets http.ResponseController reach the connection (flushing and
+// deadlines for streamed answers).
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
 type recKey struct{}
 
 // ServeHTTP authorizes by peer uid, serves, and records the call.

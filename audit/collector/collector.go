@@ -190,9 +190,13 @@ func (c *Collector) Insert(ctx context.Context, evs []audit.Event) error {
 		}
 	}
 	heads := map[string]audit.Event{}
+	firsts := map[string]uint64{}
 	for _, ev := range evs {
 		if h, ok := heads[ev.Source]; !ok || ev.Seq > h.Seq {
 			heads[ev.Source] = ev
+		}
+		if f, ok := firsts[ev.Source]; !ok || ev.Seq < f {
+			firsts[ev.Source] = ev.Seq
 		}
 	}
 	rows := func() pgx.CopyFromSource {
@@ -246,6 +250,9 @@ func (c *Collector) Insert(ctx context.Context, evs []audit.Event) error {
 					last_seq = GREATEST(audit_sources.last_seq, excluded.last_seq), updated_at = now()`,
 				src, int64(h.Seq), h.Hash[:]); err != nil {
 				return fmt.Errorf("source head: %w", err)
+			}
+			if err := notify(ctx, tx, src, firsts[src], h.Seq); err != nil {
+				return err
 			}
 		}
 		return nil

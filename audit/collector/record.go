@@ -95,7 +95,7 @@ func (c *Collector) recordTx(ctx context.Context, tx pgx.Tx, source string, ev *
 		source, int64(ev.Seq), ev.Hash[:]); err != nil {
 		return fmt.Errorf("audit record: chain head: %w", err)
 	}
-	return nil
+	return notify(ctx, tx, source, ev.Seq, ev.Seq)
 }
 
 func (c *Collector) asyncCommit(ctx context.Context, tx pgx.Tx) error {

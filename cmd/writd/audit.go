@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -80,10 +81,15 @@ func setupAudit(ctx context.Context, d *deps) error {
 		}
 		admin.WriteJSON(w, http.StatusOK, res)
 	})
+	followers := make(chan struct{}, maxAuditFollowers)
 	d.adminMux.HandleFunc("GET /v1/audit/events", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		f := collector.Filter{Source: q.Get("source"), Recorder: q.Get("recorder"), Destination: q.Get("destination"),
 			Result: q.Get("result"), Kind: q.Get("kind"), After: q.Get("after")}
+		if q.Get("follow") == "true" {
+			followAudit(w, r, d, f, followers)
+			return
+		}
 		var err error
 		if f.Since, f.Until, err = timeRange(r); err != nil {
 			admin.WriteError(w, http.StatusBadRequest, err.Error())
@@ -131,4 +137,39 @@ func timeRange(r *http.Request) (from, to time.Time, err error) {
 		}
 	}
 	return from, to, nil
+}
+
+// maxAuditFollowers bounds live tails: each holds a database connection.
+const maxAuditFollowers = 8
+
+// followAudit streams matching events as they are committed, one JSON
+// object per line (LISTEN/NOTIFY), until the client goes away or writd
+// stops.
+func followAudit(w http.ResponseWriter, r *http.Request, d *deps, f collector.Filter, slots chan struct{}) {
+	select {
+	case slots <- struct{}{}:
+		defer func() { <-slots }()
+	default:
+		admin.WriteError(w, http.StatusServiceUnavailable, fmt.Sprintf("already %d audit followers; try later", cap(slots)))
+		return
+	}
+	rc := http.NewResponseController(w)
+	_ = rc.SetWriteDeadline(time.Time{}) // a tail runs as long as it is read
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	if err := rc.Flush(); err != nil {
+		return
+	}
+	enc := json.NewEncoder(w)
+	err := collector.Follow(r.Context(), d.pool, f, func(row collector.Row) error {
+		// A stalled reader must not hold the follower forever.
+		_ = rc.SetWriteDeadline(time.Now().Add(30 * time.Second))
+		if err := enc.Encode(row); err != nil {
+			return err
+		}
+		return rc.Flush()
+	})
+	if err != nil && r.Context().Err() == nil {
+		d.log.Warn("audit follow ended", "err", err)
+	}
 }
