@@ -2,7 +2,7 @@ package collector
 
 import (
 	"context"
-		"fmt"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
