@@ -87,10 +87,12 @@ func TestProxyDecisionsReachPostgres(t *testing.T) {
 	}
 }
 
-// TestEnforcerDecisionsReachPostgres: writ-enforcer with an SVID from a
-// writ-proxy agent of a real writd, with --audit-spool-dir: an allowed
-// and a denied check each arrive in PostgreSQL once, under its SVID.
-func TestEnforcerDecisionsReachPostgres(t *testing.T) {
+// enforcerWithAudit is a real writd, a writ-proxy agent serving SVIDs
+// for the enforcer and its client, and writ-enforcer deciding by the mesh
+// policy with --audit-spool-dir, shipping to writd; it returns writd and
+// an ext_authz client holding the client's SVID.
+func enforcerWithAudit(t *testing.T) (*writd, authv3.AuthorizationClient) {
+	t.Helper()
 	w := startWritd(t)
 	uid := fmt.Sprint(os.Geteuid())
 	for _, id := range []string{enforcerID.String(), clientID.String()} {
@@ -108,8 +110,18 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer src.Close()
-	client := authv3.NewAuthorizationClient(dialEnforcer(t, src, p.listen))
+	t.Cleanup(func() { src.Close() })
+	return w, authv3.NewAuthorizationClient(dialEnforcer(t, src, p.listen))
+}
+
+// TestEnforcerDecisionsReachPostgres: writ-enforcer with an SVID from a
+// writ-proxy agent of a real writd, with --audit-spool-dir: an allowed
+// and a denied check each arrive in PostgreSQL once, under its SVID, with
+// the allowlisted headers and without credentials.
+func TestEnforcerDecisionsReachPostgres(t *testing.T) {
+	w, client := enforcerWithAudit(t)
+	sctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
 	stamp := time.Now().UnixNano()
 	for _, c := range []struct {
 		src, method, path string
