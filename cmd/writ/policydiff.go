@@ -222,4 +222,3 @@ func rowEvent(r auditRow) (audit.Event, error) {
 	return audit.Event{ID: id, Time: r.Time, Kind: r.Kind, Principal: r.Source, Destination: r.Destination, Action: r.Action,
 		Resource: r.Resource, Result: r.Result, Status: r.Status, Cause: r.Cause, TraceID: r.TraceID, Attributes: attrs}, nil
 }
-
