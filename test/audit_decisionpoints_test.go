@@ -82,6 +82,10 @@ func TestProxyDecisionsReachPostgres(t *testing.T) {
 	waitAudit(t, w.dbURL, "the proxy's decision in PostgreSQL",
 		"kind = 'request' AND resource = $1 AND result = 'allow' AND principal = $2 AND starts_with(source, $3)",
 		path, "spiffe://example.org/ns/shop/sa/frontend", "spiffe://example.org/ns/shop/sa/orders#")
+	// The policy's first load, before the spool opened, is recorded too.
+	waitAudit(t, w.dbURL, "the proxy's policy load",
+		"kind = 'policy_change' AND action = 'reload' AND result = 'ok' AND resource = $1 AND starts_with(source, $2)",
+		"dir:"+policyDir, "spiffe://example.org/ns/shop/sa/orders#")
 	if out, code := w.writ(t, "audit", "verify"); code != 0 || !strings.Contains(out, "all chains intact") {
 		t.Fatalf("audit verify: %d %s", code, out)
 	}
@@ -147,6 +151,9 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 				" AND attributes->'headers'->>'user-agent' = 'writ-test' AND attributes::text NOT LIKE '%secret-token%'",
 			c.path, result, c.src, enforcerID.String()+"#")
 	}
+	waitAudit(t, w.dbURL, "the enforcer's policy load",
+		"kind = 'policy_change' AND action = 'reload' AND result = 'ok' AND starts_with(resource, 'dir:') AND starts_with(source, $1)",
+		enforcerID.String()+"#")
 	if out, code := w.writ(t, "audit", "verify"); code != 0 || !strings.Contains(out, "all chains intact") {
 		t.Fatalf("audit verify: %d %s", code, out)
 	}

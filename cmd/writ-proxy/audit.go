@@ -4,6 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"log/slog"
+	"sync"
 	"sync/atomic"
 
 	"github.com/jonboulle/clockwork"
@@ -13,6 +15,7 @@ import (
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/policy"
 )
 
 // spoolSink is the proxy's decision sink: the durable audit spool. The
@@ -22,6 +25,11 @@ import (
 // before then anyway). Safe for concurrent use.
 type spoolSink struct {
 	s atomic.Pointer[enforcer.AuditSink]
+
+	mu      sync.Mutex
+	pending []policy.ReloadEvent // reloads before the spool opened
+	log     *slog.Logger
+	policy  string
 }
 
 var _ enforcer.Sink = (*spoolSink)(nil)
@@ -45,8 +53,40 @@ func (r *proxyRole) openAudit(src *workloadapi.X509Source, id spiffeid.ID) (*aud
 	if err != nil {
 		return nil, err
 	}
+	r.sink.mu.Lock()
 	r.sink.s.Store(&enforcer.AuditSink{Spool: rec.Spool, Redaction: rec.Redaction})
+	pending := r.sink.pending
+	r.sink.pending = nil
+	r.sink.mu.Unlock()
+	for _, ev := range pending {
+		r.sink.recordReload(ev)
+	}
 	return rec, nil
+}
+
+// onReload records a policy reload (policy_change) in the spool; reloads
+// before the spool is open (the first load, at start) wait for it.
+func (k *spoolSink) onReload(ev policy.ReloadEvent) {
+	k.mu.Lock()
+	if k.s.Load() == nil {
+		if len(k.pending) < 64 {
+			k.pending = append(k.pending, ev)
+		}
+		k.mu.Unlock()
+		return
+	}
+	k.mu.Unlock()
+	k.recordReload(ev)
+}
+
+func (k *spoolSink) recordReload(r policy.ReloadEvent) {
+	ev, err := enforcer.PolicyReloadEvent(k.policy, r)
+	if err == nil {
+		err = k.s.Load().Spool.Append(context.Background(), &ev)
+	}
+	if err != nil {
+		k.log.Error("audit: policy reload not recorded", "policy", k.policy, "revision", r.Revision, "err", err)
+	}
 }
 
 // collectorTLS presents the proxy's SVID to writd's gRPC port and accepts

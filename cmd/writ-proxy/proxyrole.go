@@ -137,8 +137,15 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 	}
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
 	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if o.audit.Enabled() {
+		r.sink = &spoolSink{log: log, policy: "dir:" + o.policyDir}
+	}
 	if o.policyDir != "" {
-		eng, err := policy.NewEngine(ctx, policy.Options{Dir: o.policyDir, Logger: log})
+		popts := policy.Options{Dir: o.policyDir, Logger: log}
+		if r.sink != nil {
+			popts.OnReload = r.sink.onReload
+		}
+		eng, err := policy.NewEngine(ctx, popts)
 		if err != nil {
 			return nil, fmt.Errorf("load policy: %w", err)
 		}
@@ -147,8 +154,7 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 			return nil, err
 		}
 		var sink enforcer.Sink
-		if o.audit.Enabled() {
-			r.sink = &spoolSink{}
+		if r.sink != nil {
 			sink = r.sink
 		} else {
 			// Without a spool, decisions go to the log: never
