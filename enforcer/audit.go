@@ -44,28 +44,11 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 			return audit.Event{}, fmt.Errorf("decision event id: %w", err)
 		}
 	}
-	attrs := map[string]any{
-		"raw_path":   d.RawPath,
-		"protocol":   d.Protocol,
-		"latency_us": d.Latency.Microseconds(),
-	}
-	if d.Host != "" {
-		attrs["host"] = d.Host
-	}
-	if d.GRPC {
-		attrs["grpc"] = true
-	}
-	if d.Cached {
-		attrs["cached"] = true
-	}
+	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, Headers: r.Headers(headers)}
 	if d.DryRun != nil {
-		attrs["dry_run"] = map[string]any{
-			"result": d.DryRun.Result, "http_status": d.DryRun.HTTPStatus, "reason": d.DryRun.Reason,
-			"policy_revision": d.DryRun.PolicyRevision, "disagrees": d.DryRun.Disagrees,
-		}
-	}
-	if h := r.Headers(headers); h != nil {
-		attrs["headers"] = h
+		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
+			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees}
 	}
 	status := d.HTTPStatus
 	if status == 0 && d.Result == ResultAllow {
@@ -77,10 +60,33 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
-	if err := ev.SetAttributes(attrs); err != nil {
+	if err := ev.SetCanonicalAttributes(attrs); err != nil {
 		return audit.Event{}, err
 	}
 	return ev, nil
+}
+
+// requestAttrs are a request event's attributes. Their JSON is canonical
+// as encoded (fields in key order, integers only), which spares the
+// request path a decode and re-encode; TestRequestAttributesAreCanonical
+// holds them to audit.CanonicalJSON.
+type requestAttrs struct {
+	Cached    bool           `json:"cached,omitempty"`
+	DryRun    *dryRunAttrs   `json:"dry_run,omitempty"`
+	GRPC      bool           `json:"grpc,omitempty"`
+	Headers   map[string]any `json:"headers,omitempty"`
+	Host      string         `json:"host,omitempty"`
+	LatencyUS int64          `json:"latency_us"`
+	Protocol  string         `json:"protocol"`
+	RawPath   string         `json:"raw_path"`
+}
+
+type dryRunAttrs struct {
+	Disagrees      bool   `json:"disagrees"`
+	HTTPStatus     int    `json:"http_status"`
+	PolicyRevision string `json:"policy_revision"`
+	Reason         string `json:"reason"`
+	Result         string `json:"result"`
 }
 
 // PolicyReloadEvent is the audit event (kind policy_change) of a policy
