@@ -198,8 +198,21 @@ func instanceName(dir string) (string, error) {
 }
 
 // SourceOf returns the SPIFFE ID part of an event source ("ID#instance"
-// or "ID").
+// or "ID"), or "" when the instance is not 1 to 64 letters, digits, dots,
+// dashes or underscores (so that no caller can name chains at will with
+// arbitrary text).
 func SourceOf(source string) string {
-	id, _, _ := strings.Cut(source, "#")
+	id, inst, ok := strings.Cut(source, "#")
+	if !ok {
+		return id
+	}
+	if len(inst) == 0 || len(inst) > 64 {
+		return ""
+	}
+	for _, c := range inst {
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '-' || c == '_') {
+			return ""
+		}
+	}
 	return id
 }

@@ -204,6 +204,9 @@ func TestCollectorRefusesAnotherSourcesEvents(t *testing.T) {
 	}{
 		{svid.ID.String() + "0", codes.PermissionDenied},
 		{svid.ID.String() + "/x#i", codes.PermissionDenied},
+		{svid.ID.String() + "#", codes.PermissionDenied},
+		{svid.ID.String() + "#a b", codes.PermissionDenied},
+		{svid.ID.String() + "#a#b", codes.PermissionDenied},
 		{svid.ID.String() + "#0123456789abcdef", codes.OK},
 	} {
 		s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: tc.source})
