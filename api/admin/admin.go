@@ -187,8 +187,8 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
-// Unwrap lets http.ResponseController reach the connection (flushing and
-// deadlines for streamed answers).
+// Unwrap lets handlers reach the connection's writer through
+// http.ResponseController (to flush a streamed answer).
 func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 
 type recKey struct{}

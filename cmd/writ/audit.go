@@ -170,7 +170,7 @@ func (c *cli) followAudit(ctx context.Context, q url.Values, rows []auditRow, fo
 	q.Del("limit")
 	q.Del("since")
 	q.Set("follow", "true")
-	body, err := c.client.Stream(ctx, "/v1/audit/events?"+q.Encode())
+	body, err := c.client.Tail(ctx, "/v1/audit/events?"+q.Encode())
 	if err != nil {
 		return err
 	}
