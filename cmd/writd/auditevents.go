@@ -86,7 +86,10 @@ func meshChangeEvents(col *collector.Collector, source string) xds.ChangeHook {
 		}
 		ev.Principal, ev.Action, ev.Result = author, action, ch.Op
 		ev.Resource = ch.Kind + "/" + ch.Namespace + "/" + ch.Name
-		if err := ev.SetAttributes(map[string]any{"revision": ch.Revision, "diff": ch.Diff}); err != nil {
+		// kind, namespace, name and revision name the mesh_revisions row
+		// the event records (compliance reports count the two as one).
+		if err := ev.SetAttributes(map[string]any{"kind": ch.Kind, "namespace": ch.Namespace, "name": ch.Name,
+			"revision": ch.Revision, "diff": ch.Diff}); err != nil {
 			return err
 		}
 		return col.RecordTx(ctx, tx, source, &ev)
