@@ -26,16 +26,15 @@ import (
 // valid, for root retirement) and `writ cert list` shows it.
 func issuanceEvents(col *collector.Collector, source string) authority.IssuanceHook {
 	return func(ctx context.Context, tx pgx.Tx, rows []authority.Issuance) error {
-		for _, is := range rows {
+		evs := make([]*audit.Event, len(rows))
+		for i, is := range rows {
 			ev, err := issuanceEvent(is)
 			if err != nil {
 				return err
 			}
-			if err := col.RecordTx(ctx, tx, source, &ev); err != nil {
-				return err
-			}
+			evs[i] = &ev
 		}
-		return nil
+		return col.RecordManyTx(ctx, tx, source, evs)
 	}
 }
 
