@@ -28,21 +28,20 @@ func notify(ctx context.Context, tx pgx.Tx, source string, first, last uint64) e
 
 // Follow emits, until ctx ends or emit fails, every event committed from
 // now on that matches f (its time range and pagination fields are
-// ignored), in commit order per source. It holds one connection of pool
-// for LISTEN. A range announced twice (a re-sent batch) is emitted once.
+// ignored), in commit order per source. It opens one connection of its
+// own (pool's configuration) for LISTEN and its reads. A range announced
+// twice (a re-sent batch) is emitted once.
 func Follow(ctx context.Context, pool *pgxpool.Pool, f Filter, emit func(Row) error) error {
-	conn, err := pool.Acquire(ctx)
+	// A connection of its own, outside the pool: a follower holds it for
+	// as long as it runs, and followers must not starve writd's pool.
+	conn, err := pgx.ConnectConfig(ctx, pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return fmt.Errorf("follow: %w", err)
 	}
 	defer func() {
-		// The connection goes back listening to nothing.
-		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 		defer cancel()
-		if _, err := conn.Exec(uctx, "UNLISTEN *"); err != nil {
-			conn.Conn().Close(uctx)
-		}
-		conn.Release()
+		conn.Close(cctx)
 	}()
 	if _, err := conn.Exec(ctx, "LISTEN "+NotifyChannel); err != nil {
 		return fmt.Errorf("follow: %w", err)
@@ -50,7 +49,7 @@ func Follow(ctx context.Context, pool *pgxpool.Pool, f Filter, emit func(Row) er
 	f.Since, f.Until, f.After, f.Limit = zeroTime, zeroTime, "", 0
 	emitted := map[string]uint64{}
 	for {
-		n, err := conn.Conn().WaitForNotification(ctx)
+		n, err := conn.WaitForNotification(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -77,7 +76,7 @@ func Follow(ctx context.Context, pool *pgxpool.Pool, f Filter, emit func(Row) er
 		where := filterWhere(f, &args)
 		args = append(args, src, int64(first), int64(last))
 		where = append(where, fmt.Sprintf("source = $%d AND seq BETWEEN $%d AND $%d", len(args)-2, len(args)-1, len(args)))
-		rows, err := pool.Query(ctx, selectEvents+" WHERE "+strings.Join(where, " AND ")+" ORDER BY seq", args...)
+		rows, err := conn.Query(ctx, selectEvents+" WHERE "+strings.Join(where, " AND ")+" ORDER BY seq", args...)
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil

@@ -139,7 +139,8 @@ func timeRange(r *http.Request) (from, to time.Time, err error) {
 	return from, to, nil
 }
 
-// maxAuditFollowers bounds live tails: each holds a database connection.
+// maxAuditFollowers bounds live tails: each holds a database connection
+// of its own (outside the pool).
 const maxAuditFollowers = 8
 
 // followAudit streams matching events as they are committed, one JSON
