@@ -69,16 +69,17 @@ func (r *Retainer) RunOnce(ctx context.Context) ([]string, error) {
 	dropped, err := Retain(ctx, r.Pool, now, r.Keep, r.Minimum)
 	r.dropped.Add(float64(len(dropped)))
 	if err != nil {
-		r.runs.WithLabelValues("error").Inc()
 		r.Logger.Error("audit retention failed", "keep", r.Keep, "dropped", dropped, "err", err)
+		r.runs.WithLabelValues("error").Inc()
 		return dropped, err
 	}
-	r.runs.WithLabelValues("ok").Inc()
 	if len(dropped) > 0 {
 		r.Logger.Info("audit retention dropped partitions", "keep", r.Keep, "cutoff", now.UTC().Add(-r.Keep), "partitions", dropped)
 	} else {
 		r.Logger.Debug("audit retention: nothing to drop", "keep", r.Keep)
 	}
+	// Counted last: a run counted is a run finished, log included.
+	r.runs.WithLabelValues("ok").Inc()
 	return dropped, nil
 }
 
