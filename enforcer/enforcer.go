@@ -71,6 +71,11 @@ type Decision struct {
 	// the request reached policy (nil for a 400). It is recorded, never
 	// enforced.
 	DryRun *DryRun
+	// MatchedRules name the rules of the decision path that produced the
+	// policy's answer, as "FILE:LINE RULE" (policy.Result.Rules): the
+	// allow rule that held, or the default. Empty when no rule answered
+	// or the engine could not tell. Shared: read-only.
+	MatchedRules []string
 }
 
 // DryRun is what a candidate policy would have decided.
@@ -79,6 +84,7 @@ type DryRun struct {
 	HTTPStatus     int
 	Reason         string
 	PolicyRevision string
+	MatchedRules   []string
 	// Disagrees is true when the candidate's result or status differs from
 	// the enforced decision.
 	Disagrees bool
@@ -197,7 +203,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	}
 	v := judge(ctx, snap, in)
 	d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
-	d.PolicyRevision, d.Cached = v.revision, v.cached
+	d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
 	if e.candidate != nil {
 		c := judge(ctx, cand, in)
 		d.DryRun = &DryRun{
@@ -205,6 +211,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 			HTTPStatus:     c.out.status,
 			Reason:         c.reason,
 			PolicyRevision: c.revision,
+			MatchedRules:   c.rules,
 			Disagrees:      c.result != v.result || c.out.status != v.out.status,
 		}
 	}
@@ -216,13 +223,14 @@ type verdict struct {
 	out                             outcome
 	result, reason, revision, cause string
 	cached                          bool
+	rules                           []string
 }
 
 // judge evaluates snap on in and maps the answer; every failure is a deny
 // with its reason.
 func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
-	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny}
+	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny, rules: res.Rules}
 	denied := func(cause, reason string) verdict {
 		v.out = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
 		v.cause, v.reason = cause, reason

@@ -76,6 +76,11 @@ func (s Snapshot) EvalPath(ctx context.Context, path ast.Ref, input ast.Value) (
 	if err := ctx.Err(); err != nil {
 		return res, fmt.Errorf("evaluate %s in policy %s: %w", path, set.revision, err)
 	}
+	if _, isObj := input.(ast.Object); isObj && path.Equal(set.path) {
+		// The decision itself: the cache and fast path apply, and the
+		// answer names its rules.
+		return s.Eval(ctx, input)
+	}
 	pq, err := set.prepare(ctx, path)
 	if err != nil {
 		return res, err

@@ -42,10 +42,13 @@ type residuals struct {
 	unknownKey [][]*ast.Term // unknown as key terms
 	unknownRef []*ast.Term
 	hasDefault bool
-	compiler   *ast.Compiler
-	store      storage.Store
-	caps       *ast.Capabilities
-	strict     bool
+	rules      *ruleIndex
+	// defaultRules names the default rule, for answers that fell to it.
+	defaultRules []string
+	compiler     *ast.Compiler
+	store        storage.Store
+	caps         *ast.Capabilities
+	strict       bool
 	// cache maps the values of the other input paths to a *residual (or
 	// nil for "no fast path for this combination"), in Result.Value.
 	cache *decisionCache
@@ -67,6 +70,10 @@ const maxResidualMisses = 64
 type residual struct {
 	always bool
 	conj   [][]pred
+	// rules name the decision rule behind always and behind each
+	// conjunction (nil where not known).
+	alwaysRules []string
+	conjRules   [][]string
 }
 
 // pred is one builtin call whose only non-constant operand is an unknown
@@ -80,7 +87,7 @@ type pred struct {
 
 // newResiduals decides whether the set qualifies for the fast path and
 // prepares it; nil when it does not.
-func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an analysis, caps *ast.Capabilities, strict bool, size int) *residuals {
+func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an analysis, caps *ast.Capabilities, strict bool, size int, ix *ruleIndex) *residuals {
 	if !an.deterministic || an.wholeInput || size <= 0 {
 		return nil
 	}
@@ -91,6 +98,7 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 		return nil
 	}
 	hasDefault := false
+	var defaultRules []string
 	for _, r := range rules {
 		if !r.Path().Equal(path) {
 			return nil
@@ -103,6 +111,7 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 				return nil
 			}
 			hasDefault = true
+			defaultRules = ix.one[ix.labels[r]]
 			continue
 		}
 		if !r.Head.Value.Equal(ast.InternedTerm(true)) {
@@ -131,16 +140,18 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 		refs[i] = ast.NewTerm(r)
 	}
 	return &residuals{
-		query:      ast.NewBody(ast.Equality.Expr(ast.NewTerm(path), ast.InternedTerm(true))),
-		unknown:    unknown,
-		unknownKey: pathTerms(unknown),
-		unknownRef: refs,
-		hasDefault: hasDefault,
-		compiler:   compiler,
-		store:      store,
-		caps:       caps,
-		strict:     strict,
-		cache:      newDecisionCache(known, size),
+		query:        ast.NewBody(ast.Equality.Expr(ast.NewTerm(path), ast.InternedTerm(true))),
+		unknown:      unknown,
+		unknownKey:   pathTerms(unknown),
+		unknownRef:   refs,
+		hasDefault:   hasDefault,
+		rules:        ix,
+		defaultRules: defaultRules,
+		compiler:     compiler,
+		store:        store,
+		caps:         caps,
+		strict:       strict,
+		cache:        newDecisionCache(known, size),
 	}
 }
 
@@ -360,11 +371,11 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 	}
 	if res.always {
 		f.answered.Add(1)
-		return Result{Defined: true, Value: true, Revision: revision}, true
+		return Result{Defined: true, Value: true, Revision: revision, Rules: res.alwaysRules}, true
 	}
 	bctx := topdown.BuiltinContext{Context: ctx}
 	var ops [8]*ast.Term
-	for _, c := range res.conj {
+	for ci, c := range res.conj {
 		all := true
 		for _, p := range c {
 			args := ops[:len(p.args)]
@@ -385,12 +396,12 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 		}
 		if all {
 			f.answered.Add(1)
-			return Result{Defined: true, Value: true, Revision: revision}, true
+			return Result{Defined: true, Value: true, Revision: revision, Rules: res.conjRules[ci]}, true
 		}
 	}
 	f.answered.Add(1)
 	if f.hasDefault {
-		return Result{Defined: true, Value: false, Revision: revision}, true
+		return Result{Defined: true, Value: false, Revision: revision, Rules: f.defaultRules}, true
 	}
 	return Result{Revision: revision}, true
 }
@@ -414,7 +425,9 @@ func lookup(v ast.Value, p []*ast.Term) *ast.Term {
 // partial evaluates the decision with the unknown paths left open and
 // turns the result into predicates; nil if its shape is not understood.
 func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
+	tr := &partialTracer{ix: f.rules}
 	pq, err := rego.New(
+		rego.QueryTracer(tr),
 		rego.ParsedQuery(f.query),
 		rego.Compiler(f.compiler),
 		rego.Store(f.store),
@@ -431,6 +444,9 @@ func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
 	for _, body := range pq.Queries {
 		if len(body) == 0 {
 			res.always = true
+			if tr.always != "" {
+				res.alwaysRules = f.rules.one[tr.always]
+			}
 			return res
 		}
 		var c []pred
@@ -442,6 +458,11 @@ func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
 			c = append(c, p)
 		}
 		res.conj = append(res.conj, c)
+		var rules []string
+		if l := f.rules.conjRule(body); l != "" {
+			rules = f.rules.one[l]
+		}
+		res.conjRules = append(res.conjRules, rules)
 	}
 	return res
 }

@@ -247,6 +247,7 @@ func (s *Server) evaluate(ctx context.Context, c *call, snap policy.Snapshot, t 
 		}
 		return deny(CausePolicyError, err.Error(), errorContext(http.StatusInternalServerError, "policy evaluation failed"))
 	}
+	rec.MatchedRules = res.Rules
 	if !res.Defined {
 		return deny(CauseUndefined, "the decision is undefined", nil)
 	}

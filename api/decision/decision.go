@@ -128,7 +128,10 @@ type Record struct {
 	Cause          string // one of the Cause constants
 	Reason         string
 	PolicyRevision string
-	Latency        time.Duration
+	// MatchedRules name the rules that produced the answer ("FILE:LINE
+	// RULE", see policy.Result.Rules), where known.
+	MatchedRules []string
+	Latency      time.Duration
 }
 
 // Sink receives every record before its answer is sent. An error withholds
