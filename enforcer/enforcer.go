@@ -23,6 +23,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/writmesh/writ/policy"
 	"google.golang.org/genproto/googleapis/rpc/code"
+	"google.golang.org/protobuf/reflect/protoregistry"
 )
 
 // Result values of a Decision.
@@ -112,8 +113,12 @@ type Options struct {
 	// run); its answers go into Decision.DryRun and never into responses.
 	Candidate *policy.Engine
 	Sink      Sink
-	// MaxBodyBytes bounds JSON bodies parsed into input.parsed_body.
+	// MaxBodyBytes bounds bodies parsed into input.parsed_body.
 	MaxBodyBytes int
+	// ProtoDescriptors, if set, decode the request messages of gRPC calls
+	// to the services they describe into input.parsed_body (Envoy must
+	// send the body with pack_as_bytes). See LoadProtoDescriptors.
+	ProtoDescriptors *protoregistry.Files
 	// FullInput builds every input field even when the policy cannot read
 	// it. Decisions are the same; it costs time and helps debugging.
 	FullInput bool
@@ -128,7 +133,7 @@ type Enforcer struct {
 	engine    *policy.Engine
 	candidate *policy.Engine
 	sink      Sink
-	maxBody   int
+	body      bodyParser
 	fullInput bool
 	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
@@ -154,7 +159,7 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
+	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
@@ -192,7 +197,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	if !e.fullInput {
 		n = e.needFor(snap, cand)
 	}
-	in, f, err := buildInput(req, e.maxBody, n)
+	in, f, err := buildInputWith(req, e.body, n)
 	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
 	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
 	if err != nil {

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
@@ -108,6 +109,7 @@ type options struct {
 	decisionLog   string
 	checkTimeout  time.Duration
 	maxBodyBytes  int
+	protoDescs    string
 	cacheSize     int
 	logLevel      string
 	allowNetwork  bool
@@ -136,6 +138,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.decisionLog, "decision-log", "-", "file to append decisions to as JSON lines; - for stderr")
 	fs.DurationVar(&o.checkTimeout, "check-timeout", enforcer.DefaultCheckTimeout, "deadline of one check, whatever the client asks")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body")
+	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body; Envoy must send bodies with pack_as_bytes")
 	fs.IntVar(&o.cacheSize, "cache-size", 0, "decision cache entries (0: default, negative: off)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.allowNetwork, "allow-network-builtins", false, "let policies call http.send and net.lookup_ip_addr (turns the cache off)")
@@ -323,14 +326,21 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return fmt.Errorf("load policy: %w", err)
 	}
 
+	var protos *protoregistry.Files
+	if o.protoDescs != "" {
+		if protos, err = enforcer.LoadProtoDescriptors(o.protoDescs); err != nil {
+			return err
+		}
+	}
+
 	sink, closeSink, err := openDecisionLog(o.decisionLog, stderr)
 	if err != nil {
 		return err
 	}
 	defer closeSink()
 	enf, err := enforcer.New(enforcer.Options{
-		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, Metrics: metrics, Clock: clock,
-		Logger: log.With("component", "enforcer"),
+		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, ProtoDescriptors: protos,
+		Metrics: metrics, Clock: clock, Logger: log.With("component", "enforcer"),
 	})
 	if err != nil {
 		return err
