@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -102,6 +104,7 @@ type options struct {
 	allowIDs      listFlag
 	policyDir     string
 	bundleURL     string
+	bundleServer  string
 	bundleFile    string
 	bundlePoll    time.Duration
 	pollInterval  time.Duration
@@ -130,7 +133,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "trust domain whose workloads may call (default: the enforcer's own)")
 	fs.Var(&o.allowIDs, "allow-spiffe-id", "a SPIFFE ID allowed to call; repeat for more; replaces the trust-domain rule")
 	fs.StringVar(&o.policyDir, "policy-dir", "", "policy directory, hot-reloaded")
-	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. https://writd:8443/bundles/mesh (mTLS with the enforcer's SVID) or http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleServer, "bundle-server-id", "", "SPIFFE ID the https bundle server must present (default: spiffe://TRUST-DOMAIN/writ/control-plane, writd's)")
 	fs.StringVar(&o.bundleFile, "bundle-file", "", "OPA bundle file (.tar.gz), hot-reloaded")
 	fs.DurationVar(&o.bundlePoll, "bundle-poll", 10*time.Second, "how often --bundle-url is polled")
 	fs.DurationVar(&o.pollInterval, "poll-interval", policy.DefaultPollInterval, "how often --policy-dir or --bundle-file is checked for changes")
@@ -184,6 +188,27 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 		return nil, 2
 	}
 	return &o, -1
+}
+
+// bundleTLS is the mTLS client configuration for an https bundle URL: the
+// enforcer's SVID, and the server must present the bundle server's SPIFFE
+// ID. Plain http URLs get none.
+func (o *options) bundleTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) (*tls.Config, error) {
+	u, err := url.Parse(o.bundleURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--bundle-url %q: want an http or https URL", o.bundleURL)
+	}
+	if u.Scheme == "http" {
+		return nil, nil
+	}
+	want, err := spiffeid.FromSegments(td, "writ", "control-plane")
+	if o.bundleServer != "" {
+		want, err = spiffeid.FromString(o.bundleServer)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--bundle-server-id: %w", err)
+	}
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(want), clock), nil
 }
 
 // tuneGC relaxes the garbage collector: a check allocates its input and
@@ -315,7 +340,11 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			return fmt.Errorf("bundle cache dir: %w", err)
 		}
 		defer os.RemoveAll(dir)
-		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, clock, log.With("component", "bundle"))
+		tlsCfg, err := o.bundleTLS(src, svid.ID.TrustDomain(), clock)
+		if err != nil {
+			return err
+		}
+		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, tlsCfg, clock, log.With("component", "bundle"))
 		if err := fetcher.first(ctx); err != nil {
 			return err
 		}
