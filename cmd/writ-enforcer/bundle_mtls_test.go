@@ -97,7 +97,9 @@ func TestBundleFetcherOverMTLS(t *testing.T) {
 	}
 	srv := decision.HTTPServer(api)
 	srv.ErrorLog = log.New(io.Discard, "", 0)
-	go func() { _ = srv.Serve(tls.NewListener(l, decision.TLSConfig(signSVID(t, a, serverID), bundle, a.Clock))) }()
+	go func() {
+		_ = srv.Serve(tls.NewListener(l, decision.TLSConfig(signSVID(t, a, serverID), bundle, a.Clock)))
+	}()
 	t.Cleanup(func() { _ = srv.Close() })
 	url := "https://" + l.Addr().String() + "/bundles/mesh"
 
