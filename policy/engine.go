@@ -607,3 +607,6 @@ func defaultSmokeInputs() []ast.Value {
 // noMetrics spares every evaluation the allocation of OPA's metrics, which
 // nothing reads; it is stateless and shared.
 var noMetrics = metrics.NoOp()
+
+// DecisionPath is the reference every decision evaluates.
+func (e *Engine) DecisionPath() ast.Ref { return e.path.Copy() }

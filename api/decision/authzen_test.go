@@ -207,7 +207,10 @@ func TestAuthZENMetadata(t *testing.T) {
 	}
 	base := e.url
 	want := `{"policy_decision_point": "` + base + `", "access_evaluation_endpoint": "` + base + `/access/v1/evaluation",
-		"access_evaluations_endpoint": "` + base + `/access/v1/evaluations"}`
+		"access_evaluations_endpoint": "` + base + `/access/v1/evaluations",
+		"search_subject_endpoint": "` + base + `/access/v1/search/subject",
+		"search_resource_endpoint": "` + base + `/access/v1/search/resource",
+		"search_action_endpoint": "` + base + `/access/v1/search/action"}`
 	if got, want := canonical(t, string(r.body)), canonical(t, want); got != want {
 		t.Errorf("got %s, want %s", got, want)
 	}

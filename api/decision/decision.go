@@ -263,6 +263,9 @@ func New(opts Options) (*Server, error) {
 	}
 	s.mux.HandleFunc("POST /access/v1/evaluation", s.serve(APIAuthZEN, s.evaluation))
 	s.mux.HandleFunc("POST /access/v1/evaluations", s.serve(APIAuthZEN, s.evaluations))
+	s.mux.HandleFunc("POST /access/v1/search/subject", s.serve(APIAuthZEN, s.search(searchSubject)))
+	s.mux.HandleFunc("POST /access/v1/search/resource", s.serve(APIAuthZEN, s.search(searchResource)))
+	s.mux.HandleFunc("POST /access/v1/search/action", s.serve(APIAuthZEN, s.search(searchAction)))
 	s.mux.HandleFunc("GET /.well-known/authzen-configuration", s.metadata)
 	s.mux.HandleFunc("POST /v1/data", s.serve(APIData, s.data))
 	s.mux.HandleFunc("POST /v1/data/{path...}", s.serve(APIData, s.data))

@@ -114,6 +114,8 @@ type envOptions struct {
 	svidtls bool
 	// bundles, if set, is the API's bundle service.
 	bundles http.Handler
+	// policyDir replaces testdata/policy as the API's policy.
+	policyDir string
 }
 
 // adminDir is the shipped admin policy with the tests' grants.
@@ -137,7 +139,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	ctx := context.Background()
 	a := authoritytest.Start(t, authoritytest.Options{})
-	engine, err := policy.NewEngine(ctx, decision.EngineOptions("testdata/policy", ""))
+	engine, err := policy.NewEngine(ctx, decision.EngineOptions(cmp.Or(o.policyDir, "testdata/policy"), ""))
 	if err != nil {
 		t.Fatal(err)
 	}
