@@ -164,7 +164,8 @@ func New(opts Options) (*Enforcer, error) {
 
 // Check decides req. It never fails: a request it cannot decide is denied,
 // with the reason in the returned Decision, which has been recorded (or its
-// recording failed, which also denies).
+// recording failed, which also denies). The response may be shared with
+// other calls: treat it as read-only.
 func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, Decision) {
 	start := e.clock.Now()
 	d := Decision{Time: start}
@@ -237,7 +238,7 @@ func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
 	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny, rules: res.Rules}
 	denied := func(cause, reason string) verdict {
-		v.out = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
+		v.out = plainDeny
 		v.cause, v.reason = cause, reason
 		return v
 	}
