@@ -88,22 +88,6 @@ func nextField(b []byte) (wireField, int, error) {
 	return wireField{}, 0, errFallback
 }
 
-// eachField calls fn for every field of b, refusing wire types other than
-// bytes unless fn accepts them.
-func eachField(b []byte, fn func(f wireField) error) error {
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		if err := fn(f); err != nil {
-			return err
-		}
-		b = b[n:]
-	}
-	return nil
-}
-
 func str(f wireField) (string, error) {
 	if f.typ != protowire.BytesType || !utf8.Valid(f.val) {
 		return "", errFallback
@@ -124,28 +108,48 @@ func once(seen *uint64, num protowire.Number) error {
 
 func decodeCheckRequest(b []byte, req *authv3.CheckRequest) error {
 	var seen uint64
-	return eachField(b, func(f wireField) error {
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		if f.num != 1 || f.typ != protowire.BytesType {
 			return errFallback
 		}
 		if err := once(&seen, f.num); err != nil {
-			return err
+			if err != nil {
+				return err
+			}
+			continue
 		}
 		req.Attributes = &authv3.AttributeContext{}
-		return decodeAttributes(f.val, req.Attributes)
-	})
+		if err := decodeAttributes(f.val, req.Attributes); err != nil {
+			return err
+		}
+		continue
+	}
+	return nil
 }
 
 func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 	var seen uint64
-	return eachField(b, func(f wireField) error {
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		if f.typ != protowire.BytesType {
 			return errFallback
 		}
 		switch f.num {
 		case 1, 2:
 			if err := once(&seen, f.num); err != nil {
-				return err
+				if err != nil {
+					return err
+				}
+				continue
 			}
 			p := &authv3.AttributeContext_Peer{}
 			if f.num == 1 {
@@ -153,23 +157,38 @@ func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 			} else {
 				a.Destination = p
 			}
-			return decodePeer(f.val, p)
-		case 4:
-			if err := once(&seen, f.num); err != nil {
+			if err := decodePeer(f.val, p); err != nil {
 				return err
 			}
+			continue
+		case 4:
+			if err := once(&seen, f.num); err != nil {
+				if err != nil {
+					return err
+				}
+				continue
+			}
 			a.Request = &authv3.AttributeContext_Request{}
-			return decodeRequest(f.val, a.Request)
+			if err := decodeRequest(f.val, a.Request); err != nil {
+				return err
+			}
+			continue
 		case 10:
 			if a.ContextExtensions == nil {
 				a.ContextExtensions = map[string]string{}
 			}
-			return decodeMapEntry(f.val, a.ContextExtensions)
+			if err := decodeMapEntry(f.val, a.ContextExtensions); err != nil {
+				return err
+			}
+			continue
 		case 11, 12, 13:
 			// Rarer messages, as Envoy sends them (often empty): left to
 			// proto.Unmarshal, one message each.
 			if err := once(&seen, f.num); err != nil {
-				return err
+				if err != nil {
+					return err
+				}
+				continue
 			}
 			var m proto.Message
 			switch f.num {
@@ -183,23 +202,34 @@ func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 				a.RouteMetadataContext = &corev3.Metadata{}
 				m = a.RouteMetadataContext
 			}
-			return proto.Unmarshal(f.val, m)
+			if err := proto.Unmarshal(f.val, m); err != nil {
+				return err
+			}
+			continue
 		}
 		return errFallback
-	})
+	}
+	return nil
 }
 
 func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
 	var seen uint64
-	return eachField(b, func(f wireField) error {
-		var err error
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		switch f.num {
 		case 1:
 			if err := once(&seen, f.num); err != nil || f.typ != protowire.BytesType {
 				return errFallback
 			}
 			p.Address = &corev3.Address{}
-			return proto.Unmarshal(f.val, p.Address)
+			if err := proto.Unmarshal(f.val, p.Address); err != nil {
+				return err
+			}
+			continue
 		case 2:
 			p.Service, err = str(f)
 		case 3:
@@ -209,7 +239,10 @@ func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
 			if p.Labels == nil {
 				p.Labels = map[string]string{}
 			}
-			return decodeMapEntry(f.val, p.Labels)
+			if err := decodeMapEntry(f.val, p.Labels); err != nil {
+				return err
+			}
+			continue
 		case 4:
 			p.Principal, err = str(f)
 		case 5:
@@ -217,34 +250,56 @@ func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
 		default:
 			return errFallback
 		}
-		return err
-	})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func decodeRequest(b []byte, r *authv3.AttributeContext_Request) error {
 	var seen uint64
-	return eachField(b, func(f wireField) error {
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		if f.typ != protowire.BytesType {
 			return errFallback
 		}
 		if err := once(&seen, f.num); err != nil {
-			return err
+			if err != nil {
+				return err
+			}
+			continue
 		}
 		switch f.num {
 		case 1:
 			r.Time = &timestamppb.Timestamp{}
-			return proto.Unmarshal(f.val, r.Time)
+			if err := proto.Unmarshal(f.val, r.Time); err != nil {
+				return err
+			}
+			continue
 		case 2:
 			r.Http = &authv3.AttributeContext_HttpRequest{}
-			return decodeHTTP(f.val, r.Http)
+			if err := decodeHTTP(f.val, r.Http); err != nil {
+				return err
+			}
+			continue
 		}
 		return errFallback
-	})
+	}
+	return nil
 }
 
 func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
-	return eachField(b, func(f wireField) error {
-		var err error
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		switch f.num {
 		case 1:
 			h.Id, err = str(f)
@@ -255,9 +310,12 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 				return errFallback
 			}
 			if h.Headers == nil {
-				h.Headers = make(map[string]string, 16)
+				h.Headers = make(map[string]string, 8)
 			}
-			return decodeMapEntry(f.val, h.Headers)
+			if err := decodeMapEntry(f.val, h.Headers); err != nil {
+				return err
+			}
+			continue
 		case 4:
 			h.Path, err = str(f)
 		case 5:
@@ -287,12 +345,18 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 				return errFallback
 			}
 			h.HeaderMap = &corev3.HeaderMap{}
-			return proto.Unmarshal(f.val, h.HeaderMap)
+			if err := proto.Unmarshal(f.val, h.HeaderMap); err != nil {
+				return err
+			}
+			continue
 		default:
 			return errFallback
 		}
-		return err
-	})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // decodeMapEntry decodes one map<string, string> entry into m; a missing
@@ -300,8 +364,12 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 // proto.Unmarshal does.
 func decodeMapEntry(b []byte, m map[string]string) error {
 	var k, v string
-	err := eachField(b, func(f wireField) error {
-		var err error
+	for len(b) > 0 {
+		f, n, err := nextField(b)
+		if err != nil {
+			return err
+		}
+		b = b[n:]
 		switch f.num {
 		case 1:
 			k, err = str(f)
@@ -310,10 +378,9 @@ func decodeMapEntry(b []byte, m map[string]string) error {
 		default:
 			return errFallback
 		}
-		return err
-	})
-	if err != nil {
-		return err
+		if err != nil {
+			return err
+		}
 	}
 	m[k] = v
 	return nil
