@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"unicode/utf8"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/rego"
@@ -79,6 +80,9 @@ type residual struct {
 // pred is one builtin call whose only non-constant operand is an unknown
 // input path.
 type pred struct {
+	// glob, when set, answers a glob.match whose pattern and delimiters
+	// are constant and simple, instead of fn.
+	glob    *simpleGlob
 	fn      topdown.BuiltinFunc
 	args    []*ast.Term // constants, with the unknown's slot left nil
 	slot    int
@@ -378,6 +382,15 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 	for ci, c := range res.conj {
 		all := true
 		for _, p := range c {
+			if p.glob != nil {
+				if s := string(vals[p.unknown].Value.(ast.String)); utf8.ValidString(s) {
+					if !p.glob.match(s) {
+						all = false
+						break
+					}
+					continue
+				}
+			}
 			args := ops[:len(p.args)]
 			copy(args, p.args)
 			args[p.slot] = vals[p.unknown]
@@ -504,6 +517,9 @@ func (f *residuals) predicate(expr *ast.Expr) (pred, bool) {
 	}
 	if p.slot < 0 {
 		return pred{}, false
+	}
+	if name == "glob.match" && p.slot == 2 {
+		p.glob = compileSimpleGlob(p.args[0], p.args[1])
 	}
 	return p, true
 }
