@@ -15,10 +15,14 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/jonboulle/clockwork"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/genproto/googleapis/rpc/code"
@@ -52,6 +56,15 @@ type Options struct {
 	Service string
 	// Timeout bounds one decision (enforcer.DefaultCheckTimeout if zero).
 	Timeout time.Duration
+	// Bundle, if set, verifies client certificates the handshake did not
+	// (svidtls.ServerConfig and go-spiffe's tlsconfig check them in a
+	// callback, which leaves tls.ConnectionState.VerifiedChains empty).
+	// Without it only a verified chain names the caller, as
+	// internal/svidpeer has it, and a call without one is decided as
+	// anonymous (no source principal), which policies deny.
+	Bundle x509bundle.Source
+	// Clock checks certificate validity (real time if nil).
+	Clock clockwork.Clock
 	// IncludeBody puts a unary call's request message, framed as on the
 	// wire, into input.attributes.request.http.rawBody, so that an
 	// Enforcer with ProtoDescriptors (protoregistry.GlobalFiles serves for
@@ -63,7 +76,16 @@ type Options struct {
 // Authorizer makes the interceptors. Safe for concurrent use.
 type Authorizer struct {
 	opts Options
+	// verified caches, per leaf certificate of a connection (the same
+	// *x509.Certificate for all its calls), the SPIFFE ID Bundle verified,
+	// so that a connection's chain is checked once, not per call.
+	verified sync.Map // *x509.Certificate -> spiffeid.ID
+	cached   atomic.Int64
 }
+
+// maxVerified bounds the verified-leaf cache; past it, chains are
+// verified on every call.
+const maxVerified = 4096
 
 // New checks opts.
 func New(opts Options) (*Authorizer, error) {
@@ -72,6 +94,9 @@ func New(opts Options) (*Authorizer, error) {
 	}
 	if opts.Timeout <= 0 {
 		opts.Timeout = enforcer.DefaultCheckTimeout
+	}
+	if opts.Clock == nil {
+		opts.Clock = clockwork.NewRealClock()
 	}
 	return &Authorizer{opts: opts}, nil
 }
@@ -137,7 +162,7 @@ func (a *Authorizer) checkRequest(ctx context.Context, method string, body []byt
 	src := &authv3.AttributeContext_Peer{}
 	if p, ok := peer.FromContext(ctx); ok {
 		src.Address = address(p.Addr)
-		id, err := peerID(p.AuthInfo)
+		id, err := a.peerID(p.AuthInfo)
 		if err != nil {
 			return nil, err
 		}
@@ -191,21 +216,40 @@ func (a *Authorizer) checkRequest(ctx context.Context, method string, body []byt
 	return &authv3.CheckRequest{Attributes: attrs}, nil
 }
 
-// peerID is the SPIFFE ID of the client certificate, "" without one. The
-// server's transport credentials must have verified it against the trust
-// bundle (svidtls.ServerConfig, go-spiffe's tlsconfig.MTLSServerConfig and
-// grpc-go's xDS credentials do; a configuration that merely requests
-// certificates does not, and must not be used with this package). A
-// certificate that names no SPIFFE ID is an error: the call is refused
-// rather than decided as anonymous.
-func peerID(ai credentials.AuthInfo) (string, error) {
+// peerID is the caller's SPIFFE ID: the leaf of the chain the handshake
+// verified, else (with Options.Bundle) of the chain the client sent,
+// verified here; "" when neither. A verified certificate that names no
+// SPIFFE ID, or a sent chain that does not verify, is an error: the call
+// is refused rather than decided as anonymous.
+func (a *Authorizer) peerID(ai credentials.AuthInfo) (string, error) {
 	ti, ok := ai.(credentials.TLSInfo)
-	if !ok || len(ti.State.PeerCertificates) == 0 {
+	if !ok {
 		return "", nil
 	}
-	id, err := x509svid.IDFromCert(ti.State.PeerCertificates[0])
+	if vc := ti.State.VerifiedChains; len(vc) > 0 && len(vc[0]) > 0 {
+		id, err := x509svid.IDFromCert(vc[0][0])
+		if err != nil {
+			return "", fmt.Errorf("client certificate: %w", err)
+		}
+		return id.String(), nil
+	}
+	certs := ti.State.PeerCertificates
+	if a.opts.Bundle == nil || len(certs) == 0 {
+		return "", nil
+	}
+	now := a.opts.Clock.Now()
+	if now.After(certs[0].NotAfter) || now.Before(certs[0].NotBefore) {
+		return "", fmt.Errorf("client certificate is not valid now")
+	}
+	if v, ok := a.verified.Load(certs[0]); ok {
+		return v.(string), nil
+	}
+	id, _, err := x509svid.Verify(certs, a.opts.Bundle, x509svid.WithTime(now))
 	if err != nil {
 		return "", fmt.Errorf("client certificate: %w", err)
+	}
+	if a.cached.Add(1) <= maxVerified {
+		a.verified.Store(certs[0], id.String())
 	}
 	return id.String(), nil
 }

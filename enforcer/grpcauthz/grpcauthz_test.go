@@ -112,36 +112,45 @@ func TestInterceptorsOverMTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	authz, err := grpcauthz.New(grpcauthz.Options{Enforcer: enf, ServerID: serverID, Service: "orders", IncludeBody: true})
-	if err != nil {
-		t.Fatal(err)
-	}
 	bundle := a.Bundle(t)
-	srv := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(svidtls.ServerConfig(svid(t, a, serverID), bundle, svidtls.AuthorizeMemberOf(td), a.Clock))),
-		grpc.UnaryInterceptor(authz.UnaryServerInterceptor()),
-		grpc.StreamInterceptor(authz.StreamServerInterceptor()),
-	)
-	hs := health.NewServer()
-	hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
-	hs.SetServingStatus("secret", healthpb.HealthCheckResponse_SERVING)
-	healthpb.RegisterHealthServer(srv, hs)
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	// serve starts a server whose credentials verify client SVIDs in a
+	// callback (no VerifiedChains), as svidtls does.
+	serve := func(opts grpcauthz.Options) string {
+		authz, err := grpcauthz.New(opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := grpc.NewServer(
+			grpc.Creds(credentials.NewTLS(svidtls.ServerConfig(svid(t, a, serverID), bundle, svidtls.AuthorizeMemberOf(td), a.Clock))),
+			grpc.UnaryInterceptor(authz.UnaryServerInterceptor()),
+			grpc.StreamInterceptor(authz.StreamServerInterceptor()),
+		)
+		hs := health.NewServer()
+		hs.SetServingStatus("orders", healthpb.HealthCheckResponse_SERVING)
+		hs.SetServingStatus("secret", healthpb.HealthCheckResponse_SERVING)
+		healthpb.RegisterHealthServer(srv, hs)
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { _ = srv.Serve(l) }()
+		t.Cleanup(srv.Stop)
+		return l.Addr().String()
 	}
-	go func() { _ = srv.Serve(l) }()
-	t.Cleanup(srv.Stop)
+	addr := serve(grpcauthz.Options{Enforcer: enf, ServerID: serverID, Service: "orders", IncludeBody: true, Bundle: bundle, Clock: a.Clock})
+	// Without a bundle, a chain the handshake did not verify names nobody.
+	anonAddr := serve(grpcauthz.Options{Enforcer: enf, ServerID: serverID, IncludeBody: true})
 
-	client := func(id spiffeid.ID) healthpb.HealthClient {
+	dial := func(id spiffeid.ID, addr string) healthpb.HealthClient {
 		cfg := svidtls.ClientConfig(svid(t, a, id), bundle, svidtls.AuthorizeID(serverID), a.Clock)
-		cc, err := grpc.NewClient(l.Addr().String(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cc.Close() })
 		return healthpb.NewHealthClient(cc)
 	}
+	client := func(id spiffeid.ID) healthpb.HealthClient { return dial(id, addr) }
 	webClient, opsClient := client(web), client(ops)
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -201,6 +210,13 @@ func TestInterceptorsOverMTLS(t *testing.T) {
 				t.Fatalf("decision %+v", d)
 			}
 		})
+	}
+
+	if _, err := dial(web, anonAddr).Check(cctx, &healthpb.HealthCheckRequest{Service: "orders"}); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("unverified chain without a bundle: %v, want PermissionDenied", err)
+	}
+	if d := rec.last(); d.Source != "" {
+		t.Fatalf("unverified chain named %q", d.Source)
 	}
 
 	// A decision that cannot be recorded is not enforced: Unavailable.
