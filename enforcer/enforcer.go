@@ -137,8 +137,10 @@ type Enforcer struct {
 	fullInput bool
 	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
-	clock     clockwork.Clock
-	log       *slog.Logger
+	// factsAnswers counts decisions made without an input document.
+	factsAnswers atomic.Uint64
+	clock        clockwork.Clock
+	log          *slog.Logger
 }
 
 // New checks opts and returns an Enforcer. A sink is required: decisions
@@ -194,13 +196,26 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()
 	}
+	if !e.fullInput && e.candidate == nil && bodyless(req) {
+		// The cache or the residual fast path may know the answer from a
+		// few fields of the request: no input document needed.
+		if f, target, err := factsAndTarget(req); err == nil {
+			if res, ok := snap.EvalFacts(ctx, &requestView{req: req, target: target}); ok {
+				e.recordFacts(d, f)
+				e.factsAnswers.Add(1)
+				v := verdictOf(res, nil)
+				d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
+				d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
+				return v.out
+			}
+		}
+	}
 	n := needAll
 	if !e.fullInput {
 		n = e.needFor(snap, cand)
 	}
 	in, f, err := buildInputWith(req, e.body, n)
-	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
-	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
+	e.recordFacts(d, f)
 	if err != nil {
 		if errors.Is(err, ErrBadPath) {
 			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, CauseBadPath, err.Error())
@@ -224,6 +239,11 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	return v.out
 }
 
+func (e *Enforcer) recordFacts(d *Decision, f requestFacts) {
+	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
+	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
+}
+
 // verdict is one policy set's answer to one input.
 type verdict struct {
 	out                             outcome
@@ -236,6 +256,11 @@ type verdict struct {
 // with its reason.
 func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
+	return verdictOf(res, err)
+}
+
+// verdictOf maps one evaluation's result.
+func verdictOf(res policy.Result, err error) verdict {
 	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny, rules: res.Rules}
 	denied := func(cause, reason string) verdict {
 		v.out = plainDeny

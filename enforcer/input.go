@@ -64,6 +64,29 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 // buildInputWith is buildInput with a body parser that may also decode
 // gRPC messages.
 func buildInputWith(req *authv3.CheckRequest, bp bodyParser, n *need) (ast.Value, requestFacts, error) {
+	f, target, err := factsAndTarget(req)
+	if err != nil {
+		return nil, f, err
+	}
+
+	var base ast.Object
+	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
+		base, err = protojsonValue(req, target)
+		n = needAll
+	}
+	if err != nil {
+		return nil, f, err
+	}
+	if err := addExtras(base, req, target, bp, n); err != nil {
+		return nil, f, err
+	}
+	return base, f, nil
+}
+
+// factsAndTarget reads the facts a decision records and the normalized
+// request target (path and query) that policy sees; an error wrapping
+// ErrBadPath means 400.
+func factsAndTarget(req *authv3.CheckRequest) (requestFacts, string, error) {
 	attrs := req.GetAttributes()
 	h := attrs.GetRequest().GetHttp()
 	f := requestFacts{
@@ -83,7 +106,7 @@ func buildInputWith(req *authv3.CheckRequest, bp bodyParser, n *need) (ast.Value
 	if h != nil || attrs.GetSource() == nil {
 		path, query, err := NormalizePath(h.GetPath())
 		if err != nil {
-			return nil, f, err
+			return f, "", err
 		}
 		f.path = path
 		target = path
@@ -91,20 +114,7 @@ func buildInputWith(req *authv3.CheckRequest, bp bodyParser, n *need) (ast.Value
 			target += "?" + query
 		}
 	}
-
-	var base ast.Object
-	var err error
-	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
-		base, err = protojsonValue(req, target)
-		n = needAll
-	}
-	if err != nil {
-		return nil, f, err
-	}
-	if err := addExtras(base, req, target, bp, n); err != nil {
-		return nil, f, err
-	}
-	return base, f, nil
+	return f, target, nil
 }
 
 // protojsonValue is the reference way to the input: protojson, as

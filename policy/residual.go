@@ -373,6 +373,11 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 	if res == nil {
 		return Result{}, false
 	}
+	return f.answer(ctx, res, vals[:len(f.unknown)], revision)
+}
+
+// answer runs res's predicates on the unknown paths' values.
+func (f *residuals) answer(ctx context.Context, res *residual, vals []*ast.Term, revision string) (Result, bool) {
 	if res.always {
 		f.answered.Add(1)
 		return Result{Defined: true, Value: true, Revision: revision, Rules: res.alwaysRules}, true
