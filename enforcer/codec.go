@@ -26,6 +26,32 @@ func Codec() encoding.CodecV2 { return codec{encoding.GetCodecV2(grpcproto.Name)
 
 type codec struct{ encoding.CodecV2 }
 
+// Marshal sends the shared responses of boolean decisions as bytes
+// encoded once; anything else goes through the proto codec.
+func (c codec) Marshal(v any) (mem.BufferSlice, error) {
+	switch v {
+	case plainAllow.resp:
+		return mem.BufferSlice{mem.SliceBuffer(plainAllowWire)}, nil
+	case plainDeny.resp:
+		return mem.BufferSlice{mem.SliceBuffer(plainDenyWire)}, nil
+	}
+	return c.CodecV2.Marshal(v)
+}
+
+// The wire form of the shared responses; gRPC only reads them.
+var (
+	plainAllowWire = mustMarshal(plainAllow.resp)
+	plainDenyWire  = mustMarshal(plainDeny.resp)
+)
+
+func mustMarshal(m proto.Message) []byte {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
 func (c codec) Unmarshal(data mem.BufferSlice, v any) error {
 	req, ok := v.(*authv3.CheckRequest)
 	if !ok {

@@ -82,6 +82,22 @@ func TestFastDecodeMatchesProto(t *testing.T) {
 	}
 }
 
+// TestCodecSharedResponses: the pre-encoded boolean responses decode to
+// the responses they stand for, and other responses are encoded as usual.
+func TestCodecSharedResponses(t *testing.T) {
+	c := Codec()
+	for _, o := range []outcome{plainAllow, plainDeny, denyOutcome(418, 7, nil, "tea", nil)} {
+		bs, err := c.Marshal(o.resp)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got authv3.CheckResponse
+		if err := proto.Unmarshal(bs.Materialize(), &got); err != nil || !proto.Equal(&got, o.resp) {
+			t.Fatalf("response %v came back as %v (%v)", o.resp, &got, err)
+		}
+	}
+}
+
 // FuzzFastDecode: no input decodes differently from proto.Unmarshal.
 func FuzzFastDecode(f *testing.F) {
 	for _, req := range fastDecodeCorpus()[:40] {
