@@ -47,7 +47,14 @@ func exprKey(l *ast.Location) string {
 
 func newRuleIndex(compiler *ast.Compiler, path ast.Ref) ruleIndex {
 	ix := ruleIndex{labels: map[*ast.Rule]string{}, byExpr: map[string]string{}, one: map[string][]string{}}
-	rules := compiler.GetRules(path)
+	// Only rules defining path itself: a query of a package would name
+	// every rule in it.
+	var rules []*ast.Rule
+	for _, r := range compiler.GetRules(path) {
+		if r.Path().Equal(path) {
+			rules = append(rules, r)
+		}
+	}
 	for _, r := range rules {
 		l := ruleLabel(r)
 		ix.labels[r] = l
@@ -62,7 +69,7 @@ func newRuleIndex(compiler *ast.Compiler, path ast.Ref) ruleIndex {
 	// Constant heads whose values tell the rules apart need no trace.
 	static := map[string]string{}
 	for _, r := range rules {
-		if !r.Path().Equal(path) || len(r.Head.Args) > 0 || r.Else != nil || r.Head.Value == nil || !ast.IsConstant(r.Head.Value.Value) {
+		if len(r.Head.Args) > 0 || r.Else != nil || r.Head.Value == nil || !ast.IsConstant(r.Head.Value.Value) {
 			static = nil
 			break
 		}

@@ -97,3 +97,38 @@ func TestMatchedRulesAgree(t *testing.T) {
 		})
 	}
 }
+
+// TestEvalPathNamesRules: a query of another document than the decision
+// names the rules that produced it, every contributing rule of a set, and
+// none for a package.
+func TestEvalPathNamesRules(t *testing.T) {
+	dir := t.TempDir()
+	writeFiles(t, dir, map[string]string{"authz.rego": matchedPolicy + `
+reasons contains "not web" if input.attributes.source.principal != "spiffe://td/ns/a/sa/web"
+
+reasons contains "no path" if not input.attributes.request.http.path
+`})
+	e := newEngine(t, Options{Dir: dir})
+	ctx := context.Background()
+	in := input(t, `{"attributes": {"source": {"principal": "spiffe://td/ns/c/sa/root"}, "request": {"http": {}}}}`)
+	for _, tc := range []struct {
+		path string
+		want []string
+	}{
+		{"envoy/authz/allow", []string{"authz.rego:15 data.envoy.authz.allow"}},
+		{"envoy/authz/reasons", []string{"authz.rego:17 data.envoy.authz.reasons", "authz.rego:19 data.envoy.authz.reasons"}},
+		{"envoy/authz", nil},
+	} {
+		ref, err := ParseDataPath(tc.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := e.Snapshot().EvalPath(ctx, ref, in)
+		if err != nil || !r.Defined {
+			t.Fatalf("%s: %+v %v", tc.path, r, err)
+		}
+		if !slices.Equal(r.Rules, tc.want) {
+			t.Errorf("%s: rules %q, want %q", tc.path, r.Rules, tc.want)
+		}
+	}
+}
