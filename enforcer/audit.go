@@ -53,11 +53,18 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 	if d.Cached {
 		attrs["cached"] = true
 	}
+	if len(d.MatchedRules) > 0 {
+		attrs["matched_rules"] = d.MatchedRules
+	}
 	if d.DryRun != nil {
-		attrs["dry_run"] = map[string]any{
+		dr := map[string]any{
 			"result": d.DryRun.Result, "http_status": d.DryRun.HTTPStatus, "reason": d.DryRun.Reason,
 			"policy_revision": d.DryRun.PolicyRevision, "disagrees": d.DryRun.Disagrees,
 		}
+		if len(d.DryRun.MatchedRules) > 0 {
+			dr["matched_rules"] = d.DryRun.MatchedRules
+		}
+		attrs["dry_run"] = dr
 	}
 	if h := r.Headers(headers); h != nil {
 		attrs["headers"] = h

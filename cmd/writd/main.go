@@ -130,6 +130,9 @@ type deps struct {
 	grpc     *grpc.Server
 	adminMux *http.ServeMux
 	tasks    []run.Task
+	// bundles is the policy bundle service, served over mTLS by the
+	// decision API when both are configured.
+	bundles http.Handler
 }
 
 // components are optional parts of writd, each in its own file, which
