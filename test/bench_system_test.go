@@ -39,7 +39,8 @@ import (
 // WRIT_HAPROXY_BIN (default: found on PATH or in /usr/sbin), WRIT_BENCH_DUR
 // (per measured run, default 10s), WRIT_BENCH_QPS (the fixed rate, default
 // 1000), WRIT_BENCH_CONC (default 16), WRIT_BENCH_ONLY (comma-separated
-// scenario names to run, default all). Every run is bounded by its
+// scenario names to run, default all), WRIT_BENCH_PROXY_ENV (space-separated
+// VAR=value for the writ-proxy processes only, e.g. GOGC=200). Every run is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
 func BenchmarkSystem(b *testing.B) {
 	tools := map[string]string{}
@@ -236,7 +237,8 @@ func (s *sysBench) writProxy(name string, args ...string) (*exec.Cmd, string) {
 	write(b, bundle, s.w.get(b, "/bundle"))
 	admin := freeAddrTB(b)
 	sock := filepath.Join(s.dir, name+"-sock", "agent.sock")
-	cmd := s.startEnv("writ-proxy-"+name, []string{"WRIT_JOIN_TOKEN=" + tok}, filepath.Join(binDir(b), "writ-proxy"), append([]string{
+	env := append([]string{"WRIT_JOIN_TOKEN=" + tok}, strings.Fields(os.Getenv("WRIT_BENCH_PROXY_ENV"))...)
+	cmd := s.startEnv("writ-proxy-"+name, env, filepath.Join(binDir(b), "writ-proxy"), append([]string{
 		"--control-plane", grpcAddrTB(b, s.w), "--trust-bundle", bundle, "--trust-domain", "example.org",
 		"--workload-api", "unix://" + sock, "--admin-addr", admin, "--access-log", "",
 	}, args...)...)
