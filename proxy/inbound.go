@@ -194,11 +194,11 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	stripIdentityHeaders(r.Header)
-	trace := ensureTrace(r.Header, false)
+	span := startSpan(r.Header)
 	rw := newRecorder(w)
 	defer rw.release()
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
-		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: trace, authz: authzDeny}
+		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
 	resp, d := l.check(r, pi)
 	res.decisionID = d.ID

@@ -203,7 +203,8 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ns, wl := workloadParts(self)
 	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
-	res.traceID = ensureTrace(r.Header, true)
+	res.span = startSpan(r.Header)
+	res.traceID = res.span.traceID
 	// The app speaks for itself only through its SVID: identity headers
 	// it sets are not forwarded.
 	stripIdentityHeaders(r.Header)
