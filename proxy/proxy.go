@@ -180,7 +180,7 @@ func (p *Proxy) Update(cfg *Config) error {
 	p.state.Store(st)
 	for name, c := range old.clusters {
 		if n, ok := st.clusters[name]; !ok || n.transport != c.transport {
-			c.transport.CloseIdleConnections()
+			c.closeIdle()
 		}
 	}
 	return nil
@@ -285,7 +285,7 @@ wait:
 		<-tcpDone
 	}
 	for _, c := range p.state.Load().clusters {
-		c.transport.CloseIdleConnections()
+		c.closeIdle()
 	}
 	p.log.Info("proxy stopped")
 	return err
