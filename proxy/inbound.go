@@ -367,13 +367,15 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 // appTransport forwards to the local app over pooled connections: HTTP/1.1
 // by default, h2c for gRPC and when the app speaks it.
 type appTransport struct {
-	h1, h2c *http.Transport
-	allH2C  bool
+	h1     *h1Transport
+	h2c    *http.Transport
+	allH2C bool
 }
 
 func newAppTransport(allH2C bool) appTransport {
+	dialer := &net.Dialer{Timeout: defaultConnectTimeout}
 	h1 := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: defaultConnectTimeout}).DialContext,
+		DialContext:         dialer.DialContext,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
@@ -385,7 +387,7 @@ func newAppTransport(allH2C bool) appTransport {
 	}
 	h2c.Protocols = new(http.Protocols)
 	h2c.Protocols.SetUnencryptedHTTP2(true)
-	return appTransport{h1: h1, h2c: h2c, allH2C: allH2C}
+	return appTransport{h1: newH1Transport(h1, nil, dialer), h2c: h2c, allH2C: allH2C}
 }
 
 // RoundTrip picks the transport.

@@ -6,7 +6,7 @@
 # missing: nginx-light and haproxy (apt-get), fortio v1.66.0 and the stock
 # OPA of go.mod (go install, cached under .tmp/). Knobs: WRIT_BENCH_DUR
 # (default 10s per run), WRIT_BENCH_QPS (1000), WRIT_BENCH_CONC (16),
-# WRIT_BENCH_ONLY (e.g. writ,nginx).
+# WRIT_BENCH_ONLY (e.g. writ,nginx), WRIT_BENCH_PROXY_ENV, WRIT_BENCH_NOBUILD.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +43,10 @@ fi
 
 bin=${WRIT_BIN_DIR:-$PWD/bin}
 mkdir -p "$bin"
-"$GO" build -o "$bin/" ./cmd/...
+# WRIT_BENCH_NOBUILD=1 runs prebuilt binaries of $WRIT_BIN_DIR (A/B runs).
+if [ -z "${WRIT_BENCH_NOBUILD:-}" ]; then
+  "$GO" build -o "$bin/" ./cmd/...
+fi
 
 pg_dir=$PWD/.tmp/benchpg
 if [ -z "${WRIT_TEST_DATABASE_URL:-}" ]; then
