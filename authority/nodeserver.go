@@ -13,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/writmesh/writ/authority/nodeapi"
 	"github.com/writmesh/writ/authority/selector"
+	"github.com/writmesh/writ/internal/svidpeer"
 )
 
 // Bounds on what one node API call may ask for.
@@ -311,17 +311,9 @@ func (s *NodeServer) FetchBundle(ctx context.Context, _ *nodeapi.FetchBundleRequ
 // TLS layer has verified the chain against the bundle; here the ID must be
 // a node of this trust domain that attested and is not banned.
 func (s *NodeServer) callerNode(ctx context.Context) (spiffeid.ID, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "no peer")
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "this call needs the node's X.509 SVID as a client certificate")
-	}
-	id, err := x509svid.IDFromCert(ti.State.VerifiedChains[0][0])
+	id, err := svidpeer.FromGRPC(ctx, "this call needs the node's X.509 SVID as a client certificate")
 	if err != nil {
-		return spiffeid.ID{}, status.Errorf(codes.Unauthenticated, "client certificate is not an X.509 SVID: %v", err)
+		return spiffeid.ID{}, err
 	}
 	if _, err := s.reg.ValidateNodeID(id.String()); err != nil {
 		return spiffeid.ID{}, status.Errorf(codes.PermissionDenied, "%s is not a node identity", id)

@@ -15,8 +15,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -30,7 +28,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/writmesh/writ/enforcer"
-	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/enforcer/regotest"
 )
 
 // The package tests mint SVIDs with a throwaway CA made here (a stand-in
@@ -114,23 +112,6 @@ func (d *decisions) Record(_ context.Context, dec enforcer.Decision) error {
 	return nil
 }
 
-func newTestEnforcer(t testing.TB, rego string, sink enforcer.Sink) *enforcer.Enforcer {
-	t.Helper()
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(rego), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: sink})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return e
-}
-
 // startProxy runs p until the test ends.
 func startProxy(t testing.TB, cfg *Config, opts Options) *Proxy {
 	t.Helper()
@@ -174,7 +155,7 @@ func startPair(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, 
 	t.Cleanup(func() { appSrv.Close() })
 
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, sink)})
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink)})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
 	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
@@ -380,7 +361,7 @@ func TestExpiredSVID(t *testing.T) {
 	go http.Serve(appL, echoApp(nil))
 	defer appL.Close()
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, &decisions{}), Clock: clock})
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}), Clock: clock})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
 	cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), Clock: clock})
@@ -634,6 +615,6 @@ func TestActiveHealthCheck(t *testing.T) {
 	go http.Serve(appL, echoApp(nil))
 	defer appL.Close()
 	startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: downAddr, Service: "server", App: appL.Addr().String()}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, &decisions{})})
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
 	waitFor("the endpoint rejoining the pool", func() bool { return !down.unhealthy.Load() })
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/enforcer/regotest"
 )
 
 // BenchmarkCheckAudited measures the in-process Check path with a real
@@ -34,7 +35,7 @@ func BenchmarkCheckAudited(b *testing.B) {
 				defer s.Close()
 				sink = &enforcer.AuditSink{Spool: s}
 			}
-			e := newBenchEnforcer(b, sink)
+			e := regotest.Enforcer(b, auditPolicy, sink)
 			lat := make([]time.Duration, b.N)
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {

@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -17,7 +15,7 @@ import (
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/audit/collector"
 	"github.com/writmesh/writ/enforcer"
-	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/enforcer/regotest"
 	"github.com/writmesh/writ/store"
 )
 
@@ -31,24 +29,7 @@ allow if input.attributes.request.http.method == "GET"
 // auditedEnforcer is an enforcer with a real policy whose sink is a spool.
 func auditedEnforcer(t *testing.T, spool *audit.Spool) *enforcer.Enforcer {
 	t.Helper()
-	return newBenchEnforcer(t, &enforcer.AuditSink{Spool: spool})
-}
-
-func newBenchEnforcer(t testing.TB, sink enforcer.Sink) *enforcer.Enforcer {
-	t.Helper()
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "p.rego"), []byte(auditPolicy), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: sink})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return e
+	return regotest.Enforcer(t, auditPolicy, &enforcer.AuditSink{Spool: spool})
 }
 
 func auditRequest(i int) *authv3.CheckRequest {

@@ -12,7 +12,6 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -31,7 +30,7 @@ import (
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/enforcer"
-	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/enforcer/regotest"
 	"github.com/writmesh/writ/proxy"
 )
 
@@ -117,23 +116,6 @@ func (d *decisionLog) results() []string {
 		out = append(out, x.Source+" "+x.Result)
 	}
 	return out
-}
-
-func meshEnforcer(t *testing.T, sink enforcer.Sink) *enforcer.Enforcer {
-	t.Helper()
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "mesh.rego"), []byte(meshPolicy), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e, err := enforcer.New(enforcer.Options{Engine: eng, Sink: sink})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return e
 }
 
 // runProxy runs a proxy until stop is called or the test ends; stop
@@ -240,7 +222,7 @@ func startServerSide(t *testing.T, m *meshEnv) *serverSide {
 		{Name: "tcp", Address: "127.0.0.1:0", Service: "orders", App: tl.Addr().String()},
 	}}
 	s.accessLog = &syncBuffer{}
-	p, stop := runProxy(t, cfg, proxy.Options{Source: m.sources[meshServerID], Enforcer: meshEnforcer(t, s.sink), DrainTimeout: 20 * time.Second, AccessLog: s.accessLog})
+	p, stop := runProxy(t, cfg, proxy.Options{Source: m.sources[meshServerID], Enforcer: regotest.Enforcer(t, meshPolicy, s.sink), DrainTimeout: 20 * time.Second, AccessLog: s.accessLog})
 	s.proxy, s.stop = p, stop
 	admin := httptest.NewServer(p.AdminHandler(nil))
 	t.Cleanup(admin.Close)

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
+	"github.com/writmesh/writ/enforcer/regotest"
 	"github.com/writmesh/writ/proxy"
 )
 
@@ -47,7 +48,7 @@ func TestProxyRotationUnderLoad(t *testing.T) {
 	srv, _ := runProxy(t, &proxy.Config{Inbound: []proxy.Inbound{
 		{Name: "http", Address: "127.0.0.1:0", Service: "orders", App: app},
 		{Name: "tcp", Address: "127.0.0.1:0", Service: "orders", App: tl.Addr().String()},
-	}}, proxy.Options{Source: m.sources[meshServerID], Enforcer: meshEnforcer(t, &decisionLog{}), Clock: clock})
+	}}, proxy.Options{Source: m.sources[meshServerID], Enforcer: regotest.Enforcer(t, meshPolicy, &decisionLog{}), Clock: clock})
 	peer := []string{meshServerID.String()}
 	cfg := &proxy.Config{
 		Clusters: []proxy.Cluster{

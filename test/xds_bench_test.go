@@ -12,15 +12,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
-	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -29,6 +26,7 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/writmesh/writ/store/pgtest"
+	"github.com/writmesh/writ/xds/xdstest"
 )
 
 // BenchmarkWritdADSPush runs the real writd binary and connects N
@@ -126,106 +124,42 @@ func BenchmarkWritdADSPush(b *testing.B) {
 	writeMesh(80)
 	cli("apply", "-f", mesh)
 
-	type ack struct {
-		client int
-		at     time.Time
-	}
-	acks := make(chan ack, n*4)
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	var conns []*grpc.ClientConn
-	defer func() {
-		cancel()
-		for _, c := range conns {
-			c.Close()
-		}
-		wg.Wait()
-	}()
 	md, _ := structpb.NewStruct(map[string]any{"WRIT_PROXY": "grpc", "WRIT_NAMESPACE": "demo"})
-	names := []string{"greeter.demo:50051"}
-	for i := range n {
-		if i%50 == 0 {
-			cc, err := grpc.NewClient(w.grpc, grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
-			if err != nil {
-				b.Fatal(err)
-			}
-			conns = append(conns, cc)
-		}
-		stream, err := discoverygrpc.NewAggregatedDiscoveryServiceClient(conns[len(conns)-1]).StreamAggregatedResources(ctx)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := stream.Send(&discoverygrpc.DiscoveryRequest{Node: &corev3.Node{Id: fmt.Sprintf("bench-%d", i), Metadata: md}, TypeUrl: resource.RouteType, ResourceNames: names}); err != nil {
-			b.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				r, err := stream.Recv()
-				if err != nil {
-					return
-				}
-				if err := stream.Send(&discoverygrpc.DiscoveryRequest{TypeUrl: resource.RouteType, ResourceNames: names, VersionInfo: r.VersionInfo, ResponseNonce: r.Nonce}); err != nil {
-					return
-				}
-				select {
-				case acks <- ack{client: i, at: time.Now()}:
-				case <-ctx.Done():
-					return
-				}
-			}
-		}()
+	fleet, err := xdstest.Start(context.Background(), xdstest.Options{
+		N: n,
+		Dial: func() (*grpc.ClientConn, error) {
+			return grpc.NewClient(w.grpc, grpc.WithTransportCredentials(credentials.NewTLS(tlsCfg)))
+		},
+		Node:    func(i int) *corev3.Node { return &corev3.Node{Id: fmt.Sprintf("bench-%d", i), Metadata: md} },
+		TypeURL: resource.RouteType,
+		Names:   []string{"greeter.demo:50051"},
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
-	first := map[int]bool{}
-	timeout := time.After(120 * time.Second)
-	for len(first) < n {
-		select {
-		case a := <-acks:
-			first[a.client] = true
-		case <-timeout:
-			b.Fatalf("only %d of %d clients got their first config", len(first), n)
-		}
+	defer fleet.Close()
+	if err := fleet.WaitFirst(120 * time.Second); err != nil {
+		b.Fatal(err)
 	}
-	var p50s, p99s, maxes []float64
+	var sum xdstest.Summary
 	b.ResetTimer()
 	for it := 0; it < b.N; it++ {
 		writeMesh([]int{50, 80}[it%2])
 		start := time.Now()
 		cli("apply", "-f", mesh)
-		got := map[int]time.Duration{}
-		timeout := time.After(60 * time.Second)
-		for len(got) < n {
-			select {
-			case a := <-acks:
-				if a.at.After(start) {
-					got[a.client] = a.at.Sub(start)
-				}
-			case <-timeout:
-				b.Fatalf("only %d of %d clients got the change in 60 s", len(got), n)
-			}
+		lat, err := fleet.Latencies(start, 60*time.Second)
+		if err != nil {
+			b.Fatal(err)
 		}
-		lat := make([]float64, 0, n)
-		for _, d := range got {
-			lat = append(lat, float64(d.Microseconds())/1000)
-		}
-		slices.Sort(lat)
-		p50s = append(p50s, lat[n/2])
-		p99s = append(p99s, lat[min(n-1, n*99/100)])
-		maxes = append(maxes, lat[n-1])
+		sum.Add(lat)
 	}
 	b.StopTimer()
+	p50, p99, maxMS := sum.Report()
 	b.ReportMetric(float64(n), "clients")
-	b.ReportMetric(medianOf(p50s), "p50-ms")
-	b.ReportMetric(medianOf(p99s), "p99-ms")
-	b.ReportMetric(slices.Max(maxes), "max-ms")
+	b.ReportMetric(p50, "p50-ms")
+	b.ReportMetric(p99, "p99-ms")
+	b.ReportMetric(maxMS, "max-ms")
 	b.ReportMetric(rssMiB(b, w.cmd.Process.Pid), "writd-rss-MiB")
-}
-
-func medianOf(v []float64) float64 {
-	v = slices.Clone(v)
-	slices.Sort(v)
-	return v[len(v)/2]
 }
 
 // rssMiB reads a process's resident memory from /proc.

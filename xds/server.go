@@ -26,11 +26,9 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"github.com/writmesh/writ/internal/svidpeer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
 )
@@ -186,19 +184,7 @@ func (s *Server) Kick() {
 
 // callerID is the SPIFFE ID of the stream's verified client certificate.
 func callerID(ctx context.Context) (spiffeid.ID, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "no peer")
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok || len(ti.State.VerifiedChains) == 0 || len(ti.State.VerifiedChains[0]) == 0 {
-		return spiffeid.ID{}, status.Error(codes.Unauthenticated, "xDS needs the workload's X.509 SVID as a client certificate")
-	}
-	id, err := x509svid.IDFromCert(ti.State.VerifiedChains[0][0])
-	if err != nil {
-		return spiffeid.ID{}, status.Errorf(codes.Unauthenticated, "client certificate is not an X.509 SVID: %v", err)
-	}
-	return id, nil
+	return svidpeer.FromGRPC(ctx, "xDS needs the workload's X.509 SVID as a client certificate")
 }
 
 func (s *Server) onStreamOpen(ctx context.Context, id int64, typeURL string) error {

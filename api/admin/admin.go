@@ -182,6 +182,10 @@ func (r *statusRecorder) WriteHeader(code int) {
 	r.ResponseWriter.WriteHeader(code)
 }
 
+// Unwrap lets handlers reach the connection's writer through
+// http.ResponseController (to flush a streamed answer).
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
 type recKey struct{}
 
 // ServeHTTP authorizes by peer uid, serves, and records the call.

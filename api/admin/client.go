@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -88,6 +89,60 @@ func (c *Client) Do(ctx context.Context, method, path string, in, out any) error
 	}
 	if err := json.Unmarshal(data, out); err != nil {
 		return fmt.Errorf("decode writd's answer: %w", err)
+	}
+	return nil
+}
+
+// MaxStreamLine bounds one line of a streamed answer.
+const MaxStreamLine = 32 << 20
+
+// Stream sends a request like Do and hands each line of a streamed
+// answer (JSON lines, Content-Type application/x-ndjson) to line as it
+// arrives. An error answer (status >= 300) is returned as an *APIError.
+func (c *Client) Stream(ctx context.Context, method, path string, in any, line func([]byte) error) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://writd"+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		if ue, ok := err.(*url.Error); ok {
+			err = ue.Err
+		}
+		return fmt.Errorf("reach writd's admin socket %s: %w (is writd running, and may this user open the socket?)", c.socket, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode >= 300 {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var eb ErrorBody
+		if json.Unmarshal(data, &eb) != nil || eb.Error == "" {
+			eb.Error = http.StatusText(resp.StatusCode)
+		}
+		return &APIError{Status: resp.StatusCode, Msg: eb.Error}
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), MaxStreamLine)
+	for sc.Scan() {
+		if len(bytes.TrimSpace(sc.Bytes())) == 0 {
+			continue
+		}
+		if err := line(sc.Bytes()); err != nil {
+			return err
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("read writd's answer: %w", err)
 	}
 	return nil
 }

@@ -10,7 +10,6 @@ package collector
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -22,14 +21,12 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/internal/svidpeer"
 )
 
 // MaxClockSkew is how far in the future an event's time may be; later
@@ -93,7 +90,7 @@ func (c *Collector) Ship(ctx context.Context, req *wrapperspb.BytesValue) (*wrap
 	caller, err := peerID(ctx)
 	if err != nil {
 		c.batches.WithLabelValues("unauthenticated").Inc()
-		return nil, status.Error(codes.Unauthenticated, err.Error())
+		return nil, err
 	}
 	evs, err := audit.DecodeBatch(req.GetValue())
 	if err != nil {
@@ -132,24 +129,9 @@ func (c *Collector) Ship(ctx context.Context, req *wrapperspb.BytesValue) (*wrap
 
 // peerID is the SPIFFE ID of the caller's verified client certificate.
 func peerID(ctx context.Context) (string, error) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return "", errors.New("no peer")
-	}
-	ti, ok := p.AuthInfo.(credentials.TLSInfo)
-	if !ok {
-		return "", errors.New("not a TLS connection")
-	}
-	var leaf *x509.Certificate
-	if ch := ti.State.VerifiedChains; len(ch) > 0 && len(ch[0]) > 0 {
-		leaf = ch[0][0]
-	}
-	if leaf == nil {
-		return "", errors.New("no verified client certificate: the shipper must present its SVID")
-	}
-	id, err := x509svid.IDFromCert(leaf)
+	id, err := svidpeer.FromGRPC(ctx, "no verified client certificate: the shipper must present its SVID")
 	if err != nil {
-		return "", fmt.Errorf("client certificate: %w", err)
+		return "", err
 	}
 	return id.String(), nil
 }

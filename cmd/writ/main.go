@@ -55,6 +55,9 @@ Usage:
       [--service S --address IP --port P --label k=v]   print a grpc-go xDS bootstrap
   writ audit verify [--from RFC3339] [--to RFC3339] [-o table|json]
   writ audit query [--source ID] [--destination ID] [--recorder ID] [--result allow|deny] [--kind K] [--since 1h] [--limit 100] [--all] [--format table|json|csv]
+  writ report generate --from T --to T [--service S] [--namespace NS] [--framework F] [--format json|csv|pdf] -o FILE [--sig FILE.sig]
+      [--denied-limit N] [--denied-after CURSOR]   writes FILE and its signature FILE.sig (T: RFC 3339 or YYYY-MM-DD)
+  writ report verify FILE [--sig FILE.sig] [--bundle FILE] [--trust-domain TD]
 
 Global flags (before or after the command):
   --admin-socket PATH   writd's admin socket (env WRIT_ADMIN_SOCKET; default ` + config.DefaultAdminSocket + `)
