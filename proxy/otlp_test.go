@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/writmesh/writ/enforcer/regotest"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/protobuf/proto"
@@ -76,7 +77,7 @@ func TestOTLPTraceAcrossTwoHops(t *testing.T) {
 	go appSrv.Serve(appL)
 	t.Cleanup(func() { appSrv.Close() })
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: newTestEnforcer(t, allowClientRego, &decisions{}),
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 			OTLPTracesURL: tracesURL, ServiceName: "server"})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
