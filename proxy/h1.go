@@ -41,6 +41,7 @@ const maxFastBody = 64 << 10
 const maxIdlePerHost = 256
 
 type h1Conn struct {
+	addr     string // the pool's key: the address as requests name it
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
 	br       *bufio.Reader
@@ -108,8 +109,8 @@ func (t *h1Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 		body = b
 	}
 	addr := r.URL.Host
-	if !strings.Contains(addr, ":") {
-		addr += ":80"
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		addr = net.JoinHostPort(strings.Trim(addr, "[]"), "80")
 	}
 	// A pooled connection the peer closed is usually retired by the
 	// liveness peek; one closed in the instant after fails before any
@@ -242,15 +243,28 @@ func (t *h1Transport) release(c *h1Conn, reuse bool) {
 		return
 	}
 	c.idleFrom = time.Now()
-	addr := c.c.RemoteAddr().String()
 	t.mu.Lock()
-	if len(t.idle[addr]) < maxIdlePerHost {
-		t.idle[addr] = append(t.idle[addr], c)
-		t.mu.Unlock()
-		return
+	// The pool is a stack (the warmest connection is reused first); the
+	// coldest, at the bottom, are retired here once idle too long, so
+	// that a steady load does not keep connections the app has closed.
+	cs := t.idle[c.addr]
+	var old []*h1Conn
+	for len(cs) > 0 && c.idleFrom.Sub(cs[0].idleFrom) >= t.idleTime {
+		old = append(old, cs[0])
+		cs = cs[1:]
 	}
+	keep := len(cs) < maxIdlePerHost
+	if keep {
+		cs = append(cs, c)
+	}
+	t.idle[c.addr] = cs
 	t.mu.Unlock()
-	c.c.Close()
+	for _, o := range old {
+		o.c.Close()
+	}
+	if !keep {
+		c.c.Close()
+	}
 }
 
 // get takes the most recently used idle connection that is still open,
@@ -281,5 +295,5 @@ func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, erro
 	if tc, ok := nc.(*tls.Conn); ok {
 		raw = tc.NetConn()
 	}
-	return &h1Conn{c: nc, raw: raw, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10)}, false, nil
+	return &h1Conn{addr: addr, c: nc, raw: raw, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10)}, false, nil
 }

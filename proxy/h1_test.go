@@ -53,7 +53,8 @@ func TestH1Transport(t *testing.T) {
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
 	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer)
 	t.Cleanup(tr.CloseIdleConnections)
-	base := "http://" + l.Addr().String()
+	// By name, so that the pool's key is not the connection's address.
+	base := "http://localhost:" + strings.TrimPrefix(l.Addr().String(), "127.0.0.1:")
 	do := func(ctx context.Context, path string, body []byte) (string, error) {
 		req, _ := http.NewRequestWithContext(ctx, "POST", base+path, bytes.NewReader(body))
 		resp, err := tr.RoundTrip(req)
@@ -118,5 +119,41 @@ func TestH1Transport(t *testing.T) {
 	tr.mu.Unlock()
 	if idle != 0 {
 		t.Errorf("idle connections after the cancelled request: %d, want 0 (it took the pooled one, then dropped it)", idle)
+	}
+}
+
+// TestH1PoolRetiresColdConnections: releasing a connection retires those
+// at the bottom of the pool idle for idleTime or longer, and the pool
+// never holds more than maxIdlePerHost per address.
+func TestH1PoolRetiresColdConnections(t *testing.T) {
+	tr := &h1Transport{idleTime: time.Minute, idle: map[string][]*h1Conn{}}
+	t0 := time.Unix(1000, 0)
+	conn := func(at time.Time) (*h1Conn, net.Conn) {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return &h1Conn{addr: "app:80", c: a, idleFrom: at}, b
+	}
+	cold, coldPeer := conn(t0)
+	older, _ := conn(t0.Add(30 * time.Second))
+	tr.idle["app:80"] = []*h1Conn{cold, older}
+	// release stamps now with the wall clock: both others have been idle
+	// for years.
+	now, _ := conn(time.Time{})
+	tr.release(now, true)
+	if got := tr.idle["app:80"]; len(got) != 1 || got[0] != now {
+		t.Fatalf("pool after release: %d connections", len(got))
+	}
+	// The retired ones are closed: their peers read EOF.
+	if _, err := coldPeer.Read(make([]byte, 1)); err == nil {
+		t.Error("a retired connection is still open")
+	}
+
+	tr.idle["app:80"] = nil
+	for range maxIdlePerHost + 1 {
+		c, _ := conn(time.Time{})
+		tr.release(c, true)
+	}
+	if n := len(tr.idle["app:80"]); n != maxIdlePerHost {
+		t.Fatalf("pool holds %d, want %d", n, maxIdlePerHost)
 	}
 }
