@@ -3,6 +3,8 @@ package test
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -268,7 +270,10 @@ func grpcAddrTB(t testing.TB, w *writd) string {
 // benchCerts are a throwaway CA and leaf certificates made with openssl
 // for the nginx and HAProxy pairs: the server (orders) and the client
 // (frontend, CN=frontend, URI SAN of its SPIFFE ID).
-type benchCerts struct{ ca, serverCrt, serverKey, serverPEM, clientCrt, clientKey, clientPEM string }
+type benchCerts struct {
+	ca, serverCrt, serverKey, serverPEM, clientCrt, clientKey, clientPEM string
+	otherCrt, otherKey                                                   string // CN=other: the policy denies it
+}
 
 func (s *sysBench) peerCerts() *benchCerts {
 	if s.certs != nil {
@@ -299,9 +304,11 @@ func (s *sysBench) peerCerts() *benchCerts {
 	}
 	leaf("server", "orders", "DNS:orders,URI:spiffe://example.org/ns/shop/sa/orders", "serverAuth")
 	leaf("client", "frontend", "URI:spiffe://example.org/ns/shop/sa/frontend", "clientAuth")
+	leaf("other", "other", "URI:spiffe://example.org/ns/shop/sa/other", "clientAuth")
 	p := func(n string) string { return filepath.Join(d, n) }
 	s.certs = &benchCerts{ca: p("ca.crt"), serverCrt: p("server.crt"), serverKey: p("server.key"), serverPEM: p("server.pem"),
-		clientCrt: p("client.crt"), clientKey: p("client.key"), clientPEM: p("client.pem")}
+		clientCrt: p("client.crt"), clientKey: p("client.key"), clientPEM: p("client.pem"),
+		otherCrt: p("other.crt"), otherKey: p("other.key")}
 	return s.certs
 }
 
@@ -433,6 +440,16 @@ http {
 	}
 	if withOPA {
 		pids[0] = append(pids[0], sides[0]...)
+		// The policy holds through nginx: frontend is let through,
+		// another workload of the same CA is not.
+		for _, k := range []struct {
+			crt, key string
+			allow    bool
+		}{{c.clientCrt, c.clientKey, true}, {c.otherCrt, c.otherKey, false}} {
+			if code := mtlsGet(b, bAddr, c.ca, k.crt, k.key); (code == http.StatusOK) != k.allow {
+				b.Fatalf("nginx+opa: client %s got %d through B", k.crt, code)
+			}
+		}
 	}
 	return "http://" + a + "/", pids
 }
@@ -476,6 +493,29 @@ backend peer
 		pids = append(pids, []int{cmd.Process.Pid})
 	}
 	return "http://" + a + "/", pids
+}
+
+// mtlsGet sends one GET over mTLS and returns the status.
+func mtlsGet(b *testing.B, addr, ca, crt, key string) int {
+	pair, err := tls.LoadX509KeyPair(crt, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pem, err := os.ReadFile(ca)
+	if err != nil {
+		b.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{
+		Certificates: []tls.Certificate{pair}, RootCAs: pool, ServerName: "orders"}}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("https://" + addr + "/")
+	if err != nil {
+		b.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }
 
 func childrenOf(ppid int) []int {
