@@ -28,6 +28,24 @@ type Server struct {
 	// Policy, when set, makes writd serve a policy directory as an OPA
 	// bundle to writ-enforcer, writ-proxy and stock OPA.
 	Policy *Policy `yaml:"policy"`
+	// Mesh tunes the xDS server and its service registry.
+	Mesh Mesh `yaml:"mesh"`
+}
+
+// Mesh tunes the xDS server and the service registry fed by data planes.
+type Mesh struct {
+	// RegistryGrace is how long a workload stays registered after its
+	// last xDS stream ends (a restart within it keeps its endpoint);
+	// default 30s.
+	RegistryGrace Duration `yaml:"registry_grace"`
+	// RegistryStale is how long a registration stays live once the
+	// replica holding its stream stops refreshing it (that replica
+	// crashed); default 90s, and more than registry_grace, since
+	// replicas refresh every half grace period.
+	RegistryStale Duration `yaml:"registry_stale"`
+	// Resync rebuilds every node's configuration this often even without
+	// a change (bundle rotations, missed notifications); default 1m.
+	Resync Duration `yaml:"resync"`
 }
 
 // Policy configures the bundle service: the directory is served at
@@ -151,6 +169,9 @@ const (
 	DefaultBundleRefreshHint = 5 * time.Minute
 	DefaultPolicyBundleName  = "mesh"
 	DefaultPolicyPoll        = 2 * time.Second
+	DefaultRegistryGrace     = 30 * time.Second
+	DefaultRegistryStale     = 90 * time.Second
+	DefaultMeshResync        = time.Minute
 	// MinSVIDTTL keeps renew-at-half-life from turning into a busy loop.
 	MinSVIDTTL = 30 * time.Second
 
@@ -239,6 +260,9 @@ func (s *Server) ApplyDefaults() {
 	def(&s.CA.JWTSVIDMaxTTL, DefaultJWTSVIDMaxTTL)
 	def(&s.CA.JWTKeyTTL, DefaultJWTKeyTTL)
 	def(&s.CA.BundleRefreshHint, DefaultBundleRefreshHint)
+	def(&s.Mesh.RegistryGrace, DefaultRegistryGrace)
+	def(&s.Mesh.RegistryStale, DefaultRegistryStale)
+	def(&s.Mesh.Resync, DefaultMeshResync)
 	if s.Policy != nil {
 		if s.Policy.BundleName == "" {
 			s.Policy.BundleName = DefaultPolicyBundleName
@@ -305,6 +329,10 @@ func (s *Server) Validate() []*FieldError {
 			return false
 		}
 		return true
+	}
+	pos("mesh.resync", s.Mesh.Resync)
+	if pos("mesh.registry_grace", s.Mesh.RegistryGrace) && pos("mesh.registry_stale", s.Mesh.RegistryStale) && s.Mesh.RegistryStale <= s.Mesh.RegistryGrace {
+		bad("mesh.registry_stale", "%s must exceed registry_grace (%s): replicas refresh registrations every half grace period", s.Mesh.RegistryStale.D(), s.Mesh.RegistryGrace.D())
 	}
 	pos("ca.root_ttl", ca.RootTTL)
 	pos("ca.intermediate_ttl", ca.IntermediateTTL)

@@ -25,6 +25,9 @@ func TestParseServerDefaults(t *testing.T) {
 	if s.Policy != nil {
 		t.Errorf("policy = %+v, want nil when not configured", s.Policy)
 	}
+	if m := s.Mesh; m.RegistryGrace.D() != 30*time.Second || m.RegistryStale.D() != 90*time.Second || m.Resync.D() != time.Minute {
+		t.Errorf("mesh defaults %+v, want grace 30s, stale 90s, resync 1m", m)
+	}
 	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n"), noenv)
 	if err != nil {
 		t.Fatal(err)
@@ -102,6 +105,8 @@ func TestParseServerErrors(t *testing.T) {
 		{"decision api huge body", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  max_body_bytes: 1000000000\n", "decision.max_body_bytes"},
 		{"decision api timeout", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  eval_timeout: 2h\n", "decision.eval_timeout"},
 		{"decision api unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\ndecision:\n  policy: /p\n", "decision.policy: field policy not found"},
+		{"registry stale within grace", "trust_domain: example.org\ndatabase_url: postgres://x/y\nmesh:\n  registry_grace: 2m\n", "mesh.registry_stale: 1m30s must exceed registry_grace (2m0s)"},
+		{"mesh unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\nmesh:\n  grace: 2m\n", "mesh.grace: field grace not found"},
 		{"upstream incomplete", "trust_domain: example.org\ndatabase_url: postgres://x/y\nca:\n  upstream:\n    step_ca:\n      url: http://ca\n", "ca.upstream.step_ca.url: must be an https:// URL"},
 	}
 	for _, tt := range tests {

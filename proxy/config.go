@@ -17,9 +17,9 @@ import (
 
 // Config is everything the data plane routes by. Its shapes follow Envoy's
 // resources (listeners, route configurations with virtual hosts, clusters
-// with endpoints) so that the xDS client can fill it from the resources
-// writd serves; until then it comes from a YAML file and flags. A Config
-// is immutable once handed to the proxy.
+// with endpoints) so that the xDS client (proxy/xdsclient) fills it from
+// the resources writd serves; tests may write it as YAML. A Config is
+// immutable once handed to the proxy.
 type Config struct {
 	// Inbound listeners terminate mTLS from other sidecars.
 	Inbound []Inbound `yaml:"inbound" json:"inbound"`

@@ -9,11 +9,17 @@ import (
 	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -21,8 +27,7 @@ import (
 // configurations, clusters and load assignments into the parts of a
 // Config they determine. What Writ's data plane does not implement is an
 // error naming the field, so that the client NACKs it instead of silently
-// routing differently from what writd meant. Listeners are translated
-// with the xDS client, once writd's listener conventions are settled.
+// routing differently from what writd meant.
 
 // faultFilterName is the key of the fault filter's per-route config.
 const faultFilterName = "envoy.filters.http.fault"
@@ -135,6 +140,9 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 			case "":
 			case "5xx", "gateway-error", "connect-failure", "reset":
 				p.RetryOn = append(p.RetryOn, on)
+			case "refused-stream":
+				// Go's HTTP/2 transport already retries a stream the peer
+				// refused (REFUSED_STREAM: nothing was processed).
 			default:
 				return r, fmt.Errorf("retry_policy: retry_on %q is not supported", on)
 			}
@@ -233,6 +241,18 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 			c.OutlierDetection.MaxEjectionPercent = int(v.GetValue())
 		}
 	}
+	switch hcs := ec.GetHealthChecks(); len(hcs) {
+	case 0:
+	case 1:
+		hc := hcs[0]
+		if hc.GetTcpHealthCheck() == nil {
+			return c, errors.New("health_checks: only TCP checks are supported (an mTLS handshake with the peer sidecar)")
+		}
+		c.HealthCheck = &HealthCheck{Interval: duration(hc.GetInterval()), Timeout: duration(hc.GetTimeout()),
+			UnhealthyThreshold: int(hc.GetUnhealthyThreshold().GetValue()), HealthyThreshold: int(hc.GetHealthyThreshold().GetValue())}
+	default:
+		return c, errors.New("health_checks: at most one is supported")
+	}
 	ts := ec.GetTransportSocket()
 	if ts == nil {
 		return c, errors.New("no transport_socket: sidecar traffic must be mTLS")
@@ -263,6 +283,14 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 	}
 	for _, lle := range la.GetEndpoints() {
 		for _, lb := range lle.GetLbEndpoints() {
+			// As in Envoy: UNKNOWN, HEALTHY and DEGRADED endpoints take
+			// traffic; writd marks a workload that has not yet taken its
+			// own configuration UNHEALTHY.
+			switch lb.GetHealthStatus() {
+			case corev3.HealthStatus_UNKNOWN, corev3.HealthStatus_HEALTHY, corev3.HealthStatus_DEGRADED:
+			default:
+				continue
+			}
 			sa := lb.GetEndpoint().GetAddress().GetSocketAddress()
 			if sa == nil || sa.GetPortValue() == 0 {
 				return c, errors.New("endpoint: only socket addresses with a port are supported")
@@ -292,4 +320,185 @@ func percent(p *typev3.FractionalPercent) float64 {
 		return n / 10000
 	}
 	return n
+}
+
+// Listeners is what ListenersFromEnvoy makes of Envoy listeners.
+type Listeners struct {
+	Inbound  []Inbound
+	Outbound []Outbound
+	// AppClusters are the clusters inbound listeners forward to: the
+	// local application, not peer sidecars, so they are not Clusters.
+	AppClusters map[string]bool
+}
+
+// ListenersFromEnvoy translates the listeners writd serves a sidecar:
+// inbound ones (mTLS required, an HTTP connection manager whose inline
+// route sends everything to a static cluster of the local app, ext_authz
+// failing closed) and outbound ones (plaintext, an HTTP connection
+// manager with RDS, or a TCP proxy to a cluster). cs holds the clusters
+// the inbound listeners' apps are looked up in; service names the local
+// service for policy.
+func ListenersFromEnvoy(ls []*listenerv3.Listener, cs []*clusterv3.Cluster, service string) (Listeners, error) {
+	out := Listeners{AppClusters: map[string]bool{}}
+	byName := map[string]*clusterv3.Cluster{}
+	for _, c := range cs {
+		byName[c.GetName()] = c
+	}
+	var errs []error
+	for _, l := range ls {
+		if err := listenerFromEnvoy(l, byName, service, &out); err != nil {
+			errs = append(errs, fmt.Errorf("listener %q: %w", l.GetName(), err))
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+func listenerFromEnvoy(l *listenerv3.Listener, cs map[string]*clusterv3.Cluster, service string, out *Listeners) error {
+	if err := l.Validate(); err != nil {
+		return err
+	}
+	if l.GetApiListener() != nil {
+		return errors.New("api_listener: that form is for proxyless gRPC clients")
+	}
+	sa := l.GetAddress().GetSocketAddress()
+	if sa == nil || sa.GetPortValue() == 0 {
+		return errors.New("address: only socket addresses with a port are supported")
+	}
+	addr := net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
+	if len(l.GetListenerFilters()) > 0 || l.GetUseOriginalDst().GetValue() {
+		return errors.New("listener_filters and use_original_dst are not supported")
+	}
+	if len(l.GetFilterChains()) != 1 || l.GetDefaultFilterChain() != nil {
+		return errors.New("exactly one filter chain is supported")
+	}
+	fc := l.GetFilterChains()[0]
+	if fc.GetFilterChainMatch() != nil {
+		return errors.New("filter_chain_match is not supported")
+	}
+	if len(fc.GetFilters()) != 1 {
+		return errors.New("exactly one network filter is supported")
+	}
+	f := fc.GetFilters()[0]
+	var tlsCtx *tlsv3.DownstreamTlsContext
+	if ts := fc.GetTransportSocket(); ts != nil {
+		tlsCtx = &tlsv3.DownstreamTlsContext{}
+		if err := ts.GetTypedConfig().UnmarshalTo(tlsCtx); err != nil {
+			return fmt.Errorf("transport_socket: want a DownstreamTlsContext: %w", err)
+		}
+		if !tlsCtx.GetRequireClientCertificate().GetValue() {
+			return errors.New("transport_socket: require_client_certificate must be set: mesh ports are mTLS only")
+		}
+	}
+	switch f.GetName() {
+	case wellknown.HTTPConnectionManager:
+		var h hcmv3.HttpConnectionManager
+		if err := f.GetTypedConfig().UnmarshalTo(&h); err != nil {
+			return fmt.Errorf("http_connection_manager: %w", err)
+		}
+		if tlsCtx != nil {
+			in, app, err := inboundFromEnvoy(l.GetName(), addr, &h, cs, service)
+			if err != nil {
+				return err
+			}
+			out.Inbound = append(out.Inbound, in)
+			out.AppClusters[app] = true
+			return nil
+		}
+		for _, hf := range h.GetHttpFilters() {
+			if n := hf.GetName(); n != wellknown.Fault && n != wellknown.Router {
+				return fmt.Errorf("http filter %q is not supported on outbound listeners", n)
+			}
+		}
+		rds := h.GetRds()
+		if rds == nil {
+			return errors.New("outbound listeners need RDS (route_config_name)")
+		}
+		out.Outbound = append(out.Outbound, Outbound{Name: l.GetName(), Address: addr, Protocol: "http", Route: rds.GetRouteConfigName()})
+	case wellknown.TCPProxy:
+		if tlsCtx != nil {
+			return errors.New("tcp_proxy behind TLS: inbound TCP is served by the inbound HTTP listener's ALPN")
+		}
+		var tp tcpproxyv3.TcpProxy
+		if err := f.GetTypedConfig().UnmarshalTo(&tp); err != nil {
+			return fmt.Errorf("tcp_proxy: %w", err)
+		}
+		if tp.GetCluster() == "" {
+			return errors.New("tcp_proxy: only a single cluster is supported")
+		}
+		out.Outbound = append(out.Outbound, Outbound{Name: l.GetName(), Address: addr, Protocol: "tcp", Cluster: tp.GetCluster()})
+	default:
+		return fmt.Errorf("network filter %q is not supported", f.GetName())
+	}
+	return nil
+}
+
+// inboundFromEnvoy reads an inbound listener's HTTP connection manager:
+// every route goes to one static cluster, the local app.
+func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[string]*clusterv3.Cluster, service string) (Inbound, string, error) {
+	in := Inbound{Name: name, Address: addr, Service: service}
+	authz := false
+	for _, hf := range h.GetHttpFilters() {
+		switch hf.GetName() {
+		case wellknown.HTTPExternalAuthorization:
+			var az extauthzv3.ExtAuthz
+			if err := hf.GetTypedConfig().UnmarshalTo(&az); err != nil {
+				return in, "", fmt.Errorf("ext_authz: %w", err)
+			}
+			if az.GetFailureModeAllow() {
+				return in, "", errors.New("ext_authz: failure_mode_allow is refused: authorization fails closed")
+			}
+			authz = true
+		case wellknown.Router:
+		default:
+			return in, "", fmt.Errorf("http filter %q is not supported on inbound listeners", hf.GetName())
+		}
+	}
+	// The data plane decides every request in-process; a listener that
+	// asks for no authorization is not what writd sends, so refuse it
+	// rather than enforce something the control plane did not mean.
+	if !authz {
+		return in, "", errors.New("inbound listener without ext_authz: every inbound request must be authorized")
+	}
+	rc := h.GetRouteConfig()
+	if rc == nil {
+		return in, "", errors.New("inbound listeners need an inline route_config to the local app")
+	}
+	app := ""
+	for _, vh := range rc.GetVirtualHosts() {
+		for _, r := range vh.GetRoutes() {
+			c := r.GetRoute().GetCluster()
+			if c == "" || (app != "" && c != app) {
+				return in, "", errors.New("route_config: every inbound route must go to the one local app cluster")
+			}
+			app = c
+		}
+	}
+	if app == "" {
+		return in, "", errors.New("route_config: no route to the local app")
+	}
+	c := cs[app]
+	if c == nil {
+		return in, "", fmt.Errorf("app cluster %q: not among the clusters", app)
+	}
+	if c.GetType() != clusterv3.Cluster_STATIC {
+		return in, "", fmt.Errorf("app cluster %q: must be STATIC", app)
+	}
+	var eps []*endpointv3.LbEndpoint
+	for _, lle := range c.GetLoadAssignment().GetEndpoints() {
+		eps = append(eps, lle.GetLbEndpoints()...)
+	}
+	sa := func() *corev3.SocketAddress {
+		if len(eps) != 1 {
+			return nil
+		}
+		return eps[0].GetEndpoint().GetAddress().GetSocketAddress()
+	}()
+	if sa == nil || sa.GetPortValue() == 0 {
+		return in, "", fmt.Errorf("app cluster %q: want exactly one socket address endpoint", app)
+	}
+	in.App = net.JoinHostPort(sa.GetAddress(), strconv.Itoa(int(sa.GetPortValue())))
+	if _, ok := c.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {
+		in.AppProtocol = "h2c"
+	}
+	return in, app, nil
 }

@@ -69,8 +69,18 @@ func newTraceExporter(u, service string, reg prometheus.Registerer) (*traceExpor
 	spans := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_otlp_spans_total", Help: "Spans given to the OTLP exporter, by result: exported, failed (the collector refused or was unreachable) or dropped (buffer full).",
 	}, []string{"result"})
+	// A proxy built again on the same registry (the xDS client's next
+	// configuration) counts on the same series.
 	if err := reg.Register(spans); err != nil {
-		return nil, err
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, err
+		}
+		existing, ok := are.ExistingCollector.(*prometheus.CounterVec)
+		if !ok {
+			return nil, err
+		}
+		spans = existing
 	}
 	return &traceExporter{
 		url:    u,

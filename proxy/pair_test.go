@@ -310,8 +310,8 @@ func TestRetriesAndTimeouts(t *testing.T) {
 	}
 }
 
-// TestUpdateSwapsEndpoints: Update moves traffic to new endpoints and
-// refuses listener changes.
+// TestUpdateSwapsEndpoints: Update moves traffic to new endpoints, adds
+// and removes listeners, and refuses what it cannot apply.
 func TestUpdateSwapsEndpoints(t *testing.T) {
 	ca := newTestCA(t)
 	a := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "a") }))
@@ -336,10 +336,60 @@ func TestUpdateSwapsEndpoints(t *testing.T) {
 	if got := fetch(); got != "b" {
 		t.Fatalf("after update: %q, want b", got)
 	}
+	// A new listener is bound and serves at once; the old ones keep
+	// serving.
 	cfg2 := cfg
 	cfg2.Outbound = append([]Outbound{{Name: "new", Address: "127.0.0.1:0", Route: cfg.Outbound[0].Route}}, cfg.Outbound...)
-	if err := a.client.Update(&cfg2); err == nil || !strings.Contains(err.Error(), "listener") {
-		t.Fatalf("listener change: %v", err)
+	if err := a.client.Update(&cfg2); err != nil {
+		t.Fatalf("adding a listener: %v", err)
+	}
+	newAddr := a.client.Addr("new")
+	if newAddr == "" {
+		t.Fatal("the added listener has no address")
+	}
+	resp, err := http.Get("http://" + newAddr + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if string(body) != "b" {
+		t.Fatalf("through the added listener: %q", body)
+	}
+	if got := fetch(); got != "b" {
+		t.Fatalf("the kept listener after adding one: %q", got)
+	}
+	// A listener that cannot be bound refuses the whole update.
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	cfg3 := cfg2
+	cfg3.Outbound = append([]Outbound{{Name: "busy", Address: busy.Addr().String(), Route: cfg.Outbound[0].Route}}, cfg2.Outbound...)
+	if err := a.client.Update(&cfg3); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("an update with an unbindable listener: %v", err)
+	}
+	if a.client.Addr("busy") != "" || a.client.Addr("new") != newAddr {
+		t.Fatal("a refused update changed the listeners")
+	}
+	// Removing it stops it accepting.
+	if err := a.client.Update(&cfg); err != nil {
+		t.Fatalf("removing a listener: %v", err)
+	}
+	if a.client.Addr("new") != "" {
+		t.Fatal("the removed listener is still listed")
+	}
+	for i := 0; ; i++ {
+		c, err := net.Dial("tcp", newAddr)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if i > 500 {
+			t.Fatal("the removed listener still accepts")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	bad := cfg
 	bad.Clusters = nil
@@ -617,4 +667,29 @@ func TestActiveHealthCheck(t *testing.T) {
 	startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: downAddr, Service: "server", App: appL.Addr().String()}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
 	waitFor("the endpoint rejoining the pool", func() bool { return !down.unhealthy.Load() })
+}
+
+// TestNewFailureLeavesRegistry: a proxy that cannot bind its listeners
+// leaves the metrics registry as it found it, so that the next attempt
+// (the xDS client's next configuration) can start on the same registry.
+func TestNewFailureLeavesRegistry(t *testing.T) {
+	ca := newTestCA(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	cfg := &Config{Inbound: []Inbound{{Name: "mesh", Address: taken.Addr().String(), Service: "server", App: "127.0.0.1:1"}}}
+	opts := Options{Source: ca.source(t, "/ns/demo/sa/server"), Registry: reg}
+	if _, err := New(cfg, opts); err == nil || !strings.Contains(err.Error(), "address already in use") {
+		t.Fatalf("New on a taken port: %v", err)
+	}
+	addr := taken.Addr().String()
+	taken.Close()
+	cfg.Inbound[0].Address = addr
+	p, err := New(cfg, opts)
+	if err != nil {
+		t.Fatalf("New after a failed New on the same registry: %v", err)
+	}
+	p.Close()
 }

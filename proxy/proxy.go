@@ -4,8 +4,9 @@
 // to peer sidecars, metrics, access logs and an admin port.
 //
 // Its configuration is a Config, shaped like the Envoy resources writd
-// serves over xDS; today it is static (YAML and flags) and Proxy.Update is
-// the seam where the xDS client will push new ones.
+// serves over xDS: proxy/xdsclient translates them (ListenersFromEnvoy,
+// RoutesFromEnvoy, ClustersFromEnvoy) and pushes each new one with
+// Proxy.Update; a static YAML Config serves tests without writd.
 //
 // It imports enforcer and authority/svidtls; only cmd/writ-proxy and tests
 // import it.
@@ -19,7 +20,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -68,19 +68,26 @@ type Options struct {
 
 // Proxy is a running data plane. It is safe for concurrent use.
 type Proxy struct {
-	src      Source
-	td       spiffeid.TrustDomain
-	enf      *enforcer.Enforcer
-	reg      *prometheus.Registry
-	metrics  *metrics
-	alog     *accessLog
-	traces   *traceExporter
-	drain    time.Duration
-	clock    clockwork.Clock
-	log      *slog.Logger
-	state    atomic.Pointer[state]
+	src     Source
+	td      spiffeid.TrustDomain
+	enf     *enforcer.Enforcer
+	reg     *prometheus.Registry
+	metrics *metrics
+	alog    *accessLog
+	traces  *traceExporter
+	drain   time.Duration
+	clock   clockwork.Clock
+	log     *slog.Logger
+	state   atomic.Pointer[state]
+	// lmu guards the listener sets, which Update may change while Run
+	// serves them, and the fields below it.
+	lmu      sync.Mutex
 	inbound  []*inboundListener
 	outbound []*outboundListener
+	serving  bool // Run has started the listeners and not begun to drain
+	stopped  bool
+	errc     chan error     // listener failures, for Run
+	retiring sync.WaitGroup // listeners removed by Update, draining
 	// tcpConns tracks spliced connections so that drain can end them.
 	tcpMu    sync.Mutex
 	tcpConns map[net.Conn]struct{}
@@ -122,38 +129,43 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	p := &Proxy{
 		src: opts.Source, td: svid.ID.TrustDomain(), enf: opts.Enforcer, reg: opts.Registry, metrics: m,
 		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
-		tcpConns: map[net.Conn]struct{}{},
+		tcpConns: map[net.Conn]struct{}{}, errc: make(chan error, 1),
+	}
+	// A proxy that fails to start leaves the registry as it found it: the
+	// xDS client tries again with the next configuration.
+	fail := func(err error) (*Proxy, error) {
+		p.Close()
+		m.unregister(opts.Registry)
+		return nil, err
 	}
 	if opts.OTLPTracesURL != "" {
 		u, err := OTLPTracesURL("", opts.OTLPTracesURL)
 		if err != nil {
-			return nil, fmt.Errorf("proxy: %w", err)
+			return fail(fmt.Errorf("proxy: %w", err))
 		}
 		if opts.ServiceName == "" {
 			opts.ServiceName = "writ-proxy"
 		}
 		if p.traces, err = newTraceExporter(u, opts.ServiceName, opts.Registry); err != nil {
-			return nil, err
+			return fail(err)
 		}
 	}
 	st, err := p.compile(cfg, nil)
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
 	p.state.Store(st)
 	for _, in := range cfg.Inbound {
 		l, err := p.newInbound(in)
 		if err != nil {
-			p.Close()
-			return nil, err
+			return fail(err)
 		}
 		p.inbound = append(p.inbound, l)
 	}
 	for _, out := range cfg.Outbound {
 		l, err := p.newOutbound(out)
 		if err != nil {
-			p.Close()
-			return nil, err
+			return fail(err)
 		}
 		p.outbound = append(p.outbound, l)
 	}
@@ -162,28 +174,153 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 
 // Update swaps in a new configuration: routes, clusters and endpoints take
 // effect for the next request, and connection pools of unchanged clusters
-// are kept. The set of listeners cannot change yet (that needs binding
-// and draining listeners at runtime); such a configuration is refused and
-// the running one kept.
+// are kept. Listeners are compared by name: new ones are bound (all or
+// none: if one cannot be bound, nothing changes), removed or changed
+// ones stop accepting and drain in the background, unchanged ones keep
+// serving untouched. An invalid configuration is refused and the running
+// one kept.
 func (p *Proxy) Update(cfg *Config) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("proxy update: %w", err)
 	}
-	old := p.state.Load()
-	if !slices.Equal(cfg.Inbound, old.cfg.Inbound) || !slices.Equal(cfg.Outbound, old.cfg.Outbound) {
-		return errors.New("proxy update: listeners changed; listener changes are not supported yet (restart the proxy)")
+	p.lmu.Lock()
+	defer p.lmu.Unlock()
+	if p.stopped {
+		return errors.New("proxy update: the proxy has stopped")
 	}
+	old := p.state.Load()
 	st, err := p.compile(cfg, old)
 	if err != nil {
 		return err
 	}
+	oldIn := map[string]*inboundListener{}
+	for _, l := range p.inbound {
+		oldIn[l.cfg.Name] = l
+	}
+	oldOut := map[string]*outboundListener{}
+	for _, l := range p.outbound {
+		oldOut[l.cfg.Name] = l
+	}
+	// Listeners that go away (or change) free their addresses; new ones
+	// on other addresses are bound first, so that a failure changes
+	// nothing.
+	freed := map[string]bool{}
+	keepIn, keepOut := map[string]bool{}, map[string]bool{}
+	for _, in := range cfg.Inbound {
+		if l := oldIn[in.Name]; l != nil && l.cfg == in {
+			keepIn[in.Name] = true
+		}
+	}
+	for _, out := range cfg.Outbound {
+		if l := oldOut[out.Name]; l != nil && l.cfg == out {
+			keepOut[out.Name] = true
+		}
+	}
+	var retire []func(context.Context)
+	var retireLn []net.Listener
+	for name, l := range oldIn {
+		if !keepIn[name] {
+			freed[l.cfg.Address] = true
+			retire, retireLn = append(retire, l.shutdown), append(retireLn, l.ln)
+		}
+	}
+	for name, l := range oldOut {
+		if !keepOut[name] {
+			freed[l.cfg.Address] = true
+			retire, retireLn = append(retire, l.shutdown), append(retireLn, l.ln)
+		}
+	}
+	var newIn []*inboundListener
+	var newOut []*outboundListener
+	var fresh []interface{ close() }
+	bind := func(late bool) error {
+		for _, in := range cfg.Inbound {
+			if keepIn[in.Name] || freed[in.Address] != late {
+				continue
+			}
+			l, err := p.newInbound(in)
+			if err != nil {
+				return err
+			}
+			newIn, fresh = append(newIn, l), append(fresh, closer{l.ln})
+		}
+		for _, out := range cfg.Outbound {
+			if keepOut[out.Name] || freed[out.Address] != late {
+				continue
+			}
+			l, err := p.newOutbound(out)
+			if err != nil {
+				return err
+			}
+			newOut, fresh = append(newOut, l), append(fresh, closer{l.ln})
+		}
+		return nil
+	}
+	if err := bind(false); err != nil {
+		for _, f := range fresh {
+			f.close()
+		}
+		return fmt.Errorf("proxy update: %w", err)
+	}
+	// Past this point the update goes ahead: the retiring listeners stop
+	// accepting so that their addresses can be bound again.
+	for _, ln := range retireLn {
+		ln.Close()
+	}
+	lateErr := bind(true)
 	p.state.Store(st)
+	var in []*inboundListener
+	for _, l := range p.inbound {
+		if keepIn[l.cfg.Name] {
+			in = append(in, l)
+		}
+	}
+	var out []*outboundListener
+	for _, l := range p.outbound {
+		if keepOut[l.cfg.Name] {
+			out = append(out, l)
+		}
+	}
+	p.inbound, p.outbound = append(in, newIn...), append(out, newOut...)
+	if p.serving {
+		for _, l := range newIn {
+			go p.report(l.serve)
+		}
+		for _, l := range newOut {
+			go p.report(l.serve)
+		}
+	}
+	for _, r := range retire {
+		p.retiring.Go(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), p.drain)
+			defer cancel()
+			r(ctx)
+		})
+	}
 	for name, c := range old.clusters {
 		if n, ok := st.clusters[name]; !ok || n.transport != c.transport {
 			c.closeIdle()
 		}
 	}
+	if lateErr != nil {
+		return fmt.Errorf("proxy update: applied, but a changed listener could not be bound again: %w", lateErr)
+	}
 	return nil
+}
+
+type closer struct{ ln net.Listener }
+
+func (c closer) close() { c.ln.Close() }
+
+// report runs a listener and hands its failure to Run. A listener closed
+// by Update or drain is not a failure.
+func (p *Proxy) report(serve func() error) {
+	if err := serve(); err != nil && !errors.Is(err, net.ErrClosed) {
+		select {
+		case p.errc <- err:
+		default:
+		}
+	}
 }
 
 // Config returns the configuration in force.
@@ -191,6 +328,8 @@ func (p *Proxy) Config() *Config { return p.state.Load().cfg }
 
 // Addr returns the bound address of the named listener, or "".
 func (p *Proxy) Addr(name string) string {
+	p.lmu.Lock()
+	defer p.lmu.Unlock()
 	for _, l := range p.inbound {
 		if l.cfg.Name == name {
 			return l.ln.Addr().String()
@@ -225,13 +364,15 @@ func (p *Proxy) Ready() error {
 // accepting, in-flight requests and TCP connections get DrainTimeout to
 // finish, and whatever remains is closed.
 func (p *Proxy) Run(ctx context.Context) error {
-	errc := make(chan error, len(p.inbound)+len(p.outbound))
+	p.lmu.Lock()
+	p.serving = true
 	for _, l := range p.inbound {
-		go func() { errc <- l.serve() }()
+		go p.report(l.serve)
 	}
 	for _, l := range p.outbound {
-		go func() { errc <- l.serve() }()
+		go p.report(l.serve)
 	}
+	p.lmu.Unlock()
 	hctx, hcancel := context.WithCancel(ctx)
 	hdone := make(chan struct{})
 	go func() { p.healthCheck(hctx); close(hdone) }()
@@ -256,7 +397,7 @@ wait:
 			p.alog.flush()
 		case <-ctx.Done():
 			break wait
-		case err = <-errc:
+		case err = <-p.errc:
 			err = fmt.Errorf("proxy listener: %w", err)
 			break wait
 		}
@@ -264,14 +405,19 @@ wait:
 	p.log.Info("proxy draining", "timeout", p.drain.String())
 	dctx, cancel := context.WithTimeout(context.Background(), p.drain)
 	defer cancel()
+	p.lmu.Lock()
+	p.serving, p.stopped = false, true
+	inbound, outbound := p.inbound, p.outbound
+	p.lmu.Unlock()
 	var wg sync.WaitGroup
-	for _, l := range p.inbound {
+	for _, l := range inbound {
 		wg.Go(func() { l.shutdown(dctx) })
 	}
-	for _, l := range p.outbound {
+	for _, l := range outbound {
 		wg.Go(func() { l.shutdown(dctx) })
 	}
 	wg.Wait()
+	p.retiring.Wait()
 	tcpDone := make(chan struct{})
 	go func() { p.tcpWG.Wait(); close(tcpDone) }()
 	select {
@@ -293,6 +439,9 @@ wait:
 
 // Close releases the listeners of a Proxy that was never Run.
 func (p *Proxy) Close() {
+	p.lmu.Lock()
+	defer p.lmu.Unlock()
+	p.stopped = true
 	for _, l := range p.inbound {
 		l.ln.Close()
 	}

@@ -87,12 +87,27 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "writ_tls_handshake_errors_total", Help: "Failed mTLS handshakes (no or untrusted peer SVID, wrong peer ID).",
 		}, []string{"direction"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors} {
+	for i, c := range m.collectors() {
 		if err := reg.Register(c); err != nil {
+			for _, r := range m.collectors()[:i] {
+				reg.Unregister(r)
+			}
 			return nil, fmt.Errorf("register proxy metrics: %w", err)
 		}
 	}
 	return m, nil
+}
+
+func (m *metrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors}
+}
+
+// unregister takes the metrics off reg again, so that a proxy that failed
+// to start does not keep a later one from registering.
+func (m *metrics) unregister(reg prometheus.Registerer) {
+	for _, c := range m.collectors() {
+		reg.Unregister(c)
+	}
 }
 
 // reqLog is one request's or connection's facts for metrics and the

@@ -19,7 +19,8 @@ type Endpoint struct {
 	Labels    map[string]string `json:"labels"`
 	Address   string            `json:"address"`
 	Ports     []int             `json:"ports"`
-	// Healthy is set once the workload has ACKed its own configuration.
+	// Healthy is set once the workload has ACKed its own configuration,
+	// and while its data plane reports its app healthy.
 	Healthy bool `json:"healthy"`
 }
 
@@ -91,10 +92,19 @@ func (s *Store) Leave(ctx context.Context, nodeID, spiffeID string, grace time.D
 	return nil
 }
 
-// Stale is how long a registration whose replica stopped refreshing it
-// (Touch) stays live: it outlives a replica that crashed without calling
-// Leave by this much.
+// Stale is the default of how long a registration whose replica stopped
+// refreshing it (Touch) stays live: it outlives a replica that crashed
+// without calling Leave by this much (Store.SetStale changes it).
 const Stale = 90 * time.Second
+
+// SetStale sets how long an unrefreshed registration stays live (Stale
+// by default). Call it before the Store is used; it must exceed the
+// interval at which replicas Touch their registrations.
+func (s *Store) SetStale(d time.Duration) {
+	if d > 0 {
+		s.stale = d
+	}
+}
 
 // Touch refreshes the registrations replica holds streams for, so they do
 // not go stale.
@@ -115,7 +125,7 @@ func (s *Store) Touch(ctx context.Context, replica string, nodeIDs []string) err
 // it removed.
 func (s *Store) Reap(ctx context.Context) (int, error) {
 	now := s.clock.Now().UTC()
-	tag, err := s.pool.Exec(ctx, `DELETE FROM mesh_endpoints WHERE (expires_at IS NOT NULL AND expires_at <= $1) OR (expires_at IS NULL AND updated_at <= $2)`, now, now.Add(-Stale))
+	tag, err := s.pool.Exec(ctx, `DELETE FROM mesh_endpoints WHERE (expires_at IS NOT NULL AND expires_at <= $1) OR (expires_at IS NULL AND updated_at <= $2)`, now, now.Add(-s.stale))
 	if err != nil {
 		return 0, fmt.Errorf("reap: %w", err)
 	}
@@ -133,7 +143,7 @@ func (s *Store) Reap(ctx context.Context) (int, error) {
 func (s *Store) Endpoints(ctx context.Context) ([]Endpoint, error) {
 	now := s.clock.Now().UTC()
 	rows, err := s.pool.Query(ctx, `SELECT node_id, spiffe_id, service, namespace, labels, address, ports, healthy FROM mesh_endpoints
-		WHERE (expires_at IS NULL AND updated_at > $2) OR expires_at > $1 ORDER BY node_id`, now, now.Add(-Stale))
+		WHERE (expires_at IS NULL AND updated_at > $2) OR expires_at > $1 ORDER BY node_id`, now, now.Add(-s.stale))
 	if err != nil {
 		return nil, fmt.Errorf("endpoints: %w", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
@@ -16,9 +17,11 @@ import (
 	clusterservice "github.com/envoyproxy/go-control-plane/envoy/service/cluster/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	endpointservice "github.com/envoyproxy/go-control-plane/envoy/service/endpoint/v3"
+	healthv3 "github.com/envoyproxy/go-control-plane/envoy/service/health/v3"
 	listenerservice "github.com/envoyproxy/go-control-plane/envoy/service/listener/v3"
 	routeservice "github.com/envoyproxy/go-control-plane/envoy/service/route/v3"
 	secretservice "github.com/envoyproxy/go-control-plane/envoy/service/secret/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
@@ -41,6 +44,9 @@ const (
 	MetaLabels    = "WRIT_LABELS"    // struct of string labels, e.g. {"version": "v1"}
 	MetaAddress   = "WRIT_ADDRESS"   // IP the workload serves on
 	MetaPorts     = "WRIT_PORTS"     // list of port numbers
+	// MetaAppPorts maps mesh ports to the local application's ports
+	// ({"15006": 8080}) when they differ; Envoy-flavor nodes only.
+	MetaAppPorts = "WRIT_APP_PORTS"
 )
 
 // ServerOptions configures the xDS server.
@@ -100,8 +106,9 @@ type nodeState struct {
 	bad      string // version the node refused; never pushed again
 	lastErr  string
 	// hasInbound: the current snapshot holds the node's own inbound
-	// listeners; healthy: it ACKed such a snapshot.
-	hasInbound, healthy bool
+	// listeners; healthy: it ACKed such a snapshot; appDown: its data
+	// plane last reported its app unhealthy (StreamHealthCheck).
+	hasInbound, healthy, appDown bool
 }
 
 // NewServer returns the xDS server; Register it on a gRPC server and Run it.
@@ -164,7 +171,8 @@ func NewServer(ctx context.Context, o ServerOptions) *Server {
 	return s
 }
 
-// Register adds ADS, the per-type discovery services and SDS to g.
+// Register adds ADS, the per-type discovery services, SDS and the health
+// reports of data planes (HDS) to g.
 func (s *Server) Register(g *grpc.Server) {
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, s.xds)
 	listenerservice.RegisterListenerDiscoveryServiceServer(g, s.xds)
@@ -172,6 +180,7 @@ func (s *Server) Register(g *grpc.Server) {
 	clusterservice.RegisterClusterDiscoveryServiceServer(g, s.xds)
 	endpointservice.RegisterEndpointDiscoveryServiceServer(g, s.xds)
 	secretservice.RegisterSecretDiscoveryServiceServer(g, s.xds)
+	healthv3.RegisterHealthDiscoveryServiceServer(g, healthService{s: s})
 }
 
 // Kick asks for a rebuild (coalesced with pending ones).
@@ -257,6 +266,17 @@ func (s *Server) nodeFrom(caller spiffeid.ID, cn *corev3.Node) (Node, error) {
 		if len(n.Ports) == 0 || len(n.Ports) > 64 {
 			return Node{}, status.Errorf(codes.InvalidArgument, "node serving %q needs 1 to 64 %s", v, MetaPorts)
 		}
+		for k, v := range md[MetaAppPorts].GetStructValue().GetFields() {
+			mp, err := strconv.Atoi(k)
+			ap := int(v.GetNumberValue())
+			if err != nil || !slices.Contains(n.Ports, mp) || ap < 1 || ap > 65535 || float64(ap) != v.GetNumberValue() {
+				return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: %q: %v: want one of %s mapped to a port number", MetaAppPorts, k, v.AsInterface(), MetaPorts)
+			}
+			if n.AppPorts == nil {
+				n.AppPorts = map[int]int{}
+			}
+			n.AppPorts[mp] = ap
+		}
 		labels := md[MetaLabels].GetStructValue().GetFields()
 		if len(labels) > 32 {
 			return Node{}, status.Errorf(codes.InvalidArgument, "node metadata %s: more than 32 labels", MetaLabels)
@@ -320,13 +340,14 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 				ns.acked, ns.lastGood = ns.version, ns.current
 			}
 			if ns.node.Service != "" && !ns.healthy && ns.hasInbound {
-				// It has taken its own listeners: it can serve now.
+				// It has taken its own listeners: it can serve now,
+				// unless its data plane reports its app down.
 				ns.healthy = true
-				n := ns.node
+				n, serving := ns.node, !ns.appDown
 				go func() {
 					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 					defer cancel()
-					if err := s.o.Store.SetHealthy(ctx, n.ID, n.SPIFFEID, true); err != nil {
+					if err := s.o.Store.SetHealthy(ctx, n.ID, n.SPIFFEID, serving); err != nil {
 						s.o.Log.Error("xds mark node healthy", "node", n.ID, "error", err)
 					}
 				}()
@@ -453,7 +474,20 @@ func (s *Server) setNode(nodeID string, rs Resources) {
 		s.mu.Unlock()
 		return
 	}
-	snap, err := cachev3.NewSnapshot(version, rs)
+	// Envoy-flavor nodes subscribe by type (wildcard) and writ-proxy
+	// waits for a consistent set of every type: each type gets a version
+	// even with no resources, since the snapshot cache never answers for
+	// a type the snapshot lacks. gRPC clients ask by name and are better
+	// left waiting than told a resource does not exist.
+	full := rs
+	if ns.node.Flavor == FlavorEnvoy {
+		full = make(Resources, len(rs)+5)
+		for _, t := range []resource.Type{resource.ListenerType, resource.RouteType, resource.ClusterType, resource.EndpointType, resource.SecretType} {
+			full[t] = []types.Resource{}
+		}
+		maps.Copy(full, rs)
+	}
+	snap, err := cachev3.NewSnapshot(version, full)
 	if err != nil {
 		s.mu.Unlock()
 		s.o.Log.Error("xds snapshot", "node", nodeID, "error", err)
@@ -502,7 +536,7 @@ func (s *Server) rebuild(ctx context.Context) error {
 	s.mu.Unlock()
 	built := map[string]Resources{}
 	for _, n := range nodes {
-		key := fmt.Sprintf("%s|%s|%s|%s|%v|%v", n.Flavor, n.Namespace, n.Service, n.Address, n.Ports, n.Labels)
+		key := fmt.Sprintf("%s|%s|%s|%s|%v|%v|%v", n.Flavor, n.Namespace, n.Service, n.Address, n.Ports, n.Labels, n.AppPorts)
 		res, ok := built[key]
 		if !ok {
 			if res, err = Build(mesh, n); err != nil {

@@ -18,6 +18,7 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	healthv3 "github.com/envoyproxy/go-control-plane/envoy/service/health/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
@@ -224,6 +225,8 @@ func TestADSRefusesMismatchedClaims(t *testing.T) {
 		{"not a workload", "spiffe://example.org/node/n1", "n3", nil, codes.PermissionDenied},
 		{"other trust domain", "spiffe://evil.org/ns/demo/sa/client", "n4", nil, codes.PermissionDenied},
 		{"service without ports", "spiffe://example.org/ns/demo/sa/greeter", "n5", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1"}, codes.InvalidArgument},
+		{"app port for a port not served", "spiffe://example.org/ns/demo/sa/greeter", "n6", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1", MetaPorts: []any{float64(15006)}, MetaAppPorts: map[string]any{"15007": float64(8080)}}, codes.InvalidArgument},
+		{"app port out of range", "spiffe://example.org/ns/demo/sa/greeter", "n7", map[string]any{MetaService: "greeter", MetaAddress: "127.0.0.1", MetaPorts: []any{float64(15006)}, MetaAppPorts: map[string]any{"15006": float64(70000)}}, codes.InvalidArgument},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -390,5 +393,104 @@ func TestDeltaADS(t *testing.T) {
 	r2 := recv()
 	if len(r2.Resources) != 1 || r2.Resources[0].Version == r1.Resources[0].Version {
 		t.Fatalf("delta update: %v", r2.Resources)
+	}
+}
+
+// TestDataPlaneHealthReports: a serving node's data plane reports its
+// app's health over HDS; its endpoint is healthy in the registry only
+// while it has ACKed its own listeners and reports its app healthy, and
+// nobody else may report for it.
+func TestDataPlaneHealthReports(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	const id = "spiffe://example.org/ns/demo/sa/greeter"
+	srv := e.dial(t, id, "greeter-1", map[string]any{MetaNamespace: "demo", MetaService: "greeter", MetaAddress: "10.0.0.9", MetaPorts: []any{float64(15006)}})
+	if err := srv.request(resource.ListenerType, nil, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	healthy := func() bool {
+		eps, err := e.store.Endpoints(ctx)
+		if err != nil || len(eps) != 1 {
+			t.Fatalf("endpoints: %v, %v", eps, err)
+		}
+		return eps[0].Healthy
+	}
+	// Until the mesh is loaded the snapshot may be empty: take responses
+	// (without ACKing, to keep the node not yet serving) until one holds
+	// the inbound listener.
+	r := srv.recv(t)
+	for len(r.Resources) == 0 {
+		if err := srv.request(resource.ListenerType, nil, "", r.Nonce, ""); err != nil {
+			t.Fatal(err)
+		}
+		r = srv.recv(t)
+	}
+	hds := func(cc *grpc.ClientConn) healthv3.HealthDiscoveryService_StreamHealthCheckClient {
+		st, err := healthv3.NewHealthDiscoveryServiceClient(cc).StreamHealthCheck(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(&healthv3.HealthCheckRequestOrEndpointHealthResponse{RequestType: &healthv3.HealthCheckRequestOrEndpointHealthResponse_HealthCheckRequest{
+			HealthCheckRequest: &healthv3.HealthCheckRequest{Node: &corev3.Node{Id: "greeter-1"}}}}); err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	report := func(st healthv3.HealthDiscoveryService_StreamHealthCheckClient, hs corev3.HealthStatus) {
+		if err := st.Send(&healthv3.HealthCheckRequestOrEndpointHealthResponse{RequestType: &healthv3.HealthCheckRequestOrEndpointHealthResponse_EndpointHealthResponse{
+			EndpointHealthResponse: &healthv3.EndpointHealthResponse{EndpointsHealth: []*healthv3.EndpointHealth{{HealthStatus: hs}}}}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Reported down before it ACKs: the ACK does not make it healthy.
+	st := hds(srv.cc)
+	if _, err := st.Recv(); err != nil {
+		t.Fatalf("specifier: %v", err)
+	}
+	report(st, corev3.HealthStatus_UNHEALTHY)
+	waitFor(t, func() bool {
+		e.srv.mu.Lock()
+		defer e.srv.mu.Unlock()
+		return e.srv.nodes["greeter-1"].appDown
+	})
+	// ACK until the node has ACKed the version in force (registering
+	// may have rebuilt it meanwhile).
+	acked := func() bool {
+		e.srv.mu.Lock()
+		defer e.srv.mu.Unlock()
+		return e.srv.nodes["greeter-1"].healthy
+	}
+	for i := 0; !acked(); i++ {
+		if i > 5 {
+			t.Fatal("the node never ACKed its listeners")
+		}
+		if err := srv.request(resource.ListenerType, nil, r.VersionInfo, r.Nonce, ""); err != nil {
+			t.Fatal(err)
+		}
+		e.srv.mu.Lock()
+		current := e.srv.nodes["greeter-1"].version
+		e.srv.mu.Unlock()
+		if current == r.VersionInfo {
+			waitFor(t, acked)
+			break
+		}
+		r = srv.recv(t)
+	}
+	if healthy() {
+		t.Fatal("healthy while its data plane reports the app down")
+	}
+	report(st, corev3.HealthStatus_HEALTHY)
+	waitFor(t, healthy)
+	report(st, corev3.HealthStatus_UNHEALTHY)
+	waitFor(t, func() bool { return !healthy() })
+
+	// Another identity may not report for the node.
+	other := e.dial(t, "spiffe://example.org/ns/demo/sa/mallory", "mallory-1", nil)
+	ost := hds(other.cc)
+	if _, err := ost.Recv(); grpcstatus.Code(err) != codes.PermissionDenied {
+		t.Fatalf("report for another's node: %v", err)
 	}
 }

@@ -28,6 +28,7 @@ var ErrNotFound = errors.New("not found")
 type Store struct {
 	pool  *pgxpool.Pool
 	clock clockwork.Clock
+	stale time.Duration
 }
 
 // NewStore returns a Store on pool; clock stamps changes (nil: real time).
@@ -35,7 +36,7 @@ func NewStore(pool *pgxpool.Pool, clock clockwork.Clock) *Store {
 	if clock == nil {
 		clock = clockwork.NewRealClock()
 	}
-	return &Store{pool: pool, clock: clock}
+	return &Store{pool: pool, clock: clock, stale: Stale}
 }
 
 // Change is what one apply, delete or rollback did (or, in a dry run,

@@ -178,6 +178,19 @@ func TestRegistryGrace(t *testing.T) {
 	if n, err := s.Reap(ctx); err != nil || n != 1 {
 		t.Fatalf("reap stale: %d, %v", n, err)
 	}
+	// The staleness is configurable (writd's mesh.registry_stale).
+	s.SetStale(10 * time.Second)
+	if err := s.Register(ctx, "r1", other); err != nil {
+		t.Fatal(err)
+	}
+	clock.Advance(9 * time.Second)
+	if eps, _ := s.Endpoints(ctx); len(eps) != 1 {
+		t.Fatalf("inside a 10s staleness: %d endpoints", len(eps))
+	}
+	clock.Advance(2 * time.Second)
+	if n, err := s.Reap(ctx); err != nil || n != 1 {
+		t.Fatalf("reap after a 10s staleness: %d, %v", n, err)
+	}
 }
 
 func TestLineDiff(t *testing.T) {

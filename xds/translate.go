@@ -96,7 +96,11 @@ type Node struct {
 	Labels    map[string]string
 	Address   string
 	Ports     []int
-	Flavor    Flavor
+	// AppPorts maps a mesh port to the port the local application listens
+	// on (loopback) when they differ, as for a sidecar sharing the host's
+	// network with its app; absent ports forward to the same port.
+	AppPorts map[int]int
+	Flavor   Flavor
 }
 
 // Mesh is the input of a translation: the configuration, the registry and
@@ -237,7 +241,7 @@ func Build(m *Mesh, n Node) (Resources, error) {
 			}
 			if n.Flavor == FlavorEnvoy {
 				for _, port := range n.Ports {
-					add(resource.ClusterType, localCluster(port))
+					add(resource.ClusterType, localCluster(port, n.AppPorts[port]))
 				}
 			}
 		}
@@ -887,15 +891,19 @@ func rootSecret(m *Mesh) *tlsv3.Secret {
 }
 
 // localCluster is Envoy's route from an inbound listener to the local
-// application on the same port of the loopback interface.
-func localCluster(port int) *clusterv3.Cluster {
+// application on the loopback interface: on appPort, or the same port
+// when that is zero.
+func localCluster(port, appPort int) *clusterv3.Cluster {
 	name := fmt.Sprintf("inbound|%d", port)
+	if appPort == 0 {
+		appPort = port
+	}
 	return &clusterv3.Cluster{
 		Name:                 name,
 		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
 		ConnectTimeout:       durationpb.New(time.Second),
 		LoadAssignment: &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{{
-			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: sockAddr("127.0.0.1", port)}}}},
+			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: sockAddr("127.0.0.1", appPort)}}}},
 		}}},
 	}
 }

@@ -52,6 +52,8 @@ func TestBuildGolden(t *testing.T) {
 	greeterV2 := Endpoint{NodeID: "g2", Service: "greeter", Namespace: "demo", Labels: map[string]string{"version": "v2"}, Address: "10.0.0.2", Ports: []int{40000}}
 	client := Node{ID: "client", SPIFFEID: "spiffe://example.org/ns/demo/sa/client", Namespace: "demo"}
 	server := Node{ID: "g1", SPIFFEID: "spiffe://example.org/ns/demo/sa/greeter", Namespace: "demo", Service: "greeter", Labels: map[string]string{"version": "v1"}, Address: "10.0.0.1", Ports: []int{50051}}
+	// A sidecar sharing the host with its app: mesh port 15006, app on 8080.
+	sidecar := Node{ID: "g1", SPIFFEID: "spiffe://example.org/ns/demo/sa/greeter", Namespace: "demo", Service: "greeter", Labels: map[string]string{"version": "v1"}, Address: "127.0.0.1", Ports: []int{15006}, AppPorts: map[int]int{15006: 8080}}
 	tests := []struct {
 		name, file string
 		node       Node
@@ -68,6 +70,7 @@ func TestBuildGolden(t *testing.T) {
 		{"noauthz-grpc-server", "split.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"authz-mixed-grpc-server", "authz-mixed.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"tcp-envoy", "tcp.yaml", client, FlavorEnvoy, nil},
+		{"sidecar-envoy-server", "split.yaml", sidecar, FlavorEnvoy, []Endpoint{greeterV1, greeterV2}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -41,15 +41,22 @@ process), renews them at half life, and serves the SPIFFE Workload API on
 a unix socket. Workloads are identified by their unix peer credentials
 (uid, gid, binary path), not by file permissions.
 
-With --inbound, --upstream, --http-proxy or --proxy-config it also proxies:
-the inbound mesh port terminates mTLS with the workload's SVID and decides
-every request with the Rego policies of --policy-dir (none: deny all);
-upstream ports carry the app's plaintext to peer sidecars over mTLS HTTP/2.
-Configuration is static (flags and YAML) until writd's xDS drives it.
+With --xds-server it also proxies, configured by writd over ADS: it
+registers the workload (--inbound, --app, --version/--labels), takes the
+listeners, routes, clusters and endpoints writd sends, ACKs what it
+applies, NACKs with the reason what it cannot, and keeps the last good
+configuration while writd is unreachable. The inbound mesh port
+terminates mTLS with the workload's SVID and decides every request with
+the Rego policies of --policy-dir (none: deny all); --http-proxy and
+--upstream ports carry the app's plaintext to peer sidecars over mTLS
+HTTP/2. --proxy-config (static YAML) is for tests without writd.
 
 Usage:
   WRIT_JOIN_TOKEN=... writ-proxy --control-plane writd.example:8443 \
-    --trust-domain example.org --trust-bundle /etc/writ/bundle.json
+    --trust-domain example.org --trust-bundle /etc/writ/bundle.json \
+    --xds-server writd.example:8443 --inbound 10.0.0.5:15006 \
+    --app 127.0.0.1:8080 --version v1 --http-proxy 127.0.0.1:15001 \
+    --policy-dir /etc/writ/policies
 
 Flags:
 `

@@ -59,6 +59,24 @@ func TestHelpAndBadFlags(t *testing.T) {
 		{"missing bundle file", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", "/nonexistent", "--trust-domain", "example.org"}, 1, "", "trust bundle"},
 		{"bad workload api address", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "--workload-api", "tcp://1.2.3.4:5"}, 1, "", "unix:///absolute/path.sock"},
 	}
+	// The ADS path's flags are checked before anything starts.
+	base := func(extra ...string) []string {
+		return append([]string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org",
+			"--workload-api", "unix://" + filepath.Join(t.TempDir(), "a.sock"), "--admin-addr", "127.0.0.1:0", "--xds-server", "x:1"}, extra...)
+	}
+	tests = append(tests, []struct {
+		name       string
+		args       []string
+		wantCode   int
+		wantStdout string
+		wantStderr string
+	}{
+		{"xds with static config", base("--proxy-config", "/p.yaml"), 2, "", "--proxy-config and --xds-server exclude each other"},
+		{"xds inbound without app", base("--inbound", "127.0.0.1:15006"), 2, "", "--inbound and --app go together"},
+		{"xds bad server id", base("--xds-server-id", "writd"), 2, "", "--xds-server-id"},
+		{"xds bad labels", base("--labels", "version"), 2, "", "--labels"},
+		{"xds bad upstream", base("--upstream", "orders"), 2, "", "--upstream"},
+	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stdout, stderr lockedBuffer

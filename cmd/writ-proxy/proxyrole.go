@@ -9,10 +9,12 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -23,6 +25,7 @@ import (
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/policy"
 	"github.com/writmesh/writ/proxy"
+	"github.com/writmesh/writ/proxy/xdsclient"
 )
 
 // proxyOptions are the flags of the proxy role. The role runs when any
@@ -40,6 +43,16 @@ type proxyOptions struct {
 	accessLog    string
 	drainTimeout time.Duration
 	otlpEndpoint string
+
+	// ADS: writd configures the proxy.
+	xdsServer     string
+	xdsServerID   string
+	nodeID        string
+	namespace     string
+	labels        string
+	version       string
+	outboundPorts bool
+	appCheck      time.Duration
 }
 
 type multiFlag []string
@@ -48,13 +61,21 @@ func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 func (o *proxyOptions) register(fs *flag.FlagSet) {
-	fs.StringVar(&o.configFile, "proxy-config", "", "static proxy configuration (YAML: inbound, outbound, routes, clusters); writd's xDS will replace it")
-	fs.StringVar(&o.inbound, "inbound", "", "mesh port terminating mTLS for the local app, host:port")
-	fs.StringVar(&o.app, "app", "", "the local application's host:port (with --inbound)")
-	fs.StringVar(&o.appProtocol, "app-protocol", "http1", "how HTTP reaches the app: http1 or h2c (gRPC always uses h2c)")
-	fs.StringVar(&o.service, "service", "", "the local service's name, given to policy (with --inbound)")
-	fs.Var(&o.upstreams, "upstream", "NAME=HOST:PORT: a local plaintext port for cluster NAME (repeatable; clusters come from --proxy-config)")
-	fs.StringVar(&o.httpProxy, "http-proxy", "", "HTTP proxy port, host:port: apps set HTTP_PROXY and call http://CLUSTER/...")
+	fs.StringVar(&o.xdsServer, "xds-server", "", "writd's gRPC address, host:port: the proxy is configured over ADS (the production path)")
+	fs.StringVar(&o.xdsServerID, "xds-server-id", "", "SPIFFE ID writd must present on --xds-server (default spiffe://TRUST_DOMAIN/writ/control-plane)")
+	fs.StringVar(&o.nodeID, "node-id", "", "xDS node id, unique per workload instance (default SERVICE.NAMESPACE~HOST~ADDRESS)")
+	fs.StringVar(&o.namespace, "namespace", "", "the workload's namespace, sent to writd (default: the SVID's)")
+	fs.StringVar(&o.labels, "labels", "", "workload labels sent to writd, k=v,k2=v2 (subsets select by them)")
+	fs.StringVar(&o.version, "version", "", "shorthand for the label version=VERSION")
+	fs.DurationVar(&o.appCheck, "app-check-interval", 5*time.Second, "with --xds-server and --inbound, how often the app is probed (TCP); writd takes the workload out of its peers' endpoints while the app is down (0: no checks)")
+	fs.BoolVar(&o.outboundPorts, "outbound-ports", false, "with --xds-server, also bind writd's per-port outbound listeners on 127.0.0.1:PORT, as Envoy does")
+	fs.StringVar(&o.configFile, "proxy-config", "", "static proxy configuration (YAML: inbound, outbound, routes, clusters), for tests without writd; not with --xds-server")
+	fs.StringVar(&o.inbound, "inbound", "", "mesh port terminating mTLS for the local app, host:port (with --xds-server, the address peers reach it at, registered with writd)")
+	fs.StringVar(&o.app, "app", "", "the local application's host:port (with --inbound; with --xds-server on 127.0.0.1)")
+	fs.StringVar(&o.appProtocol, "app-protocol", "http1", "how HTTP reaches the app: http1 or h2c (gRPC always uses h2c; static configuration only)")
+	fs.StringVar(&o.service, "service", "", "the local service's name, given to policy (with --inbound; with --xds-server, default the SVID's service account)")
+	fs.Var(&o.upstreams, "upstream", "NAME=HOST:PORT: a local plaintext port for cluster NAME, or with --xds-server for the service NAME (repeatable)")
+	fs.StringVar(&o.httpProxy, "http-proxy", "", "HTTP proxy port, host:port: apps set HTTP_PROXY and call http://SERVICE/...")
 	fs.StringVar(&o.policyDir, "policy-dir", "", "Rego policy directory deciding inbound requests; without it every inbound request is denied")
 	fs.StringVar(&o.spiffeID, "spiffe-id", "", "the SVID the proxy uses when the Workload API serves several (default: the first)")
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
@@ -82,11 +103,16 @@ func (o *proxyOptions) tracing() (url, service string, err error) {
 }
 
 func (o *proxyOptions) enabled() bool {
-	return o.configFile != "" || o.inbound != "" || len(o.upstreams) > 0 || o.httpProxy != ""
+	return o.xdsServer != "" || o.configFile != "" || o.inbound != "" || len(o.upstreams) > 0 || o.httpProxy != ""
 }
 
-// config assembles the static configuration from the file and the flags.
+// config assembles the static configuration from the file and the flags;
+// with --xds-server it only checks the flags, and writd configures the
+// proxy.
 func (o *proxyOptions) config() (*proxy.Config, error) {
+	if o.xdsServer != "" {
+		return nil, o.checkXDS()
+	}
 	cfg := &proxy.Config{}
 	if o.configFile != "" {
 		c, err := proxy.LoadConfig(o.configFile)
@@ -117,6 +143,55 @@ func (o *proxyOptions) config() (*proxy.Config, error) {
 	return cfg, nil
 }
 
+// checkXDS checks the flags of the ADS path before anything starts.
+func (o *proxyOptions) checkXDS() error {
+	if o.configFile != "" {
+		return errors.New("--proxy-config and --xds-server exclude each other: writd configures the proxy")
+	}
+	if (o.inbound == "") != (o.app == "") {
+		return errors.New("--inbound and --app go together")
+	}
+	if o.xdsServerID != "" {
+		if _, err := spiffeid.FromString(o.xdsServerID); err != nil {
+			return fmt.Errorf("--xds-server-id: %w", err)
+		}
+	}
+	if _, err := o.upstreamList(); err != nil {
+		return err
+	}
+	_, err := o.labelMap()
+	return err
+}
+
+func (o *proxyOptions) upstreamList() ([]xdsclient.Upstream, error) {
+	var out []xdsclient.Upstream
+	for _, u := range o.upstreams {
+		name, addr, ok := strings.Cut(u, "=")
+		if !ok || name == "" || addr == "" {
+			return nil, fmt.Errorf("--upstream %q: want NAME=HOST:PORT", u)
+		}
+		out = append(out, xdsclient.Upstream{Name: name, Address: addr})
+	}
+	return out, nil
+}
+
+func (o *proxyOptions) labelMap() (map[string]string, error) {
+	m := map[string]string{}
+	if o.labels != "" {
+		for _, kv := range strings.Split(o.labels, ",") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok || k == "" {
+				return nil, fmt.Errorf("--labels %q: want k=v,k2=v2", o.labels)
+			}
+			m[k] = v
+		}
+	}
+	if o.version != "" {
+		m["version"] = o.version
+	}
+	return m, nil
+}
+
 // proxyRole is the data plane inside writ-proxy. It waits for the node
 // agent to serve the workload's SVID over the Workload API, then serves
 // until ctx ends and drains.
@@ -131,11 +206,24 @@ type proxyRole struct {
 	admin    atomic.Pointer[http.Handler]
 	enforcer *enforcer.Enforcer
 	engine   *policy.Engine
+	xds      atomic.Pointer[xdsclient.Client]
 }
 
 // ServeHTTP serves the proxy's admin paths (/metrics, /config_dump,
 // /debug/pprof/) once it runs; before that, only its metrics.
 func (r *proxyRole) ServeHTTP(w http.ResponseWriter, req *http.Request) {
+	if c := r.xds.Load(); c != nil && req.URL.Path == "/config_dump" && req.Method == http.MethodGet {
+		// Over ADS: writd's resources in force, the client's state (the
+		// last NACK's reason) and what the proxy made of them.
+		b, err := c.Dump()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(b)
+		return
+	}
 	if h := r.admin.Load(); h != nil {
 		(*h).ServeHTTP(w, req)
 		return
@@ -197,6 +285,13 @@ func (r *proxyRole) RunPolicy(ctx context.Context) error {
 func (r *proxyRole) Ready() error {
 	p := r.running.Load()
 	if p == nil {
+		if c := r.xds.Load(); c != nil {
+			msg := "proxy not started: no configuration from writd yet"
+			if st := c.Status(); st.LastError != "" {
+				msg += " (" + st.LastError + ")"
+			}
+			return errors.New(msg)
+		}
 		return errors.New("proxy not started: waiting for an SVID from the agent")
 	}
 	return p.Ready()
@@ -244,8 +339,12 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	p, err := proxy.New(r.cfg, proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
-		OTLPTracesURL: traces, ServiceName: service})
+	popts := proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
+		OTLPTracesURL: traces, ServiceName: service}
+	if r.o.xdsServer != "" {
+		return r.runXDS(ctx, src, popts)
+	}
+	p, err := proxy.New(r.cfg, popts)
 	if err != nil {
 		return err
 	}
@@ -255,4 +354,131 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	svid, _ := src.GetX509SVID()
 	r.log.Info("proxy serving", "spiffe_id", svid.ID.String())
 	return p.Run(ctx)
+}
+
+// runXDS is the production path: writd configures the proxy over ADS.
+// The proxy starts with the first configuration writd sends, takes every
+// later one with Update, and keeps the one in force while writd is
+// unreachable.
+func (r *proxyRole) runXDS(ctx context.Context, src proxy.Source, popts proxy.Options) error {
+	svid, err := src.GetX509SVID()
+	if err != nil {
+		return fmt.Errorf("svid: %w", err)
+	}
+	node, local, serverID, err := r.o.xdsNode(svid.ID)
+	if err != nil {
+		return err
+	}
+	started := make(chan *proxy.Proxy, 1)
+	apply := func(cfg *proxy.Config) error {
+		if p := r.running.Load(); p != nil {
+			return p.Update(cfg)
+		}
+		p, err := proxy.New(cfg, popts)
+		if err != nil {
+			return err
+		}
+		h := p.AdminHandler(nil)
+		r.admin.Store(&h)
+		r.running.Store(p)
+		started <- p
+		return nil
+	}
+	var check xdsclient.AppCheck
+	if r.o.inbound != "" {
+		check.Interval = r.o.appCheck
+	}
+	c, err := xdsclient.New(xdsclient.Options{Server: r.o.xdsServer, ServerID: serverID, Source: src, Node: node, Local: local,
+		Apply: apply, AppCheck: check, Log: r.log.With("component", "xds"), Metrics: r.reg})
+	if err != nil {
+		return err
+	}
+	r.xds.Store(c)
+	r.log.Info("proxy waiting for its configuration from writd", "xds_server", r.o.xdsServer, "xds_server_id", serverID.String(), "node_id", node.GetId(), "spiffe_id", svid.ID.String())
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cdone := make(chan error, 1)
+	go func() { cdone <- c.Run(cctx) }()
+	var p *proxy.Proxy
+	select {
+	case p = <-started:
+	case <-ctx.Done():
+		cancel()
+		<-cdone
+		if p := r.running.Load(); p != nil {
+			p.Close()
+		}
+		return nil
+	}
+	r.log.Info("proxy serving", "spiffe_id", svid.ID.String(), "version", c.Status().Version)
+	err = p.Run(ctx)
+	cancel()
+	<-cdone
+	return err
+}
+
+// xdsNode is what writ-proxy tells writd about itself, from the flags
+// and its SVID (spiffe://TD/ns/NAMESPACE/sa/SERVICE).
+func (o *proxyOptions) xdsNode(id spiffeid.ID) (*corev3.Node, xdsclient.Local, spiffeid.ID, error) {
+	var local xdsclient.Local
+	segs := strings.Split(strings.TrimPrefix(id.Path(), "/"), "/")
+	if len(segs) != 4 || segs[0] != "ns" || segs[2] != "sa" {
+		return nil, local, spiffeid.ID{}, fmt.Errorf("svid %s is not a workload identity (spiffe://TD/ns/NS/sa/SA): writd configures workloads only", id)
+	}
+	ns, sa := segs[1], segs[3]
+	if o.namespace != "" && o.namespace != ns {
+		return nil, local, spiffeid.ID{}, fmt.Errorf("--namespace %q: the SVID %s is in namespace %q", o.namespace, id, ns)
+	}
+	service := ""
+	if o.inbound != "" {
+		service = o.service
+		if service == "" {
+			service = sa
+		}
+		if service != sa {
+			return nil, local, spiffeid.ID{}, fmt.Errorf("--service %q: the SVID %s may only serve %q", service, id, sa)
+		}
+	}
+	labels, err := o.labelMap()
+	if err != nil {
+		return nil, local, spiffeid.ID{}, err
+	}
+	ups, err := o.upstreamList()
+	if err != nil {
+		return nil, local, spiffeid.ID{}, err
+	}
+	nodeID := o.nodeID
+	if nodeID == "" {
+		host, _ := os.Hostname()
+		where := o.inbound
+		if where == "" {
+			where = o.httpProxy
+		}
+		if where == "" && len(ups) > 0 {
+			where = ups[0].Address
+		}
+		if where == "" {
+			where = strconv.Itoa(os.Getpid())
+		}
+		name := service
+		if name == "" {
+			name = sa
+		}
+		nodeID = fmt.Sprintf("%s.%s~%s~%s", name, ns, host, where)
+	}
+	node, err := xdsclient.Node(xdsclient.NodeOptions{ID: nodeID, Namespace: ns, Service: service, Inbound: o.inbound, App: o.app, Labels: labels})
+	if err != nil {
+		return nil, local, spiffeid.ID{}, err
+	}
+	serverID := spiffeid.RequireFromPath(id.TrustDomain(), "/writ/control-plane")
+	if o.xdsServerID != "" {
+		if serverID, err = spiffeid.FromString(o.xdsServerID); err != nil {
+			return nil, local, spiffeid.ID{}, fmt.Errorf("--xds-server-id: %w", err)
+		}
+	}
+	local = xdsclient.Local{Service: service, OutboundPorts: o.outboundPorts, HTTPProxy: o.httpProxy, Upstreams: ups}
+	if local.Service == "" {
+		local.Service = sa
+	}
+	return node, local, serverID, nil
 }

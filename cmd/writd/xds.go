@@ -15,6 +15,7 @@ func init() { components = append(components, setupXDS) }
 // routes to the admin API.
 func setupXDS(ctx context.Context, d *deps) error {
 	store := xds.NewStore(d.pool, nil)
+	store.SetStale(d.cfg.Mesh.RegistryStale.D())
 	srv := xds.NewServer(ctx, xds.ServerOptions{
 		Store:       store,
 		Pool:        d.pool,
@@ -27,6 +28,8 @@ func setupXDS(ctx context.Context, d *deps) error {
 			return b.X509Authorities(), nil
 		},
 		Replica: d.cfg.ReplicaID,
+		Grace:   d.cfg.Mesh.RegistryGrace.D(),
+		Resync:  d.cfg.Mesh.Resync.D(),
 		Log:     d.log.With("component", "xds"),
 		Metrics: d.metrics,
 	})
