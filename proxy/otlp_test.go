@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/writmesh/writ/enforcer/regotest"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
@@ -140,5 +141,31 @@ func TestOTLPTraceAcrossTwoHops(t *testing.T) {
 		if _, err := OTLPTracesURL("", bad); err == nil {
 			t.Errorf("OTLPTracesURL accepted %q", bad)
 		}
+	}
+}
+
+// TestOTLPExporterSameRegistry: a proxy that fails to start (here: its
+// port is taken) leaves the registry usable for the next attempt (the xDS
+// client's next configuration), OTLP counter included.
+func TestOTLPExporterSameRegistry(t *testing.T) {
+	ca := newTestCA(t)
+	reg := prometheus.NewRegistry()
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	const url = "http://127.0.0.1:4318/v1/traces"
+	bad := &Config{Inbound: []Inbound{{Name: "mesh", Address: taken.Addr().String(), Service: "s", App: "127.0.0.1:1"}}}
+	if _, err := New(bad, Options{Source: ca.source(t, "/ns/demo/sa/client"), Registry: reg, OTLPTracesURL: url}); err == nil {
+		t.Fatal("a proxy on a taken port started")
+	}
+	p, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), Registry: reg, OTLPTracesURL: url})
+	if err != nil {
+		t.Fatalf("second attempt on the same registry: %v", err)
+	}
+	p.Close()
+	if _, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "collector:4318"}); err == nil {
+		t.Fatal("an OTLP URL without a scheme was accepted")
 	}
 }
