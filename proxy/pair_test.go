@@ -213,9 +213,23 @@ func TestPairAllowDenyAndXFCC(t *testing.T) {
 	}
 	dec.mu.Lock()
 	defer dec.mu.Unlock()
-	// Sidecars talk HTTP/2 to each other whatever the app speaks.
-	if len(dec.got) != 1 || dec.got[0].Result != enforcer.ResultAllow || dec.got[0].Source != "spiffe://example.org/ns/demo/sa/client" || dec.got[0].Protocol != "HTTP/2.0" {
+	// Sidecars keep the app's protocol: HTTP/1.1 in, HTTP/1.1 between
+	// them; h2c in, HTTP/2 between them.
+	if len(dec.got) != 1 || dec.got[0].Result != enforcer.ResultAllow || dec.got[0].Source != "spiffe://example.org/ns/demo/sa/client" || dec.got[0].Protocol != "HTTP/1.1" {
 		t.Fatalf("decisions: %+v", dec.got)
+	}
+	dec.mu.Unlock()
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	resp, err = (&http.Client{Transport: h2c}).Get("http://" + p.upstream + "/h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	<-seen
+	dec.mu.Lock()
+	if resp.StatusCode != 200 || len(dec.got) != 2 || dec.got[1].Protocol != "HTTP/2.0" {
+		t.Fatalf("h2c from the app: %d, decisions %+v", resp.StatusCode, dec.got)
 	}
 }
 
