@@ -180,7 +180,7 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 
 // transportFor keeps the request's protocol on the hop between sidecars.
 func (c *cluster) transportFor(r *http.Request) http.RoundTripper {
-	if r.ProtoMajor == 2 {
+	if r.ProtoMajor == 2 || c.cfg.HTTP2 {
 		return c.transport
 	}
 	return c.h1
