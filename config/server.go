@@ -76,7 +76,9 @@ type Mesh struct {
 }
 
 // Policy configures the bundle service: the directory is served at
-// GET /bundles/{bundle_name} on the HTTP listener.
+// GET /bundles/{bundle_name} over mTLS on listen.decision, to callers the
+// admin policy lets read it, and on the plain HTTP listener only with
+// plain_http.
 type Policy struct {
 	// Dir is the policy directory (Rego modules, JSON/YAML data, optional
 	// .manifest); it is re-read when its files change.
@@ -85,6 +87,10 @@ type Policy struct {
 	BundleName string `yaml:"bundle_name"`
 	// PollInterval is how often Dir is checked for changes; default 2s.
 	PollInterval Duration `yaml:"poll_interval"`
+	// PlainHTTP also serves the bundle, to anyone, on the plain HTTP
+	// listener: for trusted networks, or signed bundles, or clients that
+	// cannot present an SVID.
+	PlainHTTP bool `yaml:"plain_http"`
 }
 
 // Listen holds writd's network listeners.
@@ -437,6 +443,9 @@ func (s *Server) Validate() []*FieldError {
 		}
 		if p.PollInterval.D() < 100*time.Millisecond {
 			bad("policy.poll_interval", "must be at least 100ms")
+		}
+		if !p.PlainHTTP && s.Listen.Decision == "" {
+			bad("policy", "the bundle is served over mTLS on listen.decision: set listen.decision, or plain_http: true to serve it unauthenticated")
 		}
 	}
 	if s.Listen.Decision != "" {

@@ -28,7 +28,7 @@ func TestParseServerDefaults(t *testing.T) {
 	if m := s.Mesh; m.RegistryGrace.D() != 30*time.Second || m.RegistryStale.D() != 90*time.Second || m.Resync.D() != time.Minute {
 		t.Errorf("mesh defaults %+v, want grace 30s, stale 90s, resync 1m", m)
 	}
-	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n"), noenv)
+	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n  plain_http: true\n"), noenv)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,6 +95,7 @@ func TestParseServerErrors(t *testing.T) {
 		{"policy without dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  bundle_name: mesh\n", "writ.yaml:3: policy.dir: required"},
 		{"policy relative dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: policies\n", "writ.yaml:4: policy.dir: must be an absolute path"},
 		{"policy bad bundle name", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle_name: a/b\n", "writ.yaml:5: policy.bundle_name"},
+		{"policy without a listener", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n", "writ.yaml:3: policy: the bundle is served over mTLS on listen.decision"},
 		{"policy unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle: x\n", "writ.yaml:5: policy.bundle: field bundle not found"},
 		{"decision api without policies", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\n", "decision.policy_dir: required with listen.decision"},
 		{"decision api without admin policy", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n", "decision.admin_policy_dir: required"},

@@ -45,10 +45,10 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		}
 	}
 	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
-		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, Headers: r.Headers(headers)}
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers)}
 	if d.DryRun != nil {
 		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
-			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees}
+			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees, MatchedRules: d.DryRun.MatchedRules}
 	}
 	status := d.HTTPStatus
 	if status == 0 && d.Result == ResultAllow {
@@ -71,22 +71,24 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 // request path a decode and re-encode; TestRequestAttributesAreCanonical
 // holds them to audit.CanonicalJSON.
 type requestAttrs struct {
-	Cached    bool           `json:"cached,omitempty"`
-	DryRun    *dryRunAttrs   `json:"dry_run,omitempty"`
-	GRPC      bool           `json:"grpc,omitempty"`
-	Headers   map[string]any `json:"headers,omitempty"`
-	Host      string         `json:"host,omitempty"`
-	LatencyUS int64          `json:"latency_us"`
-	Protocol  string         `json:"protocol"`
-	RawPath   string         `json:"raw_path"`
+	Cached       bool           `json:"cached,omitempty"`
+	DryRun       *dryRunAttrs   `json:"dry_run,omitempty"`
+	GRPC         bool           `json:"grpc,omitempty"`
+	Headers      map[string]any `json:"headers,omitempty"`
+	Host         string         `json:"host,omitempty"`
+	LatencyUS    int64          `json:"latency_us"`
+	MatchedRules []string       `json:"matched_rules,omitempty"`
+	Protocol     string         `json:"protocol"`
+	RawPath      string         `json:"raw_path"`
 }
 
 type dryRunAttrs struct {
-	Disagrees      bool   `json:"disagrees"`
-	HTTPStatus     int    `json:"http_status"`
-	PolicyRevision string `json:"policy_revision"`
-	Reason         string `json:"reason"`
-	Result         string `json:"result"`
+	Disagrees      bool     `json:"disagrees"`
+	HTTPStatus     int      `json:"http_status"`
+	MatchedRules   []string `json:"matched_rules,omitempty"`
+	PolicyRevision string   `json:"policy_revision"`
+	Reason         string   `json:"reason"`
+	Result         string   `json:"result"`
 }
 
 // PolicyReloadEvent is the audit event (kind policy_change) of a policy

@@ -24,8 +24,11 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 				Path: s, RawPath: s, Protocol: s, Host: s, GRPC: i%2 == 0, Cached: i%3 == 0, Result: ResultDeny, HTTPStatus: 403,
 				Reason: s, Cause: CausePolicy, Latency: time.Duration(i) * 1234567 * time.Nanosecond,
 				Headers: map[string]string{"user-agent": s, "X-Odd": s + "!", "authorization": "secret", "x-request-id": odd[(i+1)%len(odd)]}}
+			if i%2 == 1 {
+				d.MatchedRules = []string{"data.envoy.authz.allow", s}
+			}
 			if dry {
-				d.DryRun = &DryRun{Result: ResultAllow, HTTPStatus: 200, Reason: s, PolicyRevision: s, Disagrees: true}
+				d.DryRun = &DryRun{Result: ResultAllow, HTTPStatus: 200, Reason: s, PolicyRevision: s, Disagrees: true, MatchedRules: []string{s}}
 			}
 			ev, err := DecisionEvent(d, red, d.Headers)
 			if err != nil {

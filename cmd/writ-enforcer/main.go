@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -33,6 +34,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
@@ -103,6 +105,7 @@ type options struct {
 	allowIDs      listFlag
 	policyDir     string
 	bundleURL     string
+	bundleServer  string
 	bundleFile    string
 	bundlePoll    time.Duration
 	pollInterval  time.Duration
@@ -110,6 +113,7 @@ type options struct {
 	decisionLog   string
 	checkTimeout  time.Duration
 	maxBodyBytes  int
+	protoDescs    string
 	cacheSize     int
 	logLevel      string
 	allowNetwork  bool
@@ -131,7 +135,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "trust domain whose workloads may call (default: the enforcer's own)")
 	fs.Var(&o.allowIDs, "allow-spiffe-id", "a SPIFFE ID allowed to call; repeat for more; replaces the trust-domain rule")
 	fs.StringVar(&o.policyDir, "policy-dir", "", "policy directory, hot-reloaded")
-	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. https://writd:8443/bundles/mesh (mTLS with the enforcer's SVID) or http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleServer, "bundle-server-id", "", "SPIFFE ID the https bundle server must present (default: spiffe://TRUST-DOMAIN/writ/control-plane, writd's)")
 	fs.StringVar(&o.bundleFile, "bundle-file", "", "OPA bundle file (.tar.gz), hot-reloaded")
 	fs.DurationVar(&o.bundlePoll, "bundle-poll", 10*time.Second, "how often --bundle-url is polled")
 	fs.DurationVar(&o.pollInterval, "poll-interval", policy.DefaultPollInterval, "how often --policy-dir or --bundle-file is checked for changes")
@@ -140,6 +145,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	o.audit.RegisterFlags(fs)
 	fs.DurationVar(&o.checkTimeout, "check-timeout", enforcer.DefaultCheckTimeout, "deadline of one check, whatever the client asks")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body")
+	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body; Envoy must send bodies with pack_as_bytes")
 	fs.IntVar(&o.cacheSize, "cache-size", 0, "decision cache entries (0: default, negative: off)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.allowNetwork, "allow-network-builtins", false, "let policies call http.send and net.lookup_ip_addr (turns the cache off)")
@@ -189,6 +195,27 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 		return nil, 2
 	}
 	return &o, -1
+}
+
+// bundleTLS is the mTLS client configuration for an https bundle URL: the
+// enforcer's SVID, and the server must present the bundle server's SPIFFE
+// ID. Plain http URLs get none.
+func (o *options) bundleTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) (*tls.Config, error) {
+	u, err := url.Parse(o.bundleURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--bundle-url %q: want an http or https URL", o.bundleURL)
+	}
+	if u.Scheme == "http" {
+		return nil, nil
+	}
+	want, err := spiffeid.FromSegments(td, "writ", "control-plane")
+	if o.bundleServer != "" {
+		want, err = spiffeid.FromString(o.bundleServer)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--bundle-server-id: %w", err)
+	}
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(want), clock), nil
 }
 
 // tuneGC relaxes the garbage collector: a check allocates its input and
@@ -348,7 +375,11 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			return fmt.Errorf("bundle cache dir: %w", err)
 		}
 		defer os.RemoveAll(dir)
-		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, clock, log.With("component", "bundle"))
+		tlsCfg, err := o.bundleTLS(src, svid.ID.TrustDomain(), clock)
+		if err != nil {
+			return err
+		}
+		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, tlsCfg, clock, log.With("component", "bundle"))
 		if err := fetcher.first(ctx); err != nil {
 			return err
 		}
@@ -359,9 +390,16 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return fmt.Errorf("load policy: %w", err)
 	}
 
+	var protos *protoregistry.Files
+	if o.protoDescs != "" {
+		if protos, err = enforcer.LoadProtoDescriptors(o.protoDescs); err != nil {
+			return err
+		}
+	}
+
 	enf, err := enforcer.New(enforcer.Options{
-		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, Metrics: metrics, Clock: clock,
-		Logger: log.With("component", "enforcer"),
+		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, ProtoDescriptors: protos,
+		Metrics: metrics, Clock: clock, Logger: log.With("component", "enforcer"),
 	})
 	if err != nil {
 		return err

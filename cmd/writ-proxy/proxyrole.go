@@ -44,6 +44,7 @@ type proxyOptions struct {
 	accessLog    string
 	drainTimeout time.Duration
 	audit        audit.RecorderOptions
+	otlpEndpoint string
 
 	// ADS: writd configures the proxy.
 	xdsServer     string
@@ -82,6 +83,26 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
 	o.audit.RegisterFlags(fs) // --audit-collector defaults to --control-plane
+	fs.StringVar(&o.otlpEndpoint, "otlp-endpoint", "", "OTLP/HTTP traces URL receiving a span per request, e.g. http://collector:4318/v1/traces (default: from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces; none: no export)")
+}
+
+// tracing resolves where spans go, as OpenTelemetry's SDKs read their
+// environment, and the service.name they carry (OTEL_SERVICE_NAME, else
+// --service, else writ-proxy).
+func (o *proxyOptions) tracing() (url, service string, err error) {
+	if o.otlpEndpoint != "" {
+		url, err = proxy.OTLPTracesURL("", o.otlpEndpoint)
+	} else {
+		url, err = proxy.OTLPTracesURL(os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT"), os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+	}
+	if err != nil {
+		return "", "", err
+	}
+	service = os.Getenv("OTEL_SERVICE_NAME")
+	if service == "" {
+		service = o.service
+	}
+	return url, service, nil
 }
 
 func (o *proxyOptions) enabled() bool {
@@ -223,6 +244,9 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 	if err != nil {
 		return nil, err
 	}
+	if _, _, err := o.tracing(); err != nil {
+		return nil, err
+	}
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
 	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.audit.Enabled() {
@@ -345,7 +369,12 @@ func (r *proxyRole) Run(ctx context.Context) error {
 		defer f.Close()
 		alog = f
 	}
-	popts := proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log}
+	traces, service, err := r.o.tracing()
+	if err != nil {
+		return err
+	}
+	popts := proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
+		OTLPTracesURL: traces, ServiceName: service}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)
 	}

@@ -25,6 +25,8 @@ func init() { components = append(components, setupDecision) }
 // when set: TLS with the control-plane SVID, client certificates optional
 // so that callers with a JWT-SVID bearer token can connect. The decision
 // and admin policies reload from their directories on change.
+// It runs after setupBundles (files register in name order) and serves the
+// bundle service, if any, behind the admin policy.
 func setupDecision(ctx context.Context, d *deps) error {
 	addr := d.cfg.Listen.Decision
 	if addr == "" {
@@ -53,7 +55,7 @@ func setupDecision(ctx context.Context, d *deps) error {
 		X509Bundles: bundles, JWTBundles: bundles,
 		Audience: c.JWTAudiences, BaseURL: c.BaseURL,
 		MaxBodyBytes: c.MaxBodyBytes, MaxEvaluations: c.MaxEvaluations, EvalTimeout: c.EvalTimeout.D(),
-		Metrics: d.metrics, Logger: log,
+		Metrics: d.metrics, Logger: log, Bundles: d.bundles,
 	})
 	if err != nil {
 		return err

@@ -135,6 +135,9 @@ type deps struct {
 	// decision-API answers) under auditSource, and collects the shippers'.
 	audit       *collector.Collector
 	auditSource string
+	// bundles is the policy bundle service, served over mTLS by the
+	// decision API when both are configured.
+	bundles http.Handler
 }
 
 // components are optional parts of writd, each in its own file, which
