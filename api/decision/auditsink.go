@@ -73,6 +73,9 @@ func RecordEvent(r Record) (audit.Event, error) {
 	if r.InputDigest != "" {
 		attrs["input_digest"] = r.InputDigest
 	}
+	if len(r.MatchedRules) > 0 {
+		attrs["matched_rules"] = r.MatchedRules
+	}
 	if err := ev.SetAttributes(attrs); err != nil {
 		return audit.Event{}, err
 	}
