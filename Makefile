@@ -8,7 +8,7 @@ PKGS := ./...
 TEST_PG_DIR ?= $(CURDIR)/.tmp/testpg
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 
-.PHONY: all build test test-short lint vet fmt demo bench bench-authz bench-xds proto clean
+.PHONY: all build test test-short lint vet fmt demo bench bench-proxy bench-authz bench-xds proto clean
 
 all: build
 
@@ -39,9 +39,17 @@ fmt:
 demo: build
 	scripts/demo.sh
 
-# Benchmarks: in-process figures for the CA, and the proxy pair beside a
+# The whole-system benchmark: fortio against the app directly, a
+# writ-proxy pair (mTLS, authz, audit), nginx pairs (mTLS, with and without
+# auth_request to a stock OPA) and an HAProxy pair, at 1,000 rps and at
+# saturation (docs/proxy.md). Installs nginx-light/haproxy/fortio/OPA when
+# missing. WRIT_BENCH_DUR (10s), WRIT_BENCH_ONLY=writ,nginx to narrow it.
+bench: build
+	WRIT_BIN_DIR=$(BIN) scripts/bench.sh
+
+# In-process benchmarks: figures for the CA, and the proxy pair beside a
 # direct connection (compare ns/op and allocs/op line by line).
-bench:
+bench-proxy:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2s ./authority/...
 	$(GO) test -run '^$$' -bench 'Direct|ProxyPair' -benchmem -benchtime 5000x ./proxy/
 
@@ -70,6 +78,7 @@ clean:
 .PHONY: bench-audit
 bench-audit:
 	$(GO) test -run '^$$' -bench SpoolAppend -benchtime 2000x ./audit/
+	$(GO) test -run '^$$' -bench AuditSinkRecord -benchmem ./enforcer/
 	$(GO) test -run '^$$' -bench CheckAudited -benchtime 1000x ./test/
 	$(GO) test -run '^$$' -bench 'Ingest|Insert' -benchtime 100000x ./audit/collector/
 

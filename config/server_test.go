@@ -28,7 +28,7 @@ func TestParseServerDefaults(t *testing.T) {
 	if m := s.Mesh; m.RegistryGrace.D() != 30*time.Second || m.RegistryStale.D() != 90*time.Second || m.Resync.D() != time.Minute {
 		t.Errorf("mesh defaults %+v, want grace 30s, stale 90s, resync 1m", m)
 	}
-	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n"), noenv)
+	s, err = ParseServer("writ.yaml", []byte("trust_domain: example.org\ndatabase_url: postgres://localhost/writ\npolicy:\n  dir: /etc/writ/policies\n  plain_http: true\n"), noenv)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,6 +95,7 @@ func TestParseServerErrors(t *testing.T) {
 		{"policy without dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  bundle_name: mesh\n", "writ.yaml:3: policy.dir: required"},
 		{"policy relative dir", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: policies\n", "writ.yaml:4: policy.dir: must be an absolute path"},
 		{"policy bad bundle name", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle_name: a/b\n", "writ.yaml:5: policy.bundle_name"},
+		{"policy without a listener", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n", "writ.yaml:3: policy: the bundle is served over mTLS on listen.decision"},
 		{"policy unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\npolicy:\n  dir: /p\n  bundle: x\n", "writ.yaml:5: policy.bundle: field bundle not found"},
 		{"decision api without policies", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\n", "decision.policy_dir: required with listen.decision"},
 		{"decision api without admin policy", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n", "decision.admin_policy_dir: required"},
@@ -105,6 +106,11 @@ func TestParseServerErrors(t *testing.T) {
 		{"decision api huge body", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  max_body_bytes: 1000000000\n", "decision.max_body_bytes"},
 		{"decision api timeout", "trust_domain: example.org\ndatabase_url: postgres://x/y\nlisten:\n  decision: 127.0.0.1:8443\ndecision:\n  policy_dir: /p\n  admin_policy_dir: /a\n  eval_timeout: 2h\n", "decision.eval_timeout"},
 		{"decision api unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\ndecision:\n  policy: /p\n", "decision.policy: field policy not found"},
+		{"audit retention under the minimum", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention_days: 30\n", "writ.yaml:4: audit.retention_days: 30 is shorter than min_retention_days (90)"},
+		{"audit retention under a raised minimum", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  min_retention_days: 400\n", "audit.retention_days: 365 is shorter than min_retention_days (400)"},
+		{"audit bad durability", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  durability: write\n", "writ.yaml:4: audit.durability: \"write\": want fsync-grouped or fsync-per-event"},
+		{"audit fast retention job", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention_interval: 1s\n", "audit.retention_interval: must be at least 1m"},
+		{"audit unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\naudit:\n  retention: 30\n", "audit.retention: field retention not found"},
 		{"registry stale within grace", "trust_domain: example.org\ndatabase_url: postgres://x/y\nmesh:\n  registry_grace: 2m\n", "mesh.registry_stale: 1m30s must exceed registry_grace (2m0s)"},
 		{"mesh unknown key", "trust_domain: example.org\ndatabase_url: postgres://x/y\nmesh:\n  grace: 2m\n", "mesh.grace: field grace not found"},
 		{"upstream incomplete", "trust_domain: example.org\ndatabase_url: postgres://x/y\nca:\n  upstream:\n    step_ca:\n      url: http://ca\n", "ca.upstream.step_ca.url: must be an https:// URL"},

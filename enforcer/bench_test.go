@@ -121,6 +121,7 @@ func BenchmarkCheck(b *testing.B) {
 				allowed := 0
 				b.ReportAllocs()
 				b.ResetTimer()
+				stopCPU := reportCPU(b)
 				for i := 0; i < b.N; i++ {
 					req := reqs[i%len(reqs)]
 					if ids == "high" {
@@ -136,6 +137,7 @@ func BenchmarkCheck(b *testing.B) {
 					}
 				}
 				b.StopTimer()
+				stopCPU()
 				if b.N >= 100 && (allowed == 0 || allowed == b.N) {
 					b.Fatalf("%d of %d allowed: the benchmark does not exercise the policy", allowed, b.N)
 				}

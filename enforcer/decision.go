@@ -33,9 +33,9 @@ func mapDecision(v any) (outcome, error) {
 	switch d := v.(type) {
 	case bool:
 		if d {
-			return allowOutcome(nil, nil, nil, nil), nil
+			return plainAllow, nil
 		}
-		return denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil), nil
+		return plainDeny, nil
 	case map[string]any:
 		return mapObject(d)
 	default:
@@ -100,6 +100,14 @@ func mapObject(d map[string]any) (outcome, error) {
 	}
 	return denyOutcome(status, code.Code_PERMISSION_DENIED, headers, body, meta), nil
 }
+
+// plainAllow and plainDeny answer boolean decisions, the common case,
+// without building a response each time: responses are read-only for
+// every caller (gRPC marshals them, writ-proxy reads them).
+var (
+	plainAllow = allowOutcome(nil, nil, nil, nil)
+	plainDeny  = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
+)
 
 func allowOutcome(headers, toAdd []*corev3.HeaderValueOption, toRemove []string, meta *structpb.Struct) outcome {
 	return outcome{allowed: true, status: http.StatusOK, resp: &authv3.CheckResponse{

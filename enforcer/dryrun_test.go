@@ -3,6 +3,7 @@ package enforcer
 import (
 	"context"
 	"path/filepath"
+	"reflect"
 	"testing"
 
 	"github.com/writmesh/writ/policy"
@@ -47,7 +48,7 @@ func TestDryRunIsRecordedNeverEnforced(t *testing.T) {
 			if dr == nil || dr.Result != tt.candidate || dr.Disagrees != tt.disagrees || dr.PolicyRevision != cand.Revision() {
 				t.Fatalf("dry run %+v, want %s disagrees=%v", dr, tt.candidate, tt.disagrees)
 			}
-			if got := rec.got[len(rec.got)-1].DryRun; got == nil || *got != *dr {
+			if got := rec.got[len(rec.got)-1].DryRun; got == nil || !reflect.DeepEqual(*got, *dr) {
 				t.Fatalf("recorded dry run %+v", got)
 			}
 		})

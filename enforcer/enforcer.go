@@ -23,6 +23,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/writmesh/writ/policy"
 	"google.golang.org/genproto/googleapis/rpc/code"
+	"google.golang.org/protobuf/reflect/protoregistry"
 )
 
 // Result values of a Decision.
@@ -67,10 +68,21 @@ type Decision struct {
 	Cached         bool // the policy answer came from the decision cache
 	Latency        time.Duration
 	TraceID        string // from the W3C traceparent header, if any
+	// Host is the request's host (:authority).
+	Host string
+	// Headers are the request's headers as received (the request's own
+	// map, not a copy). Sinks keep only an allowlisted subset
+	// (audit.Redaction) and never log them whole: they carry credentials.
+	Headers map[string]string
 	// DryRun is the candidate policy's answer, when one is configured and
 	// the request reached policy (nil for a 400). It is recorded, never
 	// enforced.
 	DryRun *DryRun
+	// MatchedRules name the rules of the decision path that produced the
+	// policy's answer, as "FILE:LINE RULE" (policy.Result.Rules): the
+	// allow rule that held, or the default. Empty when no rule answered
+	// or the engine could not tell. Shared: read-only.
+	MatchedRules []string
 }
 
 // DryRun is what a candidate policy would have decided.
@@ -79,6 +91,7 @@ type DryRun struct {
 	HTTPStatus     int
 	Reason         string
 	PolicyRevision string
+	MatchedRules   []string
 	// Disagrees is true when the candidate's result or status differs from
 	// the enforced decision.
 	Disagrees bool
@@ -106,8 +119,12 @@ type Options struct {
 	// run); its answers go into Decision.DryRun and never into responses.
 	Candidate *policy.Engine
 	Sink      Sink
-	// MaxBodyBytes bounds JSON bodies parsed into input.parsed_body.
+	// MaxBodyBytes bounds bodies parsed into input.parsed_body.
 	MaxBodyBytes int
+	// ProtoDescriptors, if set, decode the request messages of gRPC calls
+	// to the services they describe into input.parsed_body (Envoy must
+	// send the body with pack_as_bytes). See LoadProtoDescriptors.
+	ProtoDescriptors *protoregistry.Files
 	// FullInput builds every input field even when the policy cannot read
 	// it. Decisions are the same; it costs time and helps debugging.
 	FullInput bool
@@ -122,12 +139,14 @@ type Enforcer struct {
 	engine    *policy.Engine
 	candidate *policy.Engine
 	sink      Sink
-	maxBody   int
+	body      bodyParser
 	fullInput bool
 	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
-	clock     clockwork.Clock
-	log       *slog.Logger
+	// factsAnswers counts decisions made without an input document.
+	factsAnswers atomic.Uint64
+	clock        clockwork.Clock
+	log          *slog.Logger
 }
 
 // New checks opts and returns an Enforcer. A sink is required: decisions
@@ -148,12 +167,13 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, maxBody: opts.MaxBodyBytes, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
+	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
 // with the reason in the returned Decision, which has been recorded (or its
-// recording failed, which also denies).
+// recording failed, which also denies). The response may be shared with
+// other calls: treat it as read-only.
 func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, Decision) {
 	start := e.clock.Now()
 	d := Decision{Time: start}
@@ -178,17 +198,33 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	// this policy set (and the dry-run candidate) can read.
 	snap := e.engine.Snapshot()
 	d.PolicyRevision = snap.Revision()
+	if h := req.GetAttributes().GetRequest().GetHttp(); h != nil {
+		d.Host, d.Headers = h.GetHost(), h.GetHeaders()
+	}
 	var cand policy.Snapshot
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()
+	}
+	if !e.fullInput && e.candidate == nil && bodyless(req) {
+		// The cache or the residual fast path may know the answer from a
+		// few fields of the request: no input document needed.
+		if f, target, err := factsAndTarget(req); err == nil {
+			if res, ok := snap.EvalFacts(ctx, &requestView{req: req, target: target}); ok {
+				e.recordFacts(d, f)
+				e.factsAnswers.Add(1)
+				v := verdictOf(res, nil)
+				d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
+				d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
+				return v.out
+			}
+		}
 	}
 	n := needAll
 	if !e.fullInput {
 		n = e.needFor(snap, cand)
 	}
-	in, f, err := buildInput(req, e.maxBody, n)
-	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
-	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
+	in, f, err := buildInputWith(req, e.body, n)
+	e.recordFacts(d, f)
 	if err != nil {
 		if errors.Is(err, ErrBadPath) {
 			return e.deny(d, http.StatusBadRequest, code.Code_INVALID_ARGUMENT, CauseBadPath, err.Error())
@@ -197,7 +233,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	}
 	v := judge(ctx, snap, in)
 	d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
-	d.PolicyRevision, d.Cached = v.revision, v.cached
+	d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
 	if e.candidate != nil {
 		c := judge(ctx, cand, in)
 		d.DryRun = &DryRun{
@@ -205,10 +241,16 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 			HTTPStatus:     c.out.status,
 			Reason:         c.reason,
 			PolicyRevision: c.revision,
+			MatchedRules:   c.rules,
 			Disagrees:      c.result != v.result || c.out.status != v.out.status,
 		}
 	}
 	return v.out
+}
+
+func (e *Enforcer) recordFacts(d *Decision, f requestFacts) {
+	d.Source, d.Destination, d.Method = f.source, f.destination, f.method
+	d.Path, d.RawPath, d.Protocol, d.GRPC, d.TraceID = f.path, f.rawPath, f.protocol, f.grpc, f.traceID
 }
 
 // verdict is one policy set's answer to one input.
@@ -216,15 +258,21 @@ type verdict struct {
 	out                             outcome
 	result, reason, revision, cause string
 	cached                          bool
+	rules                           []string
 }
 
 // judge evaluates snap on in and maps the answer; every failure is a deny
 // with its reason.
 func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
-	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny}
+	return verdictOf(res, err)
+}
+
+// verdictOf maps one evaluation's result.
+func verdictOf(res policy.Result, err error) verdict {
+	v := verdict{revision: res.Revision, cached: res.Cached, result: ResultDeny, rules: res.Rules}
 	denied := func(cause, reason string) verdict {
-		v.out = denyOutcome(http.StatusForbidden, code.Code_PERMISSION_DENIED, nil, "", nil)
+		v.out = plainDeny
 		v.cause, v.reason = cause, reason
 		return v
 	}

@@ -214,7 +214,7 @@ func TestShippedPolicies(t *testing.T) {
 		})
 	}
 	t.Run("rego unit tests", func(t *testing.T) {
-		for _, dir := range []string{"mesh", "rbac", "envoy-example", "jwt"} {
+		for _, dir := range []string{"mesh", "rbac", "envoy-example", "jwt", "authzen-todo"} {
 			var out strings.Builder
 			passed, failed, err := policy.RunTests(context.Background(), filepath.Join("..", "policies", dir), &out, false)
 			if err != nil || failed != 0 || passed == 0 {

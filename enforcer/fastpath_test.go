@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/jonboulle/clockwork"
@@ -52,7 +53,8 @@ func TestCachedAndPlainEnforcersAgree(t *testing.T) {
 			for i, req := range reqs {
 				cr, cd := cached.Check(context.Background(), req)
 				pr, pd := plain.Check(context.Background(), req)
-				if !proto.Equal(cr, pr) || cd.Result != pd.Result || cd.Reason != pd.Reason || cd.Cause != pd.Cause {
+				if !proto.Equal(cr, pr) || cd.Result != pd.Result || cd.Reason != pd.Reason || cd.Cause != pd.Cause ||
+					!slices.Equal(cd.MatchedRules, pd.MatchedRules) || cd.Path != pd.Path || cd.Source != pd.Source || cd.TraceID != pd.TraceID {
 					t.Fatalf("request %d: cached %v (%s), plain %v (%s)", i, cr, cd.Reason, pr, pd.Reason)
 				}
 				if cd.Result == ResultAllow {
@@ -65,6 +67,9 @@ func TestCachedAndPlainEnforcersAgree(t *testing.T) {
 			}
 			if r.fast && info.ResidualAnswers < uint64(len(reqs)/4) {
 				t.Fatalf("the fast path answered %d of %d", info.ResidualAnswers, len(reqs))
+			}
+			if facts := cached.factsAnswers.Load(); r.fast && facts < uint64(len(reqs)/4) {
+				t.Fatalf("%d of %d decisions were made without an input document", facts, len(reqs))
 			}
 			if r.fast && (allowed == 0 || allowed == len(reqs)) {
 				t.Fatalf("%d of %d allowed: the requests do not exercise the policy", allowed, len(reqs))

@@ -1,11 +1,9 @@
 package enforcer
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,6 +13,7 @@ import (
 	"github.com/open-policy-agent/opa/v1/util"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/reflect/protoregistry"
 )
 
 // DefaultMaxBodyBytes bounds the request body the enforcer parses into
@@ -59,6 +58,35 @@ func headerValue(h *authv3.AttributeContext_HttpRequest, name string) string {
 // n limits the input to what the policy can read (nil: everything); the
 // protojson fallback always builds everything.
 func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requestFacts, error) {
+	return buildInputWith(req, bodyParser{max: maxBody}, n)
+}
+
+// buildInputWith is buildInput with a body parser that may also decode
+// gRPC messages.
+func buildInputWith(req *authv3.CheckRequest, bp bodyParser, n *need) (ast.Value, requestFacts, error) {
+	f, target, err := factsAndTarget(req)
+	if err != nil {
+		return nil, f, err
+	}
+
+	var base ast.Object
+	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
+		base, err = protojsonValue(req, target)
+		n = needAll
+	}
+	if err != nil {
+		return nil, f, err
+	}
+	if err := addExtras(base, req, target, bp, n); err != nil {
+		return nil, f, err
+	}
+	return base, f, nil
+}
+
+// factsAndTarget reads the facts a decision records and the normalized
+// request target (path and query) that policy sees; an error wrapping
+// ErrBadPath means 400.
+func factsAndTarget(req *authv3.CheckRequest) (requestFacts, string, error) {
 	attrs := req.GetAttributes()
 	h := attrs.GetRequest().GetHttp()
 	f := requestFacts{
@@ -78,7 +106,7 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 	if h != nil || attrs.GetSource() == nil {
 		path, query, err := NormalizePath(h.GetPath())
 		if err != nil {
-			return nil, f, err
+			return f, "", err
 		}
 		f.path = path
 		target = path
@@ -86,20 +114,7 @@ func buildInput(req *authv3.CheckRequest, maxBody int, n *need) (ast.Value, requ
 			target += "?" + query
 		}
 	}
-
-	var base ast.Object
-	var err error
-	if base, err = protoToValue(req, target, n); errors.Is(err, errSlowPath) {
-		base, err = protojsonValue(req, target)
-		n = needAll
-	}
-	if err != nil {
-		return nil, f, err
-	}
-	if err := addExtras(base, req, target, maxBody, n); err != nil {
-		return nil, f, err
-	}
-	return base, f, nil
+	return f, target, nil
 }
 
 // protojsonValue is the reference way to the input: protojson, as
@@ -139,8 +154,8 @@ var versionValue = ast.NewObject(
 // The body is parsed (and a malformed JSON body refused) whether or not the
 // policy reads it, so that what is denied does not depend on the policy's
 // shape.
-func addExtras(in ast.Object, req *authv3.CheckRequest, target string, maxBody int, n *need) error {
-	body, truncated, err := parseBody(req.GetAttributes().GetRequest().GetHttp(), maxBody)
+func addExtras(in ast.Object, req *authv3.CheckRequest, target string, bp bodyParser, n *need) error {
+	body, truncated, err := bp.parse(req.GetAttributes().GetRequest().GetHttp(), target)
 	if err != nil {
 		return err
 	}
@@ -198,47 +213,6 @@ func parsePathAndQuery(target string) (*ast.Array, ast.Object, error) {
 		}
 	}
 	return ast.NewArray(terms...), q, nil
-}
-
-// parseBody parses a JSON body as opa-envoy-plugin does: only for a JSON
-// content type, reporting truncation when content-length says more was
-// sent than Envoy forwarded. Bodies over maxBody are not parsed and are
-// reported as truncated.
-func parseBody(h *authv3.AttributeContext_HttpRequest, maxBody int) (ast.Value, bool, error) {
-	ct := headerValue(h, "content-type")
-	if !strings.Contains(ct, "application/json") {
-		return ast.NullValue, false, nil
-	}
-	body := h.GetBody()
-	if body == "" {
-		return ast.NullValue, false, nil
-	}
-	if cl := headerValue(h, "content-length"); cl != "" {
-		n, err := strconv.ParseInt(cl, 10, 64)
-		if err != nil {
-			return nil, false, fmt.Errorf("content-length %q: %w", cl, err)
-		}
-		if n != -1 && n > int64(len(body)) {
-			return ast.NullValue, true, nil
-		}
-	}
-	if len(body) > maxBody {
-		return ast.NullValue, true, nil
-	}
-	dec := json.NewDecoder(strings.NewReader(body))
-	dec.UseNumber()
-	var v any
-	if err := dec.Decode(&v); err != nil {
-		return nil, false, fmt.Errorf("parse JSON body: %w", err)
-	}
-	if dec.More() {
-		return nil, false, fmt.Errorf("parse JSON body: trailing data")
-	}
-	av, err := ast.InterfaceToValue(v)
-	if err != nil {
-		return nil, false, fmt.Errorf("parse JSON body: %w", err)
-	}
-	return av, false, nil
 }
 
 // writInput is input.writ: the SPIFFE identities of both peers split into
@@ -342,9 +316,15 @@ func traceID(tp string) string {
 // DefaultMaxBodyBytes. An error wrapping ErrBadPath means Check would
 // answer 400 without asking policy.
 func Input(req *authv3.CheckRequest, maxBody int) (ast.Value, error) {
+	return InputWith(req, maxBody, nil)
+}
+
+// InputWith is Input with the descriptors that decode gRPC request
+// messages into input.parsed_body (see Options.ProtoDescriptors).
+func InputWith(req *authv3.CheckRequest, maxBody int, protos *protoregistry.Files) (ast.Value, error) {
 	if maxBody <= 0 {
 		maxBody = DefaultMaxBodyBytes
 	}
-	v, _, err := buildInput(req, maxBody, needAll)
+	v, _, err := buildInputWith(req, bodyParser{max: maxBody, protos: protos}, needAll)
 	return v, err
 }

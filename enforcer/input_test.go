@@ -6,6 +6,7 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/open-policy-agent/opa/v1/ast"
@@ -27,9 +28,14 @@ func inputJSON(t *testing.T, v ast.Value) []byte {
 }
 
 func TestInputGolden(t *testing.T) {
+	protos := testProtos(t)
 	for name, req := range goldenRequests() {
 		t.Run(name, func(t *testing.T) {
-			in, _, err := buildInput(req, DefaultMaxBodyBytes, nil)
+			bp := bodyParser{max: DefaultMaxBodyBytes}
+			if strings.HasSuffix(name, "_descriptors") {
+				bp.protos = protos
+			}
+			in, _, err := buildInputWith(req, bp, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -86,6 +92,8 @@ func TestInputShape(t *testing.T) {
 		{"grpc_mtls", "input.attributes.request.http.rawBody", "AAAAAAIIKg=="},
 		{"grpc_mtls", "input.parsed_path", []any{"shop.orders.v1.Orders", "GetOrder"}},
 		{"grpc_mtls", "input.writ.destination_service", "orders"},
+		{"grpc_mtls", "input.parsed_body", nil},
+		{"http1_form_body", "input.parsed_body", map[string]any{"scope": []any{"a", "b c"}, "user": []any{"ann"}}},
 		{"grpc_mtls", "input.attributes.contextExtensions[\"writ.service\"]", "orders"},
 	}
 	for _, tt := range tests {

@@ -103,6 +103,32 @@ func goldenRequests() map[string]*authv3.CheckRequest {
 				},
 				RawBody: []byte{0, 0, 0, 0, 2, 8, 42},
 			}, map[string]string{ServiceContextKey: "orders"}),
+		// The same call, decoded with descriptors of its service
+		// (TestInputGolden passes them for names ending in _descriptors).
+		"grpc_mtls_descriptors": checkRequest(
+			peer("10.0.0.1", 51242, clientID),
+			peer("10.0.0.2", 9090, serverID),
+			&authv3.AttributeContext_HttpRequest{
+				Id: "1005", Method: "POST", Path: "/shop.orders.v1.Orders/GetOrder", Host: "orders.shop:9090",
+				Scheme: "http", Protocol: "HTTP/2", Size: 7,
+				Headers: map[string]string{
+					":authority": "orders.shop:9090", ":method": "POST", ":path": "/shop.orders.v1.Orders/GetOrder",
+					":scheme": "http", "content-type": "application/grpc", "te": "trailers",
+				},
+				RawBody: []byte{0, 0, 0, 0, 2, 8, 42},
+			}, map[string]string{ServiceContextKey: "orders"}),
+		"http1_form_body": checkRequest(
+			peer("10.0.0.1", 51244, clientID),
+			peer("10.0.0.2", 8080, serverID),
+			&authv3.AttributeContext_HttpRequest{
+				Id: "1006", Method: "POST", Path: "/login", Host: "orders.shop",
+				Scheme: "https", Protocol: "HTTP/1.1", Size: 26,
+				Headers: map[string]string{
+					":authority": "orders.shop", ":method": "POST", ":path": "/login", ":scheme": "https",
+					"content-type": "application/x-www-form-urlencoded", "content-length": "26",
+				},
+				Body: "user=ann&scope=a&scope=b+c",
+			}, nil),
 	}
 }
 

@@ -43,7 +43,8 @@ func NewServer(e *Enforcer, timeout time.Duration) *Server {
 // ServerOptions are the message bounds every ext_authz server should use,
 // to append to the caller's credentials option. Streams are served by a
 // fixed pool of workers: a goroutine per check would grow a fresh stack
-// for every request, which costs more than the policy.
+// for every request, which costs more than the policy. CheckRequests are
+// decoded by Codec.
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxCheckMessageBytes),
@@ -51,6 +52,7 @@ func ServerOptions() []grpc.ServerOption {
 		grpc.MaxConcurrentStreams(1024),
 		grpc.NumStreamWorkers(uint32(max(4, runtime.GOMAXPROCS(0)*4))),
 		grpc.SharedWriteBuffer(true),
+		grpc.ForceServerCodecV2(Codec()),
 	}
 }
 

@@ -131,6 +131,11 @@ type Result struct {
 	Revision string
 	// Cached reports that the value came from the decision cache.
 	Cached bool
+	// Rules name the rules of the decision path that produced the value,
+	// as "FILE:LINE RULE" ("rbac.rego:12 data.envoy.authz.allow", with
+	// "default" before a default rule's path), in evaluation order; empty
+	// when undefined or not known. Shared like Value: read-only.
+	Rules []string
 }
 
 // Info describes the active policy set.
@@ -167,6 +172,8 @@ type compiledSet struct {
 	compiler *ast.Compiler
 	store    storage.Store
 	paths    preparedPaths
+	rules    *ruleIndex
+	path     ast.Ref // the decision path
 }
 
 // Engine evaluates the active policy set and replaces it on reload. Eval is
@@ -350,6 +357,8 @@ func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error)
 		store:    store,
 		paths:    preparedPaths{caps: e.caps, strict: !e.opts.LenientBuiltinErrors},
 	}
+	ix := newRuleIndex(compiler, e.path)
+	set.rules, set.path = &ix, e.path
 	for i, in := range e.opts.SmokeInputs {
 		if _, err := set.eval(ctx, in); err != nil {
 			return nil, fmt.Errorf("smoke test input %d: %w", i, err)
@@ -364,7 +373,7 @@ func (e *Engine) compile(ctx context.Context, src *source) (*compiledSet, error)
 			}
 		}
 		set.cache = newDecisionCache(paths, e.opts.CacheSize)
-		set.fast = newResiduals(compiler, store, e.path, set.an, e.caps, !e.opts.LenientBuiltinErrors, e.opts.CacheSize)
+		set.fast = newResiduals(compiler, store, e.path, set.an, e.caps, !e.opts.LenientBuiltinErrors, e.opts.CacheSize, set.rules)
 	}
 	return set, nil
 }
@@ -472,7 +481,13 @@ func (s *compiledSet) eval(ctx context.Context, input ast.Value) (Result, error)
 	c := topdown.NewCancel()
 	stop := context.AfterFunc(ctx, c.Cancel)
 	defer stop()
-	rs, err := s.query.Eval(ctx, rego.EvalParsedInput(input), rego.EvalExternalCancel(c), rego.EvalMetrics(noMetrics))
+	opts := []rego.EvalOption{rego.EvalParsedInput(input), rego.EvalExternalCancel(c), rego.EvalMetrics(noMetrics)}
+	var tr *matchTracer
+	if s.rules != nil && s.rules.ambiguous {
+		tr = &matchTracer{ix: s.rules}
+		opts = append(opts, rego.EvalQueryTracer(tr))
+	}
+	rs, err := s.query.Eval(ctx, opts...)
 	if err != nil {
 		return res, fmt.Errorf("evaluate policy %s: %w", s.revision, err)
 	}
@@ -485,6 +500,11 @@ func (s *compiledSet) eval(ctx context.Context, input ast.Value) (Result, error)
 		}
 		res.Defined = true
 		res.Value = rs[0].Expressions[0].Value
+		if tr != nil {
+			res.Rules = tr.rules
+		} else if s.rules != nil {
+			res.Rules = s.rules.fromValue(res.Value)
+		}
 		return res, nil
 	default:
 		return res, fmt.Errorf("evaluate policy %s: %d results for a single decision", s.revision, len(rs))
@@ -587,3 +607,6 @@ func defaultSmokeInputs() []ast.Value {
 // noMetrics spares every evaluation the allocation of OPA's metrics, which
 // nothing reads; it is stateless and shared.
 var noMetrics = metrics.NoOp()
+
+// DecisionPath is the reference every decision evaluates.
+func (e *Engine) DecisionPath() ast.Ref { return e.path.Copy() }

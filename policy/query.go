@@ -23,7 +23,13 @@ type preparedPaths struct {
 	caps   *ast.Capabilities
 	strict bool
 	mu     sync.Mutex
-	m      map[string]rego.PreparedEvalQuery
+	m      map[string]preparedPath
+}
+
+// preparedPath is a prepared query of EvalPath and the rules at its path.
+type preparedPath struct {
+	pq    rego.PreparedEvalQuery
+	rules *ruleIndex
 }
 
 // ParseDataPath turns a slash-separated path under data, as OPA's REST data
@@ -76,7 +82,12 @@ func (s Snapshot) EvalPath(ctx context.Context, path ast.Ref, input ast.Value) (
 	if err := ctx.Err(); err != nil {
 		return res, fmt.Errorf("evaluate %s in policy %s: %w", path, set.revision, err)
 	}
-	pq, err := set.prepare(ctx, path)
+	if _, isObj := input.(ast.Object); isObj && path.Equal(set.path) {
+		// The decision itself: the cache and fast path apply, and the
+		// answer names its rules.
+		return s.Eval(ctx, input)
+	}
+	pp, err := set.prepare(ctx, path)
 	if err != nil {
 		return res, err
 	}
@@ -87,7 +98,12 @@ func (s Snapshot) EvalPath(ctx context.Context, path ast.Ref, input ast.Value) (
 	if input != nil {
 		opts = append(opts, rego.EvalParsedInput(input))
 	}
-	rs, err := pq.Eval(ctx, opts...)
+	var tr *matchTracer
+	if pp.rules.ambiguous {
+		tr = &matchTracer{ix: pp.rules}
+		opts = append(opts, rego.EvalQueryTracer(tr))
+	}
+	rs, err := pp.pq.Eval(ctx, opts...)
 	if err != nil {
 		return res, fmt.Errorf("evaluate %s in policy %s: %w", path, set.revision, err)
 	}
@@ -96,22 +112,27 @@ func (s Snapshot) EvalPath(ctx context.Context, path ast.Ref, input ast.Value) (
 		return res, nil
 	case len(rs) == 1 && len(rs[0].Expressions) == 1:
 		res.Defined, res.Value = true, rs[0].Expressions[0].Value
+		if tr != nil {
+			res.Rules = tr.rules
+		} else {
+			res.Rules = pp.rules.fromValue(res.Value)
+		}
 		return res, nil
 	default:
 		return res, fmt.Errorf("evaluate %s in policy %s: %d results", path, set.revision, len(rs))
 	}
 }
 
-func (s *compiledSet) prepare(ctx context.Context, path ast.Ref) (rego.PreparedEvalQuery, error) {
+func (s *compiledSet) prepare(ctx context.Context, path ast.Ref) (preparedPath, error) {
 	key := path.String()
 	p := &s.paths
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if pq, ok := p.m[key]; ok {
-		return pq, nil
+	if pp, ok := p.m[key]; ok {
+		return pp, nil
 	}
 	if s.compiler == nil {
-		return rego.PreparedEvalQuery{}, errors.New("policy set cannot evaluate other paths")
+		return preparedPath{}, errors.New("policy set cannot evaluate other paths")
 	}
 	pq, err := rego.New(
 		rego.ParsedQuery(ast.NewBody(ast.NewExpr(ast.NewTerm(path)))),
@@ -122,13 +143,15 @@ func (s *compiledSet) prepare(ctx context.Context, path ast.Ref) (rego.PreparedE
 		rego.StrictBuiltinErrors(p.strict),
 	).PrepareForEval(ctx)
 	if err != nil {
-		return rego.PreparedEvalQuery{}, fmt.Errorf("prepare %s: %w", path, err)
+		return preparedPath{}, fmt.Errorf("prepare %s: %w", path, err)
 	}
+	ix := newRuleIndex(s.compiler, path)
+	pp := preparedPath{pq: pq, rules: &ix}
 	if p.m == nil {
-		p.m = map[string]rego.PreparedEvalQuery{}
+		p.m = map[string]preparedPath{}
 	}
 	if len(p.m) < maxPreparedPaths {
-		p.m[key] = pq
+		p.m[key] = pp
 	}
-	return pq, nil
+	return pp, nil
 }

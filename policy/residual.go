@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"sync/atomic"
+	"unicode/utf8"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 	"github.com/open-policy-agent/opa/v1/rego"
@@ -42,10 +43,13 @@ type residuals struct {
 	unknownKey [][]*ast.Term // unknown as key terms
 	unknownRef []*ast.Term
 	hasDefault bool
-	compiler   *ast.Compiler
-	store      storage.Store
-	caps       *ast.Capabilities
-	strict     bool
+	rules      *ruleIndex
+	// defaultRules names the default rule, for answers that fell to it.
+	defaultRules []string
+	compiler     *ast.Compiler
+	store        storage.Store
+	caps         *ast.Capabilities
+	strict       bool
 	// cache maps the values of the other input paths to a *residual (or
 	// nil for "no fast path for this combination"), in Result.Value.
 	cache *decisionCache
@@ -67,11 +71,18 @@ const maxResidualMisses = 64
 type residual struct {
 	always bool
 	conj   [][]pred
+	// rules name the decision rule behind always and behind each
+	// conjunction (nil where not known).
+	alwaysRules []string
+	conjRules   [][]string
 }
 
 // pred is one builtin call whose only non-constant operand is an unknown
 // input path.
 type pred struct {
+	// glob, when set, answers a glob.match whose pattern and delimiters
+	// are constant and simple, instead of fn.
+	glob    *simpleGlob
 	fn      topdown.BuiltinFunc
 	args    []*ast.Term // constants, with the unknown's slot left nil
 	slot    int
@@ -80,7 +91,7 @@ type pred struct {
 
 // newResiduals decides whether the set qualifies for the fast path and
 // prepares it; nil when it does not.
-func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an analysis, caps *ast.Capabilities, strict bool, size int) *residuals {
+func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an analysis, caps *ast.Capabilities, strict bool, size int, ix *ruleIndex) *residuals {
 	if !an.deterministic || an.wholeInput || size <= 0 {
 		return nil
 	}
@@ -91,6 +102,7 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 		return nil
 	}
 	hasDefault := false
+	var defaultRules []string
 	for _, r := range rules {
 		if !r.Path().Equal(path) {
 			return nil
@@ -103,6 +115,7 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 				return nil
 			}
 			hasDefault = true
+			defaultRules = ix.one[ix.labels[r]]
 			continue
 		}
 		if !r.Head.Value.Equal(ast.InternedTerm(true)) {
@@ -131,16 +144,18 @@ func newResiduals(compiler *ast.Compiler, store storage.Store, path ast.Ref, an 
 		refs[i] = ast.NewTerm(r)
 	}
 	return &residuals{
-		query:      ast.NewBody(ast.Equality.Expr(ast.NewTerm(path), ast.InternedTerm(true))),
-		unknown:    unknown,
-		unknownKey: pathTerms(unknown),
-		unknownRef: refs,
-		hasDefault: hasDefault,
-		compiler:   compiler,
-		store:      store,
-		caps:       caps,
-		strict:     strict,
-		cache:      newDecisionCache(known, size),
+		query:        ast.NewBody(ast.Equality.Expr(ast.NewTerm(path), ast.InternedTerm(true))),
+		unknown:      unknown,
+		unknownKey:   pathTerms(unknown),
+		unknownRef:   refs,
+		hasDefault:   hasDefault,
+		rules:        ix,
+		defaultRules: defaultRules,
+		compiler:     compiler,
+		store:        store,
+		caps:         caps,
+		strict:       strict,
+		cache:        newDecisionCache(known, size),
 	}
 }
 
@@ -358,15 +373,29 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 	if res == nil {
 		return Result{}, false
 	}
+	return f.answer(ctx, res, vals[:len(f.unknown)], revision)
+}
+
+// answer runs res's predicates on the unknown paths' values.
+func (f *residuals) answer(ctx context.Context, res *residual, vals []*ast.Term, revision string) (Result, bool) {
 	if res.always {
 		f.answered.Add(1)
-		return Result{Defined: true, Value: true, Revision: revision}, true
+		return Result{Defined: true, Value: true, Revision: revision, Rules: res.alwaysRules}, true
 	}
 	bctx := topdown.BuiltinContext{Context: ctx}
 	var ops [8]*ast.Term
-	for _, c := range res.conj {
+	for ci, c := range res.conj {
 		all := true
 		for _, p := range c {
+			if p.glob != nil {
+				if s := string(vals[p.unknown].Value.(ast.String)); utf8.ValidString(s) {
+					if !p.glob.match(s) {
+						all = false
+						break
+					}
+					continue
+				}
+			}
 			args := ops[:len(p.args)]
 			copy(args, p.args)
 			args[p.slot] = vals[p.unknown]
@@ -385,12 +414,12 @@ func (f *residuals) eval(ctx context.Context, input ast.Value, revision string) 
 		}
 		if all {
 			f.answered.Add(1)
-			return Result{Defined: true, Value: true, Revision: revision}, true
+			return Result{Defined: true, Value: true, Revision: revision, Rules: res.conjRules[ci]}, true
 		}
 	}
 	f.answered.Add(1)
 	if f.hasDefault {
-		return Result{Defined: true, Value: false, Revision: revision}, true
+		return Result{Defined: true, Value: false, Revision: revision, Rules: f.defaultRules}, true
 	}
 	return Result{Revision: revision}, true
 }
@@ -414,7 +443,9 @@ func lookup(v ast.Value, p []*ast.Term) *ast.Term {
 // partial evaluates the decision with the unknown paths left open and
 // turns the result into predicates; nil if its shape is not understood.
 func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
+	tr := &partialTracer{ix: f.rules}
 	pq, err := rego.New(
+		rego.QueryTracer(tr),
 		rego.ParsedQuery(f.query),
 		rego.Compiler(f.compiler),
 		rego.Store(f.store),
@@ -431,6 +462,9 @@ func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
 	for _, body := range pq.Queries {
 		if len(body) == 0 {
 			res.always = true
+			if tr.always != "" {
+				res.alwaysRules = f.rules.one[tr.always]
+			}
 			return res
 		}
 		var c []pred
@@ -442,6 +476,11 @@ func (f *residuals) partial(ctx context.Context, input ast.Value) *residual {
 			c = append(c, p)
 		}
 		res.conj = append(res.conj, c)
+		var rules []string
+		if l := f.rules.conjRule(body); l != "" {
+			rules = f.rules.one[l]
+		}
+		res.conjRules = append(res.conjRules, rules)
 	}
 	return res
 }
@@ -483,6 +522,9 @@ func (f *residuals) predicate(expr *ast.Expr) (pred, bool) {
 	}
 	if p.slot < 0 {
 		return pred{}, false
+	}
+	if name == "glob.match" && p.slot == 2 {
+		p.glob = compileSimpleGlob(p.args[0], p.args[1])
 	}
 	return p, true
 }

@@ -18,6 +18,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -240,6 +241,13 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 		if v := od.GetMaxEjectionPercent(); v != nil {
 			c.OutlierDetection.MaxEjectionPercent = int(v.GetValue())
 		}
+	}
+	if po, ok := ec.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {
+		var hpo upstreamhttpv3.HttpProtocolOptions
+		if err := po.UnmarshalTo(&hpo); err != nil {
+			return c, fmt.Errorf("typed_extension_protocol_options: %w", err)
+		}
+		c.HTTP2 = hpo.GetExplicitHttpConfig().GetHttp2ProtocolOptions() != nil
 	}
 	switch hcs := ec.GetHealthChecks(); len(hcs) {
 	case 0:

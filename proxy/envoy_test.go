@@ -13,6 +13,7 @@ import (
 	faultcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/common/fault/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
@@ -127,6 +128,18 @@ func TestFromEnvoy(t *testing.T) {
 	cfg := &Config{Routes: routes, Clusters: clusters}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("translated config does not validate: %v", err)
+	}
+	// Explicit HTTP/2 upstream options (writd's http2 and grpc ports) make
+	// the hop between sidecars HTTP/2 whatever the app speaks.
+	h2 := envoyCluster(t, "orders-grpc")
+	h2.TypedExtensionProtocolOptions = map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": mustAny(t, &upstreamhttpv3.HttpProtocolOptions{
+		UpstreamProtocolOptions: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig{
+			ProtocolConfig: &upstreamhttpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
+		}},
+	})}
+	got, err := ClustersFromEnvoy([]*clusterv3.Cluster{h2}, []*endpointv3.ClusterLoadAssignment{loadAssignment("orders-grpc", "10.0.0.4")})
+	if err != nil || len(got) != 1 || !got[0].HTTP2 || clusters[0].HTTP2 {
+		t.Errorf("HTTP/2 upstream options: %+v, %v (plain cluster HTTP2=%v)", got, err, clusters[0].HTTP2)
 	}
 }
 

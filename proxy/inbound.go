@@ -194,11 +194,11 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	stripIdentityHeaders(r.Header)
-	trace := ensureTrace(r.Header, false)
+	span := startSpan(r.Header)
 	rw := newRecorder(w)
 	defer rw.release()
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
-		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: trace, authz: authzDeny}
+		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
 	resp, d := l.check(r, pi)
 	res.decisionID = d.ID
@@ -367,13 +367,15 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 // appTransport forwards to the local app over pooled connections: HTTP/1.1
 // by default, h2c for gRPC and when the app speaks it.
 type appTransport struct {
-	h1, h2c *http.Transport
-	allH2C  bool
+	h1     *h1Transport
+	h2c    *http.Transport
+	allH2C bool
 }
 
 func newAppTransport(allH2C bool) appTransport {
+	dialer := &net.Dialer{Timeout: defaultConnectTimeout}
 	h1 := &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: defaultConnectTimeout}).DialContext,
+		DialContext:         dialer.DialContext,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     90 * time.Second,
 		DisableCompression:  true,
@@ -385,7 +387,7 @@ func newAppTransport(allH2C bool) appTransport {
 	}
 	h2c.Protocols = new(http.Protocols)
 	h2c.Protocols.SetUnencryptedHTTP2(true)
-	return appTransport{h1: h1, h2c: h2c, allH2C: allH2C}
+	return appTransport{h1: newH1Transport(h1, nil, dialer), h2c: h2c, allH2C: allH2C}
 }
 
 // RoundTrip picks the transport.

@@ -203,7 +203,8 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ns, wl := workloadParts(self)
 	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
-	res.traceID = ensureTrace(r.Header, true)
+	res.span = startSpan(r.Header)
+	res.traceID = res.span.traceID
 	// The app speaks for itself only through its SVID: identity headers
 	// it sets are not forwarded.
 	stripIdentityHeaders(r.Header)
@@ -314,7 +315,7 @@ func (l *outboundListener) mirror(r *http.Request, m *Mirror, timeout time.Durat
 		result := "error"
 		if ep := cl.pick(nil, l.p.clock.Now().UnixNano()); ep != nil {
 			out.URL.Host = ep.addr
-			if resp, err := cl.transport.RoundTrip(out); err == nil {
+			if resp, err := cl.transportFor(out).RoundTrip(out); err == nil {
 				_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
 				resp.Body.Close()
 				result = codeLabel(resp.StatusCode)
@@ -397,7 +398,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			out.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		ep.active.Add(1)
-		resp, err := cl.transport.RoundTrip(out)
+		resp, err := cl.transportFor(out).RoundTrip(out)
 		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
 		// The last try, a finished request, or a retry budget spent.
 		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())

@@ -143,6 +143,12 @@ type pair struct {
 
 func startPair(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler) *pair {
 	t.Helper()
+	return startPairWith(t, ca, clientPath, sink, app, func(*Cluster) {})
+}
+
+// startPairWith is startPair with the client's cluster adjusted by edit.
+func startPairWith(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler, edit func(*Cluster)) *pair {
+	t.Helper()
 	if sink == nil {
 		sink = &decisions{}
 	}
@@ -157,6 +163,7 @@ func startPair(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, 
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink)})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	edit(&cfg.Clusters[0])
 	cfg.AddUpstream("server", "127.0.0.1:0")
 	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
 	return &pair{server: srv, client: cli, upstream: cli.Addr("upstream:server")}
@@ -213,9 +220,52 @@ func TestPairAllowDenyAndXFCC(t *testing.T) {
 	}
 	dec.mu.Lock()
 	defer dec.mu.Unlock()
-	// Sidecars talk HTTP/2 to each other whatever the app speaks.
-	if len(dec.got) != 1 || dec.got[0].Result != enforcer.ResultAllow || dec.got[0].Source != "spiffe://example.org/ns/demo/sa/client" || dec.got[0].Protocol != "HTTP/2.0" {
+	// Sidecars keep the app's protocol: HTTP/1.1 in, HTTP/1.1 between
+	// them; h2c in, HTTP/2 between them.
+	if len(dec.got) != 1 || dec.got[0].Result != enforcer.ResultAllow || dec.got[0].Source != "spiffe://example.org/ns/demo/sa/client" || dec.got[0].Protocol != "HTTP/1.1" {
 		t.Fatalf("decisions: %+v", dec.got)
+	}
+	dec.mu.Unlock()
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	resp, err = (&http.Client{Transport: h2c}).Get("http://" + p.upstream + "/h2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	<-seen
+	dec.mu.Lock()
+	if resp.StatusCode != 200 || len(dec.got) != 2 || dec.got[1].Protocol != "HTTP/2.0" {
+		t.Fatalf("h2c from the app: %d, decisions %+v", resp.StatusCode, dec.got)
+	}
+}
+
+// TestPairHTTP2Cluster: a cluster marked HTTP2 (an http2 or grpc service
+// port) carries an HTTP/1.1 app's requests as HTTP/2 streams between the
+// sidecars, all on one connection.
+func TestPairHTTP2Cluster(t *testing.T) {
+	ca := newTestCA(t)
+	dec := &decisions{}
+	p := startPairWith(t, ca, "/ns/demo/sa/client", dec, echoApp(nil), func(c *Cluster) { c.HTTP2 = true })
+	for i := range 5 {
+		resp, err := http.Get(fmt.Sprintf("http://%s/%d", p.upstream, i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d: %d", i, resp.StatusCode)
+		}
+	}
+	dec.mu.Lock()
+	defer dec.mu.Unlock()
+	if len(dec.got) != 5 {
+		t.Fatalf("decisions: %+v", dec.got)
+	}
+	for _, d := range dec.got {
+		if d.Protocol != "HTTP/2.0" {
+			t.Fatalf("between the sidecars: %s, want HTTP/2.0", d.Protocol)
+		}
 	}
 }
 

@@ -58,6 +58,12 @@ type Options struct {
 	DrainTimeout time.Duration
 	Clock        clockwork.Clock
 	Log          *slog.Logger
+	// OTLPTracesURL, when set, receives a span per HTTP request over
+	// OTLP/HTTP (protobuf), e.g. http://collector:4318/v1/traces; see
+	// OTLPTracesURL for building it from OTEL_EXPORTER_OTLP_* variables.
+	OTLPTracesURL string
+	// ServiceName is the spans' service.name; empty is "writ-proxy".
+	ServiceName string
 }
 
 // Proxy is a running data plane. It is safe for concurrent use.
@@ -68,6 +74,7 @@ type Proxy struct {
 	reg     *prometheus.Registry
 	metrics *metrics
 	alog    *accessLog
+	traces  *traceExporter
 	drain   time.Duration
 	clock   clockwork.Clock
 	log     *slog.Logger
@@ -130,6 +137,18 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		p.Close()
 		m.unregister(opts.Registry)
 		return nil, err
+	}
+	if opts.OTLPTracesURL != "" {
+		u, err := OTLPTracesURL("", opts.OTLPTracesURL)
+		if err != nil {
+			return fail(fmt.Errorf("proxy: %w", err))
+		}
+		if opts.ServiceName == "" {
+			opts.ServiceName = "writ-proxy"
+		}
+		if p.traces, err = newTraceExporter(u, opts.ServiceName, opts.Registry); err != nil {
+			return fail(err)
+		}
 	}
 	st, err := p.compile(cfg, nil)
 	if err != nil {
@@ -280,7 +299,7 @@ func (p *Proxy) Update(cfg *Config) error {
 	}
 	for name, c := range old.clusters {
 		if n, ok := st.clusters[name]; !ok || n.transport != c.transport {
-			c.transport.CloseIdleConnections()
+			c.closeIdle()
 		}
 	}
 	if lateErr != nil {
@@ -358,6 +377,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 	hdone := make(chan struct{})
 	go func() { p.healthCheck(hctx); close(hdone) }()
 	defer func() { hcancel(); <-hdone }()
+	if p.traces != nil {
+		// Spans are sent on their own tick, ended (with a last flush)
+		// after the drain so that drained requests' spans go too.
+		tctx, tcancel := context.WithCancel(context.Background())
+		ttick := p.clock.NewTicker(traceFlush)
+		tdone := make(chan struct{})
+		go func() { p.traces.run(tctx, ttick.Chan()); close(tdone) }()
+		defer func() { ttick.Stop(); tcancel(); <-tdone }()
+	}
 	var err error
 	tick := p.clock.NewTicker(accessLogFlush)
 	defer tick.Stop()
@@ -403,7 +431,7 @@ wait:
 		<-tcpDone
 	}
 	for _, c := range p.state.Load().clusters {
-		c.transport.CloseIdleConnections()
+		c.closeIdle()
 	}
 	p.log.Info("proxy stopped")
 	return err

@@ -33,17 +33,25 @@ type state struct {
 // cluster is a Cluster with its load balancer and its pool of HTTP/2
 // connections to the peer sidecars.
 type cluster struct {
-	cfg       Cluster
-	maxReq    int64
-	maxRetry  int64
-	inflight  atomic.Int64
-	retrying  atomic.Int64
-	ejected   atomic.Int64 // > 0 while some endpoint may be ejected
-	onEject   func()
-	ring      []ringEntry // RING_HASH: sorted by hash
-	eps       []*endpoint
-	rr        atomic.Uint64
-	transport *http.Transport
+	cfg      Cluster
+	maxReq   int64
+	maxRetry int64
+	inflight atomic.Int64
+	retrying atomic.Int64
+	ejected  atomic.Int64 // > 0 while some endpoint may be ejected
+	onEject  func()
+	ring     []ringEntry // RING_HASH: sorted by hash
+	eps      []*endpoint
+	rr       atomic.Uint64
+	// Peer sidecars are reached over mTLS in the protocol the request
+	// came in: HTTP/2 (multiplexed on one connection per endpoint) for
+	// h2 and gRPC, HTTP/1.1 keep-alive for HTTP/1 requests, whose pooled
+	// connections cost less per request in Go's HTTP stacks than HTTP/2
+	// streams (per-stream goroutines, one TLS record per frame, one
+	// connection's read loop for all requests): make bench measured 1.5×
+	// the throughput and 2/3 of the CPU per request.
+	transport *http.Transport // HTTP/2
+	h1        *h1Transport    // HTTP/1.1
 	tcpTLS    *tls.Config
 	dialer    *net.Dialer
 }
@@ -112,7 +120,7 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		}
 		if old != nil {
 			if o, ok := old.clusters[c.Name]; ok && slices.Equal(o.cfg.PeerIDs, c.PeerIDs) && o.cfg.ConnectTimeout == c.ConnectTimeout {
-				cl.transport, cl.tcpTLS, cl.dialer = o.transport, o.tcpTLS, o.dialer
+				cl.transport, cl.h1, cl.tcpTLS, cl.dialer = o.transport, o.h1, o.tcpTLS, o.dialer
 				st.clusters[c.Name] = cl
 				continue
 			}
@@ -152,9 +160,35 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		tr.Protocols = new(http.Protocols)
 		tr.Protocols.SetHTTP2(true)
 		cl.transport = tr
+		h1 := svidtls.ClientConfig(p.src, p.src, authz, p.clock)
+		h1.NextProtos = []string{"http/1.1"}
+		h1tr := &http.Transport{
+			DialContext:         cl.dialer.DialContext,
+			TLSClientConfig:     h1,
+			TLSHandshakeTimeout: handshakeTimeout,
+			MaxIdleConnsPerHost: 256,
+			IdleConnTimeout:     90 * time.Second,
+			DisableCompression:  true,
+		}
+		h1tr.Protocols = new(http.Protocols)
+		h1tr.Protocols.SetHTTP1(true)
+		cl.h1 = newH1Transport(h1tr, h1, cl.dialer)
 		st.clusters[c.Name] = cl
 	}
 	return st, nil
+}
+
+// transportFor keeps the request's protocol on the hop between sidecars.
+func (c *cluster) transportFor(r *http.Request) http.RoundTripper {
+	if r.ProtoMajor == 2 || c.cfg.HTTP2 {
+		return c.transport
+	}
+	return c.h1
+}
+
+func (c *cluster) closeIdle() {
+	c.transport.CloseIdleConnections()
+	c.h1.CloseIdleConnections()
 }
 
 // pick chooses an endpoint in the pool at now, avoiding not (the one that

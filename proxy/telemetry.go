@@ -116,6 +116,7 @@ type reqLog struct {
 	direction, method, path, proto string
 	source, srcNS, srcWL, dest     string
 	authz, decisionID, traceID     string
+	span                           spanCtx
 	status                         int
 	bytes, sent, recv              int64
 	dur                            time.Duration
@@ -140,7 +141,11 @@ func (p *Proxy) observe(r *reqLog) {
 	labels := [...]string{r.direction, r.srcWL, r.srcNS, r.dest, codeLabel(r.status), r.authz}
 	p.metrics.requests.WithLabelValues(labels[:]...).Inc()
 	p.metrics.duration.WithLabelValues(labels[:]...).Observe(r.dur.Seconds())
-	p.alog.write(r, p.clock.Now())
+	now := p.clock.Now()
+	p.alog.write(r, now)
+	if p.traces != nil {
+		p.traces.record(r, now)
+	}
 }
 
 // countTCP counts a connection once it is authorized or refused.
@@ -249,6 +254,24 @@ func jsonField(b []byte, k, v string) []byte {
 		i += size
 	}
 	return append(b, '"')
+}
+
+// spanCtx is one proxy hop's span: W3C trace and span ids in hex, and its
+// parent's span id when the request came with a traceparent.
+type spanCtx struct{ traceID, spanID, parentID string }
+
+// startSpan gives the request a span of this hop: the traceparent it
+// carries onward names the new span, whose parent is the span the request
+// arrived with (the app's outbound, the calling sidecar's inbound).
+func startSpan(h http.Header) spanCtx {
+	var parent string
+	if tp := h.Get(headerTraceparent); len(tp) == 55 {
+		if _, ok := validTraceparent(tp); ok {
+			parent = tp[36:52]
+		}
+	}
+	id := ensureTrace(h, true)
+	return spanCtx{traceID: id, spanID: h.Get(headerTraceparent)[36:52], parentID: parent}
 }
 
 // ensureTrace makes sure the request carries a W3C traceparent and returns

@@ -120,7 +120,7 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 
 	// Servers: both pull the policy from writd's bundle service and run
 	// side by side, measured in alternating rounds.
-	w := startWritd(b, writdOptions{extra: fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n", dir)})
+	w := startWritd(b, writdOptions{extra: fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n  plain_http: true\n", dir)})
 	bundleURL := "http://" + w.http + "/bundles/mesh"
 	wl, src := enforcerEnv(b)
 	p := startEnforcer(b, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--bundle-url", bundleURL,

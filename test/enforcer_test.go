@@ -332,7 +332,7 @@ func TestEnforcerEndToEnd(t *testing.T) {
 // breaks (writd never serves the broken set).
 func TestEnforcerPullsBundleFromWritd(t *testing.T) {
 	dir := meshPolicyDir(t)
-	w := startWritd(t, writdOptions{extra: fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n  poll_interval: 100ms\n", dir)})
+	w := startWritd(t, writdOptions{extra: fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n  poll_interval: 100ms\n  plain_http: true\n", dir)})
 	wl, src := enforcerEnv(t)
 	p := startEnforcer(t, "--workload-api", wl, "--spiffe-id", enforcerID.String(),
 		"--bundle-url", "http://"+w.http+"/bundles/mesh", "--bundle-poll", "100ms")

@@ -89,9 +89,10 @@ func TestPolicyEvalCommand(t *testing.T) {
 		Path       string `json:"path"`
 	}
 	type result struct {
-		Defined  bool `json:"defined"`
-		Result   any  `json:"result"`
-		Enforcer *enf `json:"enforcer"`
+		Defined  bool     `json:"defined"`
+		Result   any      `json:"result"`
+		Rules    []string `json:"matched_rules"`
+		Enforcer *enf     `json:"enforcer"`
 	}
 	tests := []struct {
 		name   string
@@ -119,6 +120,16 @@ func TestPolicyEvalCommand(t *testing.T) {
 			}
 			if (got.Enforcer == nil) != (tt.enf == nil) || (tt.enf != nil && *got.Enforcer != *tt.enf) {
 				t.Errorf("enforcer %+v, want %+v\n%s", got.Enforcer, tt.enf, out)
+			}
+			// The answer names its rule: the allow rule, or the default.
+			if tt.result != nil {
+				want := " data.envoy.authz.allow"
+				if tt.result == false {
+					want = " default data.envoy.authz.allow"
+				}
+				if len(got.Rules) != 1 || !strings.HasSuffix(got.Rules[0], want) || (tt.result == true && strings.Contains(got.Rules[0], "default")) {
+					t.Errorf("matched rules %q, want one ending in %q\n%s", got.Rules, want, out)
+				}
 			}
 		})
 	}

@@ -247,6 +247,7 @@ func (s *Server) evaluate(ctx context.Context, c *call, snap policy.Snapshot, t 
 		}
 		return deny(CausePolicyError, err.Error(), errorContext(http.StatusInternalServerError, "policy evaluation failed"))
 	}
+	rec.MatchedRules = res.Rules
 	if !res.Defined {
 		return deny(CauseUndefined, "the decision is undefined", nil)
 	}
@@ -315,6 +316,9 @@ func (s *Server) metadata(w http.ResponseWriter, r *http.Request) {
 		"policy_decision_point":       base,
 		"access_evaluation_endpoint":  base + "/access/v1/evaluation",
 		"access_evaluations_endpoint": base + "/access/v1/evaluations",
+		"search_subject_endpoint":     base + "/access/v1/search/subject",
+		"search_resource_endpoint":    base + "/access/v1/search/resource",
+		"search_action_endpoint":      base + "/access/v1/search/action",
 	}, false)
 }
 

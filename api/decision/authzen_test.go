@@ -13,28 +13,33 @@ import (
 func TestAuthZENEvaluation(t *testing.T) {
 	e := newEnv(t, envOptions{})
 	c := e.mtls(appID)
+	const (
+		allowRule = "authzen.rego:23 data.writ.authzen.decision"
+		denyRule  = "authzen.rego:28 data.writ.authzen.decision"
+	)
 	tests := []struct {
-		name string
-		body string
-		want string // response body
+		name    string
+		body    string
+		want    string // response body
+		matched string // the rule the audit record names
 	}{
 		{"owner reads", `{"subject": {"type": "user", "id": "alice@example.com"},
 			"resource": {"type": "document", "id": "1"},
 			"action": {"name": "can_read", "properties": {"method": "GET"}},
 			"context": {"time": "2026-11-22T01:22:00-07:00"}}`,
-			`{"decision": true}`},
+			`{"decision": true}`, allowRule},
 		{"reader may not edit: denial carries a reason", `{"subject": {"type": "user", "id": "bob@example.com"},
 			"resource": {"type": "document", "id": "1"}, "action": {"name": "can_edit"}}`,
-			`{"decision": false, "context": {"reason": "subject may not perform this action"}}`},
+			`{"decision": false, "context": {"reason": "subject may not perform this action"}}`, denyRule},
 		{"subject properties are policy input", `{"subject": {"type": "user", "id": "erin@example.com", "properties": {"department": "sales", "ip_address": "172.217.22.14"}},
 			"resource": {"type": "document", "id": "3"}, "action": {"name": "can_read"}}`,
-			`{"decision": true}`},
+			`{"decision": true}`, allowRule},
 		{"unknown resource", `{"subject": {"type": "user", "id": "alice@example.com"},
 			"resource": {"type": "document", "id": "404"}, "action": {"name": "can_read"}}`,
-			`{"decision": false, "context": {"reason": "resource not found"}}`},
+			`{"decision": false, "context": {"reason": "resource not found"}}`, denyRule},
 		{"context is optional", `{"subject": {"type": "user", "id": "carol@example.com"},
 			"resource": {"type": "document", "id": "2"}, "action": {"name": "can_edit"}}`,
-			`{"decision": true}`},
+			`{"decision": true}`, allowRule},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -50,6 +55,10 @@ func TestAuthZENEvaluation(t *testing.T) {
 			}
 			if got := r.header.Get("Content-Type"); got != "application/json" {
 				t.Errorf("Content-Type = %q", got)
+			}
+			recs := e.sink.records()
+			if got := recs[len(recs)-1].MatchedRules; len(got) != 1 || got[0] != tt.matched {
+				t.Errorf("record names rules %q, want %q", got, tt.matched)
 			}
 		})
 	}
@@ -198,7 +207,10 @@ func TestAuthZENMetadata(t *testing.T) {
 	}
 	base := e.url
 	want := `{"policy_decision_point": "` + base + `", "access_evaluation_endpoint": "` + base + `/access/v1/evaluation",
-		"access_evaluations_endpoint": "` + base + `/access/v1/evaluations"}`
+		"access_evaluations_endpoint": "` + base + `/access/v1/evaluations",
+		"search_subject_endpoint": "` + base + `/access/v1/search/subject",
+		"search_resource_endpoint": "` + base + `/access/v1/search/resource",
+		"search_action_endpoint": "` + base + `/access/v1/search/action"}`
 	if got, want := canonical(t, string(r.body)), canonical(t, want); got != want {
 		t.Errorf("got %s, want %s", got, want)
 	}

@@ -160,6 +160,7 @@ func (s *Server) data(c *call) {
 	}
 	resp := dataResponse{DecisionID: rec.ID, Warning: warnMsg}
 	rec.Cause = CausePolicy
+	rec.MatchedRules = res.Rules
 	if res.Defined {
 		rec.Result, rec.Reason = ResultDefined, "document defined"
 		resp.Result = &res.Value

@@ -84,6 +84,7 @@ const (
 const (
 	APIAuthZEN = "authzen"
 	APIData    = "data"
+	APIBundles = "bundles"
 )
 
 // Results of a Record.
@@ -128,7 +129,10 @@ type Record struct {
 	Cause          string // one of the Cause constants
 	Reason         string
 	PolicyRevision string
-	Latency        time.Duration
+	// MatchedRules name the rules that produced the answer ("FILE:LINE
+	// RULE", see policy.Result.Rules), where known.
+	MatchedRules []string
+	Latency      time.Duration
 }
 
 // Sink receives every record before its answer is sent. An error withholds
@@ -176,6 +180,12 @@ type Options struct {
 	MaxBodyBytes   int64
 	MaxEvaluations int
 	EvalTimeout    time.Duration
+	// Bundles, if set, serves OPA bundles at GET /bundles/{name} (writd's
+	// bundle service) to callers the admin policy lets read them (api
+	// "bundles", action "read", path the bundle name). Callers
+	// authenticate as for the other APIs, so a stock OPA pulls with a
+	// client certificate (services[].credentials.client_tls).
+	Bundles http.Handler
 	// Metrics, if set, registers the API's metrics.
 	Metrics prometheus.Registerer
 	Clock   clockwork.Clock
@@ -200,6 +210,7 @@ type Server struct {
 	log           *slog.Logger
 	mux           *http.ServeMux
 	authCache     authCache
+	bundles       http.Handler
 }
 
 var _ http.Handler = (*Server)(nil)
@@ -248,16 +259,32 @@ func New(opts Options) (*Server, error) {
 		x509: opts.X509Bundles, jwt: opts.JWTBundles, audience: opts.Audience,
 		baseURL: base, maxBody: opts.MaxBodyBytes, maxEvals: opts.MaxEvaluations,
 		timeout: opts.EvalTimeout, metrics: m, clock: opts.Clock, log: opts.Logger,
-		mux: http.NewServeMux(),
+		mux: http.NewServeMux(), bundles: opts.Bundles,
 	}
 	s.mux.HandleFunc("POST /access/v1/evaluation", s.serve(APIAuthZEN, s.evaluation))
 	s.mux.HandleFunc("POST /access/v1/evaluations", s.serve(APIAuthZEN, s.evaluations))
+	s.mux.HandleFunc("POST /access/v1/search/subject", s.serve(APIAuthZEN, s.search(searchSubject)))
+	s.mux.HandleFunc("POST /access/v1/search/resource", s.serve(APIAuthZEN, s.search(searchResource)))
+	s.mux.HandleFunc("POST /access/v1/search/action", s.serve(APIAuthZEN, s.search(searchAction)))
 	s.mux.HandleFunc("GET /.well-known/authzen-configuration", s.metadata)
 	s.mux.HandleFunc("POST /v1/data", s.serve(APIData, s.data))
 	s.mux.HandleFunc("POST /v1/data/{path...}", s.serve(APIData, s.data))
 	s.mux.HandleFunc("GET /v1/data", s.serve(APIData, s.data))
 	s.mux.HandleFunc("GET /v1/data/{path...}", s.serve(APIData, s.data))
+	if s.bundles != nil {
+		s.mux.HandleFunc("GET /bundles/{name}", s.serve(APIBundles, s.bundle))
+	}
 	return s, nil
+}
+
+// bundle serves a bundle to a caller the admin policy lets read it.
+func (s *Server) bundle(c *call) {
+	name := c.r.PathValue("name")
+	if !s.authorize(c, "read", name) {
+		return
+	}
+	s.log.Debug("bundle served", "caller", c.caller.ID.String(), "bundle", name)
+	s.bundles.ServeHTTP(c.w, c.r)
 }
 
 // AdminEngineOptions are the policy options of the admin engine for a

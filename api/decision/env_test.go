@@ -41,7 +41,8 @@ const testAudience = "spiffe://example.org/writ/decision-api"
 const testGrants = `{"writ": {"decision_api": {"grants": [
 	{"callers": ["spiffe://example.org/ns/apps/sa/*"], "apis": ["authzen"]},
 	{"callers": ["spiffe://example.org/ns/apps/sa/*"], "apis": ["data"], "paths": ["writ/**"]},
-	{"callers": ["spiffe://example.org/ns/ops/sa/admin"], "apis": ["authzen", "data"], "paths": ["**"]}
+	{"callers": ["spiffe://example.org/ns/ops/sa/admin"], "apis": ["authzen", "data"], "paths": ["**"]},
+	{"callers": ["spiffe://example.org/ns/writ-system/sa/*"], "apis": ["bundles"], "paths": ["mesh"]}
 ]}}}`
 
 // recordingSink keeps records and fails while err is set.
@@ -111,6 +112,10 @@ type envOptions struct {
 	// svidtls serves with svidtls.ServerConfig (client SVID required), as
 	// writ-enforcer may, instead of decision.TLSConfig.
 	svidtls bool
+	// bundles, if set, is the API's bundle service.
+	bundles http.Handler
+	// policyDir replaces testdata/policy as the API's policy.
+	policyDir string
 }
 
 // adminDir is the shipped admin policy with the tests' grants.
@@ -134,7 +139,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 	t.Helper()
 	ctx := context.Background()
 	a := authoritytest.Start(t, authoritytest.Options{})
-	engine, err := policy.NewEngine(ctx, decision.EngineOptions("testdata/policy", ""))
+	engine, err := policy.NewEngine(ctx, decision.EngineOptions(cmp.Or(o.policyDir, "testdata/policy"), ""))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -150,7 +155,7 @@ func newEnv(t testing.TB, o envOptions) *env {
 		Engine: engine, Admin: admin, Sink: cmp.Or[decision.Sink](o.sink, sink),
 		X509Bundles: bundle, JWTBundles: bundle, Audience: []string{testAudience},
 		MaxBodyBytes: o.maxBody, EvalTimeout: o.evalTimeout,
-		Metrics: reg, Clock: a.Clock,
+		Metrics: reg, Clock: a.Clock, Bundles: o.bundles,
 	})
 	if err != nil {
 		t.Fatal(err)

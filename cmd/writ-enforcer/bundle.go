@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -39,10 +40,20 @@ type bundleFetcher struct {
 	etag     string
 }
 
-func newBundleFetcher(url, dir string, interval time.Duration, clock clockwork.Clock, log *slog.Logger) *bundleFetcher {
+// newBundleFetcher polls url. tlsCfg, if set, is the mTLS client
+// configuration of an https URL (the enforcer's SVID, the bundle server's
+// expected SPIFFE ID); plain http URLs need none.
+func newBundleFetcher(url, dir string, interval time.Duration, tlsCfg *tls.Config, clock clockwork.Clock, log *slog.Logger) *bundleFetcher {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil // a bundle server inside the mesh is reached directly
+	tr.TLSClientConfig = tlsCfg
+	tr.MaxResponseHeaderBytes = 64 << 10
 	return &bundleFetcher{
 		url: url, file: filepath.Join(dir, "bundle.tar.gz"), interval: interval, clock: clock, log: log,
-		client: &http.Client{Timeout: fetchTimeout},
+		client: &http.Client{Timeout: fetchTimeout, Transport: tr,
+			// A redirect could take the request off the authenticated
+			// server; bundle servers have no reason to send one.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 	}
 }
 

@@ -56,7 +56,7 @@ func TestBundleFetcher(t *testing.T) {
 	defer srv.Close()
 
 	clock := clockwork.NewFakeClock()
-	f := newBundleFetcher(srv.URL, t.TempDir(), time.Second, clock, slog.New(slog.DiscardHandler))
+	f := newBundleFetcher(srv.URL, t.TempDir(), time.Second, nil, clock, slog.New(slog.DiscardHandler))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	if err := f.first(ctx); err != nil {

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -14,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -32,7 +34,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
+	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
 	taskrun "github.com/writmesh/writ/internal/run"
@@ -101,6 +105,7 @@ type options struct {
 	allowIDs      listFlag
 	policyDir     string
 	bundleURL     string
+	bundleServer  string
 	bundleFile    string
 	bundlePoll    time.Duration
 	pollInterval  time.Duration
@@ -108,6 +113,7 @@ type options struct {
 	decisionLog   string
 	checkTimeout  time.Duration
 	maxBodyBytes  int
+	protoDescs    string
 	cacheSize     int
 	logLevel      string
 	allowNetwork  bool
@@ -115,6 +121,7 @@ type options struct {
 	pprof         bool
 	gcPercent     int
 	memLimitMiB   int64
+	audit         audit.RecorderOptions
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
@@ -128,14 +135,17 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.trustDomain, "trust-domain", "", "trust domain whose workloads may call (default: the enforcer's own)")
 	fs.Var(&o.allowIDs, "allow-spiffe-id", "a SPIFFE ID allowed to call; repeat for more; replaces the trust-domain rule")
 	fs.StringVar(&o.policyDir, "policy-dir", "", "policy directory, hot-reloaded")
-	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleURL, "bundle-url", "", "OPA bundle URL to poll, e.g. https://writd:8443/bundles/mesh (mTLS with the enforcer's SVID) or http://writd:8080/bundles/mesh")
+	fs.StringVar(&o.bundleServer, "bundle-server-id", "", "SPIFFE ID the https bundle server must present (default: spiffe://TRUST-DOMAIN/writ/control-plane, writd's)")
 	fs.StringVar(&o.bundleFile, "bundle-file", "", "OPA bundle file (.tar.gz), hot-reloaded")
 	fs.DurationVar(&o.bundlePoll, "bundle-poll", 10*time.Second, "how often --bundle-url is polled")
 	fs.DurationVar(&o.pollInterval, "poll-interval", policy.DefaultPollInterval, "how often --policy-dir or --bundle-file is checked for changes")
 	fs.StringVar(&o.decisionPath, "decision", policy.DefaultDecisionPath, "the policy rule that decides")
-	fs.StringVar(&o.decisionLog, "decision-log", "-", "file to append decisions to as JSON lines; - for stderr")
+	fs.StringVar(&o.decisionLog, "decision-log", "-", "without --audit-spool-dir: file to append decisions to as JSON lines (not durable audit); - for stderr")
+	o.audit.RegisterFlags(fs)
 	fs.DurationVar(&o.checkTimeout, "check-timeout", enforcer.DefaultCheckTimeout, "deadline of one check, whatever the client asks")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body")
+	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body; Envoy must send bodies with pack_as_bytes")
 	fs.IntVar(&o.cacheSize, "cache-size", 0, "decision cache entries (0: default, negative: off)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.allowNetwork, "allow-network-builtins", false, "let policies call http.send and net.lookup_ip_addr (turns the cache off)")
@@ -176,11 +186,36 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 		fmt.Fprintln(stderr, "writ-enforcer: --gc-percent must be at least 10 and --memory-limit-mib not negative")
 		return nil, 2
 	}
+	if o.audit.Enabled() && o.audit.Collector == "" {
+		fmt.Fprintln(stderr, "writ-enforcer: --audit-spool-dir needs --audit-collector (writd's gRPC address)")
+		return nil, 2
+	}
 	if o.bundlePoll <= 0 || o.pollInterval <= 0 || o.checkTimeout <= 0 {
 		fmt.Fprintln(stderr, "writ-enforcer: --bundle-poll, --poll-interval and --check-timeout must be positive")
 		return nil, 2
 	}
 	return &o, -1
+}
+
+// bundleTLS is the mTLS client configuration for an https bundle URL: the
+// enforcer's SVID, and the server must present the bundle server's SPIFFE
+// ID. Plain http URLs get none.
+func (o *options) bundleTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) (*tls.Config, error) {
+	u, err := url.Parse(o.bundleURL)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("--bundle-url %q: want an http or https URL", o.bundleURL)
+	}
+	if u.Scheme == "http" {
+		return nil, nil
+	}
+	want, err := spiffeid.FromSegments(td, "writ", "control-plane")
+	if o.bundleServer != "" {
+		want, err = spiffeid.FromString(o.bundleServer)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("--bundle-server-id: %w", err)
+	}
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(want), clock), nil
 }
 
 // tuneGC relaxes the garbage collector: a check allocates its input and
@@ -292,6 +327,29 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return err
 	}
 
+	var sink enforcer.Sink
+	var rec *audit.Recorder
+	if o.audit.Enabled() {
+		// Decisions go to the durable spool, shipped to writd's
+		// collector under this enforcer's SVID.
+		rec, err = audit.OpenRecorder(o.audit, audit.RecorderEnv{
+			ID: svid.ID.String(), TLS: collectorTLS(src, svid.ID.TrustDomain(), clock),
+			Clock: clock, Logger: log.With("component", "audit"), Registerer: reg,
+		})
+		if err != nil {
+			return err
+		}
+		defer rec.Close()
+		sink = &enforcer.AuditSink{Spool: rec.Spool, Redaction: rec.Redaction}
+	} else {
+		log.Warn("no --audit-spool-dir: decisions go to the decision log only, which is not the durable audit trail")
+		dl, closeSink, err := openDecisionLog(o.decisionLog, stderr)
+		if err != nil {
+			return err
+		}
+		defer closeSink()
+		sink = dl
+	}
 	// Policy: a bundle URL is fetched once before the engine starts, then
 	// polled.
 	popts := policy.Options{
@@ -303,7 +361,12 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		PollInterval: o.pollInterval,
 		Clock:        clock,
 		Logger:       log.With("component", "policy"),
-		OnReload:     metrics.ObserveReload,
+		OnReload: func(r policy.ReloadEvent) {
+			metrics.ObserveReload(r)
+			if rec != nil {
+				recordReload(rec.Spool, policyName(o), r, log)
+			}
+		},
 	}
 	var fetcher *bundleFetcher
 	if o.bundleURL != "" {
@@ -312,7 +375,11 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			return fmt.Errorf("bundle cache dir: %w", err)
 		}
 		defer os.RemoveAll(dir)
-		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, clock, log.With("component", "bundle"))
+		tlsCfg, err := o.bundleTLS(src, svid.ID.TrustDomain(), clock)
+		if err != nil {
+			return err
+		}
+		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, tlsCfg, clock, log.With("component", "bundle"))
 		if err := fetcher.first(ctx); err != nil {
 			return err
 		}
@@ -323,14 +390,16 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return fmt.Errorf("load policy: %w", err)
 	}
 
-	sink, closeSink, err := openDecisionLog(o.decisionLog, stderr)
-	if err != nil {
-		return err
+	var protos *protoregistry.Files
+	if o.protoDescs != "" {
+		if protos, err = enforcer.LoadProtoDescriptors(o.protoDescs); err != nil {
+			return err
+		}
 	}
-	defer closeSink()
+
 	enf, err := enforcer.New(enforcer.Options{
-		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, Metrics: metrics, Clock: clock,
-		Logger: log.With("component", "enforcer"),
+		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, ProtoDescriptors: protos,
+		Metrics: metrics, Clock: clock, Logger: log.With("component", "enforcer"),
 	})
 	if err != nil {
 		return err
@@ -404,6 +473,9 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			}
 		}},
 	}
+	if rec != nil {
+		tasks = append(tasks, taskrun.Task{Name: "audit shipper", Run: rec.Run})
+	}
 	if fetcher != nil {
 		tasks = append(tasks, taskrun.Task{Name: "bundle poll", Run: func(ctx context.Context) error {
 			return fetcher.run(ctx, engine)
@@ -444,4 +516,34 @@ func adminMux(reg *prometheus.Registry, engine *policy.Engine, src *workloadapi.
 		}
 	})
 	return mux
+}
+
+// collectorTLS presents the enforcer's SVID to writd's gRPC port and
+// accepts only writd's control-plane identity (authority.ControlPlaneID,
+// not imported here: it would pull the CA into the enforcer).
+func collectorTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) *tls.Config {
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(spiffeid.RequireFromPath(td, "/writ/control-plane")), clock)
+}
+
+// policyName names the enforcer's policy source in its audit events.
+func policyName(o *options) string {
+	switch {
+	case o.policyDir != "":
+		return "dir:" + o.policyDir
+	case o.bundleURL != "":
+		return "bundle:" + o.bundleURL
+	}
+	return "bundle-file:" + o.bundleFile
+}
+
+// recordReload appends a policy reload to the audit spool. The reload has
+// happened either way; a refused append is logged at error level.
+func recordReload(sp *audit.Spool, name string, r policy.ReloadEvent, log *slog.Logger) {
+	ev, err := enforcer.PolicyReloadEvent(name, r)
+	if err == nil {
+		err = sp.Append(context.Background(), &ev)
+	}
+	if err != nil {
+		log.Error("audit: policy reload not recorded", "policy", name, "revision", r.Revision, "err", err)
+	}
 }

@@ -221,3 +221,35 @@ func writeBundle(t *testing.T) string {
 	}
 	return path
 }
+
+// TestTracingEndpoint: --otlp-endpoint wins; otherwise OpenTelemetry's
+// environment variables are read as its SDKs read them; a bad URL is
+// refused.
+func TestTracingEndpoint(t *testing.T) {
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+	t.Setenv("OTEL_SERVICE_NAME", "")
+	o := &proxyOptions{service: "orders"}
+	if u, svc, err := o.tracing(); err != nil || u != "http://collector:4318/v1/traces" || svc != "orders" {
+		t.Errorf("base endpoint: %q %q %v", u, svc, err)
+	}
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://traces.example/otlp")
+	t.Setenv("OTEL_SERVICE_NAME", "shop-orders")
+	if u, svc, err := o.tracing(); err != nil || u != "https://traces.example/otlp" || svc != "shop-orders" {
+		t.Errorf("traces endpoint: %q %q %v", u, svc, err)
+	}
+	o.otlpEndpoint = "http://127.0.0.1:4318/v1/traces"
+	if u, _, err := o.tracing(); err != nil || u != o.otlpEndpoint {
+		t.Errorf("flag: %q %v", u, err)
+	}
+	o.otlpEndpoint = "collector:4318"
+	if _, _, err := o.tracing(); err == nil {
+		t.Error("a URL without a scheme was accepted")
+	}
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+	o.otlpEndpoint = ""
+	if u, _, err := o.tracing(); err != nil || u != "" {
+		t.Errorf("nothing configured: %q %v", u, err)
+	}
+}

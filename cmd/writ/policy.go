@@ -169,15 +169,19 @@ func (c *cli) policyEval(ctx context.Context, args []string) error {
 	if res.Defined {
 		out.Result = res.Value
 	}
+	out.MatchedRules = res.Rules
 	return c.printEval(out)
 }
 
 type evalOutput struct {
-	Decision string          `json:"decision"`
-	Revision string          `json:"revision"`
-	Defined  bool            `json:"defined"`
-	Result   any             `json:"result,omitempty"`
-	Enforcer *enforcerOutput `json:"enforcer,omitempty"`
+	Decision string `json:"decision"`
+	Revision string `json:"revision"`
+	Defined  bool   `json:"defined"`
+	Result   any    `json:"result,omitempty"`
+	// MatchedRules name the rules that produced the result (FILE:LINE
+	// RULE), when the engine can tell.
+	MatchedRules []string        `json:"matched_rules,omitempty"`
+	Enforcer     *enforcerOutput `json:"enforcer,omitempty"`
 }
 
 // enforcerOutput is what the enforcer makes of a CheckRequest's decision.

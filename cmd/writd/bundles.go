@@ -19,9 +19,11 @@ import (
 )
 
 // The bundle service serves config.Policy.Dir as an OPA bundle at
-// GET /bundles/{name} on the HTTP listener, with an ETag so that pollers
-// (writ-enforcer, writ-proxy, a stock OPA's bundle plugin) get 304 while
-// nothing changed.
+// GET /bundles/{name}, with an ETag so that pollers (writ-enforcer,
+// writ-proxy, a stock OPA's bundle plugin) get 304 while nothing changed:
+// over mTLS on the decision API's listener, where the admin policy decides
+// who may read it (setupDecision mounts it), and on the plain HTTP
+// listener only when policy.plain_http says so.
 func init() { components = append(components, setupBundles) }
 
 func setupBundles(ctx context.Context, d *deps) error {
@@ -32,7 +34,10 @@ func setupBundles(ctx context.Context, d *deps) error {
 	if err != nil {
 		return err
 	}
-	d.mux.Handle("GET /bundles/{name}", s)
+	if d.cfg.Policy.PlainHTTP {
+		d.mux.Handle("GET /bundles/{name}", s)
+	}
+	d.bundles = s
 	d.tasks = append(d.tasks, run.Task{Name: "policy bundles", Run: s.Run})
 	return nil
 }

@@ -4,16 +4,18 @@
 #   input.caller  the authenticated caller: spiffe_id, trust_domain, path,
 #                 namespace and service_account (Istio-form IDs), auth
 #                 ("x509" or "jwt")
-#   input.api     "authzen" or "data"
-#   input.action  "evaluate" (POST) or "read" (GET of the data API)
+#   input.api     "authzen", "data" or "bundles" (policy bundle downloads)
+#   input.action  "evaluate" (POST) or "read" (GET of the data API, bundles)
 #   input.method  the HTTP method
-#   input.path    the AuthZEN endpoint path, or the canonical data path
-#                 ("envoy/authz/allow"; "" for all of data)
+#   input.path    the AuthZEN endpoint path, the canonical data path
+#                 ("envoy/authz/allow"; "" for all of data), or the bundle
+#                 name
 #
 # Grants live in data.writ.decision_api.grants. A grant names callers by
 # SPIFFE ID glob ("*" is one path segment, "**" any number), the APIs they
 # may use, and for the data API the data paths (globs, "/"-separated) and
-# optionally the actions. Anything no grant allows is denied.
+# optionally the actions, for bundles the bundle names (globs). Anything
+# no grant allows is denied.
 package writ.admin
 
 default allow := false
@@ -48,3 +50,11 @@ api_allows(grant) if {
 action_allowed(grant) if not grant.actions
 
 action_allowed(grant) if input.action in grant.actions
+
+# Bundles: only reading, and only the bundles the grant names.
+api_allows(grant) if {
+	input.api == "bundles"
+	input.action == "read"
+	some pattern in grant.paths
+	glob.match(pattern, ["/"], input.path)
+}

@@ -55,3 +55,16 @@ test_unknown_api_or_action_denied if {
 test_empty_input_denied if {
 	not admin.allow with input as {}
 }
+
+enforcer := "spiffe://cluster.local/ns/writ-system/sa/writ-enforcer"
+
+test_mesh_components_may_read_the_mesh_bundle if {
+	admin.allow with input as req(enforcer, "bundles", "read", "mesh")
+	not admin.allow with input as req(enforcer, "bundles", "read", "other")
+	not admin.allow with input as req(enforcer, "bundles", "evaluate", "mesh")
+}
+
+test_workloads_may_not_read_bundles if {
+	not admin.allow with input as req(app, "bundles", "read", "mesh")
+	not admin.allow with input as req(ops, "bundles", "read", "mesh")
+}

@@ -1,0 +1,299 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+)
+
+// h1Transport is the HTTP/1.1 client of the hot path: the proxy's own
+// request, when small, is written and its response read by the calling
+// goroutine on a pooled keep-alive connection. net/http's Transport hands
+// every request to a per-connection write goroutine and every response
+// back from a read goroutine; under CPU contention each of those hand-offs
+// waits for a scheduler slot, which is most of the latency a proxy pair
+// adds. Anything else (bodies over maxFastBody or of unknown length,
+// Expect, upgrades, CONNECT) goes to the fallback Transport unchanged.
+// Parsing and serialization are net/http's (Request.Write, ReadResponse).
+type h1Transport struct {
+	fallback *http.Transport
+	dial     func(ctx context.Context, addr string) (net.Conn, error)
+	tls      bool
+	idleTime time.Duration
+
+	mu   sync.Mutex
+	idle map[string][]*h1Conn
+}
+
+// maxFastBody bounds the request body read into memory to send in one
+// write; larger ones stream through the fallback.
+const maxFastBody = 64 << 10
+
+// maxIdlePerHost bounds the idle connections kept per address.
+const maxIdlePerHost = 256
+
+type h1Conn struct {
+	addr     string // the pool's key: the address as requests name it
+	c        net.Conn
+	raw      net.Conn // the TCP connection under TLS, for liveness checks
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	idleFrom time.Time
+}
+
+func newH1Transport(fallback *http.Transport, cfg *tls.Config, dialer *net.Dialer) *h1Transport {
+	t := &h1Transport{fallback: fallback, tls: cfg != nil, idleTime: 90 * time.Second, idle: map[string][]*h1Conn{}}
+	t.dial = func(ctx context.Context, addr string) (net.Conn, error) {
+		raw, err := dialer.DialContext(ctx, "tcp", addr)
+		if err != nil || cfg == nil {
+			return raw, err
+		}
+		tc := tls.Client(raw, cfg)
+		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
+		defer cancel()
+		if err := tc.HandshakeContext(hctx); err != nil {
+			raw.Close()
+			return nil, err
+		}
+		return tc, nil
+	}
+	return t
+}
+
+// fast tells whether r can take the synchronous path.
+func fast(r *http.Request) bool {
+	if r.Method == http.MethodConnect || r.Header.Get("Expect") != "" || r.Header.Get("Upgrade") != "" {
+		return false
+	}
+	if r.Body == nil || r.Body == http.NoBody {
+		return true
+	}
+	return r.ContentLength >= 0 && r.ContentLength <= maxFastBody
+}
+
+func (t *h1Transport) CloseIdleConnections() {
+	t.mu.Lock()
+	idle := t.idle
+	t.idle = map[string][]*h1Conn{}
+	t.mu.Unlock()
+	for _, cs := range idle {
+		for _, c := range cs {
+			c.c.Close()
+		}
+	}
+	t.fallback.CloseIdleConnections()
+}
+
+func (t *h1Transport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if !fast(r) {
+		return t.fallback.RoundTrip(r)
+	}
+	var body []byte
+	if r.Body != nil && r.Body != http.NoBody {
+		b, err := io.ReadAll(io.LimitReader(r.Body, maxFastBody+1))
+		r.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		if int64(len(b)) != r.ContentLength {
+			return nil, errors.New("request body length differs from its Content-Length")
+		}
+		body = b
+	}
+	addr := r.URL.Host
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		addr = net.JoinHostPort(strings.Trim(addr, "[]"), "80")
+	}
+	// A pooled connection the peer closed is usually retired by the
+	// liveness peek; one closed in the instant after fails before any
+	// answer, and an idempotent request is then repeated once on a fresh
+	// connection, as net/http does.
+	for try := 0; ; try++ {
+		c, reused, err := t.get(r.Context(), addr)
+		if err != nil {
+			return nil, err
+		}
+		resp, err := t.exchange(r, c, body)
+		if err == nil {
+			return resp, nil
+		}
+		if !reused || try > 0 || r.Context().Err() != nil || !errors.Is(err, errNoAnswer) || !idempotent(r) {
+			return nil, errors.Unwrap(err)
+		}
+	}
+}
+
+func idempotent(r *http.Request) bool {
+	switch r.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
+}
+
+// errNoAnswer wraps failures before any byte of a response arrived.
+var errNoAnswer = errors.New("no answer")
+
+type noAnswer struct{ err error }
+
+func (e noAnswer) Error() string        { return e.err.Error() }
+func (e noAnswer) Unwrap() error        { return e.err }
+func (e noAnswer) Is(target error) bool { return target == errNoAnswer }
+
+type wrapped struct{ err error }
+
+func (e wrapped) Error() string { return e.err.Error() }
+func (e wrapped) Unwrap() error { return e.err }
+
+// aLongTimeAgo makes a connection's pending reads and writes fail at once.
+var aLongTimeAgo = time.Unix(1, 0)
+
+func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.Response, error) {
+	ctx := r.Context()
+	stop := context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
+	out := *r
+	out.Body = nil
+	if body != nil {
+		out.Body = io.NopCloser(bytes.NewReader(body))
+	}
+	fail := func(err error, answered bool) (*http.Response, error) {
+		stop()
+		c.c.Close()
+		if ctx.Err() != nil {
+			err = ctx.Err()
+		}
+		if !answered {
+			return nil, noAnswer{err}
+		}
+		return nil, wrapped{err}
+	}
+	if err := out.Write(c.bw); err != nil {
+		return fail(err, false)
+	}
+	if err := c.bw.Flush(); err != nil {
+		return fail(err, false)
+	}
+	for {
+		if _, err := c.br.Peek(1); err != nil {
+			return fail(err, false)
+		}
+		resp, err := http.ReadResponse(c.br, r)
+		if err != nil {
+			return fail(err, true)
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			resp.Body.Close()
+			return fail(errors.New("unexpected 101 Switching Protocols"), true)
+		}
+		if resp.StatusCode >= 100 && resp.StatusCode < 200 {
+			continue // 1xx informational: the final answer follows
+		}
+		reuse := !resp.Close && !r.Close
+		if resp.Body == http.NoBody || resp.Body == nil {
+			resp.Body = http.NoBody
+			t.release(c, reuse && stop())
+			return resp, nil
+		}
+		resp.Body = &h1Body{rc: resp.Body, t: t, c: c, stop: stop, reuse: reuse}
+		return resp, nil
+	}
+}
+
+// h1Body returns its connection to the pool once read to the end and
+// closed; a body closed early, or cut by a cancelled context, closes it.
+type h1Body struct {
+	rc    io.ReadCloser
+	t     *h1Transport
+	c     *h1Conn
+	stop  func() bool
+	reuse bool
+	eof   bool
+	done  bool
+}
+
+func (b *h1Body) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	if err == io.EOF {
+		b.eof = true
+	}
+	return n, err
+}
+
+func (b *h1Body) Close() error {
+	if b.done {
+		return nil
+	}
+	b.done = true
+	err := b.rc.Close()
+	b.t.release(b.c, b.stop() && b.eof && b.reuse && err == nil && b.c.br.Buffered() == 0)
+	return err
+}
+
+func (t *h1Transport) release(c *h1Conn, reuse bool) {
+	if !reuse {
+		c.c.Close()
+		return
+	}
+	c.idleFrom = time.Now()
+	t.mu.Lock()
+	// The pool is a stack (the warmest connection is reused first); the
+	// coldest, at the bottom, are retired here once idle too long, so
+	// that a steady load does not keep connections the app has closed.
+	cs := t.idle[c.addr]
+	var old []*h1Conn
+	for len(cs) > 0 && c.idleFrom.Sub(cs[0].idleFrom) >= t.idleTime {
+		old = append(old, cs[0])
+		cs = cs[1:]
+	}
+	keep := len(cs) < maxIdlePerHost
+	if keep {
+		cs = append(cs, c)
+	}
+	t.idle[c.addr] = cs
+	t.mu.Unlock()
+	for _, o := range old {
+		o.c.Close()
+	}
+	if !keep {
+		c.c.Close()
+	}
+}
+
+// get takes the most recently used idle connection that is still open,
+// or dials.
+func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, error) {
+	now := time.Now()
+	for {
+		t.mu.Lock()
+		cs := t.idle[addr]
+		if len(cs) == 0 {
+			t.mu.Unlock()
+			break
+		}
+		c := cs[len(cs)-1]
+		cs[len(cs)-1] = nil
+		t.idle[addr] = cs[:len(cs)-1]
+		t.mu.Unlock()
+		if now.Sub(c.idleFrom) < t.idleTime && t.alive(c) {
+			return c, true, nil
+		}
+		c.c.Close()
+	}
+	nc, err := t.dial(ctx, addr)
+	if err != nil {
+		return nil, false, err
+	}
+	raw := nc
+	if tc, ok := nc.(*tls.Conn); ok {
+		raw = tc.NetConn()
+	}
+	return &h1Conn{addr: addr, c: nc, raw: raw, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10)}, false, nil
+}

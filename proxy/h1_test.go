@@ -1,0 +1,159 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestH1Transport: the synchronous HTTP/1.1 client against a real
+// net/http server: bodies both ways, connection reuse, a pooled connection
+// the server closed (retired by the liveness peek or retried once), a
+// response with Connection: close (not pooled), a large body (through the
+// fallback Transport), and a cancelled request (its connection dropped).
+func TestH1Transport(t *testing.T) {
+	var conns atomic.Int32
+	var mu sync.Mutex
+	var open []net.Conn
+	release := make(chan struct{})
+	srv := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/close":
+				w.Header().Set("Connection", "close")
+			case "/block":
+				<-release
+			}
+			b, _ := io.ReadAll(r.Body)
+			_, _ = w.Write(b)
+		}),
+		ConnState: func(c net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				conns.Add(1)
+				mu.Lock()
+				open = append(open, c)
+				mu.Unlock()
+			}
+		},
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	t.Cleanup(func() { close(release); srv.Close() })
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer)
+	t.Cleanup(tr.CloseIdleConnections)
+	// By name, so that the pool's key is not the connection's address.
+	base := "http://localhost:" + strings.TrimPrefix(l.Addr().String(), "127.0.0.1:")
+	do := func(ctx context.Context, path string, body []byte) (string, error) {
+		req, _ := http.NewRequestWithContext(ctx, "POST", base+path, bytes.NewReader(body))
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			return "", err
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return string(b), err
+	}
+	kb := strings.Repeat("k", 1024)
+	for i := range 3 {
+		if got, err := do(context.Background(), "/echo", []byte(kb)); err != nil || got != kb {
+			t.Fatalf("request %d: %q, %v", i, got[:min(len(got), 20)], err)
+		}
+	}
+	if n := conns.Load(); n != 1 {
+		t.Fatalf("3 sequential requests used %d connections, want 1", n)
+	}
+
+	// The server closes the idle connection: the next request still works.
+	mu.Lock()
+	for _, c := range open {
+		c.Close()
+	}
+	mu.Unlock()
+	if got, err := do(context.Background(), "/echo", []byte("after close")); err != nil || got != "after close" {
+		t.Fatalf("after the server closed the pooled connection: %q, %v", got, err)
+	}
+
+	// Connection: close is honoured: the connection is not pooled.
+	before := conns.Load()
+	if _, err := do(context.Background(), "/close", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := do(context.Background(), "/echo", nil); err != nil {
+		t.Fatal(err)
+	}
+	// /close reused the pooled connection; the request after it needs
+	// a new one.
+	if n := conns.Load() - before; n != 1 {
+		t.Errorf("Connection: close then another request: %d new connections, want 1", n)
+	}
+
+	// A body beyond maxFastBody streams through the fallback intact.
+	big := bytes.Repeat([]byte("0123456789abcdef"), (maxFastBody/16)+100)
+	if got, err := do(context.Background(), "/echo", big); err != nil || got != string(big) {
+		t.Fatalf("large body: %d bytes back, %v", len(got), err)
+	}
+
+	// A request whose context ends fails with the context's error.
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if _, err := do(ctx, "/block", nil); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("blocked request: %v, want deadline exceeded", err)
+	}
+	tr.mu.Lock()
+	idle := 0
+	for _, cs := range tr.idle {
+		idle += len(cs)
+	}
+	tr.mu.Unlock()
+	if idle != 0 {
+		t.Errorf("idle connections after the cancelled request: %d, want 0 (it took the pooled one, then dropped it)", idle)
+	}
+}
+
+// TestH1PoolRetiresColdConnections: releasing a connection retires those
+// at the bottom of the pool idle for idleTime or longer, and the pool
+// never holds more than maxIdlePerHost per address.
+func TestH1PoolRetiresColdConnections(t *testing.T) {
+	tr := &h1Transport{idleTime: time.Minute, idle: map[string][]*h1Conn{}}
+	t0 := time.Unix(1000, 0)
+	conn := func(at time.Time) (*h1Conn, net.Conn) {
+		a, b := net.Pipe()
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return &h1Conn{addr: "app:80", c: a, idleFrom: at}, b
+	}
+	cold, coldPeer := conn(t0)
+	older, _ := conn(t0.Add(30 * time.Second))
+	tr.idle["app:80"] = []*h1Conn{cold, older}
+	// release stamps now with the wall clock: both others have been idle
+	// for years.
+	now, _ := conn(time.Time{})
+	tr.release(now, true)
+	if got := tr.idle["app:80"]; len(got) != 1 || got[0] != now {
+		t.Fatalf("pool after release: %d connections", len(got))
+	}
+	// The retired ones are closed: their peers read EOF.
+	if _, err := coldPeer.Read(make([]byte, 1)); err == nil {
+		t.Error("a retired connection is still open")
+	}
+
+	tr.idle["app:80"] = nil
+	for range maxIdlePerHost + 1 {
+		c, _ := conn(time.Time{})
+		tr.release(c, true)
+	}
+	if n := len(tr.idle["app:80"]); n != maxIdlePerHost {
+		t.Fatalf("pool holds %d, want %d", n, maxIdlePerHost)
+	}
+}
