@@ -86,7 +86,7 @@ writ apply -f scripts/demo/mesh.yaml
 # writ-proxy), so the demo shows one sidecar per workload as in production.
 workloads=(
   "frontend frontend v1 0 orders=http://orders/ payments=http://payments/"
-  "orders-v1 orders v1 5 payments=http://payments/"
+  "orders-v1 orders v1 10 payments=http://payments/"
   "orders-v2 orders v2 0 payments=http://payments/"
   "payments payments v1 0"
 )
@@ -119,9 +119,8 @@ for j in 1 2 3 4; do a="admin_$j"; wait_http "http://${!a}/readyz" "writ-proxy $
 frontend_app=127.0.0.1:$((base + 10))
 
 say "writ mesh endpoints   (registered by the sidecars over ADS)"
-# Endpoints turn healthy once their sidecar has ACKed its listeners.
 for _ in $(seq 1 100); do
-  if [ "$(writ mesh endpoints | grep -ci healthy || true)" -ge 4 ]; then break; fi
+  if [ "$(writ mesh endpoints | grep -c spiffe:// || true)" -ge 4 ]; then break; fi
   sleep 0.2
 done
 writ mesh endpoints
@@ -130,17 +129,19 @@ say "one request: curl http://$frontend_app/"
 curl -sS "http://$frontend_app/"; echo
 
 say "load: $requests requests to frontend (writ-demo-app load)"
-"$bin/writ-demo-app" load --url "http://$frontend_app/" --requests "$requests"
+"$bin/writ-demo-app" load --url "http://$frontend_app/" --requests "$requests" --concurrency 2
 cat <<'TXT'
   - orders v1 and v2 answer about 90 % and 10 % of frontend's calls (the Route's split);
-  - orders v1 fails every 5th request on purpose and frontend's sidecar retries it:
-    no failure reaches frontend;
-  - frontend -> payments is denied by policies/mesh (only orders may call payments).
+  - orders v1 fails every 10th request on purpose (503) and frontend's sidecar
+    retries it (the Route says: 3 retries on 5xx);
+  - frontend -> payments is denied by policies/mesh: only orders may call payments.
 TXT
 
-say "retries and decisions, from the sidecars' metrics"
-curl -s "http://$admin_1/metrics" | grep -E '^writ_(requests_total|retries_total|upstream_rq_retry)' | head -8 || true
-curl -s "http://$admin_4/metrics" | grep -E '^writ_requests_total' | head -6 || true
+say "retries and decisions, from the sidecars' Prometheus metrics"
+echo "# frontend's sidecar: retries by cluster, and requests by destination and code"
+curl -s "http://$admin_1/metrics" | grep -E '^writ_upstream_retries_total|^writ_requests_total' || true
+echo "# payments' sidecar: inbound decisions by caller"
+curl -s "http://$admin_4/metrics" | grep -E '^writ_requests_total' || true
 
 say "writ audit query --result deny --limit 5   (every decision is in PostgreSQL)"
 for _ in $(seq 1 50); do
