@@ -7,6 +7,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"regexp"
+	"regexp/syntax"
 	"slices"
 	"strings"
 	"time"
@@ -75,10 +77,17 @@ type VirtualHost struct {
 	Routes  []Route  `yaml:"routes" json:"routes"`
 }
 
-// Route sends requests whose path starts with Prefix (and whose headers
-// match Headers) to one of Clusters, chosen by weight.
+// Route sends requests whose path matches (exactly one of Prefix, Path
+// and Regex) and whose headers match Headers to one of Clusters, chosen by
+// weight. As in Envoy the path is matched without the query string, and a
+// virtual host's routes are tried in order: the first match wins.
 type Route struct {
-	Prefix   string            `yaml:"prefix" json:"prefix"`
+	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
+	// Path must equal the request's path (Envoy's path).
+	Path string `yaml:"path" json:"path,omitempty"`
+	// Regex must match the whole path (Envoy's safe_regex: RE2 syntax,
+	// which is Go's regexp); at most MaxRegexLen bytes.
+	Regex    string            `yaml:"regex" json:"regex,omitempty"`
 	Headers  []HeaderMatch     `yaml:"headers" json:"headers,omitempty"`
 	Clusters []WeightedCluster `yaml:"clusters" json:"clusters"`
 	// Timeout bounds the whole request, retries included; zero is 15 s
@@ -90,6 +99,21 @@ type Route struct {
 	// HashHeader names the header whose value keys RING_HASH clusters
 	// (Envoy's hash_policy with a header).
 	HashHeader string `yaml:"hash_header" json:"hash_header,omitempty"`
+
+	re *regexp.Regexp // Regex, compiled by Validate
+}
+
+// matchPath reports whether path (without its query) is the route's.
+func (r *Route) matchPath(path string) bool {
+	switch {
+	case r.Regex != "":
+		// Not compiled means not validated: match nothing rather than
+		// guess.
+		return r.re != nil && r.re.MatchString(path)
+	case r.Path != "":
+		return path == r.Path
+	}
+	return strings.HasPrefix(path, r.Prefix)
 }
 
 // Mirror is Envoy's request mirror policy: a copy of Percent of the
@@ -111,27 +135,92 @@ type Fault struct {
 	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
 }
 
-// HeaderMatch is Envoy's header matcher, reduced to what Writ's routes
-// use: the header's value is Exact, starts with Prefix, or (both empty)
-// the header is Present. Invert negates the match.
+// HeaderMatch is Envoy's header matcher: the header's value (its values
+// joined by ",", as Envoy does) is Exact, starts with Prefix, ends with
+// Suffix, contains Contains, or wholly matches Regex; with none of them
+// set the header only has to be Present. IgnoreCase compares Exact,
+// Prefix, Suffix and Contains without regard to ASCII case. Invert
+// negates the match, so an inverted presence match means "absent". Name
+// is a regular header or one of the pseudo-headers ":method" and
+// ":authority".
 type HeaderMatch struct {
-	Name   string `yaml:"name" json:"name"`
-	Exact  string `yaml:"exact" json:"exact,omitempty"`
-	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
-	Invert bool   `yaml:"invert" json:"invert,omitempty"`
+	Name       string `yaml:"name" json:"name"`
+	Exact      string `yaml:"exact" json:"exact,omitempty"`
+	Prefix     string `yaml:"prefix" json:"prefix,omitempty"`
+	Suffix     string `yaml:"suffix" json:"suffix,omitempty"`
+	Contains   string `yaml:"contains" json:"contains,omitempty"`
+	Regex      string `yaml:"regex" json:"regex,omitempty"`
+	IgnoreCase bool   `yaml:"ignore_case" json:"ignore_case,omitempty"`
+	Invert     bool   `yaml:"invert" json:"invert,omitempty"`
+
+	re *regexp.Regexp // Regex, compiled by Validate
 }
 
-func (m *HeaderMatch) matches(h http.Header) bool {
-	vs, ok := h[http.CanonicalHeaderKey(m.Name)]
-	v := strings.Join(vs, ",")
+// MaxRegexLen bounds the regular expressions of routes and header
+// matches. Go's regexp (RE2) matches in linear time, so the bound is on
+// the size of the compiled program, which grows with the pattern (and
+// with counted repetitions, which regexp caps at 1000).
+const (
+	MaxRegexLen  = 1024
+	maxRegexInst = 4096
+)
+
+// compileRegex compiles an RE2 pattern anchored at both ends, as Envoy's
+// safe_regex matches the whole value, refusing patterns whose program
+// would be large.
+func compileRegex(pattern string) (*regexp.Regexp, error) {
+	if len(pattern) > MaxRegexLen {
+		return nil, fmt.Errorf("regex is %d bytes, more than %d", len(pattern), MaxRegexLen)
+	}
+	anchored := `^(?:` + pattern + `)$`
+	re, err := syntax.Parse(anchored, syntax.Perl)
+	if err != nil {
+		return nil, fmt.Errorf("regex %q: %w", pattern, err)
+	}
+	prog, err := syntax.Compile(re.Simplify())
+	if err != nil {
+		return nil, fmt.Errorf("regex %q: %w", pattern, err)
+	}
+	if len(prog.Inst) > maxRegexInst {
+		return nil, fmt.Errorf("regex %q compiles to %d instructions, more than %d", pattern, len(prog.Inst), maxRegexInst)
+	}
+	return regexp.Compile(anchored)
+}
+
+// matches reports whether the request with method, host and headers h
+// matches.
+func (m *HeaderMatch) matches(method, host string, h http.Header) bool {
+	var v string
+	var ok bool
+	switch m.Name {
+	case ":method":
+		v, ok = method, true
+	case ":authority":
+		v, ok = host, true
+	default:
+		var vs []string
+		vs, ok = h[http.CanonicalHeaderKey(m.Name)]
+		if len(vs) == 1 {
+			v = vs[0]
+		} else {
+			v = strings.Join(vs, ",")
+		}
+	}
 	var hit bool
 	switch {
+	case !ok:
 	case m.Exact != "":
-		hit = ok && v == m.Exact
+		hit = v == m.Exact || m.IgnoreCase && strings.EqualFold(v, m.Exact)
 	case m.Prefix != "":
-		hit = ok && strings.HasPrefix(v, m.Prefix)
+		hit = strings.HasPrefix(v, m.Prefix) || m.IgnoreCase && len(v) >= len(m.Prefix) && strings.EqualFold(v[:len(m.Prefix)], m.Prefix)
+	case m.Suffix != "":
+		hit = strings.HasSuffix(v, m.Suffix) || m.IgnoreCase && len(v) >= len(m.Suffix) && strings.EqualFold(v[len(v)-len(m.Suffix):], m.Suffix)
+	case m.Contains != "":
+		hit = strings.Contains(v, m.Contains) || m.IgnoreCase && strings.Contains(strings.ToLower(v), strings.ToLower(m.Contains))
+	case m.Regex != "":
+		hit = m.re != nil && m.re.MatchString(v)
 	default:
-		hit = ok
+		hit = true
 	}
 	return hit != m.Invert
 }
@@ -277,7 +366,10 @@ func LoadConfig(path string) (*Config, error) {
 }
 
 // Validate checks names, references and addresses, so that a bad
-// configuration is refused before it replaces a good one.
+// configuration is refused before it replaces a good one, and compiles
+// the regular expressions of its routes (once: validating a Config
+// again, as New and Update do, only reads them). A route whose regex was
+// never compiled matches nothing.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
@@ -335,13 +427,35 @@ func (c *Config) Validate() error {
 			if len(vh.Domains) == 0 {
 				bad("%s: virtual host %q has no domains", where, vh.Name)
 			}
-			for j, r := range vh.Routes {
-				if !strings.HasPrefix(r.Prefix, "/") {
-					bad("%s: virtual host %q route %d: prefix %q must start with /", where, vh.Name, j, r.Prefix)
+			for j := range vh.Routes {
+				r := &vh.Routes[j]
+				switch n := btoi(r.Prefix != "") + btoi(r.Path != "") + btoi(r.Regex != ""); {
+				case n != 1:
+					bad("%s: virtual host %q route %d: want exactly one of prefix, path and regex", where, vh.Name, j)
+				case r.Regex != "" && r.re == nil:
+					re, err := compileRegex(r.Regex)
+					if err != nil {
+						bad("%s: virtual host %q route %d: %v", where, vh.Name, j, err)
+					}
+					r.re = re
+				case r.Regex != "":
+				case !strings.HasPrefix(r.Prefix+r.Path, "/"):
+					bad("%s: virtual host %q route %d: path %q must start with /", where, vh.Name, j, r.Prefix+r.Path)
 				}
-				for _, hm := range r.Headers {
-					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") {
-						bad("%s: virtual host %q route %d: header match needs a regular header name, not %q", where, vh.Name, j, hm.Name)
+				for k := range r.Headers {
+					hm := &r.Headers[k]
+					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") && hm.Name != ":method" && hm.Name != ":authority" {
+						bad("%s: virtual host %q route %d: header match needs a regular header name, :method or :authority, not %q", where, vh.Name, j, hm.Name)
+					}
+					if n := btoi(hm.Exact != "") + btoi(hm.Prefix != "") + btoi(hm.Suffix != "") + btoi(hm.Contains != "") + btoi(hm.Regex != ""); n > 1 {
+						bad("%s: virtual host %q route %d: header %q: at most one of exact, prefix, suffix, contains and regex", where, vh.Name, j, hm.Name)
+					}
+					if hm.Regex != "" && hm.re == nil {
+						re, err := compileRegex(hm.Regex)
+						if err != nil {
+							bad("%s: virtual host %q route %d: header %q: %v", where, vh.Name, j, hm.Name, err)
+						}
+						hm.re = re
 					}
 				}
 				var total uint64
@@ -421,6 +535,13 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func isLoopback(host string) bool {

@@ -119,18 +119,21 @@ spec:
       retries: {attempts: 2}
 `
 
-// regexRoute is valid mesh configuration that writ-proxy cannot serve
-// faithfully: it must be NACKed.
-const regexRoute = `---
+// hugeRegexRoute is valid mesh configuration that writ-proxy cannot serve:
+// its regex is beyond the proxy's bound, so it must be NACKed.
+var hugeRegexRoute = `---
 apiVersion: writ.dev/v1alpha1
 kind: Route
 metadata: {name: orders, namespace: shop}
 spec:
   service: orders
   rules:
-    - match: {pathRegex: "^/items/[0-9]+$"}
+    - match: {pathRegex: "/items/` + strings.Repeat("x", 1100) + `"}
       destinations: [{subset: v1}]
 `
+
+// nackReason is what the proxy says of hugeRegexRoute.
+const nackReason = "more than 1024"
 
 // sidecar is orders v1's writ-proxy: mesh port 15006, app on 8080.
 var sidecar = xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/orders", Namespace: "shop", Service: "orders",
@@ -256,8 +259,8 @@ func TestTranslateWritdResources(t *testing.T) {
 	}
 
 	// A route the proxy cannot follow is an error naming it.
-	_, err = Translate(toSnapshot(t, build(t, meshYAML+regexRoute)), Local{Service: "orders"})
-	if err == nil || !strings.Contains(err.Error(), "only prefix matches") || !strings.Contains(err.Error(), "outbound|8080") {
+	_, err = Translate(toSnapshot(t, build(t, meshYAML+hugeRegexRoute)), Local{Service: "orders"})
+	if err == nil || !strings.Contains(err.Error(), nackReason) || !strings.Contains(err.Error(), "outbound|8080") {
 		t.Fatalf("regex route: %v", err)
 	}
 }
@@ -462,7 +465,7 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 
 	// A route it cannot follow: NACKed with the reason, every type at the
 	// last good version, nothing applied.
-	bad := srv.set(t, build(t, meshYAML+regexRoute))
+	bad := srv.set(t, build(t, meshYAML+hugeRegexRoute))
 	var nacks []*discoverygrpc.DiscoveryRequest
 	waitFor(t, "NACK", func() bool {
 		nacks = nil
@@ -477,11 +480,11 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 	})
 
 	for _, r := range nacks {
-		if r.GetVersionInfo() != v1 || !strings.Contains(r.GetErrorDetail().GetMessage(), "only prefix matches") {
+		if r.GetVersionInfo() != v1 || !strings.Contains(r.GetErrorDetail().GetMessage(), nackReason) {
 			t.Errorf("NACK of %s: version %q, reason %q", r.GetTypeUrl(), r.GetVersionInfo(), r.GetErrorDetail().GetMessage())
 		}
 	}
-	if st := c.Status(); st.Version != v1 || !strings.Contains(st.LastError, bad) || !strings.Contains(st.LastError, "only prefix matches") {
+	if st := c.Status(); st.Version != v1 || !strings.Contains(st.LastError, bad) || !strings.Contains(st.LastError, nackReason) {
 		t.Fatalf("status after NACK: %+v", st)
 	}
 	if app.count() != 1 {
