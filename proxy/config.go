@@ -15,6 +15,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
+
+	"github.com/writmesh/writ/enforcer"
 )
 
 // Config is everything the data plane routes by. Its shapes follow Envoy's
@@ -45,6 +47,16 @@ type Inbound struct {
 	// AppProtocol is how HTTP reaches the app: "http1" (default) or "h2c".
 	// gRPC always goes over h2c.
 	AppProtocol string `yaml:"app_protocol" json:"app_protocol,omitempty"`
+	// AuthzMode is the mode of the AuthorizationPolicies bound to the
+	// service (writd's ext_authz context extension writ.authz_mode):
+	// "enforce" (or empty) denies what policy denies, "dry-run" evaluates
+	// and records every request but never denies on policy's word.
+	AuthzMode string `yaml:"authz_mode" json:"authz_mode,omitempty"`
+	// AuthzDecision is the Rego query those policies bind (writ.
+	// authz_decision, e.g. data.envoy.authz.allow). The proxy decides by
+	// its policy's one decision path, so a configuration binding another
+	// is refused rather than decided by the wrong rule.
+	AuthzDecision string `yaml:"authz_decision" json:"authz_decision,omitempty"`
 }
 
 // Outbound is a local plaintext port of the application's.
@@ -316,6 +328,12 @@ type Endpoint struct {
 	Address string `yaml:"address" json:"address"`
 }
 
+// Authorization modes of an inbound listener.
+const (
+	AuthzEnforce = "enforce"
+	AuthzDryRun  = enforcer.ModeDryRun
+)
+
 // LB policies.
 const (
 	RoundRobin   = "ROUND_ROBIN"
@@ -511,6 +529,9 @@ func (c *Config) Validate() error {
 		}
 		if in.AppProtocol != "" && in.AppProtocol != "http1" && in.AppProtocol != "h2c" {
 			bad("%s: app_protocol %q: want http1 or h2c", where, in.AppProtocol)
+		}
+		if in.AuthzMode != "" && in.AuthzMode != AuthzEnforce && in.AuthzMode != AuthzDryRun {
+			bad("%s: authz_mode %q: want %s or %s", where, in.AuthzMode, AuthzEnforce, AuthzDryRun)
 		}
 	}
 	for i, out := range c.Outbound {

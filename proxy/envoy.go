@@ -23,6 +23,8 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"github.com/writmesh/writ/enforcer"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -506,6 +508,25 @@ func listenerFromEnvoy(l *listenerv3.Listener, cs map[string]*clusterv3.Cluster,
 	return nil
 }
 
+// authzPerRoute reads the ext_authz per-route settings writd sets on an
+// inbound route: the AuthorizationPolicy's mode and decision as context
+// extensions. Disabling the check is refused: every inbound request is
+// authorized.
+func authzPerRoute(a *anypb.Any) (mode, decision string, err error) {
+	if a == nil {
+		return "", "", nil
+	}
+	var pr extauthzv3.ExtAuthzPerRoute
+	if err := a.UnmarshalTo(&pr); err != nil {
+		return "", "", fmt.Errorf("ext_authz per-route config: %w", err)
+	}
+	if pr.GetDisabled() {
+		return "", "", errors.New("ext_authz disabled on an inbound route: every inbound request must be authorized")
+	}
+	ext := pr.GetCheckSettings().GetContextExtensions()
+	return ext[enforcer.ModeContextKey], ext[enforcer.DecisionContextKey], nil
+}
+
 // inboundFromEnvoy reads an inbound listener's HTTP connection manager:
 // every route goes to one static cluster, the local app.
 func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[string]*clusterv3.Cluster, service string) (Inbound, string, error) {
@@ -538,6 +559,7 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 		return in, "", errors.New("inbound listeners need an inline route_config to the local app")
 	}
 	app := ""
+	first := true
 	for _, vh := range rc.GetVirtualHosts() {
 		for _, r := range vh.GetRoutes() {
 			c := r.GetRoute().GetCluster()
@@ -545,6 +567,17 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 				return in, "", errors.New("route_config: every inbound route must go to the one local app cluster")
 			}
 			app = c
+			mode, decision, err := authzPerRoute(r.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			if err == nil && mode == "" && decision == "" {
+				mode, decision, err = authzPerRoute(vh.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			}
+			if err != nil {
+				return in, "", fmt.Errorf("route_config: %w", err)
+			}
+			if !first && (mode != in.AuthzMode || decision != in.AuthzDecision) {
+				return in, "", errors.New("route_config: inbound routes with different authorization modes or decisions are not supported")
+			}
+			in.AuthzMode, in.AuthzDecision, first = mode, decision, false
 		}
 	}
 	if app == "" {

@@ -70,7 +70,16 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("inbound %s: %w", cfg.Name, err)
 	}
-	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: map[string]string{enforcer.ServiceContextKey: cfg.Service}}
+	ext := map[string]string{enforcer.ServiceContextKey: cfg.Service}
+	if cfg.AuthzMode != "" {
+		// The enforcer honours the mode (dry-run: never deny); policies
+		// may read both.
+		ext[enforcer.ModeContextKey] = cfg.AuthzMode
+	}
+	if cfg.AuthzDecision != "" {
+		ext[enforcer.DecisionContextKey] = cfg.AuthzDecision
+	}
+	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: ext}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}

@@ -103,6 +103,9 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
+	if err := checkDecisions(cfg, opts.Enforcer); err != nil {
+		return nil, fmt.Errorf("proxy: %w", err)
+	}
 	svid, err := opts.Source.GetX509SVID()
 	if err != nil {
 		return nil, fmt.Errorf("proxy: svid: %w", err)
@@ -172,6 +175,23 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	return p, nil
 }
 
+// checkDecisions refuses inbound listeners bound to a policy decision
+// other than the one enf decides by: deciding them by another rule would
+// enforce something the operator did not bind. Without an enforcer every
+// request is denied anyway.
+func checkDecisions(cfg *Config, enf *enforcer.Enforcer) error {
+	if enf == nil {
+		return nil
+	}
+	have := enf.DecisionPath()
+	for _, in := range cfg.Inbound {
+		if in.AuthzDecision != "" && in.AuthzDecision != have {
+			return fmt.Errorf("inbound %q: its AuthorizationPolicy decides by %s, this proxy's policy by %s", in.Name, in.AuthzDecision, have)
+		}
+	}
+	return nil
+}
+
 // Update swaps in a new configuration: routes, clusters and endpoints take
 // effect for the next request, and connection pools of unchanged clusters
 // are kept. Listeners are compared by name: new ones are bound (all or
@@ -181,6 +201,9 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 // one kept.
 func (p *Proxy) Update(cfg *Config) error {
 	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("proxy update: %w", err)
+	}
+	if err := checkDecisions(cfg, p.enf); err != nil {
 		return fmt.Errorf("proxy update: %w", err)
 	}
 	p.lmu.Lock()

@@ -6,6 +6,7 @@ import (
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
@@ -118,6 +119,61 @@ func TestWritdRouteMatches(t *testing.T) {
 			}
 			if got := r.Clusters[0].Name; got != tt.want {
 				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestWritdAuthorizationPolicyMode: the mode and decision of the
+// AuthorizationPolicies writd binds to a service reach the sidecar's
+// inbound listener through ext_authz's per-route context extensions.
+func TestWritdAuthorizationPolicyMode(t *testing.T) {
+	const svc = `apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+`
+	policy := func(name, mode string) string {
+		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: envoy.authz\n  mode: " + mode + "\n"
+	}
+	tests := []struct {
+		name, mesh, mode, decision string
+	}{
+		{"no policy", svc, "", ""},
+		{"enforce", svc + policy("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"dry-run", svc + policy("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
+		{"enforce wins", svc + policy("a", "dry-run") + policy("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs, err := config.DecodeMesh("mesh.yaml", []byte(tt.mesh))
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := &xds.Mesh{TrustDomain: "example.org", Resources: rs}
+			res, err := xds.Build(m, xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/orders", Namespace: "shop", Service: "orders",
+				Address: "127.0.0.1", Ports: []int{15006}, AppPorts: map[int]int{15006: 8080}, Flavor: xds.FlavorEnvoy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ls []*listenerv3.Listener
+			for _, l := range res[resource.ListenerType] {
+				ls = append(ls, l.(*listenerv3.Listener))
+			}
+			var cs []*clusterv3.Cluster
+			for _, c := range res[resource.ClusterType] {
+				cs = append(cs, c.(*clusterv3.Cluster))
+			}
+			got, err := ListenersFromEnvoy(ls, cs, "orders")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Inbound) != 1 {
+				t.Fatalf("inbound: %+v", got.Inbound)
+			}
+			if in := got.Inbound[0]; in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
+				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
 			}
 		})
 	}

@@ -16,7 +16,8 @@ import (
 // policy from writd's bundle service over mTLS with the workload's SVID
 // (--policy-bundle), not from a local directory. A policy change in
 // writd's directory reaches the running sidecar (ETag polling, hot swap);
-// a broken edit changes nothing; and a sidecar whose bundle cannot be had
+// a broken edit changes nothing; the AuthorizationPolicy's dry-run mode
+// lets what policy denies through; and a sidecar whose bundle cannot be had
 // does not start: not ready, saying why, its mesh port closed.
 func TestWritProxyPolicyBundle(t *testing.T) {
 	root := repoRoot(t)
@@ -71,6 +72,21 @@ func TestWritProxyPolicyBundle(t *testing.T) {
 	if code := get(strangerUp); code != http.StatusForbidden {
 		t.Fatalf("stranger -> orders: %d, want 403", code)
 	}
+
+	// The AuthorizationPolicy's mode reaches the sidecar: in dry-run the
+	// policy's denial is recorded and the request goes through; back in
+	// enforce mode it is refused again.
+	setMode := func(mode string) {
+		t.Helper()
+		write(t, meshFile, strings.Replace(adsMesh, "mode: enforce", "mode: "+mode, 1)+"---\n"+adsRoute("    - destinations: [{subset: v1}]\n"))
+		if out, code := w.writ(t, "apply", "-f", meshFile); code != 0 {
+			t.Fatalf("apply: %s", out)
+		}
+	}
+	setMode("dry-run")
+	waitUntil(t, 30*time.Second, "stranger let through in dry-run mode", func() bool { return get(strangerUp) == http.StatusOK })
+	setMode("enforce")
+	waitUntil(t, 30*time.Second, "stranger refused again in enforce mode", func() bool { return get(strangerUp) == http.StatusForbidden })
 
 	// Hot swap: writd's policy now lets stranger in too; the sidecar
 	// polls the new bundle and decides by it without a restart.
