@@ -292,11 +292,34 @@ type Cluster struct {
 // one of the cluster's peer IDs, within Timeout. UnhealthyThreshold
 // failures in a row take an endpoint out of the pool, HealthyThreshold
 // successes bring it back. Endpoints start healthy.
+//
+// With HTTPPath set the check is an HTTP GET of that path (Host: HTTPHost,
+// else the cluster's name, as Envoy does) over the mTLS connection, and
+// the answer's status must be in ExpectedStatuses (default 200 only, as
+// Envoy). With GRPC set it is grpc.health.v1.Health/Check for
+// GRPCService, which must answer SERVING. Either way the check is a
+// request like any other from this workload: it passes through the peer
+// sidecar's inbound listener, is decided by the peer's policy (which must
+// allow this workload that path) and answered by the peer's app — so a
+// healthy endpoint is one whose app answers, not merely whose sidecar
+// does.
 type HealthCheck struct {
 	Interval           Duration `yaml:"interval" json:"interval"`
 	Timeout            Duration `yaml:"timeout" json:"timeout"`
 	UnhealthyThreshold int      `yaml:"unhealthy_threshold" json:"unhealthy_threshold"`
 	HealthyThreshold   int      `yaml:"healthy_threshold" json:"healthy_threshold"`
+
+	HTTPPath         string        `yaml:"http_path" json:"http_path,omitempty"`
+	HTTPHost         string        `yaml:"http_host" json:"http_host,omitempty"`
+	ExpectedStatuses []StatusRange `yaml:"expected_statuses" json:"expected_statuses,omitempty"`
+	GRPC             bool          `yaml:"grpc" json:"grpc,omitempty"`
+	GRPCService      string        `yaml:"grpc_service" json:"grpc_service,omitempty"`
+}
+
+// StatusRange is the HTTP statuses [Start, End).
+type StatusRange struct {
+	Start int `yaml:"start" json:"start"`
+	End   int `yaml:"end" json:"end"`
 }
 
 // CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
@@ -418,6 +441,16 @@ func (c *Config) Validate() error {
 		}
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)
+		}
+		if hc := cl.HealthCheck; hc != nil {
+			if hc.HTTPPath != "" && (hc.GRPC || !strings.HasPrefix(hc.HTTPPath, "/")) {
+				bad("%s: health_check: http_path %q must start with / and excludes grpc", where, hc.HTTPPath)
+			}
+			for _, r := range hc.ExpectedStatuses {
+				if r.Start < 100 || r.End > 600 || r.Start >= r.End {
+					bad("%s: health_check: expected status range [%d, %d) is not within [100, 600)", where, r.Start, r.End)
+				}
+			}
 		}
 		for _, a := range cl.Addresses {
 			if _, _, err := net.SplitHostPort(a); err != nil {

@@ -321,11 +321,27 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 	case 0:
 	case 1:
 		hc := hcs[0]
-		if hc.GetTcpHealthCheck() == nil {
-			return c, errors.New("health_checks: only TCP checks are supported (an mTLS handshake with the peer sidecar)")
-		}
 		c.HealthCheck = &HealthCheck{Interval: duration(hc.GetInterval()), Timeout: duration(hc.GetTimeout()),
 			UnhealthyThreshold: int(hc.GetUnhealthyThreshold().GetValue()), HealthyThreshold: int(hc.GetHealthyThreshold().GetValue())}
+		switch {
+		case hc.GetTcpHealthCheck() != nil:
+			if tc := hc.GetTcpHealthCheck(); tc.GetSend() != nil || len(tc.GetReceive()) > 0 {
+				return c, errors.New("health_checks: TCP send/receive payloads are not supported (the check is an mTLS handshake with the peer sidecar)")
+			}
+		case hc.GetHttpHealthCheck() != nil:
+			h := hc.GetHttpHealthCheck()
+			if len(h.GetRequestHeadersToAdd()) > 0 || h.GetSend() != nil || len(h.GetReceive()) > 0 || h.GetMethod() != corev3.RequestMethod_METHOD_UNSPECIFIED && h.GetMethod() != corev3.RequestMethod_GET {
+				return c, errors.New("health_checks: http: only path, host and expected_statuses are supported (a GET)")
+			}
+			c.HealthCheck.HTTPPath, c.HealthCheck.HTTPHost = h.GetPath(), h.GetHost()
+			for _, r := range h.GetExpectedStatuses() {
+				c.HealthCheck.ExpectedStatuses = append(c.HealthCheck.ExpectedStatuses, StatusRange{Start: int(r.GetStart()), End: int(r.GetEnd())})
+			}
+		case hc.GetGrpcHealthCheck() != nil:
+			c.HealthCheck.GRPC, c.HealthCheck.GRPCService = true, hc.GetGrpcHealthCheck().GetServiceName()
+		default:
+			return c, errors.New("health_checks: only TCP, HTTP and gRPC checks are supported")
+		}
 	default:
 		return c, errors.New("health_checks: at most one is supported")
 	}

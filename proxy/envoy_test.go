@@ -154,6 +154,19 @@ func TestFromEnvoyRefusesWhatItCannotDo(t *testing.T) {
 			t.Errorf("got %v, want an error containing %q", err, want)
 		}
 	}
+	for name, hc := range map[string]*corev3.HealthCheck{
+		"post check": {HealthChecker: &corev3.HealthCheck_HttpHealthCheck_{HttpHealthCheck: &corev3.HealthCheck_HttpHealthCheck{Path: "/h", Method: corev3.RequestMethod_POST}}},
+		"tcp payload": {HealthChecker: &corev3.HealthCheck_TcpHealthCheck_{TcpHealthCheck: &corev3.HealthCheck_TcpHealthCheck{Send: &corev3.HealthCheck_Payload{Payload: &corev3.HealthCheck_Payload_Text{Text: "00"}}}}},
+		"redis":       {HealthChecker: &corev3.HealthCheck_CustomHealthCheck_{CustomHealthCheck: &corev3.HealthCheck_CustomHealthCheck{Name: "envoy.health_checkers.redis"}}},
+	} {
+		c := envoyCluster(t, "hc")
+		hc.Timeout, hc.Interval = durationpb.New(time.Second), durationpb.New(time.Second)
+		hc.UnhealthyThreshold, hc.HealthyThreshold = wrapperspb.UInt32(1), wrapperspb.UInt32(1)
+		c.HealthChecks = []*corev3.HealthCheck{hc}
+		if _, err := ClustersFromEnvoy([]*clusterv3.Cluster{c}, nil); err == nil || !strings.Contains(err.Error(), "health_checks") {
+			t.Errorf("%s: got %v, want a health_checks error", name, err)
+		}
+	}
 	for name, tt := range map[string]struct {
 		match *routev3.RouteMatch
 		want  string

@@ -2,7 +2,9 @@ package proxy
 
 import (
 	"net/http"
+	"reflect"
 	"testing"
+	"time"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -174,6 +176,54 @@ spec:
 			}
 			if in := got.Inbound[0]; in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
 				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
+			}
+		})
+	}
+}
+
+// TestWritdHealthChecks: the HTTP and gRPC active health checks writd
+// emits for a TrafficPolicy become the proxy's checks.
+func TestWritdHealthChecks(t *testing.T) {
+	tests := []struct {
+		name, check string
+		want        HealthCheck
+	}{
+		{"http", "{type: http, path: /healthz, interval: 5s, timeout: 1s, unhealthyThreshold: 3, healthyThreshold: 2}",
+			HealthCheck{HTTPPath: "/healthz", Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 3, HealthyThreshold: 2}},
+		{"grpc", "{type: grpc, grpcService: orders, interval: 5s, timeout: 1s}",
+			HealthCheck{GRPC: true, GRPCService: "orders", Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1}},
+		{"tcp", "{type: tcp, interval: 5s, timeout: 1s}",
+			HealthCheck{Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mesh := matchMesh + "---\napiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orders, namespace: shop}\nspec:\n  service: orders\n  healthCheck: " + tt.check + "\n"
+			rs, err := config.DecodeMesh("mesh.yaml", []byte(mesh))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := config.CheckMesh(rs); err != nil {
+				t.Fatal(err)
+			}
+			res, err := xds.Build(&xds.Mesh{TrustDomain: "example.org", Resources: rs}, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cs []*clusterv3.Cluster
+			for _, c := range res[resource.ClusterType] {
+				cs = append(cs, c.(*clusterv3.Cluster))
+			}
+			got, err := ClustersFromEnvoy(cs, nil)
+			if err != nil {
+				t.Fatalf("writ-proxy refuses writd's clusters: %v", err)
+			}
+			if len(got) == 0 {
+				t.Fatal("no clusters")
+			}
+			for _, c := range got {
+				if c.HealthCheck == nil || !reflect.DeepEqual(*c.HealthCheck, tt.want) {
+					t.Fatalf("cluster %s: health check %+v, want %+v", c.Name, c.HealthCheck, tt.want)
+				}
 			}
 		})
 	}
