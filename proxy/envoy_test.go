@@ -155,7 +155,7 @@ func TestFromEnvoyRefusesWhatItCannotDo(t *testing.T) {
 		}
 	}
 	for name, hc := range map[string]*corev3.HealthCheck{
-		"post check": {HealthChecker: &corev3.HealthCheck_HttpHealthCheck_{HttpHealthCheck: &corev3.HealthCheck_HttpHealthCheck{Path: "/h", Method: corev3.RequestMethod_POST}}},
+		"post check":  {HealthChecker: &corev3.HealthCheck_HttpHealthCheck_{HttpHealthCheck: &corev3.HealthCheck_HttpHealthCheck{Path: "/h", Method: corev3.RequestMethod_POST}}},
 		"tcp payload": {HealthChecker: &corev3.HealthCheck_TcpHealthCheck_{TcpHealthCheck: &corev3.HealthCheck_TcpHealthCheck{Send: &corev3.HealthCheck_Payload{Payload: &corev3.HealthCheck_Payload_Text{Text: "00"}}}}},
 		"redis":       {HealthChecker: &corev3.HealthCheck_CustomHealthCheck_{CustomHealthCheck: &corev3.HealthCheck_CustomHealthCheck{Name: "envoy.health_checkers.redis"}}},
 	} {

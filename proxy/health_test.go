@@ -83,7 +83,7 @@ func TestHTTPHealthCheckDeniedByPolicy(t *testing.T) {
 	// "other" is not allowed by the server's policy.
 	clock := clockwork.NewFakeClock()
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: p.server.Addr("mesh")}},
-		PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"},
+		PeerIDs:     []string{"spiffe://example.org/ns/demo/sa/server"},
 		HealthCheck: &HealthCheck{HTTPPath: "/", Interval: Duration(5 * time.Second), Timeout: Duration(2 * time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1}}}}
 	other := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/other"), Clock: clock})
 	e := other.state.Load().clusters["server"].eps[0]
