@@ -559,7 +559,7 @@ func TestMeshLoadBalancers(t *testing.T) {
 	// Requests go out one at a time and stay open until answered; those
 	// reaching a are held. Once a holds one, least request (two choices
 	// out of two) sends every later one to idle b; round robin would
-	// send half of them to a.
+	// send about 15 of 30 to a.
 	results := make(chan meshResp, 40)
 	inflight := 0
 	for i := range 30 {
@@ -586,8 +586,12 @@ func TestMeshLoadBalancers(t *testing.T) {
 	for ; inflight > 0; inflight-- {
 		<-results
 	}
-	if got := heldA.Load(); got != 1 {
-		t.Fatalf("least request: %d of 30 requests went to the busy endpoint, want 1", got)
+	// One more may reach a in a tie: b's previous request can still count
+	// as active in the client's sidecar for an instant after its answer
+	// reached us (the body is closed after the copy). With two in flight
+	// at a, b always wins.
+	if got := heldA.Load(); got < 1 || got > 2 {
+		t.Fatalf("least request: %d of 30 requests went to the busy endpoint, want 1 (2 after a tie)", got)
 	}
 
 	// Ring hash on x-user.
