@@ -673,10 +673,10 @@ spec:
 	}()
 	m.sidecar("echo", "--inbound", freeAddr(t), "--app", tl.Addr().String(), "--policy-dir", m.policyDir, "--app-check-interval", "200ms")
 
-	// frontend binds writd's per-port outbound listeners (the TCP one on
-	// 127.0.0.1:tcpPort) and an upstream port for greeter.
-	gup := freeAddr(t)
-	front := m.sidecar("frontend", "--upstream", "greeter="+gup, "--outbound-ports")
+	// frontend binds upstream ports for greeter and echo, and writd's
+	// per-port outbound listeners (the TCP one on 127.0.0.1:tcpPort).
+	gup, eup := freeAddr(t), freeAddr(t)
+	front := m.sidecar("frontend", "--upstream", "greeter="+gup, "--upstream", "echo="+eup, "--outbound-ports")
 	sup, _ := m.client("stranger", "greeter")
 
 	call := func(addr string) error {
@@ -714,7 +714,21 @@ spec:
 		t.Fatalf("stranger's gRPC call: %v, want PermissionDenied", err)
 	}
 
-	// Opaque TCP.
+	// Opaque TCP, through writd's listener and through the upstream port.
+	echoOnce := func(addr string) bool {
+		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+		if err != nil {
+			return false
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, "hello\n"); err != nil {
+			return false
+		}
+		line, err := bufio.NewReader(c).ReadString('\n')
+		return err == nil && line == "hello\n"
+	}
+	waitUntil(t, 45*time.Second, "TCP echo through the upstream port", func() bool { return echoOnce(eup) })
 	var tc net.Conn
 	waitUntil(t, 45*time.Second, "TCP echo through the pair", func() bool {
 		c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", tcpPort), 5*time.Second)
