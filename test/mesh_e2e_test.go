@@ -30,7 +30,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
@@ -648,7 +647,8 @@ spec:
 		t.Fatal(err)
 	}
 	gs := grpc.NewServer()
-	healthpb.RegisterHealthServer(gs, health.NewServer())
+	fh := &flakyHealth{}
+	healthpb.RegisterHealthServer(gs, fh)
 	go gs.Serve(gl)
 	t.Cleanup(gs.Stop)
 	m.sidecar("greeter", "--inbound", freeAddr(t), "--app", gl.Addr().String(), "--policy-dir", m.policyDir, "--app-check-interval", "200ms")
@@ -714,6 +714,39 @@ spec:
 		t.Fatalf("stranger's gRPC call: %v, want PermissionDenied", err)
 	}
 
+	// gRPC retries: the server fails every other call with UNAVAILABLE;
+	// a route with retries (on unavailable, writd's default for gRPC)
+	// hides it.
+	fh.flaky.Store(true)
+	failed := 0
+	for range 10 {
+		if status.Code(call(gup)) == codes.Unavailable {
+			failed++
+		}
+	}
+	if failed == 0 {
+		t.Fatal("the flaky server failed no call without retries")
+	}
+	m.apply("apiVersion: writ.dev/v1alpha1\nkind: Route\nmetadata: {name: greeter, namespace: shop}\nspec:\n  service: greeter\n  rules:\n    - destinations: [{service: greeter}]\n      retries: {attempts: 3}\n")
+	streak := 0
+	waitUntil(t, 20*time.Second, "gRPC retries in force", func() bool {
+		if call(gup) == nil {
+			streak++
+		} else {
+			streak = 0
+		}
+		return streak >= 10
+	})
+	retriesBefore := counterValue(t, front, "writ_upstream_retries_total", nil)
+	for i := range 20 {
+		if err := call(gup); err != nil {
+			t.Fatalf("gRPC call %d with retries: %v", i, err)
+		}
+	}
+	if got := counterValue(t, front, "writ_upstream_retries_total", nil) - retriesBefore; got < 10 {
+		t.Fatalf("%v retries for 20 calls to a server failing every other one", got)
+	}
+
 	// Opaque TCP, through writd's listener and through the upstream port.
 	echoOnce := func(addr string) bool {
 		c, err := net.DialTimeout("tcp", addr, 5*time.Second)
@@ -763,6 +796,21 @@ spec:
 	waitUntil(t, 10*time.Second, "TCP bytes counted", func() bool {
 		return counterValue(t, front, "writ_tcp_sent_bytes_total", map[string]string{"direction": "outbound"}) >= 20*1000
 	})
+}
+
+// flakyHealth is gRPC's health service that, once flaky, fails every
+// other call with UNAVAILABLE.
+type flakyHealth struct {
+	healthpb.UnimplementedHealthServer
+	flaky atomic.Bool
+	n     atomic.Int64
+}
+
+func (f *flakyHealth) Check(context.Context, *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
+	if f.flaky.Load() && f.n.Add(1)%2 == 1 {
+		return nil, status.Error(codes.Unavailable, "flaky")
+	}
+	return &healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_SERVING}, nil
 }
 
 func portOf(t *testing.T, addr string) int {
