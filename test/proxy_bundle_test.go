@@ -17,7 +17,8 @@ import (
 // (--policy-bundle), not from a local directory. A policy change in
 // writd's directory reaches the running sidecar (ETag polling, hot swap);
 // a broken edit changes nothing; the AuthorizationPolicy's dry-run mode
-// lets what policy denies through; and a sidecar whose bundle cannot be had
+// lets what policy denies through; a policy binding another package's
+// rule is decided by that rule; and a sidecar whose bundle cannot be had
 // does not start: not ready, saying why, its mesh port closed.
 func TestWritProxyPolicyBundle(t *testing.T) {
 	root := repoRoot(t)
@@ -33,6 +34,9 @@ func TestWritProxyPolicyBundle(t *testing.T) {
 		{"callers": ["spiffe://example.org/ns/shop/sa/*"], "apis": ["bundles"], "paths": ["mesh"]}]}}}`)
 	policyDir := t.TempDir()
 	write(t, filepath.Join(policyDir, "mesh.rego"), meshPolicy)
+	// A second rule an AuthorizationPolicy can bind instead: only
+	// stranger may call.
+	write(t, filepath.Join(policyDir, "other.rego"), "package writ.other\n\ndefault allow := false\n\nallow if input.writ.source.service_account == \"stranger\"\n")
 	decisionAddr := freeAddr(t)
 	w := newAuditWritdWith(t, pg.url, writdOptions{listenDecision: decisionAddr, extra: fmt.Sprintf(
 		"decision:\n  policy_dir: %s\n  admin_policy_dir: %s\npolicy:\n  dir: %s\n  bundle_name: mesh\n  poll_interval: 100ms\n",
@@ -99,6 +103,17 @@ allow if input.writ.source.service_account == "stranger"
 	time.Sleep(time.Second) // several poll periods of writd and the sidecar
 	if code, code2 := get(strangerUp), get(up); code != http.StatusOK || code2 != http.StatusOK {
 		t.Fatalf("after a broken policy edit: stranger %d, frontend %d; want the last good policy (200, 200)", code, code2)
+	}
+
+	// An AuthorizationPolicy binding another package's decision: the
+	// sidecar decides that listener by data.writ.other.allow.
+	write(t, meshFile, strings.Replace(adsMesh, "package: envoy.authz", "package: writ.other", 1)+"---\n"+adsRoute("    - destinations: [{subset: v1}]\n"))
+	if out, code := w.writ(t, "apply", "-f", meshFile); code != 0 {
+		t.Fatalf("apply: %s", out)
+	}
+	waitUntil(t, 30*time.Second, "frontend refused by writ.other", func() bool { return get(up) == http.StatusForbidden })
+	if code := get(strangerUp); code != http.StatusOK {
+		t.Fatalf("stranger under writ.other: %d, want 200", code)
 	}
 
 	// Fail closed: a sidecar whose bundle is refused (no such bundle)

@@ -10,8 +10,10 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -254,6 +256,63 @@ type proxyRole struct {
 	waitingPolicy atomic.Bool
 	fetcher       *bundlefetch.Fetcher
 	bundleDir     string
+
+	// Engines of other decisions than the policy's own, for inbound
+	// listeners whose AuthorizationPolicy binds one: loaded from the same
+	// source, reloaded with it.
+	policySrc  policy.Options
+	enfSink    enforcer.Sink
+	enfMetrics *enforcer.Metrics
+	omu        sync.Mutex
+	others     map[string]*enforcer.Enforcer
+	otherEngs  []*policy.Engine
+}
+
+// enforcerFor is the enforcer of decision (proxy.Options.EnforcerFor):
+// an engine over the same policy source with that decision path, made
+// once and reloaded whenever the policy's own engine takes new content.
+func (r *proxyRole) enforcerFor(decision string) (*enforcer.Enforcer, error) {
+	r.omu.Lock()
+	defer r.omu.Unlock()
+	if e := r.others[decision]; e != nil {
+		return e, nil
+	}
+	popts := r.policySrc
+	popts.DecisionPath, popts.OnReload = decision, nil // reloads are recorded once, by the policy's own engine
+	eng, err := policy.NewEngine(context.Background(), popts)
+	if err != nil {
+		return nil, err
+	}
+	enf, err := enforcer.New(enforcer.Options{Engine: eng, Sink: r.enfSink, Metrics: r.enfMetrics, Logger: r.log})
+	if err != nil {
+		return nil, err
+	}
+	if r.others == nil {
+		r.others = map[string]*enforcer.Enforcer{}
+	}
+	r.others[decision], r.otherEngs = enf, append(r.otherEngs, eng)
+	r.log.Info("policy decision bound by an AuthorizationPolicy loaded", "decision", decision)
+	return enf, nil
+}
+
+// reloadOthers reloads the engines of other decisions after the policy's
+// own engine took new content; each keeps its last good set on error.
+func (r *proxyRole) reloadOthers(ctx context.Context) {
+	r.omu.Lock()
+	engs := slices.Clone(r.otherEngs)
+	r.omu.Unlock()
+	for _, e := range engs {
+		if err := e.Reload(ctx); err != nil {
+			r.log.Warn("policy reload for a bound decision", "decision", e.DecisionPath().String(), "err", err)
+		}
+	}
+}
+
+// reloadAll reloads the policy's own engine, then the others.
+func (r *proxyRole) reloadAll(ctx context.Context) error {
+	err := r.engine.Reload(ctx)
+	r.reloadOthers(ctx)
+	return err
 }
 
 // ServeHTTP serves the proxy's admin paths (/metrics, /config_dump,
@@ -319,8 +378,17 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 func (r *proxyRole) newEnforcer(ctx context.Context, popts policy.Options) error {
 	log := r.log
 	popts.Logger = log
-	if r.sink != nil {
-		popts.OnReload = r.sink.onReload
+	r.policySrc = popts
+	popts.OnReload = func(ev policy.ReloadEvent) {
+		if r.sink != nil {
+			r.sink.onReload(ev)
+		}
+		// With --policy-dir the engine polls the directory itself; the
+		// engines of other decisions follow it. (With --policy-bundle
+		// the fetcher reloads them all.)
+		if ev.Err == nil && r.o.policyDir != "" {
+			r.reloadOthers(context.Background())
+		}
 	}
 	eng, err := policy.NewEngine(ctx, popts)
 	if err != nil {
@@ -346,6 +414,7 @@ func (r *proxyRole) newEnforcer(ctx context.Context, popts policy.Options) error
 	if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
 		return err
 	}
+	r.enfSink, r.enfMetrics = sink, m
 	r.engine = eng
 	return nil
 }
@@ -406,7 +475,7 @@ func (r *proxyRole) RunPolicy(ctx context.Context) error {
 		case <-r.bundleReady:
 		}
 		defer os.RemoveAll(r.bundleDir)
-		return r.fetcher.Run(ctx, r.engine.Reload)
+		return r.fetcher.Run(ctx, r.reloadAll)
 	}
 	if r.engine == nil {
 		<-ctx.Done()
@@ -505,7 +574,7 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	popts := proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
+	popts := proxy.Options{Source: src, Enforcer: r.enforcer, EnforcerFor: r.enforcerFor, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
 		OTLPTracesURL: traces, ServiceName: service}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)
