@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -697,4 +698,44 @@ func TestAppCheckReports(t *testing.T) {
 		clock.Advance(time.Second)
 		return srv.lastHealth("orders-1") == corev3.HealthStatus_HEALTHY
 	})
+}
+
+// TestTranslateRegexRoutesStable: a configuration with compiled regex
+// matches translates to an equal one every time, so that an unchanged
+// push is not applied again (which would reset outlier and health state).
+func TestTranslateRegexRoutesStable(t *testing.T) {
+	const rx = `---
+apiVersion: writ.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  rules:
+    - match: {pathRegex: "/items/[0-9]+", headers: [{name: x-id, regex: "[a-f]+"}]}
+      destinations: [{subset: v2}]
+    - destinations: [{subset: v1}]
+`
+	snap := toSnapshot(t, build(t, meshYAML+rx))
+	a, err := Translate(snap, Local{Service: "orders", OutboundPorts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Translate(snap, Local{Service: "orders", OutboundPorts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(a, b) {
+		t.Fatal("two translations of one snapshot differ")
+	}
+	found := false
+	for _, rc := range a.Routes {
+		for _, vh := range rc.VirtualHosts {
+			for _, r := range vh.Routes {
+				found = found || r.Regex == "/items/[0-9]+" && len(r.Headers) == 1 && r.Headers[0].Regex == "[a-f]+"
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no regex route in %+v", a.Routes)
+	}
 }
