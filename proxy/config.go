@@ -165,7 +165,8 @@ type HeaderMatch struct {
 	IgnoreCase bool   `yaml:"ignore_case" json:"ignore_case,omitempty"`
 	Invert     bool   `yaml:"invert" json:"invert,omitempty"`
 
-	re *regexp.Regexp // Regex, compiled by Validate
+	re  *regexp.Regexp // Regex, compiled by Validate
+	key string         // Name canonicalized by Validate, spared per request
 }
 
 // MaxRegexLen bounds the regular expressions of routes and header
@@ -210,8 +211,12 @@ func (m *HeaderMatch) matches(method, host string, h http.Header) bool {
 	case ":authority":
 		v, ok = host, true
 	default:
+		key := m.key
+		if key == "" {
+			key = http.CanonicalHeaderKey(m.Name)
+		}
 		var vs []string
-		vs, ok = h[http.CanonicalHeaderKey(m.Name)]
+		vs, ok = h[key]
 		if len(vs) == 1 {
 			v = vs[0]
 		} else {
@@ -503,6 +508,9 @@ func (c *Config) Validate() error {
 					}
 					if n := btoi(hm.Exact != "") + btoi(hm.Prefix != "") + btoi(hm.Suffix != "") + btoi(hm.Contains != "") + btoi(hm.Regex != ""); n > 1 {
 						bad("%s: virtual host %q route %d: header %q: at most one of exact, prefix, suffix, contains and regex", where, vh.Name, j, hm.Name)
+					}
+					if hm.key == "" && !strings.HasPrefix(hm.Name, ":") {
+						hm.key = http.CanonicalHeaderKey(hm.Name)
 					}
 					if hm.Regex != "" && hm.re == nil {
 						re, err := compileRegex(hm.Regex)
