@@ -42,6 +42,7 @@ const (
 	CauseUndefined       = "undefined"        // the decision was undefined
 	CauseInvalidDecision = "invalid_decision" // the decision had the wrong shape
 	CauseAuditSink       = "audit_sink"       // the sink refused the record
+	CauseDryRunMode      = "dry_run_mode"     // the policy denied, in dry-run mode: allowed
 )
 
 // Decision is the record of one authorization decision, handed to the
@@ -76,7 +77,8 @@ type Decision struct {
 	Headers map[string]string
 	// DryRun is the candidate policy's answer, when one is configured and
 	// the request reached policy (nil for a 400). It is recorded, never
-	// enforced.
+	// enforced. In dry-run mode (ModeContextKey) a denial of the policy
+	// itself goes here instead, Result being allow.
 	DryRun *DryRun
 	// MatchedRules name the rules of the decision path that produced the
 	// policy's answer, as "FILE:LINE RULE" (policy.Result.Rules): the
@@ -170,6 +172,10 @@ func New(opts Options) (*Enforcer, error) {
 	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
+// DecisionPath is the query the enforcer's policy decides by, as
+// data.envoy.authz.allow.
+func (e *Enforcer) DecisionPath() string { return e.engine.DecisionPath().String() }
+
 // Check decides req. It never fails: a request it cannot decide is denied,
 // with the reason in the returned Decision, which has been recorded (or its
 // recording failed, which also denies). The response may be shared with
@@ -181,6 +187,17 @@ func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3
 		d.ID = id.String()
 	}
 	out := e.decide(ctx, req, &d)
+	if d.Result != ResultAllow && d.Cause != CauseBadPath && req.GetAttributes().GetContextExtensions()[ModeContextKey] == ModeDryRun {
+		// Dry-run mode: the policy's denial is recorded as what it would
+		// have done, and the request goes through. A 400 for a path the
+		// app could read differently from policy is not policy's answer
+		// and stays.
+		d.DryRun = &DryRun{Result: d.Result, HTTPStatus: d.HTTPStatus, Reason: d.Reason, PolicyRevision: d.PolicyRevision,
+			MatchedRules: d.MatchedRules, Disagrees: true}
+		d.Result, d.HTTPStatus, d.Cause = ResultAllow, http.StatusOK, CauseDryRunMode
+		d.Reason = "dry-run mode, not enforced: " + d.Reason
+		out = allowOutcome(nil, nil, nil, nil)
+	}
 	d.Latency = e.clock.Since(start)
 	if err := e.sink.Record(ctx, d); err != nil {
 		e.log.Error("audit sink refused decision; denying", "decision_id", d.ID, "err", err)

@@ -25,6 +25,18 @@ const DefaultMaxBodyBytes = 64 << 10
 // destination service, when the proxy sets it.
 const ServiceContextKey = "writ.service"
 
+// ModeContextKey is the ext_authz context extension carrying the mode of
+// the AuthorizationPolicy bound to the destination (writd sets it on the
+// inbound route's ExtAuthzPerRoute). ModeDryRun there means: evaluate and
+// record, never deny.
+const (
+	ModeContextKey = "writ.authz_mode"
+	ModeDryRun     = "dry-run"
+	// DecisionContextKey names the Rego query the bound policies decide
+	// by (data.PACKAGE.DECISION; several joined with ",").
+	DecisionContextKey = "writ.authz_decision"
+)
+
 // requestFacts are the parts of a request the decision record keeps.
 type requestFacts struct {
 	method, rawPath, path, protocol string

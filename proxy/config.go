@@ -7,12 +7,16 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"regexp"
+	"regexp/syntax"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"gopkg.in/yaml.v3"
+
+	"github.com/writmesh/writ/enforcer"
 )
 
 // Config is everything the data plane routes by. Its shapes follow Envoy's
@@ -43,6 +47,16 @@ type Inbound struct {
 	// AppProtocol is how HTTP reaches the app: "http1" (default) or "h2c".
 	// gRPC always goes over h2c.
 	AppProtocol string `yaml:"app_protocol" json:"app_protocol,omitempty"`
+	// AuthzMode is the mode of the AuthorizationPolicies bound to the
+	// service (writd's ext_authz context extension writ.authz_mode):
+	// "enforce" (or empty) denies what policy denies, "dry-run" evaluates
+	// and records every request but never denies on policy's word.
+	AuthzMode string `yaml:"authz_mode" json:"authz_mode,omitempty"`
+	// AuthzDecision is the Rego query those policies bind (writ.
+	// authz_decision, e.g. data.envoy.authz.allow). The proxy decides by
+	// its policy's one decision path, so a configuration binding another
+	// is refused rather than decided by the wrong rule.
+	AuthzDecision string `yaml:"authz_decision" json:"authz_decision,omitempty"`
 }
 
 // Outbound is a local plaintext port of the application's.
@@ -75,10 +89,17 @@ type VirtualHost struct {
 	Routes  []Route  `yaml:"routes" json:"routes"`
 }
 
-// Route sends requests whose path starts with Prefix (and whose headers
-// match Headers) to one of Clusters, chosen by weight.
+// Route sends requests whose path matches (exactly one of Prefix, Path
+// and Regex) and whose headers match Headers to one of Clusters, chosen by
+// weight. As in Envoy the path is matched without the query string, and a
+// virtual host's routes are tried in order: the first match wins.
 type Route struct {
-	Prefix   string            `yaml:"prefix" json:"prefix"`
+	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
+	// Path must equal the request's path (Envoy's path).
+	Path string `yaml:"path" json:"path,omitempty"`
+	// Regex must match the whole path (Envoy's safe_regex: RE2 syntax,
+	// which is Go's regexp); at most MaxRegexLen bytes.
+	Regex    string            `yaml:"regex" json:"regex,omitempty"`
 	Headers  []HeaderMatch     `yaml:"headers" json:"headers,omitempty"`
 	Clusters []WeightedCluster `yaml:"clusters" json:"clusters"`
 	// Timeout bounds the whole request, retries included; zero is 15 s
@@ -90,6 +111,21 @@ type Route struct {
 	// HashHeader names the header whose value keys RING_HASH clusters
 	// (Envoy's hash_policy with a header).
 	HashHeader string `yaml:"hash_header" json:"hash_header,omitempty"`
+
+	re *regexp.Regexp // Regex, compiled by Validate
+}
+
+// matchPath reports whether path (without its query) is the route's.
+func (r *Route) matchPath(path string) bool {
+	switch {
+	case r.Regex != "":
+		// Not compiled means not validated: match nothing rather than
+		// guess.
+		return r.re != nil && r.re.MatchString(path)
+	case r.Path != "":
+		return path == r.Path
+	}
+	return strings.HasPrefix(path, r.Prefix)
 }
 
 // Mirror is Envoy's request mirror policy: a copy of Percent of the
@@ -111,27 +147,97 @@ type Fault struct {
 	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
 }
 
-// HeaderMatch is Envoy's header matcher, reduced to what Writ's routes
-// use: the header's value is Exact, starts with Prefix, or (both empty)
-// the header is Present. Invert negates the match.
+// HeaderMatch is Envoy's header matcher: the header's value (its values
+// joined by ",", as Envoy does) is Exact, starts with Prefix, ends with
+// Suffix, contains Contains, or wholly matches Regex; with none of them
+// set the header only has to be Present. IgnoreCase compares Exact,
+// Prefix, Suffix and Contains without regard to ASCII case. Invert
+// negates the match, so an inverted presence match means "absent". Name
+// is a regular header or one of the pseudo-headers ":method" and
+// ":authority".
 type HeaderMatch struct {
-	Name   string `yaml:"name" json:"name"`
-	Exact  string `yaml:"exact" json:"exact,omitempty"`
-	Prefix string `yaml:"prefix" json:"prefix,omitempty"`
-	Invert bool   `yaml:"invert" json:"invert,omitempty"`
+	Name       string `yaml:"name" json:"name"`
+	Exact      string `yaml:"exact" json:"exact,omitempty"`
+	Prefix     string `yaml:"prefix" json:"prefix,omitempty"`
+	Suffix     string `yaml:"suffix" json:"suffix,omitempty"`
+	Contains   string `yaml:"contains" json:"contains,omitempty"`
+	Regex      string `yaml:"regex" json:"regex,omitempty"`
+	IgnoreCase bool   `yaml:"ignore_case" json:"ignore_case,omitempty"`
+	Invert     bool   `yaml:"invert" json:"invert,omitempty"`
+
+	re  *regexp.Regexp // Regex, compiled by Validate
+	key string         // Name canonicalized by Validate, spared per request
 }
 
-func (m *HeaderMatch) matches(h http.Header) bool {
-	vs, ok := h[http.CanonicalHeaderKey(m.Name)]
-	v := strings.Join(vs, ",")
+// MaxRegexLen bounds the regular expressions of routes and header
+// matches. Go's regexp (RE2) matches in linear time, so the bound is on
+// the size of the compiled program, which grows with the pattern (and
+// with counted repetitions, which regexp caps at 1000).
+const (
+	MaxRegexLen  = 1024
+	maxRegexInst = 4096
+)
+
+// compileRegex compiles an RE2 pattern anchored at both ends, as Envoy's
+// safe_regex matches the whole value, refusing patterns whose program
+// would be large.
+func compileRegex(pattern string) (*regexp.Regexp, error) {
+	if len(pattern) > MaxRegexLen {
+		return nil, fmt.Errorf("regex is %d bytes, more than %d", len(pattern), MaxRegexLen)
+	}
+	anchored := `^(?:` + pattern + `)$`
+	re, err := syntax.Parse(anchored, syntax.Perl)
+	if err != nil {
+		return nil, fmt.Errorf("regex %q: %w", pattern, err)
+	}
+	prog, err := syntax.Compile(re.Simplify())
+	if err != nil {
+		return nil, fmt.Errorf("regex %q: %w", pattern, err)
+	}
+	if len(prog.Inst) > maxRegexInst {
+		return nil, fmt.Errorf("regex %q compiles to %d instructions, more than %d", pattern, len(prog.Inst), maxRegexInst)
+	}
+	return regexp.Compile(anchored)
+}
+
+// matches reports whether the request with method, host and headers h
+// matches.
+func (m *HeaderMatch) matches(method, host string, h http.Header) bool {
+	var v string
+	var ok bool
+	switch m.Name {
+	case ":method":
+		v, ok = method, true
+	case ":authority":
+		v, ok = host, true
+	default:
+		key := m.key
+		if key == "" {
+			key = http.CanonicalHeaderKey(m.Name)
+		}
+		var vs []string
+		vs, ok = h[key]
+		if len(vs) == 1 {
+			v = vs[0]
+		} else {
+			v = strings.Join(vs, ",")
+		}
+	}
 	var hit bool
 	switch {
+	case !ok:
 	case m.Exact != "":
-		hit = ok && v == m.Exact
+		hit = v == m.Exact || m.IgnoreCase && strings.EqualFold(v, m.Exact)
 	case m.Prefix != "":
-		hit = ok && strings.HasPrefix(v, m.Prefix)
+		hit = strings.HasPrefix(v, m.Prefix) || m.IgnoreCase && len(v) >= len(m.Prefix) && strings.EqualFold(v[:len(m.Prefix)], m.Prefix)
+	case m.Suffix != "":
+		hit = strings.HasSuffix(v, m.Suffix) || m.IgnoreCase && len(v) >= len(m.Suffix) && strings.EqualFold(v[len(v)-len(m.Suffix):], m.Suffix)
+	case m.Contains != "":
+		hit = strings.Contains(v, m.Contains) || m.IgnoreCase && strings.Contains(strings.ToLower(v), strings.ToLower(m.Contains))
+	case m.Regex != "":
+		hit = m.re != nil && m.re.MatchString(v)
 	default:
-		hit = ok
+		hit = true
 	}
 	return hit != m.Invert
 }
@@ -194,11 +300,34 @@ type Cluster struct {
 // one of the cluster's peer IDs, within Timeout. UnhealthyThreshold
 // failures in a row take an endpoint out of the pool, HealthyThreshold
 // successes bring it back. Endpoints start healthy.
+//
+// With HTTPPath set the check is an HTTP GET of that path (Host: HTTPHost,
+// else the cluster's name, as Envoy does) over the mTLS connection, and
+// the answer's status must be in ExpectedStatuses (default 200 only, as
+// Envoy). With GRPC set it is grpc.health.v1.Health/Check for
+// GRPCService, which must answer SERVING. Either way the check is a
+// request like any other from this workload: it passes through the peer
+// sidecar's inbound listener, is decided by the peer's policy (which must
+// allow this workload that path) and answered by the peer's app — so a
+// healthy endpoint is one whose app answers, not merely whose sidecar
+// does.
 type HealthCheck struct {
 	Interval           Duration `yaml:"interval" json:"interval"`
 	Timeout            Duration `yaml:"timeout" json:"timeout"`
 	UnhealthyThreshold int      `yaml:"unhealthy_threshold" json:"unhealthy_threshold"`
 	HealthyThreshold   int      `yaml:"healthy_threshold" json:"healthy_threshold"`
+
+	HTTPPath         string        `yaml:"http_path" json:"http_path,omitempty"`
+	HTTPHost         string        `yaml:"http_host" json:"http_host,omitempty"`
+	ExpectedStatuses []StatusRange `yaml:"expected_statuses" json:"expected_statuses,omitempty"`
+	GRPC             bool          `yaml:"grpc" json:"grpc,omitempty"`
+	GRPCService      string        `yaml:"grpc_service" json:"grpc_service,omitempty"`
+}
+
+// StatusRange is the HTTP statuses [Start, End).
+type StatusRange struct {
+	Start int `yaml:"start" json:"start"`
+	End   int `yaml:"end" json:"end"`
 }
 
 // CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
@@ -229,6 +358,12 @@ type OutlierDetection struct {
 type Endpoint struct {
 	Address string `yaml:"address" json:"address"`
 }
+
+// Authorization modes of an inbound listener.
+const (
+	AuthzEnforce = "enforce"
+	AuthzDryRun  = enforcer.ModeDryRun
+)
 
 // LB policies.
 const (
@@ -280,7 +415,10 @@ func LoadConfig(path string) (*Config, error) {
 }
 
 // Validate checks names, references and addresses, so that a bad
-// configuration is refused before it replaces a good one.
+// configuration is refused before it replaces a good one, and compiles
+// the regular expressions of its routes (once: validating a Config
+// again, as New and Update do, only reads them). A route whose regex was
+// never compiled matches nothing.
 func (c *Config) Validate() error {
 	var errs []error
 	bad := func(format string, a ...any) { errs = append(errs, fmt.Errorf(format, a...)) }
@@ -312,6 +450,16 @@ func (c *Config) Validate() error {
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)
 		}
+		if hc := cl.HealthCheck; hc != nil {
+			if hc.HTTPPath != "" && (hc.GRPC || !strings.HasPrefix(hc.HTTPPath, "/")) {
+				bad("%s: health_check: http_path %q must start with / and excludes grpc", where, hc.HTTPPath)
+			}
+			for _, r := range hc.ExpectedStatuses {
+				if r.Start < 100 || r.End > 600 || r.Start >= r.End {
+					bad("%s: health_check: expected status range [%d, %d) is not within [100, 600)", where, r.Start, r.End)
+				}
+			}
+		}
 		for _, a := range cl.Addresses {
 			if _, _, err := net.SplitHostPort(a); err != nil {
 				bad("%s: address %q: %v", where, a, err)
@@ -338,13 +486,38 @@ func (c *Config) Validate() error {
 			if len(vh.Domains) == 0 {
 				bad("%s: virtual host %q has no domains", where, vh.Name)
 			}
-			for j, r := range vh.Routes {
-				if !strings.HasPrefix(r.Prefix, "/") {
-					bad("%s: virtual host %q route %d: prefix %q must start with /", where, vh.Name, j, r.Prefix)
+			for j := range vh.Routes {
+				r := &vh.Routes[j]
+				switch n := btoi(r.Prefix != "") + btoi(r.Path != "") + btoi(r.Regex != ""); {
+				case n != 1:
+					bad("%s: virtual host %q route %d: want exactly one of prefix, path and regex", where, vh.Name, j)
+				case r.Regex != "" && r.re == nil:
+					re, err := compileRegex(r.Regex)
+					if err != nil {
+						bad("%s: virtual host %q route %d: %v", where, vh.Name, j, err)
+					}
+					r.re = re
+				case r.Regex != "":
+				case !strings.HasPrefix(r.Prefix+r.Path, "/"):
+					bad("%s: virtual host %q route %d: path %q must start with /", where, vh.Name, j, r.Prefix+r.Path)
 				}
-				for _, hm := range r.Headers {
-					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") {
-						bad("%s: virtual host %q route %d: header match needs a regular header name, not %q", where, vh.Name, j, hm.Name)
+				for k := range r.Headers {
+					hm := &r.Headers[k]
+					if hm.Name == "" || strings.HasPrefix(hm.Name, ":") && hm.Name != ":method" && hm.Name != ":authority" {
+						bad("%s: virtual host %q route %d: header match needs a regular header name, :method or :authority, not %q", where, vh.Name, j, hm.Name)
+					}
+					if n := btoi(hm.Exact != "") + btoi(hm.Prefix != "") + btoi(hm.Suffix != "") + btoi(hm.Contains != "") + btoi(hm.Regex != ""); n > 1 {
+						bad("%s: virtual host %q route %d: header %q: at most one of exact, prefix, suffix, contains and regex", where, vh.Name, j, hm.Name)
+					}
+					if hm.key == "" && !strings.HasPrefix(hm.Name, ":") {
+						hm.key = http.CanonicalHeaderKey(hm.Name)
+					}
+					if hm.Regex != "" && hm.re == nil {
+						re, err := compileRegex(hm.Regex)
+						if err != nil {
+							bad("%s: virtual host %q route %d: header %q: %v", where, vh.Name, j, hm.Name, err)
+						}
+						hm.re = re
 					}
 				}
 				var total uint64
@@ -401,6 +574,9 @@ func (c *Config) Validate() error {
 		if in.AppProtocol != "" && in.AppProtocol != "http1" && in.AppProtocol != "h2c" {
 			bad("%s: app_protocol %q: want http1 or h2c", where, in.AppProtocol)
 		}
+		if in.AuthzMode != "" && in.AuthzMode != AuthzEnforce && in.AuthzMode != AuthzDryRun {
+			bad("%s: authz_mode %q: want %s or %s", where, in.AuthzMode, AuthzEnforce, AuthzDryRun)
+		}
 	}
 	for i, out := range c.Outbound {
 		where := listener("outbound", i, out.Name, out.Address)
@@ -424,6 +600,13 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func isLoopback(host string) bool {

@@ -110,7 +110,7 @@ func TestRouteMatch(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			r := st.route(tt.route, tt.host, tt.path, tt.header)
+			r := st.route(tt.route, tt.host, "GET", tt.path, tt.header)
 			got := ""
 			if r != nil {
 				got = r.Clusters[0].Name
@@ -119,6 +119,122 @@ func TestRouteMatch(t *testing.T) {
 				t.Fatalf("got %q, want %q", got, tt.want)
 			}
 		})
+	}
+}
+
+const matchConfig = `
+clusters:
+- {name: exact, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: regex, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: post, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: hdr, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: absent, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: authority, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+- {name: rest, endpoints: [{address: "127.0.0.1:1"}], peer_ids: [spiffe://example.org/a]}
+routes:
+- name: r
+  virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+    - {path: /items, clusters: [{name: exact, weight: 1}]}
+    - {regex: "/items/[0-9]+", clusters: [{name: regex, weight: 1}]}
+    - prefix: /items
+      headers: [{name: ":method", exact: POST}]
+      clusters: [{name: post, weight: 1}]
+    - prefix: /h
+      headers: [{name: x-id, regex: "[a-f]{2,4}"}, {name: x-env, suffix: "-PROD", ignore_case: true}, {name: x-tier, contains: gold}]
+      clusters: [{name: hdr, weight: 1}]
+    - prefix: /h
+      headers: [{name: x-debug, invert: true}]
+      clusters: [{name: absent, weight: 1}]
+    - prefix: /
+      headers: [{name: ":authority", prefix: "orders:"}]
+      clusters: [{name: authority, weight: 1}]
+    - {prefix: /, clusters: [{name: rest, weight: 1}]}
+`
+
+// TestRouteMatchKinds: exact, regex, method and header matches, tried in
+// order with the first match winning, as in Envoy.
+func TestRouteMatchKinds(t *testing.T) {
+	c, err := LoadConfig(writeFile(t, matchConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := &state{routes: map[string]*RouteConfig{"r": &c.Routes[0]}}
+	hdr := func(kv ...string) http.Header {
+		h := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			h.Add(kv[i], kv[i+1])
+		}
+		return h
+	}
+	tests := []struct {
+		name, host, method, path string
+		header                   http.Header
+		want                     string
+	}{
+		{"exact path", "o", "GET", "/items", nil, "exact"},
+		{"exact path wins over method", "o", "POST", "/items", nil, "exact"},
+		{"exact is not a prefix", "o", "GET", "/items/", nil, "rest"},
+		{"regex", "o", "GET", "/items/42", nil, "regex"},
+		{"regex is anchored at the end", "o", "GET", "/items/42/x", nil, "rest"},
+		{"regex is anchored at the start", "o", "GET", "/v1/items/42", nil, "rest"},
+		{"regex wins over method", "o", "POST", "/items/42", nil, "regex"},
+		{"method", "o", "POST", "/items/x", nil, "post"},
+		{"other method", "o", "PUT", "/items/x", nil, "rest"},
+		{"headers all match", "o", "GET", "/h", hdr("x-id", "abc", "x-env", "eu-prod", "x-tier", "the-gold-one"), "hdr"},
+		{"header regex must match whole value", "o", "GET", "/h", hdr("x-id", "abcdefg", "x-env", "eu-prod", "x-tier", "gold"), "absent"},
+		{"header suffix case", "o", "GET", "/h", hdr("x-id", "ab", "x-env", "EU-Prod", "x-tier", "gold"), "hdr"},
+		{"header missing", "o", "GET", "/h", hdr("x-id", "ab", "x-tier", "gold"), "absent"},
+		{"multiple values joined", "o", "GET", "/h", hdr("x-id", "ab", "x-env", "a", "x-env", "b-prod", "x-tier", "gold"), "hdr"},
+		{"absent header present", "o", "GET", "/h", hdr("x-debug", "1"), "rest"},
+		{"authority with port", "orders:80", "GET", "/z", nil, "authority"},
+		{"authority without port", "orders", "GET", "/z", nil, "rest"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := st.route("r", tt.host, tt.method, tt.path, tt.header)
+			if r == nil {
+				t.Fatalf("no route, want %q", tt.want)
+			}
+			if got := r.Clusters[0].Name; got != tt.want {
+				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestRouteMatchErrors(t *testing.T) {
+	base := strings.Replace(matchConfig, "    - {prefix: /, clusters: [{name: rest, weight: 1}]}\n", "", 1)
+	tests := []struct{ name, route, want string }{
+		{"two path kinds", "    - {prefix: /, path: /a, clusters: [{name: rest, weight: 1}]}\n", "exactly one of prefix, path and regex"},
+		{"no path", "    - {clusters: [{name: rest, weight: 1}]}\n", "exactly one of prefix, path and regex"},
+		{"relative path", "    - {path: a, clusters: [{name: rest, weight: 1}]}\n", "must start with /"},
+		{"bad regex", "    - {regex: \"([\", clusters: [{name: rest, weight: 1}]}\n", "missing closing"},
+		{"huge regex", "    - {regex: \"" + strings.Repeat("a", 1025) + "\", clusters: [{name: rest, weight: 1}]}\n", "more than 1024"},
+		{"big program", "    - {regex: \"[a-z]{1000}[0-9]{1000}[a-z]{1000}[0-9]{1000}[a-z]{1000}\", clusters: [{name: rest, weight: 1}]}\n", "instructions"},
+		{"bad header regex", "    - {prefix: /, headers: [{name: x, regex: \"(\"}], clusters: [{name: rest, weight: 1}]}\n", "header \"x\""},
+		{"two header kinds", "    - {prefix: /, headers: [{name: x, exact: a, prefix: b}], clusters: [{name: rest, weight: 1}]}\n", "at most one of"},
+		{"path pseudo-header", "    - {prefix: /, headers: [{name: \":path\", exact: /}], clusters: [{name: rest, weight: 1}]}\n", ":method or :authority"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := LoadConfig(writeFile(t, base+tt.route))
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("got %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestUnvalidatedRegexMatchesNothing: a route whose regex was never
+// compiled (a Config not passed through Validate) fails closed.
+func TestUnvalidatedRegexMatchesNothing(t *testing.T) {
+	r := &Route{Regex: ".*"}
+	h := &HeaderMatch{Name: "x", Regex: ".*"}
+	if r.matchPath("/a") || h.matches("GET", "o", http.Header{"X": {"a"}}) {
+		t.Fatal("an uncompiled regex matched")
 	}
 }
 

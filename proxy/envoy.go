@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -19,8 +20,11 @@ import (
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/wellknown"
+	"github.com/writmesh/writ/enforcer"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 )
 
@@ -63,34 +67,35 @@ func RoutesFromEnvoy(rcs []*routev3.RouteConfiguration) ([]RouteConfig, error) {
 func routeFromEnvoy(er *routev3.Route) (Route, error) {
 	var r Route
 	m := er.GetMatch()
-	switch {
-	case m.GetPrefix() != "" || m.GetPathSpecifier() == nil:
-		r.Prefix = m.GetPrefix()
-		if r.Prefix == "" {
-			r.Prefix = "/"
+	switch ps := m.GetPathSpecifier().(type) {
+	case nil:
+		r.Prefix = "/"
+	case *routev3.RouteMatch_Prefix:
+		// Envoy's empty prefix matches every path, as "/" does.
+		r.Prefix = cmp.Or(ps.Prefix, "/")
+	case *routev3.RouteMatch_Path:
+		if ps.Path == "" {
+			return r, errors.New("match: empty path")
+		}
+		r.Path = ps.Path
+	case *routev3.RouteMatch_SafeRegex:
+		r.Regex = ps.SafeRegex.GetRegex()
+		if _, err := compileRegex(r.Regex); err != nil {
+			return r, fmt.Errorf("match: safe_regex: %w", err)
 		}
 	default:
-		return r, errors.New("match: only prefix matches are supported")
+		return r, errors.New("match: only prefix, path and safe_regex path matches are supported")
 	}
 	if m.GetCaseSensitive() != nil && !m.GetCaseSensitive().GetValue() {
 		return r, errors.New("match: case-insensitive matching is not supported")
 	}
 	if len(m.GetQueryParameters()) > 0 || len(m.GetCookies()) > 0 || m.GetRuntimeFraction() != nil || m.GetGrpc() != nil || m.GetTlsContext() != nil || len(m.GetDynamicMetadata()) > 0 {
-		return r, errors.New("match: only prefix and header matches are supported")
+		return r, errors.New("match: only path and header matches are supported")
 	}
 	for _, hm := range m.GetHeaders() {
-		h := HeaderMatch{Name: hm.GetName(), Invert: hm.GetInvertMatch()}
-		switch {
-		case hm.GetPresentMatch():
-		case hm.GetStringMatch().GetExact() != "":
-			h.Exact = hm.GetStringMatch().GetExact()
-		case hm.GetStringMatch().GetPrefix() != "":
-			h.Prefix = hm.GetStringMatch().GetPrefix()
-		default:
-			return r, fmt.Errorf("match: header %q: only present, exact and prefix matches are supported", hm.GetName())
-		}
-		if hm.GetStringMatch().GetIgnoreCase() {
-			return r, fmt.Errorf("match: header %q: ignore_case is not supported", hm.GetName())
+		h, err := headerFromEnvoy(hm)
+		if err != nil {
+			return r, fmt.Errorf("match: header %q: %w", hm.GetName(), err)
 		}
 		r.Headers = append(r.Headers, h)
 	}
@@ -177,6 +182,69 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 	return r, nil
 }
 
+// headerFromEnvoy translates a header matcher. Envoy matches "host" as
+// the :authority pseudo-header, which is where Go keeps it too.
+func headerFromEnvoy(hm *routev3.HeaderMatcher) (HeaderMatch, error) {
+	h := HeaderMatch{Name: strings.ToLower(hm.GetName()), Invert: hm.GetInvertMatch()}
+	if h.Name == "host" {
+		h.Name = ":authority"
+	}
+	if strings.HasPrefix(h.Name, ":") && h.Name != ":method" && h.Name != ":authority" {
+		return h, errors.New("only the :method and :authority pseudo-headers are supported")
+	}
+	if hm.GetTreatMissingHeaderAsEmpty() {
+		return h, errors.New("treat_missing_header_as_empty is not supported")
+	}
+	var sm *matcherv3.StringMatcher
+	switch spec := hm.GetHeaderMatchSpecifier().(type) {
+	case nil:
+		// No specifier: Envoy matches on presence.
+	case *routev3.HeaderMatcher_PresentMatch:
+		// present_match false matches an absent header.
+		h.Invert = h.Invert != !spec.PresentMatch
+	case *routev3.HeaderMatcher_StringMatch:
+		sm = spec.StringMatch
+	case *routev3.HeaderMatcher_ExactMatch:
+		sm = &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: spec.ExactMatch}}
+	case *routev3.HeaderMatcher_PrefixMatch:
+		sm = &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: spec.PrefixMatch}}
+	case *routev3.HeaderMatcher_SuffixMatch:
+		sm = &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Suffix{Suffix: spec.SuffixMatch}}
+	case *routev3.HeaderMatcher_ContainsMatch:
+		sm = &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Contains{Contains: spec.ContainsMatch}}
+	case *routev3.HeaderMatcher_SafeRegexMatch:
+		sm = &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: spec.SafeRegexMatch}}
+	default:
+		return h, errors.New("only present and string matches are supported")
+	}
+	if sm == nil {
+		return h, nil
+	}
+	h.IgnoreCase = sm.GetIgnoreCase()
+	switch p := sm.GetMatchPattern().(type) {
+	case *matcherv3.StringMatcher_Exact:
+		h.Exact = p.Exact
+	case *matcherv3.StringMatcher_Prefix:
+		h.Prefix = p.Prefix
+	case *matcherv3.StringMatcher_Suffix:
+		h.Suffix = p.Suffix
+	case *matcherv3.StringMatcher_Contains:
+		h.Contains = p.Contains
+	case *matcherv3.StringMatcher_SafeRegex:
+		h.Regex, h.IgnoreCase = p.SafeRegex.GetRegex(), false // ignore_case does not apply to regexes
+		if _, err := compileRegex(h.Regex); err != nil {
+			return h, fmt.Errorf("safe_regex: %w", err)
+		}
+	default:
+		return h, errors.New("only exact, prefix, suffix, contains and safe_regex string matches are supported")
+	}
+	if h.Exact == "" && h.Prefix == "" && h.Suffix == "" && h.Contains == "" && h.Regex == "" {
+		// An empty string would read as a presence match here.
+		return h, errors.New("an empty string to match is not supported")
+	}
+	return h, nil
+}
+
 // ClustersFromEnvoy translates clusters, taking endpoints from each
 // cluster's inline load_assignment or else from the load assignment of the
 // same name (EDS).
@@ -254,11 +322,27 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 	case 0:
 	case 1:
 		hc := hcs[0]
-		if hc.GetTcpHealthCheck() == nil {
-			return c, errors.New("health_checks: only TCP checks are supported (an mTLS handshake with the peer sidecar)")
-		}
 		c.HealthCheck = &HealthCheck{Interval: duration(hc.GetInterval()), Timeout: duration(hc.GetTimeout()),
 			UnhealthyThreshold: int(hc.GetUnhealthyThreshold().GetValue()), HealthyThreshold: int(hc.GetHealthyThreshold().GetValue())}
+		switch {
+		case hc.GetTcpHealthCheck() != nil:
+			if tc := hc.GetTcpHealthCheck(); tc.GetSend() != nil || len(tc.GetReceive()) > 0 {
+				return c, errors.New("health_checks: TCP send/receive payloads are not supported (the check is an mTLS handshake with the peer sidecar)")
+			}
+		case hc.GetHttpHealthCheck() != nil:
+			h := hc.GetHttpHealthCheck()
+			if len(h.GetRequestHeadersToAdd()) > 0 || h.GetSend() != nil || len(h.GetReceive()) > 0 || h.GetMethod() != corev3.RequestMethod_METHOD_UNSPECIFIED && h.GetMethod() != corev3.RequestMethod_GET {
+				return c, errors.New("health_checks: http: only path, host and expected_statuses are supported (a GET)")
+			}
+			c.HealthCheck.HTTPPath, c.HealthCheck.HTTPHost = h.GetPath(), h.GetHost()
+			for _, r := range h.GetExpectedStatuses() {
+				c.HealthCheck.ExpectedStatuses = append(c.HealthCheck.ExpectedStatuses, StatusRange{Start: int(r.GetStart()), End: int(r.GetEnd())})
+			}
+		case hc.GetGrpcHealthCheck() != nil:
+			c.HealthCheck.GRPC, c.HealthCheck.GRPCService = true, hc.GetGrpcHealthCheck().GetServiceName()
+		default:
+			return c, errors.New("health_checks: only TCP, HTTP and gRPC checks are supported")
+		}
 	default:
 		return c, errors.New("health_checks: at most one is supported")
 	}
@@ -441,6 +525,25 @@ func listenerFromEnvoy(l *listenerv3.Listener, cs map[string]*clusterv3.Cluster,
 	return nil
 }
 
+// authzPerRoute reads the ext_authz per-route settings writd sets on an
+// inbound route: the AuthorizationPolicy's mode and decision as context
+// extensions. Disabling the check is refused: every inbound request is
+// authorized.
+func authzPerRoute(a *anypb.Any) (mode, decision string, err error) {
+	if a == nil {
+		return "", "", nil
+	}
+	var pr extauthzv3.ExtAuthzPerRoute
+	if err := a.UnmarshalTo(&pr); err != nil {
+		return "", "", fmt.Errorf("ext_authz per-route config: %w", err)
+	}
+	if pr.GetDisabled() {
+		return "", "", errors.New("ext_authz disabled on an inbound route: every inbound request must be authorized")
+	}
+	ext := pr.GetCheckSettings().GetContextExtensions()
+	return ext[enforcer.ModeContextKey], ext[enforcer.DecisionContextKey], nil
+}
+
 // inboundFromEnvoy reads an inbound listener's HTTP connection manager:
 // every route goes to one static cluster, the local app.
 func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[string]*clusterv3.Cluster, service string) (Inbound, string, error) {
@@ -473,6 +576,7 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 		return in, "", errors.New("inbound listeners need an inline route_config to the local app")
 	}
 	app := ""
+	first := true
 	for _, vh := range rc.GetVirtualHosts() {
 		for _, r := range vh.GetRoutes() {
 			c := r.GetRoute().GetCluster()
@@ -480,6 +584,17 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 				return in, "", errors.New("route_config: every inbound route must go to the one local app cluster")
 			}
 			app = c
+			mode, decision, err := authzPerRoute(r.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			if err == nil && mode == "" && decision == "" {
+				mode, decision, err = authzPerRoute(vh.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			}
+			if err != nil {
+				return in, "", fmt.Errorf("route_config: %w", err)
+			}
+			if !first && (mode != in.AuthzMode || decision != in.AuthzDecision) {
+				return in, "", errors.New("route_config: inbound routes with different authorization modes or decisions are not supported")
+			}
+			in.AuthzMode, in.AuthzDecision, first = mode, decision, false
 		}
 	}
 	if app == "" {

@@ -154,11 +154,87 @@ func TestFromEnvoyRefusesWhatItCannotDo(t *testing.T) {
 			t.Errorf("got %v, want an error containing %q", err, want)
 		}
 	}
-	redirect := &routev3.RouteConfiguration{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []*routev3.Route{{
-		Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Path{Path: "/exact"}},
-		Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "c"}}},
-	}}}}}
-	if _, err := RoutesFromEnvoy([]*routev3.RouteConfiguration{redirect}); err == nil || !strings.Contains(err.Error(), "only prefix") {
-		t.Errorf("exact path match: got %v", err)
+	for name, hc := range map[string]*corev3.HealthCheck{
+		"post check":  {HealthChecker: &corev3.HealthCheck_HttpHealthCheck_{HttpHealthCheck: &corev3.HealthCheck_HttpHealthCheck{Path: "/h", Method: corev3.RequestMethod_POST}}},
+		"tcp payload": {HealthChecker: &corev3.HealthCheck_TcpHealthCheck_{TcpHealthCheck: &corev3.HealthCheck_TcpHealthCheck{Send: &corev3.HealthCheck_Payload{Payload: &corev3.HealthCheck_Payload_Text{Text: "00"}}}}},
+		"redis":       {HealthChecker: &corev3.HealthCheck_CustomHealthCheck_{CustomHealthCheck: &corev3.HealthCheck_CustomHealthCheck{Name: "envoy.health_checkers.redis"}}},
+	} {
+		c := envoyCluster(t, "hc")
+		hc.Timeout, hc.Interval = durationpb.New(time.Second), durationpb.New(time.Second)
+		hc.UnhealthyThreshold, hc.HealthyThreshold = wrapperspb.UInt32(1), wrapperspb.UInt32(1)
+		c.HealthChecks = []*corev3.HealthCheck{hc}
+		if _, err := ClustersFromEnvoy([]*clusterv3.Cluster{c}, nil); err == nil || !strings.Contains(err.Error(), "health_checks") {
+			t.Errorf("%s: got %v, want a health_checks error", name, err)
+		}
+	}
+	for name, tt := range map[string]struct {
+		match *routev3.RouteMatch
+		want  string
+	}{
+		"separated prefix": {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_PathSeparatedPrefix{PathSeparatedPrefix: "/a"}}, "only prefix, path and safe_regex"},
+		"huge regex":       {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: strings.Repeat("a", 1025)}}}, "more than 1024"},
+		"big program":      {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "[a-z]{1000}[0-9]{1000}[a-z]{1000}[0-9]{1000}[a-z]{1000}"}}}, "instructions"},
+		"bad regex":        {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "(["}}}, "missing closing"},
+		"range header": {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}, Headers: []*routev3.HeaderMatcher{{Name: "x-n",
+			HeaderMatchSpecifier: &routev3.HeaderMatcher_RangeMatch{RangeMatch: &typev3.Int64Range{Start: 1, End: 5}}}}}, "only present and string"},
+		"path pseudo-header": {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}, Headers: []*routev3.HeaderMatcher{{Name: ":path",
+			HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: true}}}}, ":method and :authority"},
+		"query": {&routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}, QueryParameters: []*routev3.QueryParameterMatcher{{Name: "q",
+			QueryParameterMatchSpecifier: &routev3.QueryParameterMatcher_PresentMatch{PresentMatch: true}}}}, "only path and header"},
+	} {
+		rc := &routev3.RouteConfiguration{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []*routev3.Route{{
+			Match:  tt.match,
+			Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "c"}}},
+		}}}}}
+		if _, err := RoutesFromEnvoy([]*routev3.RouteConfiguration{rc}); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: got %v, want an error containing %q", name, err, tt.want)
+		}
+	}
+}
+
+// TestRouteMatchesFromEnvoy: each kind of Envoy path and header match
+// becomes the proxy's, and the routes keep their order.
+func TestRouteMatchesFromEnvoy(t *testing.T) {
+	str := func(sm *matcherv3.StringMatcher) *routev3.HeaderMatcher_StringMatch {
+		return &routev3.HeaderMatcher_StringMatch{StringMatch: sm}
+	}
+	to := &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "c"}}}
+	rc := &routev3.RouteConfiguration{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []*routev3.Route{
+		{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Path{Path: "/exact"}}, Action: to},
+		{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "/items/[0-9]+"}}}, Action: to},
+		{Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: ""}, Headers: []*routev3.HeaderMatcher{
+			{Name: ":method", HeaderMatchSpecifier: str(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: "POST"}})},
+			{Name: "X-Id", HeaderMatchSpecifier: str(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "[a-f]+"}}})},
+			{Name: "x-env", HeaderMatchSpecifier: str(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Suffix{Suffix: "-prod"}, IgnoreCase: true})},
+			{Name: "x-debug", HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: false}},
+			{Name: "x-user", InvertMatch: true},
+			{Name: "Host", HeaderMatchSpecifier: str(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Contains{Contains: "orders"}})},
+		}}, Action: to},
+	}}}}
+	got, err := RoutesFromEnvoy([]*routev3.RouteConfiguration{rc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := got[0].VirtualHosts[0].Routes
+	want := []Route{
+		{Path: "/exact"},
+		{Regex: "/items/[0-9]+"},
+		{Prefix: "/", Headers: []HeaderMatch{
+			{Name: ":method", Exact: "POST"},
+			{Name: "x-id", Regex: "[a-f]+"},
+			{Name: "x-env", Suffix: "-prod", IgnoreCase: true},
+			{Name: "x-debug", Invert: true},
+			{Name: "x-user", Invert: true},
+			{Name: ":authority", Contains: "orders"},
+		}},
+	}
+	if len(rs) != len(want) {
+		t.Fatalf("got %d routes, want %d", len(rs), len(want))
+	}
+	for i := range want {
+		want[i].Clusters = []WeightedCluster{{Name: "c", Weight: 1}}
+		if !reflect.DeepEqual(rs[i], want[i]) {
+			t.Errorf("route %d:\ngot  %+v\nwant %+v", i, rs[i], want[i])
+		}
 	}
 }

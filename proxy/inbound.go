@@ -34,6 +34,7 @@ const (
 // it carries HTTP (h2, http/1.1) or opaque TCP (no ALPN).
 type inboundListener struct {
 	p      *Proxy
+	enf    *enforcer.Enforcer // nil: deny all
 	cfg    Inbound
 	ln     net.Listener
 	tlsCfg *tls.Config
@@ -66,11 +67,24 @@ type peerInfo struct {
 }
 
 func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
+	enf, err := p.inboundEnforcer(cfg)
+	if err != nil {
+		return nil, err
+	}
 	ln, err := net.Listen("tcp", cfg.Address)
 	if err != nil {
 		return nil, fmt.Errorf("inbound %s: %w", cfg.Name, err)
 	}
-	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: map[string]string{enforcer.ServiceContextKey: cfg.Service}}
+	ext := map[string]string{enforcer.ServiceContextKey: cfg.Service}
+	if cfg.AuthzMode != "" {
+		// The enforcer honours the mode (dry-run: never deny); policies
+		// may read both.
+		ext[enforcer.ModeContextKey] = cfg.AuthzMode
+	}
+	if cfg.AuthzDecision != "" {
+		ext[enforcer.DecisionContextKey] = cfg.AuthzDecision
+	}
+	l := &inboundListener{p: p, enf: enf, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: ext}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
@@ -225,10 +239,10 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // check asks the enforcer, denying when there is none.
 func (l *inboundListener) check(r *http.Request, pi *peerInfo) (*authv3.CheckResponse, enforcer.Decision) {
-	if l.p.enf == nil {
+	if l.enf == nil {
 		return nil, enforcer.Decision{Result: enforcer.ResultDeny, HTTPStatus: http.StatusForbidden, Reason: "no policy loaded"}
 	}
-	return l.p.enf.Check(r.Context(), l.checkRequest(r, pi))
+	return l.enf.Check(r.Context(), l.checkRequest(r, pi))
 }
 
 // checkRequest describes r the way Envoy's ext_authz filter does:
@@ -338,10 +352,10 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 		return
 	}
 	var d enforcer.Decision
-	if l.p.enf == nil {
+	if l.enf == nil {
 		d.Result = enforcer.ResultDeny
 	} else {
-		_, d = l.p.enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		_, d = l.enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 			Source: pi.source, Destination: pi.dest, ContextExtensions: l.ext,
 		}})
 	}

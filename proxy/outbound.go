@@ -216,7 +216,7 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		name, _ := r.Context().Value(capturedKey{}).(string)
 		rt = st.captured[name]
 	default:
-		rt = st.route(l.cfg.Route, r.Host, r.URL.Path, r.Header)
+		rt = st.route(l.cfg.Route, r.Host, r.Method, r.URL.Path, r.Header)
 	}
 	if rt == nil {
 		proxyError(rw, r, errNoRoute)

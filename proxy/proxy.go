@@ -20,6 +20,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,13 @@ type Options struct {
 	// Enforcer decides every inbound request. Without one every inbound
 	// request and connection is denied (default deny).
 	Enforcer *enforcer.Enforcer
+	// EnforcerFor, if set, gives the enforcer of a policy decision
+	// (data.PACKAGE.RULE) other than Enforcer's, for inbound listeners
+	// whose AuthorizationPolicy binds one (Inbound.AuthzDecision). It is
+	// called when such a listener is bound, never per request. Without
+	// it, such listeners are refused. It should return one enforcer per
+	// decision (a cache): Update asks before binding and again to bind.
+	EnforcerFor func(decision string) (*enforcer.Enforcer, error)
 	// Registry receives the proxy's metrics and is served on /metrics;
 	// nil makes a new one.
 	Registry *prometheus.Registry
@@ -68,17 +76,19 @@ type Options struct {
 
 // Proxy is a running data plane. It is safe for concurrent use.
 type Proxy struct {
-	src     Source
-	td      spiffeid.TrustDomain
-	enf     *enforcer.Enforcer
-	reg     *prometheus.Registry
-	metrics *metrics
-	alog    *accessLog
-	traces  *traceExporter
-	drain   time.Duration
-	clock   clockwork.Clock
-	log     *slog.Logger
-	state   atomic.Pointer[state]
+	src Source
+	td  spiffeid.TrustDomain
+	enf *enforcer.Enforcer
+	// enforcerFor gives the enforcers of other decisions (Options).
+	enforcerFor func(string) (*enforcer.Enforcer, error)
+	reg         *prometheus.Registry
+	metrics     *metrics
+	alog        *accessLog
+	traces      *traceExporter
+	drain       time.Duration
+	clock       clockwork.Clock
+	log         *slog.Logger
+	state       atomic.Pointer[state]
 	// lmu guards the listener sets, which Update may change while Run
 	// serves them, and the fields below it.
 	lmu      sync.Mutex
@@ -127,7 +137,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{
-		src: opts.Source, td: svid.ID.TrustDomain(), enf: opts.Enforcer, reg: opts.Registry, metrics: m,
+		src: opts.Source, td: svid.ID.TrustDomain(), enf: opts.Enforcer, enforcerFor: opts.EnforcerFor, reg: opts.Registry, metrics: m,
 		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
 		tcpConns: map[net.Conn]struct{}{}, errc: make(chan error, 1),
 	}
@@ -172,6 +182,29 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	return p, nil
 }
 
+// inboundEnforcer is the enforcer deciding an inbound listener: the
+// proxy's, unless the listener's AuthorizationPolicy binds another
+// decision, whose enforcer comes from EnforcerFor. A binding that cannot
+// be honoured is an error, so that the configuration is refused rather
+// than decided by a rule the operator did not bind. Without any enforcer
+// every request is denied anyway.
+func (p *Proxy) inboundEnforcer(in Inbound) (*enforcer.Enforcer, error) {
+	if p.enf == nil || in.AuthzDecision == "" || in.AuthzDecision == p.enf.DecisionPath() {
+		return p.enf, nil
+	}
+	if strings.Contains(in.AuthzDecision, ",") {
+		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicies bind several decisions (%s): one per service is supported", in.Name, in.AuthzDecision)
+	}
+	if p.enforcerFor == nil {
+		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicy decides by %s, this proxy's policy by %s", in.Name, in.AuthzDecision, p.enf.DecisionPath())
+	}
+	enf, err := p.enforcerFor(in.AuthzDecision)
+	if err != nil {
+		return nil, fmt.Errorf("inbound %q: policy decision %s: %w", in.Name, in.AuthzDecision, err)
+	}
+	return enf, nil
+}
+
 // Update swaps in a new configuration: routes, clusters and endpoints take
 // effect for the next request, and connection pools of unchanged clusters
 // are kept. Listeners are compared by name: new ones are bound (all or
@@ -182,6 +215,13 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 func (p *Proxy) Update(cfg *Config) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("proxy update: %w", err)
+	}
+	// Policy bindings are resolved before anything changes: a listener
+	// that cannot be decided as bound refuses the whole update.
+	for _, in := range cfg.Inbound {
+		if _, err := p.inboundEnforcer(in); err != nil {
+			return fmt.Errorf("proxy update: %w", err)
+		}
 	}
 	p.lmu.Lock()
 	defer p.lmu.Unlock()

@@ -365,13 +365,15 @@ func (c *cluster) outcome(e *endpoint, failed bool, now int64) {
 	}
 }
 
-// route finds the route for host, path and headers in the named
-// configuration.
-func (st *state) route(name, host, path string, h http.Header) *Route {
+// route finds the route for a request (its Host, method, path without
+// the query, and headers) in the named configuration: the first of the
+// virtual host's routes that matches, as in Envoy.
+func (st *state) route(name, host, method, path string, h http.Header) *Route {
 	rc := st.routes[name]
 	if rc == nil {
 		return nil
 	}
+	authority := host
 	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
 		host = host[:i]
 	}
@@ -393,11 +395,11 @@ found:
 next:
 	for i := range vh.Routes {
 		r := &vh.Routes[i]
-		if !strings.HasPrefix(path, r.Prefix) {
+		if !r.matchPath(path) {
 			continue
 		}
 		for j := range r.Headers {
-			if !r.Headers[j].matches(h) {
+			if !r.Headers[j].matches(method, authority, h) {
 				continue next
 			}
 		}

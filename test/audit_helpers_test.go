@@ -98,6 +98,13 @@ type auditWritd struct {
 
 func newAuditWritd(t *testing.T, dbURL string) *auditWritd {
 	t.Helper()
+	return newAuditWritdWith(t, dbURL, writdOptions{})
+}
+
+// newAuditWritdWith is newAuditWritd with a decision API listener and
+// more configuration.
+func newAuditWritdWith(t *testing.T, dbURL string, o writdOptions) *auditWritd {
+	t.Helper()
 	w := &auditWritd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), grpc: freeAddr(t), log: &syncBuffer{}}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
 	kek, err := exec.Command(filepath.Join(w.bin, "writd"), "gen-kek").Output()
@@ -107,8 +114,12 @@ func newAuditWritd(t *testing.T, dbURL string) *auditWritd {
 	if err := os.WriteFile(filepath.Join(w.dir, "kek"), kek, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
-		dbURL, w.http, w.grpc, w.socket, filepath.Join(w.dir, "kek"))
+	listen := fmt.Sprintf("listen:\n  http: %s\n  grpc: %s\n", w.http, w.grpc)
+	if o.listenDecision != "" {
+		listen += fmt.Sprintf("  decision: %s\n", o.listenDecision)
+	}
+	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\n%sadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
+		dbURL, listen, w.socket, filepath.Join(w.dir, "kek")) + o.extra
 	w.cfg = filepath.Join(w.dir, "writ.yaml")
 	if err := os.WriteFile(w.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -289,16 +289,17 @@ func TestWritProxyOverADS(t *testing.T) {
 	})
 	goodVersion := front.dump(t).XDS.Version
 
-	// A route the proxy cannot follow (a regex match) is NACKed with the
-	// reason; writd shows it, and the split stays in force.
-	apply("route.yaml", adsRoute("    - match: {pathRegex: \"^/items/[0-9]+$\"}\n      destinations: [{subset: v2}]\n    - destinations: [{subset: v1, weight: 50}, {subset: v2, weight: 50}]\n"))
+	// A route the proxy cannot follow (a regex beyond its size bound) is
+	// NACKed with the reason; writd shows it, and the split stays in force.
+	apply("route.yaml", adsRoute("    - match: {pathRegex: \"/items/"+strings.Repeat("x", 1100)+"\"}\n      destinations: [{subset: v2}]\n    - destinations: [{subset: v1, weight: 50}, {subset: v2, weight: 50}]\n"))
+	const nackReason = "more than 1024"
 	waitUntil(t, 20*time.Second, "NACK reported", func() bool {
-		return strings.Contains(front.dump(t).XDS.LastError, "only prefix matches")
+		return strings.Contains(front.dump(t).XDS.LastError, nackReason)
 	})
 	if d := front.dump(t); d.XDS.Version != goodVersion {
 		t.Fatalf("version in force after the NACK: %s, want %s", d.XDS.Version, goodVersion)
 	}
-	if out, code := w.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, "only prefix matches") {
+	if out, code := w.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, nackReason) {
 		t.Errorf("writ mesh nodes does not show the NACK (%d):\n%s", code, out)
 	}
 	clear(seen)

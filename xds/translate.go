@@ -8,6 +8,7 @@
 package xds
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -280,8 +281,12 @@ func (rs Resources) Version() string {
 	return hex.EncodeToString(h.Sum(nil)[:8])
 }
 
+// mustAny packs m deterministically: an Any holds bytes, and map fields
+// (context extensions) would otherwise marshal in random order and make
+// Version differ for equal content.
 func mustAny(m proto.Message) *anypb.Any {
-	a, err := anypb.New(m)
+	a := &anypb.Any{}
+	err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true})
 	if err != nil {
 		panic(fmt.Sprintf("xds: marshal %T: %v", m, err)) // only on a programming error
 	}
@@ -801,6 +806,43 @@ func grpcServerListener(m *Mesh, si *svcInfo, n Node, name string, port int) *li
 	}
 }
 
+// Context extensions of the inbound ext_authz check, from the
+// AuthorizationPolicies bound to the service.
+const (
+	// AuthzModeContextKey is "enforce" when an enforced policy is bound,
+	// "dry-run" when only dry-run ones are (evaluate and record, never
+	// deny).
+	AuthzModeContextKey = "writ.authz_mode"
+	// AuthzDecisionContextKey is the Rego query deciding, data.PACKAGE.
+	// DECISION, of the enforced policies (of the dry-run ones when none
+	// is enforced); several are joined with ",".
+	AuthzDecisionContextKey = "writ.authz_decision"
+)
+
+// authzContext is the inbound check's context extensions for policies
+// (sorted), nil when none is bound: the ext_authz server's own policy
+// then decides, enforced.
+func authzContext(policies []*config.AuthorizationPolicySpec) map[string]string {
+	if len(policies) == 0 {
+		return nil
+	}
+	var enforced, dry []string
+	for _, a := range policies {
+		d := "data." + a.Package + "." + cmp.Or(a.Decision, "allow")
+		if a.Mode == config.ModeDryRun {
+			dry = append(dry, d)
+		} else {
+			enforced = append(enforced, d)
+		}
+	}
+	mode, ds := config.ModeEnforce, enforced
+	if len(enforced) == 0 {
+		mode, ds = config.ModeDryRun, dry
+	}
+	slices.Sort(ds)
+	return map[string]string{AuthzModeContextKey: mode, AuthzDecisionContextKey: strings.Join(slices.Compact(ds), ",")}
+}
+
 func envoyInbound(si *svcInfo, n Node, name string, port int) *listenerv3.Listener {
 	az := &extauthzv3.ExtAuthz{
 		Services: &extauthzv3.ExtAuthz_GrpcService{GrpcService: &corev3.GrpcService{
@@ -811,14 +853,23 @@ func envoyInbound(si *svcInfo, n Node, name string, port int) *listenerv3.Listen
 		FailureModeAllow:       false, // fail closed
 		IncludePeerCertificate: true,
 	}
+	local := &routev3.Route{
+		Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+		Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: fmt.Sprintf("inbound|%d", port)}}},
+	}
+	if ext := authzContext(si.authz); ext != nil {
+		// The ext_authz server reads them from the CheckRequest's
+		// context_extensions: writ-enforcer and writ-proxy honour the
+		// mode, and policies may read both.
+		local.TypedPerFilterConfig = map[string]*anypb.Any{wellknown.HTTPExternalAuthorization: mustAny(&extauthzv3.ExtAuthzPerRoute{
+			Override: &extauthzv3.ExtAuthzPerRoute_CheckSettings{CheckSettings: &extauthzv3.CheckSettings{ContextExtensions: ext}},
+		})}
+	}
 	h := &hcmv3.HttpConnectionManager{
 		StatPrefix: name,
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
-			Name: name,
-			VirtualHosts: []*routev3.VirtualHost{{Name: "local", Domains: []string{"*"}, Routes: []*routev3.Route{{
-				Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-				Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: fmt.Sprintf("inbound|%d", port)}}},
-			}}}},
+			Name:         name,
+			VirtualHosts: []*routev3.VirtualHost{{Name: "local", Domains: []string{"*"}, Routes: []*routev3.Route{local}}},
 		}},
 		HttpFilters:                  []*hcmv3.HttpFilter{httpFilter(wellknown.HTTPExternalAuthorization, az), httpFilter(wellknown.Router, &routerv3.Router{})},
 		ForwardClientCertDetails:     hcmv3.HttpConnectionManager_SANITIZE_SET,

@@ -136,3 +136,29 @@ func render(t *testing.T, rs Resources) []byte {
 	}
 	return append(b, '\n')
 }
+
+func TestAuthzContext(t *testing.T) {
+	pol := func(pkg, decision, mode string) *config.AuthorizationPolicySpec {
+		return &config.AuthorizationPolicySpec{Service: "s", Package: pkg, Decision: decision, Mode: mode}
+	}
+	tests := []struct {
+		name     string
+		policies []*config.AuthorizationPolicySpec
+		mode     string
+		decision string
+	}{
+		{"none", nil, "", ""},
+		{"enforce, default decision", []*config.AuthorizationPolicySpec{pol("writ.authz", "", config.ModeEnforce)}, "enforce", "data.writ.authz.allow"},
+		{"dry-run only", []*config.AuthorizationPolicySpec{pol("a", "ok", config.ModeDryRun)}, "dry-run", "data.a.ok"},
+		{"enforced ones decide", []*config.AuthorizationPolicySpec{pol("b", "", config.ModeEnforce), pol("x", "", config.ModeDryRun), pol("a", "", config.ModeEnforce), pol("a", "", config.ModeEnforce)},
+			"enforce", "data.a.allow,data.b.allow"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := authzContext(tt.policies)
+			if got[AuthzModeContextKey] != tt.mode || got[AuthzDecisionContextKey] != tt.decision || (tt.mode == "") != (got == nil) {
+				t.Fatalf("got %v, want mode %q decision %q", got, tt.mode, tt.decision)
+			}
+		})
+	}
+}

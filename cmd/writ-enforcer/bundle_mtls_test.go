@@ -23,6 +23,7 @@ import (
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/policy/bundlefetch"
 )
 
 func signSVID(t *testing.T, a *authoritytest.Env, id spiffeid.ID) *x509svid.SVID {
@@ -106,11 +107,11 @@ func TestBundleFetcherOverMTLS(t *testing.T) {
 	fetch := func(id, server spiffeid.ID) (string, bool, error) {
 		dir := t.TempDir()
 		cfg := svidtls.ClientConfig(signSVID(t, a, id), bundle, svidtls.AuthorizeID(server), a.Clock)
-		f := newBundleFetcher(url, dir, time.Second, cfg, a.Clock, slog.New(slog.DiscardHandler))
+		f := bundlefetch.New(bundlefetch.Options{URL: url, Dir: dir, Interval: time.Second, TLS: cfg, Clock: a.Clock, Log: slog.New(slog.DiscardHandler)})
 		fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		changed, err := f.fetch(fctx)
-		return f.file, changed, err
+		changed, err := f.Fetch(fctx)
+		return f.File(), changed, err
 	}
 	file, changed, err := fetch(enforcerID, serverID)
 	if err != nil || !changed {

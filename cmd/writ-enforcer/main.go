@@ -15,7 +15,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -41,6 +40,7 @@ import (
 	"github.com/writmesh/writ/enforcer"
 	taskrun "github.com/writmesh/writ/internal/run"
 	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/policy/bundlefetch"
 )
 
 func main() {
@@ -88,6 +88,9 @@ const (
 	shutdownTimeout    = 5 * time.Second
 	shutdownGrace      = 10 * time.Second
 	svidWait           = 30 * time.Second
+	// firstFetchWait bounds the wait for the first bundle: the enforcer
+	// cannot serve without one, and a supervisor restart says so louder.
+	firstFetchWait = 30 * time.Second
 )
 
 // listFlag collects a repeatable string flag.
@@ -201,11 +204,11 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 // enforcer's SVID, and the server must present the bundle server's SPIFFE
 // ID. Plain http URLs get none.
 func (o *options) bundleTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) (*tls.Config, error) {
-	u, err := url.Parse(o.bundleURL)
-	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("--bundle-url %q: want an http or https URL", o.bundleURL)
+	https, err := bundlefetch.CheckURL(o.bundleURL)
+	if err != nil {
+		return nil, fmt.Errorf("--bundle-url: %w", err)
 	}
-	if u.Scheme == "http" {
+	if !https {
 		return nil, nil
 	}
 	want, err := spiffeid.FromSegments(td, "writ", "control-plane")
@@ -368,7 +371,7 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			}
 		},
 	}
-	var fetcher *bundleFetcher
+	var fetcher *bundlefetch.Fetcher
 	if o.bundleURL != "" {
 		dir, err := os.MkdirTemp("", "writ-enforcer-bundle-")
 		if err != nil {
@@ -379,11 +382,11 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		if err != nil {
 			return err
 		}
-		fetcher = newBundleFetcher(o.bundleURL, dir, o.bundlePoll, tlsCfg, clock, log.With("component", "bundle"))
-		if err := fetcher.first(ctx); err != nil {
+		fetcher = bundlefetch.New(bundlefetch.Options{URL: o.bundleURL, Dir: dir, Interval: o.bundlePoll, TLS: tlsCfg, Clock: clock, Log: log.With("component", "bundle")})
+		if err := fetcher.First(ctx, firstFetchWait); err != nil {
 			return err
 		}
-		popts.Bundle = fetcher.file
+		popts.Bundle = fetcher.File()
 	}
 	engine, err := policy.NewEngine(ctx, popts)
 	if err != nil {
@@ -478,7 +481,7 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 	}
 	if fetcher != nil {
 		tasks = append(tasks, taskrun.Task{Name: "bundle poll", Run: func(ctx context.Context) error {
-			return fetcher.run(ctx, engine)
+			return fetcher.Run(ctx, engine.Reload) // reload errors are counted by OnReload
 		}})
 	} else {
 		tasks = append(tasks, taskrun.Task{Name: "policy reload", Run: engine.Run})

@@ -47,7 +47,10 @@ listeners, routes, clusters and endpoints writd sends, ACKs what it
 applies, NACKs with the reason what it cannot, and keeps the last good
 configuration while writd is unreachable. The inbound mesh port
 terminates mTLS with the workload's SVID and decides every request with
-the Rego policies of --policy-dir (none: deny all); --http-proxy and
+the Rego policies of --policy-dir, or of the bundle --policy-bundle
+polls from writd's bundle service over mTLS (the proxy starts once the
+first bundle is in; a bad bundle never replaces the last good one; with
+neither, deny all); --http-proxy and
 --upstream ports carry the app's plaintext to peer sidecars over mTLS
 HTTP/2. --proxy-config (static YAML) is for tests without writd.
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -9,12 +10,15 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -23,8 +27,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
 	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/policy/bundlefetch"
 	"github.com/writmesh/writ/proxy"
 	"github.com/writmesh/writ/proxy/xdsclient"
 )
@@ -32,19 +38,23 @@ import (
 // proxyOptions are the flags of the proxy role. The role runs when any
 // listener is configured.
 type proxyOptions struct {
-	configFile   string
-	inbound      string
-	app          string
-	appProtocol  string
-	service      string
-	upstreams    multiFlag
-	httpProxy    string
-	policyDir    string
-	spiffeID     string
-	accessLog    string
-	drainTimeout time.Duration
-	audit        audit.RecorderOptions
-	otlpEndpoint string
+	configFile  string
+	inbound     string
+	app         string
+	appProtocol string
+	service     string
+	upstreams   multiFlag
+	httpProxy   string
+	policyDir   string
+	// Policy from writd's bundle service instead of --policy-dir.
+	policyBundle   string
+	policyServerID string
+	policyPoll     time.Duration
+	spiffeID       string
+	accessLog      string
+	drainTimeout   time.Duration
+	audit          audit.RecorderOptions
+	otlpEndpoint   string
 
 	// ADS: writd configures the proxy.
 	xdsServer     string
@@ -78,7 +88,10 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.service, "service", "", "the local service's name, given to policy (with --inbound; with --xds-server, default the SVID's service account)")
 	fs.Var(&o.upstreams, "upstream", "NAME=HOST:PORT: a local plaintext port for cluster NAME, or with --xds-server for the service NAME (repeatable)")
 	fs.StringVar(&o.httpProxy, "http-proxy", "", "HTTP proxy port, host:port: apps set HTTP_PROXY and call http://SERVICE/...")
-	fs.StringVar(&o.policyDir, "policy-dir", "", "Rego policy directory deciding inbound requests; without it every inbound request is denied")
+	fs.StringVar(&o.policyDir, "policy-dir", "", "Rego policy directory deciding inbound requests; without it (or --policy-bundle) every inbound request is denied")
+	fs.StringVar(&o.policyBundle, "policy-bundle", "", "OPA bundle URL polled for the policy deciding inbound requests, e.g. https://writd:8443/bundles/mesh (mTLS with the workload's SVID; the proxy starts once the first bundle is in); not with --policy-dir")
+	fs.StringVar(&o.policyServerID, "policy-bundle-server-id", "", "SPIFFE ID the https --policy-bundle server must present (default spiffe://TRUST_DOMAIN/writ/control-plane)")
+	fs.DurationVar(&o.policyPoll, "policy-bundle-poll", 10*time.Second, "how often --policy-bundle is polled (If-None-Match: unchanged bundles are not downloaded)")
 	fs.StringVar(&o.spiffeID, "spiffe-id", "", "the SVID the proxy uses when the Workload API serves several (default: the first)")
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
@@ -113,6 +126,9 @@ func (o *proxyOptions) enabled() bool {
 // with --xds-server it only checks the flags, and writd configures the
 // proxy.
 func (o *proxyOptions) config() (*proxy.Config, error) {
+	if err := o.checkPolicy(); err != nil {
+		return nil, err
+	}
 	if o.xdsServer != "" {
 		return nil, o.checkXDS()
 	}
@@ -144,6 +160,28 @@ func (o *proxyOptions) config() (*proxy.Config, error) {
 		return nil, err
 	}
 	return cfg, nil
+}
+
+// checkPolicy checks where policy comes from.
+func (o *proxyOptions) checkPolicy() error {
+	if o.policyBundle == "" {
+		return nil
+	}
+	if o.policyDir != "" {
+		return errors.New("--policy-dir and --policy-bundle exclude each other")
+	}
+	if _, err := bundlefetch.CheckURL(o.policyBundle); err != nil {
+		return fmt.Errorf("--policy-bundle: %w", err)
+	}
+	if o.policyPoll <= 0 {
+		return errors.New("--policy-bundle-poll must be positive")
+	}
+	if o.policyServerID != "" {
+		if _, err := spiffeid.FromString(o.policyServerID); err != nil {
+			return fmt.Errorf("--policy-bundle-server-id: %w", err)
+		}
+	}
+	return nil
 }
 
 // checkXDS checks the flags of the ADS path before anything starts.
@@ -211,6 +249,70 @@ type proxyRole struct {
 	engine   *policy.Engine
 	sink     *spoolSink // nil without --audit-spool-dir
 	xds      atomic.Pointer[xdsclient.Client]
+
+	// With --policy-bundle: closed once fetchPolicy has made the enforcer
+	// from the first bundle; RunPolicy then polls with fetcher.
+	bundleReady   chan struct{}
+	waitingPolicy atomic.Bool
+	fetcher       *bundlefetch.Fetcher
+	bundleDir     string
+
+	// Engines of other decisions than the policy's own, for inbound
+	// listeners whose AuthorizationPolicy binds one: loaded from the same
+	// source, reloaded with it.
+	policySrc  policy.Options
+	enfSink    enforcer.Sink
+	enfMetrics *enforcer.Metrics
+	omu        sync.Mutex
+	others     map[string]*enforcer.Enforcer
+	otherEngs  []*policy.Engine
+}
+
+// enforcerFor is the enforcer of decision (proxy.Options.EnforcerFor):
+// an engine over the same policy source with that decision path, made
+// once and reloaded whenever the policy's own engine takes new content.
+func (r *proxyRole) enforcerFor(decision string) (*enforcer.Enforcer, error) {
+	r.omu.Lock()
+	defer r.omu.Unlock()
+	if e := r.others[decision]; e != nil {
+		return e, nil
+	}
+	popts := r.policySrc
+	popts.DecisionPath, popts.OnReload = decision, nil // reloads are recorded once, by the policy's own engine
+	eng, err := policy.NewEngine(context.Background(), popts)
+	if err != nil {
+		return nil, err
+	}
+	enf, err := enforcer.New(enforcer.Options{Engine: eng, Sink: r.enfSink, Metrics: r.enfMetrics, Logger: r.log})
+	if err != nil {
+		return nil, err
+	}
+	if r.others == nil {
+		r.others = map[string]*enforcer.Enforcer{}
+	}
+	r.others[decision], r.otherEngs = enf, append(r.otherEngs, eng)
+	r.log.Info("policy decision bound by an AuthorizationPolicy loaded", "decision", decision)
+	return enf, nil
+}
+
+// reloadOthers reloads the engines of other decisions after the policy's
+// own engine took new content; each keeps its last good set on error.
+func (r *proxyRole) reloadOthers(ctx context.Context) {
+	r.omu.Lock()
+	engs := slices.Clone(r.otherEngs)
+	r.omu.Unlock()
+	for _, e := range engs {
+		if err := e.Reload(ctx); err != nil {
+			r.log.Warn("policy reload for a bound decision", "decision", e.DecisionPath().String(), "err", err)
+		}
+	}
+}
+
+// reloadAll reloads the policy's own engine, then the others.
+func (r *proxyRole) reloadAll(ctx context.Context) error {
+	err := r.engine.Reload(ctx)
+	r.reloadOthers(ctx)
+	return err
 }
 
 // ServeHTTP serves the proxy's admin paths (/metrics, /config_dump,
@@ -250,47 +352,131 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
 	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if o.audit.Enabled() {
-		r.sink = &spoolSink{log: log, policy: "dir:" + o.policyDir}
+		name := "dir:" + o.policyDir
+		if o.policyBundle != "" {
+			name = "bundle:" + o.policyBundle
+		}
+		r.sink = &spoolSink{log: log, policy: name}
 	}
-	if o.policyDir != "" {
-		popts := policy.Options{Dir: o.policyDir, Logger: log}
-		if r.sink != nil {
-			popts.OnReload = r.sink.onReload
-		}
-		eng, err := policy.NewEngine(ctx, popts)
-		if err != nil {
-			return nil, fmt.Errorf("load policy: %w", err)
-		}
-		m, err := enforcer.NewMetrics(r.reg)
-		if err != nil {
+	switch {
+	case o.policyDir != "":
+		if err := r.newEnforcer(ctx, policy.Options{Dir: o.policyDir}); err != nil {
 			return nil, err
 		}
-		var sink enforcer.Sink
-		if r.sink != nil {
-			sink = r.sink
-		} else {
-			// Without a spool, decisions go to the log: never
-			// unrecorded, but not the durable audit trail.
-			log.Warn("no --audit-spool-dir: decisions go to the log only, which is not the durable audit trail")
-			sink = enforcer.SinkFunc(func(_ context.Context, d enforcer.Decision) error {
-				log.Info("decision", "decision_id", d.ID, "source", d.Source, "method", d.Method, "path", d.Path,
-					"result", d.Result, "status", d.HTTPStatus, "cause", d.Cause, "policy_revision", d.PolicyRevision, "trace_id", d.TraceID)
-				return nil
-			})
-		}
-		if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
-			return nil, err
-		}
-		r.engine = eng
-	} else {
-		log.Warn("no --policy-dir: every inbound request will be denied")
+	case o.policyBundle != "":
+		// The bundle is fetched with the workload's SVID, which Run
+		// waits for: the enforcer is made there.
+		r.bundleReady = make(chan struct{})
+	default:
+		log.Warn("no --policy-dir or --policy-bundle: every inbound request will be denied")
 	}
 	return r, nil
 }
 
-// RunPolicy reloads --policy-dir when it changes (a bad policy never
-// replaces the running one) until ctx ends.
+// newEnforcer loads the policy of popts and makes the in-process enforcer
+// deciding inbound requests.
+func (r *proxyRole) newEnforcer(ctx context.Context, popts policy.Options) error {
+	log := r.log
+	popts.Logger = log
+	r.policySrc = popts
+	popts.OnReload = func(ev policy.ReloadEvent) {
+		if r.sink != nil {
+			r.sink.onReload(ev)
+		}
+		// With --policy-dir the engine polls the directory itself; the
+		// engines of other decisions follow it. (With --policy-bundle
+		// the fetcher reloads them all.)
+		if ev.Err == nil && r.o.policyDir != "" {
+			r.reloadOthers(context.Background())
+		}
+	}
+	eng, err := policy.NewEngine(ctx, popts)
+	if err != nil {
+		return fmt.Errorf("load policy: %w", err)
+	}
+	m, err := enforcer.NewMetrics(r.reg)
+	if err != nil {
+		return err
+	}
+	var sink enforcer.Sink
+	if r.sink != nil {
+		sink = r.sink
+	} else {
+		// Without a spool, decisions go to the log: never
+		// unrecorded, but not the durable audit trail.
+		log.Warn("no --audit-spool-dir: decisions go to the log only, which is not the durable audit trail")
+		sink = enforcer.SinkFunc(func(_ context.Context, d enforcer.Decision) error {
+			log.Info("decision", "decision_id", d.ID, "source", d.Source, "method", d.Method, "path", d.Path,
+				"result", d.Result, "status", d.HTTPStatus, "cause", d.Cause, "policy_revision", d.PolicyRevision, "trace_id", d.TraceID)
+			return nil
+		})
+	}
+	if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
+		return err
+	}
+	r.enfSink, r.enfMetrics = sink, m
+	r.engine = eng
+	return nil
+}
+
+// fetchPolicy waits for the first bundle of --policy-bundle, fetched over
+// mTLS with the workload's SVID, and makes the enforcer from it. Until it
+// returns the proxy is not started: no inbound request is served, let
+// alone allowed, without a policy (fail closed), and /readyz says why.
+func (r *proxyRole) fetchPolicy(ctx context.Context, src *workloadapi.X509Source, td spiffeid.TrustDomain) error {
+	https, err := bundlefetch.CheckURL(r.o.policyBundle)
+	if err != nil {
+		return err
+	}
+	var tlsCfg *tls.Config
+	if https {
+		want, err := spiffeid.FromSegments(td, "writ", "control-plane")
+		if r.o.policyServerID != "" {
+			want, err = spiffeid.FromString(r.o.policyServerID)
+		}
+		if err != nil {
+			return fmt.Errorf("--policy-bundle-server-id: %w", err)
+		}
+		tlsCfg = svidtls.ClientConfig(src, src, svidtls.AuthorizeID(want), clockwork.NewRealClock())
+	}
+	dir, err := os.MkdirTemp("", "writ-proxy-bundle-")
+	if err != nil {
+		return fmt.Errorf("bundle cache dir: %w", err)
+	}
+	f := bundlefetch.New(bundlefetch.Options{URL: r.o.policyBundle, Dir: dir, Interval: r.o.policyPoll, TLS: tlsCfg, Log: r.log.With("component", "bundle")})
+	r.waitingPolicy.Store(true)
+	defer r.waitingPolicy.Store(false)
+	// The sidecar waits for writd as long as it takes, as it does for its
+	// first configuration: exiting would only restart the wait.
+	if err := f.First(ctx, 0); err != nil {
+		os.RemoveAll(dir)
+		return err
+	}
+	if err := r.newEnforcer(ctx, policy.Options{Bundle: f.File()}); err != nil {
+		// A first bundle that does not load is not retried blindly: the
+		// next poll may bring a good one, but the proxy must not start
+		// without a policy, so this is fatal and the supervisor says so.
+		os.RemoveAll(dir)
+		return err
+	}
+	r.fetcher, r.bundleDir = f, dir
+	close(r.bundleReady)
+	return nil
+}
+
+// RunPolicy reloads --policy-dir when it changes, or polls
+// --policy-bundle once its first bundle is in (a bad policy never
+// replaces the running one: the last good one stays), until ctx ends.
 func (r *proxyRole) RunPolicy(ctx context.Context) error {
+	if r.bundleReady != nil {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-r.bundleReady:
+		}
+		defer os.RemoveAll(r.bundleDir)
+		return r.fetcher.Run(ctx, r.reloadAll)
+	}
 	if r.engine == nil {
 		<-ctx.Done()
 		return nil
@@ -302,6 +488,9 @@ func (r *proxyRole) RunPolicy(ctx context.Context) error {
 func (r *proxyRole) Ready() error {
 	p := r.running.Load()
 	if p == nil {
+		if r.waitingPolicy.Load() {
+			return fmt.Errorf("proxy not started: waiting for the first policy bundle from %s", r.o.policyBundle)
+		}
 		if c := r.xds.Load(); c != nil {
 			msg := "proxy not started: no configuration from writd yet"
 			if st := c.Status(); st.LastError != "" {
@@ -339,6 +528,18 @@ func (r *proxyRole) Run(ctx context.Context) error {
 		return fmt.Errorf("svid source: %w", err)
 	}
 	defer src.Close()
+	if r.bundleReady != nil {
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			return fmt.Errorf("svid: %w", err)
+		}
+		if err := r.fetchPolicy(ctx, src, svid.ID.TrustDomain()); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return err
+		}
+	}
 	if r.sink != nil {
 		svid, err := src.GetX509SVID()
 		if err != nil {
@@ -373,7 +574,7 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	popts := proxy.Options{Source: src, Enforcer: r.enforcer, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
+	popts := proxy.Options{Source: src, Enforcer: r.enforcer, EnforcerFor: r.enforcerFor, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
 		OTLPTracesURL: traces, ServiceName: service}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)

@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"net/url"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -119,18 +120,21 @@ spec:
       retries: {attempts: 2}
 `
 
-// regexRoute is valid mesh configuration that writ-proxy cannot serve
-// faithfully: it must be NACKed.
-const regexRoute = `---
+// hugeRegexRoute is valid mesh configuration that writ-proxy cannot serve:
+// its regex is beyond the proxy's bound, so it must be NACKed.
+var hugeRegexRoute = `---
 apiVersion: writ.dev/v1alpha1
 kind: Route
 metadata: {name: orders, namespace: shop}
 spec:
   service: orders
   rules:
-    - match: {pathRegex: "^/items/[0-9]+$"}
+    - match: {pathRegex: "/items/` + strings.Repeat("x", 1100) + `"}
       destinations: [{subset: v1}]
 `
+
+// nackReason is what the proxy says of hugeRegexRoute.
+const nackReason = "more than 1024"
 
 // sidecar is orders v1's writ-proxy: mesh port 15006, app on 8080.
 var sidecar = xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/orders", Namespace: "shop", Service: "orders",
@@ -256,8 +260,8 @@ func TestTranslateWritdResources(t *testing.T) {
 	}
 
 	// A route the proxy cannot follow is an error naming it.
-	_, err = Translate(toSnapshot(t, build(t, meshYAML+regexRoute)), Local{Service: "orders"})
-	if err == nil || !strings.Contains(err.Error(), "only prefix matches") || !strings.Contains(err.Error(), "outbound|8080") {
+	_, err = Translate(toSnapshot(t, build(t, meshYAML+hugeRegexRoute)), Local{Service: "orders"})
+	if err == nil || !strings.Contains(err.Error(), nackReason) || !strings.Contains(err.Error(), "outbound|8080") {
 		t.Fatalf("regex route: %v", err)
 	}
 }
@@ -491,7 +495,7 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 
 	// A route it cannot follow: NACKed with the reason, every type at the
 	// last good version, nothing applied.
-	bad := srv.set(t, build(t, meshYAML+regexRoute))
+	bad := srv.set(t, build(t, meshYAML+hugeRegexRoute))
 	var nacks []*discoverygrpc.DiscoveryRequest
 	waitFor(t, "NACK", func() bool {
 		nacks = nil
@@ -506,11 +510,11 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 	})
 
 	for _, r := range nacks {
-		if r.GetVersionInfo() != v1 || !strings.Contains(r.GetErrorDetail().GetMessage(), "only prefix matches") {
+		if r.GetVersionInfo() != v1 || !strings.Contains(r.GetErrorDetail().GetMessage(), nackReason) {
 			t.Errorf("NACK of %s: version %q, reason %q", r.GetTypeUrl(), r.GetVersionInfo(), r.GetErrorDetail().GetMessage())
 		}
 	}
-	if st := c.Status(); st.Version != v1 || !strings.Contains(st.LastError, bad) || !strings.Contains(st.LastError, "only prefix matches") {
+	if st := c.Status(); st.Version != v1 || !strings.Contains(st.LastError, bad) || !strings.Contains(st.LastError, nackReason) {
 		t.Fatalf("status after NACK: %+v", st)
 	}
 	if app.count() != 1 {
@@ -694,4 +698,44 @@ func TestAppCheckReports(t *testing.T) {
 		clock.Advance(time.Second)
 		return srv.lastHealth("orders-1") == corev3.HealthStatus_HEALTHY
 	})
+}
+
+// TestTranslateRegexRoutesStable: a configuration with compiled regex
+// matches translates to an equal one every time, so that an unchanged
+// push is not applied again (which would reset outlier and health state).
+func TestTranslateRegexRoutesStable(t *testing.T) {
+	const rx = `---
+apiVersion: writ.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  rules:
+    - match: {pathRegex: "/items/[0-9]+", headers: [{name: x-id, regex: "[a-f]+"}]}
+      destinations: [{subset: v2}]
+    - destinations: [{subset: v1}]
+`
+	snap := toSnapshot(t, build(t, meshYAML+rx))
+	a, err := Translate(snap, Local{Service: "orders", OutboundPorts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Translate(snap, Local{Service: "orders", OutboundPorts: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(a, b) {
+		t.Fatal("two translations of one snapshot differ")
+	}
+	found := false
+	for _, rc := range a.Routes {
+		for _, vh := range rc.VirtualHosts {
+			for _, r := range vh.Routes {
+				found = found || r.Regex == "/items/[0-9]+" && len(r.Headers) == 1 && r.Headers[0].Regex == "[a-f]+"
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no regex route in %+v", a.Routes)
+	}
 }

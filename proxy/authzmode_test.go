@@ -1,0 +1,159 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/enforcer/regotest"
+	"github.com/writmesh/writ/policy"
+	"github.com/writmesh/writ/xds"
+)
+
+// TestDryRunModeInbound: an inbound listener whose AuthorizationPolicy is
+// in dry-run mode lets a request policy denies through and records the
+// denial as what the policy would have done; in enforce mode the same
+// request is refused. A listener bound to another decision than the
+// proxy's policy is refused, and the running one stays.
+func TestDryRunModeInbound(t *testing.T) {
+	ca := newTestCA(t)
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appSrv := &http.Server{Handler: echoApp(nil)}
+	go appSrv.Serve(appL)
+	t.Cleanup(func() { appSrv.Close() })
+
+	// A fixed port, so that the listener's changes rebind it.
+	probe, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mesh := probe.Addr().String()
+	probe.Close()
+	dec := &decisions{}
+	in := Inbound{Name: "mesh", Address: mesh, Service: "server", App: appL.Addr().String(), AuthzMode: AuthzDryRun, AuthzDecision: "data.envoy.authz.allow"}
+	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, dec)})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	// "other" is not allowed by allowClientRego.
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/other")})
+	get := func() int {
+		resp, err := http.Get("http://" + cli.Addr("upstream:server") + "/a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("dry-run mode: got %d, want 200", code)
+	}
+	dec.mu.Lock()
+	d := dec.got[len(dec.got)-1]
+	dec.mu.Unlock()
+	if d.Result != enforcer.ResultAllow || d.Cause != enforcer.CauseDryRunMode || d.DryRun == nil || d.DryRun.Result != enforcer.ResultDeny {
+		t.Fatalf("dry-run decision recorded as %+v (dry run %+v)", d, d.DryRun)
+	}
+
+	// Another decision than the proxy's policy is refused.
+	bad := in
+	bad.AuthzDecision = "data.other.allow"
+	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "data.other.allow") {
+		t.Fatalf("update with another decision: %v", err)
+	}
+	if code := get(); code != http.StatusOK {
+		t.Fatalf("after a refused update: got %d, want the dry-run listener's 200", code)
+	}
+
+	enforce := in
+	enforce.AuthzMode = AuthzEnforce
+	if err := srv.Update(&Config{Inbound: []Inbound{enforce}}); err != nil {
+		t.Fatal(err)
+	}
+	if code := get(); code != http.StatusForbidden {
+		t.Fatalf("enforce mode: got %d, want 403", code)
+	}
+}
+
+// TestContextKeysAgree: writd and the enforcer name the context
+// extensions alike.
+func TestContextKeysAgree(t *testing.T) {
+	if xds.AuthzModeContextKey != enforcer.ModeContextKey || xds.AuthzDecisionContextKey != enforcer.DecisionContextKey {
+		t.Fatalf("xds %q %q, enforcer %q %q", xds.AuthzModeContextKey, xds.AuthzDecisionContextKey, enforcer.ModeContextKey, enforcer.DecisionContextKey)
+	}
+}
+
+// TestEnforcerForOtherDecision: a listener whose AuthorizationPolicy binds
+// another decision than the proxy's policy is decided by the enforcer
+// EnforcerFor gives for it; several decisions are refused.
+func TestEnforcerForOtherDecision(t *testing.T) {
+	ca := newTestCA(t)
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appSrv := &http.Server{Handler: echoApp(nil)}
+	go appSrv.Serve(appL)
+	t.Cleanup(func() { appSrv.Close() })
+	dir := t.TempDir()
+	// Only "other" may call, by the rule writ.other.allow.
+	if err := os.WriteFile(filepath.Join(dir, "other.rego"), []byte("package writ.other\n\ndefault allow := false\n\nallow if input.writ.source.service_account == \"other\"\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir, DecisionPath: "data.writ.other.allow"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := &decisions{}
+	other, err := enforcer.New(enforcer.Options{Engine: eng, Sink: dec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var asked []string
+	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String(), AuthzMode: AuthzEnforce, AuthzDecision: "data.writ.other.allow"}
+	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"),
+		Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
+		EnforcerFor: func(d string) (*enforcer.Enforcer, error) {
+			asked = append(asked, d)
+			if d != "data.writ.other.allow" {
+				return nil, errors.New("no such rule")
+			}
+			return other, nil
+		}})
+	get := func(clientPath string) int {
+		cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+		cfg.AddUpstream("server", "127.0.0.1:0")
+		cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
+		resp, err := http.Get("http://" + cli.Addr("upstream:server") + "/a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if a, b := get("/ns/demo/sa/other"), get("/ns/demo/sa/client"); a != http.StatusOK || b != http.StatusForbidden {
+		t.Fatalf("other %d, client %d: want 200 and 403 by writ.other.allow", a, b)
+	}
+	if len(asked) != 1 || len(dec.got) != 2 {
+		t.Fatalf("asked %v, %d decisions by the bound rule", asked, len(dec.got))
+	}
+	bad := in
+	bad.AuthzDecision = "data.a.allow,data.b.allow"
+	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "several decisions") {
+		t.Fatalf("several decisions: %v", err)
+	}
+	bad.AuthzDecision = "data.nope.allow"
+	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "no such rule") {
+		t.Fatalf("unknown decision: %v", err)
+	}
+}

@@ -1,0 +1,230 @@
+package proxy
+
+import (
+	"net/http"
+	"reflect"
+	"testing"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/writmesh/writ/config"
+	"github.com/writmesh/writ/xds"
+)
+
+// matchMesh is a mesh whose route uses every kind of match writd's Route
+// resource has, in an order where an earlier rule shadows a later one.
+const matchMesh = `apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+  subsets:
+    - {name: v1, labels: {version: v1}}
+    - {name: v2, labels: {version: v2}}
+---
+apiVersion: writ.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  rules:
+    - match: {pathExact: /checkout}
+      destinations: [{subset: v2}]
+    - match: {pathRegex: "/items/[0-9]+"}
+      destinations: [{subset: v2}]
+    - match: {pathPrefix: /items, method: DELETE}
+      destinations: [{subset: v2}]
+    - match: {pathPrefix: /h, headers: [{name: X-Id, regex: "[a-f]+"}, {name: x-beta, present: true}, {name: x-env, prefix: eu-}]}
+      destinations: [{subset: v2}]
+    - match: {pathPrefix: /h, headers: [{name: x-env, exact: "us"}]}
+      destinations: [{subset: v2}]
+    - destinations: [{subset: v1}]
+`
+
+// TestWritdRouteMatches: the route configuration writd builds for a
+// sidecar from a mesh using exact, regex, method and header matches is
+// accepted and routes each request where the mesh says.
+func TestWritdRouteMatches(t *testing.T) {
+	rs, err := config.DecodeMesh("mesh.yaml", []byte(matchMesh))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := config.CheckMesh(rs); err != nil {
+		t.Fatal(err)
+	}
+	m := &xds.Mesh{TrustDomain: "example.org", Resources: rs, Endpoints: []xds.Endpoint{
+		{NodeID: "orders-1", Service: "orders", Namespace: "shop", Labels: map[string]string{"version": "v1"}, Address: "127.0.0.1", Ports: []int{15006}, Healthy: true},
+		{NodeID: "orders-2", Service: "orders", Namespace: "shop", Labels: map[string]string{"version": "v2"}, Address: "127.0.0.2", Ports: []int{15006}, Healthy: true},
+	}}
+	res, err := xds.Build(m, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rcs []*routev3.RouteConfiguration
+	for _, r := range res[resource.RouteType] {
+		rcs = append(rcs, r.(*routev3.RouteConfiguration))
+	}
+	var cs []*clusterv3.Cluster
+	for _, c := range res[resource.ClusterType] {
+		cs = append(cs, c.(*clusterv3.Cluster))
+	}
+	var las []*endpointv3.ClusterLoadAssignment
+	for _, la := range res[resource.EndpointType] {
+		las = append(las, la.(*endpointv3.ClusterLoadAssignment))
+	}
+	routes, err := RoutesFromEnvoy(rcs)
+	if err != nil {
+		t.Fatalf("writ-proxy refuses writd's routes: %v", err)
+	}
+	clusters, err := ClustersFromEnvoy(cs, las)
+	if err != nil {
+		t.Fatalf("writ-proxy refuses writd's clusters: %v", err)
+	}
+	cfg := &Config{Routes: routes, Clusters: clusters}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	st := &state{routes: map[string]*RouteConfig{}}
+	for i := range cfg.Routes {
+		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
+	}
+	v1, v2 := xds.ClusterName("orders.shop", 8080, "v1"), xds.ClusterName("orders.shop", 8080, "v2")
+	tests := []struct {
+		name, method, path string
+		header             http.Header
+		want               string
+	}{
+		{"exact", "GET", "/checkout", nil, v2},
+		{"exact, longer path", "GET", "/checkout/x", nil, v1},
+		{"regex", "GET", "/items/7", nil, v2},
+		{"regex, not whole path", "GET", "/items/7/reviews", nil, v1},
+		{"method", "DELETE", "/items/x", nil, v2},
+		{"other method", "GET", "/items/x", nil, v1},
+		{"headers", "GET", "/h", http.Header{"X-Id": {"cafe"}, "X-Beta": {""}, "X-Env": {"eu-west"}}, v2},
+		{"header regex fails", "GET", "/h", http.Header{"X-Id": {"cafe1"}, "X-Beta": {""}, "X-Env": {"eu-west"}}, v1},
+		{"header absent", "GET", "/h", http.Header{"X-Id": {"cafe"}, "X-Env": {"eu-west"}}, v1},
+		{"header exact", "GET", "/h", http.Header{"X-Env": {"us"}}, v2},
+		{"default", "POST", "/", nil, v1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// writd's outbound route for port 8080 has the service by name
+			// as a virtual host.
+			r := st.route("outbound|8080", "orders.shop:8080", tt.method, tt.path, tt.header)
+			if r == nil {
+				t.Fatal("no route")
+			}
+			if got := r.Clusters[0].Name; got != tt.want {
+				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+// TestWritdAuthorizationPolicyMode: the mode and decision of the
+// AuthorizationPolicies writd binds to a service reach the sidecar's
+// inbound listener through ext_authz's per-route context extensions.
+func TestWritdAuthorizationPolicyMode(t *testing.T) {
+	const svc = `apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: http}]
+`
+	policy := func(name, mode string) string {
+		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: envoy.authz\n  mode: " + mode + "\n"
+	}
+	tests := []struct {
+		name, mesh, mode, decision string
+	}{
+		{"no policy", svc, "", ""},
+		{"enforce", svc + policy("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"dry-run", svc + policy("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
+		{"enforce wins", svc + policy("a", "dry-run") + policy("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rs, err := config.DecodeMesh("mesh.yaml", []byte(tt.mesh))
+			if err != nil {
+				t.Fatal(err)
+			}
+			m := &xds.Mesh{TrustDomain: "example.org", Resources: rs}
+			res, err := xds.Build(m, xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/orders", Namespace: "shop", Service: "orders",
+				Address: "127.0.0.1", Ports: []int{15006}, AppPorts: map[int]int{15006: 8080}, Flavor: xds.FlavorEnvoy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var ls []*listenerv3.Listener
+			for _, l := range res[resource.ListenerType] {
+				ls = append(ls, l.(*listenerv3.Listener))
+			}
+			var cs []*clusterv3.Cluster
+			for _, c := range res[resource.ClusterType] {
+				cs = append(cs, c.(*clusterv3.Cluster))
+			}
+			got, err := ListenersFromEnvoy(ls, cs, "orders")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Inbound) != 1 {
+				t.Fatalf("inbound: %+v", got.Inbound)
+			}
+			if in := got.Inbound[0]; in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
+				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
+			}
+		})
+	}
+}
+
+// TestWritdHealthChecks: the HTTP and gRPC active health checks writd
+// emits for a TrafficPolicy become the proxy's checks.
+func TestWritdHealthChecks(t *testing.T) {
+	tests := []struct {
+		name, check string
+		want        HealthCheck
+	}{
+		{"http", "{type: http, path: /healthz, interval: 5s, timeout: 1s, unhealthyThreshold: 3, healthyThreshold: 2}",
+			HealthCheck{HTTPPath: "/healthz", Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 3, HealthyThreshold: 2}},
+		{"grpc", "{type: grpc, grpcService: orders, interval: 5s, timeout: 1s}",
+			HealthCheck{GRPC: true, GRPCService: "orders", Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1}},
+		{"tcp", "{type: tcp, interval: 5s, timeout: 1s}",
+			HealthCheck{Interval: Duration(5 * time.Second), Timeout: Duration(time.Second), UnhealthyThreshold: 1, HealthyThreshold: 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mesh := matchMesh + "---\napiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orders, namespace: shop}\nspec:\n  service: orders\n  healthCheck: " + tt.check + "\n"
+			rs, err := config.DecodeMesh("mesh.yaml", []byte(mesh))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := config.CheckMesh(rs); err != nil {
+				t.Fatal(err)
+			}
+			res, err := xds.Build(&xds.Mesh{TrustDomain: "example.org", Resources: rs}, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cs []*clusterv3.Cluster
+			for _, c := range res[resource.ClusterType] {
+				cs = append(cs, c.(*clusterv3.Cluster))
+			}
+			got, err := ClustersFromEnvoy(cs, nil)
+			if err != nil {
+				t.Fatalf("writ-proxy refuses writd's clusters: %v", err)
+			}
+			if len(got) == 0 {
+				t.Fatal("no clusters")
+			}
+			for _, c := range got {
+				if c.HealthCheck == nil || !reflect.DeepEqual(*c.HealthCheck, tt.want) {
+					t.Fatalf("cluster %s: health check %+v, want %+v", c.Name, c.HealthCheck, tt.want)
+				}
+			}
+		})
+	}
+}
