@@ -9,9 +9,15 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // h1Transport is the HTTP/1.1 client of the hot path: the proxy's own
@@ -44,6 +50,7 @@ type h1Conn struct {
 	addr     string // the pool's key: the address as requests name it
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
+	probe    *probe   // liveness check state (h1_linux.go), made on first use
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	idleFrom time.Time
@@ -158,11 +165,9 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.Response, error) {
 	ctx := r.Context()
-	stop := context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
-	out := *r
-	out.Body = nil
-	if body != nil {
-		out.Body = io.NopCloser(bytes.NewReader(body))
+	stop := noStop
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
 	}
 	fail := func(err error, answered bool) (*http.Response, error) {
 		stop()
@@ -175,8 +180,15 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		}
 		return nil, wrapped{err}
 	}
-	if err := out.Write(c.bw); err != nil {
-		return fail(err, false)
+	if !writeRequest(c.bw, r, body) {
+		out := *r
+		out.Body = nil
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		if err := out.Write(c.bw); err != nil {
+			return fail(err, false)
+		}
 	}
 	if err := c.bw.Flush(); err != nil {
 		return fail(err, false)
@@ -205,6 +217,76 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		resp.Body = &h1Body{rc: resp.Body, t: t, c: c, stop: stop, reuse: reuse}
 		return resp, nil
 	}
+}
+
+// noStop stands for context.AfterFunc's stop when the context cannot end.
+func noStop() bool { return true }
+
+// reqExclude are the header fields writeRequest writes itself.
+var reqExclude = map[string]bool{"Host": true, "User-Agent": true, "Content-Length": true, "Transfer-Encoding": true, "Trailer": true}
+
+// writeRequest serializes r with body as Request.Write does for the
+// common request, with fewer allocations: the same Host and User-Agent
+// rules, Content-Length as net/http sends it, header fields sorted and
+// cleaned by Header.WriteSubset. It writes nothing and returns false for
+// anything less common (opaque URLs, trailers, non-ASCII or invalid hosts,
+// client traces that watch the write), which Request.Write then handles.
+func writeRequest(bw *bufio.Writer, r *http.Request, body []byte) bool {
+	if r.URL.Opaque != "" || r.Method == "" || r.Header["Trailer"] != nil || r.Header["Transfer-Encoding"] != nil {
+		return false
+	}
+	if tr := httptrace.ContextClientTrace(r.Context()); tr != nil && (tr.WroteHeaderField != nil || tr.WroteHeaders != nil || tr.WroteRequest != nil) {
+		return false
+	}
+	host := r.Host
+	if host == "" {
+		host = r.URL.Host
+	}
+	for i := 0; i < len(host); i++ {
+		if host[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	if host == "" || !httpguts.ValidHostHeader(host) {
+		return false
+	}
+	uri := r.URL.RequestURI()
+	for i := 0; i < len(uri); i++ {
+		if uri[i] < ' ' || uri[i] == 0x7f {
+			return false
+		}
+	}
+	_, _ = bw.WriteString(r.Method)
+	_ = bw.WriteByte(' ')
+	_, _ = bw.WriteString(uri)
+	_, _ = bw.WriteString(" HTTP/1.1\r\nHost: ")
+	_, _ = bw.WriteString(host)
+	_, _ = bw.WriteString("\r\n")
+	ua := "Go-http-client/1.1"
+	if _, ok := r.Header["User-Agent"]; ok {
+		ua = r.Header.Get("User-Agent")
+		if strings.ContainsAny(ua, "\r\n") {
+			return false
+		}
+		ua = textproto.TrimString(ua)
+	}
+	if ua != "" {
+		_, _ = bw.WriteString("User-Agent: ")
+		_, _ = bw.WriteString(ua)
+		_, _ = bw.WriteString("\r\n")
+	}
+	if r.Close && !httpguts.HeaderValuesContainsToken(r.Header["Connection"], "close") {
+		_, _ = bw.WriteString("Connection: close\r\n")
+	}
+	if len(body) > 0 || r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch {
+		_, _ = bw.WriteString("Content-Length: ")
+		_, _ = bw.WriteString(strconv.Itoa(len(body)))
+		_, _ = bw.WriteString("\r\n")
+	}
+	_ = r.Header.WriteSubset(bw, reqExclude)
+	_, _ = bw.WriteString("\r\n")
+	_, _ = bw.Write(body)
+	return true
 }
 
 // h1Body returns its connection to the pool once read to the end and

@@ -204,10 +204,9 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := l.p.state.Load()
 	rw := newRecorder(w)
 	defer rw.release()
-	self := l.p.selfID()
-	ns, wl := workloadParts(self)
+	me := l.p.self()
 	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
-		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
+		source: me.s, srcNS: me.ns, srcWL: me.wl, authz: authzNone}
 	res.span = startSpan(r.Header)
 	res.traceID = res.span.traceID
 	// The app speaks for itself only through its SVID: identity headers
