@@ -51,6 +51,7 @@ type h1Conn struct {
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
 	probe    *probe   // liveness check state (h1_linux.go), made on first use
+	body     lenBody  // the body reader of readResponse's responses
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	idleFrom time.Time
@@ -197,7 +198,7 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		if _, err := c.br.Peek(1); err != nil {
 			return fail(err, false)
 		}
-		resp, err := http.ReadResponse(c.br, r)
+		resp, err := readResponse(c, r)
 		if err != nil {
 			return fail(err, true)
 		}
@@ -218,6 +219,151 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		return resp, nil
 	}
 }
+
+// readResponse reads the common response (HTTP/1.1, a head that fits in
+// the connection's buffer, a single Content-Length or no body) into a
+// Response as http.ReadResponse would, from one string for the whole
+// head; anything else is read by http.ReadResponse itself.
+func readResponse(c *h1Conn, req *http.Request) (*http.Response, error) {
+	head, err := peekHead(c.br)
+	if err != nil {
+		return nil, err
+	}
+	if head == nil {
+		return http.ReadResponse(c.br, req)
+	}
+	resp := parseResponseHead(head, req)
+	if resp == nil {
+		return http.ReadResponse(c.br, req)
+	}
+	_, _ = c.br.Discard(len(head))
+	if resp.ContentLength == 0 {
+		resp.Body = http.NoBody
+	} else {
+		c.body = lenBody{r: c.br, n: resp.ContentLength}
+		resp.Body = &c.body
+	}
+	return resp, nil
+}
+
+// parseResponseHead parses a response head ending in CRLF CRLF, or
+// returns nil for one it leaves to http.ReadResponse: other versions,
+// 1xx, 204, 304, answers to HEAD, Transfer-Encoding, no or several
+// Content-Lengths, or anything malformed.
+func parseResponseHead(head []byte, req *http.Request) *http.Response {
+	for i, c := range head {
+		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
+			return nil
+		}
+	}
+	s := string(head[:len(head)-2])
+	eol := indexCRLF(s)
+	line := s[:eol]
+	s = s[eol+2:]
+	if len(line) < 12 || line[:9] != "HTTP/1.1 " || len(line) > 12 && line[12] != ' ' || req.Method == http.MethodHead {
+		return nil
+	}
+	code := 0
+	for _, d := range line[9:12] {
+		if d < '0' || d > '9' {
+			return nil
+		}
+		code = code*10 + int(d-'0')
+	}
+	if code < 200 || code == http.StatusNoContent || code == http.StatusNotModified {
+		return nil
+	}
+	n := 0
+	for rest := s; rest != ""; n++ {
+		if rest[0] == ' ' || rest[0] == '\t' {
+			return nil
+		}
+		rest = rest[indexCRLF(rest)+2:]
+	}
+	h := make(http.Header, n)
+	vals := make([]string, n)
+	var cl []string
+	for rest := s; rest != ""; {
+		i := indexCRLF(rest)
+		f := rest[:i]
+		rest = rest[i+2:]
+		colon := indexByte(f, ':')
+		if colon <= 0 {
+			return nil
+		}
+		name, value := f[:colon], trimOWS(f[colon+1:])
+		if !isToken(name) || !httpguts.ValidHeaderFieldValue(value) {
+			return nil
+		}
+		key := canonicalHeader(name)
+		switch key {
+		case "Content-Length":
+			cl = append(cl, value)
+		case "Transfer-Encoding", "Trailer":
+			return nil
+		}
+		vals[0] = value
+		if vv, ok := h[key]; ok {
+			h[key] = append(vv, value)
+		} else {
+			h[key] = vals[:1:1]
+		}
+		vals = vals[1:]
+	}
+	length := int64(-1)
+	switch {
+	case len(cl) == 1:
+		v, err := strconv.ParseUint(cl[0], 10, 63)
+		if err != nil || cl[0][0] < '0' || cl[0][0] > '9' {
+			return nil
+		}
+		length = int64(v)
+	case len(cl) > 1:
+		return nil
+	}
+	if length < 0 {
+		return nil // a body read to the connection's end
+	}
+	if pragma, ok := h["Pragma"]; ok && len(pragma) > 0 && pragma[0] == "no-cache" {
+		if _, ok := h["Cache-Control"]; !ok {
+			h["Cache-Control"] = []string{"no-cache"}
+		}
+	}
+	closing := httpguts.HeaderValuesContainsToken(h["Connection"], "close")
+	if closing {
+		delete(h, "Connection")
+	}
+	return &http.Response{
+		Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, ContentLength: length, Close: closing, Request: req,
+	}
+}
+
+// lenBody reads a body of known length from the connection's reader.
+type lenBody struct {
+	r *bufio.Reader
+	n int64
+}
+
+func (b *lenBody) Read(p []byte) (int, error) {
+	if b.n <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.n {
+		p = p[:b.n]
+	}
+	n, err := b.r.Read(p)
+	b.n -= int64(n)
+	if err == io.EOF && b.n > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if err == nil && b.n == 0 {
+		err = io.EOF
+	}
+	return n, err
+}
+
+func (b *lenBody) Close() error { return nil }
 
 // noStop stands for context.AfterFunc's stop when the context cannot end.
 func noStop() bool { return true }
@@ -302,6 +448,9 @@ type h1Body struct {
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, errBodyAfterClose
+	}
 	n, err := b.rc.Read(p)
 	if err == io.EOF {
 		b.eof = true

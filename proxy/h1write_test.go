@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"io"
 	"net/http"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -56,4 +57,63 @@ func TestWriteRequestMatchesNetHTTP(t *testing.T) {
 			}
 		})
 	}
+}
+
+// checkResponseAgainstNetHTTP fails when parseResponseHead accepts head
+// and http.ReadResponse reads it differently or not at all.
+func checkResponseAgainstNetHTTP(t *testing.T, head []byte) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://o/", nil)
+	got := parseResponseHead(head, req)
+	if got == nil {
+		return
+	}
+	want, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(head)), req)
+	if err != nil {
+		t.Fatalf("fast path accepted %q, net/http refused it: %v", head, err)
+	}
+	if got.Status != want.Status || got.StatusCode != want.StatusCode || got.ContentLength != want.ContentLength || got.Close != want.Close ||
+		!reflect.DeepEqual(map[string][]string(got.Header), map[string][]string(want.Header)) {
+		t.Fatalf("%q:\ngot  %q %d len %d close %v %v\nwant %q %d len %d close %v %v", head,
+			got.Status, got.StatusCode, got.ContentLength, got.Close, got.Header,
+			want.Status, want.StatusCode, want.ContentLength, want.Close, want.Header)
+	}
+}
+
+func TestParseResponseHead(t *testing.T) {
+	for _, head := range []string{
+		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+		"HTTP/1.1 503\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+		"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nPragma: no-cache\r\n\r\n",
+	} {
+		req, _ := http.NewRequest("GET", "http://o/", nil)
+		if parseResponseHead([]byte(head), req) == nil {
+			t.Errorf("%q: left to net/http", head)
+		}
+		checkResponseAgainstNetHTTP(t, []byte(head))
+	}
+	for _, head := range []string{
+		"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+		"HTTP/1.1 200 OK\r\n\r\n",
+		"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n",
+		"HTTP/1.1 100 Continue\r\n\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+	} {
+		req, _ := http.NewRequest("GET", "http://o/", nil)
+		if parseResponseHead([]byte(head), req) != nil {
+			t.Errorf("%q: taken by the fast path", head)
+		}
+	}
+}
+
+func FuzzParseResponseHead(f *testing.F) {
+	f.Add([]byte("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX: y\r\n\r\n"))
+	f.Add([]byte("HTTP/1.1 302\r\nLocation: /x\r\nContent-Length: 0\r\nConnection: keep-alive, close\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		i := bytes.Index(b, crlfcrlf)
+		if i < 0 {
+			return
+		}
+		checkResponseAgainstNetHTTP(t, b[:i+4])
+	})
 }
