@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
@@ -30,13 +31,14 @@ const (
 	KindCertIssued   = "cert_issued"   // a certificate was issued
 	KindCertRenewed  = "cert_renewed"  // a certificate was renewed
 	KindCertRefused  = "cert_refused"  // a certificate request was refused
-	KindLogin        = "login"         // an admin, API or console login (successful or not)
+	KindLogin        = "login"         // an admin, API or console login, or a node's join-token attestation (successful or not)
+	KindAdminCall    = "admin_call"    // a call of writd's admin API, authenticated by peer uid
 )
 
 // kinds is the set of valid kinds.
 var kinds = map[string]bool{
 	KindRequest: true, KindDecisionAPI: true, KindConfigChange: true, KindPolicyChange: true,
-	KindCertIssued: true, KindCertRenewed: true, KindCertRefused: true, KindLogin: true,
+	KindCertIssued: true, KindCertRenewed: true, KindCertRefused: true, KindLogin: true, KindAdminCall: true,
 }
 
 // HashSize is the size of an event hash (SHA-256).
@@ -102,6 +104,33 @@ func (e *Event) SetAttributes(attrs map[string]any) error {
 
 // attrsCanonical reports whether Attributes is still what SetAttributes
 // (or NewEvent) put there.
+// SetCanonicalAttributes sets Attributes to the JSON encoding of v without
+// the decode and re-encode CanonicalJSON does: the fast path for recorders
+// on the request path. v's encoding must already be canonical — object
+// keys in sorted order (struct fields declared in key order, maps with
+// string keys), no numbers other than integers of magnitude at most 2^53
+// — which the caller's tests check against CanonicalJSON. An encoding
+// holding a NUL falls back to CanonicalJSON, which removes it.
+func (e *Event) SetCanonicalAttributes(v any) error {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(v); err != nil {
+		return fmt.Errorf("attributes: %w", err)
+	}
+	raw := json.RawMessage(bytes.TrimSuffix(buf.Bytes(), []byte("\n")))
+	// encoding/json escapes a NUL and writes invalid UTF-8 as an escaped
+	// U+FFFD; the canonical form drops the one and spells the other.
+	if bytes.Contains(raw, []byte(`\u0000`)) || bytes.Contains(raw, []byte(`\ufffd`)) {
+		var err error
+		if raw, err = CanonicalJSON(raw); err != nil {
+			return err
+		}
+	}
+	e.Attributes, e.canon = raw, raw
+	return nil
+}
+
 func (e *Event) attrsCanonical() bool {
 	return len(e.canon) > 0 && len(e.canon) == len(e.Attributes) && &e.canon[0] == &e.Attributes[0]
 }
@@ -299,14 +328,24 @@ func canonicalValue(v any) (json.RawMessage, error) {
 	return json.RawMessage(bytes.TrimSuffix(buf.Bytes(), []byte("\n"))), nil
 }
 
+// canonicalString drops NULs and spells invalid UTF-8 as U+FFFD, as a
+// decode of the encoded text would (encoding/json would otherwise write
+// an escaped U+FFFD that a re-encode spells out).
+func canonicalString(s string) string {
+	if strings.IndexByte(s, 0) >= 0 {
+		s = strings.ReplaceAll(s, "\x00", "")
+	}
+	return strings.ToValidUTF8(s, "\uFFFD")
+}
+
 func stripNUL(v any) any {
 	switch t := v.(type) {
 	case string:
-		return string(bytes.ReplaceAll([]byte(t), []byte{0}, nil))
+		return canonicalString(t)
 	case map[string]any:
 		out := make(map[string]any, len(t))
 		for k, x := range t {
-			out[string(bytes.ReplaceAll([]byte(k), []byte{0}, nil))] = stripNUL(x)
+			out[canonicalString(k)] = stripNUL(x)
 		}
 		return out
 	case []any:

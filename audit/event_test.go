@@ -106,3 +106,29 @@ func TestAttributesMatchTheRoundTrip(t *testing.T) {
 		t.Fatal("replaced attributes still taken as canonical")
 	}
 }
+
+// TestCanonicalJSONOfInvalidUTF8 checks that Go values holding invalid
+// UTF-8 or NULs encode to the same bytes as CanonicalJSON of that
+// encoding, which is what verify recomputes from PostgreSQL's text.
+func TestCanonicalJSONOfInvalidUTF8(t *testing.T) {
+	for _, s := range []string{"bad \xff\xfe utf8", "nul\x00in", "\xff\x00", "ok"} {
+		raw, err := Attributes(map[string]any{"k\xff": s, "n": []any{s}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		again, err := CanonicalJSON(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(raw) != string(again) {
+			t.Fatalf("%q: %s is not canonical (%s)", s, raw, again)
+		}
+		var ev Event
+		if err := ev.SetCanonicalAttributes(map[string]string{"k": s}); err != nil {
+			t.Fatal(err)
+		}
+		if again, _ := CanonicalJSON(ev.Attributes); string(again) != string(ev.Attributes) {
+			t.Fatalf("%q: SetCanonicalAttributes gave %s, canonical %s", s, ev.Attributes, again)
+		}
+	}
+}

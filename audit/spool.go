@@ -28,17 +28,39 @@ import (
 type Durability string
 
 const (
-	// DurabilityGrouped (the default) returns after an fsync that covers
-	// the record; fsyncs are shared by all appends waiting and happen at
-	// most every SyncInterval.
+	// DurabilityGrouped (the default) returns once the record is written
+	// with write(2); a background fsync covers everything written at most
+	// SyncInterval (10 ms) later. A power loss or kernel crash can lose
+	// the events of the last interval (plus the fsync in progress), never
+	// more, and never anything the collector already holds.
 	DurabilityGrouped Durability = "fsync-grouped"
-	// DurabilityPerEvent fsyncs before returning with no wait for a group
-	// (appends arriving during an fsync still share the next one).
+	// DurabilityPerEvent returns only after an fsync that covers the
+	// record. Appends waiting at the same time share one fsync (group
+	// commit): the first waiter fsyncs for everyone written so far.
 	DurabilityPerEvent Durability = "fsync-per-event"
-	// DurabilityWrite returns after write(2); a background fsync runs
-	// every SyncInterval. A power loss can lose the last interval.
-	DurabilityWrite Durability = "write"
 )
+
+// ParseDurability checks a configured durability ("" is the default).
+func ParseDurability(s string) (Durability, error) {
+	switch d := Durability(s); d {
+	case "":
+		return DurabilityGrouped, nil
+	case DurabilityGrouped, DurabilityPerEvent:
+		return d, nil
+	}
+	return "", fmt.Errorf("durability %q is not %s or %s", s, DurabilityGrouped, DurabilityPerEvent)
+}
+
+// ParseFullPolicy checks a configured on-full policy ("" is the default).
+func ParseFullPolicy(s string) (FullPolicy, error) {
+	switch p := FullPolicy(s); p {
+	case "":
+		return FailClosed, nil
+	case FailClosed, FailOpenWithAlarm:
+		return p, nil
+	}
+	return "", fmt.Errorf("on_full %q is not %s or %s", s, FailClosed, FailOpenWithAlarm)
+}
 
 // FullPolicy says what Append does when the spool holds MaxBytes.
 type FullPolicy string
@@ -168,19 +190,12 @@ func OpenSpool(o SpoolOptions) (*Spool, error) {
 	if o.Dir == "" || o.Source == "" {
 		return nil, errors.New("audit spool: dir and source are required")
 	}
-	switch o.Durability {
-	case "":
-		o.Durability = DurabilityGrouped
-	case DurabilityGrouped, DurabilityPerEvent, DurabilityWrite:
-	default:
-		return nil, fmt.Errorf("audit spool: durability %q is not %s, %s or %s", o.Durability, DurabilityGrouped, DurabilityPerEvent, DurabilityWrite)
+	var err error
+	if o.Durability, err = ParseDurability(string(o.Durability)); err != nil {
+		return nil, fmt.Errorf("audit spool: %w", err)
 	}
-	switch o.OnFull {
-	case "":
-		o.OnFull = FailClosed
-	case FailClosed, FailOpenWithAlarm:
-	default:
-		return nil, fmt.Errorf("audit spool: on_full %q is not %s or %s", o.OnFull, FailClosed, FailOpenWithAlarm)
+	if o.OnFull, err = ParseFullPolicy(string(o.OnFull)); err != nil {
+		return nil, fmt.Errorf("audit spool: %w", err)
 	}
 	if o.SyncInterval <= 0 {
 		o.SyncInterval = 10 * time.Millisecond
@@ -299,6 +314,7 @@ func (s *Spool) recover() error {
 		s.acked = s.nextSeq - 1
 	}
 	s.synced = s.nextSeq - 1
+	s.lastSync = s.o.Clock.Now() // recovery fsynced what it found
 	s.m.bytes.Set(float64(s.total))
 	return nil
 }
@@ -452,7 +468,7 @@ func (s *Spool) Source() string { return s.o.Source }
 
 // Append seals ev into the source's chain (setting Source, Seq, PrevHash
 // and Hash) and writes it. It returns once the record is written with
-// write(2) and, per the durability mode, fsynced. At the bound it follows
+// write(2) and, under DurabilityPerEvent, fsynced. At the bound it follows
 // OnFull: a *FullError under FailClosed. ctx is not consulted once the
 // record is written: a written event is always waited for, so that an
 // error never accompanies a recorded event.
@@ -547,15 +563,11 @@ func (s *Spool) Append(ctx context.Context, ev *Event) error {
 	s.m.appends.Inc()
 	s.m.bytes.Set(float64(total))
 
-	switch s.o.Durability {
-	case DurabilityPerEvent:
+	if s.o.Durability == DurabilityPerEvent {
 		return s.syncTo(seq)
-	case DurabilityWrite:
-		s.poke()
-		return nil
 	}
 	s.poke()
-	return s.waitSynced(seq)
+	return nil
 }
 
 // rotate seals the active segment and starts the next one. The old file
@@ -571,18 +583,6 @@ func (s *Spool) poke() {
 	case s.pendC <- struct{}{}:
 	default:
 	}
-}
-
-func (s *Spool) waitSynced(seq uint64) error {
-	s.sm.Lock()
-	defer s.sm.Unlock()
-	for s.synced < seq && s.syncErr == nil {
-		s.cond.Wait()
-	}
-	if s.synced >= seq {
-		return nil
-	}
-	return s.syncErr
 }
 
 // syncTo fsyncs everything written so far unless an fsync already covered

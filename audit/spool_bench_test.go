@@ -14,7 +14,7 @@ import (
 //
 //	go test -run '^$' -bench SpoolAppend -benchtime 2000x ./audit/
 func BenchmarkSpoolAppend(b *testing.B) {
-	for _, d := range []Durability{DurabilityWrite, DurabilityGrouped, DurabilityPerEvent} {
+	for _, d := range []Durability{DurabilityGrouped, DurabilityPerEvent} {
 		b.Run(string(d), func(b *testing.B) {
 			s, err := OpenSpool(SpoolOptions{Dir: b.TempDir(), Source: testSource, Durability: d})
 			if err != nil {

@@ -11,9 +11,13 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/jonboulle/clockwork"
+	dto "github.com/prometheus/client_model/go"
 )
 
 const testSource = "spiffe://example.org/ns/default/sa/proxy"
@@ -74,7 +78,7 @@ func readAll(t *testing.T, s *Spool, from uint64) []Event {
 }
 
 func TestSpoolAppendReopenRotateAck(t *testing.T) {
-	for _, d := range []Durability{DurabilityGrouped, DurabilityPerEvent, DurabilityWrite} {
+	for _, d := range []Durability{DurabilityGrouped, DurabilityPerEvent} {
 		t.Run(string(d), func(t *testing.T) {
 			dir := t.TempDir()
 			s := openTest(t, SpoolOptions{Dir: dir, Durability: d, SegmentBytes: 4096})
@@ -224,7 +228,7 @@ func TestSpoolCorruptionInTheMiddleIsRefused(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
-			s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityWrite})
+			s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityGrouped})
 			for i := range 40 {
 				_ = s.Append(context.Background(), testEvent(t, i))
 			}
@@ -240,7 +244,7 @@ func TestSpoolCorruptionInTheMiddleIsRefused(t *testing.T) {
 
 func TestSpoolBoundFailClosed(t *testing.T) {
 	dir := t.TempDir()
-	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, SegmentBytes: 2048, Durability: DurabilityWrite})
+	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, SegmentBytes: 2048, Durability: DurabilityGrouped})
 	defer s.Close()
 	n := 0
 	var err error
@@ -270,7 +274,7 @@ func TestSpoolBoundFailClosed(t *testing.T) {
 func TestSpoolBoundFailOpenWithAlarm(t *testing.T) {
 	dir := t.TempDir()
 	var logb strings.Builder
-	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, OverflowBytes: 4096, SegmentBytes: 2048, Durability: DurabilityWrite,
+	s := openTest(t, SpoolOptions{Dir: dir, MaxBytes: 8192, OverflowBytes: 4096, SegmentBytes: 2048, Durability: DurabilityGrouped,
 		OnFull: FailOpenWithAlarm, Logger: newTestLogger(&logb)})
 	defer s.Close()
 	for i := range 200 {
@@ -339,7 +343,7 @@ func TestSpoolSurvivesKill9(t *testing.T) {
 }
 
 func spoolChild(dir string) {
-	s, err := OpenSpool(SpoolOptions{Dir: dir, Source: testSource, Durability: DurabilityWrite, SegmentBytes: 64 << 10})
+	s, err := OpenSpool(SpoolOptions{Dir: dir, Source: testSource, Durability: DurabilityGrouped, SegmentBytes: 64 << 10})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
@@ -361,7 +365,7 @@ func spoolChild(dir string) {
 // still on disk instead of asking for deleted ones.
 func TestSpoolLostAckFile(t *testing.T) {
 	dir := t.TempDir()
-	s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityWrite})
+	s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048, Durability: DurabilityGrouped})
 	for i := range 50 {
 		_ = s.Append(context.Background(), testEvent(t, i))
 	}
@@ -382,4 +386,74 @@ func TestSpoolLostAckFile(t *testing.T) {
 	if got := readAll(t, s, st.Acked+1); len(got) != int(50-st.Acked) {
 		t.Fatalf("read %d events from %d", len(got), st.Acked+1)
 	}
+}
+
+// TestSpoolDurabilityModes checks when each mode's appends are fsynced:
+// fsync-grouped returns before any fsync and the background fsync covers
+// the record once the interval has passed (on the injected clock);
+// fsync-per-event returns only when an fsync covered the record, and
+// concurrent appends share fsyncs.
+func TestSpoolDurabilityModes(t *testing.T) {
+	t.Run(string(DurabilityGrouped), func(t *testing.T) {
+		clk := clockwork.NewFakeClock()
+		s := openTest(t, SpoolOptions{Dir: t.TempDir(), Durability: DurabilityGrouped, SyncInterval: 10 * time.Millisecond, Clock: clk})
+		defer s.Close()
+		// Recovery fsynced at open: the next fsync is due an interval
+		// later, which only comes when the test moves the clock.
+		for i := range 5 {
+			if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := s.Stats().Synced; got >= 5 {
+			t.Fatalf("synced = %d before the interval passed, want < 5 (append must not wait for the fsync)", got)
+		}
+		if n := len(readAll(t, s, 1)); n >= 5 {
+			t.Fatalf("the shipper could read %d events not yet fsynced", n)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for s.Stats().Synced < 5 {
+			if time.Now().After(deadline) {
+				t.Fatalf("background fsync never covered the appends: %+v", s.Stats())
+			}
+			clk.Advance(10 * time.Millisecond)
+			time.Sleep(time.Millisecond)
+		}
+	})
+	t.Run(string(DurabilityPerEvent), func(t *testing.T) {
+		s := openTest(t, SpoolOptions{Dir: t.TempDir(), Durability: DurabilityPerEvent})
+		defer s.Close()
+		var wg sync.WaitGroup
+		errs := make(chan error, 8*50)
+		for g := range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range 50 {
+					ev := testEvent(t, g*1000+i)
+					if err := s.Append(context.Background(), ev); err != nil {
+						errs <- err
+						return
+					}
+					if got := s.Stats().Synced; got < ev.Seq {
+						errs <- fmt.Errorf("append of seq %d returned with synced = %d", ev.Seq, got)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+		var m dto.Metric
+		if err := s.m.fsyncs.Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		// Eight appenders waiting at once share fsyncs (group commit).
+		if n := m.GetHistogram().GetSampleCount(); n >= 400 {
+			t.Fatalf("%d fsyncs for 400 concurrent appends: waiters do not share fsyncs", n)
+		}
+	})
 }

@@ -64,8 +64,11 @@ type Options struct {
 	// Upstream, when set, signs this replica's intermediates, and its roots
 	// are the bundle's X.509 authorities.
 	Upstream UpstreamSigner
-	Clock    clockwork.Clock
-	Log      *slog.Logger
+	// OnIssuance, when set, is called in the transaction that logs each
+	// intermediate the CA creates (writd records it as an audit event).
+	OnIssuance IssuanceHook
+	Clock      clockwork.Clock
+	Log        *slog.Logger
 }
 
 // settings are the CA's durations with defaults applied.
@@ -120,6 +123,7 @@ type CA struct {
 	upstream UpstreamSigner
 	clock    clockwork.Clock
 	log      *slog.Logger
+	onIssu   IssuanceHook
 
 	// mu guards inter, jwtCur, jwtNext and stopped. Signers hold it for
 	// reading while they sign, so that once rotation has swapped an
@@ -207,6 +211,7 @@ func NewCA(ctx context.Context, o Options) (*CA, error) {
 		upstream: o.Upstream,
 		clock:    o.Clock,
 		log:      o.Log.With(logReplica, o.ReplicaID),
+		onIssu:   o.OnIssuance,
 		roots:    map[string]*rootCA{},
 	}
 	var imported *rootCA

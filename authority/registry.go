@@ -50,10 +50,20 @@ func inputErrorf(format string, args ...any) error {
 // attested nodes, registration entries and issuances. Safe for concurrent
 // use.
 type Registry struct {
-	pool  *pgxpool.Pool
-	td    spiffeid.TrustDomain
-	clock clockwork.Clock
+	pool   *pgxpool.Pool
+	td     spiffeid.TrustDomain
+	clock  clockwork.Clock
+	onIssu IssuanceHook
 }
+
+// IssuanceHook is called inside the transaction that writes issuance log
+// rows, so that what it writes (writd's audit events) commits with them
+// or not at all.
+type IssuanceHook func(ctx context.Context, tx pgx.Tx, rows []Issuance) error
+
+// OnIssuance sets the hook RecordIssuance calls. Set it before use; it is
+// not synchronized.
+func (r *Registry) OnIssuance(h IssuanceHook) { r.onIssu = h }
 
 // NewRegistry returns a Registry for one trust domain.
 func NewRegistry(pool *pgxpool.Pool, td spiffeid.TrustDomain, clock clockwork.Clock) *Registry {
@@ -410,6 +420,8 @@ const (
 	KindJWTSVID   = "jwt-svid"
 	KindNodeSVID  = "node-svid"
 	KindJoinToken = "join-token"
+	// KindIntermediate is an intermediate CA certificate of a replica.
+	KindIntermediate = "intermediate"
 
 	OutcomeIssued  = "issued"
 	OutcomeRenewed = "renewed"
@@ -424,16 +436,25 @@ func (r *Registry) RecordIssuance(ctx context.Context, rows ...Issuance) error {
 		VALUES ($1, $2, $3, NULLIF($4, ''), NULLIF($5, ''), $6, NULLIF($7, ''), NULLIF($8, '')::uuid, NULLIF($9, ''), NULLIF($10, ''), NULLIF($11, ''))`
 	now := r.clock.Now()
 	b := &pgx.Batch{}
-	for _, is := range rows {
-		if is.At.IsZero() {
-			is.At = now
+	for i := range rows {
+		if rows[i].At.IsZero() {
+			rows[i].At = now
 		}
+		is := rows[i]
 		b.Queue(q, is.At.UTC(), is.Kind, is.Outcome, is.Serial, is.SPIFFEID, nullTime(is.NotAfter), is.NodeID, is.EntryID, is.Caller, is.Signer, is.Reason)
 	}
 	var err error
-	if len(rows) == 1 {
+	switch {
+	case r.onIssu != nil:
+		err = pgx.BeginFunc(ctx, r.pool, func(tx pgx.Tx) error {
+			if err := tx.SendBatch(ctx, b).Close(); err != nil {
+				return err
+			}
+			return r.onIssu(ctx, tx, rows)
+		})
+	case len(rows) == 1:
 		err = r.pool.SendBatch(ctx, b).Close()
-	} else {
+	default:
 		err = pgx.BeginFunc(ctx, r.pool, func(tx pgx.Tx) error { return tx.SendBatch(ctx, b).Close() })
 	}
 	if err != nil {

@@ -128,6 +128,10 @@ func (c *CA) newIntermediate(ctx context.Context) (*intermediate, error) {
 			VALUES ($1, 'intermediate', 'issued', $2, $3, $4, $5, $6)`, now, inter.serial, c.td.IDString(), inter.cert.NotAfter, c.replica, signer); err != nil {
 			return fmt.Errorf("log intermediate: %w", err)
 		}
+		if c.onIssu != nil {
+			return c.onIssu(ctx, tx, []Issuance{{At: now, Kind: KindIntermediate, Outcome: OutcomeIssued, Serial: inter.serial,
+				SPIFFEID: c.td.IDString(), NotAfter: inter.cert.NotAfter, Caller: c.replica, Signer: signer}})
+		}
 		return nil
 	})
 	if err != nil {

@@ -254,7 +254,10 @@ func (q *querier) issuanceSQL(a *sqlArgs, inRange bool) string {
 			c.resource, c.destination,
 			CASE WHEN c.attributes->>'not_after' ~ %s THEN (c.attributes->>'not_after')::timestamptz END
 		FROM audit_events c WHERE c.kind IN ('cert_issued', 'cert_renewed', 'cert_refused')
-		AND NOT (c.resource <> '' AND EXISTS (SELECT 1 FROM issuance_log i WHERE i.serial = c.resource))`, rfc3339Re)
+		AND NOT (c.resource <> '' AND EXISTS (SELECT 1 FROM issuance_log i WHERE i.serial = c.resource))
+		-- writd records every issuance_log row as an event of its own
+		-- chain in the same transaction (refusals have no serial to match)
+		AND c.source NOT LIKE 'spiffe://%%/writ/control-plane#%%'`, rfc3339Re)
 	if inRange {
 		from, to := a.p(q.o.From), a.p(q.o.To)
 		log += fmt.Sprintf(" AND at >= %s AND at < %s", from, to)

@@ -28,8 +28,35 @@ type Server struct {
 	// Policy, when set, makes writd serve a policy directory as an OPA
 	// bundle to writ-enforcer, writ-proxy and stock OPA.
 	Policy *Policy `yaml:"policy"`
+	// Audit configures the audit trail writd keeps.
+	Audit Audit `yaml:"audit"`
 	// Mesh tunes the xDS server and its service registry.
 	Mesh Mesh `yaml:"mesh"`
+}
+
+// Audit configures writd's side of the audit trail.
+type Audit struct {
+	// RetentionDays is how long events are kept; older daily partitions
+	// are dropped by the retention job. Default 365.
+	RetentionDays int `yaml:"retention_days"`
+	// MinRetentionDays is the floor retention_days may not go below
+	// (default 90: PCI DSS 10.5.1 asks for three months at hand). A
+	// shorter retention is refused at startup.
+	MinRetentionDays int `yaml:"min_retention_days"`
+	// RetentionInterval is how often the retention job runs (default 1h).
+	RetentionInterval Duration `yaml:"retention_interval"`
+	// RetentionDatabaseURL connects the retention job as its own role,
+	// the owner of the partitions, which the application role should not
+	// be; WRIT_AUDIT_RETENTION_DATABASE_URL overrides it. Default:
+	// database_url (one role for both; writd warns).
+	RetentionDatabaseURL string `yaml:"retention_database_url"`
+	// Durability of the events writd writes for decision-API answers:
+	// fsync-per-event commits each with synchronous_commit on;
+	// fsync-grouped (the default) lets PostgreSQL's WAL writer flush
+	// them in groups (synchronous_commit off), like a spool's grouped
+	// fsync. Changes, issuance and admin calls always commit
+	// synchronously with the change they record.
+	Durability string `yaml:"durability"`
 }
 
 // Mesh tunes the xDS server and the service registry fed by data planes.
@@ -185,10 +212,16 @@ const (
 	DefaultDecisionPath    = "data.writ.authzen.decision"
 	DefaultDecisionMaxBody = 1 << 20
 	DefaultMaxEvaluations  = 256
-	DefaultDecisionTimeout = 2 * time.Second
-	MaxDecisionBody        = 64 << 20
-	MaxEvaluationsLimit    = 10000
-	MaxDecisionEvalTimeout = time.Minute
+
+	DefaultAuditRetentionDays     = 365
+	DefaultAuditMinRetentionDays  = 90
+	DefaultAuditRetentionInterval = time.Hour
+	AuditFsyncGrouped             = "fsync-grouped"
+	AuditFsyncPerEvent            = "fsync-per-event"
+	DefaultDecisionTimeout        = 2 * time.Second
+	MaxDecisionBody               = 64 << 20
+	MaxEvaluationsLimit           = 10000
+	MaxDecisionEvalTimeout        = time.Minute
 )
 
 // LoadServer reads, decodes, defaults and validates a writd config file.
@@ -235,6 +268,9 @@ func (s *Server) applyEnv(getenv func(string) string) {
 	}
 	if v := getenv("WRIT_DATABASE_URL"); v != "" {
 		s.DatabaseURL = v
+	}
+	if v := getenv("WRIT_AUDIT_RETENTION_DATABASE_URL"); v != "" {
+		s.Audit.RetentionDatabaseURL = v
 	}
 }
 
@@ -290,6 +326,17 @@ func (s *Server) ApplyDefaults() {
 			d.MaxEvaluations = DefaultMaxEvaluations
 		}
 		def(&d.EvalTimeout, DefaultDecisionTimeout)
+	}
+	a := &s.Audit
+	if a.RetentionDays == 0 {
+		a.RetentionDays = DefaultAuditRetentionDays
+	}
+	if a.MinRetentionDays == 0 {
+		a.MinRetentionDays = DefaultAuditMinRetentionDays
+	}
+	def(&a.RetentionInterval, DefaultAuditRetentionInterval)
+	if a.Durability == "" {
+		a.Durability = AuditFsyncGrouped
 	}
 	if s.Log.Level == "" {
 		s.Log.Level = "info"
@@ -403,6 +450,24 @@ func (s *Server) Validate() []*FieldError {
 	}
 	if s.Listen.Decision != "" {
 		errs = append(errs, s.validateDecision()...)
+	}
+	a := s.Audit
+	if a.MinRetentionDays < 1 {
+		bad("audit.min_retention_days", "must be at least 1")
+	}
+	if a.RetentionDays < a.MinRetentionDays {
+		bad("audit.retention_days", "%d is shorter than min_retention_days (%d); events must be kept at least that long", a.RetentionDays, a.MinRetentionDays)
+	}
+	if a.RetentionInterval.D() < time.Minute {
+		bad("audit.retention_interval", "must be at least 1m")
+	}
+	if a.RetentionDatabaseURL != "" {
+		if u, err := url.Parse(a.RetentionDatabaseURL); err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+			bad("audit.retention_database_url", "must be a postgres:// URL")
+		}
+	}
+	if a.Durability != AuditFsyncGrouped && a.Durability != AuditFsyncPerEvent {
+		bad("audit.durability", "%q: want %s or %s", a.Durability, AuditFsyncGrouped, AuditFsyncPerEvent)
 	}
 	switch s.Log.Level {
 	case "debug", "info", "warn", "error":

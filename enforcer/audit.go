@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/policy"
 )
 
 // AuditSink records decisions as audit events appended to a spool before
@@ -24,7 +26,7 @@ var _ Sink = (*AuditSink)(nil)
 
 // Record appends d.
 func (s *AuditSink) Record(ctx context.Context, d Decision) error {
-	ev, err := DecisionEvent(d, s.Redaction, nil)
+	ev, err := DecisionEvent(d, s.Redaction, d.Headers)
 	if err != nil {
 		return err
 	}
@@ -42,32 +44,11 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 			return audit.Event{}, fmt.Errorf("decision event id: %w", err)
 		}
 	}
-	attrs := map[string]any{
-		"raw_path":   d.RawPath,
-		"protocol":   d.Protocol,
-		"latency_us": d.Latency.Microseconds(),
-	}
-	if d.GRPC {
-		attrs["grpc"] = true
-	}
-	if d.Cached {
-		attrs["cached"] = true
-	}
-	if len(d.MatchedRules) > 0 {
-		attrs["matched_rules"] = d.MatchedRules
-	}
+	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers)}
 	if d.DryRun != nil {
-		dr := map[string]any{
-			"result": d.DryRun.Result, "http_status": d.DryRun.HTTPStatus, "reason": d.DryRun.Reason,
-			"policy_revision": d.DryRun.PolicyRevision, "disagrees": d.DryRun.Disagrees,
-		}
-		if len(d.DryRun.MatchedRules) > 0 {
-			dr["matched_rules"] = d.DryRun.MatchedRules
-		}
-		attrs["dry_run"] = dr
-	}
-	if h := r.Headers(headers); h != nil {
-		attrs["headers"] = h
+		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
+			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees, MatchedRules: d.DryRun.MatchedRules}
 	}
 	status := d.HTTPStatus
 	if status == 0 && d.Result == ResultAllow {
@@ -79,7 +60,51 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
-	if err := ev.SetAttributes(attrs); err != nil {
+	if err := ev.SetCanonicalAttributes(attrs); err != nil {
+		return audit.Event{}, err
+	}
+	return ev, nil
+}
+
+// requestAttrs are a request event's attributes. Their JSON is canonical
+// as encoded (fields in key order, integers only), which spares the
+// request path a decode and re-encode; TestRequestAttributesAreCanonical
+// holds them to audit.CanonicalJSON.
+type requestAttrs struct {
+	Cached       bool           `json:"cached,omitempty"`
+	DryRun       *dryRunAttrs   `json:"dry_run,omitempty"`
+	GRPC         bool           `json:"grpc,omitempty"`
+	Headers      map[string]any `json:"headers,omitempty"`
+	Host         string         `json:"host,omitempty"`
+	LatencyUS    int64          `json:"latency_us"`
+	MatchedRules []string       `json:"matched_rules,omitempty"`
+	Protocol     string         `json:"protocol"`
+	RawPath      string         `json:"raw_path"`
+}
+
+type dryRunAttrs struct {
+	Disagrees      bool     `json:"disagrees"`
+	HTTPStatus     int      `json:"http_status"`
+	MatchedRules   []string `json:"matched_rules,omitempty"`
+	PolicyRevision string   `json:"policy_revision"`
+	Reason         string   `json:"reason"`
+	Result         string   `json:"result"`
+}
+
+// PolicyReloadEvent is the audit event (kind policy_change) of a policy
+// reload attempt: result ok with the revision now active, or error with
+// the reason the attempted content was refused (the old revision stays).
+// name says which policy (a directory, a bundle, "decision-api").
+func PolicyReloadEvent(name string, r policy.ReloadEvent) (audit.Event, error) {
+	ev, err := audit.NewEvent(audit.KindPolicyChange, time.Now())
+	if err != nil {
+		return audit.Event{}, err
+	}
+	ev.Action, ev.Resource, ev.PolicyRevision, ev.Result = "reload", name, r.Revision, "ok"
+	if r.Err != nil {
+		ev.Result, ev.Reason = "error", r.Err.Error()
+	}
+	if err := ev.SetAttributes(map[string]any{"attempted_revision": r.Attempted}); err != nil {
 		return audit.Event{}, err
 	}
 	return ev, nil

@@ -68,6 +68,12 @@ type Decision struct {
 	Cached         bool // the policy answer came from the decision cache
 	Latency        time.Duration
 	TraceID        string // from the W3C traceparent header, if any
+	// Host is the request's host (:authority).
+	Host string
+	// Headers are the request's headers as received (the request's own
+	// map, not a copy). Sinks keep only an allowlisted subset
+	// (audit.Redaction) and never log them whole: they carry credentials.
+	Headers map[string]string
 	// DryRun is the candidate policy's answer, when one is configured and
 	// the request reached policy (nil for a 400). It is recorded, never
 	// enforced.
@@ -192,6 +198,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	// this policy set (and the dry-run candidate) can read.
 	snap := e.engine.Snapshot()
 	d.PolicyRevision = snap.Revision()
+	if h := req.GetAttributes().GetRequest().GetHttp(); h != nil {
+		d.Host, d.Headers = h.GetHost(), h.GetHeaders()
+	}
 	var cand policy.Snapshot
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()

@@ -147,7 +147,10 @@ type WeightedCluster struct {
 // jitter between BaseInterval and MaxInterval.
 type RetryPolicy struct {
 	// RetryOn lists the conditions: "5xx", "gateway-error",
-	// "connect-failure", "reset".
+	// "connect-failure", "reset", "retriable-4xx" (409), and the gRPC
+	// ones on the grpc-status of a trailers-only response: "cancelled",
+	// "deadline-exceeded", "internal", "resource-exhausted",
+	// "unavailable".
 	RetryOn       []string `yaml:"retry_on" json:"retry_on"`
 	NumRetries    int      `yaml:"num_retries" json:"num_retries"`
 	PerTryTimeout Duration `yaml:"per_try_timeout" json:"per_try_timeout,omitempty"`
@@ -367,7 +370,7 @@ func (c *Config) Validate() error {
 				}
 				if rp := r.Retry; rp != nil {
 					for _, on := range rp.RetryOn {
-						if !slices.Contains([]string{"5xx", "gateway-error", "connect-failure", "reset"}, on) {
+						if _, grpc := grpcRetryCodes[on]; !grpc && !slices.Contains([]string{"5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx"}, on) {
 							bad("%s: virtual host %q route %d: retry_on %q unknown", where, vh.Name, j, on)
 						}
 					}

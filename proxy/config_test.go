@@ -229,6 +229,29 @@ func TestRingHash(t *testing.T) {
 	}
 }
 
+// TestRingHashShortKeys: keys and endpoints that differ only in their
+// last characters (user ids, loopback ports) still spread over the ring.
+func TestRingHashShortKeys(t *testing.T) {
+	eps := []*endpoint{{addr: "127.0.0.1:41001"}, {addr: "127.0.0.1:41002"}}
+	c := &cluster{cfg: Cluster{LBPolicy: RingHash}, eps: eps, ring: buildRing(eps)}
+	few := map[*endpoint]int{}
+	for i := range 20 {
+		few[c.pickHash(hashKey(fmt.Sprint("user-", i)), nil, 0)]++
+	}
+	if len(few) != 2 {
+		t.Errorf("20 keys user-0..user-19 all went to one endpoint")
+	}
+	count := map[*endpoint]int{}
+	for i := range 1000 {
+		count[c.pickHash(hashKey(fmt.Sprint("u", i)), nil, 0)]++
+	}
+	for _, e := range eps {
+		if count[e] < 300 {
+			t.Errorf("%s got %d of 1000 keys, want at least 300", e.addr, count[e])
+		}
+	}
+}
+
 func TestRetryCap(t *testing.T) {
 	c := &cluster{maxRetry: 3}
 	if got := c.retryCap(); got != 3 {

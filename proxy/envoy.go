@@ -139,7 +139,8 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 			on = strings.TrimSpace(on)
 			switch on {
 			case "":
-			case "5xx", "gateway-error", "connect-failure", "reset":
+			case "5xx", "gateway-error", "connect-failure", "reset", "retriable-4xx",
+				"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable":
 				p.RetryOn = append(p.RetryOn, on)
 			case "refused-stream":
 				// Go's HTTP/2 transport already retries a stream the peer

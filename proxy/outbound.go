@@ -353,10 +353,18 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		perTry = time.Duration(rp.PerTryTimeout)
 	}
 	var body []byte
+	var rec *recordedBody
 	if attempts > 1 && req.Body != nil && req.Body != http.NoBody {
-		if req.ContentLength < 0 || req.ContentLength > maxRetryBody {
+		switch {
+		case req.ContentLength > maxRetryBody:
 			attempts = 1
-		} else {
+		case req.ContentLength < 0:
+			// An unsized body (gRPC, chunked) streams as it comes and is
+			// never waited for: a stream may need the answer before it
+			// ends. It is recorded on the way; a try is retried only if
+			// the whole body had been read by then.
+			rec = &recordedBody{r: req.Body}
+		default:
 			b, err := io.ReadAll(io.LimitReader(req.Body, maxRetryBody+1))
 			if err != nil {
 				return nil, fmt.Errorf("read request body: %w", err)
@@ -400,13 +408,20 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		out.URL = &u
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
+		} else if rec != nil {
+			out.Body = rec
 		}
 		ep.active.Add(1)
 		resp, err := cl.transportFor(out).RoundTrip(out)
 		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
 		// The last try, a finished request, or a retry budget spent.
 		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())
-		if err == nil && (final || !retryStatus(rp, resp.StatusCode)) {
+		if !final && rec != nil && body == nil {
+			var whole bool
+			body, whole = rec.complete()
+			final = !whole
+		}
+		if err == nil && (final || !retryStatus(rp, resp)) {
 			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
 			return resp, nil
 		}
@@ -445,7 +460,16 @@ func backoff(rp *RetryPolicy, try int) time.Duration {
 	return time.Duration(rand.Int64N(int64(d)) + 1)
 }
 
-func retryStatus(rp *RetryPolicy, status int) bool {
+// grpcRetryCodes are Envoy's gRPC retry conditions and the grpc-status
+// each retries on.
+var grpcRetryCodes = map[string]string{"cancelled": "1", "deadline-exceeded": "4", "resource-exhausted": "8", "internal": "13", "unavailable": "14"}
+
+// retryStatus says whether resp is one rp retries. gRPC conditions look
+// at grpc-status in the response headers, where a call that failed
+// before any message (a trailers-only response) carries it; as in Envoy,
+// a status in trailers comes too late to retry.
+func retryStatus(rp *RetryPolicy, resp *http.Response) bool {
+	status := resp.StatusCode
 	for _, on := range rp.RetryOn {
 		switch on {
 		case "5xx":
@@ -454,6 +478,14 @@ func retryStatus(rp *RetryPolicy, status int) bool {
 			}
 		case "gateway-error":
 			if status == 502 || status == 503 || status == 504 {
+				return true
+			}
+		case "retriable-4xx":
+			if status == http.StatusConflict {
+				return true
+			}
+		default:
+			if code, ok := grpcRetryCodes[on]; ok && resp.Header.Get("Grpc-Status") == code {
 				return true
 			}
 		}
@@ -479,6 +511,47 @@ func retryError(rp *RetryPolicy, err error) bool {
 		}
 	}
 	return false
+}
+
+// recordedBody passes an unsized request body through to the first try
+// and keeps a copy of up to maxRetryBody bytes for retries. Its reader
+// is the transport; complete may be called from the request's goroutine
+// meanwhile.
+type recordedBody struct {
+	r        io.ReadCloser
+	mu       sync.Mutex
+	buf      []byte
+	eof, big bool
+}
+
+func (b *recordedBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	b.mu.Lock()
+	if !b.big {
+		if len(b.buf)+n > maxRetryBody {
+			b.big, b.buf = true, nil
+		} else {
+			b.buf = append(b.buf, p[:n]...)
+		}
+	}
+	if err == io.EOF {
+		b.eof = true
+	}
+	b.mu.Unlock()
+	return n, err
+}
+
+func (b *recordedBody) Close() error { return b.r.Close() }
+
+// complete returns the whole body (non-nil) if it was read to its end
+// within maxRetryBody.
+func (b *recordedBody) complete() ([]byte, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if !b.eof || b.big {
+		return nil, false
+	}
+	return append([]byte{}, b.buf...), true
 }
 
 // doneBody ends a try when its response body is closed: the per-try

@@ -280,14 +280,24 @@ func buildRing(eps []*endpoint) []ringEntry {
 	return ring
 }
 
-// hashKey is FNV-1a, 64 bits: stable across processes, so every sidecar
-// maps a key to the same endpoint.
+// hashKey is FNV-1a, 64 bits, followed by MurmurHash3's 64-bit
+// finalizer: stable across processes, so every sidecar maps a key to the
+// same endpoint. FNV-1a alone moves keys that differ only in their last
+// bytes ("user-1", "user-2", or ring points "127.0.0.1:41001_7") by
+// small multiples of its prime, about 2^40 apart on a 2^64 ring, so they
+// bunched on one arc and every such key went to one endpoint; the
+// finalizer spreads every input bit over the whole word.
 func hashKey(s string) uint64 {
 	h := uint64(14695981039346656037)
 	for i := 0; i < len(s); i++ {
 		h ^= uint64(s[i])
 		h *= 1099511628211
 	}
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	h *= 0xc4ceb9fe1a85ec53
+	h ^= h >> 33
 	return h
 }
 

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# make demo: a working Writ identity plane on a throwaway PostgreSQL.
+# make demo: a working Writ mesh on a throwaway PostgreSQL.
 #
-# Starts PostgreSQL, writd and a node agent (writ-proxy), registers two
-# workloads, and runs go-spiffe's own spiffe-tls example server and client,
-# which fetch their X.509 SVIDs from the agent's Workload API and talk over
-# mutual TLS. Then it waits until Ctrl-C and stops everything.
+#   frontend ──> orders (v1 90 %, v2 10 %) ──> payments
+#       └──────────────X (denied by policy) ─────┘
 #
-#   WRIT_DEMO_EXIT=1   stop after the walkthrough instead of waiting
-#   WRIT_DEMO_DIR      working dir (default .tmp/demo)
-#   WRIT_DEMO_HTTP / WRIT_DEMO_GRPC / WRIT_DEMO_AGENT_ADMIN   listen addresses
+# Starts PostgreSQL and writd, applies scripts/demo/mesh.yaml, and runs
+# four sample services (writ-demo-app), each behind its own writ-proxy:
+# the proxy attests its node with a join token, gets the workload's SVID,
+# takes its listeners, routes and clusters from writd over ADS, decides
+# every inbound request with the Rego of policies/mesh, and writes each
+# decision to its audit spool, shipped to writd and into PostgreSQL.
+# Then it sends a small load and shows what happened: the split, a retry,
+# the denials, and the audit trail. Ctrl-C stops everything.
+#
+#   WRIT_DEMO_EXIT=1       stop after the walkthrough instead of waiting
+#   WRIT_DEMO_DIR          working dir (default .tmp/demo)
+#   WRIT_DEMO_REQUESTS     requests in the load (default 200)
+#   WRIT_DEMO_PORT_BASE    first of the local ports it uses (default 18000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 bin=${WRIT_BIN_DIR:-$root/bin}
 demo=${WRIT_DEMO_DIR:-$root/.tmp/demo}
-http_addr=${WRIT_DEMO_HTTP:-127.0.0.1:18080}
-grpc_addr=${WRIT_DEMO_GRPC:-127.0.0.1:18081}
-agent_admin=${WRIT_DEMO_AGENT_ADMIN:-127.0.0.1:15000}
-# go-spiffe's examples look for the Workload API here.
-agent_sock=/tmp/agent.sock
+requests=${WRIT_DEMO_REQUESTS:-200}
+base=${WRIT_DEMO_PORT_BASE:-18000}
+td=cluster.local
+http_addr=127.0.0.1:$base
+grpc_addr=127.0.0.1:$((base + 1))
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 pids=()
@@ -26,33 +34,34 @@ cleanup() {
   say "stopping"
   for ((i=${#pids[@]}-1; i>=0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  scripts/pg.sh stop "$demo/pg" || true
+  scripts/pg.sh stop "$demo/pg" >/dev/null 2>&1 || true
   echo "stopped; logs are in $demo"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 wait_http() { # url, what
-  for _ in $(seq 1 150); do
+  for _ in $(seq 1 300); do
     if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
     sleep 0.2
   done
   echo "demo: $2 did not become ready; see $demo/*.log" >&2
   exit 1
 }
+writ() { "$bin/writ" "$@"; }
 
+for b in writd writ writ-proxy writ-demo-app; do
+  [ -x "$bin/$b" ] || { echo "demo: $bin/$b is missing; run make build" >&2; exit 1; }
+done
 rm -rf "$demo"; mkdir -p "$demo"
-say "building go-spiffe's spiffe-tls example server and client"
-go build -o "$bin/spiffe-tls-server" github.com/spiffe/go-spiffe/v2/examples/spiffe-tls/server
-go build -o "$bin/spiffe-tls-client" github.com/spiffe/go-spiffe/v2/examples/spiffe-tls/client
 
 say "starting a throwaway PostgreSQL in $demo/pg"
 db=$(scripts/pg.sh start "$demo/pg")
 
-say "configuring writd (trust domain example.org)"
+say "starting writd (trust domain $td)"
 "$bin/writd" gen-kek > "$demo/kek"; chmod 600 "$demo/kek"
 cat > "$demo/writ.yaml" <<YAML
-trust_domain: example.org
+trust_domain: $td
 database_url: "$db"
 listen:
   http: $http_addr
@@ -65,53 +74,95 @@ log:
   format: text
 YAML
 export WRIT_ADMIN_SOCKET=$demo/admin/admin.sock
-
-say "starting writd"
 "$bin/writd" serve --config "$demo/writ.yaml" >"$demo/writd.log" 2>&1 & pids+=($!)
 wait_http "http://$http_addr/readyz" writd
-echo "writd is ready: http://$http_addr/bundle serves the trust bundle"
+writ bundle show > "$demo/bundle.json"
 
-say "writ bundle show > bundle.json   (the agent's bootstrap trust)"
-"$bin/writ" bundle show > "$demo/bundle.json"
-head -c 300 "$demo/bundle.json"; echo " ..."
+say "writ apply -f scripts/demo/mesh.yaml   (services, the 90/10 route with retries, authorization)"
+writ apply -f scripts/demo/mesh.yaml
 
-say "writ token create --spiffe-id spiffe://example.org/node/demo"
-token=$("$bin/writ" token create --spiffe-id spiffe://example.org/node/demo | tee /dev/stderr | awk '/^Token:/ {print $2}')
+# name service version fail-every calls...
+# Each workload gets its own node (a join token and an agent in its
+# writ-proxy), so the demo shows one sidecar per workload as in production.
+workloads=(
+  "frontend frontend v1 0 orders=http://orders/ payments=http://payments/"
+  "orders-v1 orders v1 10 payments=http://payments/"
+  "orders-v2 orders v2 0 payments=http://payments/"
+  "payments payments v1 0"
+)
+i=0
+for w in "${workloads[@]}"; do
+  read -r name svc version fail calls <<<"$w"
+  app=127.0.0.1:$((base + 10 + i))
+  mesh=127.0.0.1:$((base + 20 + i))
+  proxy=127.0.0.1:$((base + 30 + i))
+  admin=127.0.0.1:$((base + 40 + i))
+  i=$((i + 1))
+  mkdir -p "$demo/$name"
+  say "$name: a join token, an entry for spiffe://$td/ns/shop/sa/$svc, the app and its writ-proxy"
+  token=$(writ token create --spiffe-id "spiffe://$td/node/$name" | awk '/^Token:/ {print $2}')
+  writ entry create --parent "spiffe://$td/node/$name" --spiffe-id "spiffe://$td/ns/shop/sa/$svc" \
+    --selector "unix:uid:$(id -u)" --selector "unix:path:$bin/writ-proxy" >/dev/null
+  args=()
+  for c in $calls; do args+=(--call "$c"); done
+  HTTP_PROXY=http://$proxy "$bin/writ-demo-app" serve --name "$svc" --version "$version" --listen "$app" \
+    --fail-every "$fail" "${args[@]}" >"$demo/$name/app.log" 2>&1 & pids+=($!)
+  WRIT_JOIN_TOKEN=$token "$bin/writ-proxy" --control-plane "$grpc_addr" --trust-domain $td \
+    --trust-bundle "$demo/bundle.json" --workload-api "unix://$demo/$name/agent.sock" --admin-addr "$admin" \
+    --xds-server "$grpc_addr" --inbound "$mesh" --app "$app" --version "$version" --http-proxy "$proxy" \
+    --policy-dir policies/mesh --audit-spool-dir "$demo/$name/spool" \
+    --access-log "$demo/$name/access.log" >"$demo/$name/proxy.log" 2>&1 & pids+=($!)
+  echo "$name: app $app, mesh port $mesh (mTLS), HTTP proxy $proxy, admin http://$admin"
+  eval "admin_$i=$admin"
+done
+for j in 1 2 3 4; do a="admin_$j"; wait_http "http://${!a}/readyz" "writ-proxy $j"; done
+frontend_app=127.0.0.1:$((base + 10))
 
-say "writ entry create: one entry per example binary, selected by uid and binary path"
-"$bin/writ" entry create --parent spiffe://example.org/node/demo --spiffe-id spiffe://example.org/server \
-  --selector "unix:uid:$(id -u)" --selector "unix:path:$bin/spiffe-tls-server"
-"$bin/writ" entry create --parent spiffe://example.org/node/demo --spiffe-id spiffe://example.org/client \
-  --selector "unix:uid:$(id -u)" --selector "unix:path:$bin/spiffe-tls-client"
-
-say "starting the node agent: writ-proxy --join-token ... --workload-api unix://$agent_sock"
-rm -f "$agent_sock"
-"$bin/writ-proxy" --control-plane "$grpc_addr" --join-token "$token" --trust-domain example.org \
-  --trust-bundle "$demo/bundle.json" --workload-api "unix://$agent_sock" --admin-addr "$agent_admin" \
-  --log-level info >"$demo/agent.log" 2>&1 & pids+=($!)
-wait_http "http://$agent_admin/readyz" "writ-proxy (agent)"
-
-say "go-spiffe's example server and client fetch their SVIDs and talk over mTLS"
-"$bin/spiffe-tls-server" >"$demo/server.log" 2>&1 & pids+=($!)
-ok=false
-for _ in $(seq 1 50); do
-  if "$bin/spiffe-tls-client" >"$demo/client.log" 2>&1; then ok=true; break; fi
+say "writ mesh endpoints   (registered by the sidecars over ADS)"
+for _ in $(seq 1 100); do
+  if [ "$(writ mesh endpoints | grep -c spiffe:// || true)" -ge 4 ]; then break; fi
   sleep 0.2
 done
-cat "$demo/client.log"
-$ok || { echo "demo: the example client failed; see $demo/client.log and $demo/server.log" >&2; exit 1; }
+writ mesh endpoints
 
-say "writ cert list   (every identity issued or refused is on record)"
-"$bin/writ" cert list --limit 10
+say "one request: curl http://$frontend_app/"
+curl -sS "http://$frontend_app/"; echo
+
+say "load: $requests requests to frontend (writ-demo-app load)"
+"$bin/writ-demo-app" load --url "http://$frontend_app/" --requests "$requests" --concurrency 2
+cat <<'TXT'
+  - orders v1 and v2 answer about 90 % and 10 % of frontend's calls (the Route's split);
+  - orders v1 fails every 10th request on purpose (503) and frontend's sidecar
+    retries it (the Route says: 3 retries on 5xx);
+  - frontend -> payments is denied by policies/mesh: only orders may call payments.
+TXT
+
+say "retries and decisions, from the sidecars' Prometheus metrics"
+echo "# frontend's sidecar: retries by cluster, and requests by destination and code"
+curl -s "http://$admin_1/metrics" | grep -E '^writ_upstream_retries_total|^writ_requests_total' || true
+echo "# payments' sidecar: inbound decisions by caller"
+curl -s "http://$admin_4/metrics" | grep -E '^writ_requests_total' || true
+
+say "writ audit query --result deny --limit 5   (every decision is in PostgreSQL)"
+for _ in $(seq 1 50); do
+  if writ audit query --result deny --limit 1 2>/dev/null | grep -q deny; then break; fi
+  sleep 0.2
+done
+writ audit query --result deny --limit 5
+
+say "writ audit verify   (hash chains and signed checkpoints)"
+writ audit verify || true
 
 cat <<MSG
 
 Where to look:
-  trust bundle      curl -s http://$http_addr/bundle
-  metrics           curl -s http://$http_addr/metrics | grep writ_
-  entries           WRIT_ADMIN_SOCKET=$WRIT_ADMIN_SOCKET $bin/writ entry list
-  issuance log      WRIT_ADMIN_SOCKET=$WRIT_ADMIN_SOCKET $bin/writ cert list
-  logs              $demo/*.log
+  sidecar metrics   curl -s http://$admin_1/metrics | grep writ_
+  sidecar config    curl -s http://$admin_2/config_dump
+  audit trail       WRIT_ADMIN_SOCKET=$WRIT_ADMIN_SOCKET $bin/writ audit query --since 10m
+  mesh config       WRIT_ADMIN_SOCKET=$WRIT_ADMIN_SOCKET $bin/writ get route orders -n shop -o yaml
+  change the split  edit scripts/demo/mesh.yaml, then writ apply -f scripts/demo/mesh.yaml
+  more load         $bin/writ-demo-app load --url http://$frontend_app/ --requests 500
+  logs              $demo/*.log $demo/*/*.log
 MSG
 if [ "${WRIT_DEMO_EXIT:-}" = 1 ]; then exit 0; fi
 say "running; Ctrl-C stops everything"

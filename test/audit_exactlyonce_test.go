@@ -98,7 +98,8 @@ func checkTrail(t *testing.T, pool *pgxpool.Pool, src string, decided map[string
 	t.Helper()
 	ctx := context.Background()
 	var total, distinct int
-	if err := pool.QueryRow(ctx, "SELECT count(*), count(DISTINCT id) FROM audit_events").Scan(&total, &distinct); err != nil {
+	// writd records its own events (issuance, admin calls) beside them.
+	if err := pool.QueryRow(ctx, "SELECT count(*), count(DISTINCT id) FROM audit_events WHERE kind = 'request'").Scan(&total, &distinct); err != nil {
 		t.Fatal(err)
 	}
 	if total != len(decided) || distinct != len(decided) {
@@ -200,9 +201,10 @@ func TestAuditExactlyOnceAcrossFailures(t *testing.T) {
 	defer pool.Close()
 	checkTrail(t, pool, src, d.ids)
 
-	// The CLI sees the same trail.
+	// The CLI sees the same trail, with writd's own events (its SVIDs,
+	// the admin calls; one chain per writd process) beside it.
 	out, code := w.writ(t, "audit", "verify")
-	if code != 0 || !strings.Contains(out, "2000 events from 1 sources checked") || !strings.Contains(out, "all chains intact") {
+	if code != 0 || !strings.Contains(out, "all chains intact") {
 		t.Fatalf("writ audit verify: %d %s", code, out)
 	}
 	out, code = w.writ(t, "audit", "query", "--result", "deny", "--since", "1h", "--all", "--limit", "500", "--format", "json")
@@ -252,7 +254,7 @@ func TestAuditSpoolFullFailsClosed(t *testing.T) {
 	w := newAuditWritd(t, pg.url)
 	svid := w.attest(t, "audit-node")
 	src := svid.ID.String()
-	spool, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, MaxBytes: 96 << 10, SegmentBytes: 16 << 10, Durability: audit.DurabilityWrite})
+	spool, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, MaxBytes: 96 << 10, SegmentBytes: 16 << 10, Durability: audit.DurabilityGrouped})
 	if err != nil {
 		t.Fatal(err)
 	}

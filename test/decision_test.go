@@ -175,12 +175,17 @@ func TestDecisionAPIOnWritd(t *testing.T) {
 		!strings.Contains(m, `writ_decision_api_decisions_total{api="data",result="defined"} 1`) {
 		t.Errorf("/metrics lacks the decisions:\n%s", grepLines(m, "writ_decision_api"))
 	}
-	// Every answer and refusal is in the audit log (the log sink for now).
-	logs := w.log.String()
-	for _, want := range []string{`"result":"allow"`, `"result":"defined"`, `"result":"forbidden"`} {
-		if !strings.Contains(logs, want) {
-			t.Errorf("no audit line with %s", want)
+	// Every answer and refusal is a row in PostgreSQL, written before
+	// the answer was sent, once each, in an intact chain.
+	for _, want := range []struct{ result, caller string }{
+		{"allow", web.String()}, {"defined", web.String()}, {"forbidden", guest.String()},
+	} {
+		if n := countAudit(t, w.dbURL, "kind = 'decision_api' AND result = $1 AND principal = $2", want.result, want.caller); n != 1 {
+			t.Errorf("%d decision_api rows with result %s by %s, want 1", n, want.result, want.caller)
 		}
+	}
+	if out, code := w.writ(t, "audit", "verify"); code != 0 || !strings.Contains(out, "all chains intact") {
+		t.Errorf("audit verify: %d %s", code, out)
 	}
 }
 

@@ -21,6 +21,7 @@ type proxyProc struct {
 	cmd   *exec.Cmd
 	out   *syncBuffer
 	admin string
+	sock  string // the agent's Workload API address
 	done  chan error
 }
 
@@ -46,9 +47,10 @@ func startProxyProc(t *testing.T, w *writd, node string, args ...string) *proxyP
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sock) })
+	p.sock = "unix://" + filepath.Join(sock, "agent.sock")
 	p.cmd = exec.Command(filepath.Join(binDir(t), "writ-proxy"), append([]string{
 		"--control-plane", grpcAddr(t, w), "--trust-bundle", bundle, "--trust-domain", "example.org",
-		"--workload-api", "unix://" + filepath.Join(sock, "agent.sock"), "--admin-addr", p.admin,
+		"--workload-api", p.sock, "--admin-addr", p.admin,
 	}, args...)...)
 	p.cmd.Env = append(os.Environ(), "WRIT_JOIN_TOKEN="+tok)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out

@@ -23,6 +23,7 @@ import (
 // writd is a writd process started for one test.
 type writd struct {
 	bin, dir, http, grpc, socket string
+	dbURL                        string
 	cmd                          *exec.Cmd
 	log                          *bytes.Buffer
 	done                         chan error
@@ -54,8 +55,9 @@ func startWritd(t testing.TB, opts ...writdOptions) *writd {
 	if o.listenDecision != "" {
 		listen += fmt.Sprintf("  decision: %s\n", o.listenDecision)
 	}
+	w.dbURL = pgtest.URL(t)
 	cfg := fmt.Sprintf("trust_domain: example.org\ndatabase_url: %q\n%sadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
-		pgtest.URL(t), listen, w.socket, filepath.Join(w.dir, "kek")) + o.extra
+		w.dbURL, listen, w.socket, filepath.Join(w.dir, "kek")) + o.extra
 	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -26,10 +26,20 @@ var ErrNotFound = errors.New("not found")
 // Store keeps the mesh configuration and its history in PostgreSQL. Safe
 // for concurrent use; writers are serialized by the generation row.
 type Store struct {
-	pool  *pgxpool.Pool
-	clock clockwork.Clock
-	stale time.Duration
+	pool     *pgxpool.Pool
+	clock    clockwork.Clock
+	stale    time.Duration
+	onChange ChangeHook
 }
+
+// ChangeHook is called inside the transaction of an apply, delete or
+// rollback, once per resource it changes (action is "apply", "delete" or
+// "rollback"), so that what it writes (writd's audit events) commits with
+// the change or not at all. An error aborts the change.
+type ChangeHook func(ctx context.Context, tx pgx.Tx, author, action string, ch Change) error
+
+// OnChange sets the hook. Set it before use; it is not synchronized.
+func (s *Store) OnChange(h ChangeHook) { s.onChange = h }
 
 // NewStore returns a Store on pool; clock stamps changes (nil: real time).
 func NewStore(pool *pgxpool.Pool, clock clockwork.Clock) *Store {
@@ -254,6 +264,11 @@ func (s *Store) change(ctx context.Context, author string, dryRun bool, plan fun
 		if _, err := tx.Exec(ctx, `INSERT INTO mesh_revisions (kind, namespace, name, revision, generation, op, resource, diff, author, at)
 			VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)`, kind, ns, name, ch.Revision, gen, e.op, content, ch.Diff, author, now); err != nil {
 			return nil, fmt.Errorf("record revision of %s: %w", e.key, err)
+		}
+		if s.onChange != nil {
+			if err := s.onChange(ctx, tx, author, e.op, ch); err != nil {
+				return nil, fmt.Errorf("audit change of %s: %w", e.key, err)
+			}
 		}
 	}
 	if dryRun || !changed {

@@ -23,9 +23,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spiffe/go-spiffe/v2/bundle/spiffebundle"
 
+	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/internal/peercred"
 )
@@ -44,6 +46,9 @@ type Options struct {
 	// AllowedUIDs may call besides writd's own uid and root.
 	AllowedUIDs []uint32
 	Log         *slog.Logger
+	// Audit, when set, records each call as an audit event inside the
+	// transaction that writes its admin_events row.
+	Audit func(ctx context.Context, tx pgx.Tx, ev *audit.Event) error
 }
 
 // RootRotator is the part of the CA the admin API drives.
@@ -221,8 +226,39 @@ func (s *Server) record(r *http.Request, cred peercred.Cred, ok bool, rec *statu
 	// A fresh context: the call is recorded even if the client went away.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if _, err := s.o.Pool.Exec(ctx, `INSERT INTO admin_events (actor, uid, pid, method, path, status, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
-		actor, uid, pid, r.Method, r.URL.Path, rec.status, detail); err != nil {
+	err := pgx.BeginFunc(ctx, s.o.Pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO admin_events (actor, uid, pid, method, path, status, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+			actor, uid, pid, r.Method, r.URL.Path, rec.status, detail); err != nil {
+			return err
+		}
+		if s.o.Audit == nil {
+			return nil
+		}
+		ev, err := audit.NewEvent(audit.KindAdminCall, time.Now())
+		if err != nil {
+			return err
+		}
+		ev.Principal, ev.Action, ev.Resource, ev.Status = actor, r.Method, r.URL.Path, rec.status
+		ev.Result = "ok"
+		switch {
+		case rec.status == http.StatusUnauthorized || rec.status == http.StatusForbidden:
+			ev.Result = "refused"
+		case rec.status >= 400:
+			ev.Result = "error"
+		}
+		attrs := map[string]any{}
+		if pid != nil {
+			attrs["pid"] = *pid
+		}
+		if rec.detail != nil {
+			attrs["detail"] = rec.detail
+		}
+		if err := ev.SetAttributes(attrs); err != nil {
+			return err
+		}
+		return s.o.Audit(ctx, tx, &ev)
+	})
+	if err != nil {
 		s.o.Log.Error("record admin event", "error", err)
 	}
 	s.o.Log.Info("admin call", "actor", actor, "method", r.Method, "path", r.URL.Path, "status", rec.status)

@@ -146,3 +146,28 @@ func (c *Client) Stream(ctx context.Context, method, path string, in any, line f
 	}
 	return nil
 }
+
+// Tail sends a GET whose answer is an endless stream (NDJSON, a live
+// tail) and returns its body. Unlike Do and Stream, no overall timeout
+// applies: only ctx ends it.
+func (c *Client) Tail(ctx context.Context, path string) (io.ReadCloser, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://writd"+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	hc := &http.Client{Transport: c.hc.Transport}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("reach writd's admin socket %s: %w (is writd running, and may this user open the socket?)", c.socket, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+		var eb ErrorBody
+		if json.Unmarshal(data, &eb) != nil || eb.Error == "" {
+			eb.Error = http.StatusText(resp.StatusCode)
+		}
+		return nil, &APIError{Status: resp.StatusCode, Msg: eb.Error}
+	}
+	return resp.Body, nil
+}

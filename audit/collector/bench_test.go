@@ -21,7 +21,7 @@ func BenchmarkIngest(b *testing.B) {
 		b.Run(fmt.Sprintf("batch=%d/inflight=%d", batch, inflight), func(b *testing.B) {
 			r := startRigB(b)
 			svid := r.env.Attest(b, "bench")
-			s, err := audit.OpenSpool(audit.SpoolOptions{Dir: b.TempDir(), Source: svid.ID.String(), Durability: audit.DurabilityWrite, MaxBytes: 8 << 30})
+			s, err := audit.OpenSpool(audit.SpoolOptions{Dir: b.TempDir(), Source: svid.ID.String(), Durability: audit.DurabilityGrouped, MaxBytes: 8 << 30})
 			if err != nil {
 				b.Fatal(err)
 			}

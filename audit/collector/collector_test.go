@@ -83,6 +83,10 @@ func appendN(t *testing.T, s *audit.Spool, n int) {
 			t.Fatal(err)
 		}
 	}
+	// Readers see only fsynced records; fsync-grouped syncs later.
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func count(t *testing.T, r *rig, source string) int {
@@ -111,7 +115,7 @@ func TestShipperToCollectorOverMTLS(t *testing.T) {
 	r := startRig(t)
 	svid := r.env.Attest(t, "node1")
 	src := svid.ID.String()
-	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, SegmentBytes: 32 << 10, Durability: audit.DurabilityWrite})
+	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, SegmentBytes: 32 << 10, Durability: audit.DurabilityGrouped})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,10 +196,34 @@ func TestCollectorRefusesAnotherSourcesEvents(t *testing.T) {
 	if status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("got %v, want Unauthenticated", err)
 	}
+	// A source that merely starts with the caller's ID is another
+	// identity; ID#instance is the caller's own chain.
+	for _, tc := range []struct {
+		source string
+		want   codes.Code
+	}{
+		{svid.ID.String() + "0", codes.PermissionDenied},
+		{svid.ID.String() + "/x#i", codes.PermissionDenied},
+		{svid.ID.String() + "#", codes.PermissionDenied},
+		{svid.ID.String() + "#a b", codes.PermissionDenied},
+		{svid.ID.String() + "#a#b", codes.PermissionDenied},
+		{svid.ID.String() + "#0123456789abcdef", codes.OK},
+	} {
+		s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: tc.source})
+		appendN(t, s, 2)
+		var rd audit.Reader
+		raws, _ := s.ReadBatch(&rd, 1, 100, 1<<20)
+		rd.Close()
+		s.Close()
+		err := r.dial(t, svid).Invoke(context.Background(), "/writ.audit.v1.Collector/Ship", wrapperspb.Bytes(audit.EncodeBatch(raws)), new(wrapperspb.UInt64Value))
+		if status.Code(err) != tc.want {
+			t.Fatalf("source %s: got %v, want %v", tc.source, err, tc.want)
+		}
+	}
 	var n int
 	_ = r.env.Pool.QueryRow(context.Background(), "SELECT count(*) FROM audit_events").Scan(&n)
-	if n != 0 {
-		t.Fatalf("%d rows written", n)
+	if n != 2 {
+		t.Fatalf("%d rows written, want the 2 of the caller's own instance", n)
 	}
 }
 
@@ -271,7 +299,7 @@ func TestReplicasCollectConcurrently(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: "spiffe://example.org/node/n", Durability: audit.DurabilityWrite})
+	s, _ := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: "spiffe://example.org/node/n", Durability: audit.DurabilityGrouped})
 	defer s.Close()
 	appendN(t, s, 3000)
 	_ = s.Sync()

@@ -106,10 +106,25 @@ func Retain(ctx context.Context, pool *pgxpool.Pool, now time.Time, keep, minimu
 		if err != nil || day.AddDate(0, 0, 1).After(cutoff) {
 			continue
 		}
-		if _, err := pool.Exec(ctx, "DROP TABLE "+pgx.Identifier{n}.Sanitize()); err != nil {
+		// Under the partition lock, so that replicas running the job at
+		// once and the collector's partition DDL do not collide.
+		var gone bool
+		err = pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock($1)", partitionLockKey); err != nil {
+				return err
+			}
+			if err := tx.QueryRow(ctx, "SELECT to_regclass($1) IS NULL", n).Scan(&gone); err != nil || gone {
+				return err
+			}
+			_, err := tx.Exec(ctx, "DROP TABLE "+pgx.Identifier{n}.Sanitize())
+			return err
+		})
+		if err != nil {
 			return dropped, fmt.Errorf("drop %s: %w", n, err)
 		}
-		dropped = append(dropped, n)
+		if !gone {
+			dropped = append(dropped, n)
+		}
 	}
 	return dropped, nil
 }

@@ -11,12 +11,14 @@ import (
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/writmesh/writ/audit"
 )
 
 // Filter selects events for Query. Empty fields match everything.
 type Filter struct {
 	Source      string // the request's source: the events' principal
-	Recorder    string // the SPIFFE ID that recorded the events (the chain owner)
+	Recorder    string // the source that recorded the events: an exact source, or a SPIFFE ID for all its instances
 	Destination string
 	Result      string
 	Kind        string
@@ -64,32 +66,15 @@ func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
 	if f.Limit > 1000 {
 		return Page{}, fmt.Errorf("%w: limit is at most 1000", ErrBadFilter)
 	}
-	var where []string
 	var args []any
-	add := func(cond string, v any) {
-		args = append(args, v)
-		where = append(where, fmt.Sprintf(cond, len(args)))
-	}
-	if f.Source != "" {
-		add("principal = $%d", f.Source)
-	}
-	if f.Recorder != "" {
-		add("source = $%d", f.Recorder)
-	}
-	if f.Destination != "" {
-		add("destination = $%d", f.Destination)
-	}
-	if f.Result != "" {
-		add("result = $%d", f.Result)
-	}
-	if f.Kind != "" {
-		add("kind = $%d", f.Kind)
-	}
+	where := filterWhere(f, &args)
 	if !f.Since.IsZero() {
-		add("time >= $%d", f.Since)
+		args = append(args, f.Since)
+		where = append(where, fmt.Sprintf("time >= $%d", len(args)))
 	}
 	if !f.Until.IsZero() {
-		add("time < $%d", f.Until)
+		args = append(args, f.Until)
+		where = append(where, fmt.Sprintf("time < $%d", len(args)))
 	}
 	if f.After != "" {
 		ts, id, ok := strings.Cut(f.After, "_")
@@ -122,9 +107,44 @@ func Query(ctx context.Context, pool *pgxpool.Pool, f Filter) (Page, error) {
 			p.Next = last.Time.Format(time.RFC3339Nano) + "_" + last.ID.String()
 			break
 		}
-		p.Events = append(p.Events, Row{ID: e.ID.String(), Time: e.Time, Kind: e.Kind, Recorder: e.Source, Seq: e.Seq,
-			Source: e.Principal, Destination: e.Destination, Action: e.Action, Resource: e.Resource, Result: e.Result,
-			Status: e.Status, Reason: e.Reason, Cause: e.Cause, PolicyRevision: e.PolicyRevision, TraceID: e.TraceID, Attributes: e.Attributes})
+		p.Events = append(p.Events, rowOf(e))
 	}
 	return p, nil
+}
+
+var zeroTime time.Time
+
+// filterWhere turns f's field filters (not its time range or cursor)
+// into SQL conditions, appending their arguments to args.
+func filterWhere(f Filter, args *[]any) []string {
+	var where []string
+	add := func(cond string, v any) {
+		*args = append(*args, v)
+		where = append(where, fmt.Sprintf(cond, len(*args)))
+	}
+	if f.Source != "" {
+		add("principal = $%d", f.Source)
+	}
+	if f.Recorder != "" {
+		// A SPIFFE ID names all its instances' chains (ID#instance).
+		*args = append(*args, f.Recorder)
+		n := len(*args)
+		where = append(where, fmt.Sprintf("(source = $%d OR starts_with(source, $%d || '#'))", n, n))
+	}
+	if f.Destination != "" {
+		add("destination = $%d", f.Destination)
+	}
+	if f.Result != "" {
+		add("result = $%d", f.Result)
+	}
+	if f.Kind != "" {
+		add("kind = $%d", f.Kind)
+	}
+	return where
+}
+
+func rowOf(e audit.Event) Row {
+	return Row{ID: e.ID.String(), Time: e.Time, Kind: e.Kind, Recorder: e.Source, Seq: e.Seq,
+		Source: e.Principal, Destination: e.Destination, Action: e.Action, Resource: e.Resource, Result: e.Result,
+		Status: e.Status, Reason: e.Reason, Cause: e.Cause, PolicyRevision: e.PolicyRevision, TraceID: e.TraceID, Attributes: e.Attributes}
 }

@@ -18,7 +18,7 @@ import (
 func seed(t *testing.T, r *rig, n int) string {
 	t.Helper()
 	src := "spiffe://example.org/ns/a/sa/proxy"
-	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, Durability: audit.DurabilityWrite})
+	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, Durability: audit.DurabilityGrouped})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,6 +36,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/protobuf/reflect/protoregistry"
 
+	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
 	taskrun "github.com/writmesh/writ/internal/run"
@@ -120,6 +121,7 @@ type options struct {
 	pprof         bool
 	gcPercent     int
 	memLimitMiB   int64
+	audit         audit.RecorderOptions
 }
 
 func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
@@ -139,7 +141,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.DurationVar(&o.bundlePoll, "bundle-poll", 10*time.Second, "how often --bundle-url is polled")
 	fs.DurationVar(&o.pollInterval, "poll-interval", policy.DefaultPollInterval, "how often --policy-dir or --bundle-file is checked for changes")
 	fs.StringVar(&o.decisionPath, "decision", policy.DefaultDecisionPath, "the policy rule that decides")
-	fs.StringVar(&o.decisionLog, "decision-log", "-", "file to append decisions to as JSON lines; - for stderr")
+	fs.StringVar(&o.decisionLog, "decision-log", "-", "without --audit-spool-dir: file to append decisions to as JSON lines (not durable audit); - for stderr")
+	o.audit.RegisterFlags(fs)
 	fs.DurationVar(&o.checkTimeout, "check-timeout", enforcer.DefaultCheckTimeout, "deadline of one check, whatever the client asks")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body")
 	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body; Envoy must send bodies with pack_as_bytes")
@@ -181,6 +184,10 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	}
 	if o.gcPercent < 10 || o.memLimitMiB < 0 {
 		fmt.Fprintln(stderr, "writ-enforcer: --gc-percent must be at least 10 and --memory-limit-mib not negative")
+		return nil, 2
+	}
+	if o.audit.Enabled() && o.audit.Collector == "" {
+		fmt.Fprintln(stderr, "writ-enforcer: --audit-spool-dir needs --audit-collector (writd's gRPC address)")
 		return nil, 2
 	}
 	if o.bundlePoll <= 0 || o.pollInterval <= 0 || o.checkTimeout <= 0 {
@@ -320,6 +327,29 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		return err
 	}
 
+	var sink enforcer.Sink
+	var rec *audit.Recorder
+	if o.audit.Enabled() {
+		// Decisions go to the durable spool, shipped to writd's
+		// collector under this enforcer's SVID.
+		rec, err = audit.OpenRecorder(o.audit, audit.RecorderEnv{
+			ID: svid.ID.String(), TLS: collectorTLS(src, svid.ID.TrustDomain(), clock),
+			Clock: clock, Logger: log.With("component", "audit"), Registerer: reg,
+		})
+		if err != nil {
+			return err
+		}
+		defer rec.Close()
+		sink = &enforcer.AuditSink{Spool: rec.Spool, Redaction: rec.Redaction}
+	} else {
+		log.Warn("no --audit-spool-dir: decisions go to the decision log only, which is not the durable audit trail")
+		dl, closeSink, err := openDecisionLog(o.decisionLog, stderr)
+		if err != nil {
+			return err
+		}
+		defer closeSink()
+		sink = dl
+	}
 	// Policy: a bundle URL is fetched once before the engine starts, then
 	// polled.
 	popts := policy.Options{
@@ -331,7 +361,12 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		PollInterval: o.pollInterval,
 		Clock:        clock,
 		Logger:       log.With("component", "policy"),
-		OnReload:     metrics.ObserveReload,
+		OnReload: func(r policy.ReloadEvent) {
+			metrics.ObserveReload(r)
+			if rec != nil {
+				recordReload(rec.Spool, policyName(o), r, log)
+			}
+		},
 	}
 	var fetcher *bundleFetcher
 	if o.bundleURL != "" {
@@ -362,11 +397,6 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		}
 	}
 
-	sink, closeSink, err := openDecisionLog(o.decisionLog, stderr)
-	if err != nil {
-		return err
-	}
-	defer closeSink()
 	enf, err := enforcer.New(enforcer.Options{
 		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, ProtoDescriptors: protos,
 		Metrics: metrics, Clock: clock, Logger: log.With("component", "enforcer"),
@@ -443,6 +473,9 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			}
 		}},
 	}
+	if rec != nil {
+		tasks = append(tasks, taskrun.Task{Name: "audit shipper", Run: rec.Run})
+	}
 	if fetcher != nil {
 		tasks = append(tasks, taskrun.Task{Name: "bundle poll", Run: func(ctx context.Context) error {
 			return fetcher.run(ctx, engine)
@@ -483,4 +516,34 @@ func adminMux(reg *prometheus.Registry, engine *policy.Engine, src *workloadapi.
 		}
 	})
 	return mux
+}
+
+// collectorTLS presents the enforcer's SVID to writd's gRPC port and
+// accepts only writd's control-plane identity (authority.ControlPlaneID,
+// not imported here: it would pull the CA into the enforcer).
+func collectorTLS(src *workloadapi.X509Source, td spiffeid.TrustDomain, clock clockwork.Clock) *tls.Config {
+	return svidtls.ClientConfig(src, src, svidtls.AuthorizeID(spiffeid.RequireFromPath(td, "/writ/control-plane")), clock)
+}
+
+// policyName names the enforcer's policy source in its audit events.
+func policyName(o *options) string {
+	switch {
+	case o.policyDir != "":
+		return "dir:" + o.policyDir
+	case o.bundleURL != "":
+		return "bundle:" + o.bundleURL
+	}
+	return "bundle-file:" + o.bundleFile
+}
+
+// recordReload appends a policy reload to the audit spool. The reload has
+// happened either way; a refused append is logged at error level.
+func recordReload(sp *audit.Spool, name string, r policy.ReloadEvent, log *slog.Logger) {
+	ev, err := enforcer.PolicyReloadEvent(name, r)
+	if err == nil {
+		err = sp.Append(context.Background(), &ev)
+	}
+	if err != nil {
+		log.Error("audit: policy reload not recorded", "policy", name, "revision", r.Revision, "err", err)
+	}
 }

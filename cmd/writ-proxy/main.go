@@ -130,6 +130,9 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 		fmt.Fprintf(stderr, "writ-proxy: missing %s (see --help)\n", strings.Join(missing, ", "))
 		return nil, 2
 	}
+	if o.proxy.audit.Collector == "" {
+		o.proxy.audit.Collector = o.controlPlane // writd's gRPC port serves the collector too
+	}
 	return &o, -1
 }
 

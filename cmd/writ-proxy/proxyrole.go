@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 
+	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/policy"
 	"github.com/writmesh/writ/proxy"
@@ -42,6 +43,7 @@ type proxyOptions struct {
 	spiffeID     string
 	accessLog    string
 	drainTimeout time.Duration
+	audit        audit.RecorderOptions
 	otlpEndpoint string
 
 	// ADS: writd configures the proxy.
@@ -80,6 +82,7 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.spiffeID, "spiffe-id", "", "the SVID the proxy uses when the Workload API serves several (default: the first)")
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
+	o.audit.RegisterFlags(fs) // --audit-collector defaults to --control-plane
 	fs.StringVar(&o.otlpEndpoint, "otlp-endpoint", "", "OTLP/HTTP traces URL receiving a span per request, e.g. http://collector:4318/v1/traces (default: from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces; none: no export)")
 }
 
@@ -206,6 +209,7 @@ type proxyRole struct {
 	admin    atomic.Pointer[http.Handler]
 	enforcer *enforcer.Enforcer
 	engine   *policy.Engine
+	sink     *spoolSink // nil without --audit-spool-dir
 	xds      atomic.Pointer[xdsclient.Client]
 }
 
@@ -245,8 +249,15 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 	}
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
 	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if o.audit.Enabled() {
+		r.sink = &spoolSink{log: log, policy: "dir:" + o.policyDir}
+	}
 	if o.policyDir != "" {
-		eng, err := policy.NewEngine(ctx, policy.Options{Dir: o.policyDir, Logger: log})
+		popts := policy.Options{Dir: o.policyDir, Logger: log}
+		if r.sink != nil {
+			popts.OnReload = r.sink.onReload
+		}
+		eng, err := policy.NewEngine(ctx, popts)
 		if err != nil {
 			return nil, fmt.Errorf("load policy: %w", err)
 		}
@@ -254,13 +265,19 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 		if err != nil {
 			return nil, err
 		}
-		// Until the audit spool lands, decisions go to the log: not
-		// durable, but never unrecorded.
-		sink := enforcer.SinkFunc(func(_ context.Context, d enforcer.Decision) error {
-			log.Info("decision", "decision_id", d.ID, "source", d.Source, "method", d.Method, "path", d.Path,
-				"result", d.Result, "status", d.HTTPStatus, "cause", d.Cause, "policy_revision", d.PolicyRevision, "trace_id", d.TraceID)
-			return nil
-		})
+		var sink enforcer.Sink
+		if r.sink != nil {
+			sink = r.sink
+		} else {
+			// Without a spool, decisions go to the log: never
+			// unrecorded, but not the durable audit trail.
+			log.Warn("no --audit-spool-dir: decisions go to the log only, which is not the durable audit trail")
+			sink = enforcer.SinkFunc(func(_ context.Context, d enforcer.Decision) error {
+				log.Info("decision", "decision_id", d.ID, "source", d.Source, "method", d.Method, "path", d.Path,
+					"result", d.Result, "status", d.HTTPStatus, "cause", d.Cause, "policy_revision", d.PolicyRevision, "trace_id", d.TraceID)
+				return nil
+			})
+		}
 		if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
 			return nil, err
 		}
@@ -322,6 +339,23 @@ func (r *proxyRole) Run(ctx context.Context) error {
 		return fmt.Errorf("svid source: %w", err)
 	}
 	defer src.Close()
+	if r.sink != nil {
+		svid, err := src.GetX509SVID()
+		if err != nil {
+			return fmt.Errorf("svid: %w", err)
+		}
+		rec, err := r.openAudit(src, svid.ID)
+		if err != nil {
+			return err
+		}
+		defer rec.Close()
+		sctx, stopShipper := context.WithCancel(context.Background())
+		shipped := make(chan struct{})
+		go func() { _ = rec.Run(sctx); close(shipped) }()
+		// The shipper outlives the drain, so that the last decisions
+		// are sent if writd is reachable; what is not stays spooled.
+		defer func() { stopShipper(); <-shipped }()
+	}
 	var alog io.Writer
 	switch r.o.accessLog {
 	case "-":

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/csv"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
@@ -107,6 +109,7 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 	limit := fs.Int("limit", 100, "events per page (at most 1000)")
 	all := fs.Bool("all", false, "fetch every page")
 	format := fs.String("format", "table", "output: table, json or csv")
+	follow := fs.Bool("follow", false, "after the query, print events as they are committed (one JSON object per line with --format json) until interrupted")
 	if _, err := parse(fs, args, 0); err != nil {
 		return err
 	}
@@ -132,6 +135,9 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 		}
 		q.Set("after", page.Next)
 	}
+	if *follow {
+		return c.followAudit(ctx, q, rows, *format)
+	}
 	switch *format {
 	case "json":
 		if rows == nil {
@@ -154,4 +160,55 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Time.Local().Format(time.RFC3339), r.Kind, r.Source, r.Destination, r.Action, r.Resource, r.Result, r.Status, r.Reason)
 	}
 	return tw.Flush()
+}
+
+// followAudit prints rows (the query's answer, oldest first) and then the
+// live tail, one line per event: JSON lines with format json, else
+// tab-separated columns, as each arrives.
+func (c *cli) followAudit(ctx context.Context, q url.Values, rows []auditRow, format string) error {
+	q.Del("after")
+	q.Del("limit")
+	q.Del("since")
+	q.Set("follow", "true")
+	body, err := c.client.Tail(ctx, "/v1/audit/events?"+q.Encode())
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+	line := func(r auditRow) error {
+		if format == "json" {
+			b, err := json.Marshal(r)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(c.stdout, "%s\n", b)
+			return err
+		}
+		_, err := fmt.Fprintf(c.stdout, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Time.Local().Format(time.RFC3339Nano), r.Kind, r.Source,
+			r.Destination, r.Action, r.Resource, r.Result, r.Status, r.Reason)
+		return err
+	}
+	for i := len(rows) - 1; i >= 0; i-- {
+		if err := line(rows[i]); err != nil {
+			return err
+		}
+	}
+	sc := bufio.NewScanner(body)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		var r auditRow
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			return fmt.Errorf("follow: %w", err)
+		}
+		if err := line(r); err != nil {
+			return err
+		}
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("follow: %w", err)
+	}
+	return errors.New("follow: writd closed the stream")
 }

@@ -41,6 +41,7 @@ Usage:
   writ whoami
   writ policy test DIR... [-v] [--coverage]       (local: runs *_test.rego; exit 1 on failure)
   writ policy eval --policy DIR --input FILE [--decision data.envoy.authz.allow] [--explain notes|fails|full]
+  writ policy diff --candidate DIR [--since 24h] [--decision data.envoy.authz.allow] [--examples 10] [--max-events 100000] [--format table|json] [--fail-on-change]
                                                    (local: input is a policy input or an Envoy CheckRequest JSON)
   writ apply -f FILE|DIR                 apply mesh resources (all documents or none)
   writ diff -f FILE|DIR                  show what apply would change
@@ -54,7 +55,7 @@ Usage:
   writ mesh bootstrap --xds-server H:P --node-id ID --namespace NS --cert F --key F --ca F --bundle-map F
       [--service S --address IP --port P --label k=v]   print a grpc-go xDS bootstrap
   writ audit verify [--from RFC3339] [--to RFC3339] [-o table|json]
-  writ audit query [--source ID] [--destination ID] [--recorder ID] [--result allow|deny] [--kind K] [--since 1h] [--limit 100] [--all] [--format table|json|csv]
+  writ audit query [--source ID] [--destination ID] [--recorder ID] [--result allow|deny] [--kind K] [--since 1h] [--limit 100] [--all] [--format table|json|csv] [--follow]
   writ report generate --from T --to T [--service S] [--namespace NS] [--framework F] [--format json|csv|pdf] -o FILE [--sig FILE.sig]
       [--denied-limit N] [--denied-after CURSOR]   writes FILE and its signature FILE.sig (T: RFC 3339 or YYYY-MM-DD)
   writ report verify FILE [--sig FILE.sig] [--bundle FILE] [--trust-domain TD]

@@ -36,12 +36,14 @@ func setupDecision(ctx context.Context, d *deps) error {
 	log := d.log.With("component", "decision-api")
 	eopts := decision.EngineOptions(c.PolicyDir, c.DecisionPath)
 	eopts.Logger = log.With("policy", "decision")
+	eopts.OnReload = policyReloadEvents(d.audit, d.auditSource, "decision-api:"+c.PolicyDir, log)
 	engine, err := policy.NewEngine(ctx, eopts)
 	if err != nil {
 		return fmt.Errorf("decision api policy: %w", err)
 	}
 	aopts := decision.AdminEngineOptions(c.AdminPolicyDir)
 	aopts.Logger = log.With("policy", "admin")
+	aopts.OnReload = policyReloadEvents(d.audit, d.auditSource, "decision-api-admin:"+c.AdminPolicyDir, log)
 	admin, err := policy.NewEngine(ctx, aopts)
 	if err != nil {
 		return fmt.Errorf("decision api admin policy: %w", err)
@@ -49,8 +51,7 @@ func setupDecision(ctx context.Context, d *deps) error {
 	bundles := caBundles{ca: d.ca}
 	api, err := decision.New(decision.Options{
 		Engine: engine, Admin: admin,
-		// The durable audit pipeline replaces this sink when it lands.
-		Sink:        decision.LogSink{Log: log.With("audit", "decision")},
+		Sink:        &decision.AuditSink{Recorder: d.audit, Source: d.auditSource},
 		X509Bundles: bundles, JWTBundles: bundles,
 		Audience: c.JWTAudiences, BaseURL: c.BaseURL,
 		MaxBodyBytes: c.MaxBodyBytes, MaxEvaluations: c.MaxEvaluations, EvalTimeout: c.EvalTimeout.D(),

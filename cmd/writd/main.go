@@ -26,6 +26,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/writmesh/writ/api/admin"
+	"github.com/writmesh/writ/audit/collector"
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/nodeapi"
 	"github.com/writmesh/writ/config"
@@ -130,6 +131,10 @@ type deps struct {
 	grpc     *grpc.Server
 	adminMux *http.ServeMux
 	tasks    []run.Task
+	// audit records writd's own events (changes, issuance, logins,
+	// decision-API answers) under auditSource, and collects the shippers'.
+	audit       *collector.Collector
+	auditSource string
 	// bundles is the policy bundle service, served over mTLS by the
 	// decision API when both are configured.
 	bundles http.Handler
@@ -157,11 +162,22 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 		return err
 	}
 
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	// The collector first: the CA's first intermediate is an audit event.
+	col, err := collector.New(collector.Options{Pool: pool, Logger: log.With("component", "audit"), Registerer: metrics,
+		AsyncCommit: cfg.Audit.Durability == config.AuditFsyncGrouped})
+	if err != nil {
+		return err
+	}
+	// Replicas share the control-plane SPIFFE ID; each has its own chain.
+	auditSource := authority.ControlPlaneID(td).String() + "#" + cfg.ReplicaID
 	opts := authority.Options{
 		TrustDomain: td,
 		Pool:        pool,
 		Config:      cfg.CA,
 		ReplicaID:   cfg.ReplicaID,
+		OnIssuance:  issuanceEvents(col, auditSource),
 		Log:         log.With("component", "ca"),
 	}
 	if cfg.CA.Upstream != nil {
@@ -188,13 +204,13 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 		return fmt.Errorf("certificate authority: %w", err)
 	}
 	reg := authority.NewRegistry(pool, td, nil)
-	metrics := prometheus.NewRegistry()
-	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.OnIssuance(issuanceEvents(col, auditSource))
 	ident, err := authority.NewServerIdentity(ctx, ca, reg, td, nil, log.With("component", "identity"))
 	if err != nil {
 		return err
 	}
 	d := &deps{cfg: cfg, log: log, td: td, pool: pool, ca: ca, reg: reg, ident: ident, metrics: metrics,
+		audit: col, auditSource: auditSource,
 		mux: http.NewServeMux(), adminMux: http.NewServeMux(),
 		grpc: grpc.NewServer(authority.GRPCServerOptions(ident.TLSConfig())...)}
 
@@ -233,7 +249,8 @@ func serve(ctx context.Context, cfg *config.Server, log *slog.Logger) error {
 	for i, u := range cfg.Admin.AllowedUIDs {
 		uids[i] = uint32(u)
 	}
-	adm := admin.New(admin.Options{Registry: reg, Bundle: ca.Bundle, CA: rotator, Pool: pool, AllowedUIDs: uids, Log: log.With("component", "admin")})
+	adm := admin.New(admin.Options{Registry: reg, Bundle: ca.Bundle, CA: rotator, Pool: pool, AllowedUIDs: uids, Log: log.With("component", "admin"),
+		Audit: adminCallEvents(col, auditSource)})
 	adm.Handle("/", d.adminMux)
 
 	grpcL, err := net.Listen("tcp", cfg.Listen.GRPC)

@@ -15,6 +15,7 @@ func init() { components = append(components, setupXDS) }
 // routes to the admin API.
 func setupXDS(ctx context.Context, d *deps) error {
 	store := xds.NewStore(d.pool, nil)
+	store.OnChange(meshChangeEvents(d.audit, d.auditSource))
 	store.SetStale(d.cfg.Mesh.RegistryStale.D())
 	srv := xds.NewServer(ctx, xds.ServerOptions{
 		Store:       store,

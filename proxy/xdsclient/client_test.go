@@ -262,6 +262,35 @@ func TestTranslateWritdResources(t *testing.T) {
 	}
 }
 
+// TestTranslateTCPUpstream: --upstream NAME for a service whose only
+// port is TCP binds a port spliced to its cluster, by short or full name.
+func TestTranslateTCPUpstream(t *testing.T) {
+	snap := toSnapshot(t, build(t, meshYAML+`---
+apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  ports: [{port: 5432, protocol: tcp}]
+`))
+	cfg, err := Translate(snap, Local{Service: "orders", Upstreams: []Upstream{{Name: "db", Address: "127.0.0.1:15002"}, {Name: "db.shop", Address: "127.0.0.1:15003"}, {Name: "orders", Address: "127.0.0.1:15004"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]proxy.Outbound{}
+	for _, o := range cfg.Outbound {
+		got[o.Address] = o
+	}
+	want := xds.ClusterName("db.shop", 5432, "")
+	for _, addr := range []string{"127.0.0.1:15002", "127.0.0.1:15003"} {
+		if o := got[addr]; o.Protocol != "tcp" || o.Cluster != want {
+			t.Errorf("upstream %s: %+v, want tcp to %s", addr, o, want)
+		}
+	}
+	if o := got["127.0.0.1:15004"]; o.Protocol != "http" {
+		t.Errorf("HTTP service's upstream: %+v", o)
+	}
+}
+
 // adsServer is go-control-plane's server over a snapshot cache on a real
 // mTLS gRPC listener, recording what the client sends.
 type adsServer struct {

@@ -114,6 +114,14 @@ func Translate(s *Snapshot, l Local) (*proxy.Config, error) {
 				break
 			}
 		}
+		// A service with no HTTP port but a TCP one: the upstream port
+		// splices to it, as writd's TCP listener for it would.
+		if len(rc.VirtualHosts) == 0 {
+			if c := tcpCluster(outs, u.Name); c != "" {
+				cfg.Outbound = append(cfg.Outbound, proxy.Outbound{Name: UpstreamNamePrefix + u.Name, Address: u.Address, Protocol: "tcp", Cluster: c})
+				continue
+			}
+		}
 		cfg.Routes = append(cfg.Routes, rc)
 		cfg.Outbound = append(cfg.Outbound, proxy.Outbound{Name: UpstreamNamePrefix + u.Name, Address: u.Address, Protocol: "http", Route: rc.Name})
 	}
@@ -121,4 +129,24 @@ func Translate(s *Snapshot, l Local) (*proxy.Config, error) {
 		return nil, fmt.Errorf("translated configuration: %w", err)
 	}
 	return cfg, nil
+}
+
+// tcpCluster is the cluster of writd's first TCP outbound listener for
+// the service named name ("echo" or "echo.shop"); listeners are named
+// outbound|tcp|NAME.NAMESPACE:PORT.
+func tcpCluster(outs []proxy.Outbound, name string) string {
+	for _, o := range outs {
+		ref, ok := strings.CutPrefix(o.Name, "outbound|tcp|")
+		if o.Protocol != "tcp" || !ok {
+			continue
+		}
+		if i := strings.LastIndexByte(ref, ':'); i >= 0 {
+			ref = ref[:i]
+		}
+		svc, _, _ := strings.Cut(ref, ".")
+		if strings.EqualFold(ref, name) || strings.EqualFold(svc, name) {
+			return o.Cluster
+		}
+	}
+	return ""
 }
