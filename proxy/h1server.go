@@ -52,6 +52,9 @@ type h1Server struct {
 	conns   map[*h1ServerConn]struct{}
 	closing atomic.Bool
 	wg      sync.WaitGroup
+	// done ends hand-offs still waiting for the fallback server.
+	done     chan struct{}
+	doneOnce sync.Once
 }
 
 // h1HeadMax bounds a request head on the fast path; larger heads (up to
@@ -74,7 +77,7 @@ type h1ServerConn struct {
 }
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
-	return &h1Server{handler: h, fallback: fallback, connCtx: connCtx, conns: map[*h1ServerConn]struct{}{}, logPanic: func(any) {}}
+	return &h1Server{handler: h, fallback: fallback, connCtx: connCtx, conns: map[*h1ServerConn]struct{}{}, logPanic: func(any) {}, done: make(chan struct{})}
 }
 
 var (
@@ -176,7 +179,11 @@ func (s *h1Server) handOff(sc *h1ServerConn) bool {
 	if in, ok := sc.c.(*peekedConn); ok {
 		pc.cluster = in.cluster
 	}
-	if !s.fallback.push(pc) {
+	select {
+	case s.fallback.ch <- pc:
+	case <-s.fallback.done:
+		sc.c.Close()
+	case <-s.done:
 		sc.c.Close()
 	}
 	return true
@@ -806,6 +813,7 @@ func (s *h1Server) shutdown(ctx context.Context) {
 	select {
 	case <-done:
 	case <-ctx.Done():
+		s.doneOnce.Do(func() { close(s.done) })
 		s.mu.Lock()
 		for sc := range s.conns {
 			sc.c.Close()
