@@ -74,6 +74,9 @@ type h1ServerConn struct {
 	remote string
 	tls    *tls.ConnectionState
 	idle   atomic.Bool
+	// closing is the server's: a response sent while it shuts down
+	// tells the client the connection ends.
+	closing *atomic.Bool
 }
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
@@ -88,7 +91,7 @@ var (
 // serveConn serves c until it closes, goes idle too long, or is handed to
 // the fallback server. It returns when it is done with c.
 func (s *h1Server) serveConn(c net.Conn) {
-	sc := &h1ServerConn{c: c, remote: c.RemoteAddr().String()}
+	sc := &h1ServerConn{c: c, remote: c.RemoteAddr().String(), closing: &s.closing}
 	if tc, ok := c.(*tls.Conn); ok {
 		st := tc.ConnectionState()
 		sc.tls = &st
@@ -707,7 +710,7 @@ func (w *h1Response) sendHead(final bool, next []byte) {
 	if _, ok := h["Date"]; !ok {
 		h["Date"] = []string{httpDate()}
 	}
-	if w.close || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
+	if w.close || w.sc.closing.Load() || httpguts.HeaderValuesContainsToken(h["Connection"], "close") {
 		w.close = true
 		h["Connection"] = []string{"close"}
 	}

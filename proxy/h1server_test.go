@@ -232,3 +232,55 @@ func startH1Server(t *testing.T, h http.Handler) (*h1Server, string) {
 	t.Cleanup(func() { ln.Close(); srv.Close() })
 	return s, ln.Addr().String()
 }
+
+// TestH1ServerShutdown: shutdown closes idle connections, lets a request
+// in flight finish (its response says Connection: close) and returns when
+// every connection is done.
+func TestH1ServerShutdown(t *testing.T) {
+	entered, release := make(chan struct{}), make(chan struct{})
+	s, addr := startH1Server(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/slow" {
+			close(entered)
+			<-release
+		}
+		_, _ = io.WriteString(w, "ok")
+	}))
+	dial := func() (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		return c, bufio.NewReader(c)
+	}
+	idle, idleR := dial()
+	defer idle.Close()
+	_, _ = io.WriteString(idle, "GET /fast HTTP/1.1\r\nHost: o\r\n\r\n")
+	resp, err := http.ReadResponse(idleR, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	busy, busyR := dial()
+	defer busy.Close()
+	_, _ = io.WriteString(busy, "GET /slow HTTP/1.1\r\nHost: o\r\n\r\n")
+	<-entered
+	done := make(chan struct{})
+	go func() { s.shutdown(context.Background()); close(done) }()
+	for !s.closing.Load() {
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	resp, err = http.ReadResponse(busyR, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if string(b) != "ok" || !resp.Close {
+		t.Fatalf("in-flight request: %q, close %v; want ok and Connection: close", b, resp.Close)
+	}
+	<-done
+	if n, err := idleR.ReadByte(); err == nil {
+		t.Fatalf("idle connection still open (read %q)", n)
+	}
+}
