@@ -9,9 +9,15 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // h1Transport is the HTTP/1.1 client of the hot path: the proxy's own
@@ -44,6 +50,8 @@ type h1Conn struct {
 	addr     string // the pool's key: the address as requests name it
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
+	probe    *probe   // liveness check state (h1_linux.go), made on first use
+	body     lenBody  // the body reader of readResponse's responses
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	idleFrom time.Time
@@ -158,11 +166,9 @@ var aLongTimeAgo = time.Unix(1, 0)
 
 func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.Response, error) {
 	ctx := r.Context()
-	stop := context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
-	out := *r
-	out.Body = nil
-	if body != nil {
-		out.Body = io.NopCloser(bytes.NewReader(body))
+	stop := noStop
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
 	}
 	fail := func(err error, answered bool) (*http.Response, error) {
 		stop()
@@ -175,8 +181,15 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		}
 		return nil, wrapped{err}
 	}
-	if err := out.Write(c.bw); err != nil {
-		return fail(err, false)
+	if !writeRequest(c.bw, r, body) {
+		out := *r
+		out.Body = nil
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		if err := out.Write(c.bw); err != nil {
+			return fail(err, false)
+		}
 	}
 	if err := c.bw.Flush(); err != nil {
 		return fail(err, false)
@@ -185,7 +198,7 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 		if _, err := c.br.Peek(1); err != nil {
 			return fail(err, false)
 		}
-		resp, err := http.ReadResponse(c.br, r)
+		resp, err := readResponse(c, r)
 		if err != nil {
 			return fail(err, true)
 		}
@@ -207,6 +220,221 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.R
 	}
 }
 
+// readResponse reads the common response (HTTP/1.1, a head that fits in
+// the connection's buffer, a single Content-Length or no body) into a
+// Response as http.ReadResponse would, from one string for the whole
+// head; anything else is read by http.ReadResponse itself.
+func readResponse(c *h1Conn, req *http.Request) (*http.Response, error) {
+	head, err := peekHead(c.br)
+	if err != nil {
+		return nil, err
+	}
+	if head == nil {
+		return http.ReadResponse(c.br, req)
+	}
+	resp := parseResponseHead(head, req)
+	if resp == nil {
+		return http.ReadResponse(c.br, req)
+	}
+	_, _ = c.br.Discard(len(head))
+	if resp.ContentLength == 0 {
+		resp.Body = http.NoBody
+	} else {
+		c.body = lenBody{r: c.br, n: resp.ContentLength}
+		resp.Body = &c.body
+	}
+	return resp, nil
+}
+
+// parseResponseHead parses a response head ending in CRLF CRLF, or
+// returns nil for one it leaves to http.ReadResponse: other versions,
+// 1xx, 204, 304, answers to HEAD, Transfer-Encoding, no or several
+// Content-Lengths, or anything malformed.
+func parseResponseHead(head []byte, req *http.Request) *http.Response {
+	for i, c := range head {
+		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
+			return nil
+		}
+	}
+	s := string(head[:len(head)-2])
+	eol := indexCRLF(s)
+	line := s[:eol]
+	s = s[eol+2:]
+	if len(line) < 12 || line[:9] != "HTTP/1.1 " || len(line) > 12 && line[12] != ' ' || req.Method == http.MethodHead {
+		return nil
+	}
+	code := 0
+	for _, d := range line[9:12] {
+		if d < '0' || d > '9' {
+			return nil
+		}
+		code = code*10 + int(d-'0')
+	}
+	if code < 200 || code == http.StatusNoContent || code == http.StatusNotModified {
+		return nil
+	}
+	n := 0
+	for rest := s; rest != ""; n++ {
+		if rest[0] == ' ' || rest[0] == '\t' {
+			return nil
+		}
+		rest = rest[indexCRLF(rest)+2:]
+	}
+	h := make(http.Header, n)
+	vals := make([]string, n)
+	var cl []string
+	for rest := s; rest != ""; {
+		i := indexCRLF(rest)
+		f := rest[:i]
+		rest = rest[i+2:]
+		colon := indexByte(f, ':')
+		if colon <= 0 {
+			return nil
+		}
+		name, value := f[:colon], trimOWS(f[colon+1:])
+		if !isToken(name) || !httpguts.ValidHeaderFieldValue(value) {
+			return nil
+		}
+		key := canonicalHeader(name)
+		switch key {
+		case "Content-Length":
+			cl = append(cl, value)
+		case "Transfer-Encoding", "Trailer":
+			return nil
+		}
+		vals[0] = value
+		if vv, ok := h[key]; ok {
+			h[key] = append(vv, value)
+		} else {
+			h[key] = vals[:1:1]
+		}
+		vals = vals[1:]
+	}
+	length := int64(-1)
+	switch {
+	case len(cl) == 1:
+		v, err := strconv.ParseUint(cl[0], 10, 63)
+		if err != nil || cl[0][0] < '0' || cl[0][0] > '9' {
+			return nil
+		}
+		length = int64(v)
+	case len(cl) > 1:
+		return nil
+	}
+	if length < 0 {
+		return nil // a body read to the connection's end
+	}
+	if pragma, ok := h["Pragma"]; ok && len(pragma) > 0 && pragma[0] == "no-cache" {
+		if _, ok := h["Cache-Control"]; !ok {
+			h["Cache-Control"] = []string{"no-cache"}
+		}
+	}
+	closing := httpguts.HeaderValuesContainsToken(h["Connection"], "close")
+	if closing {
+		delete(h, "Connection")
+	}
+	return &http.Response{
+		Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, ContentLength: length, Close: closing, Request: req,
+	}
+}
+
+// lenBody reads a body of known length from the connection's reader.
+type lenBody struct {
+	r *bufio.Reader
+	n int64
+}
+
+func (b *lenBody) Read(p []byte) (int, error) {
+	if b.n <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.n {
+		p = p[:b.n]
+	}
+	n, err := b.r.Read(p)
+	b.n -= int64(n)
+	if err == io.EOF && b.n > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if err == nil && b.n == 0 {
+		err = io.EOF
+	}
+	return n, err
+}
+
+func (b *lenBody) Close() error { return nil }
+
+// noStop stands for context.AfterFunc's stop when the context cannot end.
+func noStop() bool { return true }
+
+// reqExclude are the header fields writeRequest writes itself.
+var reqExclude = map[string]bool{"Host": true, "User-Agent": true, "Content-Length": true, "Transfer-Encoding": true, "Trailer": true}
+
+// writeRequest serializes r with body as Request.Write does for the
+// common request, with fewer allocations: the same Host and User-Agent
+// rules, Content-Length as net/http sends it, header fields sorted and
+// cleaned by Header.WriteSubset. It writes nothing and returns false for
+// anything less common (opaque URLs, trailers, non-ASCII or invalid hosts,
+// client traces that watch the write), which Request.Write then handles.
+func writeRequest(bw *bufio.Writer, r *http.Request, body []byte) bool {
+	if r.URL.Opaque != "" || r.Method == "" || r.Header["Trailer"] != nil || r.Header["Transfer-Encoding"] != nil {
+		return false
+	}
+	if tr := httptrace.ContextClientTrace(r.Context()); tr != nil && (tr.WroteHeaderField != nil || tr.WroteHeaders != nil || tr.WroteRequest != nil) {
+		return false
+	}
+	host := r.Host
+	if host == "" {
+		host = r.URL.Host
+	}
+	for i := 0; i < len(host); i++ {
+		if host[i] >= utf8.RuneSelf {
+			return false
+		}
+	}
+	if host == "" || !httpguts.ValidHostHeader(host) {
+		return false
+	}
+	uri := r.URL.RequestURI()
+	for i := 0; i < len(uri); i++ {
+		if uri[i] < ' ' || uri[i] == 0x7f {
+			return false
+		}
+	}
+	_, _ = bw.WriteString(r.Method)
+	_ = bw.WriteByte(' ')
+	_, _ = bw.WriteString(uri)
+	_, _ = bw.WriteString(" HTTP/1.1\r\nHost: ")
+	_, _ = bw.WriteString(host)
+	_, _ = bw.WriteString("\r\n")
+	ua := "Go-http-client/1.1"
+	if _, ok := r.Header["User-Agent"]; ok {
+		ua = r.Header.Get("User-Agent")
+		if strings.ContainsAny(ua, "\r\n") {
+			return false
+		}
+		ua = textproto.TrimString(ua)
+	}
+	if ua != "" {
+		_, _ = bw.WriteString("User-Agent: ")
+		_, _ = bw.WriteString(ua)
+		_, _ = bw.WriteString("\r\n")
+	}
+	if r.Close && !httpguts.HeaderValuesContainsToken(r.Header["Connection"], "close") {
+		_, _ = bw.WriteString("Connection: close\r\n")
+	}
+	if len(body) > 0 || r.Method == http.MethodPost || r.Method == http.MethodPut || r.Method == http.MethodPatch {
+		_, _ = bw.WriteString("Content-Length: ")
+		_, _ = bw.WriteString(strconv.Itoa(len(body)))
+		_, _ = bw.WriteString("\r\n")
+	}
+	_ = r.Header.WriteSubset(bw, reqExclude)
+	_, _ = bw.WriteString("\r\n")
+	_, _ = bw.Write(body)
+	return true
+}
+
 // h1Body returns its connection to the pool once read to the end and
 // closed; a body closed early, or cut by a cancelled context, closes it.
 type h1Body struct {
@@ -220,6 +448,9 @@ type h1Body struct {
 }
 
 func (b *h1Body) Read(p []byte) (int, error) {
+	if b.done {
+		return 0, errBodyAfterClose
+	}
 	n, err := b.rc.Read(p)
 	if err == io.EOF {
 		b.eof = true

@@ -40,6 +40,7 @@ type inboundListener struct {
 	tlsCfg *tls.Config
 	httpLn *connListener
 	srv    *http.Server
+	h1     *h1Server
 	rp     *httputil.ReverseProxy
 	toApp  appTransport
 	ctx    context.Context
@@ -105,12 +106,20 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(p.log.Handler(), slog.LevelDebug),
 		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if pc, ok := c.(*peekedConn); ok {
+				// Handed over by the fast path (h1Server).
+				c = pc.Conn
+			}
 			if tc, ok := c.(*tls.Conn); ok {
 				return context.WithValue(ctx, peerKey{}, l.peer(tc))
 			}
 			return ctx
 		},
 	}
+	l.h1 = newH1Server(l, l.httpLn, func(c net.Conn) context.Context {
+		return context.WithValue(context.Background(), peerKey{}, l.peer(c.(*tls.Conn)))
+	})
+	l.h1.logPanic = func(v any) { p.log.Error("http handler panic", "listener", cfg.Name, "panic", fmt.Sprint(v)) }
 	return l, nil
 }
 
@@ -182,7 +191,9 @@ func (l *inboundListener) handshake(c net.Conn) {
 		return
 	}
 	switch tc.ConnectionState().NegotiatedProtocol {
-	case "h2", "http/1.1":
+	case "http/1.1":
+		l.h1.serveConn(tc)
+	case "h2":
 		if !l.httpLn.push(tc) {
 			tc.Close()
 		}
@@ -194,6 +205,7 @@ func (l *inboundListener) handshake(c net.Conn) {
 func (l *inboundListener) shutdown(ctx context.Context) {
 	l.ln.Close()
 	l.cancel()
+	l.h1.shutdown(ctx)
 	if err := l.srv.Shutdown(ctx); err != nil {
 		l.srv.Close()
 	}

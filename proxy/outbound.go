@@ -41,7 +41,8 @@ type outboundListener struct {
 	end context.CancelFunc
 	// mirrors holds a token per mirrored request in flight.
 	mirrors chan struct{}
-	// httpLn feeds captured HTTP connections to srv (transparent only).
+	// h1 serves HTTP/1.1 connections; httpLn feeds the rest to srv.
+	h1     *h1Server
 	httpLn *connListener
 }
 
@@ -119,9 +120,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	if cfg.Protocol == "tcp" {
 		return l, nil
 	}
-	if cfg.Protocol == "transparent" {
-		l.httpLn = newConnListener(ln.Addr())
-	}
+	l.httpLn = newConnListener(ln.Addr())
 	l.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
@@ -148,18 +147,19 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 	l.srv.Protocols = new(http.Protocols)
 	l.srv.Protocols.SetHTTP1(true)
 	l.srv.Protocols.SetUnencryptedHTTP2(true)
+	l.h1 = newH1Server(l, l.httpLn, func(c net.Conn) context.Context {
+		if pc, ok := c.(*peekedConn); ok {
+			return context.WithValue(context.Background(), capturedKey{}, pc.cluster)
+		}
+		return context.Background()
+	})
+	l.h1.logPanic = func(v any) { p.log.Error("http handler panic", "listener", cfg.Name, "panic", fmt.Sprint(v)) }
 	return l, nil
 }
 
 func (l *outboundListener) serve() error {
-	if l.httpLn != nil {
+	if l.srv != nil {
 		go func() { _ = l.srv.Serve(l.httpLn) }()
-	} else if l.srv != nil {
-		err := l.srv.Serve(l.ln)
-		if errors.Is(err, http.ErrServerClosed) {
-			return nil
-		}
-		return fmt.Errorf("outbound %s: %w", l.cfg.Name, err)
 	}
 	for {
 		c, err := l.ln.Accept()
@@ -177,7 +177,11 @@ func (l *outboundListener) serve() error {
 		l.p.tcpWG.Add(1)
 		go func() {
 			defer l.p.tcpWG.Done()
-			l.serveTCP(c)
+			if l.cfg.Protocol == "tcp" || l.cfg.Protocol == "transparent" {
+				l.serveTCP(c)
+			} else {
+				l.h1.serveConn(c)
+			}
 		}()
 	}
 }
@@ -188,6 +192,7 @@ func (l *outboundListener) shutdown(ctx context.Context) {
 	if l.srv == nil {
 		return
 	}
+	l.h1.shutdown(ctx)
 	if err := l.srv.Shutdown(ctx); err != nil {
 		l.srv.Close()
 	}
@@ -199,10 +204,9 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := l.p.state.Load()
 	rw := newRecorder(w)
 	defer rw.release()
-	self := l.p.selfID()
-	ns, wl := workloadParts(self)
+	me := l.p.self()
 	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
-		source: self.String(), srcNS: ns, srcWL: wl, authz: authzNone}
+		source: me.s, srcNS: me.ns, srcWL: me.wl, authz: authzNone}
 	res.span = startSpan(r.Header)
 	res.traceID = res.span.traceID
 	// The app speaks for itself only through its SVID: identity headers
@@ -211,7 +215,7 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var rt *Route
 	switch {
 	case r.Method == http.MethodConnect: // no tunnels through the proxy port
-	case l.httpLn != nil:
+	case l.cfg.Protocol == "transparent":
 		// Captured HTTP goes to the cluster of its original destination.
 		name, _ := r.Context().Value(capturedKey{}).(string)
 		rt = st.captured[name]
@@ -601,10 +605,8 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 		// the HTTP server; anything else is spliced.
 		pc, isHTTP := sniffHTTP(c, cl.cfg.Name)
 		if isHTTP {
-			if !l.httpLn.push(pc) {
-				c.Close()
-			}
 			res.status = handedOff
+			l.h1.serveConn(pc)
 			return
 		}
 		c = pc

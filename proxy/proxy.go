@@ -89,6 +89,8 @@ type Proxy struct {
 	clock       clockwork.Clock
 	log         *slog.Logger
 	state       atomic.Pointer[state]
+	// selfCache holds the parts of the last SPIFFE ID seen (see self).
+	selfCache atomic.Pointer[self]
 	// lmu guards the listener sets, which Update may change while Run
 	// serves them, and the fields below it.
 	lmu      sync.Mutex
@@ -503,6 +505,26 @@ func (p *Proxy) trackTCP(cs ...net.Conn) func() {
 		}
 		p.tcpMu.Unlock()
 	}
+}
+
+// self is the workload's SPIFFE ID with its parts, computed once per ID.
+type self struct {
+	id     spiffeid.ID
+	s      string
+	ns, wl string
+}
+
+// self describes the workload's current SPIFFE ID; the SVID may rotate
+// (even to another ID), so it is compared each time, not cached for good.
+func (p *Proxy) self() *self {
+	id := p.selfID()
+	if c := p.selfCache.Load(); c != nil && c.id == id {
+		return c
+	}
+	ns, wl := workloadParts(id)
+	c := &self{id: id, s: id.String(), ns: ns, wl: wl}
+	p.selfCache.Store(c)
+	return c
 }
 
 // selfID is the workload's current SPIFFE ID.

@@ -42,6 +42,37 @@ type metrics struct {
 	mirrors         *prometheus.CounterVec
 	healthChanges   *prometheus.CounterVec
 	handshakeErrors *prometheus.CounterVec
+
+	// series caches the request series per label set, so that a request
+	// costs no label hashing or vector lookups. Series are never deleted
+	// from the vectors, so a cached child stays the registered one.
+	seriesMu sync.RWMutex
+	series   map[[6]string]reqSeries
+}
+
+type reqSeries struct {
+	count prometheus.Counter
+	dur   prometheus.Observer
+}
+
+// maxCachedSeries bounds the cache; label sets past it are looked up in
+// the vectors each time.
+const maxCachedSeries = 4096
+
+func (m *metrics) requestSeries(labels [6]string) reqSeries {
+	m.seriesMu.RLock()
+	s, ok := m.series[labels]
+	m.seriesMu.RUnlock()
+	if ok {
+		return s
+	}
+	s = reqSeries{count: m.requests.WithLabelValues(labels[:]...), dur: m.duration.WithLabelValues(labels[:]...)}
+	m.seriesMu.Lock()
+	if len(m.series) < maxCachedSeries {
+		m.series[labels] = s
+	}
+	m.seriesMu.Unlock()
+	return s
 }
 
 var reqLabels = []string{"direction", "source_workload", "source_namespace", "destination_service", "response_code", "authz_result"}
@@ -49,6 +80,7 @@ var reqLabels = []string{"direction", "source_workload", "source_namespace", "de
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	tcpLabels := []string{"direction", "source_workload", "source_namespace", "destination_service", "authz_result"}
 	m := &metrics{
+		series: map[[6]string]reqSeries{},
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_requests_total", Help: "HTTP requests through the proxy.",
 		}, reqLabels),
@@ -138,9 +170,9 @@ func codeLabel(c int) string {
 }
 
 func (p *Proxy) observe(r *reqLog) {
-	labels := [...]string{r.direction, r.srcWL, r.srcNS, r.dest, codeLabel(r.status), r.authz}
-	p.metrics.requests.WithLabelValues(labels[:]...).Inc()
-	p.metrics.duration.WithLabelValues(labels[:]...).Observe(r.dur.Seconds())
+	s := p.metrics.requestSeries([6]string{r.direction, r.srcWL, r.srcNS, r.dest, codeLabel(r.status), r.authz})
+	s.count.Inc()
+	s.dur.Observe(r.dur.Seconds())
 	now := p.clock.Now()
 	p.alog.write(r, now)
 	if p.traces != nil {
@@ -286,7 +318,7 @@ func ensureTrace(h http.Header, newSpan bool) string {
 			copy(b[:], tp[:36])
 			writeSpanID(b[:])
 			b[52], b[53], b[54] = '-', tp[53], tp[54]
-			h.Set(headerTraceparent, string(b[:]))
+			setOne(h, headerTraceparent, string(b[:]))
 		}
 		return id
 	}
@@ -302,8 +334,17 @@ func ensureTrace(h http.Header, newSpan bool) string {
 	writeSpanID(b[:])
 	b[52], b[53], b[54] = '-', '0', '1'
 	s := string(b[:])
-	h.Set(headerTraceparent, s)
+	setOne(h, headerTraceparent, s)
 	return s[3:35]
+}
+
+// setOne sets a canonical header to one value, reusing its slice.
+func setOne(h http.Header, k, v string) {
+	if vv := h[k]; len(vv) == 1 {
+		vv[0] = v
+		return
+	}
+	h[k] = []string{v}
 }
 
 func writeSpanID(b []byte) {

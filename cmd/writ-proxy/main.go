@@ -72,6 +72,7 @@ const (
 )
 
 type options struct {
+	trimPages    bool
 	controlPlane string
 	joinToken    string
 	trustBundle  string
@@ -94,6 +95,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.workloadAPI, "workload-api", "unix:///tmp/writ/agent.sock", "Workload API socket address; the directory is created if missing")
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address (keep it on loopback): /healthz, /readyz and, with the proxy role, /metrics, /config_dump and /debug/pprof/")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
 	// Parse reports errors itself; usage is printed here, in full to
@@ -151,6 +153,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o == nil {
 		return code
 	}
+	if o.trimPages {
+		trimExecutablePages()
+	}
 	level, err := parseLevel(o.logLevel)
 	if err != nil {
 		fmt.Fprintf(stderr, "writ-proxy: %v\n", err)
@@ -201,6 +206,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			log.Error("configure proxy", "error", err)
 			return 2
 		}
+	}
+	if role != nil && o.trimPages {
+		go trimWhenReady(ctx, role.Ready, log)
 	}
 	admin := &http.Server{Handler: adminMux(a, role), ReadHeaderTimeout: 5 * time.Second}
 	tasks := []taskrun.Task{
@@ -262,3 +270,31 @@ func adminMux(a *agent.Agent, role *proxyRole) *http.ServeMux {
 	})
 	return mux
 }
+
+// trimWhenReady drops the start-up pages of the executable once more when
+// the proxy is first ready (its policy compiled, its configuration and
+// SVID in hand), a second after, so that the steady state starts from the
+// pages it uses. It gives up after trimReadyWait.
+func trimWhenReady(ctx context.Context, ready func() error, log *slog.Logger) {
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.Now().Add(trimReadyWait)
+	for ready() != nil {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if time.Now().After(deadline) {
+			return
+		}
+	}
+	select {
+	case <-ctx.Done():
+		return
+	case <-time.After(time.Second):
+	}
+	log.Debug("dropped start-up pages", "bytes", trimExecutablePages())
+}
+
+const trimReadyWait = 2 * time.Minute

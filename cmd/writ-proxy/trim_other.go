@@ -1,0 +1,7 @@
+//go:build !linux
+
+package main
+
+// trimExecutablePages has nothing to do where the start-up pages cannot be
+// dropped this way.
+func trimExecutablePages() int64 { return 0 }
