@@ -7,7 +7,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -38,6 +37,7 @@ import (
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/internal/cliflags"
 	taskrun "github.com/writmesh/writ/internal/run"
 	"github.com/writmesh/writ/policy"
 	"github.com/writmesh/writ/policy/bundlefetch"
@@ -156,20 +156,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's /debug/pprof on the admin address (keep it on loopback)")
 	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "garbage collector target, as GOGC (which wins when set); checks allocate, and collecting less often is most of the throughput")
 	fs.Int64Var(&o.memLimitMiB, "memory-limit-mib", defaultMemLimitMiB, "soft memory limit in MiB, as GOMEMLIMIT (which wins when set), so a relaxed collector still bounds the heap; 0 for none")
-	fs.Usage = func() {}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, usage)
-			fs.SetOutput(stdout)
-			fs.PrintDefaults()
-			return nil, 0
-		}
-		fmt.Fprintln(stderr, "writ-enforcer: see --help")
-		return nil, 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "writ-enforcer: unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
-		return nil, 2
+	if done, code := cliflags.Parse(fs, "writ-enforcer", usage, args, stdout, stderr); done {
+		return nil, code
 	}
 	n := 0
 	for _, s := range []string{o.policyDir, o.bundleURL, o.bundleFile} {

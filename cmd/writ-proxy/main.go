@@ -7,7 +7,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -23,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/writmesh/writ/authority/agent"
+	"github.com/writmesh/writ/internal/cliflags"
 	taskrun "github.com/writmesh/writ/internal/run"
 )
 
@@ -98,22 +98,8 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
-	// Parse reports errors itself; usage is printed here, in full to
-	// stdout when asked for and as a hint otherwise.
-	fs.Usage = func() {}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprint(stdout, usage)
-			fs.SetOutput(stdout)
-			fs.PrintDefaults()
-			return nil, 0
-		}
-		fmt.Fprintln(stderr, "writ-proxy: see --help")
-		return nil, 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(stderr, "writ-proxy: unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
-		return nil, 2
+	if done, code := cliflags.Parse(fs, "writ-proxy", usage, args, stdout, stderr); done {
+		return nil, code
 	}
 	if o.joinToken == "" {
 		o.joinToken = os.Getenv("WRIT_JOIN_TOKEN")
