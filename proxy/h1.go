@@ -43,6 +43,12 @@ type h1Transport struct {
 // write; larger ones stream through the fallback.
 const maxFastBody = 64 << 10
 
+// smallBody bounds the request bodies that borrow smallBodyPool's
+// buffers; larger ones (up to maxFastBody) are allocated.
+const smallBody = 4 << 10
+
+var smallBodyPool = sync.Pool{New: func() any { b := make([]byte, smallBody); return &b }}
+
 // maxIdlePerHost bounds the idle connections kept per address.
 const maxIdlePerHost = 256
 
@@ -106,15 +112,30 @@ func (t *h1Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	var body []byte
 	if r.Body != nil && r.Body != http.NoBody {
-		b, err := io.ReadAll(io.LimitReader(r.Body, maxFastBody+1))
+		// The body is copied into the connection's writer before
+		// RoundTrip returns, so a small one borrows a pooled buffer.
+		if r.ContentLength <= smallBody {
+			bp := smallBodyPool.Get().(*[]byte)
+			defer smallBodyPool.Put(bp)
+			body = (*bp)[:r.ContentLength]
+		} else {
+			body = make([]byte, r.ContentLength)
+		}
+		_, err := io.ReadFull(r.Body, body)
+		if err == nil {
+			// A body longer than its Content-Length is refused, as
+			// net/http's transport does.
+			var one [1]byte
+			if n, _ := r.Body.Read(one[:]); n > 0 {
+				err = errors.New("request body length differs from its Content-Length")
+			}
+		} else if err == io.ErrUnexpectedEOF || err == io.EOF {
+			err = errors.New("request body length differs from its Content-Length")
+		}
 		r.Body.Close()
 		if err != nil {
 			return nil, err
 		}
-		if int64(len(b)) != r.ContentLength {
-			return nil, errors.New("request body length differs from its Content-Length")
-		}
-		body = b
 	}
 	addr := r.URL.Host
 	if _, _, err := net.SplitHostPort(addr); err != nil {

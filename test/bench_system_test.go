@@ -42,7 +42,11 @@ import (
 // (per measured run, default 10s), WRIT_BENCH_QPS (the fixed rate, default
 // 1000), WRIT_BENCH_CONC (default 16), WRIT_BENCH_ONLY (comma-separated
 // scenario names to run, default all), WRIT_BENCH_PROXY_ENV (space-separated
-// VAR=value for the writ-proxy processes only, e.g. GOGC=200). Every run is bounded by its
+// VAR=value for the writ-proxy processes only, e.g. GOGC=200),
+// WRIT_BENCH_PPROF (a directory: during the writ pair's saturation run,
+// CPU profiles of both writ-proxy processes from their admin ports and,
+// with strace on PATH, their system call counts; then allocation
+// profiles). Every run is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
 func BenchmarkSystem(b *testing.B) {
 	tools := map[string]string{}
@@ -105,6 +109,10 @@ func BenchmarkSystem(b *testing.B) {
 			continue
 		}
 		url, sides := sc.setup()
+		sb.profile = nil
+		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && sc.name == "writ" {
+			sb.profile = func(d time.Duration) func() { return sb.profileWrit(dir, sides, d) }
+		}
 		res := sb.measure(sc.name, url, sides)
 		results = append(results, res)
 		sb.stopAll()
@@ -140,6 +148,12 @@ type sysBench struct {
 	w     *writd
 	procs []*exec.Cmd // per scenario; the app stays
 	certs *benchCerts
+	// admins are the writ pair's admin addresses (front, back), for
+	// WRIT_BENCH_PPROF.
+	admins []string
+	// profile, when set, starts profiling the saturation run of the
+	// scenario being measured and returns a function that waits for it.
+	profile func(time.Duration) func()
 }
 
 // start runs a process with its output in a file under dir; it is killed
@@ -217,6 +231,7 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 	for _, a := range []string{ordersAdmin, frontAdmin} {
 		waitHTTP(b, "http://"+a+"/readyz", nil)
 	}
+	s.admins = []string{frontAdmin, ordersAdmin}
 	return "http://" + up + "/", [][]int{{front.Process.Pid}, {orders.Process.Pid}}
 }
 
@@ -608,7 +623,15 @@ type sysResult struct {
 func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 	b := s.b
 	// Warm-up: connections, TLS sessions, pools, JIT-less caches.
-	s.fortio(name+"-warmup", url, 0, 2*time.Second)
+	stop := func() {}
+	if s.profile != nil {
+		stop = s.straceWarmup(sides)
+	}
+	w := s.fortio(name+"-warmup", url, 0, 2*time.Second)
+	stop()
+	if s.profile != nil {
+		b.Logf("%s warm-up: %d requests (for the strace counts)", name, w.n)
+	}
 	r := &sysResult{name: name}
 	for _, m := range []struct {
 		run *fortioRun
@@ -618,7 +641,12 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		if sides != nil {
 			t0 = cpuTicks(b, sides)
 		}
+		wait := func() {}
+		if m.qps == 0 && s.profile != nil {
+			wait = s.profile(s.dur)
+		}
 		*m.run = s.fortio(fmt.Sprintf("%s-%d", name, m.qps), url, m.qps, s.dur)
+		wait()
 		if sides != nil {
 			m.run.cpuPer1k = float64(cpuTicks(b, sides)-t0) / 100 / float64(m.run.n) * 1000
 			m.run.rssPeak = peakRSS(b, sides)
@@ -628,6 +656,76 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		}
 	}
 	return r
+}
+
+// profileWrit collects, over most of d, a CPU profile of each writ-proxy
+// (front, back) from its admin port; allocation profiles follow when the
+// run ends. Files go to dir as front.cpu, back.allocs, … for go tool pprof.
+func (s *sysBench) profileWrit(dir string, sides [][]int, d time.Duration) func() {
+	b := s.b
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	secs := max(1, int((d-time.Second)/time.Second))
+	names := []string{"front", "back"}
+	done := make(chan struct{}, 4)
+	get := func(url, file string) {
+		defer func() { done <- struct{}{} }()
+		resp, err := http.Get(url)
+		if err != nil {
+			b.Logf("pprof %s: %v", url, err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(file)
+		if err != nil {
+			b.Logf("pprof: %v", err)
+			return
+		}
+		defer f.Close()
+		_, _ = io.Copy(f, resp.Body)
+	}
+	for i, a := range s.admins {
+		go get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a, secs), filepath.Join(dir, names[i]+".cpu"))
+	}
+	return func() {
+		for range s.admins {
+			<-done
+		}
+		for i, a := range s.admins {
+			get(fmt.Sprintf("http://%s/debug/pprof/allocs", a), filepath.Join(dir, names[i]+".allocs"))
+			<-done
+		}
+	}
+}
+
+// straceWarmup counts the system calls of each side's first process
+// (strace -c -f) until the returned function is called; the warm-up's
+// figures are not reported, so ptrace's slowdown costs nothing measured.
+// Output goes next to the CPU profiles as front.strace and back.strace.
+func (s *sysBench) straceWarmup(sides [][]int) func() {
+	strace, err := exec.LookPath("strace")
+	dir := os.Getenv("WRIT_BENCH_PPROF")
+	if err != nil || dir == "" {
+		return func() {}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		s.b.Fatal(err)
+	}
+	var cmds []*exec.Cmd
+	for i, name := range []string{"front", "back"} {
+		cmd := exec.Command(strace, "-c", "-f", "-o", filepath.Join(dir, name+".strace"), "-p", strconv.Itoa(sides[i][0]))
+		if err := cmd.Start(); err == nil {
+			cmds = append(cmds, cmd)
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // attached to every thread
+	return func() {
+		for _, c := range cmds {
+			_ = c.Process.Signal(os.Interrupt)
+			_ = c.Wait()
+		}
+	}
 }
 
 // fortio runs one bounded load and reads its JSON result.
