@@ -139,7 +139,23 @@ func (e *Event) attrsCanonical() bool {
 // fixed order, each length-prefixed, with no maps. docs/audit.md gives the
 // layout. Hash itself is not included; PrevHash is.
 func (e *Event) Canonical() []byte {
-	b := make([]byte, 0, 256+len(e.Attributes))
+	return e.appendCanonical(make([]byte, 0, e.canonicalSize()+HashSize))
+}
+
+// canonicalSize is the length of the canonical encoding, so that it is
+// built in one allocation.
+func (e *Event) canonicalSize() int {
+	n := 1 + 16 + 8 + 8 + HashSize + 8 + 12*4
+	attrs := len(e.Attributes)
+	if attrs == 0 {
+		attrs = len(emptyObject)
+	}
+	return n + attrs + len(e.Kind) + len(e.Source) + len(e.Principal) + len(e.Destination) + len(e.Action) +
+		len(e.Resource) + len(e.Result) + len(e.Reason) + len(e.Cause) + len(e.PolicyRevision) + len(e.TraceID)
+}
+
+// appendCanonical appends the canonical encoding to b.
+func (e *Event) appendCanonical(b []byte) []byte {
 	b = append(b, encodingVersion)
 	b = append(b, e.ID[:]...)
 	b = binary.BigEndian.AppendUint64(b, uint64(e.Time.UnixMicro()))

@@ -2,6 +2,7 @@ package audit
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -499,16 +500,18 @@ func (s *Spool) Append(ctx context.Context, ev *Event) error {
 		return fmt.Errorf("audit spool: unusable after a write error: %w", s.broken)
 	}
 	ev.Source, ev.Seq, ev.PrevHash = s.o.Source, s.nextSeq, s.head
-	ev.Seal()
-	payload := ev.Marshal()
+	// The record (header, canonical encoding, hash: Seal and Marshal's
+	// bytes) is built in place, in one allocation.
+	rec := ev.appendCanonical(make([]byte, recHeaderSize, recHeaderSize+ev.canonicalSize()+HashSize))
+	ev.Hash = sha256.Sum256(rec[recHeaderSize:])
+	rec = append(rec, ev.Hash[:]...)
+	payload := rec[recHeaderSize:]
 	if len(payload) > MaxRecordBytes {
 		s.mu.Unlock()
 		return fmt.Errorf("audit spool: event %s is %d bytes, over %d", ev.ID, len(payload), MaxRecordBytes)
 	}
-	rec := make([]byte, recHeaderSize+len(payload))
 	binary.BigEndian.PutUint32(rec[0:4], uint32(len(payload)))
 	binary.BigEndian.PutUint64(rec[8:16], ev.Seq)
-	copy(rec[recHeaderSize:], payload)
 	binary.BigEndian.PutUint32(rec[4:8], crc32.Checksum(rec[8:], castagnoli))
 	need := int64(len(rec))
 	if s.total+need > s.o.MaxBytes {

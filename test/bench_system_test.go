@@ -27,7 +27,7 @@ import (
 //
 //   - the app directly (the floor),
 //   - two writ-proxy processes (agent + proxy each, SVIDs from a real writd
-//     on PostgreSQL) with mTLS, Rego authz and the decision record on,
+//     on PostgreSQL) with mTLS, Rego authz and the audit spool on,
 //   - an nginx pair with mTLS, without and with auth_request to a stock OPA
 //     server holding the same rule,
 //   - an HAProxy pair with mTLS,
@@ -43,10 +43,11 @@ import (
 // 1000), WRIT_BENCH_CONC (default 16), WRIT_BENCH_ONLY (comma-separated
 // scenario names to run, default all), WRIT_BENCH_PROXY_ENV (space-separated
 // VAR=value for the writ-proxy processes only, e.g. GOGC=200),
-// WRIT_BENCH_PPROF (a directory: during the writ pair's saturation run,
-// CPU profiles of both writ-proxy processes from their admin ports and,
-// with strace on PATH, their system call counts; then allocation
-// profiles). Every run is bounded by its
+// WRIT_BENCH_PPROF (a directory: system call counts of both writ-proxy
+// processes during the writ pair's warm-up, with strace on PATH; CPU
+// profiles from their admin ports during its saturation run, then
+// allocation profiles; /proc/PID/smaps_rollup after each run). Every run
+// is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
 func BenchmarkSystem(b *testing.B) {
 	tools := map[string]string{}
@@ -223,7 +224,10 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 	}
 	write(b, filepath.Join(policyDir, "mesh.rego"), meshPolicy)
 	mesh := freeAddrTB(b)
-	orders, ordersAdmin := s.writProxy("orders", "--inbound", mesh, "--app", app, "--service", "orders", "--policy-dir", policyDir)
+	// Decisions go to the durable audit spool (write(2) per decision, fsync
+	// every 10 ms), shipped to writd's collector: the production setting.
+	orders, ordersAdmin := s.writProxy("orders", "--inbound", mesh, "--app", app, "--service", "orders", "--policy-dir", policyDir,
+		"--audit-spool-dir", filepath.Join(s.dir, "orders-spool"))
 	cfgFile := filepath.Join(s.dir, "proxy.yaml")
 	write(b, cfgFile, fmt.Sprintf("clusters:\n- name: orders\n  lb_policy: ROUND_ROBIN\n  endpoints:\n  - address: %s\n  peer_ids: [spiffe://example.org/ns/shop/sa/orders]\n", mesh))
 	up := freeAddrTB(b)
@@ -237,7 +241,7 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 
 // writProxy starts one writ-proxy (agent and proxy roles) with a join
 // token for node NAME-node. The access log is off (the peers log nothing
-// either); decisions are recorded as writ-proxy records them.
+// either); decisions go to the audit spool on the mesh side.
 func (s *sysBench) writProxy(name string, args ...string) (*exec.Cmd, string) {
 	b := s.b
 	out, err := writTB(b, s.w, "token", "create", "--spiffe-id", "spiffe://example.org/node/"+name+"-node", "--ttl", "5m")
@@ -647,6 +651,14 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		}
 		*m.run = s.fortio(fmt.Sprintf("%s-%d", name, m.qps), url, m.qps, s.dur)
 		wait()
+		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && s.profile != nil {
+			// Resident memory by kind (anonymous, file-backed) after the run.
+			for i, side := range []string{"front", "back"} {
+				if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", sides[i][0])); err == nil {
+					_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d.smaps", side, m.qps)), raw, 0o644)
+				}
+			}
+		}
 		if sides != nil {
 			m.run.cpuPer1k = float64(cpuTicks(b, sides)-t0) / 100 / float64(m.run.n) * 1000
 			m.run.rssPeak = peakRSS(b, sides)
