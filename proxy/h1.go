@@ -303,7 +303,8 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	}
 	h := make(http.Header, n)
 	vals := make([]string, n)
-	var cl []string
+	var cl string // the Content-Length, if exactly one
+	ncl := 0
 	for rest := s; rest != ""; {
 		i := indexCRLF(rest)
 		f := rest[:i]
@@ -319,7 +320,7 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 		key := canonicalHeader(name)
 		switch key {
 		case "Content-Length":
-			cl = append(cl, value)
+			cl, ncl = value, ncl+1
 		case "Transfer-Encoding", "Trailer":
 			return nil
 		}
@@ -333,13 +334,13 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	}
 	length := int64(-1)
 	switch {
-	case len(cl) == 1:
-		v, err := strconv.ParseUint(cl[0], 10, 63)
-		if err != nil || cl[0][0] < '0' || cl[0][0] > '9' {
+	case ncl == 1:
+		v, err := strconv.ParseUint(cl, 10, 63)
+		if err != nil || cl == "" || cl[0] < '0' || cl[0] > '9' {
 			return nil
 		}
 		length = int64(v)
-	case len(cl) > 1:
+	case ncl > 1:
 		return nil
 	}
 	if length < 0 {

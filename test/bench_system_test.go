@@ -35,7 +35,8 @@ import (
 // each at a fixed 1,000 requests/s and at saturation. Printed: latency
 // added over direct (p50/p90/p99), max throughput, the proxies' CPU seconds
 // per 1,000 requests (utime+stime from /proc/PID/stat) and peak RSS per
-// proxy (VmHWM), with Writ's ratio to each peer.
+// proxy during each run (VmHWM, reset before it), with Writ's ratio to
+// each peer.
 //
 // Knobs (environment): WRIT_FORTIO_BIN, WRIT_OPA_BIN, WRIT_NGINX_BIN,
 // WRIT_HAPROXY_BIN (default: found on PATH or in /usr/sbin), WRIT_BENCH_DUR
@@ -585,6 +586,19 @@ func cpuTicks(b *testing.B, pids [][]int) int64 {
 	return n
 }
 
+// resetPeakRSS starts each process's VmHWM afresh (clear_refs 5), so
+// that a run's peak is its own and not the start-up's or the saturated
+// warm-up's.
+func resetPeakRSS(b *testing.B, pids [][]int) {
+	for _, side := range pids {
+		for _, pid := range side {
+			if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0); err != nil {
+				b.Fatalf("process %d: reset peak RSS: %v", pid, err)
+			}
+		}
+	}
+}
+
 // peakRSS is the largest side's summed VmHWM, in bytes.
 func peakRSS(b *testing.B, pids [][]int) int64 {
 	var worst int64
@@ -644,6 +658,7 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		var t0 int64
 		if sides != nil {
 			t0 = cpuTicks(b, sides)
+			resetPeakRSS(b, sides)
 		}
 		wait := func() {}
 		if m.qps == 0 && s.profile != nil {
