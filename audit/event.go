@@ -112,6 +112,12 @@ func (e *Event) SetAttributes(attrs map[string]any) error {
 // — which the caller's tests check against CanonicalJSON. An encoding
 // holding a NUL falls back to CanonicalJSON, which removes it.
 func (e *Event) SetCanonicalAttributes(v any) error {
+	if ca, ok := v.(CanonicalAppender); ok {
+		if raw, ok := ca.AppendCanonicalJSON(make([]byte, 0, 256)); ok {
+			e.Attributes, e.canon = raw, raw
+			return nil
+		}
+	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
@@ -129,6 +135,14 @@ func (e *Event) SetCanonicalAttributes(v any) error {
 	}
 	e.Attributes, e.canon = raw, raw
 	return nil
+}
+
+// CanonicalAppender is an attributes value that writes its own canonical
+// JSON (what SetCanonicalAttributes's encoding would give) without
+// reflection, on the request path. It reports false, having written
+// nothing it needs kept, for values it leaves to encoding/json.
+type CanonicalAppender interface {
+	AppendCanonicalJSON(b []byte) ([]byte, bool)
 }
 
 func (e *Event) attrsCanonical() bool {

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"slices"
+	"strconv"
 	"time"
 
 	"github.com/google/uuid"
@@ -60,7 +62,7 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
-	if err := ev.SetCanonicalAttributes(attrs); err != nil {
+	if err := ev.SetCanonicalAttributes(&attrs); err != nil {
 		return audit.Event{}, err
 	}
 	return ev, nil
@@ -80,6 +82,85 @@ type requestAttrs struct {
 	MatchedRules []string       `json:"matched_rules,omitempty"`
 	Protocol     string         `json:"protocol"`
 	RawPath      string         `json:"raw_path"`
+}
+
+var _ audit.CanonicalAppender = (*requestAttrs)(nil)
+
+// AppendCanonicalJSON writes what encoding/json writes for a (fields in
+// declaration order, which is key order; header names sorted) when every
+// string is printable ASCII without quotes or backslashes, which is the
+// common request; anything else, and dry-run results, are left to
+// encoding/json.
+func (a *requestAttrs) AppendCanonicalJSON(b []byte) ([]byte, bool) {
+	if a.DryRun != nil {
+		return b, false
+	}
+	ok := true
+	b = append(b, '{')
+	if a.Cached {
+		b = append(b, `"cached":true,`...)
+	}
+	if a.GRPC {
+		b = append(b, `"grpc":true,`...)
+	}
+	if len(a.Headers) > 0 {
+		var arr [8]string
+		keys := arr[:0]
+		for k := range a.Headers {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		b = append(b, `"headers":{`...)
+		for i, k := range keys {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			v, isString := a.Headers[k].(string)
+			b, ok = appendPlainString(b, k, ok && isString)
+			b = append(b, ':')
+			b, ok = appendPlainString(b, v, ok)
+		}
+		b = append(b, "},"...)
+	}
+	if a.Host != "" {
+		b = append(b, `"host":`...)
+		b, ok = appendPlainString(b, a.Host, ok)
+		b = append(b, ',')
+	}
+	b = append(b, `"latency_us":`...)
+	b = strconv.AppendInt(b, a.LatencyUS, 10)
+	if len(a.MatchedRules) > 0 {
+		b = append(b, `,"matched_rules":[`...)
+		for i, r := range a.MatchedRules {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b, ok = appendPlainString(b, r, ok)
+		}
+		b = append(b, ']')
+	}
+	b = append(b, `,"protocol":`...)
+	b, ok = appendPlainString(b, a.Protocol, ok)
+	b = append(b, `,"raw_path":`...)
+	b, ok = appendPlainString(b, a.RawPath, ok)
+	return append(b, '}'), ok
+}
+
+// appendPlainString quotes s if every byte is printable ASCII other than
+// a quote or a backslash (encoding/json writes those as they are), and
+// reports false otherwise or if ok was already false.
+func appendPlainString(b []byte, s string, ok bool) ([]byte, bool) {
+	if !ok {
+		return b, false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
+			return b, false
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"'), true
 }
 
 type dryRunAttrs struct {

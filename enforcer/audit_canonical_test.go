@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"bytes"
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -53,5 +54,46 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 	}
 	if want, _ := audit.CanonicalJSON(ev.Attributes); !bytes.Equal(ev.Attributes, want) || bytes.Contains(ev.Attributes, []byte("headers")) {
 		t.Fatalf("attributes %s", ev.Attributes)
+	}
+}
+
+// TestRequestAttributesFastPath checks that the request path's own JSON
+// writer gives encoding/json's bytes wherever it answers, and leaves the
+// rest to encoding/json.
+func TestRequestAttributesFastPath(t *testing.T) {
+	tests := []struct {
+		name  string
+		attrs requestAttrs
+		fast  bool
+	}{
+		{"minimal", requestAttrs{Protocol: "HTTP/1.1", RawPath: "/"}, true},
+		{"everything", requestAttrs{Cached: true, GRPC: true, Host: "orders.shop:8080", LatencyUS: 1234,
+			Headers:      map[string]any{"user-agent": "fortio.org/fortio-1.66.0", "x-request-id": "abc-1", "content-type": "application/json", "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+			MatchedRules: []string{"data.envoy.authz.allow", "data.mesh.rule[2]"}, Protocol: "HTTP/2", RawPath: "/items/7?x=<a>&y=1"}, true},
+		{"negative latency", requestAttrs{LatencyUS: -5, Protocol: "p", RawPath: "r"}, true},
+		{"empty rules and headers", requestAttrs{Headers: map[string]any{}, MatchedRules: []string{}, Protocol: "p"}, true},
+		{"quote", requestAttrs{Protocol: "HTTP/1.1", RawPath: `/a"b`}, false},
+		{"non-ASCII header", requestAttrs{Headers: map[string]any{"user-agent": "ünï"}, Protocol: "p"}, false},
+		{"dry run", requestAttrs{DryRun: &dryRunAttrs{Result: "allow"}, Protocol: "p"}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := tt.attrs.AppendCanonicalJSON(nil)
+			if ok != tt.fast {
+				t.Fatalf("fast path taken: got %v, want %v", ok, tt.fast)
+			}
+			if !ok {
+				return
+			}
+			var buf bytes.Buffer
+			enc := json.NewEncoder(&buf)
+			enc.SetEscapeHTML(false) // as audit.Event.SetCanonicalAttributes
+			if err := enc.Encode(tt.attrs); err != nil {
+				t.Fatal(err)
+			}
+			if want := bytes.TrimSuffix(buf.Bytes(), []byte("\n")); !bytes.Equal(got, want) {
+				t.Fatalf("got  %s\nwant %s", got, want)
+			}
+		})
 	}
 }
