@@ -791,15 +791,27 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 		if r.off >= end {
 			break // a rotated-in segment with nothing durable yet
 		}
-		// One read for many records: the rest of what the batch may take
-		// from this segment, at least one whole record.
-		want := min(end-r.off, int64(max(maxBytes-size, MaxRecordBytes+recHeaderSize)))
-		if int64(cap(r.buf)) < want {
-			r.buf = make([]byte, want)
-		}
-		chunk := r.buf[:want]
-		if _, err := r.f.ReadAt(chunk, r.off); err != nil {
-			return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+		// One read for many records, in a bounded buffer (a backlog is
+		// read in pieces rather than into one buffer the size of the
+		// batch, which the reader would keep): at most readChunk, or one
+		// whole record larger than that.
+		want := min(end-r.off, readChunk)
+		var chunk []byte
+		for {
+			if int64(cap(r.buf)) < want {
+				r.buf = make([]byte, want)
+			}
+			chunk = r.buf[:want]
+			if _, err := r.f.ReadAt(chunk, r.off); err != nil {
+				return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+			}
+			if want < end-r.off && len(chunk) >= recHeaderSize {
+				if n := int64(recHeaderSize) + int64(binary.BigEndian.Uint32(chunk[0:4])); n > want && n <= end-r.off {
+					want = n
+					continue
+				}
+			}
+			break
 		}
 		progressed := false
 		for len(chunk) >= recHeaderSize && from <= limit && len(out) < maxEvents && size < maxBytes {
@@ -826,8 +838,14 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 			break
 		}
 	}
+	if cap(r.buf) > readChunk {
+		r.buf = nil // grown for one large record: not kept
+	}
 	return out, nil
 }
+
+// readChunk bounds a reader's buffer for records of the usual size.
+const readChunk = 64 << 10
 
 // Reader is a read position in a spool, used by one goroutine.
 type Reader struct {

@@ -457,3 +457,38 @@ func TestSpoolDurabilityModes(t *testing.T) {
 		}
 	})
 }
+
+// TestSpoolReadBatchRecordsLargerThanAChunk reads small records around
+// ones larger than a reader's usual buffer, within one segment, and checks
+// that the buffer grown for them is not kept.
+func TestSpoolReadBatchRecordsLargerThanAChunk(t *testing.T) {
+	s := openTest(t, SpoolOptions{Dir: t.TempDir(), SegmentBytes: 8 << 20})
+	sizes := []int{0, readChunk - 100, 0, 3 * readChunk, 0, 0, readChunk + 1, 0}
+	for i, n := range sizes {
+		ev := testEvent(t, i)
+		ev.Attributes = []byte(`{"pad":"` + strings.Repeat("x", n) + `"}`)
+		if err := s.Append(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := readAll(t, s, 1)
+	if len(got) != len(sizes) {
+		t.Fatalf("read %d events, want %d", len(got), len(sizes))
+	}
+	for i, ev := range got {
+		if want := len(`{"pad":""}`) + sizes[i]; len(ev.Attributes) != want {
+			t.Fatalf("event %d: %d bytes of attributes, want %d", i, len(ev.Attributes), want)
+		}
+	}
+	var r Reader
+	defer r.Close()
+	if _, err := s.ReadBatch(&r, 1, 100, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	if cap(r.buf) > readChunk {
+		t.Fatalf("reader kept a %d-byte buffer, want at most %d", cap(r.buf), readChunk)
+	}
+}
