@@ -587,8 +587,8 @@ func cpuTicks(b *testing.B, pids [][]int) int64 {
 }
 
 // resetPeakRSS starts each process's VmHWM afresh (clear_refs 5), so
-// that a run's peak is its own and not the start-up's or the saturated
-// warm-up's.
+// that a run's peak is its own and not the start-up's or an earlier
+// run's.
 func resetPeakRSS(b *testing.B, pids [][]int) {
 	for _, side := range pids {
 		for _, pid := range side {
@@ -640,12 +640,14 @@ type sysResult struct {
 
 func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 	b := s.b
-	// Warm-up: connections, TLS sessions, pools, JIT-less caches.
+	// Warm-up: connections, TLS sessions, pools, JIT-less caches. At the
+	// fixed rate, so that the memory measured at that rate is not what a
+	// saturating warm-up left behind (the saturation run comes last).
 	stop := func() {}
 	if s.profile != nil {
 		stop = s.straceWarmup(sides)
 	}
-	w := s.fortio(name+"-warmup", url, 0, 2*time.Second)
+	w := s.fortio(name+"-warmup", url, s.qps, 2*time.Second)
 	stop()
 	if s.profile != nil {
 		b.Logf("%s warm-up: %d requests (for the strace counts)", name, w.n)
