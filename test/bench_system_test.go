@@ -46,7 +46,7 @@ import (
 // VAR=value for the writ-proxy processes only, e.g. GOGC=200),
 // WRIT_BENCH_PPROF (a directory: system call counts of both writ-proxy
 // processes during the writ pair's warm-up, with strace on PATH; CPU
-// profiles from their admin ports during its saturation run, then
+// profiles from their admin ports during each measured run, then
 // allocation profiles; /proc/PID/smaps_rollup after each run). Every run
 // is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
@@ -113,7 +113,7 @@ func BenchmarkSystem(b *testing.B) {
 		url, sides := sc.setup()
 		sb.profile = nil
 		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && sc.name == "writ" {
-			sb.profile = func(d time.Duration) func() { return sb.profileWrit(dir, sides, d) }
+			sb.profile = func(qps int, d time.Duration) func() { return sb.profileWrit(dir, sides, qps, d) }
 		}
 		res := sb.measure(sc.name, url, sides)
 		results = append(results, res)
@@ -153,9 +153,9 @@ type sysBench struct {
 	// admins are the writ pair's admin addresses (front, back), for
 	// WRIT_BENCH_PPROF.
 	admins []string
-	// profile, when set, starts profiling the saturation run of the
+	// profile, when set, starts profiling a measured run (at qps) of the
 	// scenario being measured and returns a function that waits for it.
-	profile func(time.Duration) func()
+	profile func(qps int, d time.Duration) func()
 }
 
 // start runs a process with its output in a file under dir; it is killed
@@ -663,8 +663,8 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 			resetPeakRSS(b, sides)
 		}
 		wait := func() {}
-		if m.qps == 0 && s.profile != nil {
-			wait = s.profile(s.dur)
+		if s.profile != nil {
+			wait = s.profile(m.qps, s.dur)
 		}
 		*m.run = s.fortio(fmt.Sprintf("%s-%d", name, m.qps), url, m.qps, s.dur)
 		wait()
@@ -689,8 +689,9 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 
 // profileWrit collects, over most of d, a CPU profile of each writ-proxy
 // (front, back) from its admin port; allocation profiles follow when the
-// run ends. Files go to dir as front.cpu, back.allocs, … for go tool pprof.
-func (s *sysBench) profileWrit(dir string, sides [][]int, d time.Duration) func() {
+// run ends. Files go to dir as front-QPS.cpu, back.allocs, … (QPS 0 is
+// the saturation run) for go tool pprof.
+func (s *sysBench) profileWrit(dir string, sides [][]int, qps int, d time.Duration) func() {
 	b := s.b
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		b.Fatal(err)
@@ -715,7 +716,7 @@ func (s *sysBench) profileWrit(dir string, sides [][]int, d time.Duration) func(
 		_, _ = io.Copy(f, resp.Body)
 	}
 	for i, a := range s.admins {
-		go get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a, secs), filepath.Join(dir, names[i]+".cpu"))
+		go get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a, secs), filepath.Join(dir, fmt.Sprintf("%s-%d.cpu", names[i], qps)))
 	}
 	return func() {
 		for range s.admins {
