@@ -141,11 +141,15 @@ type Spool struct {
 	nextSeq  uint64
 	head     Hash
 	acked    uint64
+	ackedAt  time.Time // when Ack last wrote the acked file
 	broken   error
 	closed   bool
 	lastWarn time.Time
 
 	fsyncMu sync.Mutex // serializes fsyncs
+
+	ackMu      sync.Mutex // serializes writes of the acked file
+	ackWritten uint64     // the seq the acked file holds
 
 	sm       sync.Mutex // guards synced, syncErr
 	cond     *sync.Cond
@@ -249,6 +253,7 @@ func (s *Spool) recover() error {
 		if s.acked, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
 			return fmt.Errorf("audit spool: acked file: %w", err)
 		}
+		s.ackWritten = s.acked
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("audit spool: %w", err)
 	}
@@ -694,6 +699,9 @@ func (s *Spool) Close() error {
 	close(s.done)
 	s.wg.Wait()
 	err := s.Sync()
+	if aerr := s.writeAcked(); err == nil {
+		err = aerr
+	}
 	s.mu.Lock()
 	if s.active != nil {
 		s.active.Close()
@@ -737,14 +745,57 @@ func (s *Spool) Stats() Stats {
 // ignores.
 func (s *Spool) Ack(seq uint64) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if seq <= s.acked {
+		s.mu.Unlock()
 		return nil
 	}
 	if seq >= s.nextSeq {
+		s.mu.Unlock()
 		return fmt.Errorf("audit spool: ack %d beyond the last event %d", seq, s.nextSeq-1)
 	}
 	s.acked = seq
+	deleted := false
+	for len(s.segs) > 1 && s.segs[0].last <= seq {
+		if err := os.Remove(s.segs[0].path); err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("audit spool: delete acknowledged segment: %w", err)
+		}
+		s.total -= s.segs[0].size
+		s.segs = s.segs[1:]
+		deleted = true
+	}
+	s.m.bytes.Set(float64(s.total))
+	// The acked file is rewritten at most every ackWriteEvery (and when
+	// a segment goes, and at Close), outside mu so that appends on the
+	// request path do not wait for it. After a crash it lags by at most
+	// that much; recovery already allows for a lagging file, and the
+	// collector inserts the events shipped again idempotently.
+	now := s.o.Clock.Now()
+	write := deleted || now.Sub(s.ackedAt) >= ackWriteEvery
+	if write {
+		s.ackedAt = now
+	}
+	s.mu.Unlock()
+	if write {
+		return s.writeAcked()
+	}
+	return nil
+}
+
+// ackWriteEvery bounds how often Ack rewrites the acked file: the shipper
+// acknowledges every batch, about every SyncInterval under load.
+const ackWriteEvery = 100 * time.Millisecond
+
+// writeAcked records the latest acknowledged seq in the acked file.
+func (s *Spool) writeAcked() error {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	s.mu.Lock()
+	seq := s.acked
+	s.mu.Unlock()
+	if seq == s.ackWritten {
+		return nil
+	}
 	tmp := filepath.Join(s.o.Dir, "acked.tmp")
 	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("audit spool: %w", err)
@@ -752,14 +803,7 @@ func (s *Spool) Ack(seq uint64) error {
 	if err := os.Rename(tmp, filepath.Join(s.o.Dir, "acked")); err != nil {
 		return fmt.Errorf("audit spool: %w", err)
 	}
-	for len(s.segs) > 1 && s.segs[0].last <= seq {
-		if err := os.Remove(s.segs[0].path); err != nil {
-			return fmt.Errorf("audit spool: delete acknowledged segment: %w", err)
-		}
-		s.total -= s.segs[0].size
-		s.segs = s.segs[1:]
-	}
-	s.m.bytes.Set(float64(s.total))
+	s.ackWritten = seq
 	return nil
 }
 

@@ -492,3 +492,57 @@ func TestSpoolReadBatchRecordsLargerThanAChunk(t *testing.T) {
 		t.Fatalf("reader kept a %d-byte buffer, want at most %d", cap(r.buf), readChunk)
 	}
 }
+
+// TestSpoolAckFileWrites checks that acknowledgements within
+// ackWriteEvery of the last write leave the acked file for later (the
+// next one after the interval, or Close, writes the latest), and that one
+// after the interval writes it at once.
+func TestSpoolAckFileWrites(t *testing.T) {
+	dir := t.TempDir()
+	clk := clockwork.NewFakeClock()
+	s := openTest(t, SpoolOptions{Dir: dir, Clock: clk})
+	for i := range 10 {
+		if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	onDisk := func() string {
+		b, err := os.ReadFile(filepath.Join(dir, "acked"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	clk.Advance(time.Second)
+	steps := []struct {
+		seq     uint64
+		advance time.Duration
+		want    string
+	}{
+		{2, 0, "2"},                 // the first in a while: written
+		{3, 0, "2"},                 // within the interval: later
+		{4, ackWriteEvery / 2, "2"}, // still within it
+		{5, ackWriteEvery, "5"},     // past it: written
+	}
+	for _, st := range steps {
+		clk.Advance(st.advance)
+		if err := s.Ack(st.seq); err != nil {
+			t.Fatal(err)
+		}
+		if got := onDisk(); got != st.want {
+			t.Fatalf("after ack %d: acked file says %s, want %s", st.seq, got, st.want)
+		}
+	}
+	if err := s.Ack(7); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk(); got != "7" {
+		t.Fatalf("after Close: acked file says %s, want 7", got)
+	}
+}
