@@ -45,7 +45,10 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		}
 	}
 	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
-		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers)}
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers), MTLS: d.MTLS}
+	if !d.PeerCertNotAfter.IsZero() {
+		attrs.PeerCertNotAfter = d.PeerCertNotAfter.UTC().Format(time.RFC3339)
+	}
 	if d.DryRun != nil {
 		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
 			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees, MatchedRules: d.DryRun.MatchedRules}
@@ -78,8 +81,12 @@ type requestAttrs struct {
 	Host         string         `json:"host,omitempty"`
 	LatencyUS    int64          `json:"latency_us"`
 	MatchedRules []string       `json:"matched_rules,omitempty"`
-	Protocol     string         `json:"protocol"`
-	RawPath      string         `json:"raw_path"`
+	// MTLS and PeerCertNotAfter are what compliance reports read for
+	// mTLS coverage and expired certificates seen in use.
+	MTLS             bool   `json:"mtls"`
+	PeerCertNotAfter string `json:"peer_cert_not_after,omitempty"`
+	Protocol         string `json:"protocol"`
+	RawPath          string `json:"raw_path"`
 }
 
 type dryRunAttrs struct {

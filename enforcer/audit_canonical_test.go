@@ -25,6 +25,7 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 				Reason: s, Cause: CausePolicy, Latency: time.Duration(i) * 1234567 * time.Nanosecond,
 				Headers: map[string]string{"user-agent": s, "X-Odd": s + "!", "authorization": "secret", "x-request-id": odd[(i+1)%len(odd)]}}
 			if i%2 == 1 {
+				d.MTLS, d.PeerCertNotAfter = true, time.Date(2026, 12, 5, 22, 0, i, 999, time.FixedZone("x", 3600))
 				d.MatchedRules = []string{"data.envoy.authz.allow", s}
 			}
 			if dry {
