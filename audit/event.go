@@ -131,6 +131,13 @@ func (e *Event) SetCanonicalAttributes(v any) error {
 	return nil
 }
 
+// SetCanonicalRaw sets Attributes to raw, which the caller has encoded
+// canonically itself (and whose tests hold it to CanonicalJSON), so the
+// spool takes it as is. raw must not change until the event is appended.
+func (e *Event) SetCanonicalRaw(raw json.RawMessage) {
+	e.Attributes, e.canon = raw, raw
+}
+
 func (e *Event) attrsCanonical() bool {
 	return len(e.canon) > 0 && len(e.canon) == len(e.Attributes) && &e.canon[0] == &e.Attributes[0]
 }
