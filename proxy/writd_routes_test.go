@@ -1,10 +1,14 @@
 package proxy
 
 import (
+	"fmt"
 	"net/http"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
+
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
@@ -226,5 +230,117 @@ func TestWritdHealthChecks(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRegexBoundsParity: a path or header regex is accepted by the mesh
+// config's validation (writ apply) exactly when writ-proxy accepts it in
+// the route configuration writd sends, so that nothing writd stores is
+// NACKed by the sidecar for its regexes.
+func TestRegexBoundsParity(t *testing.T) {
+	patterns := []string{
+		"/items/[0-9]+",
+		"/" + strings.Repeat("a", 1023),
+		"/" + strings.Repeat("a", 1024),
+		"/a(b",
+		"/a{1001}",
+		`/(a)\1`,
+		"/[a-z]{1000}[0-9]{1000}x{1000}",
+		"/[a-z]{1000}[0-9]{1000}x{1000}y{1000}z{1000}",
+	}
+	for _, p := range patterns {
+		for _, header := range []bool{false, true} {
+			m := fmt.Sprintf("{pathRegex: %q}", p)
+			sm := &matcherv3.RegexMatcher{Regex: p}
+			match := &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: sm}}
+			if header {
+				m = fmt.Sprintf("{headers: [{name: x-id, regex: %q}]}", p)
+				match = &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}, Headers: []*routev3.HeaderMatcher{{Name: "x-id",
+					HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: sm}}}}}}
+			}
+			y := "apiVersion: writ.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: a\n  rules:\n    - match: " + m + "\n      destinations: [{subset: v1}]\n"
+			_, cerr := config.DecodeMesh("r.yaml", []byte(y))
+			_, perr := RoutesFromEnvoy([]*routev3.RouteConfiguration{{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "a", Domains: []string{"*"},
+				Routes: []*routev3.Route{{Match: match, Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "a"}}}}}}}}})
+			if (cerr == nil) != (perr == nil) {
+				t.Errorf("regex %.40q (header %v): writ apply says %v, writ-proxy says %v", p, header, cerr, perr)
+			}
+		}
+	}
+}
+
+// TestWritdFaultAndHashForms: a gRPC-status abort fault and a ring hash
+// on the source address, which writ apply accepts, are followed by the
+// sidecar rather than NACKed.
+func TestWritdFaultAndHashForms(t *testing.T) {
+	const mesh = `apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: grpc}]
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: writ.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  rules:
+    - destinations: [{subset: v1}]
+      fault:
+        abort: {grpcStatus: 14, percent: 50}
+---
+apiVersion: writ.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  loadBalancer: {policy: ring_hash, hashSource: true}
+`
+	rs, err := config.DecodeMesh("mesh.yaml", []byte(mesh))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := config.CheckMesh(rs); err != nil {
+		t.Fatal(err)
+	}
+	res, err := xds.Build(&xds.Mesh{TrustDomain: "example.org", Resources: rs}, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rcs []*routev3.RouteConfiguration
+	for _, r := range res[resource.RouteType] {
+		rcs = append(rcs, r.(*routev3.RouteConfiguration))
+	}
+	var cs []*clusterv3.Cluster
+	for _, c := range res[resource.ClusterType] {
+		cs = append(cs, c.(*clusterv3.Cluster))
+	}
+	routes, err := RoutesFromEnvoy(rcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clusters, err := ClustersFromEnvoy(cs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, rc := range routes {
+		for _, vh := range rc.VirtualHosts {
+			for _, r := range vh.Routes {
+				if r.Fault != nil {
+					found = true
+					if r.Fault.AbortGRPCStatus != 14 || r.Fault.AbortStatus != 0 || r.Fault.AbortPercent != 50 || !r.HashSource {
+						t.Fatalf("route %+v, fault %+v: want grpc abort 14 at 50%% and a source hash", r, r.Fault)
+					}
+				}
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no faulty route in %+v", routes)
+	}
+	if err := (&Config{Clusters: clusters, Routes: routes}).Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
 	}
 }
