@@ -1,22 +1,27 @@
 package proxy
 
 import (
+	"context"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
 
-	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
-
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/writmesh/writ/config"
+	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/enforcer/regotest"
+	"github.com/writmesh/writ/policy"
 	"github.com/writmesh/writ/xds"
 )
 
@@ -140,17 +145,27 @@ metadata: {name: orders, namespace: shop}
 spec:
   ports: [{port: 8080, protocol: http}]
 `
-	policy := func(name, mode string) string {
-		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: envoy.authz\n  mode: " + mode + "\n"
+	policyPkg := func(name, mode, pkg string) string {
+		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: " + pkg + "\n  mode: " + mode + "\n"
 	}
+	pol := func(name, mode string) string { return policyPkg(name, mode, "envoy.authz") }
 	tests := []struct {
 		name, mesh, mode, decision string
 	}{
 		{"no policy", svc, "", ""},
-		{"enforce", svc + policy("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
-		{"dry-run", svc + policy("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
-		{"enforce wins", svc + policy("a", "dry-run") + policy("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
+		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"several enforced", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow"},
 	}
+	// The policies of the teams, for the proxy to bind.
+	dir := t.TempDir()
+	for _, team := range []string{"a", "b"} {
+		if err := os.WriteFile(filepath.Join(dir, team+".rego"), []byte("package team."+team+"\n\ndefault allow := false\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca := newTestCA(t)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rs, err := config.DecodeMesh("mesh.yaml", []byte(tt.mesh))
@@ -178,9 +193,26 @@ spec:
 			if len(got.Inbound) != 1 {
 				t.Fatalf("inbound: %+v", got.Inbound)
 			}
-			if in := got.Inbound[0]; in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
+			in := got.Inbound[0]
+			if in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
 				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
 			}
+			if !strings.HasPrefix(tt.decision, "data.team.") {
+				return
+			}
+			// The sidecar binds the listener: no NACK for several
+			// decisions when its policies define them.
+			own := regotest.Enforcer(t, allowClientRego, &decisions{})
+			eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir, DecisionPath: "data.team.a.allow"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := enforcer.NewBinder(enforcer.Options{Engine: eng, Sink: &decisions{}}, func(ctx context.Context, d string) (*policy.Engine, error) {
+				return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+			})
+			in.Address = "127.0.0.1:0"
+			startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/shop/sa/orders"), Enforcer: own,
+				EnforcerFor: func(d string) (*enforcer.Enforcer, error) { return b.For(context.Background(), d) }})
 		})
 	}
 }
