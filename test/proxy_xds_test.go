@@ -169,7 +169,8 @@ spec:
 // v1 and v2 serving, frontend calling) configured only over ADS. Requests
 // through the pair are allowed and denied by policy; route changes applied
 // with `writ apply` reach the running proxies; a route the proxy cannot
-// honour is NACKed with its reason while the old configuration stays; a
+// honour is NACKed with its reason while the old configuration stays; two
+// enforced AuthorizationPolicies on one service must both allow; a
 // sidecar whose app is down gets taken out of its peers' endpoints and
 // back; and with writd killed the proxies keep serving, then reconnect.
 func TestWritProxyOverADS(t *testing.T) {
@@ -316,6 +317,49 @@ func TestWritProxyOverADS(t *testing.T) {
 	if out, code := w.writ(t, "delete", "authorizationpolicy", "orders-nope", "-n", "shop"); code != 0 {
 		t.Fatalf("delete authorization policy: %s", out)
 	}
+
+	// Two enforced AuthorizationPolicies on orders: the sidecars decide by
+	// both rules, and a request passes only if each allows (the mesh
+	// policy allows frontend any method; writ.methods only GET).
+	write(t, filepath.Join(policyDir, "methods.rego"), "package writ.methods\n\ndefault allow := false\n\nallow if input.attributes.request.http.method == \"GET\"\n")
+	authz := func(name, pkg string) string {
+		return "apiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: " + pkg + "\n  mode: enforce\n"
+	}
+	post := func() int {
+		resp, err := client.Post("http://"+up+"/items", "text/plain", strings.NewReader("x"))
+		if err != nil {
+			return 0
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := post(); code != 200 {
+		t.Fatalf("POST before the policies: %d, want 200", code)
+	}
+	apply("authz.yaml", authz("orders-mesh", "envoy.authz")+"---\n"+authz("orders-methods", "writ.methods"))
+	waitUntil(t, 20*time.Second, "POST denied by the second policy", func() bool { return post() == http.StatusForbidden })
+	if code, body := get(up); code != 200 {
+		t.Fatalf("GET with both policies: %d %q, want 200", code, body)
+	}
+	if code, _ := get(strangerUp); code != http.StatusForbidden {
+		t.Fatalf("stranger with both policies: %d, want 403", code)
+	}
+	// Both sidecars (the split sends to v1 and v2) decide by both.
+	waitUntil(t, 20*time.Second, "every POST denied", func() bool {
+		for range 10 {
+			if post() != http.StatusForbidden {
+				return false
+			}
+		}
+		return true
+	})
+	for _, name := range []string{"orders-mesh", "orders-methods"} {
+		if out, code := w.writ(t, "delete", "authorizationpolicy", name, "-n", "shop"); code != 0 {
+			t.Fatalf("delete authorization policy: %s", out)
+		}
+	}
+	waitUntil(t, 20*time.Second, "POST allowed again", func() bool { return post() == 200 })
 
 	// Health comes from the data planes: with the route gone, requests
 	// go round robin to both versions; orders v2's sidecar finds its app
