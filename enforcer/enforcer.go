@@ -85,6 +85,13 @@ type Decision struct {
 	// allow rule that held, or the default. Empty when no rule answered
 	// or the engine could not tell. Shared: read-only.
 	MatchedRules []string
+	// MTLS is true when the caller presented a verified client
+	// certificate (the request's source has a principal or certificate).
+	MTLS bool
+	// PeerCertNotAfter is the caller's certificate's expiry when the
+	// request carried the certificate (attributes.source.certificate),
+	// else zero.
+	PeerCertNotAfter time.Time
 }
 
 // DryRun is what a candidate policy would have decided.
@@ -145,6 +152,7 @@ type Enforcer struct {
 	fullInput bool
 	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
+	peerCerts peerNotAfter
 	// factsAnswers counts decisions made without an input document.
 	factsAnswers atomic.Uint64
 	clock        clockwork.Clock
@@ -186,6 +194,7 @@ func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3
 	if id, err := uuid.NewV7(); err == nil {
 		d.ID = id.String()
 	}
+	e.recordTransport(&d, req)
 	out := e.decide(ctx, req, &d)
 	if d.Result != ResultAllow && d.Cause != CauseBadPath && req.GetAttributes().GetContextExtensions()[ModeContextKey] == ModeDryRun {
 		// Dry-run mode: the policy's denial is recorded as what it would
