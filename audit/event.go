@@ -112,12 +112,6 @@ func (e *Event) SetAttributes(attrs map[string]any) error {
 // — which the caller's tests check against CanonicalJSON. An encoding
 // holding a NUL falls back to CanonicalJSON, which removes it.
 func (e *Event) SetCanonicalAttributes(v any) error {
-	if ca, ok := v.(CanonicalAppender); ok {
-		if raw, ok := ca.AppendCanonicalJSON(make([]byte, 0, 256)); ok {
-			e.Attributes, e.canon = raw, raw
-			return nil
-		}
-	}
 	var buf bytes.Buffer
 	enc := json.NewEncoder(&buf)
 	enc.SetEscapeHTML(false)
@@ -137,12 +131,11 @@ func (e *Event) SetCanonicalAttributes(v any) error {
 	return nil
 }
 
-// CanonicalAppender is an attributes value that writes its own canonical
-// JSON (what SetCanonicalAttributes's encoding would give) without
-// reflection, on the request path. It reports false, having written
-// nothing it needs kept, for values it leaves to encoding/json.
-type CanonicalAppender interface {
-	AppendCanonicalJSON(b []byte) ([]byte, bool)
+// SetCanonicalRaw sets Attributes to raw, which the caller has encoded
+// canonically itself (and whose tests hold it to CanonicalJSON), so the
+// spool takes it as is. raw must not change until the event is appended.
+func (e *Event) SetCanonicalRaw(raw json.RawMessage) {
+	e.Attributes, e.canon = raw, raw
 }
 
 func (e *Event) attrsCanonical() bool {
@@ -153,19 +146,7 @@ func (e *Event) attrsCanonical() bool {
 // fixed order, each length-prefixed, with no maps. docs/audit.md gives the
 // layout. Hash itself is not included; PrevHash is.
 func (e *Event) Canonical() []byte {
-	return e.appendCanonical(make([]byte, 0, e.canonicalSize()+HashSize))
-}
-
-// canonicalSize is the length of the canonical encoding, so that it is
-// built in one allocation.
-func (e *Event) canonicalSize() int {
-	n := 1 + 16 + 8 + 8 + HashSize + 8 + 12*4
-	attrs := len(e.Attributes)
-	if attrs == 0 {
-		attrs = len(emptyObject)
-	}
-	return n + attrs + len(e.Kind) + len(e.Source) + len(e.Principal) + len(e.Destination) + len(e.Action) +
-		len(e.Resource) + len(e.Result) + len(e.Reason) + len(e.Cause) + len(e.PolicyRevision) + len(e.TraceID)
+	return e.appendCanonical(make([]byte, 0, 256+len(e.Attributes)))
 }
 
 // appendCanonical appends the canonical encoding to b.
@@ -191,8 +172,18 @@ func (e *Event) appendCanonical(b []byte) []byte {
 	if len(attrs) == 0 {
 		attrs = emptyObject
 	}
-	b = appendString(b, string(attrs))
-	return b
+	b = binary.BigEndian.AppendUint32(b, uint32(len(attrs)))
+	return append(b, attrs...)
+}
+
+// sealInto appends the sealed event's spool and wire form (as Marshal)
+// to b, setting Hash, without allocating when b has room: the spool
+// builds records in a buffer it reuses.
+func (e *Event) sealInto(b []byte) []byte {
+	start := len(b)
+	b = e.appendCanonical(b)
+	e.Hash = sha256.Sum256(b[start:])
+	return append(b, e.Hash[:]...)
 }
 
 var emptyObject = json.RawMessage("{}")

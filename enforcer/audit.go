@@ -4,8 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
-	"slices"
-	"strconv"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -28,11 +27,32 @@ var _ Sink = (*AuditSink)(nil)
 
 // Record appends d.
 func (s *AuditSink) Record(ctx context.Context, d Decision) error {
-	ev, err := DecisionEvent(d, s.Redaction, d.Headers)
+	sc := scratchPool.Get().(*eventScratch)
+	defer sc.release()
+	ev, err := decisionEvent(d, s.Redaction, d.Headers, sc)
 	if err != nil {
 		return err
 	}
 	return s.Spool.Append(ctx, &ev)
+}
+
+// eventScratch holds the buffers one request event's attributes are
+// built in; the spool copies them into its record, so they are reused
+// (the allocations they save were most of the audited check's tail).
+type eventScratch struct {
+	buf     []byte
+	headers [][2]string
+}
+
+var scratchPool = sync.Pool{New: func() any { return &eventScratch{buf: make([]byte, 0, 1024)} }}
+
+func (sc *eventScratch) release() {
+	clear(sc.headers) // no request strings kept alive
+	sc.headers = sc.headers[:0]
+	if cap(sc.buf) > 16<<10 {
+		sc.buf = make([]byte, 0, 1024)
+	}
+	scratchPool.Put(sc)
 }
 
 // DecisionEvent builds the audit event of a decision. headers, when the
@@ -40,6 +60,13 @@ func (s *AuditSink) Record(ctx context.Context, d Decision) error {
 // The decision's id becomes the event's id, so the two share one
 // identifier.
 func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (audit.Event, error) {
+	return decisionEvent(d, r, headers, nil)
+}
+
+// decisionEvent is DecisionEvent with the attributes built in sc's
+// buffers when sc is not nil: the event is then valid until sc is
+// released.
+func decisionEvent(d Decision, r *audit.Redaction, headers map[string]string, sc *eventScratch) (audit.Event, error) {
 	id, err := uuid.Parse(d.ID)
 	if err != nil || id.Version() != 7 {
 		if id, err = uuid.NewV7(); err != nil {
@@ -47,7 +74,10 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		}
 	}
 	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
-		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers)}
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, MTLS: d.MTLS}
+	if !d.PeerCertNotAfter.IsZero() {
+		attrs.PeerCertNotAfter = d.PeerCertNotAfter.UTC().Format(time.RFC3339)
+	}
 	if d.DryRun != nil {
 		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
 			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees, MatchedRules: d.DryRun.MatchedRules}
@@ -62,7 +92,24 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
-	if err := ev.SetCanonicalAttributes(&attrs); err != nil {
+	var hs [][2]string
+	var buf []byte
+	if sc != nil {
+		hs, buf = sc.headers[:0], sc.buf[:0]
+	}
+	hs = r.AppendHeaders(hs, headers)
+	raw, ok := appendRequestAttrs(buf, &attrs, hs)
+	if sc != nil {
+		sc.headers, sc.buf = hs, raw
+	}
+	if ok {
+		ev.SetCanonicalRaw(raw)
+		return ev, nil
+	}
+	// A NUL or invalid UTF-8 somewhere: the general encoder spells them
+	// canonically.
+	attrs.Headers = r.Headers(headers)
+	if err := ev.SetCanonicalAttributes(attrs); err != nil {
 		return audit.Event{}, err
 	}
 	return ev, nil
@@ -80,87 +127,12 @@ type requestAttrs struct {
 	Host         string         `json:"host,omitempty"`
 	LatencyUS    int64          `json:"latency_us"`
 	MatchedRules []string       `json:"matched_rules,omitempty"`
-	Protocol     string         `json:"protocol"`
-	RawPath      string         `json:"raw_path"`
-}
-
-var _ audit.CanonicalAppender = (*requestAttrs)(nil)
-
-// AppendCanonicalJSON writes what encoding/json writes for a (fields in
-// declaration order, which is key order; header names sorted) when every
-// string is printable ASCII without quotes or backslashes, which is the
-// common request; anything else, and dry-run results, are left to
-// encoding/json.
-func (a *requestAttrs) AppendCanonicalJSON(b []byte) ([]byte, bool) {
-	if a.DryRun != nil {
-		return b, false
-	}
-	ok := true
-	b = append(b, '{')
-	if a.Cached {
-		b = append(b, `"cached":true,`...)
-	}
-	if a.GRPC {
-		b = append(b, `"grpc":true,`...)
-	}
-	if len(a.Headers) > 0 {
-		var arr [8]string
-		keys := arr[:0]
-		for k := range a.Headers {
-			keys = append(keys, k)
-		}
-		slices.Sort(keys)
-		b = append(b, `"headers":{`...)
-		for i, k := range keys {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			v, isString := a.Headers[k].(string)
-			b, ok = appendPlainString(b, k, ok && isString)
-			b = append(b, ':')
-			b, ok = appendPlainString(b, v, ok)
-		}
-		b = append(b, "},"...)
-	}
-	if a.Host != "" {
-		b = append(b, `"host":`...)
-		b, ok = appendPlainString(b, a.Host, ok)
-		b = append(b, ',')
-	}
-	b = append(b, `"latency_us":`...)
-	b = strconv.AppendInt(b, a.LatencyUS, 10)
-	if len(a.MatchedRules) > 0 {
-		b = append(b, `,"matched_rules":[`...)
-		for i, r := range a.MatchedRules {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b, ok = appendPlainString(b, r, ok)
-		}
-		b = append(b, ']')
-	}
-	b = append(b, `,"protocol":`...)
-	b, ok = appendPlainString(b, a.Protocol, ok)
-	b = append(b, `,"raw_path":`...)
-	b, ok = appendPlainString(b, a.RawPath, ok)
-	return append(b, '}'), ok
-}
-
-// appendPlainString quotes s if every byte is printable ASCII other than
-// a quote or a backslash (encoding/json writes those as they are), and
-// reports false otherwise or if ok was already false.
-func appendPlainString(b []byte, s string, ok bool) ([]byte, bool) {
-	if !ok {
-		return b, false
-	}
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c > 0x7e || c == '"' || c == '\\' {
-			return b, false
-		}
-	}
-	b = append(b, '"')
-	b = append(b, s...)
-	return append(b, '"'), true
+	// MTLS and PeerCertNotAfter are what compliance reports read for
+	// mTLS coverage and expired certificates seen in use.
+	MTLS             bool   `json:"mtls"`
+	PeerCertNotAfter string `json:"peer_cert_not_after,omitempty"`
+	Protocol         string `json:"protocol"`
+	RawPath          string `json:"raw_path"`
 }
 
 type dryRunAttrs struct {
