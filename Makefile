@@ -80,7 +80,7 @@ bench-audit:
 	$(GO) test -run '^$$' -bench SpoolAppend -benchtime 2000x ./audit/
 	$(GO) test -run '^$$' -bench AuditSinkRecord -benchmem ./enforcer/
 	$(GO) test -run '^$$' -bench CheckAudited -benchtime 1000x ./test/
-	$(GO) test -run '^$$' -bench 'Ingest|Insert' -benchtime 100000x ./audit/collector/
+	$(GO) test -run '^$$' -bench 'Ingest|Insert$$|InsertAB/7-indexes' -benchtime 100000x ./audit/collector/
 
 # Compliance report generation over WRIT_BENCH_REPORT_N decisions (default
 # 100,000) per export format, with the time spent per section

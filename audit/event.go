@@ -131,6 +131,13 @@ func (e *Event) SetCanonicalAttributes(v any) error {
 	return nil
 }
 
+// SetCanonicalRaw sets Attributes to raw, which the caller has encoded
+// canonically itself (and whose tests hold it to CanonicalJSON), so the
+// spool takes it as is. raw must not change until the event is appended.
+func (e *Event) SetCanonicalRaw(raw json.RawMessage) {
+	e.Attributes, e.canon = raw, raw
+}
+
 func (e *Event) attrsCanonical() bool {
 	return len(e.canon) > 0 && len(e.canon) == len(e.Attributes) && &e.canon[0] == &e.Attributes[0]
 }
@@ -139,7 +146,11 @@ func (e *Event) attrsCanonical() bool {
 // fixed order, each length-prefixed, with no maps. docs/audit.md gives the
 // layout. Hash itself is not included; PrevHash is.
 func (e *Event) Canonical() []byte {
-	b := make([]byte, 0, 256+len(e.Attributes))
+	return e.appendCanonical(make([]byte, 0, 256+len(e.Attributes)))
+}
+
+// appendCanonical appends the canonical encoding to b.
+func (e *Event) appendCanonical(b []byte) []byte {
 	b = append(b, encodingVersion)
 	b = append(b, e.ID[:]...)
 	b = binary.BigEndian.AppendUint64(b, uint64(e.Time.UnixMicro()))
@@ -161,8 +172,18 @@ func (e *Event) Canonical() []byte {
 	if len(attrs) == 0 {
 		attrs = emptyObject
 	}
-	b = appendString(b, string(attrs))
-	return b
+	b = binary.BigEndian.AppendUint32(b, uint32(len(attrs)))
+	return append(b, attrs...)
+}
+
+// sealInto appends the sealed event's spool and wire form (as Marshal)
+// to b, setting Hash, without allocating when b has room: the spool
+// builds records in a buffer it reuses.
+func (e *Event) sealInto(b []byte) []byte {
+	start := len(b)
+	b = e.appendCanonical(b)
+	e.Hash = sha256.Sum256(b[start:])
+	return append(b, e.Hash[:]...)
 }
 
 var emptyObject = json.RawMessage("{}")

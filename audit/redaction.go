@@ -3,6 +3,7 @@ package audit
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -52,6 +53,26 @@ func (r *Redaction) Headers(h map[string]string) map[string]any {
 		return nil
 	}
 	return out
+}
+
+// AppendHeaders appends the kept headers of h to dst as lower-case
+// name/value pairs sorted by name: Headers without the map, for
+// recorders that encode attributes themselves.
+func (r *Redaction) AppendHeaders(dst [][2]string, h map[string]string) [][2]string {
+	if r == nil {
+		return dst
+	}
+	start := len(dst)
+	for k, v := range h {
+		if lk := strings.ToLower(k); r.allow[lk] {
+			dst = append(dst, [2]string{lk, v})
+		}
+	}
+	kept := dst[start:]
+	slices.SortFunc(kept, func(a, b [2]string) int { return strings.Compare(a[0], b[0]) })
+	// Two spellings of one name (a map keyed by what was sent): keep one,
+	// as Headers' map does.
+	return append(dst[:start], slices.CompactFunc(kept, func(a, b [2]string) bool { return a[0] == b[0] })...)
 }
 
 // Attributes returns the canonical JSON of attrs (see CanonicalJSON), for

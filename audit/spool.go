@@ -115,6 +115,9 @@ const (
 	// MaxRecordBytes bounds one event's encoding.
 	MaxRecordBytes = 1 << 20
 	segSuffix      = ".seg"
+	// maxKeptRecBuf bounds the record buffer kept between appends, so
+	// one huge event does not pin a megabyte.
+	maxKeptRecBuf = 64 << 10
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
@@ -133,6 +136,7 @@ type Spool struct {
 	wg     sync.WaitGroup
 
 	mu       sync.Mutex // guards the fields below
+	rec      []byte     // the record being built, reused
 	segs     []*segment
 	active   *os.File
 	toSync   []*os.File // rotated segments not yet fsynced
@@ -499,16 +503,26 @@ func (s *Spool) Append(ctx context.Context, ev *Event) error {
 		return fmt.Errorf("audit spool: unusable after a write error: %w", s.broken)
 	}
 	ev.Source, ev.Seq, ev.PrevHash = s.o.Source, s.nextSeq, s.head
-	ev.Seal()
-	payload := ev.Marshal()
-	if len(payload) > MaxRecordBytes {
-		s.mu.Unlock()
-		return fmt.Errorf("audit spool: event %s is %d bytes, over %d", ev.ID, len(payload), MaxRecordBytes)
+	// The record is built in place in a buffer kept across appends (mu
+	// serializes them): allocating it, its encoding and its copy per
+	// event made the slow appends' build phase, not the write(2), the
+	// larger part of the tail (docs/audit.md, Benchmarks).
+	if cap(s.rec) < recHeaderSize {
+		s.rec = make([]byte, 0, 2048)
 	}
-	rec := make([]byte, recHeaderSize+len(payload))
-	binary.BigEndian.PutUint32(rec[0:4], uint32(len(payload)))
+	rec := ev.sealInto(s.rec[:recHeaderSize])
+	if cap(rec) <= maxKeptRecBuf {
+		s.rec = rec[:0]
+	} else {
+		s.rec = nil
+	}
+	payloadLen := len(rec) - recHeaderSize
+	if payloadLen > MaxRecordBytes {
+		s.mu.Unlock()
+		return fmt.Errorf("audit spool: event %s is %d bytes, over %d", ev.ID, payloadLen, MaxRecordBytes)
+	}
+	binary.BigEndian.PutUint32(rec[0:4], uint32(payloadLen))
 	binary.BigEndian.PutUint64(rec[8:16], ev.Seq)
-	copy(rec[recHeaderSize:], payload)
 	binary.BigEndian.PutUint32(rec[4:8], crc32.Checksum(rec[8:], castagnoli))
 	need := int64(len(rec))
 	if s.total+need > s.o.MaxBytes {

@@ -457,3 +457,37 @@ func TestSpoolDurabilityModes(t *testing.T) {
 		}
 	})
 }
+
+// TestSpoolRecordBufferReuse: records are built in a buffer kept between
+// appends; events of very different sizes in a row (one past the kept
+// bound) each read back whole, with the hash Append gave them.
+func TestSpoolRecordBufferReuse(t *testing.T) {
+	s := openTest(t, SpoolOptions{Dir: t.TempDir()})
+	defer s.Close()
+	var want []Hash
+	for i, size := range []int{0, 3000, 10, 200 << 10, 5, 70 << 10, 1} {
+		ev := testEvent(t, i)
+		if err := ev.SetAttributes(map[string]any{"pad": strings.Repeat("x", size)}); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Append(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Hash != ev.ComputeHash() {
+			t.Fatalf("event %d: Hash is not the hash of its encoding", i)
+		}
+		want = append(want, ev.Hash)
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := readAll(t, s, 1)
+	if len(got) != len(want) {
+		t.Fatalf("read %d events, want %d", len(got), len(want))
+	}
+	for i := range got {
+		if got[i].Hash != want[i] {
+			t.Fatalf("event %d read back with another hash", i+1)
+		}
+	}
+}

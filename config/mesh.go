@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/writmesh/writ/internal/saferegex"
 	"gopkg.in/yaml.v3"
 )
 
@@ -469,6 +470,8 @@ func orNew[S any](p *S) *S {
 var (
 	nameRE  = regexp.MustCompile(`^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
 	labelRE = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$`)
+	// headerNameRE is an RFC 9110 token, what a header name may be.
+	headerNameRE = regexp.MustCompile("^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 	// pkgRE is a Rego package path such as writ.authz.
 	pkgRE = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$`)
 )
@@ -587,8 +590,8 @@ func (s *RouteSpec) validate(add addFunc) {
 				add(f+".match.pathExact", "%q must start with /", m.PathExact)
 			}
 			if m.PathRegex != "" {
-				if _, err := regexp.Compile(m.PathRegex); err != nil {
-					add(f+".match.pathRegex", "invalid regular expression: %v", err)
+				if _, err := saferegex.Compile(m.PathRegex); err != nil {
+					add(f+".match.pathRegex", "%v", err)
 				}
 			}
 			if m.Method != "" && !slices.Contains([]string{"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}, m.Method) {
@@ -596,8 +599,14 @@ func (s *RouteSpec) validate(add addFunc) {
 			}
 			for j, h := range m.Headers {
 				hf := fmt.Sprintf("%s.match.headers[%d]", f, j)
-				if h.Name == "" {
+				switch {
+				case h.Name == "":
 					add(hf+".name", "missing header name")
+				case strings.HasPrefix(h.Name, ":") && h.Name != ":authority" && h.Name != ":method":
+					// writ-proxy matches only these pseudo-headers.
+					add(hf+".name", "%q: only the :method and :authority pseudo-headers can be matched", h.Name)
+				case !headerNameRE.MatchString(strings.TrimPrefix(h.Name, ":")):
+					add(hf+".name", "%q is not an HTTP header name", h.Name)
 				}
 				forms := 0
 				for _, v := range []string{h.Exact, h.Prefix, h.Regex} {
@@ -612,8 +621,8 @@ func (s *RouteSpec) validate(add addFunc) {
 					add(hf, "set exactly one of exact, prefix, regex, present")
 				}
 				if h.Regex != "" {
-					if _, err := regexp.Compile(h.Regex); err != nil {
-						add(hf+".regex", "invalid regular expression: %v", err)
+					if _, err := saferegex.Compile(h.Regex); err != nil {
+						add(hf+".regex", "%v", err)
 					}
 				}
 			}
@@ -695,6 +704,9 @@ func (s *TrafficPolicySpec) validate(add addFunc) {
 		case LBRingHash:
 			if (lb.HashHeader == "") == !lb.HashSource {
 				add("spec.loadBalancer", "ring_hash hashes on exactly one of hashHeader, hashSource")
+			}
+			if lb.HashHeader != "" && !headerNameRE.MatchString(lb.HashHeader) {
+				add("spec.loadBalancer.hashHeader", "%q is not an HTTP header name", lb.HashHeader)
 			}
 		default:
 			add("spec.loadBalancer.policy", "unknown policy %q (want round_robin, least_request or ring_hash)", lb.Policy)

@@ -63,6 +63,12 @@ spec:
   subsets: [{name: v1, labels: {version: v1}}]
 `
 
+// routeMatch is a Route document for service a whose one rule has match m
+// (on line 14 after svc).
+func routeMatch(m string) string {
+	return "---\napiVersion: writ.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: a\n  rules:\n    - match: " + m + "\n      destinations: [{subset: v1}]\n"
+}
+
 func TestDecodeMeshErrors(t *testing.T) {
 	tests := []struct {
 		name, yaml string
@@ -95,6 +101,21 @@ func TestDecodeMeshErrors(t *testing.T) {
 		{"max ejection time below base", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  outlierDetection: {consecutiveGatewayFailure: 3, baseEjectionTime: 30s, maxEjectionTime: 10s}\n",
 			[]string{"spec.outlierDetection.maxEjectionTime: must not be shorter"}},
 		{"empty", "", []string{"f.yaml: no resources"}},
+		// What writ-proxy would NACK is refused here, with the same bounds.
+		{"path regex syntax", svc + routeMatch("{pathRegex: \"/a(b\"}"),
+			[]string{"f.yaml:14: spec.rules[0].match.pathRegex: regex \"/a(b\": missing closing )"}},
+		{"path regex too long", svc + routeMatch("{pathRegex: \"/"+strings.Repeat("a", 1024)+"\"}"),
+			[]string{"f.yaml:14: spec.rules[0].match.pathRegex: regex is 1025 bytes, more than 1024"}},
+		{"path regex program too large", svc + routeMatch("{pathRegex: \"/[a-z]{1000}[0-9]{1000}x{1000}y{1000}z{1000}\"}"),
+			[]string{"f.yaml:14: spec.rules[0].match.pathRegex: regex \"/[a-z]{1000}", "instructions, more than 4096"}},
+		{"header regex program too large", svc + routeMatch("{headers: [{name: x-id, regex: \"(ab|cd){1000}(ef|gh){1000}\"}]}"),
+			[]string{"f.yaml:14: spec.rules[0].match.headers[0].regex: regex", "instructions, more than 4096"}},
+		{"pseudo-header", svc + routeMatch("{headers: [{name: \":path\", exact: /x}]}"),
+			[]string{"f.yaml:14: spec.rules[0].match.headers[0].name: \":path\": only the :method and :authority pseudo-headers"}},
+		{"header name not a token", svc + routeMatch("{headers: [{name: \"x id\", exact: a}]}"),
+			[]string{"f.yaml:14: spec.rules[0].match.headers[0].name: \"x id\" is not an HTTP header name"}},
+		{"hash header not a token", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  loadBalancer:\n    policy: ring_hash\n    hashHeader: \"x:user\"\n",
+			[]string{"f.yaml:8: spec.loadBalancer.hashHeader: \"x:user\" is not an HTTP header name"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

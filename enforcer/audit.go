@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/google/uuid"
@@ -26,11 +27,32 @@ var _ Sink = (*AuditSink)(nil)
 
 // Record appends d.
 func (s *AuditSink) Record(ctx context.Context, d Decision) error {
-	ev, err := DecisionEvent(d, s.Redaction, d.Headers)
+	sc := scratchPool.Get().(*eventScratch)
+	defer sc.release()
+	ev, err := decisionEvent(d, s.Redaction, d.Headers, sc)
 	if err != nil {
 		return err
 	}
 	return s.Spool.Append(ctx, &ev)
+}
+
+// eventScratch holds the buffers one request event's attributes are
+// built in; the spool copies them into its record, so they are reused
+// (the allocations they save were most of the audited check's tail).
+type eventScratch struct {
+	buf     []byte
+	headers [][2]string
+}
+
+var scratchPool = sync.Pool{New: func() any { return &eventScratch{buf: make([]byte, 0, 1024)} }}
+
+func (sc *eventScratch) release() {
+	clear(sc.headers) // no request strings kept alive
+	sc.headers = sc.headers[:0]
+	if cap(sc.buf) > 16<<10 {
+		sc.buf = make([]byte, 0, 1024)
+	}
+	scratchPool.Put(sc)
 }
 
 // DecisionEvent builds the audit event of a decision. headers, when the
@@ -38,6 +60,13 @@ func (s *AuditSink) Record(ctx context.Context, d Decision) error {
 // The decision's id becomes the event's id, so the two share one
 // identifier.
 func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (audit.Event, error) {
+	return decisionEvent(d, r, headers, nil)
+}
+
+// decisionEvent is DecisionEvent with the attributes built in sc's
+// buffers when sc is not nil: the event is then valid until sc is
+// released.
+func decisionEvent(d Decision, r *audit.Redaction, headers map[string]string, sc *eventScratch) (audit.Event, error) {
 	id, err := uuid.Parse(d.ID)
 	if err != nil || id.Version() != 7 {
 		if id, err = uuid.NewV7(); err != nil {
@@ -45,7 +74,10 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		}
 	}
 	attrs := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(),
-		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, Headers: r.Headers(headers)}
+		Host: d.Host, GRPC: d.GRPC, Cached: d.Cached, MatchedRules: d.MatchedRules, MTLS: d.MTLS}
+	if !d.PeerCertNotAfter.IsZero() {
+		attrs.PeerCertNotAfter = d.PeerCertNotAfter.UTC().Format(time.RFC3339)
+	}
 	if d.DryRun != nil {
 		attrs.DryRun = &dryRunAttrs{Result: d.DryRun.Result, HTTPStatus: d.DryRun.HTTPStatus, Reason: d.DryRun.Reason,
 			PolicyRevision: d.DryRun.PolicyRevision, Disagrees: d.DryRun.Disagrees, MatchedRules: d.DryRun.MatchedRules}
@@ -60,6 +92,23 @@ func DecisionEvent(d Decision, r *audit.Redaction, headers map[string]string) (a
 		Result: d.Result, Status: status, Reason: d.Reason, Cause: d.Cause,
 		PolicyRevision: d.PolicyRevision, TraceID: d.TraceID,
 	}
+	var hs [][2]string
+	var buf []byte
+	if sc != nil {
+		hs, buf = sc.headers[:0], sc.buf[:0]
+	}
+	hs = r.AppendHeaders(hs, headers)
+	raw, ok := appendRequestAttrs(buf, &attrs, hs)
+	if sc != nil {
+		sc.headers, sc.buf = hs, raw
+	}
+	if ok {
+		ev.SetCanonicalRaw(raw)
+		return ev, nil
+	}
+	// A NUL or invalid UTF-8 somewhere: the general encoder spells them
+	// canonically.
+	attrs.Headers = r.Headers(headers)
 	if err := ev.SetCanonicalAttributes(attrs); err != nil {
 		return audit.Event{}, err
 	}
@@ -78,8 +127,12 @@ type requestAttrs struct {
 	Host         string         `json:"host,omitempty"`
 	LatencyUS    int64          `json:"latency_us"`
 	MatchedRules []string       `json:"matched_rules,omitempty"`
-	Protocol     string         `json:"protocol"`
-	RawPath      string         `json:"raw_path"`
+	// MTLS and PeerCertNotAfter are what compliance reports read for
+	// mTLS coverage and expired certificates seen in use.
+	MTLS             bool   `json:"mtls"`
+	PeerCertNotAfter string `json:"peer_cert_not_after,omitempty"`
+	Protocol         string `json:"protocol"`
+	RawPath          string `json:"raw_path"`
 }
 
 type dryRunAttrs struct {

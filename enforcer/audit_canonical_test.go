@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"bytes"
+	"encoding/json"
 	"testing"
 	"time"
 
@@ -17,7 +18,7 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 		t.Fatal(err)
 	}
 	odd := []string{"", "plain", `quote " and \ backslash`, "<script>&amp;</script>", "tab\tnewline\ncr\r", "bell\x07 esc\x1b",
-		"nul\x00inside", "ünïcødé 日本", "line sep \u2028 para \u2029", "bad utf8 \xff\xfe", "emoji 🙂", "/a/b?c=d&e=f#g"}
+		"nul\x00inside", "form\ffeed back\bspace del\x7f", "ünïcødé 日本", "line sep \u2028 para \u2029", "bad utf8 \xff\xfe", "emoji 🙂", "/a/b?c=d&e=f#g"}
 	for i, s := range odd {
 		for _, dry := range []bool{false, true} {
 			d := Decision{ID: "0193a4b2-7c1d-7e2f-8a3b-4c5d6e7f8091", Time: time.Now(), Source: s, Destination: s, Method: "GET",
@@ -25,6 +26,7 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 				Reason: s, Cause: CausePolicy, Latency: time.Duration(i) * 1234567 * time.Nanosecond,
 				Headers: map[string]string{"user-agent": s, "X-Odd": s + "!", "authorization": "secret", "x-request-id": odd[(i+1)%len(odd)]}}
 			if i%2 == 1 {
+				d.MTLS, d.PeerCertNotAfter = true, time.Date(2026, 12, 5, 22, 0, i, 999, time.FixedZone("x", 3600))
 				d.MatchedRules = []string{"data.envoy.authz.allow", s}
 			}
 			if dry {
@@ -40,6 +42,25 @@ func TestRequestAttributesAreCanonical(t *testing.T) {
 			}
 			if !bytes.Equal(ev.Attributes, want) {
 				t.Fatalf("%q (dry run %v): attributes\n%s\nare not canonical:\n%s", s, dry, ev.Attributes, want)
+			}
+			// The same as the general encoder's, canonicalized.
+			ref := requestAttrs{RawPath: d.RawPath, Protocol: d.Protocol, LatencyUS: d.Latency.Microseconds(), Host: d.Host, GRPC: d.GRPC,
+				Cached: d.Cached, MatchedRules: d.MatchedRules, MTLS: d.MTLS, Headers: red.Headers(d.Headers)}
+			if !d.PeerCertNotAfter.IsZero() {
+				ref.PeerCertNotAfter = d.PeerCertNotAfter.UTC().Format(time.RFC3339)
+			}
+			if dry {
+				ref.DryRun = &dryRunAttrs{Result: ResultAllow, HTTPStatus: 200, Reason: s, PolicyRevision: s, Disagrees: true, MatchedRules: []string{s}}
+			}
+			refJSON, err := json.Marshal(ref)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if refJSON, err = audit.CanonicalJSON(refJSON); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(ev.Attributes, refJSON) {
+				t.Fatalf("%q (dry run %v): attributes\n%s\ndiffer from the general encoding:\n%s", s, dry, ev.Attributes, refJSON)
 			}
 			if bytes.Contains(ev.Attributes, []byte("secret")) {
 				t.Fatal("a credential header reached the attributes")

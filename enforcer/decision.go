@@ -121,6 +121,34 @@ func allowOutcome(headers, toAdd []*corev3.HeaderValueOption, toRemove []string,
 	}}
 }
 
+// mergeAllows is the allow of several decisions that all allowed: their
+// upstream headers, headers to remove, response headers and dynamic
+// metadata together (a later decision's metadata keys win). Outcomes
+// without any of these merge into the shared plain allow.
+func mergeAllows(outs []outcome) outcome {
+	var headers, toAdd []*corev3.HeaderValueOption
+	var toRemove []string
+	var meta *structpb.Struct
+	for _, o := range outs {
+		ok := o.resp.GetOkResponse()
+		headers = append(headers, ok.GetHeaders()...)
+		toAdd = append(toAdd, ok.GetResponseHeadersToAdd()...)
+		toRemove = append(toRemove, ok.GetHeadersToRemove()...)
+		if m := o.resp.GetDynamicMetadata(); m != nil {
+			if meta == nil {
+				meta = &structpb.Struct{Fields: map[string]*structpb.Value{}}
+			}
+			for k, v := range m.GetFields() {
+				meta.Fields[k] = v
+			}
+		}
+	}
+	if headers == nil && toAdd == nil && toRemove == nil && meta == nil {
+		return plainAllow
+	}
+	return allowOutcome(headers, toAdd, toRemove, meta)
+}
+
 func denyOutcome(status int, c code.Code, headers []*corev3.HeaderValueOption, body string, meta *structpb.Struct) outcome {
 	return outcome{status: status, resp: &authv3.CheckResponse{
 		Status: &rpcstatus.Status{Code: int32(c)},

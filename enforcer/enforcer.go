@@ -85,6 +85,13 @@ type Decision struct {
 	// allow rule that held, or the default. Empty when no rule answered
 	// or the engine could not tell. Shared: read-only.
 	MatchedRules []string
+	// MTLS is true when the caller presented a verified client
+	// certificate (the request's source has a principal or certificate).
+	MTLS bool
+	// PeerCertNotAfter is the caller's certificate's expiry when the
+	// request carried the certificate (attributes.source.certificate),
+	// else zero.
+	PeerCertNotAfter time.Time
 }
 
 // DryRun is what a candidate policy would have decided.
@@ -117,6 +124,12 @@ var _ Sink = SinkFunc(nil)
 // Options configure an Enforcer.
 type Options struct {
 	Engine *policy.Engine
+	// Also are engines over the same policies with other decision paths
+	// that every request must pass too: an allow needs every decision to
+	// allow, and the first (Engine's, then Also's in order) that denies,
+	// errs or is undefined decides the denial. This is how several
+	// AuthorizationPolicies enforced on one service combine (Binder).
+	Also []*policy.Engine
 	// Candidate, if set, is evaluated beside Engine on every request (dry
 	// run); its answers go into Decision.DryRun and never into responses.
 	Candidate *policy.Engine
@@ -139,12 +152,14 @@ type Options struct {
 // Enforcer decides requests. It is safe for concurrent use.
 type Enforcer struct {
 	engine    *policy.Engine
+	also      []*policy.Engine
 	candidate *policy.Engine
 	sink      Sink
 	body      bodyParser
 	fullInput bool
 	metrics   *Metrics
 	need      atomic.Pointer[genNeed]
+	peerCerts peerNotAfter
 	// factsAnswers counts decisions made without an input document.
 	factsAnswers atomic.Uint64
 	clock        clockwork.Clock
@@ -169,24 +184,52 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Enforcer{engine: opts.Engine, candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
+	if slices.Contains(opts.Also, nil) {
+		return nil, errors.New("enforcer: nil engine in Also")
+	}
+	return &Enforcer{engine: opts.Engine, also: slices.Clone(opts.Also), candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // DecisionPath is the query the enforcer's policy decides by, as
-// data.envoy.authz.allow.
-func (e *Enforcer) DecisionPath() string { return e.engine.DecisionPath().String() }
+// data.envoy.authz.allow; with Also, all of its queries joined by ",",
+// as in the writ.authz_decision context extension.
+func (e *Enforcer) DecisionPath() string {
+	p := e.engine.DecisionPath().String()
+	for _, a := range e.also {
+		p += "," + a.DecisionPath().String()
+	}
+	return p
+}
 
 // Check decides req. It never fails: a request it cannot decide is denied,
 // with the reason in the returned Decision, which has been recorded (or its
 // recording failed, which also denies). The response may be shared with
 // other calls: treat it as read-only.
 func (e *Enforcer) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, Decision) {
+	return e.check(ctx, req, e.decide)
+}
+
+// CheckUnbound denies req, recorded like any decision, because the
+// policy decisions bound to its destination (writ.authz_decision) cannot
+// be evaluated: reason says why. A binding that cannot be honoured must
+// not fall back to another policy's word.
+func (e *Enforcer) CheckUnbound(ctx context.Context, req *authv3.CheckRequest, reason string) (*authv3.CheckResponse, Decision) {
+	return e.check(ctx, req, func(_ context.Context, req *authv3.CheckRequest, d *Decision) outcome {
+		f, _, _ := factsAndTarget(req)
+		e.recordFacts(d, f)
+		d.PolicyRevision = e.engine.Snapshot().Revision()
+		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, CausePolicyError, reason)
+	})
+}
+
+func (e *Enforcer) check(ctx context.Context, req *authv3.CheckRequest, decide func(context.Context, *authv3.CheckRequest, *Decision) outcome) (*authv3.CheckResponse, Decision) {
 	start := e.clock.Now()
 	d := Decision{Time: start}
 	if id, err := uuid.NewV7(); err == nil {
 		d.ID = id.String()
 	}
-	out := e.decide(ctx, req, &d)
+	e.recordTransport(&d, req)
+	out := decide(ctx, req, &d)
 	if d.Result != ResultAllow && d.Cause != CauseBadPath && req.GetAttributes().GetContextExtensions()[ModeContextKey] == ModeDryRun {
 		// Dry-run mode: the policy's denial is recorded as what it would
 		// have done, and the request goes through. A 400 for a path the
@@ -222,7 +265,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()
 	}
-	if !e.fullInput && e.candidate == nil && bodyless(req) {
+	if !e.fullInput && e.candidate == nil && len(e.also) == 0 && bodyless(req) {
 		// The cache or the residual fast path may know the answer from a
 		// few fields of the request: no input document needed.
 		if f, target, err := factsAndTarget(req); err == nil {
@@ -237,7 +280,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		}
 	}
 	n := needAll
-	if !e.fullInput {
+	if !e.fullInput && len(e.also) == 0 {
+		// With several decisions the input is built whole: every one of
+		// them reads it, and the multi-policy case is the rare one.
 		n = e.needFor(snap, cand)
 	}
 	in, f, err := buildInputWith(req, e.body, n)
@@ -249,6 +294,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		return e.deny(d, http.StatusForbidden, code.Code_PERMISSION_DENIED, CauseInputError, "input: "+err.Error())
 	}
 	v := judge(ctx, snap, in)
+	if len(e.also) > 0 {
+		v = e.judgeAll(ctx, v, in)
+	}
 	d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
 	d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
 	if e.candidate != nil {
@@ -283,6 +331,33 @@ type verdict struct {
 func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	res, err := snap.Eval(ctx, in)
 	return verdictOf(res, err)
+}
+
+// judgeAll combines first, the verdict of the enforcer's own decision,
+// with those of Also: every decision must allow. The first that does not
+// decides, its reason naming its query, and later ones are not evaluated;
+// when all allow, their response headers and mutations are applied
+// together, in order.
+func (e *Enforcer) judgeAll(ctx context.Context, first verdict, in ast.Value) verdict {
+	if first.result != ResultAllow {
+		first.reason = e.engine.DecisionPath().String() + ": " + first.reason
+		return first
+	}
+	all := first
+	parts := []outcome{first.out}
+	for _, a := range e.also {
+		v := judge(ctx, a.Snapshot(), in)
+		if v.result != ResultAllow {
+			v.reason = a.DecisionPath().String() + ": " + v.reason
+			return v
+		}
+		all.cached = all.cached && v.cached
+		all.rules = append(slices.Clone(all.rules), v.rules...)
+		parts = append(parts, v.out)
+	}
+	all.out = mergeAllows(parts)
+	all.reason = "every bound policy allowed"
+	return all
 }
 
 // verdictOf maps one evaluation's result.

@@ -25,6 +25,7 @@ const (
 type Server struct {
 	authv3.UnimplementedAuthorizationServer
 	enforcer *Enforcer
+	binder   *Binder
 	timeout  time.Duration
 	health   *health.Server
 }
@@ -38,6 +39,17 @@ func NewServer(e *Enforcer, timeout time.Duration) *Server {
 		timeout = DefaultCheckTimeout
 	}
 	return &Server{enforcer: e, timeout: timeout, health: health.NewServer()}
+}
+
+// WithBinder makes s honour the writ.authz_decision context extension
+// that writd puts on the inbound routes of services bound by
+// AuthorizationPolicies: a request naming other queries than the
+// enforcer's own is decided by b's enforcer for them (every one must
+// allow). Without a binder, or when b cannot make that enforcer, such a
+// request is denied. Call before serving.
+func (s *Server) WithBinder(b *Binder) *Server {
+	s.binder = b
+	return s
 }
 
 // ServerOptions are the message bounds every ext_authz server should use,
@@ -75,6 +87,19 @@ func (s *Server) Shutdown() { s.health.Shutdown() }
 func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.timeout)
 	defer cancel()
-	resp, _ := s.enforcer.Check(ctx, req)
+	e := s.enforcer
+	if v := req.GetAttributes().GetContextExtensions()[DecisionContextKey]; v != "" && v != e.DecisionPath() {
+		if s.binder == nil {
+			resp, _ := e.CheckUnbound(ctx, req, "bound policy decision "+v+": this enforcer decides by "+e.DecisionPath()+" only")
+			return resp, nil
+		}
+		be, err := s.binder.For(ctx, v)
+		if err != nil {
+			resp, _ := e.CheckUnbound(ctx, req, "bound policy decision: "+err.Error())
+			return resp, nil
+		}
+		e = be
+	}
+	resp, _ := e.Check(ctx, req)
 	return resp, nil
 }

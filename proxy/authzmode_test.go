@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -95,7 +94,9 @@ func TestContextKeysAgree(t *testing.T) {
 
 // TestEnforcerForOtherDecision: a listener whose AuthorizationPolicy binds
 // another decision than the proxy's policy is decided by the enforcer
-// EnforcerFor gives for it; several decisions are refused.
+// EnforcerFor gives for it; several decisions (several enforced
+// policies) are accepted and every one must allow, through a real
+// enforcer.Binder as writ-proxy wires it.
 func TestEnforcerForOtherDecision(t *testing.T) {
 	ca := newTestCA(t)
 	appL, err := net.Listen("tcp", "127.0.0.1:0")
@@ -110,6 +111,10 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "other.rego"), []byte("package writ.other\n\ndefault allow := false\n\nallow if input.writ.source.service_account == \"other\"\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(filepath.Join(dir, "path.rego"), []byte("package writ.path\n\ndefault allow := false\n\nallow if startswith(input.attributes.request.http.path, \"/a\")\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var getPath func(clientPath, path string) int
 	eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir, DecisionPath: "data.writ.other.allow"})
 	if err != nil {
 		t.Fatal(err)
@@ -119,22 +124,26 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	binder := enforcer.NewBinder(enforcer.Options{Engine: eng, Sink: dec}, func(ctx context.Context, d string) (*policy.Engine, error) {
+		return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+	})
 	var asked []string
 	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String(), AuthzMode: AuthzEnforce, AuthzDecision: "data.writ.other.allow"}
 	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"),
 		Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 		EnforcerFor: func(d string) (*enforcer.Enforcer, error) {
 			asked = append(asked, d)
-			if d != "data.writ.other.allow" {
-				return nil, errors.New("no such rule")
+			if d == "data.writ.other.allow" {
+				return other, nil
 			}
-			return other, nil
+			return binder.For(context.Background(), d)
 		}})
-	get := func(clientPath string) int {
+	get := func(clientPath string) int { return getPath(clientPath, "/a") }
+	getPath = func(clientPath, path string) int {
 		cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 		cfg.AddUpstream("server", "127.0.0.1:0")
 		cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
-		resp, err := http.Get("http://" + cli.Addr("upstream:server") + "/a")
+		resp, err := http.Get("http://" + cli.Addr("upstream:server") + path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -147,13 +156,17 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 	if len(asked) != 1 || len(dec.got) != 2 {
 		t.Fatalf("asked %v, %d decisions by the bound rule", asked, len(dec.got))
 	}
-	bad := in
-	bad.AuthzDecision = "data.a.allow,data.b.allow"
-	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "several decisions") {
+	both := in
+	both.AuthzDecision = "data.writ.other.allow,data.writ.path.allow"
+	if err := srv.Update(&Config{Inbound: []Inbound{both}}); err != nil {
 		t.Fatalf("several decisions: %v", err)
 	}
+	if a, b, c := getPath("/ns/demo/sa/other", "/a"), getPath("/ns/demo/sa/other", "/b"), getPath("/ns/demo/sa/client", "/a"); a != http.StatusOK || b != http.StatusForbidden || c != http.StatusForbidden {
+		t.Fatalf("other /a %d, other /b %d, client /a %d: want 200, 403, 403 (both rules must allow)", a, b, c)
+	}
+	bad := in
 	bad.AuthzDecision = "data.nope.allow"
-	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "no such rule") {
+	if err := srv.Update(&Config{Inbound: []Inbound{bad}}); err == nil || !strings.Contains(err.Error(), "nothing defines decision path data.nope.allow") {
 		t.Fatalf("unknown decision: %v", err)
 	}
 }

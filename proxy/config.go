@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"regexp"
-	"regexp/syntax"
 	"slices"
 	"strings"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/internal/saferegex"
 )
 
 // Config is everything the data plane routes by. Its shapes follow Envoy's
@@ -111,6 +111,10 @@ type Route struct {
 	// HashHeader names the header whose value keys RING_HASH clusters
 	// (Envoy's hash_policy with a header).
 	HashHeader string `yaml:"hash_header" json:"hash_header,omitempty"`
+	// HashSource keys RING_HASH clusters by the client's address
+	// (Envoy's connection_properties source_ip hash policy): in a
+	// sidecar, every request of the local app goes to one endpoint.
+	HashSource bool `yaml:"hash_source" json:"hash_source,omitempty"`
 
 	re *regexp.Regexp // Regex, compiled by Validate
 }
@@ -138,13 +142,17 @@ type Mirror struct {
 }
 
 // Fault is Envoy's HTTP fault injection on a route: a share of requests is
-// delayed, a share is answered with AbortStatus without reaching the
+// delayed, a share is answered with AbortStatus (or, for gRPC, with
+// AbortGRPCStatus in a trailers-only response) without reaching the
 // upstream. Percentages are 0 to 100.
 type Fault struct {
 	DelayPercent float64  `yaml:"delay_percent" json:"delay_percent,omitempty"`
 	Delay        Duration `yaml:"delay" json:"delay,omitempty"`
 	AbortPercent float64  `yaml:"abort_percent" json:"abort_percent,omitempty"`
 	AbortStatus  int      `yaml:"abort_status" json:"abort_status,omitempty"`
+	// AbortGRPCStatus, when set instead of AbortStatus, is a gRPC status
+	// code (1 to 16).
+	AbortGRPCStatus int `yaml:"abort_grpc_status" json:"abort_grpc_status,omitempty"`
 }
 
 // HeaderMatch is Envoy's header matcher: the header's value (its values
@@ -170,35 +178,13 @@ type HeaderMatch struct {
 }
 
 // MaxRegexLen bounds the regular expressions of routes and header
-// matches. Go's regexp (RE2) matches in linear time, so the bound is on
-// the size of the compiled program, which grows with the pattern (and
-// with counted repetitions, which regexp caps at 1000).
-const (
-	MaxRegexLen  = 1024
-	maxRegexInst = 4096
-)
+// matches; the mesh config's validation refuses the same patterns at
+// apply time (internal/saferegex).
+const MaxRegexLen = saferegex.MaxLen
 
 // compileRegex compiles an RE2 pattern anchored at both ends, as Envoy's
-// safe_regex matches the whole value, refusing patterns whose program
-// would be large.
-func compileRegex(pattern string) (*regexp.Regexp, error) {
-	if len(pattern) > MaxRegexLen {
-		return nil, fmt.Errorf("regex is %d bytes, more than %d", len(pattern), MaxRegexLen)
-	}
-	anchored := `^(?:` + pattern + `)$`
-	re, err := syntax.Parse(anchored, syntax.Perl)
-	if err != nil {
-		return nil, fmt.Errorf("regex %q: %w", pattern, err)
-	}
-	prog, err := syntax.Compile(re.Simplify())
-	if err != nil {
-		return nil, fmt.Errorf("regex %q: %w", pattern, err)
-	}
-	if len(prog.Inst) > maxRegexInst {
-		return nil, fmt.Errorf("regex %q compiles to %d instructions, more than %d", pattern, len(prog.Inst), maxRegexInst)
-	}
-	return regexp.Compile(anchored)
-}
+// safe_regex matches the whole value, within saferegex's bounds.
+func compileRegex(pattern string) (*regexp.Regexp, error) { return saferegex.Compile(pattern) }
 
 // matches reports whether the request with method, host and headers h
 // matches.
@@ -563,7 +549,10 @@ func (c *Config) Validate() error {
 					if f.DelayPercent < 0 || f.DelayPercent > 100 || f.AbortPercent < 0 || f.AbortPercent > 100 {
 						bad("%s: virtual host %q route %d: fault percentages must be 0 to 100", where, vh.Name, j)
 					}
-					if f.AbortPercent > 0 && (f.AbortStatus < 200 || f.AbortStatus > 599) {
+					switch {
+					case f.AbortGRPCStatus != 0 && (f.AbortStatus != 0 || f.AbortGRPCStatus < 1 || f.AbortGRPCStatus > 16):
+						bad("%s: virtual host %q route %d: fault abort_grpc_status %d: want 1 to 16 and no abort_status", where, vh.Name, j, f.AbortGRPCStatus)
+					case f.AbortGRPCStatus == 0 && f.AbortPercent > 0 && (f.AbortStatus < 200 || f.AbortStatus > 599):
 						bad("%s: virtual host %q route %d: fault abort_status %d is not an HTTP status", where, vh.Name, j, f.AbortStatus)
 					}
 				}

@@ -120,8 +120,10 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 	case len(hp) == 0:
 	case len(hp) == 1 && hp[0].GetHeader() != nil:
 		r.HashHeader = hp[0].GetHeader().GetHeaderName()
+	case len(hp) == 1 && hp[0].GetConnectionProperties().GetSourceIp():
+		r.HashSource = true
 	default:
-		return r, errors.New("action: hash_policy: only one header hash policy is supported")
+		return r, errors.New("action: hash_policy: only one header or source_ip hash policy is supported")
 	}
 	switch mp := a.GetRequestMirrorPolicies(); len(mp) {
 	case 0:
@@ -172,10 +174,15 @@ func routeFromEnvoy(er *routev3.Route) (Route, error) {
 			fault.Delay, fault.DelayPercent = duration(d.GetFixedDelay()), percent(d.GetPercentage())
 		}
 		if ab := f.GetAbort(); ab != nil {
-			if ab.GetHttpStatus() == 0 {
-				return r, errors.New("fault: only http_status aborts are supported")
+			switch {
+			case ab.GetHttpStatus() != 0:
+				fault.AbortStatus = int(ab.GetHttpStatus())
+			case ab.GetGrpcStatus() != 0:
+				fault.AbortGRPCStatus = int(ab.GetGrpcStatus())
+			default:
+				return r, errors.New("fault: only http_status and grpc_status aborts are supported")
 			}
-			fault.AbortStatus, fault.AbortPercent = int(ab.GetHttpStatus()), percent(ab.GetPercentage())
+			fault.AbortPercent = percent(ab.GetPercentage())
 		}
 		r.Fault = fault
 	}

@@ -142,7 +142,11 @@ func (l *inboundListener) peer(c *tls.Conn) *peerInfo {
 	pi.id = id.String()
 	// The peers of every request on this connection: built once, shared
 	// read-only by the requests' CheckRequests.
-	pi.source = &authv3.AttributeContext_Peer{Principal: pi.id, Address: sockAddr(pi.addr, pi.port)}
+	// The certificate is there as Envoy's include_peer_certificate puts
+	// it, so that decisions record its expiry (audit: expired
+	// certificates seen in use).
+	pi.source = &authv3.AttributeContext_Peer{Principal: pi.id, Address: sockAddr(pi.addr, pi.port),
+		Certificate: enforcer.PeerCertificate(st.PeerCertificates[0])}
 	pi.dest = &authv3.AttributeContext_Peer{Principal: l.p.selfID().String(), Address: sockAddr(pi.local, pi.localPort), Service: l.cfg.Service}
 	pi.namespace, pi.workload = workloadParts(id)
 	sum := sha256.Sum256(st.PeerCertificates[0].Raw)

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -95,6 +96,7 @@ type targetKey struct{}
 type target struct {
 	route   *Route
 	cluster *cluster
+	source  string // the client's address, for HashSource
 }
 
 // targetCtx carries a target without a separate context.WithValue.
@@ -247,6 +249,15 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 		}
 		if f.AbortPercent > 0 && rand.Float64()*100 < f.AbortPercent {
 			l.p.metrics.faults.WithLabelValues("abort").Inc()
+			if f.AbortGRPCStatus != 0 {
+				// Trailers-only, as a gRPC server answers a call it
+				// refuses: HTTP 200 with the status in the headers.
+				w.Header().Set("Content-Type", "application/grpc")
+				w.Header().Set("Grpc-Status", strconv.Itoa(f.AbortGRPCStatus))
+				w.Header().Set("Grpc-Message", "fault filter abort")
+				w.WriteHeader(http.StatusOK)
+				return
+			}
 			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 			w.WriteHeader(f.AbortStatus)
 			_, _ = io.WriteString(w, "fault filter abort\n")
@@ -267,7 +278,7 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	if m := rt.Mirror; m != nil && m.Percent > 0 && rand.Float64()*100 < m.Percent {
 		l.mirror(r, m, timeout)
 	}
-	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl}}, timeout)
+	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl, source: r.RemoteAddr}}, timeout)
 	l.rp.ServeHTTP(w, r.WithContext(ctx))
 	cancel()
 }
@@ -388,6 +399,8 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		var ep *endpoint
 		if hk := tg.route.HashHeader; hk != "" && cl.ring != nil && req.Header.Get(hk) != "" {
 			ep = cl.pickHash(hashKey(req.Header.Get(hk)), last, t.p.clock.Now().UnixNano())
+		} else if host, _, err := net.SplitHostPort(tg.source); tg.route.HashSource && cl.ring != nil && err == nil {
+			ep = cl.pickHash(hashKey(host), last, t.p.clock.Now().UnixNano())
 		} else {
 			ep = cl.pick(last, t.p.clock.Now().UnixNano())
 		}

@@ -543,6 +543,7 @@ func TestFaultsAndCircuitBreaker(t *testing.T) {
 		PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}, CircuitBreakers: &CircuitBreakers{MaxRequests: 1}}}}
 	cfg.Routes = []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
 		{Prefix: "/fault", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}, Fault: &Fault{AbortPercent: 25, AbortStatus: 503}},
+		{Prefix: "/grpcfault", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}, Fault: &Fault{AbortPercent: 100, AbortGRPCStatus: 14}},
 		{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}},
 	}}}}}
 	cfg.Outbound = []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}}
@@ -563,6 +564,15 @@ func TestFaultsAndCircuitBreaker(t *testing.T) {
 	}
 	if aborted < 60 || aborted > 140 {
 		t.Fatalf("25%% abort fault: %d of 400 aborted, want about 100", aborted)
+	}
+	// A gRPC abort is a trailers-only answer: 200 with grpc-status.
+	resp, err := http.Get("http://" + p.Addr("out") + "/grpcfault")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Grpc-Status") != "14" || resp.Header.Get("Content-Type") != "application/grpc" {
+		t.Fatalf("grpc abort fault: %d %v", resp.StatusCode, resp.Header)
 	}
 	done := make(chan int, 1)
 	go func() { done <- get("/hold") }()

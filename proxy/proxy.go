@@ -20,7 +20,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -50,7 +49,9 @@ type Options struct {
 	Enforcer *enforcer.Enforcer
 	// EnforcerFor, if set, gives the enforcer of a policy decision
 	// (data.PACKAGE.RULE) other than Enforcer's, for inbound listeners
-	// whose AuthorizationPolicy binds one (Inbound.AuthzDecision). It is
+	// whose AuthorizationPolicy binds one (Inbound.AuthzDecision), or of
+	// several joined by "," when several policies are enforced on the
+	// service, every one of which must allow (enforcer.Binder). It is
 	// called when such a listener is bound, never per request. Without
 	// it, such listeners are refused. It should return one enforcer per
 	// decision (a cache): Update asks before binding and again to bind.
@@ -193,9 +194,6 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 func (p *Proxy) inboundEnforcer(in Inbound) (*enforcer.Enforcer, error) {
 	if p.enf == nil || in.AuthzDecision == "" || in.AuthzDecision == p.enf.DecisionPath() {
 		return p.enf, nil
-	}
-	if strings.Contains(in.AuthzDecision, ",") {
-		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicies bind several decisions (%s): one per service is supported", in.Name, in.AuthzDecision)
 	}
 	if p.enforcerFor == nil {
 		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicy decides by %s, this proxy's policy by %s", in.Name, in.AuthzDecision, p.enf.DecisionPath())

@@ -1,8 +1,13 @@
 package proxy
 
 import (
+	"context"
+	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 
@@ -10,9 +15,13 @@ import (
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
 	"github.com/writmesh/writ/config"
+	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/enforcer/regotest"
+	"github.com/writmesh/writ/policy"
 	"github.com/writmesh/writ/xds"
 )
 
@@ -136,17 +145,27 @@ metadata: {name: orders, namespace: shop}
 spec:
   ports: [{port: 8080, protocol: http}]
 `
-	policy := func(name, mode string) string {
-		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: envoy.authz\n  mode: " + mode + "\n"
+	policyPkg := func(name, mode, pkg string) string {
+		return "---\napiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: " + pkg + "\n  mode: " + mode + "\n"
 	}
+	pol := func(name, mode string) string { return policyPkg(name, mode, "envoy.authz") }
 	tests := []struct {
 		name, mesh, mode, decision string
 	}{
 		{"no policy", svc, "", ""},
-		{"enforce", svc + policy("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
-		{"dry-run", svc + policy("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
-		{"enforce wins", svc + policy("a", "dry-run") + policy("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
+		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
+		{"several enforced", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow"},
 	}
+	// The policies of the teams, for the proxy to bind.
+	dir := t.TempDir()
+	for _, team := range []string{"a", "b"} {
+		if err := os.WriteFile(filepath.Join(dir, team+".rego"), []byte("package team."+team+"\n\ndefault allow := false\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ca := newTestCA(t)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			rs, err := config.DecodeMesh("mesh.yaml", []byte(tt.mesh))
@@ -174,9 +193,26 @@ spec:
 			if len(got.Inbound) != 1 {
 				t.Fatalf("inbound: %+v", got.Inbound)
 			}
-			if in := got.Inbound[0]; in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
+			in := got.Inbound[0]
+			if in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
 				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
 			}
+			if !strings.HasPrefix(tt.decision, "data.team.") {
+				return
+			}
+			// The sidecar binds the listener: no NACK for several
+			// decisions when its policies define them.
+			own := regotest.Enforcer(t, allowClientRego, &decisions{})
+			eng, err := policy.NewEngine(context.Background(), policy.Options{Dir: dir, DecisionPath: "data.team.a.allow"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := enforcer.NewBinder(enforcer.Options{Engine: eng, Sink: &decisions{}}, func(ctx context.Context, d string) (*policy.Engine, error) {
+				return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+			})
+			in.Address = "127.0.0.1:0"
+			startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/shop/sa/orders"), Enforcer: own,
+				EnforcerFor: func(d string) (*enforcer.Enforcer, error) { return b.For(context.Background(), d) }})
 		})
 	}
 }
@@ -287,5 +323,117 @@ func TestWritdBreakersAndOutliers(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRegexBoundsParity: a path or header regex is accepted by the mesh
+// config's validation (writ apply) exactly when writ-proxy accepts it in
+// the route configuration writd sends, so that nothing writd stores is
+// NACKed by the sidecar for its regexes.
+func TestRegexBoundsParity(t *testing.T) {
+	patterns := []string{
+		"/items/[0-9]+",
+		"/" + strings.Repeat("a", 1023),
+		"/" + strings.Repeat("a", 1024),
+		"/a(b",
+		"/a{1001}",
+		`/(a)\1`,
+		"/[a-z]{1000}[0-9]{1000}x{1000}",
+		"/[a-z]{1000}[0-9]{1000}x{1000}y{1000}z{1000}",
+	}
+	for _, p := range patterns {
+		for _, header := range []bool{false, true} {
+			m := fmt.Sprintf("{pathRegex: %q}", p)
+			sm := &matcherv3.RegexMatcher{Regex: p}
+			match := &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_SafeRegex{SafeRegex: sm}}
+			if header {
+				m = fmt.Sprintf("{headers: [{name: x-id, regex: %q}]}", p)
+				match = &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}, Headers: []*routev3.HeaderMatcher{{Name: "x-id",
+					HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: sm}}}}}}
+			}
+			y := "apiVersion: writ.dev/v1alpha1\nkind: Route\nmetadata: {name: r}\nspec:\n  service: a\n  rules:\n    - match: " + m + "\n      destinations: [{subset: v1}]\n"
+			_, cerr := config.DecodeMesh("r.yaml", []byte(y))
+			_, perr := RoutesFromEnvoy([]*routev3.RouteConfiguration{{Name: "r", VirtualHosts: []*routev3.VirtualHost{{Name: "a", Domains: []string{"*"},
+				Routes: []*routev3.Route{{Match: match, Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: "a"}}}}}}}}})
+			if (cerr == nil) != (perr == nil) {
+				t.Errorf("regex %.40q (header %v): writ apply says %v, writ-proxy says %v", p, header, cerr, perr)
+			}
+		}
+	}
+}
+
+// TestWritdFaultAndHashForms: a gRPC-status abort fault and a ring hash
+// on the source address, which writ apply accepts, are followed by the
+// sidecar rather than NACKed.
+func TestWritdFaultAndHashForms(t *testing.T) {
+	const mesh = `apiVersion: writ.dev/v1alpha1
+kind: Service
+metadata: {name: orders, namespace: shop}
+spec:
+  ports: [{port: 8080, protocol: grpc}]
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: writ.dev/v1alpha1
+kind: Route
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  rules:
+    - destinations: [{subset: v1}]
+      fault:
+        abort: {grpcStatus: 14, percent: 50}
+---
+apiVersion: writ.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: orders, namespace: shop}
+spec:
+  service: orders
+  loadBalancer: {policy: ring_hash, hashSource: true}
+`
+	rs, err := config.DecodeMesh("mesh.yaml", []byte(mesh))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := config.CheckMesh(rs); err != nil {
+		t.Fatal(err)
+	}
+	res, err := xds.Build(&xds.Mesh{TrustDomain: "example.org", Resources: rs}, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rcs []*routev3.RouteConfiguration
+	for _, r := range res[resource.RouteType] {
+		rcs = append(rcs, r.(*routev3.RouteConfiguration))
+	}
+	var cs []*clusterv3.Cluster
+	for _, c := range res[resource.ClusterType] {
+		cs = append(cs, c.(*clusterv3.Cluster))
+	}
+	routes, err := RoutesFromEnvoy(rcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clusters, err := ClustersFromEnvoy(cs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, rc := range routes {
+		for _, vh := range rc.VirtualHosts {
+			for _, r := range vh.Routes {
+				if r.Fault != nil {
+					found = true
+					if r.Fault.AbortGRPCStatus != 14 || r.Fault.AbortStatus != 0 || r.Fault.AbortPercent != 50 || !r.HashSource {
+						t.Fatalf("route %+v, fault %+v: want grpc abort 14 at 50%% and a source hash", r, r.Fault)
+					}
+				}
+			}
+		}
+	}
+	if !found {
+		t.Fatalf("no faulty route in %+v", routes)
+	}
+	if err := (&Config{Clusters: clusters, Routes: routes}).Validate(); err != nil {
+		t.Fatalf("validate: %v", err)
 	}
 }

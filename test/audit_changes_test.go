@@ -18,6 +18,7 @@ import (
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/authority/nodeapi"
+	"github.com/writmesh/writ/store/pgtest"
 )
 
 const meshAuthz = `apiVersion: writ.dev/v1alpha1
@@ -141,4 +142,51 @@ func TestChangesAreAuditEvents(t *testing.T) {
 		return countAudit(t, w.dbURL, "kind = 'admin_call'") == adminCalls
 	})
 	exactly(1, "token create call", "kind = 'admin_call' AND action = 'POST' AND resource = '/v1/join-tokens' AND result = 'ok'")
+}
+
+// TestAuditCertRenewal: a node renews its node SVID over mTLS on the
+// node API (as an agent does at half life); the renewal is a
+// cert_renewed event in PostgreSQL, exactly once, carrying the new
+// certificate's serial and expiry, in the same transaction as its
+// issuance-log row, and the chain verifies.
+func TestAuditCertRenewal(t *testing.T) {
+	dbURL := pgtest.URL(t)
+	w := newAuditWritd(t, dbURL)
+	svid := w.attest(t, "renewer")
+	node := "spiffe://example.org/node/renewer"
+	key, csr := authoritytest.CSR(t, spiffeid.ID{})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	resp, err := nodeapi.NewNodeClient(w.dialCollector(t, svid)).RenewNode(ctx, &nodeapi.RenewNodeRequest{Csr: csr})
+	if err != nil {
+		t.Fatalf("renew node: %v", err)
+	}
+	leaf := authoritytest.SVID(t, resp.GetSvid().GetCertChain(), key).Certificates[0]
+	if leaf.SerialNumber.Cmp(svid.Certificates[0].SerialNumber) == 0 {
+		t.Fatal("the renewal returned the old certificate")
+	}
+	for _, c := range []struct {
+		what, where string
+		args        []any
+	}{
+		{"the renewal", "kind = 'cert_renewed' AND action = 'node-svid' AND result = 'renewed' AND principal = $1 AND destination = $1" +
+			" AND resource = $2 AND attributes->>'not_after' = $3",
+			[]any{node, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339)}},
+		{"the first issuance", "kind = 'cert_issued' AND action = 'node-svid' AND destination = $1 AND resource = $2",
+			[]any{node, svid.Certificates[0].SerialNumber.Text(16)}},
+	} {
+		if n := countAudit(t, dbURL, c.where, c.args...); n != 1 {
+			t.Errorf("%s: %d events, want 1", c.what, n)
+		}
+	}
+	var renewedRows int
+	if err := openPool(t, dbURL).QueryRow(ctx, "SELECT count(*) FROM issuance_log WHERE outcome = 'renewed'").Scan(&renewedRows); err != nil {
+		t.Fatal(err)
+	}
+	if n := countAudit(t, dbURL, "kind = 'cert_renewed'"); n != renewedRows || n == 0 {
+		t.Errorf("%d cert_renewed events for %d renewed issuance-log rows", n, renewedRows)
+	}
+	if out, code := w.writ(t, "audit", "verify"); code != 0 || !strings.Contains(out, "all chains intact") {
+		t.Fatalf("audit verify: %d %s", code, out)
+	}
 }

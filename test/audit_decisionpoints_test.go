@@ -2,9 +2,17 @@ package test
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +23,8 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/genproto/googleapis/rpc/code"
+
+	"github.com/writmesh/writ/compliance"
 )
 
 // countAudit counts audit_events rows matching where.
@@ -82,6 +92,21 @@ func TestProxyDecisionsReachPostgres(t *testing.T) {
 	waitAudit(t, w.dbURL, "the proxy's decision in PostgreSQL",
 		"kind = 'request' AND resource = $1 AND result = 'allow' AND principal = $2 AND starts_with(source, $3)",
 		path, "spiffe://example.org/ns/shop/sa/frontend", "spiffe://example.org/ns/shop/sa/orders#")
+	// The mTLS facts: over mTLS, with the frontend SVID's expiry (an
+	// hour by default) from the handshake.
+	var notAfter time.Time
+	if err := openPool(t, w.dbURL).QueryRow(context.Background(), "SELECT (attributes->>'peer_cert_not_after')::timestamptz FROM audit_events"+
+		" WHERE kind = 'request' AND resource = $1 AND attributes->'mtls' = 'true'::jsonb", path).Scan(&notAfter); err != nil {
+		t.Fatalf("the decision's mTLS facts: %v", err)
+	}
+	if now := time.Now(); !notAfter.After(now) || notAfter.After(now.Add(2*time.Hour)) {
+		t.Fatalf("peer_cert_not_after %v, want within the frontend SVID's lifetime from now", notAfter)
+	}
+	r := reportJSON(t, w, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	if m, x := r.Sections.MTLS, r.Sections.Certificates.ExpiredInUse; m.Requests != 1 || m.MTLS != 1 || m.Plaintext != 0 ||
+		x.Method != "recorded" || x.Recorded != 1 || len(x.Findings) != 0 {
+		t.Fatalf("report: mtls %+v, expired in use %+v", m, x)
+	}
 	// The policy's first load, before the spool opened, is recorded too.
 	waitAudit(t, w.dbURL, "the proxy's policy load",
 		"kind = 'policy_change' AND action = 'reload' AND result = 'ok' AND resource = $1 AND starts_with(source, $2)",
@@ -127,14 +152,26 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 	sctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	stamp := time.Now().UnixNano()
+	// Envoy's include_peer_certificate sends the caller's certificate,
+	// URL-encoded PEM, beside its principal; the enforcer records its
+	// expiry. The intruder's has expired (Envoy checked it when it was
+	// valid; the enforcer does not judge certificates, it records them).
+	valid, expired := selfSigned(t, time.Now().Add(time.Hour)), selfSigned(t, time.Now().Add(-time.Hour))
 	for _, c := range []struct {
 		src, method, path string
+		cert              *x509.Certificate
 		want              code.Code
 	}{
-		{clientID.String(), "GET", fmt.Sprintf("/ok/%d", stamp), code.Code_OK},
-		{"spiffe://example.org/ns/demo/sa/intruder", "GET", fmt.Sprintf("/no/%d", stamp), code.Code_PERMISSION_DENIED},
+		{clientID.String(), "GET", fmt.Sprintf("/ok/%d", stamp), valid, code.Code_OK},
+		{"spiffe://example.org/ns/demo/sa/intruder", "GET", fmt.Sprintf("/no/%d", stamp), expired, code.Code_PERMISSION_DENIED},
+		{"", "GET", fmt.Sprintf("/plain/%d", stamp), nil, code.Code_PERMISSION_DENIED},
 	} {
 		req := checkReq(c.src, serverID.String(), c.method, c.path)
+		mtls, notAfter := "false", "IS NULL"
+		if c.cert != nil {
+			req.Attributes.Source.Certificate = strings.ReplaceAll(url.QueryEscape(string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.cert.Raw}))), "+", "%20")
+			mtls, notAfter = "true", "= '"+c.cert.NotAfter.UTC().Format(time.RFC3339)+"'"
+		}
 		// Allowlisted headers are kept; credentials never are.
 		req.Attributes.Request.Http.Headers["user-agent"] = "writ-test"
 		req.Attributes.Request.Http.Headers["authorization"] = "Bearer secret-token"
@@ -148,8 +185,21 @@ func TestEnforcerDecisionsReachPostgres(t *testing.T) {
 		}
 		waitAudit(t, w.dbURL, "the enforcer's decision on "+c.path,
 			"kind = 'request' AND resource = $1 AND result = $2 AND principal = $3 AND starts_with(source, $4)"+
-				" AND attributes->'headers'->>'user-agent' = 'writ-test' AND attributes::text NOT LIKE '%secret-token%'",
+				" AND attributes->'headers'->>'user-agent' = 'writ-test' AND attributes::text NOT LIKE '%secret-token%'"+
+				" AND attributes->'mtls' = '"+mtls+"'::jsonb AND attributes->>'peer_cert_not_after' "+notAfter,
 			c.path, result, c.src, enforcerID.String()+"#")
+	}
+	// The report over them: two of three over mTLS, one plaintext
+	// attempt, the intruder's expired certificate found from what was
+	// recorded.
+	r := reportJSON(t, w, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+	m, x := r.Sections.MTLS, r.Sections.Certificates.ExpiredInUse
+	if m.Requests != 3 || m.MTLS != 2 || m.Plaintext != 1 || len(m.Attempts) != 1 || m.Attempts[0].Source != "" {
+		t.Errorf("report mTLS coverage: %+v", m)
+	}
+	if x.Method != "recorded" || x.Checked != 2 || x.Recorded != 2 || len(x.Findings) != 1 ||
+		x.Findings[0].Principal != "spiffe://example.org/ns/demo/sa/intruder" || x.Findings[0].Basis != "recorded" || x.Findings[0].Requests != 1 {
+		t.Errorf("report expired certificates in use: %+v", x)
 	}
 	waitAudit(t, w.dbURL, "the enforcer's policy load",
 		"kind = 'policy_change' AND action = 'reload' AND result = 'ok' AND starts_with(resource, 'dir:') AND starts_with(source, $1)",
@@ -170,4 +220,43 @@ func openPool(t testing.TB, dbURL string) *pgxpool.Pool {
 	}
 	t.Cleanup(pool.Close)
 	return pool
+}
+
+// reportJSON runs `writ report generate --format json` over [from, to).
+func reportJSON(t *testing.T, w *writd, from, to time.Time) compliance.Report {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "report.json")
+	if text, code := w.writ(t, "report", "generate", "--from", from.UTC().Format(time.RFC3339), "--to", to.UTC().Format(time.RFC3339),
+		"--format", "json", "-o", out); code != 0 {
+		t.Fatalf("report generate: exit %d\n%s", code, text)
+	}
+	b, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r compliance.Report
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// selfSigned is a throwaway certificate expiring at notAfter.
+func selfSigned(t *testing.T, notAfter time.Time) *x509.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	notAfter = notAfter.Truncate(time.Second)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(notAfter.UnixNano()), NotBefore: notAfter.Add(-2 * time.Hour), NotAfter: notAfter}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

@@ -202,10 +202,18 @@ func dialEnforcer(t testing.TB, src *workloadapi.X509Source, addr string) *grpc.
 // TestEnforcerEndToEnd: writ-enforcer gets its SVID from a real agent, a
 // real grpc-go ext_authz client with its own SVID gets the answers the
 // policy gives, health is SERVING, a bad policy written while checks flow
-// changes no answer and not readiness, and SIGTERM exits 0.
+// changes no answer and not readiness, and SIGTERM exits 0. Requests
+// whose writ.authz_decision names several queries (several enforced
+// AuthorizationPolicies) are allowed only if every one allows.
 func TestEnforcerEndToEnd(t *testing.T) {
 	wl, src := enforcerEnv(t)
 	dir := meshPolicyDir(t)
+	write(t, filepath.Join(dir, "hours.rego"), "package team.hours\n\ndefault open := false\n\nopen if input.attributes.request.http.method == \"GET\"\n")
+	bound := func(req *authv3.CheckRequest, decisions string) *authv3.CheckRequest {
+		req.Attributes.ContextExtensions = map[string]string{"writ.authz_mode": "enforce", "writ.authz_decision": decisions}
+		return req
+	}
+	const both = "data.envoy.authz.allow,data.team.hours.open"
 	p := startEnforcer(t, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--policy-dir", dir, "--poll-interval", "100ms")
 	cc := dialEnforcer(t, src, p.listen)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -228,6 +236,10 @@ func TestEnforcerEndToEnd(t *testing.T) {
 		{"reverse direction", checkReq(serverID.String(), clientID.String(), "POST", "/"), code.Code_PERMISSION_DENIED},
 		{"no peer identity", checkReq("", serverID.String(), "GET", "/"), code.Code_PERMISSION_DENIED},
 		{"encoded slash", checkReq(clientID.String(), serverID.String(), "GET", "/a%2fb"), code.Code_INVALID_ARGUMENT},
+		{"bound decisions all allow", bound(checkReq(clientID.String(), serverID.String(), "GET", "/items/1"), both), code.Code_OK},
+		{"bound decision denies", bound(checkReq(clientID.String(), serverID.String(), "POST", "/items/1"), both), code.Code_PERMISSION_DENIED},
+		{"other bound decision denies", bound(checkReq(intruder, serverID.String(), "GET", "/items/1"), both), code.Code_PERMISSION_DENIED},
+		{"undefined bound decision", bound(checkReq(clientID.String(), serverID.String(), "GET", "/items/1"), "data.team.none.allow"), code.Code_PERMISSION_DENIED},
 	}
 	check := func(ctx context.Context, i int) error {
 		c := cases[i]

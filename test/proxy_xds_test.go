@@ -169,7 +169,8 @@ spec:
 // v1 and v2 serving, frontend calling) configured only over ADS. Requests
 // through the pair are allowed and denied by policy; route changes applied
 // with `writ apply` reach the running proxies; a route the proxy cannot
-// follow is NACKed with its reason while the old configuration stays; a
+// honour is NACKed with its reason while the old configuration stays; two
+// enforced AuthorizationPolicies on one service must both allow; a
 // sidecar whose app is down gets taken out of its peers' endpoints and
 // back; and with writd killed the proxies keep serving, then reconnect.
 func TestWritProxyOverADS(t *testing.T) {
@@ -287,19 +288,22 @@ func TestWritProxyOverADS(t *testing.T) {
 		seen[body]++
 		return seen["v1"] >= 3 && seen["v2"] >= 3
 	})
-	goodVersion := front.dump(t).XDS.Version
+	goodVersion := v1.dump(t).XDS.Version
 
-	// A route the proxy cannot follow (a regex beyond its size bound) is
-	// NACKed with the reason; writd shows it, and the split stays in force.
-	apply("route.yaml", adsRoute("    - match: {pathRegex: \"/items/"+strings.Repeat("x", 1100)+"\"}\n      destinations: [{subset: v2}]\n    - destinations: [{subset: v1, weight: 50}, {subset: v2, weight: 50}]\n"))
-	const nackReason = "more than 1024"
+	// A binding the sidecar cannot honour (an AuthorizationPolicy whose
+	// Rego rule orders' policy does not define: only the sidecar can know
+	// that; what the config alone shows, writ apply refuses) is NACKed
+	// with the reason; writd shows it, and the configuration in force
+	// stays.
+	apply("authz.yaml", "apiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: orders-nope, namespace: shop}\nspec:\n  service: orders\n  package: writ.nope\n  mode: enforce\n")
+	const nackReason = "nothing defines decision path data.writ.nope.allow"
 	waitUntil(t, 20*time.Second, "NACK reported", func() bool {
-		return strings.Contains(front.dump(t).XDS.LastError, nackReason)
+		return strings.Contains(v1.dump(t).XDS.LastError, nackReason)
 	})
-	if d := front.dump(t); d.XDS.Version != goodVersion {
+	if d := v1.dump(t); d.XDS.Version != goodVersion {
 		t.Fatalf("version in force after the NACK: %s, want %s", d.XDS.Version, goodVersion)
 	}
-	if out, code := w.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, nackReason) {
+	if out, code := w.writ(t, "mesh", "nodes"); code != 0 || !strings.Contains(out, "nothing defines decision path") {
 		t.Errorf("writ mesh nodes does not show the NACK (%d):\n%s", code, out)
 	}
 	clear(seen)
@@ -310,6 +314,52 @@ func TestWritProxyOverADS(t *testing.T) {
 	if seen["v1"] == 0 || seen["v2"] == 0 || seen["v1"]+seen["v2"] != 40 {
 		t.Fatalf("after the NACK the split should stay: %v", seen)
 	}
+	if out, code := w.writ(t, "delete", "authorizationpolicy", "orders-nope", "-n", "shop"); code != 0 {
+		t.Fatalf("delete authorization policy: %s", out)
+	}
+
+	// Two enforced AuthorizationPolicies on orders: the sidecars decide by
+	// both rules, and a request passes only if each allows (the mesh
+	// policy allows frontend any method; writ.methods only GET).
+	write(t, filepath.Join(policyDir, "methods.rego"), "package writ.methods\n\ndefault allow := false\n\nallow if input.attributes.request.http.method == \"GET\"\n")
+	authz := func(name, pkg string) string {
+		return "apiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: " + name + ", namespace: shop}\nspec:\n  service: orders\n  package: " + pkg + "\n  mode: enforce\n"
+	}
+	post := func() int {
+		resp, err := client.Post("http://"+up+"/items", "text/plain", strings.NewReader("x"))
+		if err != nil {
+			return 0
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := post(); code != 200 {
+		t.Fatalf("POST before the policies: %d, want 200", code)
+	}
+	apply("authz.yaml", authz("orders-mesh", "envoy.authz")+"---\n"+authz("orders-methods", "writ.methods"))
+	waitUntil(t, 20*time.Second, "POST denied by the second policy", func() bool { return post() == http.StatusForbidden })
+	if code, body := get(up); code != 200 {
+		t.Fatalf("GET with both policies: %d %q, want 200", code, body)
+	}
+	if code, _ := get(strangerUp); code != http.StatusForbidden {
+		t.Fatalf("stranger with both policies: %d, want 403", code)
+	}
+	// Both sidecars (the split sends to v1 and v2) decide by both.
+	waitUntil(t, 20*time.Second, "every POST denied", func() bool {
+		for range 10 {
+			if post() != http.StatusForbidden {
+				return false
+			}
+		}
+		return true
+	})
+	for _, name := range []string{"orders-mesh", "orders-methods"} {
+		if out, code := w.writ(t, "delete", "authorizationpolicy", name, "-n", "shop"); code != 0 {
+			t.Fatalf("delete authorization policy: %s", out)
+		}
+	}
+	waitUntil(t, 20*time.Second, "POST allowed again", func() bool { return post() == 200 })
 
 	// Health comes from the data planes: with the route gone, requests
 	// go round robin to both versions; orders v2's sidecar finds its app

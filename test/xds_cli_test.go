@@ -82,8 +82,17 @@ func TestMeshCLI(t *testing.T) {
 	if code != 1 || !strings.Contains(out, bad3+`:9: spec.rules[0].destinations[0].subset: service greeter.demo has no subset "v9"`) {
 		t.Fatalf("unknown subset: exit %d:\n%s", code, out)
 	}
+	// A path regex writ-proxy would NACK (its program is over the
+	// sidecar's bound) is refused at apply time instead, with the weights
+	// changed beside it to show that nothing of the file is stored.
+	const bigRegex = `/grpc.testing.TestService/[a-z]{1000}[0-9]{1000}x{1000}y{1000}z{1000}`
+	bad4 := write("bad4.yaml", strings.Replace(strings.Replace(strings.Replace(meshRoute, "{pathPrefix: /grpc.testing.TestService/}", "{pathRegex: \""+bigRegex+"\"}", 1), "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1))
+	out, code = w.writ(t, "apply", "-f", bad4)
+	if code != 1 || !strings.Contains(out, bad4+`:7: spec.rules[0].match.pathRegex: regex "`+bigRegex+`" compiles to 5030 instructions, more than 4096`) {
+		t.Fatalf("oversized regex: exit %d:\n%s", code, out)
+	}
 	out = must("weight: 80", "get", "route", "greeter", "-n", "demo", "-o", "yaml")
-	if strings.Contains(out, "v9") {
+	if strings.Contains(out, "v9") || strings.Contains(out, "pathRegex") {
 		t.Fatalf("a refused apply changed the route:\n%s", out)
 	}
 	if out := must("REVISION", "history", "route", "greeter", "-n", "demo"); strings.Count(out, "apply") != 1 {

@@ -67,6 +67,9 @@ func TestBuildGolden(t *testing.T) {
 		{"policy-envoy", "policy.yaml", client, FlavorEnvoy, nil},
 		{"authz-grpc-server", "authz.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"authz-envoy-server", "authz.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
+		// Several enforced policies: one ext_authz check naming all their
+		// decisions, every one of which must allow.
+		{"authz-several-envoy-server", "authz-several.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
 		{"noauthz-grpc-server", "split.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"authz-mixed-grpc-server", "authz-mixed.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"tcp-envoy", "tcp.yaml", client, FlavorEnvoy, nil},

@@ -341,6 +341,10 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		defer closeSink()
 		sink = dl
 	}
+	// Enforcers of the decisions AuthorizationPolicies bind (the
+	// writ.authz_decision context extension writd sets for Envoy), made
+	// on first use from the same policy source.
+	var binder atomic.Pointer[enforcer.Binder]
 	// Policy: a bundle URL is fetched once before the engine starts, then
 	// polled.
 	popts := policy.Options{
@@ -356,6 +360,14 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 			metrics.ObserveReload(r)
 			if rec != nil {
 				recordReload(rec.Spool, policyName(o), r, log)
+			}
+			// With --policy-dir the engine polls the directory itself;
+			// the engines of bound decisions follow it. (With a bundle
+			// URL the fetcher reloads them all.)
+			if b := binder.Load(); r.Err == nil && o.bundleURL == "" && b != nil {
+				if err := b.Reload(context.Background()); err != nil {
+					log.Warn("policy reload for a bound decision", "err", err)
+				}
 			}
 		},
 	}
@@ -388,14 +400,21 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 		}
 	}
 
-	enf, err := enforcer.New(enforcer.Options{
+	eopts := enforcer.Options{
 		Engine: engine, Sink: sink, MaxBodyBytes: o.maxBodyBytes, ProtoDescriptors: protos,
 		Metrics: metrics, Clock: clock, Logger: log.With("component", "enforcer"),
-	})
+	}
+	enf, err := enforcer.New(eopts)
 	if err != nil {
 		return err
 	}
-	authzSrv := enforcer.NewServer(enf, o.checkTimeout)
+	b := enforcer.NewBinder(eopts, func(ctx context.Context, decision string) (*policy.Engine, error) {
+		bopts := popts
+		bopts.DecisionPath, bopts.OnReload = decision, nil // reloads are recorded once, by the policy's own engine
+		return policy.NewEngine(ctx, bopts)
+	})
+	binder.Store(b)
+	authzSrv := enforcer.NewServer(enf, o.checkTimeout).WithBinder(b)
 	gopts := append(enforcer.ServerOptions(),
 		grpc.Creds(credentials.NewTLS(svidtls.ServerConfig(src, src, authz, clock))),
 		grpc.MaxConcurrentStreams(uint32(min(o.maxConcurrent, 1<<16))),
@@ -469,7 +488,13 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 	}
 	if fetcher != nil {
 		tasks = append(tasks, taskrun.Task{Name: "bundle poll", Run: func(ctx context.Context) error {
-			return fetcher.Run(ctx, engine.Reload) // reload errors are counted by OnReload
+			return fetcher.Run(ctx, func(ctx context.Context) error {
+				err := engine.Reload(ctx) // reload errors are counted by OnReload
+				if err := b.Reload(ctx); err != nil {
+					log.Warn("policy reload for a bound decision", "err", err)
+				}
+				return err
+			})
 		}})
 	} else {
 		tasks = append(tasks, taskrun.Task{Name: "policy reload", Run: engine.Run})

@@ -10,10 +10,8 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 
@@ -257,53 +255,35 @@ type proxyRole struct {
 	fetcher       *bundlefetch.Fetcher
 	bundleDir     string
 
-	// Engines of other decisions than the policy's own, for inbound
-	// listeners whose AuthorizationPolicy binds one: loaded from the same
-	// source, reloaded with it.
-	policySrc  policy.Options
-	enfSink    enforcer.Sink
-	enfMetrics *enforcer.Metrics
-	omu        sync.Mutex
-	others     map[string]*enforcer.Enforcer
-	otherEngs  []*policy.Engine
+	// Enforcers of the decisions AuthorizationPolicies bind on inbound
+	// listeners, other than the policy's own: engines over the same
+	// source, reloaded with it (set with the enforcer).
+	policySrc policy.Options
+	binder    atomic.Pointer[enforcer.Binder]
 }
 
-// enforcerFor is the enforcer of decision (proxy.Options.EnforcerFor):
-// an engine over the same policy source with that decision path, made
-// once and reloaded whenever the policy's own engine takes new content.
+// enforcerFor is the enforcer of decision (proxy.Options.EnforcerFor),
+// one query or several joined by "," (every one must allow): engines
+// over the same policy source with those decision paths, made once and
+// reloaded whenever the policy's own engine takes new content.
 func (r *proxyRole) enforcerFor(decision string) (*enforcer.Enforcer, error) {
-	r.omu.Lock()
-	defer r.omu.Unlock()
-	if e := r.others[decision]; e != nil {
-		return e, nil
+	b := r.binder.Load()
+	if b == nil {
+		return nil, errors.New("no policy loaded")
 	}
-	popts := r.policySrc
-	popts.DecisionPath, popts.OnReload = decision, nil // reloads are recorded once, by the policy's own engine
-	eng, err := policy.NewEngine(context.Background(), popts)
-	if err != nil {
-		return nil, err
+	e, err := b.For(context.Background(), decision)
+	if err == nil {
+		r.log.Info("policy decision bound by AuthorizationPolicies", "decision", decision)
 	}
-	enf, err := enforcer.New(enforcer.Options{Engine: eng, Sink: r.enfSink, Metrics: r.enfMetrics, Logger: r.log})
-	if err != nil {
-		return nil, err
-	}
-	if r.others == nil {
-		r.others = map[string]*enforcer.Enforcer{}
-	}
-	r.others[decision], r.otherEngs = enf, append(r.otherEngs, eng)
-	r.log.Info("policy decision bound by an AuthorizationPolicy loaded", "decision", decision)
-	return enf, nil
+	return e, err
 }
 
 // reloadOthers reloads the engines of other decisions after the policy's
 // own engine took new content; each keeps its last good set on error.
 func (r *proxyRole) reloadOthers(ctx context.Context) {
-	r.omu.Lock()
-	engs := slices.Clone(r.otherEngs)
-	r.omu.Unlock()
-	for _, e := range engs {
-		if err := e.Reload(ctx); err != nil {
-			r.log.Warn("policy reload for a bound decision", "decision", e.DecisionPath().String(), "err", err)
+	if b := r.binder.Load(); b != nil {
+		if err := b.Reload(ctx); err != nil {
+			r.log.Warn("policy reload for a bound decision", "err", err)
 		}
 	}
 }
@@ -411,10 +391,16 @@ func (r *proxyRole) newEnforcer(ctx context.Context, popts policy.Options) error
 			return nil
 		})
 	}
-	if r.enforcer, err = enforcer.New(enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}); err != nil {
+	eopts := enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}
+	if r.enforcer, err = enforcer.New(eopts); err != nil {
 		return err
 	}
-	r.enfSink, r.enfMetrics = sink, m
+	src := r.policySrc
+	r.binder.Store(enforcer.NewBinder(eopts, func(ctx context.Context, decision string) (*policy.Engine, error) {
+		popts := src
+		popts.DecisionPath, popts.OnReload = decision, nil // reloads are recorded once, by the policy's own engine
+		return policy.NewEngine(ctx, popts)
+	}))
 	r.engine = eng
 	return nil
 }

@@ -11,6 +11,7 @@ package grpcauthz
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/base64"
 	"fmt"
 	"net"
@@ -81,6 +82,8 @@ type Authorizer struct {
 	// so that a connection's chain is checked once, not per call.
 	verified sync.Map // *x509.Certificate -> spiffeid.ID
 	cached   atomic.Int64
+	pems     sync.Map // *x509.Certificate -> enforcer.PeerCertificate of it
+	pemsN    atomic.Int64
 }
 
 // maxVerified bounds the verified-leaf cache; past it, chains are
@@ -167,6 +170,12 @@ func (a *Authorizer) checkRequest(ctx context.Context, method string, body []byt
 			return nil, err
 		}
 		src.Principal = id
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && id != "" && len(ti.State.PeerCertificates) > 0 {
+			// As Envoy's include_peer_certificate: decisions record the
+			// caller certificate's expiry (compliance: expired
+			// certificates seen in use).
+			src.Certificate = a.certificate(ti.State.PeerCertificates[0])
+		}
 	}
 	headers := map[string]string{}
 	md, _ := metadata.FromIncomingContext(ctx)
@@ -221,6 +230,19 @@ func (a *Authorizer) checkRequest(ctx context.Context, method string, body []byt
 // verified here; "" when neither. A verified certificate that names no
 // SPIFFE ID, or a sent chain that does not verify, is an error: the call
 // is refused rather than decided as anonymous.
+// certificate is leaf in the CheckRequest's form, encoded once per
+// connection (its calls share the *x509.Certificate).
+func (a *Authorizer) certificate(leaf *x509.Certificate) string {
+	if v, ok := a.pems.Load(leaf); ok {
+		return v.(string)
+	}
+	pem := enforcer.PeerCertificate(leaf)
+	if a.pemsN.Add(1) <= maxVerified {
+		a.pems.Store(leaf, pem)
+	}
+	return pem
+}
+
 func (a *Authorizer) peerID(ai credentials.AuthInfo) (string, error) {
 	ti, ok := ai.(credentials.TLSInfo)
 	if !ok {

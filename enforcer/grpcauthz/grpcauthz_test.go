@@ -184,6 +184,13 @@ func TestInterceptorsOverMTLS(t *testing.T) {
 	if d := rec.got[0]; d.Source != web.String() || len(d.MatchedRules) != 1 || d.MatchedRules[0] != "authz.rego:5 data.envoy.authz.allow" {
 		t.Fatalf("first decision: source %q, rules %q", d.Source, d.MatchedRules)
 	}
+	// Over mTLS, with the client SVID's expiry, on every call of the
+	// connection.
+	for _, d := range rec.got {
+		if !d.MTLS || d.PeerCertNotAfter.IsZero() || !d.PeerCertNotAfter.After(a.Clock.Now()) || d.PeerCertNotAfter.After(a.Clock.Now().Add(24*time.Hour)) {
+			t.Fatalf("decision %s: mtls %v, peer certificate expiry %v", d.Path, d.MTLS, d.PeerCertNotAfter)
+		}
+	}
 
 	stream := []struct {
 		name string
@@ -215,8 +222,8 @@ func TestInterceptorsOverMTLS(t *testing.T) {
 	if _, err := dial(web, anonAddr).Check(cctx, &healthpb.HealthCheckRequest{Service: "orders"}); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("unverified chain without a bundle: %v, want PermissionDenied", err)
 	}
-	if d := rec.last(); d.Source != "" {
-		t.Fatalf("unverified chain named %q", d.Source)
+	if d := rec.last(); d.Source != "" || d.MTLS || !d.PeerCertNotAfter.IsZero() {
+		t.Fatalf("unverified chain named %q (mtls %v, expiry %v)", d.Source, d.MTLS, d.PeerCertNotAfter)
 	}
 
 	// A decision that cannot be recorded is not enforced: Unavailable.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	healthv3 "github.com/envoyproxy/go-control-plane/envoy/service/health/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
@@ -120,20 +121,22 @@ spec:
       retries: {attempts: 2}
 `
 
-// hugeRegexRoute is valid mesh configuration that writ-proxy cannot serve:
-// its regex is beyond the proxy's bound, so it must be NACKed.
-var hugeRegexRoute = `---
+// regexRoute routes by a path regex; buildHuge sends it with the regex
+// grown beyond writ-proxy's bound, which writ apply refuses but a control
+// plane may still send (an older writd, another one), so that the proxy
+// must NACK it.
+var regexRoute = `---
 apiVersion: writ.dev/v1alpha1
 kind: Route
 metadata: {name: orders, namespace: shop}
 spec:
   service: orders
   rules:
-    - match: {pathRegex: "/items/` + strings.Repeat("x", 1100) + `"}
+    - match: {pathRegex: "/items/[0-9]+"}
       destinations: [{subset: v1}]
 `
 
-// nackReason is what the proxy says of hugeRegexRoute.
+// nackReason is what the proxy says of buildHuge's route.
 const nackReason = "more than 1024"
 
 // sidecar is orders v1's writ-proxy: mesh port 15006, app on 8080.
@@ -141,6 +144,28 @@ var sidecar = xds.Node{ID: "orders-1", SPIFFEID: "spiffe://example.org/ns/shop/s
 	Labels: map[string]string{"version": "v1"}, Address: "127.0.0.1", Ports: []int{15006}, AppPorts: map[int]int{15006: 8080}, Flavor: xds.FlavorEnvoy}
 
 // build is what writd serves the sidecar for the mesh.
+// buildHuge builds meshYAML with regexRoute, its regex then grown to
+// 1,100 bytes.
+func buildHuge(t *testing.T) xds.Resources {
+	t.Helper()
+	res := build(t, meshYAML+regexRoute)
+	n := 0
+	for _, r := range res[resource.RouteType] {
+		for _, vh := range r.(*routev3.RouteConfiguration).GetVirtualHosts() {
+			for _, rt := range vh.GetRoutes() {
+				if re := rt.GetMatch().GetSafeRegex(); re != nil {
+					re.Regex = "/items/" + strings.Repeat("x", 1100)
+					n++
+				}
+			}
+		}
+	}
+	if n == 0 {
+		t.Fatal("no regex route to grow")
+	}
+	return res
+}
+
 func build(t *testing.T, yaml string) xds.Resources {
 	t.Helper()
 	return buildFor(t, sidecar, yaml)
@@ -260,7 +285,7 @@ func TestTranslateWritdResources(t *testing.T) {
 	}
 
 	// A route the proxy cannot follow is an error naming it.
-	_, err = Translate(toSnapshot(t, build(t, meshYAML+hugeRegexRoute)), Local{Service: "orders"})
+	_, err = Translate(toSnapshot(t, buildHuge(t)), Local{Service: "orders"})
 	if err == nil || !strings.Contains(err.Error(), nackReason) || !strings.Contains(err.Error(), "outbound|8080") {
 		t.Fatalf("regex route: %v", err)
 	}
@@ -495,7 +520,7 @@ func TestClientAcksNacksAndReconnects(t *testing.T) {
 
 	// A route it cannot follow: NACKed with the reason, every type at the
 	// last good version, nothing applied.
-	bad := srv.set(t, build(t, meshYAML+hugeRegexRoute))
+	bad := srv.set(t, buildHuge(t))
 	var nacks []*discoverygrpc.DiscoveryRequest
 	waitFor(t, "NACK", func() bool {
 		nacks = nil

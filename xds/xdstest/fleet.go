@@ -24,11 +24,14 @@ type Ack struct {
 
 // Fleet is a set of simulated ADS clients sharing a few connections.
 type Fleet struct {
-	N      int
-	acks   chan Ack
-	conns  []*grpc.ClientConn
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	N    int
+	acks chan Ack
+	// version is each client's last ACKed version, so that only an ACK
+	// of another version counts as having the change.
+	version map[int]string
+	conns   []*grpc.ClientConn
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 }
 
 // Options describe a fleet. Clients share connections PerConn at a time
@@ -49,7 +52,7 @@ func Start(ctx context.Context, o Options) (*Fleet, error) {
 		o.PerConn = 50
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	f := &Fleet{N: o.N, acks: make(chan Ack, o.N*4), cancel: cancel}
+	f := &Fleet{N: o.N, acks: make(chan Ack, o.N*4), version: map[int]string{}, cancel: cancel}
 	for i := range o.N {
 		if i%o.PerConn == 0 {
 			cc, err := o.Dial()
@@ -98,6 +101,7 @@ func (f *Fleet) WaitFirst(timeout time.Duration) error {
 		select {
 		case a := <-f.acks:
 			seen[a.Client] = true
+			f.version[a.Client] = a.Version
 		case <-deadline:
 			return fmt.Errorf("only %d of %d clients got their first config in %v", len(seen), f.N, timeout)
 		}
@@ -105,16 +109,18 @@ func (f *Fleet) WaitFirst(timeout time.Duration) error {
 	return nil
 }
 
-// Latencies waits until every client has ACKed a response after start and
-// returns each client's delay in milliseconds, sorted.
+// Latencies waits until every client has ACKed a new version (one it had
+// not ACKed last) after start and returns each client's delay in
+// milliseconds, sorted.
 func (f *Fleet) Latencies(start time.Time, timeout time.Duration) ([]float64, error) {
 	got := map[int]time.Duration{}
 	deadline := time.After(timeout)
 	for len(got) < f.N {
 		select {
 		case a := <-f.acks:
-			if _, ok := got[a.Client]; !ok && a.At.After(start) {
+			if _, ok := got[a.Client]; !ok && a.At.After(start) && a.Version != f.version[a.Client] {
 				got[a.Client] = a.At.Sub(start)
+				f.version[a.Client] = a.Version
 			}
 		case <-deadline:
 			return nil, fmt.Errorf("only %d of %d clients got the change in %v", len(got), f.N, timeout)

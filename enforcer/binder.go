@@ -1,0 +1,124 @@
+package enforcer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/writmesh/writ/policy"
+)
+
+// Binder gives the enforcer of a writ.authz_decision value (the queries
+// of the AuthorizationPolicies enforced on a service, joined by ","): one
+// Enforcer deciding by all of them, where every one must allow (see
+// Options.Also). writ-proxy binds it per inbound listener, writ-enforcer
+// per request. Engines and enforcers are made once per query and per
+// value and then cached. It is safe for concurrent use.
+type Binder struct {
+	base      Options
+	newEngine func(ctx context.Context, decision string) (*policy.Engine, error)
+
+	mu      sync.Mutex
+	engines map[string]*policy.Engine // made by newEngine, by query
+	made    []*policy.Engine
+	byValue map[string]*Enforcer
+	// failed remembers values that could not be bound until the next
+	// Reload, so that requests naming a missing rule do not each
+	// compile the policies again.
+	failed map[string]error
+}
+
+// NewBinder returns a Binder whose enforcers take everything but their
+// engines from base; base.Engine serves the query it decides by, and
+// newEngine makes the engine of any other query, over the same policies.
+func NewBinder(base Options, newEngine func(ctx context.Context, decision string) (*policy.Engine, error)) *Binder {
+	return &Binder{base: base, newEngine: newEngine, engines: map[string]*policy.Engine{}, byValue: map[string]*Enforcer{}, failed: map[string]error{}}
+}
+
+// SplitDecisions splits a writ.authz_decision value into its queries,
+// refusing empty ones.
+func SplitDecisions(value string) ([]string, error) {
+	ds := strings.Split(value, ",")
+	for i, d := range ds {
+		ds[i] = strings.TrimSpace(d)
+		if ds[i] == "" {
+			return nil, fmt.Errorf("decision list %q has an empty query", value)
+		}
+	}
+	return ds, nil
+}
+
+// For returns the enforcer deciding by every query of value.
+func (b *Binder) For(ctx context.Context, value string) (*Enforcer, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if e := b.byValue[value]; e != nil {
+		return e, nil
+	}
+	if err := b.failed[value]; err != nil {
+		return nil, err
+	}
+	e, err := b.bindLocked(ctx, value)
+	if err != nil {
+		b.failed[value] = err
+		return nil, err
+	}
+	b.byValue[value] = e
+	return e, nil
+}
+
+func (b *Binder) bindLocked(ctx context.Context, value string) (*Enforcer, error) {
+	ds, err := SplitDecisions(value)
+	if err != nil {
+		return nil, err
+	}
+	var engs []*policy.Engine
+	for _, d := range ds {
+		eng, err := b.engineLocked(ctx, d)
+		if err != nil {
+			return nil, fmt.Errorf("policy decision %s: %w", d, err)
+		}
+		engs = append(engs, eng)
+	}
+	opts := b.base
+	opts.Engine, opts.Also = engs[0], engs[1:]
+	return New(opts)
+}
+
+func (b *Binder) engineLocked(ctx context.Context, d string) (*policy.Engine, error) {
+	if b.base.Engine != nil && d == b.base.Engine.DecisionPath().String() {
+		return b.base.Engine, nil
+	}
+	if eng := b.engines[d]; eng != nil {
+		return eng, nil
+	}
+	if b.newEngine == nil {
+		return nil, errors.New("no engine for other decisions than " + b.base.Engine.DecisionPath().String())
+	}
+	eng, err := b.newEngine(ctx, d)
+	if err != nil {
+		return nil, err
+	}
+	b.engines[d] = eng
+	b.made = append(b.made, eng)
+	return eng, nil
+}
+
+// Reload reloads the engines the Binder made (not base.Engine, whose
+// owner reloads it), after the policies changed; each keeps its last good
+// set on error, and the errors are joined.
+func (b *Binder) Reload(ctx context.Context) error {
+	b.mu.Lock()
+	engs := append([]*policy.Engine(nil), b.made...)
+	clear(b.failed)
+	b.mu.Unlock()
+	var errs []error
+	for _, e := range engs {
+		if err := e.Reload(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", e.DecisionPath(), err))
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,127 @@
+package enforcer
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/writmesh/writ/policy"
+)
+
+// boundPolicies are the policies of a service with several
+// AuthorizationPolicies: the enforcer's own (allows everything), two
+// teams' rules and one whose decision is undefined for most requests.
+var boundPolicies = map[string]string{
+	"own.rego": "package envoy.authz\n\ndefault allow := true\n",
+	"a.rego":   "package team.a\n\ndefault allow := false\n\nallow if input.attributes.request.http.method == \"GET\"\n",
+	"b.rego":   "package team.b\n\ndefault allow := false\n\nallow := {\"allowed\": true, \"headers\": {\"x-team-b\": \"ok\"}} if startswith(input.attributes.request.http.path, \"/public\")\n",
+	"c.rego":   "package team.c\n\nallow if input.attributes.request.http.path == \"/only\"\n",
+}
+
+func boundDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	for name, rego := range boundPolicies {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(rego), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
+// TestServerBoundDecisions: several AuthorizationPolicies enforced on one
+// service (writ.authz_decision "q1,q2") allow a request only if every
+// query allows; one that denies, is undefined or cannot be loaded denies
+// it, naming the query. Each request is recorded once. This is the path
+// of writ-enforcer (Server) and of writ-proxy (Binder.For).
+func TestServerBoundDecisions(t *testing.T) {
+	ctx := context.Background()
+	dir := boundDir(t)
+	own, err := policy.NewEngine(ctx, policy.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	base := Options{Engine: own, Sink: rec}
+	e, err := New(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	made := 0
+	binder := NewBinder(base, func(ctx context.Context, d string) (*policy.Engine, error) {
+		made++
+		return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+	})
+	srv := NewServer(e, 0).WithBinder(binder)
+	unbound := NewServer(e, 0)
+	const ab = "data.team.a.allow,data.team.b.allow"
+	tests := []struct {
+		name, decision, mode, method, path string
+		noBinder                           bool
+		result, cause, reason, header      string
+	}{
+		{name: "own decision only", decision: "data.envoy.authz.allow", method: "DELETE", path: "/x", result: ResultAllow, cause: CausePolicy},
+		{name: "both allow", decision: ab, method: "GET", path: "/public/1", result: ResultAllow, cause: CausePolicy, reason: "every bound policy allowed", header: "x-team-b"},
+		{name: "second denies", decision: ab, method: "GET", path: "/private", result: ResultDeny, cause: CausePolicy, reason: "data.team.b.allow: policy denied"},
+		{name: "first denies", decision: ab, method: "POST", path: "/public/1", result: ResultDeny, cause: CausePolicy, reason: "data.team.a.allow: policy denied"},
+		{name: "order does not matter", decision: "data.team.b.allow,data.team.a.allow", method: "POST", path: "/public/1", result: ResultDeny, cause: CausePolicy, reason: "data.team.a.allow: policy denied"},
+		{name: "undefined denies", decision: "data.team.a.allow,data.team.c.allow", method: "GET", path: "/public/1", result: ResultDeny, cause: CauseUndefined, reason: "data.team.c.allow: policy decision undefined"},
+		{name: "undefined one defined", decision: "data.team.a.allow,data.team.c.allow", method: "GET", path: "/only", result: ResultAllow, cause: CausePolicy},
+		{name: "with the own decision", decision: "data.envoy.authz.allow,data.team.a.allow", method: "PUT", path: "/x", result: ResultDeny, cause: CausePolicy, reason: "data.team.a.allow: policy denied"},
+		{name: "missing rule denies", decision: "data.team.a.allow,data.team.none.allow", method: "GET", path: "/public/1", result: ResultDeny, cause: CausePolicyError, reason: "nothing defines decision path data.team.none.allow"},
+		{name: "empty query denies", decision: "data.team.a.allow,", method: "GET", path: "/public/1", result: ResultDeny, cause: CausePolicyError, reason: "empty query"},
+		{name: "dry-run records, never denies", decision: ab, mode: ModeDryRun, method: "POST", path: "/public/1", result: ResultAllow, cause: CauseDryRunMode, reason: "data.team.a.allow: policy denied"},
+		{name: "no binder denies", noBinder: true, decision: ab, method: "GET", path: "/public/1", result: ResultDeny, cause: CausePolicyError, reason: "decides by data.envoy.authz.allow only"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req := simpleRequest(clientID, tt.method, tt.path, nil)
+			req.Attributes.ContextExtensions = map[string]string{DecisionContextKey: tt.decision}
+			if tt.mode != "" {
+				req.Attributes.ContextExtensions[ModeContextKey] = tt.mode
+			}
+			s := srv
+			if tt.noBinder {
+				s = unbound
+			}
+			n := len(rec.got)
+			resp, err := s.Check(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(rec.got) != n+1 {
+				t.Fatalf("recorded %d decisions, want 1", len(rec.got)-n)
+			}
+			d := rec.got[n]
+			if d.Result != tt.result || d.Cause != tt.cause || !strings.Contains(d.Reason, tt.reason) {
+				t.Fatalf("got %s %s %q, want %s %s %q", d.Result, d.Cause, d.Reason, tt.result, tt.cause, tt.reason)
+			}
+			if (resp.GetOkResponse() != nil) != (tt.result == ResultAllow) {
+				t.Fatalf("response %v does not say %s", resp, tt.result)
+			}
+			if tt.header != "" {
+				hs := resp.GetOkResponse().GetHeaders()
+				if len(hs) != 1 || hs[0].GetHeader().GetKey() != tt.header {
+					t.Fatalf("allow headers %v, want %s", hs, tt.header)
+				}
+			}
+		})
+	}
+	// Engines are made once per query, the own one never, and a missing
+	// rule is tried once until the next reload.
+	req := simpleRequest(clientID, "GET", "/", nil)
+	req.Attributes.ContextExtensions = map[string]string{DecisionContextKey: "data.team.a.allow,data.team.none.allow"}
+	srv.Check(ctx, req)
+	if made != 4 {
+		t.Errorf("made %d engines, want 4 (team.a, team.b, team.c, team.none tried once)", made)
+	}
+	be, err := binder.For(ctx, ab)
+	if err != nil || be.DecisionPath() != ab {
+		t.Fatalf("For(%s) = %v, %v", ab, be, err)
+	}
+	if err := binder.Reload(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
