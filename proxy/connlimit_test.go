@@ -3,7 +3,9 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -12,6 +14,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/writmesh/writ/enforcer/regotest"
 )
 
 // holdApp holds requests for /hold until release is closed, counting
@@ -298,5 +302,74 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestMaxConnectionsTCP: spliced TCP counts too. With max_connections 1
+// and max_pending_requests 1, a second connection waits for the first to
+// close and is then spliced, a third is closed at once.
+func TestMaxConnectionsTCP(t *testing.T) {
+	ca := newTestCA(t)
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: echo.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}},
+		PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}, CircuitBreakers: &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1}}},
+		Outbound: []Outbound{{Name: "tcp", Address: "127.0.0.1:0", Protocol: "tcp", Cluster: "server"}}}
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	cl := cli.state.Load().clusters["server"]
+	roundTrip := func(c net.Conn, msg string) error {
+		if _, err := io.WriteString(c, msg); err != nil {
+			return err
+		}
+		buf := make([]byte, len(msg))
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return err
+		}
+		if string(buf) != msg {
+			return fmt.Errorf("echo %q, want %q", buf, msg)
+		}
+		return nil
+	}
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", cli.Addr("tcp"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	first := dial()
+	if err := roundTrip(first, "one"); err != nil {
+		t.Fatalf("first connection: %v", err)
+	}
+	second := dial()
+	waitFor(t, "the second connection pending", func() bool { return cl.conns.pending.Load() == 1 })
+	third := dial()
+	_ = third.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var ne net.Error
+	if n, err := third.Read(make([]byte, 1)); err == nil || errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("third connection: read %d bytes, %v; want it closed", n, err)
+	}
+	first.Close()
+	if err := roundTrip(second, "two"); err != nil {
+		t.Fatalf("second connection after the first closed: %v", err)
+	}
+	if got := counter(t, cli.metrics.overflows.WithLabelValues("server", "max_pending_requests")); got != 1 {
+		t.Fatalf("pending overflows = %v, want 1", got)
 	}
 }
