@@ -65,6 +65,18 @@ func TestFastDecodeMatchesProto(t *testing.T) {
 	attrs := func(inner []byte) []byte {
 		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), inner)
 	}
+	varint := func(b []byte, num protowire.Number, v uint64) []byte {
+		return protowire.AppendVarint(protowire.AppendTag(b, num, protowire.VarintType), v)
+	}
+	sockAddr := func(inner []byte) []byte {
+		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), inner)
+	}
+	addr := func(inner []byte) []byte {
+		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), inner)
+	}
+	source := func(address []byte) []byte {
+		return protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), address)
+	}
 	tricky := map[string][]byte{
 		"attributes twice (merged)": append(append([]byte{}, base...), base...),
 		"unknown top-level field":   protowire.AppendVarint(protowire.AppendTag(append([]byte{}, base...), 99, protowire.VarintType), 7),
@@ -75,7 +87,20 @@ func TestFastDecodeMatchesProto(t *testing.T) {
 		"map entry without value": attrs(protowire.AppendBytes(protowire.AppendTag(nil, 10, protowire.BytesType),
 			protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), "k"))),
 		"truncated": base[:len(base)-3],
-		"empty":     nil,
+		// Peer addresses (Attributes.source.address) and the request time
+		// in the encodings the hand decoder refuses or must get right.
+		"pipe address":           attrs(source(addr(protowire.AppendBytes(protowire.AppendTag(nil, 2, protowire.BytesType), protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), "/run/x.sock"))))),
+		"named port":             attrs(source(addr(sockAddr(protowire.AppendString(protowire.AppendTag(nil, 4, protowire.BytesType), "http"))))),
+		"port twice":             attrs(source(addr(sockAddr(varint(varint(nil, 3, 80), 3, 8080))))),
+		"udp, ipv4 compat, port": attrs(source(addr(sockAddr(varint(varint(varint(protowire.AppendString(protowire.AppendTag(nil, 2, protowire.BytesType), "::1"), 1, 1), 6, 1), 3, 1<<33+5))))),
+		"negative protocol":      attrs(source(addr(sockAddr(varint(nil, 1, uint64(1<<64-3)))))),
+		"resolver name":          attrs(source(addr(sockAddr(protowire.AppendString(protowire.AppendTag(nil, 5, protowire.BytesType), "dns"))))),
+		"socket address twice":   attrs(source(addr(append(sockAddr(varint(nil, 3, 1)), sockAddr(varint(nil, 1, 1))...)))),
+		"empty address":          attrs(source(addr(nil))),
+		"request time":           attrs(protowire.AppendBytes(protowire.AppendTag(nil, 4, protowire.BytesType), protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), varint(varint(nil, 1, uint64(1<<64-7)), 2, 1<<40+9)))),
+		"request time twice":     attrs(protowire.AppendBytes(protowire.AppendTag(nil, 4, protowire.BytesType), protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), varint(varint(nil, 1, 5), 1, 6)))),
+		"request time, unknown":  attrs(protowire.AppendBytes(protowire.AppendTag(nil, 4, protowire.BytesType), protowire.AppendBytes(protowire.AppendTag(nil, 1, protowire.BytesType), varint(nil, 3, 5)))),
+		"empty":                  nil,
 	}
 	for name, b := range tricky {
 		t.Run(name, func(t *testing.T) { checkSameDecode(t, b) })

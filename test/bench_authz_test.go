@@ -25,6 +25,8 @@ import (
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/jonboulle/clockwork"
 	"github.com/open-policy-agent/opa/v1/rego"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/workloadapi"
 	"google.golang.org/genproto/googleapis/rpc/code"
 
 	"github.com/writmesh/writ/enforcer"
@@ -47,7 +49,11 @@ import (
 // answers. Knobs (environment): WRIT_OPA_BIN (required: a stock opa
 // binary), WRIT_BENCH_CONC (concurrent requests against the servers,
 // default 16), WRIT_BENCH_N (requests per server, default 10000),
-// WRIT_BENCH_MAX (time cap per server phase, default 20s).
+// WRIT_BENCH_MAX (time cap per server phase, default 20s),
+// WRIT_BENCH_PROFILE (file for a CPU profile of writ-enforcer over
+// WRIT_BENCH_PROFILE_SECONDS of the server rounds), WRIT_BENCH_ENFORCER_B
+// (a second writ-enforcer binary run in the same rounds, for A/B, with
+// the environment variables in WRIT_BENCH_ENFORCER_B_ENV).
 func BenchmarkAuthzSideBySide(b *testing.B) {
 	opaBin := os.Getenv("WRIT_OPA_BIN")
 	if opaBin == "" {
@@ -120,11 +126,17 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 
 	// Servers: both pull the policy from writd's bundle service and run
 	// side by side, measured in alternating rounds.
+	// writ-enforcer records every decision in its audit spool before
+	// answering (write(2) per decision, fsync grouped: the default
+	// durability) and ships the spool to writd's collector, which inserts
+	// it into PostgreSQL; writd's CPU is reported apart. SVIDs come from
+	// a node agent of that writd, so the collector accepts the stream.
 	w := startWritd(b, writdOptions{extra: fmt.Sprintf("policy:\n  dir: %s\n  bundle_name: mesh\n  plain_http: true\n", dir)})
 	bundleURL := "http://" + w.http + "/bundles/mesh"
-	wl, src := enforcerEnv(b)
+	wl := startWritdAgent(b, w, "bench", enforcerID, clientID)
+	src := x509Source(b, wl, clientID)
 	p := startEnforcer(b, "--workload-api", wl, "--spiffe-id", enforcerID.String(), "--bundle-url", bundleURL,
-		"--log-level", "warn", "--pprof")
+		"--audit-spool-dir", b.TempDir(), "--audit-collector", w.grpc, "--log-level", "warn", "--pprof")
 	cc := dialEnforcer(b, src, p.listen)
 	client := authv3.NewAuthorizationClient(cc)
 	opaURL, opaPID := startOPA(b, opaBin, w.http)
@@ -139,15 +151,16 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 		}
 	}
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: conc, MaxConnsPerHost: conc}}
+	writdCPU := procCPU(b, w.cmd.Process.Pid)
 	servers := []*benchSystem{
-		{name: "writ-enforcer (gRPC ext_authz, mTLS)", conc: conc, n: nServer, cpu: procCPU(b, p.cmd.Process.Pid), f: func(ctx context.Context, i int) (bool, error) {
+		{name: "writ-enforcer (gRPC ext_authz, mTLS)", conc: conc, n: nServer, cpu: procCPU(b, p.cmd.Process.Pid), clientCPU: selfCPU, writdCPU: writdCPU, f: func(ctx context.Context, i int) (bool, error) {
 			resp, err := client.Check(ctx, reqs[i])
 			if err != nil {
 				return false, err
 			}
 			return resp.GetStatus().GetCode() == int32(code.Code_OK), nil
 		}},
-		{name: "opa server (POST /v1/data, HTTP/1.1)", conc: conc, n: nServer, cpu: procCPU(b, opaPID), f: func(ctx context.Context, i int) (bool, error) {
+		{name: "opa server (POST /v1/data, HTTP/1.1)", conc: conc, n: nServer, cpu: procCPU(b, opaPID), clientCPU: selfCPU, writdCPU: writdCPU, f: func(ctx context.Context, i int) (bool, error) {
 			req, err := http.NewRequestWithContext(ctx, http.MethodPost, opaURL+"/v1/data/envoy/authz/allow", bytes.NewReader(bodies[i]))
 			if err != nil {
 				return false, err
@@ -170,9 +183,12 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 			return *out.Result, nil
 		}},
 	}
+	profDone := make(chan struct{})
 	if prof := os.Getenv("WRIT_BENCH_PROFILE"); prof != "" {
-		// A CPU profile of writ-enforcer over the server rounds.
+		// A CPU profile of writ-enforcer over the server rounds; the
+		// enforcer is stopped only after it is written.
 		go func() {
+			defer close(profDone)
 			resp, err := http.Get("http://" + p.admin + "/debug/pprof/profile?seconds=" + os.Getenv("WRIT_BENCH_PROFILE_SECONDS"))
 			if err != nil {
 				return
@@ -185,10 +201,35 @@ func BenchmarkAuthzSideBySide(b *testing.B) {
 			defer f.Close()
 			_, _ = io.Copy(f, resp.Body)
 		}()
+	} else {
+		close(profDone)
+	}
+	var pB *enforcerProc
+	if binB := os.Getenv("WRIT_BENCH_ENFORCER_B"); binB != "" {
+		// A/B: a second writ-enforcer (another build, or the same with
+		// WRIT_BENCH_ENFORCER_B_ENV), measured in the same rounds.
+		pB = startEnforcerBin(b, binB, strings.Fields(os.Getenv("WRIT_BENCH_ENFORCER_B_ENV")), "--workload-api", wl,
+			"--spiffe-id", enforcerID.String(), "--bundle-url", bundleURL,
+			"--audit-spool-dir", b.TempDir(), "--audit-collector", w.grpc, "--log-level", "warn")
+		clientB := authv3.NewAuthorizationClient(dialEnforcer(b, src, pB.listen))
+		servers = append(servers, &benchSystem{name: "writ-enforcer B " + filepath.Base(binB), conc: conc, n: nServer,
+			cpu: procCPU(b, pB.cmd.Process.Pid), clientCPU: selfCPU, writdCPU: writdCPU, f: func(ctx context.Context, i int) (bool, error) {
+				resp, err := clientB.Check(ctx, reqs[i])
+				if err != nil {
+					return false, err
+				}
+				return resp.GetStatus().GetCode() == int32(code.Code_OK), nil
+			}})
 	}
 	runInterleaved(b, servers, maxDur, ref)
+	<-profDone
+	if pB != nil {
+		if code := pB.stop(b); code != 0 {
+			b.Fatalf("writ-enforcer B exit %d\n%s", code, pB.log)
+		}
+	}
 	if code := p.stop(b); code != 0 {
-		b.Fatalf("writ-enforcer exit %d", code)
+		b.Fatalf("writ-enforcer exit %d\n%s", code, p.log)
 	}
 
 	rows := append(inproc, servers...)
@@ -207,8 +248,12 @@ type benchSystem struct {
 	name    string
 	conc, n int
 	f       func(ctx context.Context, i int) (bool, error)
-	// cpu reads the cumulative CPU time of the process doing the work.
-	cpu func() time.Duration
+	// cpu reads the cumulative CPU time of the process doing the work;
+	// for servers, clientCPU reads the load client's (this process) and
+	// writdCPU writd's (the bundle server and audit collector).
+	cpu, clientCPU, writdCPU func() time.Duration
+
+	clientUsed, writdUsed time.Duration
 
 	lat       []time.Duration
 	cpuUsed   time.Duration
@@ -255,6 +300,10 @@ func (s *benchSystem) round(ctx context.Context, from, to int, budget time.Durat
 	var mismatch, errs atomic.Int64
 	var mu sync.Mutex
 	cpu0 := s.cpu()
+	var client0, writd0 time.Duration
+	if s.clientCPU != nil {
+		client0, writd0 = s.clientCPU(), s.writdCPU()
+	}
 	start := time.Now()
 	deadline := start.Add(budget)
 	var wg sync.WaitGroup
@@ -289,6 +338,10 @@ func (s *benchSystem) round(ctx context.Context, from, to int, budget time.Durat
 	wg.Wait()
 	s.elapsed += time.Since(start)
 	s.cpuUsed += s.cpu() - cpu0
+	if s.clientCPU != nil {
+		s.clientUsed += s.clientCPU() - client0
+		s.writdUsed += s.writdCPU() - writd0
+	}
 	for i, ok := range done {
 		if ok {
 			s.lat = append(s.lat, lat[i])
@@ -351,7 +404,26 @@ func printAuthzTable(rows []*benchSystem, conc int) {
 	fmt.Printf("servers at %d concurrent requests: writ-enforcer / opa server = %s by throughput (goal >= 10x), %s per server CPU-second; p99 %s vs %s (goal: lower)\n",
 		conc, ratio(rows[3].rate, rows[4].rate), ratio(rows[3].perCPU(), rows[4].perCPU()), rows[3].p99.Round(time.Microsecond), rows[4].p99.Round(time.Microsecond))
 	fmt.Println("decisions/cpu-s: in-process, CPU time of this process (the only work in it then, GC included); servers, CPU time of the server process alone")
+	for _, r := range rows[3:] {
+		perDecision := func(d time.Duration) string {
+			return fmt.Sprintf("%.1fµs", float64(d.Microseconds())/float64(len(r.lat)))
+		}
+		fmt.Printf("  %s: CPU per decision: server %s, load client %s, writd %s\n", r.name, perDecision(r.cpuUsed), perDecision(r.clientUsed), perDecision(r.writdUsed))
+	}
 	fmt.Printf("(one machine: load client, servers and other work share its cores; systems ran in %d alternating rounds; every answer was checked against Writ's uncached one)\n", benchRounds)
+}
+
+// x509Source is a Workload API client of addr holding id's SVID.
+func x509Source(tb testing.TB, addr string, id spiffeid.ID) *workloadapi.X509Source {
+	tb.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	src, err := workloadapi.NewX509Source(ctx, workloadapi.WithClientOptions(workloadapi.WithAddr(addr)), pick(id))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { src.Close() })
+	return src
 }
 
 // startOPA runs a stock OPA server whose only policy is the bundle it

@@ -22,7 +22,7 @@ import (
 // startWritdAgent runs a node agent attested to the writd process w with a
 // join token, serving the Workload API to this uid for ids, which it
 // registers under the node first.
-func startWritdAgent(t *testing.T, w *writd, node string, ids ...spiffeid.ID) string {
+func startWritdAgent(t testing.TB, w *writd, node string, ids ...spiffeid.ID) string {
 	t.Helper()
 	parent := "spiffe://example.org/node/" + node
 	out, code := w.writ(t, "token", "create", "--spiffe-id", parent, "--ttl", "5m")

@@ -48,10 +48,20 @@ type enforcerProc struct {
 // and decision-log flags and waits until it is ready.
 func startEnforcer(t testing.TB, args ...string) *enforcerProc {
 	t.Helper()
+	return startEnforcerBin(t, filepath.Join(binDir(t), "writ-enforcer"), nil, args...)
+}
+
+// startEnforcerBin is startEnforcer with another writ-enforcer binary and
+// environment variables added to this process's.
+func startEnforcerBin(t testing.TB, bin string, env []string, args ...string) *enforcerProc {
+	t.Helper()
 	p := &enforcerProc{log: &syncBuffer{}, done: make(chan error, 1), listen: freeAddr(t), admin: freeAddr(t),
 		decisionLg: filepath.Join(t.TempDir(), "decisions.jsonl")}
 	args = append([]string{"--listen", p.listen, "--admin-addr", p.admin, "--decision-log", p.decisionLg}, args...)
-	p.cmd = exec.Command(filepath.Join(binDir(t), "writ-enforcer"), args...)
+	p.cmd = exec.Command(bin, args...)
+	if len(env) > 0 {
+		p.cmd.Env = append(os.Environ(), env...)
+	}
 	p.cmd.Stdout, p.cmd.Stderr = p.log, p.log
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)

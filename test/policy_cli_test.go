@@ -15,7 +15,7 @@ import (
 // and returns its combined output and exit code.
 // runWrit runs the writ binary from binDir and returns its output and
 // exit code.
-func runWrit(t *testing.T, args ...string) (string, int) {
+func runWrit(t testing.TB, args ...string) (string, int) {
 	t.Helper()
 	cmd := exec.Command(filepath.Join(binDir(t), "writ"), args...)
 	out, err := cmd.CombinedOutput()

@@ -88,7 +88,7 @@ func startWritd(t testing.TB, opts ...writdOptions) *writd {
 }
 
 // writ runs the CLI against w and returns its output and exit code.
-func (w *writd) writ(t *testing.T, args ...string) (string, int) {
+func (w *writd) writ(t testing.TB, args ...string) (string, int) {
 	t.Helper()
 	return runWrit(t, append([]string{"--admin-socket", w.socket}, args...)...)
 }
