@@ -279,12 +279,21 @@ type ConnectionPool struct {
 	MaxRetries         int `yaml:"maxRetries,omitempty" json:"maxRetries,omitempty"`
 }
 
-// OutlierDetection ejects endpoints that fail repeatedly.
+// OutlierDetection ejects endpoints that fail repeatedly: after
+// Consecutive5xx 5xx answers (or failed connections, resets, timeouts)
+// in a row, or ConsecutiveGatewayFailure 502/503/504 answers (or failed
+// connections, resets, timeouts) in a row. At least one of the two is
+// set; only those set eject. Ejections last BaseEjectionTime times the
+// endpoint's ejection count (which decays by one per Interval back in
+// the pool), at most MaxEjectionTime; ejected endpoints return at the
+// sweep every Interval.
 type OutlierDetection struct {
-	Consecutive5xx     int      `yaml:"consecutive5xx" json:"consecutive5xx"`
-	Interval           Duration `yaml:"interval,omitempty" json:"interval,omitempty"`
-	BaseEjectionTime   Duration `yaml:"baseEjectionTime,omitempty" json:"baseEjectionTime,omitempty"`
-	MaxEjectionPercent int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
+	Consecutive5xx            int      `yaml:"consecutive5xx,omitempty" json:"consecutive5xx,omitempty"`
+	ConsecutiveGatewayFailure int      `yaml:"consecutiveGatewayFailure,omitempty" json:"consecutiveGatewayFailure,omitempty"`
+	Interval                  Duration `yaml:"interval,omitempty" json:"interval,omitempty"`
+	BaseEjectionTime          Duration `yaml:"baseEjectionTime,omitempty" json:"baseEjectionTime,omitempty"`
+	MaxEjectionTime           Duration `yaml:"maxEjectionTime,omitempty" json:"maxEjectionTime,omitempty"`
+	MaxEjectionPercent        int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
 }
 
 // HealthCheck is an active health check, over HTTP (Path), gRPC
@@ -714,8 +723,16 @@ func (s *TrafficPolicySpec) validate(add addFunc) {
 		}
 	}
 	if od := s.OutlierDetection; od != nil {
-		if od.Consecutive5xx < 1 {
-			add("spec.outlierDetection.consecutive5xx", "must be at least 1")
+		switch {
+		case od.Consecutive5xx < 0:
+			add("spec.outlierDetection.consecutive5xx", "must not be negative")
+		case od.ConsecutiveGatewayFailure < 0:
+			add("spec.outlierDetection.consecutiveGatewayFailure", "must not be negative")
+		case od.Consecutive5xx == 0 && od.ConsecutiveGatewayFailure == 0:
+			add("spec.outlierDetection.consecutive5xx", "set consecutive5xx or consecutiveGatewayFailure (at least 1)")
+		}
+		if od.MaxEjectionTime > 0 && od.MaxEjectionTime < od.BaseEjectionTime {
+			add("spec.outlierDetection.maxEjectionTime", "must not be shorter than baseEjectionTime")
 		}
 		if od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100 {
 			add("spec.outlierDetection.maxEjectionPercent", "%d is out of range 0-100", od.MaxEjectionPercent)

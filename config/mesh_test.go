@@ -96,6 +96,10 @@ func TestDecodeMeshErrors(t *testing.T) {
 			[]string{"f.yaml:6: spec.loadBalancer: ring_hash hashes on exactly one"}},
 		{"bad mode", "apiVersion: writ.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  package: writ.authz\n  mode: maybe\n",
 			[]string{"f.yaml:7: spec.mode: mode \"maybe\""}},
+		{"outlier detection detects nothing", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  outlierDetection:\n    baseEjectionTime: 30s\n",
+			[]string{"spec.outlierDetection.consecutive5xx: set consecutive5xx or consecutiveGatewayFailure"}},
+		{"max ejection time below base", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  outlierDetection: {consecutiveGatewayFailure: 3, baseEjectionTime: 30s, maxEjectionTime: 10s}\n",
+			[]string{"spec.outlierDetection.maxEjectionTime: must not be shorter"}},
 		{"empty", "", []string{"f.yaml: no resources"}},
 		// What writ-proxy would NACK is refused here, with the same bounds.
 		{"path regex syntax", svc + routeMatch("{pathRegex: \"/a(b\"}"),

@@ -265,8 +265,9 @@ type Cluster struct {
 	// Addresses are the service addresses (host:port) applications dial,
 	// by which transparent listeners find the cluster.
 	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
-	// CircuitBreakers bound the cluster's concurrency; nil takes Envoy's
-	// defaults (1024 requests, 3 concurrent retries).
+	// CircuitBreakers bound the cluster's connections and concurrency;
+	// nil takes Envoy's defaults (1024 connections, 1024 pending and 1024
+	// requests, 3 concurrent retries).
 	CircuitBreakers *CircuitBreakers `yaml:"circuit_breakers" json:"circuit_breakers,omitempty"`
 	// OutlierDetection ejects endpoints that keep failing; nil disables it.
 	OutlierDetection *OutlierDetection `yaml:"outlier_detection" json:"outlier_detection,omitempty"`
@@ -316,12 +317,21 @@ type StatusRange struct {
 	End   int `yaml:"end" json:"end"`
 }
 
-// CircuitBreakers are Envoy's thresholds: requests beyond MaxRequests in
-// flight are refused with 503 at once, and a failed first try is not
-// retried while MaxRetries requests of the cluster are retrying.
+// CircuitBreakers are Envoy's thresholds. Requests beyond MaxRequests in
+// flight (pending ones included) are refused with 503 at once, and a
+// failed first try is not retried while MaxRetries requests of the
+// cluster are retrying. MaxConnections bounds the cluster's upstream
+// connections across its endpoints (each of the proxy's pools may still
+// open one to an endpoint it has none to, as Envoy's pools may); a
+// request that finds no idle connection at that bound waits for one as
+// a pending request, and beyond MaxPendingRequests waiting it is refused
+// with 503 at once. Zero takes Envoy's defaults (1024 connections, 1024
+// pending, 1024 requests, 3 retries).
 type CircuitBreakers struct {
-	MaxRequests int `yaml:"max_requests" json:"max_requests"`
-	MaxRetries  int `yaml:"max_retries" json:"max_retries"`
+	MaxConnections     int `yaml:"max_connections" json:"max_connections,omitempty"`
+	MaxPendingRequests int `yaml:"max_pending_requests" json:"max_pending_requests,omitempty"`
+	MaxRequests        int `yaml:"max_requests" json:"max_requests"`
+	MaxRetries         int `yaml:"max_retries" json:"max_retries"`
 	// RetryBudgetPercent, when set, replaces MaxRetries by Envoy's retry
 	// budget: retrying requests may be that share of the requests in
 	// flight, and at least MinRetryConcurrency (default 3).
@@ -329,15 +339,30 @@ type CircuitBreakers struct {
 	MinRetryConcurrency int     `yaml:"min_retry_concurrency" json:"min_retry_concurrency,omitempty"`
 }
 
-// OutlierDetection ejects an endpoint after Consecutive5xx failures in a
-// row (5xx answers or failed connections) for BaseEjectionTime times the
-// number of its ejections so far; it returns by itself when that passes.
-// At most MaxEjectionPercent of the endpoints are out at once (at least
-// one, as in Envoy).
+// OutlierDetection is Envoy's consecutive-failure detection. An endpoint
+// is ejected after Consecutive5xx failures in a row (5xx answers, failed
+// connections, resets and timeouts) or ConsecutiveGatewayFailure gateway
+// failures in a row (502, 503, 504, failed connections, resets and
+// timeouts; any other answer breaks the run), each enforced on its
+// Enforcing share of the events (percent; 5xx defaults to 100, gateway
+// failures to 0 as in Envoy: a detector that is only configured counts
+// but does not eject). An ejection lasts BaseEjectionTime times the
+// endpoint's backoff, which grows by one per ejection and shrinks by one
+// for every Interval the endpoint then stays in the pool, capped at
+// MaxEjectionTime (default the larger of 300 s and BaseEjectionTime). As
+// in Envoy, an ejected endpoint returns at the first sweep, every
+// Interval (default 10 s) from when the cluster was configured, at which
+// its ejection time has passed. At most MaxEjectionPercent of the
+// endpoints are out at once (at least one, as in Envoy).
 type OutlierDetection struct {
-	Consecutive5xx     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
-	BaseEjectionTime   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
-	MaxEjectionPercent int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
+	Consecutive5xx                     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
+	ConsecutiveGatewayFailure          int      `yaml:"consecutive_gateway_failure" json:"consecutive_gateway_failure,omitempty"`
+	EnforcingConsecutive5xx            *int     `yaml:"enforcing_consecutive_5xx" json:"enforcing_consecutive_5xx,omitempty"`
+	EnforcingConsecutiveGatewayFailure int      `yaml:"enforcing_consecutive_gateway_failure" json:"enforcing_consecutive_gateway_failure,omitempty"`
+	Interval                           Duration `yaml:"interval" json:"interval,omitempty"`
+	BaseEjectionTime                   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
+	MaxEjectionTime                    Duration `yaml:"max_ejection_time" json:"max_ejection_time,omitempty"`
+	MaxEjectionPercent                 int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
 }
 
 // Endpoint is a peer sidecar's mesh port.
@@ -427,11 +452,12 @@ func (c *Config) Validate() error {
 				bad("%s: peer_ids: %q: %v", where, id, err)
 			}
 		}
-		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxRequests < 0 || cb.MaxRetries < 0 || cb.RetryBudgetPercent < 0 || cb.RetryBudgetPercent > 100 || cb.MinRetryConcurrency < 0) {
+		if cb := cl.CircuitBreakers; cb != nil && (cb.MaxConnections < 0 || cb.MaxPendingRequests < 0 || cb.MaxRequests < 0 || cb.MaxRetries < 0 || cb.RetryBudgetPercent < 0 || cb.RetryBudgetPercent > 100 || cb.MinRetryConcurrency < 0) {
 			bad("%s: circuit_breakers: negative threshold", where)
 		}
-		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100) {
-			bad("%s: outlier_detection: consecutive_5xx >= 0 and max_ejection_percent 0 to 100", where)
+		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.ConsecutiveGatewayFailure < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100 ||
+			od.EnforcingConsecutive5xx != nil && (*od.EnforcingConsecutive5xx < 0 || *od.EnforcingConsecutive5xx > 100) || od.EnforcingConsecutiveGatewayFailure < 0 || od.EnforcingConsecutiveGatewayFailure > 100) {
+			bad("%s: outlier_detection: consecutive counts >= 0, percentages 0 to 100", where)
 		}
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)

@@ -293,6 +293,12 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 			continue
 		}
 		c.CircuitBreakers = &CircuitBreakers{}
+		if v := th.GetMaxConnections(); v != nil {
+			c.CircuitBreakers.MaxConnections = int(v.GetValue())
+		}
+		if v := th.GetMaxPendingRequests(); v != nil {
+			c.CircuitBreakers.MaxPendingRequests = int(v.GetValue())
+		}
 		if v := th.GetMaxRequests(); v != nil {
 			c.CircuitBreakers.MaxRequests = int(v.GetValue())
 		}
@@ -310,13 +316,27 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 		}
 	}
 	if od := ec.GetOutlierDetection(); od != nil {
-		c.OutlierDetection = &OutlierDetection{Consecutive5xx: 5, BaseEjectionTime: duration(od.GetBaseEjectionTime()), MaxEjectionPercent: 10}
+		o := &OutlierDetection{Consecutive5xx: 5, ConsecutiveGatewayFailure: 5, BaseEjectionTime: duration(od.GetBaseEjectionTime()), MaxEjectionPercent: 10,
+			Interval: duration(od.GetInterval()), MaxEjectionTime: duration(od.GetMaxEjectionTime())}
 		if v := od.GetConsecutive_5Xx(); v != nil {
-			c.OutlierDetection.Consecutive5xx = int(v.GetValue())
+			o.Consecutive5xx = int(v.GetValue())
+		}
+		if v := od.GetConsecutiveGatewayFailure(); v != nil {
+			o.ConsecutiveGatewayFailure = int(v.GetValue())
+		}
+		// Envoy enforces consecutive 5xx by default and gateway failures
+		// only when asked to.
+		if v := od.GetEnforcingConsecutive_5Xx(); v != nil {
+			n := int(v.GetValue())
+			o.EnforcingConsecutive5xx = &n
+		}
+		if v := od.GetEnforcingConsecutiveGatewayFailure(); v != nil {
+			o.EnforcingConsecutiveGatewayFailure = int(v.GetValue())
 		}
 		if v := od.GetMaxEjectionPercent(); v != nil {
-			c.OutlierDetection.MaxEjectionPercent = int(v.GetValue())
+			o.MaxEjectionPercent = int(v.GetValue())
 		}
+		c.OutlierDetection = o
 	}
 	if po, ok := ec.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {
 		var hpo upstreamhttpv3.HttpProtocolOptions

@@ -47,10 +47,13 @@ func envoyCluster(t *testing.T, name string) *clusterv3.Cluster {
 		ConnectTimeout:       durationpb.New(2 * time.Second),
 		LbPolicy:             clusterv3.Cluster_LEAST_REQUEST,
 		CircuitBreakers: &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{
+			MaxConnections: wrapperspb.UInt32(10), MaxPendingRequests: wrapperspb.UInt32(4),
 			MaxRequests: wrapperspb.UInt32(100), MaxRetries: wrapperspb.UInt32(5),
 		}}},
 		OutlierDetection: &clusterv3.OutlierDetection{
 			Consecutive_5Xx: wrapperspb.UInt32(3), BaseEjectionTime: durationpb.New(10 * time.Second), MaxEjectionPercent: wrapperspb.UInt32(50),
+			ConsecutiveGatewayFailure: wrapperspb.UInt32(2), EnforcingConsecutiveGatewayFailure: wrapperspb.UInt32(100),
+			EnforcingConsecutive_5Xx: wrapperspb.UInt32(0), Interval: durationpb.New(time.Second), MaxEjectionTime: durationpb.New(time.Minute),
 		},
 		TransportSocket: &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(t, utc)}},
 	}
@@ -116,11 +119,13 @@ func TestFromEnvoy(t *testing.T) {
 	if got := routes[0].VirtualHosts[0].Routes; !reflect.DeepEqual(got, want) {
 		t.Errorf("routes:\ngot  %+v\nwant %+v", got, want)
 	}
+	zero := 0
 	wantCluster := Cluster{Name: "orders-v1", LBPolicy: LeastRequest, ConnectTimeout: Duration(2 * time.Second),
-		Endpoints:        []Endpoint{{Address: "10.0.0.1:15006"}, {Address: "10.0.0.2:15007"}},
-		PeerIDs:          []string{"spiffe://example.org/ns/shop/sa/orders"},
-		CircuitBreakers:  &CircuitBreakers{MaxRequests: 100, MaxRetries: 5},
-		OutlierDetection: &OutlierDetection{Consecutive5xx: 3, BaseEjectionTime: Duration(10 * time.Second), MaxEjectionPercent: 50},
+		Endpoints:       []Endpoint{{Address: "10.0.0.1:15006"}, {Address: "10.0.0.2:15007"}},
+		PeerIDs:         []string{"spiffe://example.org/ns/shop/sa/orders"},
+		CircuitBreakers: &CircuitBreakers{MaxConnections: 10, MaxPendingRequests: 4, MaxRequests: 100, MaxRetries: 5},
+		OutlierDetection: &OutlierDetection{Consecutive5xx: 3, ConsecutiveGatewayFailure: 2, EnforcingConsecutive5xx: &zero, EnforcingConsecutiveGatewayFailure: 100,
+			Interval: Duration(time.Second), BaseEjectionTime: Duration(10 * time.Second), MaxEjectionTime: Duration(time.Minute), MaxEjectionPercent: 50},
 	}
 	if !reflect.DeepEqual(clusters[0], wantCluster) {
 		t.Errorf("cluster:\ngot  %+v\nwant %+v", clusters[0], wantCluster)

@@ -34,6 +34,8 @@ type h1Transport struct {
 	dial     func(ctx context.Context, addr string) (net.Conn, error)
 	tls      bool
 	idleTime time.Duration
+	// lim counts the cluster's connections; nil for none.
+	lim *connLimit
 
 	mu   sync.Mutex
 	idle map[string][]*h1Conn
@@ -63,10 +65,18 @@ type h1Conn struct {
 	idleFrom time.Time
 }
 
-func newH1Transport(fallback *http.Transport, cfg *tls.Config, dialer *net.Dialer) *h1Transport {
-	t := &h1Transport{fallback: fallback, tls: cfg != nil, idleTime: 90 * time.Second, idle: map[string][]*h1Conn{}}
+func newH1Transport(fallback *http.Transport, cfg *tls.Config, dialer *net.Dialer, lim *connLimit) *h1Transport {
+	t := &h1Transport{fallback: fallback, tls: cfg != nil, idleTime: 90 * time.Second, idle: map[string][]*h1Conn{}, lim: lim}
 	t.dial = func(ctx context.Context, addr string) (net.Conn, error) {
 		raw, err := dialer.DialContext(ctx, "tcp", addr)
+		if lim != nil {
+			// get took the slot; the connection holds it until closed.
+			if err != nil {
+				lim.done(poolKey{poolH1, addr})
+				return nil, err
+			}
+			raw = lim.track(raw, poolKey{poolH1, addr})
+		}
 		if err != nil || cfg == nil {
 			return raw, err
 		}
@@ -497,6 +507,10 @@ func (t *h1Transport) release(c *h1Conn, reuse bool) {
 	}
 	c.idleFrom = time.Now()
 	t.mu.Lock()
+	if t.lim != nil && t.lim.handoff(c) {
+		t.mu.Unlock()
+		return
+	}
 	// The pool is a stack (the warmest connection is reused first); the
 	// coldest, at the bottom, are retired here once idle too long, so
 	// that a steady load does not keep connections the app has closed.
@@ -528,7 +542,10 @@ func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, erro
 		t.mu.Lock()
 		cs := t.idle[addr]
 		if len(cs) == 0 {
-			t.mu.Unlock()
+			c, err := t.connSlot(ctx, addr) // unlocks t.mu
+			if c != nil || err != nil {
+				return c, c != nil, err
+			}
 			break
 		}
 		c := cs[len(cs)-1]

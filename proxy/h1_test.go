@@ -51,7 +51,7 @@ func TestH1Transport(t *testing.T) {
 	go srv.Serve(l)
 	t.Cleanup(func() { close(release); srv.Close() })
 	dialer := &net.Dialer{Timeout: 5 * time.Second}
-	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer)
+	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer, nil)
 	t.Cleanup(tr.CloseIdleConnections)
 	// By name, so that the pool's key is not the connection's address.
 	base := "http://localhost:" + strings.TrimPrefix(l.Addr().String(), "127.0.0.1:")

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -417,7 +418,7 @@ func newAppTransport(allH2C bool) appTransport {
 	}
 	h2c.Protocols = new(http.Protocols)
 	h2c.Protocols.SetUnencryptedHTTP2(true)
-	return appTransport{h1: newH1Transport(h1, nil, dialer), h2c: h2c, allH2C: allH2C}
+	return appTransport{h1: newH1Transport(h1, nil, dialer, nil), h2c: h2c, allH2C: allH2C}
 }
 
 // RoundTrip picks the transport.
@@ -434,6 +435,9 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	status := http.StatusServiceUnavailable
 	msg := "upstream connect error or disconnect/reset before headers\n"
 	switch {
+	case errors.Is(err, errOverflow):
+		overloaded(w)
+		return
 	case errors.Is(err, context.DeadlineExceeded):
 		status, msg = http.StatusGatewayTimeout, "upstream request timeout\n"
 	case errors.Is(err, errNoRoute):
@@ -444,4 +448,15 @@ func proxyError(w http.ResponseWriter, r *http.Request, err error) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.WriteHeader(status)
 	_, _ = w.Write([]byte(msg))
+}
+
+// overloaded answers a request a circuit breaker refused as Envoy does:
+// 503 with x-envoy-overloaded (and Writ's own X-Writ-Overloaded).
+func overloaded(w http.ResponseWriter) {
+	h := w.Header()
+	h.Set("X-Envoy-Overloaded", "true")
+	h.Set("X-Writ-Overloaded", "true")
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	w.WriteHeader(http.StatusServiceUnavailable)
+	_, _ = io.WriteString(w, "upstream overflow\n")
 }

@@ -266,11 +266,8 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	}
 	if cl.inflight.Add(1) > cl.maxReq {
 		cl.inflight.Add(-1)
-		l.p.metrics.overflows.WithLabelValues(cl.cfg.Name).Inc()
-		w.Header().Set("X-Writ-Overloaded", "true")
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		w.WriteHeader(http.StatusServiceUnavailable)
-		_, _ = io.WriteString(w, "upstream overflow\n")
+		l.p.metrics.overflows.WithLabelValues(cl.cfg.Name, "max_requests").Inc()
+		overloaded(w)
 		return
 	}
 	defer cl.inflight.Add(-1)
@@ -427,7 +424,15 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		ep.active.Add(1)
 		resp, err := cl.transportFor(out).RoundTrip(out)
-		cl.outcome(ep, err != nil || resp.StatusCode >= 500, t.p.clock.Now().UnixNano())
+		cl.outcome(ep, tryStatus(resp, err, out), t.p.clock.Now().UnixNano())
+		if err != nil && errors.Is(err, errOverflow) {
+			// Envoy never retries an overflow: the cluster is full.
+			if cancel != nil {
+				cancel()
+			}
+			ep.active.Add(-1)
+			return nil, err
+		}
 		// The last try, a finished request, or a retry budget spent.
 		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())
 		if !final && rec != nil && body == nil {
@@ -632,8 +637,15 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 			break
 		}
 		last = ep
-		raw, err := cl.dialer.DialContext(l.ctx, "tcp", ep.addr)
-		cl.outcome(ep, err != nil, l.p.clock.Now().UnixNano())
+		raw, err := cl.tcpDial(l.ctx, "tcp", ep.addr)
+		if errors.Is(err, errOverflow) {
+			break
+		}
+		status := http.StatusOK
+		if err != nil {
+			status = http.StatusServiceUnavailable
+		}
+		cl.outcome(ep, status, l.p.clock.Now().UnixNano())
 		if err != nil {
 			continue
 		}

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"cmp"
+	"context"
 	"crypto/tls"
 	"fmt"
 	"math/rand/v2"
@@ -54,6 +55,13 @@ type cluster struct {
 	h1        *h1Transport    // HTTP/1.1
 	tcpTLS    *tls.Config
 	dialer    *net.Dialer
+	// conns bounds the connections of all of the above; tcpDial dials
+	// spliced TCP under it.
+	conns   *connLimit
+	tcpDial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// odStart is when outlier detection's sweeps began (unix ns): the
+	// cluster's compile time.
+	odStart int64
 }
 
 // endpoint is one peer sidecar; active counts its requests in flight for
@@ -61,10 +69,12 @@ type cluster struct {
 type endpoint struct {
 	addr   string
 	active atomic.Int64
-	// Outlier detection state.
-	fails        atomic.Int32
-	ejections    atomic.Int32
-	ejectedUntil atomic.Int64 // unix nanoseconds; 0 when in the pool
+	// Outlier detection state: consecutive 5xx and gateway failures, the
+	// ejection backoff multiplier, and the sweep at which the last
+	// ejection ends.
+	fails, gwFails atomic.Int32
+	backoff        atomic.Int32
+	ejectedUntil   atomic.Int64 // unix nanoseconds; 0 when never ejected
 	// Active health check state, written by the checker only.
 	unhealthy      atomic.Bool
 	hcFail, hcPass int
@@ -101,10 +111,12 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		st.routes[cfg.Routes[i].Name] = &cfg.Routes[i]
 	}
 	for _, c := range cfg.Clusters {
-		cl := &cluster{cfg: c, maxReq: 1024, maxRetry: 3}
+		cl := &cluster{cfg: c, maxReq: 1024, maxRetry: 3, odStart: p.clock.Now().UnixNano()}
 		name := c.Name
 		cl.onEject = func() { p.metrics.ejections.WithLabelValues(name).Inc() }
+		var maxConns, maxPending int
 		if cb := c.CircuitBreakers; cb != nil {
+			maxConns, maxPending = cb.MaxConnections, cb.MaxPendingRequests
 			if cb.MaxRequests > 0 {
 				cl.maxReq = int64(cb.MaxRequests)
 			}
@@ -120,7 +132,8 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		}
 		if old != nil {
 			if o, ok := old.clusters[c.Name]; ok && slices.Equal(o.cfg.PeerIDs, c.PeerIDs) && o.cfg.ConnectTimeout == c.ConnectTimeout {
-				cl.transport, cl.h1, cl.tcpTLS, cl.dialer = o.transport, o.h1, o.tcpTLS, o.dialer
+				cl.transport, cl.h1, cl.tcpTLS, cl.dialer, cl.conns, cl.tcpDial = o.transport, o.h1, o.tcpTLS, o.dialer, o.conns, o.tcpDial
+				cl.conns.set(maxConns, maxPending)
 				st.clusters[c.Name] = cl
 				continue
 			}
@@ -144,11 +157,16 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 			ct = defaultConnectTimeout
 		}
 		cl.dialer = &net.Dialer{Timeout: ct, KeepAlive: 30 * time.Second}
+		cl.conns = newConnLimit(func() { p.metrics.cxOverflows.WithLabelValues(name).Inc() },
+			func() { p.metrics.overflows.WithLabelValues(name, "max_pending_requests").Inc() })
+		cl.conns.set(maxConns, maxPending)
+		// A request waits for a slot at most as long as for a connection.
+		cl.tcpDial = cl.conns.dialer(poolTCP, cl.dialer, ct)
 		h2 := svidtls.ClientConfig(p.src, p.src, authz, p.clock)
 		h2.NextProtos = []string{"h2"}
 		cl.tcpTLS = svidtls.ClientConfig(p.src, p.src, authz, p.clock)
 		tr := &http.Transport{
-			DialContext:         cl.dialer.DialContext,
+			DialContext:         cl.conns.dialer(poolH2, cl.dialer, ct),
 			TLSClientConfig:     h2,
 			TLSHandshakeTimeout: handshakeTimeout,
 			ForceAttemptHTTP2:   true,
@@ -163,7 +181,7 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		h1 := svidtls.ClientConfig(p.src, p.src, authz, p.clock)
 		h1.NextProtos = []string{"http/1.1"}
 		h1tr := &http.Transport{
-			DialContext:         cl.dialer.DialContext,
+			DialContext:         cl.conns.dialer(poolH1x, cl.dialer, ct),
 			TLSClientConfig:     h1,
 			TLSHandshakeTimeout: handshakeTimeout,
 			MaxIdleConnsPerHost: 256,
@@ -172,7 +190,7 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 		}
 		h1tr.Protocols = new(http.Protocols)
 		h1tr.Protocols.SetHTTP1(true)
-		cl.h1 = newH1Transport(h1tr, h1, cl.dialer)
+		cl.h1 = newH1Transport(h1tr, h1, cl.dialer, cl.conns)
 		st.clusters[c.Name] = cl
 	}
 	return st, nil
@@ -315,54 +333,6 @@ func (c *cluster) pickHash(key uint64, not *endpoint, now int64) *endpoint {
 		}
 	}
 	return c.pick(not, now)
-}
-
-// outcome feeds outlier detection: failed is a 5xx answer or a failed
-// connection.
-func (c *cluster) outcome(e *endpoint, failed bool, now int64) {
-	od := c.cfg.OutlierDetection
-	if od == nil {
-		return
-	}
-	if !failed {
-		e.fails.Store(0)
-		return
-	}
-	limit := od.Consecutive5xx
-	if limit <= 0 {
-		limit = 5
-	}
-	if int(e.fails.Add(1)) < limit {
-		return
-	}
-	e.fails.Store(0)
-	if !e.in(now) {
-		return
-	}
-	// Recount who is out now, then respect the cap.
-	out := 0
-	for _, x := range c.eps {
-		if !x.in(now) {
-			out++
-		}
-	}
-	pct := od.MaxEjectionPercent
-	if pct == 0 {
-		pct = 10
-	}
-	if max := max(1, len(c.eps)*pct/100); out >= max {
-		return
-	}
-	base := time.Duration(od.BaseEjectionTime)
-	if base <= 0 {
-		base = 30 * time.Second
-	}
-	n := e.ejections.Add(1)
-	e.ejectedUntil.Store(now + int64(base)*int64(n))
-	c.ejected.Store(int64(out + 1))
-	if c.onEject != nil {
-		c.onEject()
-	}
 }
 
 // route finds the route for a request (its Host, method, path without

@@ -37,6 +37,7 @@ type metrics struct {
 	tcpRecv         *prometheus.CounterVec
 	retries         *prometheus.CounterVec
 	overflows       *prometheus.CounterVec
+	cxOverflows     *prometheus.CounterVec
 	ejections       *prometheus.CounterVec
 	faults          *prometheus.CounterVec
 	mirrors         *prometheus.CounterVec
@@ -101,7 +102,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "writ_upstream_retries_total", Help: "Request retries by cluster.",
 		}, []string{"cluster"}),
 		overflows: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "writ_upstream_overflow_total", Help: "Requests refused (503) by a cluster's circuit breaker.",
+			Name: "writ_upstream_overflow_total", Help: "Requests refused (503) by a cluster's circuit breaker, by breaker (max_requests, max_pending_requests).",
+		}, []string{"cluster", "breaker"}),
+		cxOverflows: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_upstream_connection_overflow_total", Help: "Connections not opened because the cluster was at max_connections (the request waited for one or was refused).",
 		}, []string{"cluster"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_upstream_ejections_total", Help: "Endpoints ejected by outlier detection.",
@@ -131,7 +135,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors}
+	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.cxOverflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors}
 }
 
 // unregister takes the metrics off reg again, so that a proxy that failed

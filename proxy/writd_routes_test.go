@@ -265,6 +265,67 @@ func TestWritdHealthChecks(t *testing.T) {
 	}
 }
 
+// TestWritdBreakersAndOutliers: a TrafficPolicy's connection pool and
+// outlier detection, as writd emits them, become the proxy's thresholds;
+// a policy that sets only consecutiveGatewayFailure ejects on gateway
+// failures alone, as Envoy would with writd's enforcing percentages.
+func TestWritdBreakersAndOutliers(t *testing.T) {
+	zero := 0
+	tests := []struct {
+		name, policy string
+		cb           CircuitBreakers
+		od           OutlierDetection
+	}{
+		{"5xx and gateway",
+			"  connectionPool: {maxConnections: 7, maxPendingRequests: 3, maxRequests: 50}\n  outlierDetection: {consecutive5xx: 4, consecutiveGatewayFailure: 2, interval: 1s, baseEjectionTime: 5s, maxEjectionTime: 1m, maxEjectionPercent: 50}\n",
+			CircuitBreakers{MaxConnections: 7, MaxPendingRequests: 3, MaxRequests: 50},
+			OutlierDetection{Consecutive5xx: 4, ConsecutiveGatewayFailure: 2, EnforcingConsecutiveGatewayFailure: 100,
+				Interval: Duration(time.Second), BaseEjectionTime: Duration(5 * time.Second), MaxEjectionTime: Duration(time.Minute), MaxEjectionPercent: 50}},
+		{"gateway only",
+			"  connectionPool: {maxConnections: 1}\n  outlierDetection: {consecutiveGatewayFailure: 3}\n",
+			CircuitBreakers{MaxConnections: 1},
+			OutlierDetection{Consecutive5xx: 5, ConsecutiveGatewayFailure: 3, EnforcingConsecutive5xx: &zero, EnforcingConsecutiveGatewayFailure: 100, MaxEjectionPercent: 10}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mesh := matchMesh + "---\napiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: orders, namespace: shop}\nspec:\n  service: orders\n" + tt.policy
+			rs, err := config.DecodeMesh("mesh.yaml", []byte(mesh))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := config.CheckMesh(rs); err != nil {
+				t.Fatal(err)
+			}
+			res, err := xds.Build(&xds.Mesh{TrustDomain: "example.org", Resources: rs}, xds.Node{ID: "front-1", SPIFFEID: "spiffe://example.org/ns/shop/sa/frontend", Namespace: "shop", Address: "127.0.0.9", Flavor: xds.FlavorEnvoy})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cs []*clusterv3.Cluster
+			for _, c := range res[resource.ClusterType] {
+				if err := c.(*clusterv3.Cluster).Validate(); err != nil {
+					t.Fatalf("writd's cluster is not valid: %v", err)
+				}
+				cs = append(cs, c.(*clusterv3.Cluster))
+			}
+			got, err := ClustersFromEnvoy(cs, nil)
+			if err != nil {
+				t.Fatalf("writ-proxy refuses writd's clusters: %v", err)
+			}
+			if len(got) == 0 {
+				t.Fatal("no clusters")
+			}
+			for _, c := range got {
+				if c.CircuitBreakers == nil || *c.CircuitBreakers != tt.cb {
+					t.Errorf("cluster %s: circuit breakers %+v, want %+v", c.Name, c.CircuitBreakers, tt.cb)
+				}
+				if c.OutlierDetection == nil || !reflect.DeepEqual(*c.OutlierDetection, tt.od) {
+					t.Errorf("cluster %s: outlier detection %+v, want %+v", c.Name, c.OutlierDetection, tt.od)
+				}
+			}
+		})
+	}
+}
+
 // TestRegexBoundsParity: a path or header regex is accepted by the mesh
 // config's validation (writ apply) exactly when writ-proxy accepts it in
 // the route configuration writd sends, so that nothing writd stores is

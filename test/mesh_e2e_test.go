@@ -445,24 +445,35 @@ func TestMeshRetriesTimeoutFaults(t *testing.T) {
 }
 
 // TestMeshOutlierAndCircuitBreaker: with maxRequests 2, a third request
-// in flight overflows with 503 and is counted; an endpoint answering 503
-// is ejected (the client then sees only the good one) and returns after
-// the ejection time by itself.
+// in flight overflows with 503 and is counted; with maxConnections 1 and
+// maxPendingRequests 1, of six concurrent slow requests two hold a
+// connection (one per endpoint: a pool may always have one to each, as
+// in Envoy), one waits for one and three are refused at once with 503
+// and x-envoy-overloaded, and the waiting one is served when a
+// connection frees. With only consecutiveGatewayFailure set, an endpoint
+// answering 500 stays in the pool while one answering 502 is ejected
+// (the client then sees only the good one) and returns by itself at the
+// sweep after its ejection time.
 func TestMeshOutlierAndCircuitBreaker(t *testing.T) {
-	m := newMeshE2E(t, ordersMesh+"---\n"+ordersPolicy(`  connectionPool: {maxRequests: 2}
-  outlierDetection: {consecutive5xx: 3, interval: 100ms, baseEjectionTime: 2s, maxEjectionPercent: 50}
-`))
+	const outlier = "  outlierDetection: {consecutiveGatewayFailure: 3, interval: 500ms, baseEjectionTime: 2s, maxEjectionPercent: 50}\n"
+	m := newMeshE2E(t, ordersMesh+"---\n"+ordersPolicy("  connectionPool: {maxRequests: 2}\n"+outlier))
 	var held atomic.Int64
-	release := make(chan struct{})
-	var bad atomic.Bool
-	bad.Store(true)
+	var release atomic.Pointer[chan struct{}]
+	newRelease := func() chan struct{} {
+		ch := make(chan struct{})
+		release.Store(&ch)
+		return ch
+	}
+	rel := newRelease()
+	var v2 atomic.Int64 // v2's answer to /
+	v2.Store(http.StatusInternalServerError)
 	hold := func(w http.ResponseWriter, r *http.Request) bool {
 		if r.URL.Path != "/hold" {
 			return false
 		}
 		held.Add(1)
 		select {
-		case <-release:
+		case <-*release.Load():
 		case <-r.Context().Done():
 		}
 		io.WriteString(w, "held")
@@ -474,10 +485,10 @@ func TestMeshOutlierAndCircuitBreaker(t *testing.T) {
 		}
 	}))
 	m.serve("orders", "v2", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch {
+		switch code := int(v2.Load()); {
 		case hold(w, r):
-		case bad.Load():
-			http.Error(w, "bad", http.StatusServiceUnavailable)
+		case code != http.StatusOK:
+			http.Error(w, "bad", code)
 		default:
 			io.WriteString(w, "recovered")
 		}
@@ -487,31 +498,87 @@ func TestMeshOutlierAndCircuitBreaker(t *testing.T) {
 	seen := map[int]bool{}
 	waitUntil(t, 45*time.Second, "both endpoints reachable", func() bool {
 		seen[meshDo(t, c, up, "/").code] = true
-		return seen[200] && seen[503]
+		return seen[200] && seen[500]
 	})
 
-	// Circuit breaking.
-	results := make(chan meshResp, 2)
+	// Circuit breaking: max requests.
+	results := make(chan meshResp, 8)
 	for range 2 {
 		go func() { results <- meshDo(t, c, up, "/hold") }()
 	}
 	waitUntil(t, 20*time.Second, "two requests held", func() bool { return held.Load() == 2 })
 	r := meshDo(t, c, up, "/")
-	if r.code != http.StatusServiceUnavailable || r.hdr.Get("X-Writ-Overloaded") != "true" {
+	if r.code != http.StatusServiceUnavailable || r.hdr.Get("X-Envoy-Overloaded") != "true" || r.hdr.Get("X-Writ-Overloaded") != "true" {
 		t.Fatalf("third request with two in flight: %d %q %v, want a 503 overflow", r.code, r.body, r.hdr)
 	}
-	if got := counterValue(t, front, "writ_upstream_overflow_total", nil); got < 1 {
-		t.Fatalf("writ_upstream_overflow_total = %v after an overflow", got)
+	if got := counterValue(t, front, "writ_upstream_overflow_total", map[string]string{"breaker": "max_requests"}); got < 1 {
+		t.Fatalf("writ_upstream_overflow_total{breaker=max_requests} = %v after an overflow", got)
 	}
-	close(release)
+	close(rel)
 	for range 2 {
 		if r := <-results; r.code != 200 || r.body != "held" {
 			t.Fatalf("held request: %d %q", r.code, r.body)
 		}
 	}
 
-	// Outlier detection: keep calling until 10 answers in a row come
-	// from the good endpoint; then the bad one is ejected.
+	// Circuit breaking: max connections and max pending requests.
+	m.apply(ordersPolicy("  connectionPool: {maxConnections: 1, maxPendingRequests: 1}\n" + outlier))
+	waitUntil(t, 20*time.Second, "connection limits in force", func() bool {
+		return strings.Contains(front.dumpRaw(t), `"max_pending_requests": 1`)
+	})
+	rel = newRelease()
+	held.Store(0)
+	const n = 6
+	for range n {
+		go func() { results <- meshDo(t, c, up, "/hold") }()
+	}
+	refused := 0
+	waitUntil(t, 20*time.Second, "two requests held and three refused", func() bool {
+		for {
+			select {
+			case r := <-results:
+				if r.code != http.StatusServiceUnavailable || r.hdr.Get("X-Envoy-Overloaded") != "true" {
+					t.Fatalf("request beyond max connections and max pending: %d %q %v, want 503 with x-envoy-overloaded", r.code, r.body, r.hdr)
+				}
+				refused++
+			default:
+				return held.Load() == 2 && refused == 3
+			}
+		}
+	})
+	if got := counterValue(t, front, "writ_upstream_overflow_total", map[string]string{"breaker": "max_pending_requests"}); got != 3 {
+		t.Fatalf("writ_upstream_overflow_total{breaker=max_pending_requests} = %v, want 3", got)
+	}
+	// The waiting request and the three refused found no connection.
+	if got := counterValue(t, front, "writ_upstream_connection_overflow_total", nil); got != 4 {
+		t.Fatalf("writ_upstream_connection_overflow_total = %v, want 4", got)
+	}
+	close(rel)
+	for range 3 {
+		if r := <-results; r.code != 200 || r.body != "held" {
+			t.Fatalf("held or waiting request: %d %q", r.code, r.body)
+		}
+	}
+	if got := held.Load(); got != 3 {
+		t.Fatalf("%d requests reached the apps, want 3 (two held, then the one that waited)", got)
+	}
+
+	// Outlier detection on gateway failures only: 500s are not ones.
+	bad := 0
+	for range 20 {
+		if r := meshDo(t, c, up, "/"); r.code == http.StatusInternalServerError {
+			bad++
+		}
+	}
+	if bad < 9 {
+		t.Fatalf("answering 500, v2 got %d of 20 requests, want about 10: it must stay in the pool", bad)
+	}
+	if got := counterValue(t, front, "writ_upstream_ejections_total", nil); got != 0 {
+		t.Fatalf("writ_upstream_ejections_total = %v with only 500s", got)
+	}
+	// 502s are: keep calling until 10 answers in a row come from the good
+	// endpoint; then the bad one is ejected.
+	v2.Store(http.StatusBadGateway)
 	streak := 0
 	waitUntil(t, 20*time.Second, "the failing endpoint ejected", func() bool {
 		if r := meshDo(t, c, up, "/"); r.code == 200 && r.body == "good" {
@@ -524,7 +591,7 @@ func TestMeshOutlierAndCircuitBreaker(t *testing.T) {
 	if got := counterValue(t, front, "writ_upstream_ejections_total", nil); got < 1 {
 		t.Fatalf("writ_upstream_ejections_total = %v after an ejection", got)
 	}
-	bad.Store(false)
+	v2.Store(http.StatusOK)
 	waitUntil(t, 25*time.Second, "the ejected endpoint back after its ejection time", func() bool {
 		return meshDo(t, c, up, "/").body == "recovered"
 	})

@@ -370,7 +370,21 @@ func applyPolicy(c *clusterv3.Cluster, tp *config.TrafficPolicySpec, p config.Se
 		c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{th}}
 	}
 	if od := tp.OutlierDetection; od != nil {
-		o := &clusterv3.OutlierDetection{Consecutive_5Xx: wrapperspb.UInt32(uint32(od.Consecutive5xx))}
+		o := &clusterv3.OutlierDetection{}
+		// Envoy enforces consecutive 5xx unless told not to (its count
+		// defaults to 5) and gateway failures only when told to.
+		if od.Consecutive5xx > 0 {
+			o.Consecutive_5Xx = wrapperspb.UInt32(uint32(od.Consecutive5xx))
+		} else {
+			o.EnforcingConsecutive_5Xx = wrapperspb.UInt32(0)
+		}
+		if od.ConsecutiveGatewayFailure > 0 {
+			o.ConsecutiveGatewayFailure = wrapperspb.UInt32(uint32(od.ConsecutiveGatewayFailure))
+			o.EnforcingConsecutiveGatewayFailure = wrapperspb.UInt32(100)
+		}
+		if od.MaxEjectionTime > 0 {
+			o.MaxEjectionTime = dur(od.MaxEjectionTime)
+		}
 		if od.Interval > 0 {
 			o.Interval = dur(od.Interval)
 		}
