@@ -144,11 +144,15 @@ type Spool struct {
 	nextSeq  uint64
 	head     Hash
 	acked    uint64
+	ackedAt  time.Time // when Ack last wrote the acked file
 	broken   error
 	closed   bool
 	lastWarn time.Time
 
 	fsyncMu sync.Mutex // serializes fsyncs
+
+	ackMu      sync.Mutex // serializes writes of the acked file
+	ackWritten uint64     // the seq the acked file holds
 
 	sm       sync.Mutex // guards synced, syncErr
 	cond     *sync.Cond
@@ -252,6 +256,7 @@ func (s *Spool) recover() error {
 		if s.acked, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
 			return fmt.Errorf("audit spool: acked file: %w", err)
 		}
+		s.ackWritten = s.acked
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("audit spool: %w", err)
 	}
@@ -705,6 +710,9 @@ func (s *Spool) Close() error {
 	close(s.done)
 	s.wg.Wait()
 	err := s.Sync()
+	if aerr := s.writeAcked(); err == nil {
+		err = aerr
+	}
 	s.mu.Lock()
 	if s.active != nil {
 		s.active.Close()
@@ -748,14 +756,57 @@ func (s *Spool) Stats() Stats {
 // ignores.
 func (s *Spool) Ack(seq uint64) error {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if seq <= s.acked {
+		s.mu.Unlock()
 		return nil
 	}
 	if seq >= s.nextSeq {
+		s.mu.Unlock()
 		return fmt.Errorf("audit spool: ack %d beyond the last event %d", seq, s.nextSeq-1)
 	}
 	s.acked = seq
+	deleted := false
+	for len(s.segs) > 1 && s.segs[0].last <= seq {
+		if err := os.Remove(s.segs[0].path); err != nil {
+			s.mu.Unlock()
+			return fmt.Errorf("audit spool: delete acknowledged segment: %w", err)
+		}
+		s.total -= s.segs[0].size
+		s.segs = s.segs[1:]
+		deleted = true
+	}
+	s.m.bytes.Set(float64(s.total))
+	// The acked file is rewritten at most every ackWriteEvery (and when
+	// a segment goes, and at Close), outside mu so that appends on the
+	// request path do not wait for it. After a crash it lags by at most
+	// that much; recovery already allows for a lagging file, and the
+	// collector inserts the events shipped again idempotently.
+	now := s.o.Clock.Now()
+	write := deleted || now.Sub(s.ackedAt) >= ackWriteEvery
+	if write {
+		s.ackedAt = now
+	}
+	s.mu.Unlock()
+	if write {
+		return s.writeAcked()
+	}
+	return nil
+}
+
+// ackWriteEvery bounds how often Ack rewrites the acked file: the shipper
+// acknowledges every batch, about every SyncInterval under load.
+const ackWriteEvery = 100 * time.Millisecond
+
+// writeAcked records the latest acknowledged seq in the acked file.
+func (s *Spool) writeAcked() error {
+	s.ackMu.Lock()
+	defer s.ackMu.Unlock()
+	s.mu.Lock()
+	seq := s.acked
+	s.mu.Unlock()
+	if seq == s.ackWritten {
+		return nil
+	}
 	tmp := filepath.Join(s.o.Dir, "acked.tmp")
 	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o600); err != nil {
 		return fmt.Errorf("audit spool: %w", err)
@@ -763,14 +814,7 @@ func (s *Spool) Ack(seq uint64) error {
 	if err := os.Rename(tmp, filepath.Join(s.o.Dir, "acked")); err != nil {
 		return fmt.Errorf("audit spool: %w", err)
 	}
-	for len(s.segs) > 1 && s.segs[0].last <= seq {
-		if err := os.Remove(s.segs[0].path); err != nil {
-			return fmt.Errorf("audit spool: delete acknowledged segment: %w", err)
-		}
-		s.total -= s.segs[0].size
-		s.segs = s.segs[1:]
-	}
-	s.m.bytes.Set(float64(s.total))
+	s.ackWritten = seq
 	return nil
 }
 
@@ -802,15 +846,27 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 		if r.off >= end {
 			break // a rotated-in segment with nothing durable yet
 		}
-		// One read for many records: the rest of what the batch may take
-		// from this segment, at least one whole record.
-		want := min(end-r.off, int64(max(maxBytes-size, MaxRecordBytes+recHeaderSize)))
-		if int64(cap(r.buf)) < want {
-			r.buf = make([]byte, want)
-		}
-		chunk := r.buf[:want]
-		if _, err := r.f.ReadAt(chunk, r.off); err != nil {
-			return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+		// One read for many records, in a bounded buffer (a backlog is
+		// read in pieces rather than into one buffer the size of the
+		// batch, which the reader would keep): at most readChunk, or one
+		// whole record larger than that.
+		want := min(end-r.off, readChunk)
+		var chunk []byte
+		for {
+			if int64(cap(r.buf)) < want {
+				r.buf = make([]byte, want)
+			}
+			chunk = r.buf[:want]
+			if _, err := r.f.ReadAt(chunk, r.off); err != nil {
+				return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+			}
+			if want < end-r.off && len(chunk) >= recHeaderSize {
+				if n := int64(recHeaderSize) + int64(binary.BigEndian.Uint32(chunk[0:4])); n > want && n <= end-r.off {
+					want = n
+					continue
+				}
+			}
+			break
 		}
 		progressed := false
 		for len(chunk) >= recHeaderSize && from <= limit && len(out) < maxEvents && size < maxBytes {
@@ -837,8 +893,14 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 			break
 		}
 	}
+	if cap(r.buf) > readChunk {
+		r.buf = nil // grown for one large record: not kept
+	}
 	return out, nil
 }
+
+// readChunk bounds a reader's buffer for records of the usual size.
+const readChunk = 64 << 10
 
 // Reader is a read position in a spool, used by one goroutine.
 type Reader struct {

@@ -491,3 +491,92 @@ func TestSpoolRecordBufferReuse(t *testing.T) {
 		}
 	}
 }
+
+// TestSpoolReadBatchRecordsLargerThanAChunk reads small records around
+// ones larger than a reader's usual buffer, within one segment, and checks
+// that the buffer grown for them is not kept.
+func TestSpoolReadBatchRecordsLargerThanAChunk(t *testing.T) {
+	s := openTest(t, SpoolOptions{Dir: t.TempDir(), SegmentBytes: 8 << 20})
+	sizes := []int{0, readChunk - 100, 0, 3 * readChunk, 0, 0, readChunk + 1, 0}
+	for i, n := range sizes {
+		ev := testEvent(t, i)
+		ev.Attributes = []byte(`{"pad":"` + strings.Repeat("x", n) + `"}`)
+		if err := s.Append(context.Background(), ev); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := readAll(t, s, 1)
+	if len(got) != len(sizes) {
+		t.Fatalf("read %d events, want %d", len(got), len(sizes))
+	}
+	for i, ev := range got {
+		if want := len(`{"pad":""}`) + sizes[i]; len(ev.Attributes) != want {
+			t.Fatalf("event %d: %d bytes of attributes, want %d", i, len(ev.Attributes), want)
+		}
+	}
+	var r Reader
+	defer r.Close()
+	if _, err := s.ReadBatch(&r, 1, 100, 16<<20); err != nil {
+		t.Fatal(err)
+	}
+	if cap(r.buf) > readChunk {
+		t.Fatalf("reader kept a %d-byte buffer, want at most %d", cap(r.buf), readChunk)
+	}
+}
+
+// TestSpoolAckFileWrites checks that acknowledgements within
+// ackWriteEvery of the last write leave the acked file for later (the
+// next one after the interval, or Close, writes the latest), and that one
+// after the interval writes it at once.
+func TestSpoolAckFileWrites(t *testing.T) {
+	dir := t.TempDir()
+	clk := clockwork.NewFakeClock()
+	s := openTest(t, SpoolOptions{Dir: dir, Clock: clk})
+	for i := range 10 {
+		if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	onDisk := func() string {
+		b, err := os.ReadFile(filepath.Join(dir, "acked"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	clk.Advance(time.Second)
+	steps := []struct {
+		seq     uint64
+		advance time.Duration
+		want    string
+	}{
+		{2, 0, "2"},                 // the first in a while: written
+		{3, 0, "2"},                 // within the interval: later
+		{4, ackWriteEvery / 2, "2"}, // still within it
+		{5, ackWriteEvery, "5"},     // past it: written
+	}
+	for _, st := range steps {
+		clk.Advance(st.advance)
+		if err := s.Ack(st.seq); err != nil {
+			t.Fatal(err)
+		}
+		if got := onDisk(); got != st.want {
+			t.Fatalf("after ack %d: acked file says %s, want %s", st.seq, got, st.want)
+		}
+	}
+	if err := s.Ack(7); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := onDisk(); got != "7" {
+		t.Fatalf("after Close: acked file says %s, want 7", got)
+	}
+}

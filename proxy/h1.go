@@ -45,6 +45,12 @@ type h1Transport struct {
 // write; larger ones stream through the fallback.
 const maxFastBody = 64 << 10
 
+// smallBody bounds the request bodies that borrow smallBodyPool's
+// buffers; larger ones (up to maxFastBody) are allocated.
+const smallBody = 4 << 10
+
+var smallBodyPool = sync.Pool{New: func() any { b := make([]byte, smallBody); return &b }}
+
 // maxIdlePerHost bounds the idle connections kept per address.
 const maxIdlePerHost = 256
 
@@ -116,15 +122,30 @@ func (t *h1Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	var body []byte
 	if r.Body != nil && r.Body != http.NoBody {
-		b, err := io.ReadAll(io.LimitReader(r.Body, maxFastBody+1))
+		// The body is copied into the connection's writer before
+		// RoundTrip returns, so a small one borrows a pooled buffer.
+		if r.ContentLength <= smallBody {
+			bp := smallBodyPool.Get().(*[]byte)
+			defer smallBodyPool.Put(bp)
+			body = (*bp)[:r.ContentLength]
+		} else {
+			body = make([]byte, r.ContentLength)
+		}
+		_, err := io.ReadFull(r.Body, body)
+		if err == nil {
+			// A body longer than its Content-Length is refused, as
+			// net/http's transport does.
+			var one [1]byte
+			if n, _ := r.Body.Read(one[:]); n > 0 {
+				err = errors.New("request body length differs from its Content-Length")
+			}
+		} else if err == io.ErrUnexpectedEOF || err == io.EOF {
+			err = errors.New("request body length differs from its Content-Length")
+		}
 		r.Body.Close()
 		if err != nil {
 			return nil, err
 		}
-		if int64(len(b)) != r.ContentLength {
-			return nil, errors.New("request body length differs from its Content-Length")
-		}
-		body = b
 	}
 	addr := r.URL.Host
 	if _, _, err := net.SplitHostPort(addr); err != nil {
@@ -292,7 +313,8 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	}
 	h := make(http.Header, n)
 	vals := make([]string, n)
-	var cl []string
+	var cl string // the Content-Length, if exactly one
+	ncl := 0
 	for rest := s; rest != ""; {
 		i := indexCRLF(rest)
 		f := rest[:i]
@@ -308,7 +330,7 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 		key := canonicalHeader(name)
 		switch key {
 		case "Content-Length":
-			cl = append(cl, value)
+			cl, ncl = value, ncl+1
 		case "Transfer-Encoding", "Trailer":
 			return nil
 		}
@@ -322,13 +344,13 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	}
 	length := int64(-1)
 	switch {
-	case len(cl) == 1:
-		v, err := strconv.ParseUint(cl[0], 10, 63)
-		if err != nil || cl[0][0] < '0' || cl[0][0] > '9' {
+	case ncl == 1:
+		v, err := strconv.ParseUint(cl, 10, 63)
+		if err != nil || cl == "" || cl[0] < '0' || cl[0] > '9' {
 			return nil
 		}
 		length = int64(v)
-	case len(cl) > 1:
+	case ncl > 1:
 		return nil
 	}
 	if length < 0 {

@@ -277,7 +277,8 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 	}
 	h := make(http.Header, n)
 	vals := make([]string, n)
-	var cl []string
+	var cl string // the Content-Length, if exactly one
+	ncl := 0
 	te := false
 	for rest := s; rest != ""; {
 		i := indexCRLF(rest)
@@ -294,7 +295,7 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 		key := canonicalHeader(name)
 		switch key {
 		case "Content-Length":
-			cl = append(cl, value)
+			cl, ncl = value, ncl+1
 		case "Transfer-Encoding":
 			te = true
 		case "Expect", "Upgrade", "Trailer":
@@ -308,16 +309,16 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 		}
 		vals = vals[1:]
 	}
-	if len(cl) > 1 || len(cl) == 1 && te {
+	if ncl > 1 || ncl == 1 && te {
 		return nil, headBad
 	}
 	if te {
 		return nil, headFallback
 	}
 	var length int64
-	if len(cl) == 1 {
-		v, err := strconv.ParseUint(cl[0], 10, 63)
-		if err != nil || cl[0] == "" || cl[0][0] < '0' || cl[0][0] > '9' {
+	if ncl == 1 {
+		v, err := strconv.ParseUint(cl, 10, 63)
+		if err != nil || cl == "" || cl[0] < '0' || cl[0] > '9' {
 			return nil, headBad
 		}
 		if v > maxFastBody {

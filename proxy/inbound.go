@@ -42,7 +42,7 @@ type inboundListener struct {
 	httpLn *connListener
 	srv    *http.Server
 	h1     *h1Server
-	rp     *httputil.ReverseProxy
+	fwd    *forwarder
 	toApp  appTransport
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -91,7 +91,7 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
 	l.toApp = newAppTransport(cfg.AppProtocol == "h2c")
-	l.rp = &httputil.ReverseProxy{
+	l.fwd = &forwarder{rp: &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "http"
 			pr.Out.URL.Host = cfg.App
@@ -99,7 +99,7 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 		Transport:    l.toApp,
 		BufferPool:   bufPool,
 		ErrorHandler: proxyError,
-	}
+	}, transport: l.toApp, scheme: "http", host: cfg.App}
 	l.srv = &http.Server{
 		Handler:           l,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -248,7 +248,7 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			applyHeader(rw.Header(), h)
 		}
 		r.Header.Set(headerXFCC, pi.xfcc)
-		l.rp.ServeHTTP(rw, r)
+		l.fwd.serve(rw, r, !l.toApp.allH2C)
 	}
 	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 	l.p.observe(&res)

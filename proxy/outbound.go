@@ -37,7 +37,7 @@ type outboundListener struct {
 	cfg Outbound
 	ln  net.Listener
 	srv *http.Server
-	rp  *httputil.ReverseProxy
+	fwd *forwarder
 	ctx context.Context
 	end context.CancelFunc
 	// mirrors holds a token per mirrored request in flight.
@@ -123,7 +123,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 		return l, nil
 	}
 	l.httpLn = newConnListener(ln.Addr())
-	l.rp = &httputil.ReverseProxy{
+	l.fwd = &forwarder{rp: &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Scheme = "https"
 			pr.Out.Host = pr.In.Host
@@ -131,7 +131,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 		Transport:    roundTripper{p},
 		BufferPool:   bufPool,
 		ErrorHandler: proxyError,
-	}
+	}, transport: roundTripper{p}, scheme: "https"}
 	l.srv = &http.Server{
 		Handler:           l,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -279,7 +279,8 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 		l.mirror(r, m, timeout)
 	}
 	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl, source: r.RemoteAddr}}, timeout)
-	l.rp.ServeHTTP(w, r.WithContext(ctx))
+	// HTTP/2 clusters stream through ReverseProxy (1xx answers included).
+	l.fwd.serve(w, r.WithContext(ctx), !cl.cfg.HTTP2)
 	cancel()
 }
 

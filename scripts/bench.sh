@@ -6,7 +6,8 @@
 # missing: nginx-light and haproxy (apt-get), fortio v1.66.0 and the stock
 # OPA of go.mod (go install, cached under .tmp/). Knobs: WRIT_BENCH_DUR
 # (default 10s per run), WRIT_BENCH_QPS (1000), WRIT_BENCH_CONC (16),
-# WRIT_BENCH_ONLY (e.g. writ,nginx), WRIT_BENCH_PROXY_ENV, WRIT_BENCH_NOBUILD.
+# WRIT_BENCH_ONLY (e.g. writ,nginx), WRIT_BENCH_PROXY_ENV, WRIT_BENCH_NOBUILD,
+# WRIT_BENCH_PPROF (a directory for the writ pair's profiles and strace counts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

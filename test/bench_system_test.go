@@ -27,7 +27,7 @@ import (
 //
 //   - the app directly (the floor),
 //   - two writ-proxy processes (agent + proxy each, SVIDs from a real writd
-//     on PostgreSQL) with mTLS, Rego authz and the decision record on,
+//     on PostgreSQL) with mTLS, Rego authz and the audit spool on,
 //   - an nginx pair with mTLS, without and with auth_request to a stock OPA
 //     server holding the same rule,
 //   - an HAProxy pair with mTLS,
@@ -35,14 +35,20 @@ import (
 // each at a fixed 1,000 requests/s and at saturation. Printed: latency
 // added over direct (p50/p90/p99), max throughput, the proxies' CPU seconds
 // per 1,000 requests (utime+stime from /proc/PID/stat) and peak RSS per
-// proxy (VmHWM), with Writ's ratio to each peer.
+// proxy during each run (VmHWM, reset before it), with Writ's ratio to
+// each peer.
 //
 // Knobs (environment): WRIT_FORTIO_BIN, WRIT_OPA_BIN, WRIT_NGINX_BIN,
 // WRIT_HAPROXY_BIN (default: found on PATH or in /usr/sbin), WRIT_BENCH_DUR
 // (per measured run, default 10s), WRIT_BENCH_QPS (the fixed rate, default
 // 1000), WRIT_BENCH_CONC (default 16), WRIT_BENCH_ONLY (comma-separated
 // scenario names to run, default all), WRIT_BENCH_PROXY_ENV (space-separated
-// VAR=value for the writ-proxy processes only, e.g. GOGC=200). Every run is bounded by its
+// VAR=value for the writ-proxy processes only, e.g. GOGC=200),
+// WRIT_BENCH_PPROF (a directory: system call counts of both writ-proxy
+// processes during the writ pair's warm-up, with strace on PATH; CPU
+// profiles from their admin ports during each measured run, then
+// allocation profiles; /proc/PID/smaps_rollup after each run). Every run
+// is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
 func BenchmarkSystem(b *testing.B) {
 	tools := map[string]string{}
@@ -105,6 +111,10 @@ func BenchmarkSystem(b *testing.B) {
 			continue
 		}
 		url, sides := sc.setup()
+		sb.profile = nil
+		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && sc.name == "writ" {
+			sb.profile = func(qps int, d time.Duration) func() { return sb.profileWrit(dir, sides, qps, d) }
+		}
 		res := sb.measure(sc.name, url, sides)
 		results = append(results, res)
 		sb.stopAll()
@@ -140,6 +150,12 @@ type sysBench struct {
 	w     *writd
 	procs []*exec.Cmd // per scenario; the app stays
 	certs *benchCerts
+	// admins are the writ pair's admin addresses (front, back), for
+	// WRIT_BENCH_PPROF.
+	admins []string
+	// profile, when set, starts profiling a measured run (at qps) of the
+	// scenario being measured and returns a function that waits for it.
+	profile func(qps int, d time.Duration) func()
 }
 
 // start runs a process with its output in a file under dir; it is killed
@@ -209,7 +225,10 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 	}
 	write(b, filepath.Join(policyDir, "mesh.rego"), meshPolicy)
 	mesh := freeAddrTB(b)
-	orders, ordersAdmin := s.writProxy("orders", "--inbound", mesh, "--app", app, "--service", "orders", "--policy-dir", policyDir)
+	// Decisions go to the durable audit spool (write(2) per decision, fsync
+	// every 10 ms), shipped to writd's collector: the production setting.
+	orders, ordersAdmin := s.writProxy("orders", "--inbound", mesh, "--app", app, "--service", "orders", "--policy-dir", policyDir,
+		"--audit-spool-dir", filepath.Join(s.dir, "orders-spool"))
 	cfgFile := filepath.Join(s.dir, "proxy.yaml")
 	write(b, cfgFile, fmt.Sprintf("clusters:\n- name: orders\n  lb_policy: ROUND_ROBIN\n  endpoints:\n  - address: %s\n  peer_ids: [spiffe://example.org/ns/shop/sa/orders]\n", mesh))
 	up := freeAddrTB(b)
@@ -217,12 +236,13 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 	for _, a := range []string{ordersAdmin, frontAdmin} {
 		waitHTTP(b, "http://"+a+"/readyz", nil)
 	}
+	s.admins = []string{frontAdmin, ordersAdmin}
 	return "http://" + up + "/", [][]int{{front.Process.Pid}, {orders.Process.Pid}}
 }
 
 // writProxy starts one writ-proxy (agent and proxy roles) with a join
 // token for node NAME-node. The access log is off (the peers log nothing
-// either); decisions are recorded as writ-proxy records them.
+// either); decisions go to the audit spool on the mesh side.
 func (s *sysBench) writProxy(name string, args ...string) (*exec.Cmd, string) {
 	b := s.b
 	out, err := writTB(b, s.w, "token", "create", "--spiffe-id", "spiffe://example.org/node/"+name+"-node", "--ttl", "5m")
@@ -566,6 +586,19 @@ func cpuTicks(b *testing.B, pids [][]int) int64 {
 	return n
 }
 
+// resetPeakRSS starts each process's VmHWM afresh (clear_refs 5), so
+// that a run's peak is its own and not the start-up's or an earlier
+// run's.
+func resetPeakRSS(b *testing.B, pids [][]int) {
+	for _, side := range pids {
+		for _, pid := range side {
+			if err := os.WriteFile(fmt.Sprintf("/proc/%d/clear_refs", pid), []byte("5"), 0); err != nil {
+				b.Fatalf("process %d: reset peak RSS: %v", pid, err)
+			}
+		}
+	}
+}
+
 // peakRSS is the largest side's summed VmHWM, in bytes.
 func peakRSS(b *testing.B, pids [][]int) int64 {
 	var worst int64
@@ -607,8 +640,18 @@ type sysResult struct {
 
 func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 	b := s.b
-	// Warm-up: connections, TLS sessions, pools, JIT-less caches.
-	s.fortio(name+"-warmup", url, 0, 2*time.Second)
+	// Warm-up: connections, TLS sessions, pools, JIT-less caches. At the
+	// fixed rate, so that the memory measured at that rate is not what a
+	// saturating warm-up left behind (the saturation run comes last).
+	stop := func() {}
+	if s.profile != nil {
+		stop = s.straceWarmup(sides)
+	}
+	w := s.fortio(name+"-warmup", url, s.qps, 2*time.Second)
+	stop()
+	if s.profile != nil {
+		b.Logf("%s warm-up: %d requests (for the strace counts)", name, w.n)
+	}
 	r := &sysResult{name: name}
 	for _, m := range []struct {
 		run *fortioRun
@@ -617,8 +660,22 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		var t0 int64
 		if sides != nil {
 			t0 = cpuTicks(b, sides)
+			resetPeakRSS(b, sides)
+		}
+		wait := func() {}
+		if s.profile != nil {
+			wait = s.profile(m.qps, s.dur)
 		}
 		*m.run = s.fortio(fmt.Sprintf("%s-%d", name, m.qps), url, m.qps, s.dur)
+		wait()
+		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && s.profile != nil {
+			// Resident memory by kind (anonymous, file-backed) after the run.
+			for i, side := range []string{"front", "back"} {
+				if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", sides[i][0])); err == nil {
+					_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d.smaps", side, m.qps)), raw, 0o644)
+				}
+			}
+		}
 		if sides != nil {
 			m.run.cpuPer1k = float64(cpuTicks(b, sides)-t0) / 100 / float64(m.run.n) * 1000
 			m.run.rssPeak = peakRSS(b, sides)
@@ -628,6 +685,77 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		}
 	}
 	return r
+}
+
+// profileWrit collects, over most of d, a CPU profile of each writ-proxy
+// (front, back) from its admin port; allocation profiles follow when the
+// run ends. Files go to dir as front-QPS.cpu, back.allocs, … (QPS 0 is
+// the saturation run) for go tool pprof.
+func (s *sysBench) profileWrit(dir string, sides [][]int, qps int, d time.Duration) func() {
+	b := s.b
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	secs := max(1, int((d-time.Second)/time.Second))
+	names := []string{"front", "back"}
+	done := make(chan struct{}, 4)
+	get := func(url, file string) {
+		defer func() { done <- struct{}{} }()
+		resp, err := http.Get(url)
+		if err != nil {
+			b.Logf("pprof %s: %v", url, err)
+			return
+		}
+		defer resp.Body.Close()
+		f, err := os.Create(file)
+		if err != nil {
+			b.Logf("pprof: %v", err)
+			return
+		}
+		defer f.Close()
+		_, _ = io.Copy(f, resp.Body)
+	}
+	for i, a := range s.admins {
+		go get(fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", a, secs), filepath.Join(dir, fmt.Sprintf("%s-%d.cpu", names[i], qps)))
+	}
+	return func() {
+		for range s.admins {
+			<-done
+		}
+		for i, a := range s.admins {
+			get(fmt.Sprintf("http://%s/debug/pprof/allocs", a), filepath.Join(dir, names[i]+".allocs"))
+			<-done
+		}
+	}
+}
+
+// straceWarmup counts the system calls of each side's first process
+// (strace -c -f) until the returned function is called; the warm-up's
+// figures are not reported, so ptrace's slowdown costs nothing measured.
+// Output goes next to the CPU profiles as front.strace and back.strace.
+func (s *sysBench) straceWarmup(sides [][]int) func() {
+	strace, err := exec.LookPath("strace")
+	dir := os.Getenv("WRIT_BENCH_PPROF")
+	if err != nil || dir == "" {
+		return func() {}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		s.b.Fatal(err)
+	}
+	var cmds []*exec.Cmd
+	for i, name := range []string{"front", "back"} {
+		cmd := exec.Command(strace, "-c", "-f", "-o", filepath.Join(dir, name+".strace"), "-p", strconv.Itoa(sides[i][0]))
+		if err := cmd.Start(); err == nil {
+			cmds = append(cmds, cmd)
+		}
+	}
+	time.Sleep(300 * time.Millisecond) // attached to every thread
+	return func() {
+		for _, c := range cmds {
+			_ = c.Process.Signal(os.Interrupt)
+			_ = c.Wait()
+		}
+	}
 }
 
 // fortio runs one bounded load and reads its JSON result.
