@@ -288,54 +288,107 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 // it copies are dropped rather than queued.
 const maxMirrors = 64
 
-// mirror sends a copy of r to the mirror cluster in the background. The
-// body (up to maxRetryBody) is read into memory and replayed to both.
+// mirror sends a copy of r to the mirror cluster in the background. A body
+// of known length (up to maxRetryBody) is read into memory and replayed to
+// both. A body of unknown length (gRPC calls, chunked uploads) is copied as
+// the original streams it, and the copy goes out once that body has ended
+// within the bound: the original never waits for the mirror.
 func (l *outboundListener) mirror(r *http.Request, m *Mirror, timeout time.Duration) {
 	cl := l.p.state.Load().clusters[m.Cluster]
 	if cl == nil {
 		return
 	}
 	var body []byte
+	streamed := false
 	if r.Body != nil && r.Body != http.NoBody {
-		if r.ContentLength < 0 || r.ContentLength > maxRetryBody {
+		switch {
+		case r.ContentLength > maxRetryBody:
+			l.p.metrics.mirrors.WithLabelValues(m.Cluster, "too_large").Inc()
 			return
+		case r.ContentLength < 0:
+			streamed = true
+		default:
+			b, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
+			if err != nil || len(b) > maxRetryBody {
+				return
+			}
+			body = b
+			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
-		b, err := io.ReadAll(io.LimitReader(r.Body, maxRetryBody+1))
-		if err != nil || len(b) > maxRetryBody {
-			return
-		}
-		body = b
-		r.Body = io.NopCloser(bytes.NewReader(body))
 	}
-	select {
-	case l.mirrors <- struct{}{}:
-	default:
-		l.p.metrics.mirrors.WithLabelValues(m.Cluster, "dropped").Inc()
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), timeout)
-	out := r.Clone(ctx)
+	// The copy's headers are taken now, before forwarding may rewrite
+	// the original's.
+	out := r.Clone(context.WithoutCancel(r.Context()))
 	out.RequestURI = ""
 	out.URL.Scheme = "https"
 	out.Host = hostWithoutPort(r.Host) + "-shadow"
 	out.Close = false
-	if body != nil {
-		out.Body = io.NopCloser(bytes.NewReader(body))
-	}
-	go func() {
-		defer func() { <-l.mirrors }()
-		defer cancel()
-		result := "error"
-		if ep := cl.pick(nil, l.p.clock.Now().UnixNano()); ep != nil {
-			out.URL.Host = ep.addr
-			if resp, err := cl.transportFor(out).RoundTrip(out); err == nil {
-				_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
-				resp.Body.Close()
-				result = codeLabel(resp.StatusCode)
-			}
+	send := func(body []byte) {
+		select {
+		case l.mirrors <- struct{}{}:
+		default:
+			l.p.metrics.mirrors.WithLabelValues(m.Cluster, "dropped").Inc()
+			return
 		}
-		l.p.metrics.mirrors.WithLabelValues(m.Cluster, result).Inc()
-	}()
+		ctx, cancel := context.WithTimeout(out.Context(), timeout)
+		out = out.WithContext(ctx)
+		out.Body = http.NoBody
+		if body != nil {
+			out.Body = io.NopCloser(bytes.NewReader(body))
+			out.ContentLength = int64(len(body))
+		}
+		go func() {
+			defer func() { <-l.mirrors }()
+			defer cancel()
+			result := "error"
+			if ep := cl.pick(nil, l.p.clock.Now().UnixNano()); ep != nil {
+				out.URL.Host = ep.addr
+				if resp, err := cl.transportFor(out).RoundTrip(out); err == nil {
+					_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 1<<20))
+					resp.Body.Close()
+					result = codeLabel(resp.StatusCode)
+				}
+			}
+			l.p.metrics.mirrors.WithLabelValues(m.Cluster, result).Inc()
+		}()
+	}
+	if !streamed {
+		send(body)
+		return
+	}
+	r.Body = &mirrorTee{ReadCloser: r.Body, done: send, tooLarge: func() {
+		l.p.metrics.mirrors.WithLabelValues(m.Cluster, "too_large").Inc()
+	}}
+}
+
+// mirrorTee keeps a copy of a streamed request body, up to maxRetryBody,
+// and hands it to done when the body ends cleanly. A body that outgrows
+// the bound is forwarded untouched and not mirrored; one that fails or is
+// abandoned before its end is not mirrored either.
+type mirrorTee struct {
+	io.ReadCloser
+	buf      []byte
+	over     bool
+	fired    bool
+	done     func([]byte)
+	tooLarge func()
+}
+
+func (t *mirrorTee) Read(p []byte) (int, error) {
+	n, err := t.ReadCloser.Read(p)
+	if !t.over && !t.fired {
+		if len(t.buf)+n > maxRetryBody {
+			t.over, t.buf = true, nil
+			t.tooLarge()
+		} else {
+			t.buf = append(t.buf, p[:n]...)
+		}
+	}
+	if err == io.EOF && !t.over && !t.fired {
+		t.fired = true
+		t.done(t.buf)
+	}
+	return n, err
 }
 
 func hostWithoutPort(h string) string {

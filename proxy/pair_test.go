@@ -22,6 +22,7 @@ import (
 
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -657,6 +658,45 @@ func TestMirror(t *testing.T) {
 		if got := <-shadowSaw; got.host != "orders-shadow" || got.body != fmt.Sprint("body ", i) {
 			t.Fatalf("shadow saw %+v", got)
 		}
+	}
+	// Bodies of unknown length (chunked here; gRPC calls alike) are
+	// copied as they stream and mirrored once they end within the bound.
+	// A larger one reaches the original whole and is not mirrored.
+	post := func(body string) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", "http://"+p.Addr("out")+"/streamed", io.MultiReader(strings.NewReader(body)))
+		req.Host = "orders"
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(b) != "main" {
+			t.Fatalf("streamed original: %d %q", resp.StatusCode, b)
+		}
+	}
+	saw := func() copyOf {
+		t.Helper()
+		select {
+		case got := <-shadowSaw:
+			return got
+		case <-time.After(10 * time.Second):
+			t.Fatal("no copy reached the shadow")
+			return copyOf{}
+		}
+	}
+	post("streamed body")
+	if got := saw(); got.host != "orders-shadow" || got.body != "streamed body" {
+		t.Fatalf("shadow saw %+v for a streamed body", got)
+	}
+	post(strings.Repeat("x", maxRetryBody+1))
+	post("after the large one")
+	if got := saw(); got.body != "after the large one" {
+		t.Fatalf("shadow saw %d bytes, want only the copy after the large body", len(got.body))
+	}
+	if n := testutil.ToFloat64(p.metrics.mirrors.WithLabelValues("shadow", "too_large")); n != 1 {
+		t.Fatalf("too_large mirrors counted %v, want 1", n)
 	}
 }
 

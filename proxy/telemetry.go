@@ -114,7 +114,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "writ_fault_injections_total", Help: "Injected faults by kind (delay, abort).",
 		}, []string{"kind"}),
 		mirrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "writ_mirrored_requests_total", Help: "Request copies sent to mirror clusters, by the shadow's response code (or error, dropped).",
+			Name: "writ_mirrored_requests_total", Help: "Request copies sent to mirror clusters, by the shadow's response code (or error, dropped, too_large: a body over 64 KiB).",
 		}, []string{"cluster", "result"}),
 		healthChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_upstream_health_changes_total", Help: "Endpoints leaving (unhealthy) or rejoining (healthy) the pool by active health check.",
