@@ -692,6 +692,57 @@ func TestMirror(t *testing.T) {
 	}
 }
 
+// TestHashSource: a ring-hash cluster keyed by the source address sends
+// every request of one client address to one endpoint, and different
+// addresses over the endpoints.
+func TestHashSource(t *testing.T) {
+	ca := newTestCA(t)
+	var eps []Endpoint
+	for i := range 3 {
+		name := fmt.Sprint("ep", i)
+		b := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, name) }))
+		eps = append(eps, Endpoint{Address: b.server.Addr("mesh")})
+	}
+	cfg := &Config{
+		Clusters: []Cluster{{Name: "server", LBPolicy: RingHash, Endpoints: eps, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}},
+		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}, HashSource: true},
+		}}}}},
+		Outbound: []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}},
+	}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	used := map[string]bool{}
+	for src := 1; src <= 16; src++ {
+		// A client per source address, without keep-alive, so that each
+		// request is a new connection from that address.
+		c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: (&net.Dialer{
+			LocalAddr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, byte(src))},
+		}).DialContext}}
+		first := ""
+		for range 4 {
+			resp, err := c.Get("http://" + p.Addr("out") + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != 200 {
+				t.Fatalf("from 127.0.0.%d: %d %q", src, resp.StatusCode, b)
+			}
+			if first == "" {
+				first = string(b)
+			} else if string(b) != first {
+				t.Fatalf("from 127.0.0.%d: answered by %s after %s; one source must stick to one endpoint", src, b, first)
+			}
+		}
+		used[first] = true
+	}
+	// 16 addresses all on one of three endpoints: odds about 1e-7.
+	if len(used) < 2 {
+		t.Fatalf("16 source addresses all went to %v", used)
+	}
+}
+
 // TestActiveHealthCheck: an endpoint that stops accepting leaves the pool
 // at the next check (on the injected clock) and comes back by itself once
 // a sidecar serves there again.
