@@ -295,13 +295,13 @@ func TestBackoff(t *testing.T) {
 
 func TestTraceparent(t *testing.T) {
 	h := map[string][]string{}
-	id := ensureTrace(h, true)
+	id := ensureTrace(h, true, nil)
 	tp := h["Traceparent"][0]
 	if got, ok := validTraceparent(tp); !ok || got != id {
 		t.Fatalf("new traceparent %q (id %q) invalid", tp, id)
 	}
 	h2 := map[string][]string{"Traceparent": {tp}}
-	if id2 := ensureTrace(h2, true); id2 != id || h2["Traceparent"][0][36:52] == tp[36:52] {
+	if id2 := ensureTrace(h2, true, nil); id2 != id || h2["Traceparent"][0][36:52] == tp[36:52] {
 		t.Fatalf("outbound hop kept trace %q (want %q) and span %q (want new)", id2, id, h2["Traceparent"][0])
 	}
 	for _, bad := range []string{"", "00-00000000000000000000000000000000-0000000000000001-01", "00-zz", "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01x"} {

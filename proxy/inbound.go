@@ -225,7 +225,7 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	stripIdentityHeaders(r.Header)
-	span := startSpan(r.Header)
+	span := startSpan(r.Header, l.p.sampler)
 	rw := newRecorder(w)
 	defer rw.release()
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,

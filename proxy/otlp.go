@@ -3,10 +3,12 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"net/url"
 	"sync"
@@ -16,6 +18,10 @@ import (
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
 	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
@@ -31,10 +37,23 @@ const (
 	traceFlush      = time.Second
 )
 
-// traceExporter sends spans to an OTLP/HTTP traces endpoint.
+// OTLP transports, spelled as OTEL_EXPORTER_OTLP_PROTOCOL spells them.
+const (
+	OTLPProtocolHTTP = "http/protobuf"
+	OTLPProtocolGRPC = "grpc"
+)
+
+// otlpExportMethod is TraceService.Export of OTLP's collector trace v1
+// service; the test server registers the generated service, so a drift
+// here fails there.
+const otlpExportMethod = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+
+// traceExporter sends spans to an OTLP/HTTP traces URL or an OTLP/gRPC
+// collector.
 type traceExporter struct {
 	url      string
 	client   *http.Client
+	conn     *grpc.ClientConn // set for OTLP/gRPC
 	resource *resourcepb.Resource
 	spans    *prometheus.CounterVec
 
@@ -65,7 +84,56 @@ func OTLPTracesURL(base, traces string) (string, error) {
 	return u, nil
 }
 
-func newTraceExporter(u, service string, reg prometheus.Registerer) (*traceExporter, error) {
+// OTLPGRPCTarget checks an OTLP/gRPC endpoint, which is used as given
+// (no path is appended): http:// is plaintext, https:// is TLS.
+func OTLPGRPCTarget(base, traces string) (string, error) {
+	u := traces
+	if u == "" {
+		u = base
+	}
+	if u == "" {
+		return "", nil
+	}
+	pu, err := url.Parse(u)
+	if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" || (pu.Path != "" && pu.Path != "/") {
+		return "", fmt.Errorf("otlp grpc endpoint %q: want http://host:port or https://host:port", u)
+	}
+	return u, nil
+}
+
+// TraceSampler is a parent-based ratio sampler. A request that arrives
+// with a traceparent keeps its sampled flag; a new trace is sampled with
+// the ratio. Unsampled traces still propagate (flags 00) but are never
+// exported. A nil *TraceSampler samples every new trace.
+type TraceSampler struct {
+	all       bool
+	threshold uint64 // a new trace is sampled when rnd() < threshold
+	rnd       func() uint64
+}
+
+// NewTraceSampler samples the given ratio (0 to 1) of new traces.
+func NewTraceSampler(ratio float64) (*TraceSampler, error) {
+	if !(ratio >= 0 && ratio <= 1) {
+		return nil, fmt.Errorf("trace sample ratio %v: want 0 to 1", ratio)
+	}
+	return newTraceSampler(ratio, rand.Uint64), nil
+}
+
+func newTraceSampler(ratio float64, rnd func() uint64) *TraceSampler {
+	if ratio >= 1 {
+		return &TraceSampler{all: true}
+	}
+	return &TraceSampler{threshold: uint64(ratio * (1 << 64)), rnd: rnd}
+}
+
+func (s *TraceSampler) sampleRoot() bool {
+	if s == nil || s.all {
+		return true
+	}
+	return s.threshold != 0 && s.rnd() < s.threshold
+}
+
+func newTraceExporter(u, protocol, service string, reg prometheus.Registerer) (*traceExporter, error) {
 	spans := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_otlp_spans_total", Help: "Spans given to the OTLP exporter, by result: exported, failed (the collector refused or was unreachable) or dropped (buffer full).",
 	}, []string{"result"})
@@ -82,8 +150,23 @@ func newTraceExporter(u, service string, reg prometheus.Registerer) (*traceExpor
 		}
 		spans = existing
 	}
+	var conn *grpc.ClientConn
+	if protocol == OTLPProtocolGRPC {
+		pu, err := url.Parse(u)
+		if err != nil {
+			return nil, err
+		}
+		creds := insecure.NewCredentials()
+		if pu.Scheme == "https" {
+			creds = credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12})
+		}
+		if conn, err = grpc.NewClient(pu.Host, grpc.WithTransportCredentials(creds)); err != nil {
+			return nil, fmt.Errorf("otlp grpc endpoint %q: %w", u, err)
+		}
+	}
 	return &traceExporter{
 		url:    u,
+		conn:   conn,
 		client: &http.Client{Timeout: exportTimeout},
 		resource: &resourcepb.Resource{Attributes: []*commonpb.KeyValue{
 			strAttr("service.name", service),
@@ -169,6 +252,9 @@ func (e *traceExporter) run(ctx context.Context, tick <-chan time.Time) {
 			fctx, cancel := context.WithTimeout(context.Background(), exportTimeout)
 			e.flush(fctx)
 			cancel()
+			if e.conn != nil {
+				e.conn.Close()
+			}
 			return
 		}
 	}
@@ -199,10 +285,11 @@ func (e *traceExporter) flush(ctx context.Context) {
 	}
 }
 
-// export POSTs one ExportTraceServiceRequest. Its only field is
+// export sends one ExportTraceServiceRequest. Its only field is
 // `repeated ResourceSpans resource_spans = 1`, written here with protowire
 // so that the collector service's package (and its gRPC gateway
-// dependencies) need not be linked.
+// dependencies) need not be linked; over gRPC the same bytes go through
+// rawCodec.
 func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error {
 	rs := &tracepb.ResourceSpans{
 		Resource:   e.resource,
@@ -214,6 +301,14 @@ func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error
 	}
 	body := protowire.AppendTag(nil, 1, protowire.BytesType)
 	body = protowire.AppendBytes(body, inner)
+	if e.conn != nil {
+		// Not WaitForReady: an unreachable collector fails the batch
+		// at once instead of holding the exporter for exportTimeout.
+		cctx, cancel := context.WithTimeout(ctx, exportTimeout)
+		defer cancel()
+		var reply []byte
+		return e.conn.Invoke(cctx, otlpExportMethod, &body, &reply, grpc.ForceCodecV2(rawCodec{}))
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, e.url, bytes.NewReader(body))
 	if err != nil {
 		return err
@@ -230,3 +325,26 @@ func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error
 	}
 	return nil
 }
+
+// rawCodec passes already-encoded protobuf through gRPC. Its name is
+// "proto", so the collector decodes with its usual codec.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return nil, fmt.Errorf("rawCodec: cannot marshal %T", v)
+	}
+	return mem.BufferSlice{mem.SliceBuffer(*b)}, nil
+}
+
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	b, ok := v.(*[]byte)
+	if !ok {
+		return fmt.Errorf("rawCodec: cannot unmarshal into %T", v)
+	}
+	*b = data.Materialize()
+	return nil
+}
+
+func (rawCodec) Name() string { return "proto" }

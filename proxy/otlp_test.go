@@ -2,8 +2,12 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/hex"
+	"fmt"
 	"io"
+	"math"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"testing"
@@ -13,6 +17,7 @@ import (
 	"github.com/writmesh/writ/enforcer/regotest"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -167,5 +172,182 @@ func TestOTLPExporterSameRegistry(t *testing.T) {
 	p.Close()
 	if _, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "collector:4318"}); err == nil {
 		t.Fatal("an OTLP URL without a scheme was accepted")
+	}
+}
+
+// otlpGRPCReceiver is the collector's generated TraceService on a real
+// gRPC socket.
+type otlpGRPCReceiver struct {
+	collectorpb.UnimplementedTraceServiceServer
+	spans    chan *tracepb.Span
+	services chan string
+}
+
+func (r *otlpGRPCReceiver) Export(_ context.Context, req *collectorpb.ExportTraceServiceRequest) (*collectorpb.ExportTraceServiceResponse, error) {
+	for _, rs := range req.GetResourceSpans() {
+		for _, kv := range rs.GetResource().GetAttributes() {
+			if kv.Key == "service.name" {
+				select {
+				case r.services <- kv.Value.GetStringValue():
+				default:
+				}
+			}
+		}
+		for _, ss := range rs.GetScopeSpans() {
+			for _, s := range ss.GetSpans() {
+				r.spans <- s
+			}
+		}
+	}
+	return &collectorpb.ExportTraceServiceResponse{}, nil
+}
+
+func startOTLPGRPC(t *testing.T) (string, *otlpGRPCReceiver) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &otlpGRPCReceiver{spans: make(chan *tracepb.Span, 1000), services: make(chan string, 10)}
+	srv := grpc.NewServer()
+	collectorpb.RegisterTraceServiceServer(srv, r)
+	go srv.Serve(l)
+	t.Cleanup(srv.Stop)
+	return "http://" + l.Addr().String(), r
+}
+
+// TestOTLPGRPCSampling runs two sidecar hops exporting over OTLP/gRPC to
+// the collector's generated service. The client sidecar samples new
+// traces with the given ratio (from a seeded source); the server sidecar
+// samples new traces at ratio 0 (and has no random source at all), so
+// the spans it exports show that it follows the incoming sampled flag. After the requests a sentinel with a
+// sampled incoming traceparent is sent: each exporter sends in order, so
+// once both sentinel spans are in, everything sampled before them is too.
+func TestOTLPGRPCSampling(t *testing.T) {
+	for _, tc := range []struct {
+		ratio    float64
+		n        int
+		min, max int
+	}{
+		{ratio: 0, n: 20, min: 0, max: 0},
+		// mean 100, sd 7.1: ±4 sd
+		{ratio: 0.5, n: 200, min: 72, max: 128},
+		{ratio: 1, n: 20, min: 20, max: 20},
+	} {
+		t.Run(fmt.Sprint(tc.ratio), func(t *testing.T) {
+			target, rcv := startOTLPGRPC(t)
+			ca := newTestCA(t)
+			seen := make(chan http.Header, 1)
+			appL, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			appSrv := &http.Server{Handler: echoApp(seen)}
+			go appSrv.Serve(appL)
+			t.Cleanup(func() { appSrv.Close() })
+			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+				Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
+					OTLPTracesURL: target, OTLPProtocol: OTLPProtocolGRPC, ServiceName: "server", TraceSampler: newTraceSampler(0, nil)})
+			cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+			cfg.AddUpstream("server", "127.0.0.1:0")
+			rnd := rand.New(rand.NewPCG(1, 2))
+			cli := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: target, OTLPProtocol: OTLPProtocolGRPC,
+				ServiceName: "client", TraceSampler: newTraceSampler(tc.ratio, rnd.Uint64)})
+
+			get := func(tp string) string {
+				t.Helper()
+				req, _ := http.NewRequest("GET", "http://"+cli.Addr("upstream:server")+"/s", nil)
+				if tp != "" {
+					req.Header.Set("Traceparent", tp)
+				}
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					t.Fatal(err)
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 {
+					t.Fatalf("request: %d", resp.StatusCode)
+				}
+				return (<-seen).Get("Traceparent")
+			}
+			sampled := map[string]bool{}
+			for range tc.n {
+				tp := get("")
+				switch tp[53:] {
+				case "01":
+					sampled[tp[3:35]] = true
+				case "00":
+				default:
+					t.Fatalf("app saw traceparent %q", tp)
+				}
+			}
+			t.Logf("ratio %v: %d of %d new traces sampled", tc.ratio, len(sampled), tc.n)
+			if len(sampled) < tc.min || len(sampled) > tc.max {
+				t.Errorf("ratio %v: %d of %d new traces sampled, want %d to %d", tc.ratio, len(sampled), tc.n, tc.min, tc.max)
+			}
+			const sentinel = "4bf92f3577b34da6a3ce929d0e0e4736"
+			if tp := get("00-" + sentinel + "-00f067aa0ba902b7-01"); tp[53:] != "01" {
+				t.Errorf("sampled parent propagated as %q", tp)
+			}
+
+			exported := map[string]int{}
+			var sentinels int
+			deadline := time.After(30 * time.Second)
+			for sentinels < 2 {
+				select {
+				case s := <-rcv.spans:
+					id := hex.EncodeToString(s.TraceId)
+					if id == sentinel {
+						sentinels++
+						continue
+					}
+					exported[id]++
+				case <-deadline:
+					t.Fatalf("sentinel spans: %d of 2", sentinels)
+				}
+			}
+			// Each sampled trace has a CLIENT and a SERVER span; nothing
+			// unsampled is exported.
+			for id := range sampled {
+				if exported[id] != 2 {
+					t.Errorf("sampled trace %s: %d spans exported, want 2", id, exported[id])
+				}
+			}
+			for id, n := range exported {
+				if !sampled[id] {
+					t.Errorf("unsampled trace %s: %d spans exported", id, n)
+				}
+			}
+			if svc := <-rcv.services; svc != "server" && svc != "client" {
+				t.Errorf("service.name %q", svc)
+			}
+		})
+	}
+}
+
+func TestTraceSamplerRatio(t *testing.T) {
+	for _, bad := range []float64{-0.1, 1.5, math.NaN()} {
+		if _, err := NewTraceSampler(bad); err == nil {
+			t.Errorf("NewTraceSampler(%v) accepted", bad)
+		}
+	}
+	var nilS *TraceSampler
+	if !nilS.sampleRoot() {
+		t.Error("nil sampler dropped a trace")
+	}
+	if s, _ := NewTraceSampler(0); s.sampleRoot() {
+		t.Error("ratio 0 sampled")
+	}
+	if s, _ := NewTraceSampler(1); !s.sampleRoot() {
+		t.Error("ratio 1 dropped")
+	}
+	for c, want := range map[byte]bool{'0': false, '1': true, '9': true, 'a': false, 'b': true, 'f': true} {
+		if sampledFlag(c) != want {
+			t.Errorf("sampledFlag(%q) = %v", c, !want)
+		}
+	}
+	if _, err := OTLPGRPCTarget("", "http://collector:4317/v1/traces"); err == nil {
+		t.Error("OTLPGRPCTarget accepted a path")
 	}
 }

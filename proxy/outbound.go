@@ -209,7 +209,7 @@ func (l *outboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	me := l.p.self()
 	res := reqLog{direction: "outbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: me.s, srcNS: me.ns, srcWL: me.wl, authz: authzNone}
-	res.span = startSpan(r.Header)
+	res.span = startSpan(r.Header, l.p.sampler)
 	res.traceID = res.span.traceID
 	// The app speaks for itself only through its SVID: identity headers
 	// it sets are not forwarded.

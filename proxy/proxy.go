@@ -71,6 +71,12 @@ type Options struct {
 	// OTLP/HTTP (protobuf), e.g. http://collector:4318/v1/traces; see
 	// OTLPTracesURL for building it from OTEL_EXPORTER_OTLP_* variables.
 	OTLPTracesURL string
+	// OTLPProtocol is OTLPProtocolHTTP (empty) or OTLPProtocolGRPC, for
+	// which OTLPTracesURL is the collector's http:// (plaintext) or
+	// https:// address, e.g. http://collector:4317.
+	OTLPProtocol string
+	// TraceSampler decides which new traces are exported; nil is all.
+	TraceSampler *TraceSampler
 	// ServiceName is the spans' service.name; empty is "writ-proxy".
 	ServiceName string
 }
@@ -86,6 +92,7 @@ type Proxy struct {
 	metrics     *metrics
 	alog        *accessLog
 	traces      *traceExporter
+	sampler     *TraceSampler
 	drain       time.Duration
 	clock       clockwork.Clock
 	log         *slog.Logger
@@ -143,6 +150,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		src: opts.Source, td: svid.ID.TrustDomain(), enf: opts.Enforcer, enforcerFor: opts.EnforcerFor, reg: opts.Registry, metrics: m,
 		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
 		tcpConns: map[net.Conn]struct{}{}, errc: make(chan error, 1),
+		sampler: opts.TraceSampler,
 	}
 	// A proxy that fails to start leaves the registry as it found it: the
 	// xDS client tries again with the next configuration.
@@ -152,14 +160,23 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		return nil, err
 	}
 	if opts.OTLPTracesURL != "" {
-		u, err := OTLPTracesURL("", opts.OTLPTracesURL)
+		var u string
+		var err error
+		switch opts.OTLPProtocol {
+		case "", OTLPProtocolHTTP:
+			u, err = OTLPTracesURL("", opts.OTLPTracesURL)
+		case OTLPProtocolGRPC:
+			u, err = OTLPGRPCTarget("", opts.OTLPTracesURL)
+		default:
+			err = fmt.Errorf("otlp protocol %q: want %s or %s", opts.OTLPProtocol, OTLPProtocolHTTP, OTLPProtocolGRPC)
+		}
 		if err != nil {
 			return fail(fmt.Errorf("proxy: %w", err))
 		}
 		if opts.ServiceName == "" {
 			opts.ServiceName = "writ-proxy"
 		}
-		if p.traces, err = newTraceExporter(u, opts.ServiceName, opts.Registry); err != nil {
+		if p.traces, err = newTraceExporter(u, opts.OTLPProtocol, opts.ServiceName, opts.Registry); err != nil {
 			return fail(err)
 		}
 	}

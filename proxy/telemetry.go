@@ -179,7 +179,7 @@ func (p *Proxy) observe(r *reqLog) {
 	s.dur.Observe(r.dur.Seconds())
 	now := p.clock.Now()
 	p.alog.write(r, now)
-	if p.traces != nil {
+	if p.traces != nil && r.span.sampled {
 		p.traces.record(r, now)
 	}
 }
@@ -292,29 +292,43 @@ func jsonField(b []byte, k, v string) []byte {
 	return append(b, '"')
 }
 
-// spanCtx is one proxy hop's span: W3C trace and span ids in hex, and its
-// parent's span id when the request came with a traceparent.
-type spanCtx struct{ traceID, spanID, parentID string }
+// spanCtx is one proxy hop's span: W3C trace and span ids in hex, its
+// parent's span id when the request came with a traceparent, and whether
+// the trace is sampled (exported).
+type spanCtx struct {
+	traceID, spanID, parentID string
+	sampled                   bool
+}
 
 // startSpan gives the request a span of this hop: the traceparent it
 // carries onward names the new span, whose parent is the span the request
 // arrived with (the app's outbound, the calling sidecar's inbound).
-func startSpan(h http.Header) spanCtx {
+func startSpan(h http.Header, s *TraceSampler) spanCtx {
 	var parent string
 	if tp := h.Get(headerTraceparent); len(tp) == 55 {
 		if _, ok := validTraceparent(tp); ok {
 			parent = tp[36:52]
 		}
 	}
-	id := ensureTrace(h, true)
-	return spanCtx{traceID: id, spanID: h.Get(headerTraceparent)[36:52], parentID: parent}
+	id := ensureTrace(h, true, s)
+	tp := h.Get(headerTraceparent)
+	return spanCtx{traceID: id, spanID: tp[36:52], parentID: parent, sampled: sampledFlag(tp[54])}
+}
+
+// sampledFlag reports the sampled bit (the lowest) of trace-flags, given
+// the flags' second hex digit.
+func sampledFlag(c byte) bool {
+	if c >= 'a' {
+		c -= 'a' - 10
+	}
+	return c&1 == 1
 }
 
 // ensureTrace makes sure the request carries a W3C traceparent and returns
 // its trace id. A valid one keeps its trace id; the outbound side starts a
 // new span under it, as a hop of the trace. A missing or malformed one is
-// replaced by a new trace.
-func ensureTrace(h http.Header, newSpan bool) string {
+// replaced by a new trace, sampled as s decides.
+func ensureTrace(h http.Header, newSpan bool, s *TraceSampler) string {
 	tp := h.Get(headerTraceparent)
 	if id, ok := validTraceparent(tp); ok {
 		if newSpan {
@@ -336,10 +350,13 @@ func ensureTrace(h http.Header, newSpan bool) string {
 	hex.Encode(b[3:35], id[:])
 	b[35] = '-'
 	writeSpanID(b[:])
-	b[52], b[53], b[54] = '-', '0', '1'
-	s := string(b[:])
-	setOne(h, headerTraceparent, s)
-	return s[3:35]
+	b[52], b[53], b[54] = '-', '0', '0'
+	if s.sampleRoot() {
+		b[54] = '1'
+	}
+	tp = string(b[:])
+	setOne(h, headerTraceparent, tp)
+	return tp[3:35]
 }
 
 // setOne sets a canonical header to one value, reusing its slice.

@@ -252,4 +252,18 @@ func TestTracingEndpoint(t *testing.T) {
 	if u, _, err := o.tracing(); err != nil || u != "" {
 		t.Errorf("nothing configured: %q %v", u, err)
 	}
+	// OTLP/gRPC: the endpoint is the collector's address, no path added.
+	t.Setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+	if u, _, err := o.tracing(); err != nil || u != "http://collector:4317" {
+		t.Errorf("grpc from the environment: %q %v", u, err)
+	}
+	o.otlpProtocol, o.otlpEndpoint = "http/protobuf", "http://collector:4318/v1/traces"
+	if u, _, err := o.tracing(); err != nil || u != o.otlpEndpoint {
+		t.Errorf("--otlp-protocol over the environment: %q %v", u, err)
+	}
+	o.otlpProtocol = "http/json"
+	if _, _, err := o.tracing(); err == nil {
+		t.Error("an unsupported protocol was accepted")
+	}
 }

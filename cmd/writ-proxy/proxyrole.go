@@ -53,6 +53,8 @@ type proxyOptions struct {
 	drainTimeout   time.Duration
 	audit          audit.RecorderOptions
 	otlpEndpoint   string
+	otlpProtocol   string
+	sampleRatio    float64
 
 	// ADS: writd configures the proxy.
 	xdsServer     string
@@ -94,17 +96,46 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
 	o.audit.RegisterFlags(fs) // --audit-collector defaults to --control-plane
-	fs.StringVar(&o.otlpEndpoint, "otlp-endpoint", "", "OTLP/HTTP traces URL receiving a span per request, e.g. http://collector:4318/v1/traces (default: from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces; none: no export)")
+	fs.StringVar(&o.otlpEndpoint, "otlp-endpoint", "", "OTLP traces endpoint receiving a span per sampled request: for http/protobuf a URL, e.g. http://collector:4318/v1/traces; for grpc the collector's address, e.g. http://collector:4317 (plaintext) or https://... (TLS) (default: from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT, + /v1/traces for http/protobuf; none: no export)")
+	fs.StringVar(&o.otlpProtocol, "otlp-protocol", "", "OTLP transport: http/protobuf or grpc (default: from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
+	fs.Float64Var(&o.sampleRatio, "trace-sample-ratio", 1, "share (0 to 1) of new traces to export; a request arriving with a traceparent keeps its sampled flag; unsampled traces still propagate traceparent (flags 00) and keep their trace_id in the access log")
+}
+
+// otlpTransport is --otlp-protocol, else OpenTelemetry's environment, else
+// http/protobuf.
+func (o *proxyOptions) otlpTransport() (string, error) {
+	p := o.otlpProtocol
+	if p == "" {
+		p = os.Getenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	}
+	if p == "" {
+		p = os.Getenv("OTEL_EXPORTER_OTLP_PROTOCOL")
+	}
+	switch p {
+	case "", proxy.OTLPProtocolHTTP:
+		return proxy.OTLPProtocolHTTP, nil
+	case proxy.OTLPProtocolGRPC:
+		return p, nil
+	}
+	return "", fmt.Errorf("otlp protocol %q: want %s or %s", p, proxy.OTLPProtocolHTTP, proxy.OTLPProtocolGRPC)
 }
 
 // tracing resolves where spans go, as OpenTelemetry's SDKs read their
 // environment, and the service.name they carry (OTEL_SERVICE_NAME, else
 // --service, else writ-proxy).
 func (o *proxyOptions) tracing() (url, service string, err error) {
+	proto, err := o.otlpTransport()
+	if err != nil {
+		return "", "", err
+	}
+	target := proxy.OTLPTracesURL
+	if proto == proxy.OTLPProtocolGRPC {
+		target = proxy.OTLPGRPCTarget
+	}
 	if o.otlpEndpoint != "" {
-		url, err = proxy.OTLPTracesURL("", o.otlpEndpoint)
+		url, err = target("", o.otlpEndpoint)
 	} else {
-		url, err = proxy.OTLPTracesURL(os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT"), os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+		url, err = target(os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT"), os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 	}
 	if err != nil {
 		return "", "", err
@@ -327,6 +358,9 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 		return nil, err
 	}
 	if _, _, err := o.tracing(); err != nil {
+		return nil, err
+	}
+	if _, err := proxy.NewTraceSampler(o.sampleRatio); err != nil {
 		return nil, err
 	}
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
@@ -560,8 +594,16 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	proto, err := r.o.otlpTransport()
+	if err != nil {
+		return err
+	}
+	sampler, err := proxy.NewTraceSampler(r.o.sampleRatio)
+	if err != nil {
+		return err
+	}
 	popts := proxy.Options{Source: src, Enforcer: r.enforcer, EnforcerFor: r.enforcerFor, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
-		OTLPTracesURL: traces, ServiceName: service}
+		OTLPTracesURL: traces, OTLPProtocol: proto, TraceSampler: sampler, ServiceName: service}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)
 	}
