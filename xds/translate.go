@@ -862,6 +862,8 @@ func authzContext(policies []*config.AuthorizationPolicySpec) map[string]string 
 		return map[string]string{AuthzModeContextKey: config.ModeDryRun, AuthzDecisionContextKey: join(dry)}
 	}
 	ext := map[string]string{AuthzModeContextKey: config.ModeEnforce, AuthzDecisionContextKey: join(enforced)}
+	// A query enforced already needs no dry run of itself.
+	dry = slices.DeleteFunc(dry, func(d string) bool { return slices.Contains(enforced, d) })
 	if len(dry) > 0 {
 		ext[AuthzDryRunContextKey] = join(dry)
 	}

@@ -159,6 +159,7 @@ func TestAuthzContext(t *testing.T) {
 		{"dry-run only", []*config.AuthorizationPolicySpec{pol("a", "ok", config.ModeDryRun), pol("b", "", config.ModeDryRun)}, "dry-run", "data.a.ok,data.b.allow", ""},
 		{"enforced ones decide, dry-run ones beside", []*config.AuthorizationPolicySpec{pol("b", "", config.ModeEnforce), pol("y", "", config.ModeDryRun), pol("a", "", config.ModeEnforce), pol("a", "", config.ModeEnforce), pol("x", "", config.ModeDryRun)},
 			"enforce", "data.a.allow,data.b.allow", "data.x.allow,data.y.allow"},
+		{"enforced query not run dry", []*config.AuthorizationPolicySpec{pol("a", "", config.ModeEnforce), pol("a", "", config.ModeDryRun)}, "enforce", "data.a.allow", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
