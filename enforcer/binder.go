@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 
@@ -13,8 +14,9 @@ import (
 // Binder gives the enforcer of a writ.authz_decision value (the queries
 // of the AuthorizationPolicies enforced on a service, joined by ","): one
 // Enforcer deciding by all of them, where every one must allow (see
-// Options.Also). writ-proxy binds it per inbound listener, writ-enforcer
-// per request. Engines and enforcers are made once per query and per
+// Options.Also), and beside it the dry-run ones (writ.authz_dry_run),
+// evaluated and recorded but never enforced (Options.CandidateAlso).
+// writ-proxy binds it per inbound listener, writ-enforcer per request. Engines and enforcers are made once per query and per
 // value and then cached. It is safe for concurrent use.
 type Binder struct {
 	base      Options
@@ -23,18 +25,21 @@ type Binder struct {
 	mu      sync.Mutex
 	engines map[string]*policy.Engine // made by newEngine, by query
 	made    []*policy.Engine
-	byValue map[string]*Enforcer
+	byValue map[binding]*Enforcer
 	// failed remembers values that could not be bound until the next
 	// Reload, so that requests naming a missing rule do not each
 	// compile the policies again.
-	failed map[string]error
+	failed map[binding]error
 }
+
+// binding is a service's enforced and dry-run decision lists.
+type binding struct{ decision, dryRun string }
 
 // NewBinder returns a Binder whose enforcers take everything but their
 // engines from base; base.Engine serves the query it decides by, and
 // newEngine makes the engine of any other query, over the same policies.
 func NewBinder(base Options, newEngine func(ctx context.Context, decision string) (*policy.Engine, error)) *Binder {
-	return &Binder{base: base, newEngine: newEngine, engines: map[string]*policy.Engine{}, byValue: map[string]*Enforcer{}, failed: map[string]error{}}
+	return &Binder{base: base, newEngine: newEngine, engines: map[string]*policy.Engine{}, byValue: map[binding]*Enforcer{}, failed: map[binding]error{}}
 }
 
 // SplitDecisions splits a writ.authz_decision value into its queries,
@@ -50,26 +55,48 @@ func SplitDecisions(value string) ([]string, error) {
 	return ds, nil
 }
 
-// For returns the enforcer deciding by every query of value.
-func (b *Binder) For(ctx context.Context, value string) (*Enforcer, error) {
+// For returns the enforcer deciding by every query of value and, when
+// dryRun is not empty, evaluating every query of dryRun as its dry-run
+// candidate in place of base's. Dry-run queries that cannot be bound do
+// not fail the binding: its decisions record why as the dry-run deny.
+func (b *Binder) For(ctx context.Context, value, dryRun string) (*Enforcer, error) {
+	key := binding{value, dryRun}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if e := b.byValue[value]; e != nil {
+	if e := b.byValue[key]; e != nil {
 		return e, nil
 	}
-	if err := b.failed[value]; err != nil {
+	if err := b.failed[key]; err != nil {
 		return nil, err
 	}
-	e, err := b.bindLocked(ctx, value)
+	e, err := b.bindLocked(ctx, key)
 	if err != nil {
-		b.failed[value] = err
+		b.failed[key] = err
 		return nil, err
 	}
-	b.byValue[value] = e
+	b.byValue[key] = e
 	return e, nil
 }
 
-func (b *Binder) bindLocked(ctx context.Context, value string) (*Enforcer, error) {
+func (b *Binder) bindLocked(ctx context.Context, key binding) (*Enforcer, error) {
+	engs, err := b.enginesLocked(ctx, key.decision)
+	if err != nil {
+		return nil, err
+	}
+	opts := b.base
+	opts.Engine, opts.Also = engs[0], engs[1:]
+	if key.dryRun != "" {
+		opts.Candidate, opts.CandidateAlso, opts.CandidateErr = nil, nil, nil
+		if dry, err := b.enginesLocked(ctx, key.dryRun); err != nil {
+			opts.CandidateErr = err
+		} else {
+			opts.Candidate, opts.CandidateAlso = dry[0], dry[1:]
+		}
+	}
+	return New(opts)
+}
+
+func (b *Binder) enginesLocked(ctx context.Context, value string) ([]*policy.Engine, error) {
 	ds, err := SplitDecisions(value)
 	if err != nil {
 		return nil, err
@@ -82,9 +109,7 @@ func (b *Binder) bindLocked(ctx context.Context, value string) (*Enforcer, error
 		}
 		engs = append(engs, eng)
 	}
-	opts := b.base
-	opts.Engine, opts.Also = engs[0], engs[1:]
-	return New(opts)
+	return engs, nil
 }
 
 func (b *Binder) engineLocked(ctx context.Context, d string) (*policy.Engine, error) {
@@ -113,6 +138,9 @@ func (b *Binder) Reload(ctx context.Context) error {
 	b.mu.Lock()
 	engs := append([]*policy.Engine(nil), b.made...)
 	clear(b.failed)
+	// Bound without their dry-run policies: bind again, they may compile
+	// now.
+	maps.DeleteFunc(b.byValue, func(_ binding, e *Enforcer) bool { return e.candErr != nil })
 	b.mu.Unlock()
 	var errs []error
 	for _, e := range engs {

@@ -117,11 +117,90 @@ func TestServerBoundDecisions(t *testing.T) {
 	if made != 4 {
 		t.Errorf("made %d engines, want 4 (team.a, team.b, team.c, team.none tried once)", made)
 	}
-	be, err := binder.For(ctx, ab)
+	be, err := binder.For(ctx, ab, "")
 	if err != nil || be.DecisionPath() != ab {
 		t.Fatalf("For(%s) = %v, %v", ab, be, err)
 	}
 	if err := binder.Reload(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestServerDryRunBeside: dry-run AuthorizationPolicies beside enforced
+// ones (writ.authz_dry_run) are evaluated on every request and recorded
+// in Decision.DryRun, never enforced: the enforced query alone decides
+// the response, and what the dry-run ones would have decided, or why
+// they cannot decide, is in the record.
+func TestServerDryRunBeside(t *testing.T) {
+	ctx := context.Background()
+	dir := boundDir(t)
+	own, err := policy.NewEngine(ctx, policy.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	base := Options{Engine: own, Sink: rec}
+	e, err := New(base)
+	if err != nil {
+		t.Fatal(err)
+	}
+	binder := NewBinder(base, func(ctx context.Context, d string) (*policy.Engine, error) {
+		return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+	})
+	srv := NewServer(e, 0).WithBinder(binder)
+	const a, b = "data.team.a.allow", "data.team.b.allow"
+	tests := []struct {
+		name, decision, dryRun, method, path string
+		noBinder                             bool
+		result, dryResult, dryReason         string
+		disagrees                            bool
+	}{
+		{name: "enforced allows, dry run denies", decision: a, dryRun: b, method: "GET", path: "/private",
+			result: ResultAllow, dryResult: ResultDeny, dryReason: "policy denied", disagrees: true},
+		{name: "enforced denies, dry run allows", decision: a, dryRun: b, method: "POST", path: "/public/1",
+			result: ResultDeny, dryResult: ResultAllow, disagrees: true},
+		{name: "both allow", decision: a, dryRun: b, method: "GET", path: "/public/1", result: ResultAllow, dryResult: ResultAllow},
+		{name: "own decision enforced", dryRun: a, method: "DELETE", path: "/x",
+			result: ResultAllow, dryResult: ResultDeny, dryReason: "policy denied", disagrees: true},
+		{name: "every dry-run query must allow", decision: a, dryRun: b + ",data.team.c.allow", method: "GET", path: "/public/1",
+			result: ResultAllow, dryResult: ResultDeny, dryReason: "data.team.c.allow: policy decision undefined", disagrees: true},
+		{name: "missing dry-run rule is recorded, not enforced", decision: a, dryRun: "data.team.none.allow", method: "GET", path: "/x",
+			result: ResultAllow, dryResult: ResultDeny, dryReason: "nothing defines decision path data.team.none.allow", disagrees: true},
+		{name: "no binder denies", noBinder: true, decision: a, dryRun: b, method: "GET", path: "/public/1", result: ResultDeny},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			req := simpleRequest(clientID, tt.method, tt.path, nil)
+			req.Attributes.ContextExtensions = map[string]string{ModeContextKey: "enforce", DryRunContextKey: tt.dryRun}
+			if tt.decision != "" {
+				req.Attributes.ContextExtensions[DecisionContextKey] = tt.decision
+			}
+			s := srv
+			if tt.noBinder {
+				s = NewServer(e, 0)
+			}
+			n := len(rec.got)
+			resp, err := s.Check(ctx, req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(rec.got) != n+1 {
+				t.Fatalf("recorded %d decisions, want 1", len(rec.got)-n)
+			}
+			d := rec.got[n]
+			if d.Result != tt.result || (resp.GetOkResponse() != nil) != (tt.result == ResultAllow) {
+				t.Fatalf("enforced %s %q (%v), want %s", d.Result, d.Reason, resp, tt.result)
+			}
+			if tt.noBinder {
+				return
+			}
+			if len(resp.GetOkResponse().GetHeaders()) != 0 {
+				t.Fatalf("dry-run policy's headers reached the response: %v", resp.GetOkResponse().GetHeaders())
+			}
+			dr := d.DryRun
+			if dr == nil || dr.Result != tt.dryResult || dr.Disagrees != tt.disagrees || !strings.Contains(dr.Reason, tt.dryReason) || dr.PolicyRevision == "" {
+				t.Fatalf("dry run %+v, want %s %q disagrees=%v", dr, tt.dryResult, tt.dryReason, tt.disagrees)
+			}
+		})
 	}
 }

@@ -133,7 +133,16 @@ type Options struct {
 	// Candidate, if set, is evaluated beside Engine on every request (dry
 	// run); its answers go into Decision.DryRun and never into responses.
 	Candidate *policy.Engine
-	Sink      Sink
+	// CandidateAlso are further dry-run engines over the same policies:
+	// the dry-run verdict is an allow only if Candidate and every one of
+	// them allow, as with Also. This is how dry-run AuthorizationPolicies
+	// beside enforced ones are evaluated (Binder).
+	CandidateAlso []*policy.Engine
+	// CandidateErr, if set without Candidate, is why the dry-run policies
+	// bound to the service cannot be evaluated: every decision records it
+	// as the dry-run deny, and enforcement goes on unchanged.
+	CandidateErr error
+	Sink         Sink
 	// MaxBodyBytes bounds bodies parsed into input.parsed_body.
 	MaxBodyBytes int
 	// ProtoDescriptors, if set, decode the request messages of gRPC calls
@@ -154,6 +163,8 @@ type Enforcer struct {
 	engine    *policy.Engine
 	also      []*policy.Engine
 	candidate *policy.Engine
+	candAlso  []*policy.Engine
+	candErr   error
 	sink      Sink
 	body      bodyParser
 	fullInput bool
@@ -184,10 +195,13 @@ func New(opts Options) (*Enforcer, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	if slices.Contains(opts.Also, nil) {
-		return nil, errors.New("enforcer: nil engine in Also")
+	if slices.Contains(opts.Also, nil) || slices.Contains(opts.CandidateAlso, nil) {
+		return nil, errors.New("enforcer: nil engine in Also or CandidateAlso")
 	}
-	return &Enforcer{engine: opts.Engine, also: slices.Clone(opts.Also), candidate: opts.Candidate, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
+	if len(opts.CandidateAlso) > 0 && opts.Candidate == nil {
+		return nil, errors.New("enforcer: CandidateAlso without Candidate")
+	}
+	return &Enforcer{engine: opts.Engine, also: slices.Clone(opts.Also), candidate: opts.Candidate, candAlso: slices.Clone(opts.CandidateAlso), candErr: opts.CandidateErr, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // DecisionPath is the query the enforcer's policy decides by, as
@@ -265,7 +279,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	if e.candidate != nil {
 		cand = e.candidate.Snapshot()
 	}
-	if !e.fullInput && e.candidate == nil && len(e.also) == 0 && bodyless(req) {
+	if !e.fullInput && e.candidate == nil && e.candErr == nil && len(e.also) == 0 && bodyless(req) {
 		// The cache or the residual fast path may know the answer from a
 		// few fields of the request: no input document needed.
 		if f, target, err := factsAndTarget(req); err == nil {
@@ -280,7 +294,7 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 		}
 	}
 	n := needAll
-	if !e.fullInput && len(e.also) == 0 {
+	if !e.fullInput && len(e.also) == 0 && len(e.candAlso) == 0 {
 		// With several decisions the input is built whole: every one of
 		// them reads it, and the multi-policy case is the rare one.
 		n = e.needFor(snap, cand)
@@ -295,12 +309,16 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 	}
 	v := judge(ctx, snap, in)
 	if len(e.also) > 0 {
-		v = e.judgeAll(ctx, v, in)
+		v = judgeAll(ctx, e.engine, v, e.also, in)
 	}
 	d.Result, d.HTTPStatus, d.Reason, d.Cause = v.result, v.out.status, v.reason, v.cause
 	d.PolicyRevision, d.Cached, d.MatchedRules = v.revision, v.cached, v.rules
-	if e.candidate != nil {
+	switch {
+	case e.candidate != nil:
 		c := judge(ctx, cand, in)
+		if len(e.candAlso) > 0 {
+			c = judgeAll(ctx, e.candidate, c, e.candAlso, in)
+		}
 		d.DryRun = &DryRun{
 			Result:         c.result,
 			HTTPStatus:     c.out.status,
@@ -309,6 +327,9 @@ func (e *Enforcer) decide(ctx context.Context, req *authv3.CheckRequest, d *Deci
 			MatchedRules:   c.rules,
 			Disagrees:      c.result != v.result || c.out.status != v.out.status,
 		}
+	case e.candErr != nil:
+		d.DryRun = &DryRun{Result: ResultDeny, HTTPStatus: http.StatusForbidden, Reason: "dry-run policy: " + e.candErr.Error(),
+			PolicyRevision: d.PolicyRevision, Disagrees: v.result != ResultDeny || v.out.status != http.StatusForbidden}
 	}
 	return v.out
 }
@@ -333,19 +354,20 @@ func judge(ctx context.Context, snap policy.Snapshot, in ast.Value) verdict {
 	return verdictOf(res, err)
 }
 
-// judgeAll combines first, the verdict of the enforcer's own decision,
-// with those of Also: every decision must allow. The first that does not
+// judgeAll combines first, the verdict of eng (the enforcer's own
+// decision, or its first dry-run candidate), with those of also: every
+// decision must allow. The first that does not
 // decides, its reason naming its query, and later ones are not evaluated;
 // when all allow, their response headers and mutations are applied
 // together, in order.
-func (e *Enforcer) judgeAll(ctx context.Context, first verdict, in ast.Value) verdict {
+func judgeAll(ctx context.Context, eng *policy.Engine, first verdict, also []*policy.Engine, in ast.Value) verdict {
 	if first.result != ResultAllow {
-		first.reason = e.engine.DecisionPath().String() + ": " + first.reason
+		first.reason = eng.DecisionPath().String() + ": " + first.reason
 		return first
 	}
 	all := first
 	parts := []outcome{first.out}
-	for _, a := range e.also {
+	for _, a := range also {
 		v := judge(ctx, a.Snapshot(), in)
 		if v.result != ResultAllow {
 			v.reason = a.DecisionPath().String() + ": " + v.reason

@@ -35,6 +35,10 @@ const (
 	// DecisionContextKey names the Rego query the bound policies decide
 	// by (data.PACKAGE.DECISION; several joined with ",").
 	DecisionContextKey = "writ.authz_decision"
+	// DryRunContextKey names the queries of the dry-run policies bound
+	// beside enforced ones (joined with ","): evaluated on every request
+	// and recorded in Decision.DryRun, never enforced.
+	DryRunContextKey = "writ.authz_dry_run"
 )
 
 // requestFacts are the parts of a request the decision record keeps.

@@ -1,6 +1,7 @@
 package enforcer
 
 import (
+	"cmp"
 	"context"
 	"runtime"
 	"time"
@@ -44,8 +45,8 @@ func NewServer(e *Enforcer, timeout time.Duration) *Server {
 // WithBinder makes s honour the writ.authz_decision context extension
 // that writd puts on the inbound routes of services bound by
 // AuthorizationPolicies: a request naming other queries than the
-// enforcer's own is decided by b's enforcer for them (every one must
-// allow). Without a binder, or when b cannot make that enforcer, such a
+// enforcer's own, or dry-run ones (writ.authz_dry_run), is decided by
+// b's enforcer for them (every enforced one must allow). Without a binder, or when b cannot make that enforcer, such a
 // request is denied. Call before serving.
 func (s *Server) WithBinder(b *Binder) *Server {
 	s.binder = b
@@ -98,12 +99,14 @@ func (s *Server) Check(ctx context.Context, req *authv3.CheckRequest) (*authv3.C
 		defer cancel()
 	}
 	e := s.enforcer
-	if v := req.GetAttributes().GetContextExtensions()[DecisionContextKey]; v != "" && v != e.DecisionPath() {
+	ext := req.GetAttributes().GetContextExtensions()
+	v, dry := cmp.Or(ext[DecisionContextKey], e.DecisionPath()), ext[DryRunContextKey]
+	if v != e.DecisionPath() || dry != "" {
 		if s.binder == nil {
-			resp, _ := e.CheckUnbound(ctx, req, "bound policy decision "+v+": this enforcer decides by "+e.DecisionPath()+" only")
+			resp, _ := e.CheckUnbound(ctx, req, "bound policy decisions "+v+" (dry run: "+dry+"): this enforcer decides by "+e.DecisionPath()+" only")
 			return resp, nil
 		}
-		be, err := s.binder.For(ctx, v)
+		be, err := s.binder.For(ctx, v, dry)
 		if err != nil {
 			resp, _ := e.CheckUnbound(ctx, req, "bound policy decision: "+err.Error())
 			return resp, nil

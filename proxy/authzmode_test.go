@@ -87,16 +87,17 @@ func TestDryRunModeInbound(t *testing.T) {
 // TestContextKeysAgree: writd and the enforcer name the context
 // extensions alike.
 func TestContextKeysAgree(t *testing.T) {
-	if xds.AuthzModeContextKey != enforcer.ModeContextKey || xds.AuthzDecisionContextKey != enforcer.DecisionContextKey {
-		t.Fatalf("xds %q %q, enforcer %q %q", xds.AuthzModeContextKey, xds.AuthzDecisionContextKey, enforcer.ModeContextKey, enforcer.DecisionContextKey)
+	if xds.AuthzModeContextKey != enforcer.ModeContextKey || xds.AuthzDecisionContextKey != enforcer.DecisionContextKey || xds.AuthzDryRunContextKey != enforcer.DryRunContextKey {
+		t.Fatalf("xds %q %q %q, enforcer %q %q %q", xds.AuthzModeContextKey, xds.AuthzDecisionContextKey, xds.AuthzDryRunContextKey, enforcer.ModeContextKey, enforcer.DecisionContextKey, enforcer.DryRunContextKey)
 	}
 }
 
 // TestEnforcerForOtherDecision: a listener whose AuthorizationPolicy binds
 // another decision than the proxy's policy is decided by the enforcer
 // EnforcerFor gives for it; several decisions (several enforced
-// policies) are accepted and every one must allow, through a real
-// enforcer.Binder as writ-proxy wires it.
+// policies) are accepted and every one must allow, and dry-run ones
+// beside them are evaluated and recorded but never enforced, through a
+// real enforcer.Binder as writ-proxy wires it.
 func TestEnforcerForOtherDecision(t *testing.T) {
 	ca := newTestCA(t)
 	appL, err := net.Listen("tcp", "127.0.0.1:0")
@@ -131,12 +132,12 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String(), AuthzMode: AuthzEnforce, AuthzDecision: "data.writ.other.allow"}
 	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"),
 		Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
-		EnforcerFor: func(d string) (*enforcer.Enforcer, error) {
+		EnforcerFor: func(d, dry string) (*enforcer.Enforcer, error) {
 			asked = append(asked, d)
-			if d == "data.writ.other.allow" {
+			if d == "data.writ.other.allow" && dry == "" {
 				return other, nil
 			}
-			return binder.For(context.Background(), d)
+			return binder.For(context.Background(), d, dry)
 		}})
 	get := func(clientPath string) int { return getPath(clientPath, "/a") }
 	getPath = func(clientPath, path string) int {
@@ -163,6 +164,33 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 	}
 	if a, b, c := getPath("/ns/demo/sa/other", "/a"), getPath("/ns/demo/sa/other", "/b"), getPath("/ns/demo/sa/client", "/a"); a != http.StatusOK || b != http.StatusForbidden || c != http.StatusForbidden {
 		t.Fatalf("other /a %d, other /b %d, client /a %d: want 200, 403, 403 (both rules must allow)", a, b, c)
+	}
+	// writ.path.allow in dry-run beside the enforced writ.other.allow:
+	// other's /b is allowed and recorded as what writ.path would have
+	// denied; client's /a is denied and recorded as its allow.
+	dry := in
+	dry.AuthzDryRun = "data.writ.path.allow"
+	if err := srv.Update(&Config{Inbound: []Inbound{dry}}); err != nil {
+		t.Fatalf("dry run beside: %v", err)
+	}
+	for _, tc := range []struct {
+		client, path string
+		status       int
+		dryResult    string
+	}{
+		{"/ns/demo/sa/other", "/b", http.StatusOK, enforcer.ResultDeny},
+		{"/ns/demo/sa/client", "/a", http.StatusForbidden, enforcer.ResultAllow},
+	} {
+		n := len(dec.got)
+		if got := getPath(tc.client, tc.path); got != tc.status {
+			t.Fatalf("%s %s with a dry-run policy beside: %d, want %d", tc.client, tc.path, got, tc.status)
+		}
+		if len(dec.got) != n+1 {
+			t.Fatalf("%d decisions recorded, want 1", len(dec.got)-n)
+		}
+		if dr := dec.got[n].DryRun; dr == nil || dr.Result != tc.dryResult || !dr.Disagrees {
+			t.Fatalf("%s %s: dry run %+v, want %s disagreeing", tc.client, tc.path, dr, tc.dryResult)
+		}
 	}
 	bad := in
 	bad.AuthzDecision = "data.nope.allow"

@@ -57,6 +57,10 @@ type Inbound struct {
 	// its policy's one decision path, so a configuration binding another
 	// is refused rather than decided by the wrong rule.
 	AuthzDecision string `yaml:"authz_decision" json:"authz_decision,omitempty"`
+	// AuthzDryRun is the queries of the dry-run policies bound beside
+	// enforced ones (writ.authz_dry_run): evaluated on every request and
+	// recorded in the decision, never enforced.
+	AuthzDryRun string `yaml:"authz_dry_run" json:"authz_dry_run,omitempty"`
 }
 
 // Outbound is a local plaintext port of the application's.

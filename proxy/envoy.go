@@ -553,22 +553,22 @@ func listenerFromEnvoy(l *listenerv3.Listener, cs map[string]*clusterv3.Cluster,
 }
 
 // authzPerRoute reads the ext_authz per-route settings writd sets on an
-// inbound route: the AuthorizationPolicy's mode and decision as context
-// extensions. Disabling the check is refused: every inbound request is
+// inbound route: the AuthorizationPolicies' mode, decision and dry-run
+// decisions as context extensions. Disabling the check is refused: every inbound request is
 // authorized.
-func authzPerRoute(a *anypb.Any) (mode, decision string, err error) {
+func authzPerRoute(a *anypb.Any) (mode, decision, dryRun string, err error) {
 	if a == nil {
-		return "", "", nil
+		return "", "", "", nil
 	}
 	var pr extauthzv3.ExtAuthzPerRoute
 	if err := a.UnmarshalTo(&pr); err != nil {
-		return "", "", fmt.Errorf("ext_authz per-route config: %w", err)
+		return "", "", "", fmt.Errorf("ext_authz per-route config: %w", err)
 	}
 	if pr.GetDisabled() {
-		return "", "", errors.New("ext_authz disabled on an inbound route: every inbound request must be authorized")
+		return "", "", "", errors.New("ext_authz disabled on an inbound route: every inbound request must be authorized")
 	}
 	ext := pr.GetCheckSettings().GetContextExtensions()
-	return ext[enforcer.ModeContextKey], ext[enforcer.DecisionContextKey], nil
+	return ext[enforcer.ModeContextKey], ext[enforcer.DecisionContextKey], ext[enforcer.DryRunContextKey], nil
 }
 
 // inboundFromEnvoy reads an inbound listener's HTTP connection manager:
@@ -611,17 +611,17 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 				return in, "", errors.New("route_config: every inbound route must go to the one local app cluster")
 			}
 			app = c
-			mode, decision, err := authzPerRoute(r.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
-			if err == nil && mode == "" && decision == "" {
-				mode, decision, err = authzPerRoute(vh.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			mode, decision, dryRun, err := authzPerRoute(r.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
+			if err == nil && mode == "" && decision == "" && dryRun == "" {
+				mode, decision, dryRun, err = authzPerRoute(vh.GetTypedPerFilterConfig()[wellknown.HTTPExternalAuthorization])
 			}
 			if err != nil {
 				return in, "", fmt.Errorf("route_config: %w", err)
 			}
-			if !first && (mode != in.AuthzMode || decision != in.AuthzDecision) {
+			if !first && (mode != in.AuthzMode || decision != in.AuthzDecision || dryRun != in.AuthzDryRun) {
 				return in, "", errors.New("route_config: inbound routes with different authorization modes or decisions are not supported")
 			}
-			in.AuthzMode, in.AuthzDecision, first = mode, decision, false
+			in.AuthzMode, in.AuthzDecision, in.AuthzDryRun, first = mode, decision, dryRun, false
 		}
 	}
 	if app == "" {

@@ -86,6 +86,9 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	if cfg.AuthzDecision != "" {
 		ext[enforcer.DecisionContextKey] = cfg.AuthzDecision
 	}
+	if cfg.AuthzDryRun != "" {
+		ext[enforcer.DryRunContextKey] = cfg.AuthzDryRun
+	}
 	l := &inboundListener{p: p, enf: enf, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: ext}
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)

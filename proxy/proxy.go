@@ -13,6 +13,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -51,11 +52,13 @@ type Options struct {
 	// (data.PACKAGE.RULE) other than Enforcer's, for inbound listeners
 	// whose AuthorizationPolicy binds one (Inbound.AuthzDecision), or of
 	// several joined by "," when several policies are enforced on the
-	// service, every one of which must allow (enforcer.Binder). It is
+	// service, every one of which must allow (enforcer.Binder); with
+	// dryRun (Inbound.AuthzDryRun) not empty, that enforcer evaluates
+	// those decisions too and records them, never enforced. It is
 	// called when such a listener is bound, never per request. Without
 	// it, such listeners are refused. It should return one enforcer per
 	// decision (a cache): Update asks before binding and again to bind.
-	EnforcerFor func(decision string) (*enforcer.Enforcer, error)
+	EnforcerFor func(decision, dryRun string) (*enforcer.Enforcer, error)
 	// Registry receives the proxy's metrics and is served on /metrics;
 	// nil makes a new one.
 	Registry *prometheus.Registry
@@ -87,7 +90,7 @@ type Proxy struct {
 	td  spiffeid.TrustDomain
 	enf *enforcer.Enforcer
 	// enforcerFor gives the enforcers of other decisions (Options).
-	enforcerFor func(string) (*enforcer.Enforcer, error)
+	enforcerFor func(decision, dryRun string) (*enforcer.Enforcer, error)
 	reg         *prometheus.Registry
 	metrics     *metrics
 	alog        *accessLog
@@ -209,15 +212,19 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 // than decided by a rule the operator did not bind. Without any enforcer
 // every request is denied anyway.
 func (p *Proxy) inboundEnforcer(in Inbound) (*enforcer.Enforcer, error) {
-	if p.enf == nil || in.AuthzDecision == "" || in.AuthzDecision == p.enf.DecisionPath() {
+	if p.enf == nil {
+		return nil, nil
+	}
+	decision := cmp.Or(in.AuthzDecision, p.enf.DecisionPath())
+	if decision == p.enf.DecisionPath() && in.AuthzDryRun == "" {
 		return p.enf, nil
 	}
 	if p.enforcerFor == nil {
-		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicy decides by %s, this proxy's policy by %s", in.Name, in.AuthzDecision, p.enf.DecisionPath())
+		return nil, fmt.Errorf("inbound %q: its AuthorizationPolicies decide by %s (dry run: %q), this proxy's policy by %s only", in.Name, decision, in.AuthzDryRun, p.enf.DecisionPath())
 	}
-	enf, err := p.enforcerFor(in.AuthzDecision)
+	enf, err := p.enforcerFor(decision, in.AuthzDryRun)
 	if err != nil {
-		return nil, fmt.Errorf("inbound %q: policy decision %s: %w", in.Name, in.AuthzDecision, err)
+		return nil, fmt.Errorf("inbound %q: policy decision %s: %w", in.Name, decision, err)
 	}
 	return enf, nil
 }

@@ -150,13 +150,13 @@ spec:
 	}
 	pol := func(name, mode string) string { return policyPkg(name, mode, "envoy.authz") }
 	tests := []struct {
-		name, mesh, mode, decision string
+		name, mesh, mode, decision, dryRun string
 	}{
-		{"no policy", svc, "", ""},
-		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
-		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow"},
-		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow"},
-		{"several enforced", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow"},
+		{"no policy", svc, "", "", ""},
+		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow", ""},
+		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow", ""},
+		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow", ""},
+		{"several enforced, one dry-run beside", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow", "data.envoy.authz.allow"},
 	}
 	// The policies of the teams, for the proxy to bind.
 	dir := t.TempDir()
@@ -194,8 +194,8 @@ spec:
 				t.Fatalf("inbound: %+v", got.Inbound)
 			}
 			in := got.Inbound[0]
-			if in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision {
-				t.Fatalf("mode %q decision %q, want %q %q", in.AuthzMode, in.AuthzDecision, tt.mode, tt.decision)
+			if in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision || in.AuthzDryRun != tt.dryRun {
+				t.Fatalf("mode %q decision %q dry run %q, want %q %q %q", in.AuthzMode, in.AuthzDecision, in.AuthzDryRun, tt.mode, tt.decision, tt.dryRun)
 			}
 			if !strings.HasPrefix(tt.decision, "data.team.") {
 				return
@@ -212,7 +212,7 @@ spec:
 			})
 			in.Address = "127.0.0.1:0"
 			startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/shop/sa/orders"), Enforcer: own,
-				EnforcerFor: func(d string) (*enforcer.Enforcer, error) { return b.For(context.Background(), d) }})
+				EnforcerFor: func(d, dry string) (*enforcer.Enforcer, error) { return b.For(context.Background(), d, dry) }})
 		})
 	}
 }

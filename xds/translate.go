@@ -831,6 +831,11 @@ const (
 	// DECISION, of the enforced policies (of the dry-run ones when none
 	// is enforced); several are joined with ",".
 	AuthzDecisionContextKey = "writ.authz_decision"
+	// AuthzDryRunContextKey is the queries of the dry-run policies bound
+	// beside enforced ones, joined with ",": evaluated and recorded on
+	// every request, never enforced. Absent when none is, or when only
+	// dry-run policies are bound (they are then the decision).
+	AuthzDryRunContextKey = "writ.authz_dry_run"
 )
 
 // authzContext is the inbound check's context extensions for policies
@@ -849,12 +854,20 @@ func authzContext(policies []*config.AuthorizationPolicySpec) map[string]string 
 			enforced = append(enforced, d)
 		}
 	}
-	mode, ds := config.ModeEnforce, enforced
-	if len(enforced) == 0 {
-		mode, ds = config.ModeDryRun, dry
+	join := func(ds []string) string {
+		slices.Sort(ds)
+		return strings.Join(slices.Compact(ds), ",")
 	}
-	slices.Sort(ds)
-	return map[string]string{AuthzModeContextKey: mode, AuthzDecisionContextKey: strings.Join(slices.Compact(ds), ",")}
+	if len(enforced) == 0 {
+		return map[string]string{AuthzModeContextKey: config.ModeDryRun, AuthzDecisionContextKey: join(dry)}
+	}
+	ext := map[string]string{AuthzModeContextKey: config.ModeEnforce, AuthzDecisionContextKey: join(enforced)}
+	// A query enforced already needs no dry run of itself.
+	dry = slices.DeleteFunc(dry, func(d string) bool { return slices.Contains(enforced, d) })
+	if len(dry) > 0 {
+		ext[AuthzDryRunContextKey] = join(dry)
+	}
+	return ext
 }
 
 func envoyInbound(si *svcInfo, n Node, name string, port int) *listenerv3.Listener {

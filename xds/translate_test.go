@@ -72,6 +72,9 @@ func TestBuildGolden(t *testing.T) {
 		{"authz-several-envoy-server", "authz-several.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
 		{"noauthz-grpc-server", "split.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
 		{"authz-mixed-grpc-server", "authz-mixed.yaml", server, FlavorGRPC, []Endpoint{greeterV1}},
+		// One enforced policy and one in dry-run beside it: the check
+		// names the dry-run decision too (writ.authz_dry_run).
+		{"authz-mixed-envoy-server", "authz-mixed.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
 		{"tcp-envoy", "tcp.yaml", client, FlavorEnvoy, nil},
 		{"sidecar-envoy-server", "split.yaml", sidecar, FlavorEnvoy, []Endpoint{greeterV1, greeterV2}},
 	}
@@ -149,18 +152,21 @@ func TestAuthzContext(t *testing.T) {
 		policies []*config.AuthorizationPolicySpec
 		mode     string
 		decision string
+		dryRun   string
 	}{
-		{"none", nil, "", ""},
-		{"enforce, default decision", []*config.AuthorizationPolicySpec{pol("writ.authz", "", config.ModeEnforce)}, "enforce", "data.writ.authz.allow"},
-		{"dry-run only", []*config.AuthorizationPolicySpec{pol("a", "ok", config.ModeDryRun)}, "dry-run", "data.a.ok"},
-		{"enforced ones decide", []*config.AuthorizationPolicySpec{pol("b", "", config.ModeEnforce), pol("x", "", config.ModeDryRun), pol("a", "", config.ModeEnforce), pol("a", "", config.ModeEnforce)},
-			"enforce", "data.a.allow,data.b.allow"},
+		{"none", nil, "", "", ""},
+		{"enforce, default decision", []*config.AuthorizationPolicySpec{pol("writ.authz", "", config.ModeEnforce)}, "enforce", "data.writ.authz.allow", ""},
+		{"dry-run only", []*config.AuthorizationPolicySpec{pol("a", "ok", config.ModeDryRun), pol("b", "", config.ModeDryRun)}, "dry-run", "data.a.ok,data.b.allow", ""},
+		{"enforced ones decide, dry-run ones beside", []*config.AuthorizationPolicySpec{pol("b", "", config.ModeEnforce), pol("y", "", config.ModeDryRun), pol("a", "", config.ModeEnforce), pol("a", "", config.ModeEnforce), pol("x", "", config.ModeDryRun)},
+			"enforce", "data.a.allow,data.b.allow", "data.x.allow,data.y.allow"},
+		{"enforced query not run dry", []*config.AuthorizationPolicySpec{pol("a", "", config.ModeEnforce), pol("a", "", config.ModeDryRun)}, "enforce", "data.a.allow", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			got := authzContext(tt.policies)
-			if got[AuthzModeContextKey] != tt.mode || got[AuthzDecisionContextKey] != tt.decision || (tt.mode == "") != (got == nil) {
-				t.Fatalf("got %v, want mode %q decision %q", got, tt.mode, tt.decision)
+			_, hasDry := got[AuthzDryRunContextKey]
+			if got[AuthzModeContextKey] != tt.mode || got[AuthzDecisionContextKey] != tt.decision || got[AuthzDryRunContextKey] != tt.dryRun || hasDry != (tt.dryRun != "") || (tt.mode == "") != (got == nil) {
+				t.Fatalf("got %v, want mode %q decision %q dry run %q", got, tt.mode, tt.decision, tt.dryRun)
 			}
 		})
 	}

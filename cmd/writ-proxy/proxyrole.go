@@ -294,17 +294,19 @@ type proxyRole struct {
 }
 
 // enforcerFor is the enforcer of decision (proxy.Options.EnforcerFor),
-// one query or several joined by "," (every one must allow): engines
+// one query or several joined by "," (every one must allow), with
+// dryRun's queries evaluated beside it and recorded, never enforced:
+// engines
 // over the same policy source with those decision paths, made once and
 // reloaded whenever the policy's own engine takes new content.
-func (r *proxyRole) enforcerFor(decision string) (*enforcer.Enforcer, error) {
+func (r *proxyRole) enforcerFor(decision, dryRun string) (*enforcer.Enforcer, error) {
 	b := r.binder.Load()
 	if b == nil {
 		return nil, errors.New("no policy loaded")
 	}
-	e, err := b.For(context.Background(), decision)
+	e, err := b.For(context.Background(), decision, dryRun)
 	if err == nil {
-		r.log.Info("policy decision bound by AuthorizationPolicies", "decision", decision)
+		r.log.Info("policy decision bound by AuthorizationPolicies", "decision", decision, "dry_run", dryRun)
 	}
 	return e, err
 }
