@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/writmesh/writ/internal/meshlimits"
 	"github.com/writmesh/writ/internal/saferegex"
 	"gopkg.in/yaml.v3"
 )
@@ -647,8 +648,8 @@ func (s *RouteSpec) validate(add addFunc) {
 			add(f+".timeout", "negative timeout")
 		}
 		if rt := rule.Retries; rt != nil {
-			if rt.Attempts < 0 || rt.Attempts > 10 {
-				add(f+".retries.attempts", "attempts %d is out of range 0-10", rt.Attempts)
+			if rt.Attempts < 0 || rt.Attempts > meshlimits.MaxRetries {
+				add(f+".retries.attempts", "attempts %d is out of range 0-%d", rt.Attempts, meshlimits.MaxRetries)
 			}
 			for k, on := range rt.On {
 				if !slices.Contains(retryOns, on) {
@@ -678,8 +679,8 @@ func (s *RouteSpec) validate(add addFunc) {
 				if a.HTTPStatus != 0 && (a.HTTPStatus < 200 || a.HTTPStatus > 599) {
 					add(f+".fault.abort.httpStatus", "status %d is out of range 200-599", a.HTTPStatus)
 				}
-				if a.GRPCStatus < 0 || a.GRPCStatus > 16 {
-					add(f+".fault.abort.grpcStatus", "status %d is out of range 1-16", a.GRPCStatus)
+				if a.GRPCStatus != 0 && (a.GRPCStatus < meshlimits.MinGRPCStatus || a.GRPCStatus > meshlimits.MaxGRPCStatus) {
+					add(f+".fault.abort.grpcStatus", "status %d is out of range %d-%d", a.GRPCStatus, meshlimits.MinGRPCStatus, meshlimits.MaxGRPCStatus)
 				}
 				if a.Percent <= 0 || a.Percent > 100 {
 					add(f+".fault.abort.percent", "percent %v is out of range (0, 100]", a.Percent)

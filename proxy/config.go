@@ -16,6 +16,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/writmesh/writ/enforcer"
+	"github.com/writmesh/writ/internal/meshlimits"
 	"github.com/writmesh/writ/internal/saferegex"
 )
 
@@ -554,8 +555,8 @@ func (c *Config) Validate() error {
 						bad("%s: virtual host %q route %d: fault percentages must be 0 to 100", where, vh.Name, j)
 					}
 					switch {
-					case f.AbortGRPCStatus != 0 && (f.AbortStatus != 0 || f.AbortGRPCStatus < 1 || f.AbortGRPCStatus > 16):
-						bad("%s: virtual host %q route %d: fault abort_grpc_status %d: want 1 to 16 and no abort_status", where, vh.Name, j, f.AbortGRPCStatus)
+					case f.AbortGRPCStatus != 0 && (f.AbortStatus != 0 || f.AbortGRPCStatus < meshlimits.MinGRPCStatus || f.AbortGRPCStatus > meshlimits.MaxGRPCStatus):
+						bad("%s: virtual host %q route %d: fault abort_grpc_status %d: want %d to %d and no abort_status", where, vh.Name, j, f.AbortGRPCStatus, meshlimits.MinGRPCStatus, meshlimits.MaxGRPCStatus)
 					case f.AbortGRPCStatus == 0 && f.AbortPercent > 0 && (f.AbortStatus < 200 || f.AbortStatus > 599):
 						bad("%s: virtual host %q route %d: fault abort_status %d is not an HTTP status", where, vh.Name, j, f.AbortStatus)
 					}
@@ -566,8 +567,8 @@ func (c *Config) Validate() error {
 							bad("%s: virtual host %q route %d: retry_on %q unknown", where, vh.Name, j, on)
 						}
 					}
-					if rp.NumRetries < 0 || rp.NumRetries > 10 {
-						bad("%s: virtual host %q route %d: num_retries %d: want 0 to 10", where, vh.Name, j, rp.NumRetries)
+					if rp.NumRetries < 0 || rp.NumRetries > meshlimits.MaxRetries {
+						bad("%s: virtual host %q route %d: num_retries %d: want 0 to %d", where, vh.Name, j, rp.NumRetries, meshlimits.MaxRetries)
 					}
 				}
 			}

@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -34,8 +35,10 @@ const (
 // requiring a client SVID of the trust domain; ALPN then decides whether
 // it carries HTTP (h2, http/1.1) or opaque TCP (no ALPN).
 type inboundListener struct {
-	p      *Proxy
-	enf    *enforcer.Enforcer // nil: deny all
+	p *Proxy
+	// enf decides the listener's requests (nil: deny all). Rebind swaps
+	// it when a policy reload changes what its binding resolves to.
+	enf    atomic.Pointer[enforcer.Enforcer]
 	cfg    Inbound
 	ln     net.Listener
 	tlsCfg *tls.Config
@@ -89,7 +92,8 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	if cfg.AuthzDryRun != "" {
 		ext[enforcer.DryRunContextKey] = cfg.AuthzDryRun
 	}
-	l := &inboundListener{p: p, enf: enf, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: ext}
+	l := &inboundListener{p: p, cfg: cfg, ln: ln, httpLn: newConnListener(ln.Addr()), ext: ext}
+	l.enf.Store(enf)
 	l.ctx, l.cancel = context.WithCancel(context.Background())
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
@@ -259,10 +263,11 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // check asks the enforcer, denying when there is none.
 func (l *inboundListener) check(r *http.Request, pi *peerInfo) (*authv3.CheckResponse, enforcer.Decision) {
-	if l.enf == nil {
+	enf := l.enf.Load()
+	if enf == nil {
 		return nil, enforcer.Decision{Result: enforcer.ResultDeny, HTTPStatus: http.StatusForbidden, Reason: "no policy loaded"}
 	}
-	return l.enf.Check(r.Context(), l.checkRequest(r, pi))
+	return enf.Check(r.Context(), l.checkRequest(r, pi))
 }
 
 // checkRequest describes r the way Envoy's ext_authz filter does:
@@ -372,10 +377,10 @@ func (l *inboundListener) serveTCP(tc *tls.Conn) {
 		return
 	}
 	var d enforcer.Decision
-	if l.enf == nil {
+	if enf := l.enf.Load(); enf == nil {
 		d.Result = enforcer.ResultDeny
 	} else {
-		_, d = l.enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
+		_, d = enf.Check(l.ctx, &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
 			Source: pi.source, Destination: pi.dest, ContextExtensions: l.ext,
 		}})
 	}

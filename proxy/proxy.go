@@ -229,6 +229,27 @@ func (p *Proxy) inboundEnforcer(in Inbound) (*enforcer.Enforcer, error) {
 	return enf, nil
 }
 
+// Rebind resolves every inbound listener's policy binding again, after
+// the policies changed: a listener bound while a dry-run rule was missing
+// holds an enforcer recording that error, and the binding is otherwise
+// only resolved when a configuration change rebinds the listener. A
+// listener whose binding now fails keeps its enforcer; the errors are
+// joined.
+func (p *Proxy) Rebind() error {
+	p.lmu.Lock()
+	defer p.lmu.Unlock()
+	var errs []error
+	for _, l := range p.inbound {
+		enf, err := p.inboundEnforcer(l.cfg)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		l.enf.Store(enf)
+	}
+	return errors.Join(errs...)
+}
+
 // Update swaps in a new configuration: routes, clusters and endpoints take
 // effect for the next request, and connection pools of unchanged clusters
 // are kept. Listeners are compared by name: new ones are bound (all or

@@ -313,10 +313,18 @@ func (r *proxyRole) enforcerFor(decision, dryRun string) (*enforcer.Enforcer, er
 
 // reloadOthers reloads the engines of other decisions after the policy's
 // own engine took new content; each keeps its last good set on error.
+// The inbound listeners then resolve their bindings again: one bound
+// while its dry-run rule was missing would otherwise keep recording that
+// error until writd happened to change its configuration.
 func (r *proxyRole) reloadOthers(ctx context.Context) {
 	if b := r.binder.Load(); b != nil {
 		if err := b.Reload(ctx); err != nil {
 			r.log.Warn("policy reload for a bound decision", "err", err)
+		}
+	}
+	if p := r.running.Load(); p != nil {
+		if err := p.Rebind(); err != nil {
+			r.log.Warn("policy reload: an inbound listener keeps its binding", "err", err)
 		}
 	}
 }
