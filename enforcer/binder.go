@@ -16,8 +16,12 @@ import (
 // Enforcer deciding by all of them, where every one must allow (see
 // Options.Also), and beside it the dry-run ones (writ.authz_dry_run),
 // evaluated and recorded but never enforced (Options.CandidateAlso).
-// writ-proxy binds it per inbound listener, writ-enforcer per request. Engines and enforcers are made once per query and per
-// value and then cached. It is safe for concurrent use.
+// writ-proxy binds it per inbound listener, writ-enforcer per request.
+// Engines and enforcers are made once per query and per value and then
+// cached, within bounds: the values come from the network (an Envoy's
+// context extensions), so a peer naming ever new queries must not grow
+// the caches or keep the policies compiling. It is safe for concurrent
+// use.
 type Binder struct {
 	base      Options
 	newEngine func(ctx context.Context, decision string) (*policy.Engine, error)
@@ -32,6 +36,14 @@ type Binder struct {
 	failed map[binding]error
 }
 
+// Bounds on what the network can make a Binder hold: a mesh binds a
+// handful of policy queries, nowhere near these.
+const (
+	maxBindings        = 256 // bound and failed values together
+	maxEngines         = 256 // queries with an engine of their own
+	maxQueriesPerValue = 16
+)
+
 // binding is a service's enforced and dry-run decision lists.
 type binding struct{ decision, dryRun string }
 
@@ -43,8 +55,11 @@ func NewBinder(base Options, newEngine func(ctx context.Context, decision string
 }
 
 // SplitDecisions splits a writ.authz_decision value into its queries,
-// refusing empty ones.
+// refusing empty ones and more than maxQueriesPerValue.
 func SplitDecisions(value string) ([]string, error) {
+	if n := strings.Count(value, ",") + 1; n > maxQueriesPerValue {
+		return nil, fmt.Errorf("decision list names %d queries, over %d", n, maxQueriesPerValue)
+	}
 	ds := strings.Split(value, ",")
 	for i, d := range ds {
 		ds[i] = strings.TrimSpace(d)
@@ -68,6 +83,10 @@ func (b *Binder) For(ctx context.Context, value, dryRun string) (*Enforcer, erro
 	}
 	if err := b.failed[key]; err != nil {
 		return nil, err
+	}
+	if len(b.byValue)+len(b.failed) >= maxBindings {
+		// Refused, not remembered: the bound is what keeps failed small.
+		return nil, fmt.Errorf("%d policy bindings already held: refusing another", maxBindings)
 	}
 	e, err := b.bindLocked(ctx, key)
 	if err != nil {
@@ -121,6 +140,9 @@ func (b *Binder) engineLocked(ctx context.Context, d string) (*policy.Engine, er
 	}
 	if b.newEngine == nil {
 		return nil, errors.New("no engine for other decisions than " + b.base.Engine.DecisionPath().String())
+	}
+	if len(b.engines) >= maxEngines {
+		return nil, fmt.Errorf("%d policy queries already loaded: refusing another", maxEngines)
 	}
 	eng, err := b.newEngine(ctx, d)
 	if err != nil {

@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -202,5 +203,47 @@ func TestServerDryRunBeside(t *testing.T) {
 				t.Fatalf("dry run %+v, want %s %q disagrees=%v", dr, tt.dryResult, tt.dryReason, tt.disagrees)
 			}
 		})
+	}
+}
+
+// TestBinderBounds: values naming ever new queries (a peer's context
+// extensions) stop being compiled and remembered at the bounds, and what
+// was bound before keeps working.
+func TestBinderBounds(t *testing.T) {
+	ctx := context.Background()
+	dir := boundDir(t)
+	own, err := policy.NewEngine(ctx, policy.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	made := 0
+	binder := NewBinder(Options{Engine: own, Sink: &recorder{}}, func(ctx context.Context, d string) (*policy.Engine, error) {
+		made++
+		return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+	})
+	good, err := binder.For(ctx, "data.team.a.allow", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := strings.Repeat("data.team.a.allow,", maxQueriesPerValue) + "data.team.b.allow"
+	if _, err := binder.For(ctx, long, ""); err == nil || !strings.Contains(err.Error(), "queries, over") {
+		t.Fatalf("a list of %d queries: %v, want refused", maxQueriesPerValue+1, err)
+	}
+	for i := range maxBindings + 50 {
+		_, err := binder.For(ctx, fmt.Sprintf("data.nothing%d.allow", i), "")
+		if err == nil {
+			t.Fatalf("query %d that nothing defines was bound", i)
+		}
+	}
+	// The good binding and the refused long list count; everything past
+	// the bound was refused before compiling.
+	if made > maxBindings {
+		t.Fatalf("%d engines compiled for %d distinct values, want at most %d", made, maxBindings+50, maxBindings)
+	}
+	if _, err := binder.For(ctx, "data.nothing999.allow", ""); err == nil || !strings.Contains(err.Error(), "already held") {
+		t.Fatalf("past the bound: %v, want refused as held", err)
+	}
+	if e, err := binder.For(ctx, "data.team.a.allow", ""); err != nil || e != good {
+		t.Fatalf("the binding made before the flood: %v, %v", e, err)
 	}
 }
