@@ -316,6 +316,7 @@ func (r *proxyRole) enforcerFor(decision, dryRun string) (*enforcer.Enforcer, er
 // The inbound listeners then resolve their bindings again: one bound
 // while its dry-run rule was missing would otherwise keep recording that
 // error until writd happened to change its configuration.
+// Last, the xDS client tries again the configuration it last refused.
 func (r *proxyRole) reloadOthers(ctx context.Context) {
 	if b := r.binder.Load(); b != nil {
 		if err := b.Reload(ctx); err != nil {
@@ -326,6 +327,11 @@ func (r *proxyRole) reloadOthers(ctx context.Context) {
 		if err := p.Rebind(); err != nil {
 			r.log.Warn("policy reload: an inbound listener keeps its binding", "err", err)
 		}
+	}
+	// A configuration refused for binding a rule the policy lacked may
+	// bind now; writd does not send a refused version again.
+	if c := r.xds.Load(); c != nil {
+		c.RetryRefused()
 	}
 }
 
