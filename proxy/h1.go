@@ -61,6 +61,7 @@ type h1Conn struct {
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
 	sent     *sentConn
+	deadline bool    // a request's deadline is set on c (deadlineOnly)
 	probe    *probe  // liveness check state (h1_linux.go), made on first use
 	body     lenBody // the body reader of readResponse's responses
 	br       *bufio.Reader
@@ -189,6 +190,14 @@ func idempotent(r *http.Request) bool {
 	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
 }
 
+// deadlineOnly is a context that, while onlyDeadline says so, can end
+// only at its deadline before the request is done (routeCtx): the
+// transport then sets the deadline on the connection rather than wait on
+// Done.
+type deadlineOnly interface {
+	onlyDeadline() (time.Time, bool)
+}
+
 // errNoAnswer wraps failures before any byte of a response arrived.
 var errNoAnswer = errors.New("no answer")
 
@@ -228,8 +237,23 @@ var aLongTimeAgo = time.Unix(1, 0)
 func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused bool) (*http.Response, error) {
 	ctx := r.Context()
 	stop := noStop
-	if ctx.Done() != nil {
-		stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
+	if dc, ok := ctx.(deadlineOnly); ok {
+		if d, ok := dc.onlyDeadline(); ok {
+			_ = c.c.SetDeadline(d)
+			c.deadline = true
+			ctx = nil
+		}
+	}
+	if ctx == nil {
+		ctx = r.Context()
+	} else {
+		if c.deadline {
+			_ = c.c.SetDeadline(time.Time{})
+			c.deadline = false
+		}
+		if ctx.Done() != nil {
+			stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
+		}
 	}
 	var sentBefore int64
 	if c.sent != nil {

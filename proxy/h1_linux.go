@@ -3,6 +3,7 @@ package proxy
 import (
 	"net"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,6 +24,12 @@ type probe struct {
 func (t *h1Transport) alive(c *h1Conn) bool {
 	if c.br.Buffered() > 0 {
 		return false
+	}
+	if c.deadline {
+		// The last request's deadline, long past, would end the peek
+		// before it looks.
+		_ = c.c.SetDeadline(time.Time{})
+		c.deadline = false
 	}
 	if c.probe == nil {
 		sc, ok := c.raw.(syscall.Conn)
