@@ -557,13 +557,20 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		last = ep
 		ctx, cancel := req.Context(), context.CancelFunc(nil)
+		var out *http.Request
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
+			out = req.WithContext(ctx)
+			u := *req.URL
+			out.URL = &u
+		} else {
+			// The same context: the request and its URL copied in one
+			// allocation.
+			fr := &fwdReq{req: *req, url: *req.URL}
+			out = &fr.req
+			out.URL = &fr.url
 		}
-		out := req.WithContext(ctx)
-		u := *req.URL
-		u.Host = ep.addr
-		out.URL = &u
+		out.URL.Host = ep.addr
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
 		} else if rec != nil {
