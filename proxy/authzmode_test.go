@@ -5,11 +5,13 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/enforcer/regotest"
 	"github.com/writmesh/writ/policy"
@@ -76,11 +78,24 @@ func TestDryRunModeInbound(t *testing.T) {
 
 	enforce := in
 	enforce.AuthzMode = AuthzEnforce
+	srv.lmu.Lock()
+	retired := srv.inbound[0]
+	srv.lmu.Unlock()
 	if err := srv.Update(&Config{Inbound: []Inbound{enforce}}); err != nil {
 		t.Fatal(err)
 	}
 	if code := get(); code != http.StatusForbidden {
 		t.Fatalf("enforce mode: got %d, want 403", code)
+	}
+	// A request still arriving on a connection of the replaced listener
+	// (its drain runs after Update returns) is decided by the new one.
+	req := httptest.NewRequest("GET", "/a", nil)
+	req = req.WithContext(context.WithValue(req.Context(), peerKey{}, &peerInfo{id: "spiffe://example.org/ns/demo/sa/other", namespace: "demo", workload: "other",
+		source: &authv3.AttributeContext_Peer{Principal: "spiffe://example.org/ns/demo/sa/other"}, dest: &authv3.AttributeContext_Peer{Service: "server"}}))
+	rec := httptest.NewRecorder()
+	retired.ServeHTTP(rec, req)
+	if rec.Code != http.StatusForbidden {
+		t.Fatalf("request on the replaced listener: got %d, want 403 from the new listener's enforce mode", rec.Code)
 	}
 }
 

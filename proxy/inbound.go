@@ -51,6 +51,12 @@ type inboundListener struct {
 	cancel context.CancelFunc
 	// ext is the CheckRequests' context extensions (read-only).
 	ext map[string]string
+	// next is the listener that replaced this one in an Update, for the
+	// same service. Its connections drain, but the requests they still
+	// carry are served under the new listener's configuration: a policy
+	// change (dry run to enforce, another decision) holds from the moment
+	// Update returns, not only for connections made after it.
+	next atomic.Pointer[inboundListener]
 }
 
 // peerKey carries the connection's verified peer into its requests.
@@ -225,6 +231,10 @@ func (l *inboundListener) shutdown(ctx context.Context) {
 
 // ServeHTTP authorizes one request and forwards it to the app.
 func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if n := l.next.Load(); n != nil {
+		n.ServeHTTP(w, r)
+		return
+	}
 	start := l.p.clock.Now()
 	pi, _ := r.Context().Value(peerKey{}).(*peerInfo)
 	if pi == nil || pi.id == "" {

@@ -356,6 +356,11 @@ func (p *Proxy) Update(cfg *Config) error {
 		ln.Close()
 	}
 	lateErr := bind(true)
+	for _, n := range newIn {
+		if l := oldIn[n.cfg.Name]; l != nil && l.cfg.Service == n.cfg.Service {
+			l.next.Store(n)
+		}
+	}
 	p.state.Store(st)
 	var in []*inboundListener
 	for _, l := range p.inbound {
