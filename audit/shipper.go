@@ -26,8 +26,16 @@ type ShipperOptions struct {
 	// (default 1; more did not help on a loaded 2-core machine).
 	InFlight    int
 	CallTimeout time.Duration // default 15s
-	MinBackoff  time.Duration // default 100ms
-	MaxBackoff  time.Duration // default 10s
+	// Linger is how long after a send began the next batch that is not
+	// full waits for more events (default 100ms; negative: never). The
+	// first event after a quiet spell goes at once; under a steady load
+	// the shipper then makes at most about one call per Linger instead of
+	// one per fsync (every 10 ms), each a larger COPY in one transaction
+	// for writd and PostgreSQL, which share the cores of the proxies they
+	// serve. A full batch never waits.
+	Linger     time.Duration
+	MinBackoff time.Duration // default 100ms
+	MaxBackoff time.Duration // default 10s
 	// Poll is how often an idle shipper looks for new events when no
 	// fsync has signalled any (default 1s).
 	Poll   time.Duration
@@ -63,6 +71,9 @@ func NewShipper(o ShipperOptions) (*Shipper, error) {
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 15 * time.Second
 	}
+	if o.Linger == 0 {
+		o.Linger = 100 * time.Millisecond
+	}
 	if o.MinBackoff <= 0 {
 		o.MinBackoff = 100 * time.Millisecond
 	}
@@ -87,6 +98,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 	var r Reader
 	defer r.Close()
 	failures := 0
+	var lastSend time.Time
 	for ctx.Err() == nil {
 		next := s.o.Spool.Stats().Acked + 1
 		// Up to InFlight batches go out at once, so that reading and
@@ -101,18 +113,40 @@ func (s *Shipper) Run(ctx context.Context) error {
 			if b, err = s.o.Spool.ReadBatch(&r, from, s.o.BatchEvents, s.o.BatchBytes); err != nil || len(b) == 0 {
 				break
 			}
+			full := s.full(b)
+			if !full && len(batches) == 0 {
+				if wait := s.o.Linger - s.o.Clock.Since(lastSend); wait > 0 {
+					if !s.sleep(ctx, wait) {
+						return nil
+					}
+					// The reader is positioned after b: the top-up
+					// reads only what became durable meanwhile.
+					var more [][]byte
+					more, err = s.o.Spool.ReadBatch(&r, from+uint64(len(b)), s.o.BatchEvents-len(b), s.o.BatchBytes-batchBytes(b))
+					b = append(b, more...)
+					full = s.full(b)
+				}
+			}
 			batches, firsts = append(batches, b), append(firsts, from)
 			from += uint64(len(b))
+			if !full || err != nil {
+				break // nothing more is durable yet
+			}
 		}
 		if err == nil && len(batches) == 0 {
+			// A stopped timer, not Clock.After: an idle shipper woken by
+			// each fsync would otherwise leave one pending timer per wake.
+			t := s.o.Clock.NewTimer(s.o.Poll)
 			select {
 			case <-ctx.Done():
 			case <-s.o.Spool.Durable():
-			case <-s.o.Clock.After(s.o.Poll):
+			case <-t.Chan():
 			}
+			t.Stop()
 			continue
 		}
 		if len(batches) > 0 {
+			lastSend = s.o.Clock.Now()
 			lasts := make([]uint64, len(batches))
 			errs := make([]error, len(batches))
 			var wg sync.WaitGroup
@@ -140,10 +174,7 @@ func (s *Shipper) Run(ctx context.Context) error {
 			failures++
 			d := s.backoff(failures)
 			s.o.Logger.Warn("audit shipper: batch not acknowledged; retrying", "from_seq", next, "attempt", failures, "retry_in", d, "err", err)
-			select {
-			case <-ctx.Done():
-			case <-s.o.Clock.After(d):
-			}
+			s.sleep(ctx, d)
 			continue
 		}
 		failures = 0
@@ -163,6 +194,32 @@ func (s *Shipper) send(ctx context.Context, batch [][]byte, first uint64) (uint6
 		return 0, fmt.Errorf("collector acknowledged seq %d, want %d", last, want)
 	}
 	return last, nil
+}
+
+// sleep waits d unless ctx ends first, and tells whether d passed.
+func (s *Shipper) sleep(ctx context.Context, d time.Duration) bool {
+	t := s.o.Clock.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.Chan():
+		return true
+	}
+}
+
+// full tells whether b is as large as a batch may be, so that waiting for
+// more events would gain nothing.
+func (s *Shipper) full(b [][]byte) bool {
+	return len(b) >= s.o.BatchEvents || batchBytes(b) >= s.o.BatchBytes
+}
+
+func batchBytes(b [][]byte) int {
+	n := 0
+	for _, e := range b {
+		n += len(e)
+	}
+	return n
 }
 
 // backoff doubles from MinBackoff to MaxBackoff with full jitter in the
