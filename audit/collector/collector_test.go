@@ -148,29 +148,44 @@ func TestShipperToCollectorOverMTLS(t *testing.T) {
 	}
 }
 
-// shipCounter passes calls through to a real connection and records the
-// size of each batch shipped.
+// shipCounter is the collector behind a server of its own that records
+// the size of each batch it receives.
 type shipCounter struct {
-	grpc.ClientConnInterface
+	col   *collector.Collector
 	mu    sync.Mutex
 	sizes []int
 }
 
-func (c *shipCounter) Invoke(ctx context.Context, method string, args, reply any, opts ...grpc.CallOption) error {
-	evs, err := audit.DecodeBatch(args.(*wrapperspb.BytesValue).GetValue())
+func (c *shipCounter) Ship(ctx context.Context, req *wrapperspb.BytesValue) (*wrapperspb.UInt64Value, error) {
+	evs, err := audit.DecodeBatch(req.GetValue())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	c.mu.Lock()
 	c.sizes = append(c.sizes, len(evs))
 	c.mu.Unlock()
-	return c.ClientConnInterface.Invoke(ctx, method, args, reply, opts...)
+	return c.col.Ship(ctx, req)
 }
 
 func (c *shipCounter) batches() []int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return append([]int(nil), c.sizes...)
+}
+
+// counted serves a shipCounter over r's collector and returns it and a
+// rig whose dial reaches it.
+func (r *rig) counted(t *testing.T) (*shipCounter, *rig) {
+	c := &shipCounter{col: r.col}
+	srv := grpc.NewServer(authority.GRPCServerOptions(r.env.Identity.TLSConfig())...)
+	audit.RegisterCollector(srv, c)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(srv.Stop)
+	return c, &rig{env: r.env, col: r.col, addr: l.Addr().String()}
 }
 
 // The shipper sends the first event after a quiet spell at once, lets a
@@ -190,10 +205,10 @@ func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	conn := &shipCounter{ClientConnInterface: r.dial(t, svid)}
+	counter, cr := r.counted(t)
 	clock := clockwork.NewFakeClock()
 	const poll, linger = 10 * time.Millisecond, 100 * time.Millisecond
-	sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: conn, BatchEvents: 10, Linger: linger, Poll: poll, Clock: clock})
+	sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: cr.dial(t, svid), BatchEvents: 10, Linger: linger, Poll: poll, Clock: clock})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +229,7 @@ func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
 	step := func() {
 		t.Helper()
 		if err := clock.BlockUntilContext(bctx, 1); err != nil {
-			t.Fatalf("shipper waits on no timer: %v (batches %v)", err, conn.batches())
+			t.Fatalf("shipper waits on no timer: %v (batches %v)", err, counter.batches())
 		}
 	}
 	for elapsed := time.Duration(0); elapsed < linger-poll; elapsed += poll {
@@ -223,7 +238,7 @@ func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
 	}
 	step()
 	if st := s.Stats(); st.Acked != 1 {
-		t.Fatalf("a partial batch was sent before Linger passed: %+v, batches %v", st, conn.batches())
+		t.Fatalf("a partial batch was sent before Linger passed: %+v, batches %v", st, counter.batches())
 	}
 	clock.Advance(poll)
 	waitFor(t, "the lingering batch", func() bool { return s.Stats().Acked == 10 })
@@ -237,7 +252,7 @@ func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
 	appendN(t, s, 1)
 	waitFor(t, "an event after a quiet spell", func() bool { return s.Stats().Acked == 21 })
 
-	if got, want := fmt.Sprint(conn.batches()), "[1 9 10 1]"; got != want {
+	if got, want := fmt.Sprint(counter.batches()), "[1 9 10 1]"; got != want {
 		t.Fatalf("batches %s, want %s", got, want)
 	}
 	if got := count(t, r, src); got != 21 {
