@@ -795,8 +795,9 @@ func (s *Spool) Ack(seq uint64) error {
 }
 
 // ackWriteEvery bounds how often Ack rewrites the acked file: the shipper
-// acknowledges every batch, about every SyncInterval under load.
-const ackWriteEvery = 100 * time.Millisecond
+// acknowledges every batch, about every Linger under load. A crash
+// re-ships at most this much, which the collector keeps once.
+const ackWriteEvery = time.Second
 
 // writeAcked records the latest acknowledged seq in the acked file.
 func (s *Spool) writeAcked() error {
