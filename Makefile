@@ -78,6 +78,7 @@ clean:
 .PHONY: bench-audit
 bench-audit:
 	$(GO) test -run '^$$' -bench SpoolAppend -benchtime 2000x ./audit/
+	$(GO) test -run '^$$' -bench Shipper -benchmem -benchtime 50000x ./audit/
 	$(GO) test -run '^$$' -bench AuditSinkRecord -benchmem ./enforcer/
 	$(GO) test -run '^$$' -bench CheckAudited -benchtime 1000x ./test/
 	$(GO) test -run '^$$' -bench 'Ingest|Insert$$|InsertAB/7-indexes' -benchtime 100000x ./audit/collector/

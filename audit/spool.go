@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -794,8 +795,9 @@ func (s *Spool) Ack(seq uint64) error {
 }
 
 // ackWriteEvery bounds how often Ack rewrites the acked file: the shipper
-// acknowledges every batch, about every SyncInterval under load.
-const ackWriteEvery = 100 * time.Millisecond
+// acknowledges every batch, about every Linger under load. A crash
+// re-ships at most this much, which the collector keeps once.
+const ackWriteEvery = time.Second
 
 // writeAcked records the latest acknowledged seq in the acked file.
 func (s *Spool) writeAcked() error {
@@ -826,18 +828,47 @@ func (s *Spool) Durable() <-chan struct{} { return s.notify }
 // at most maxEvents and about maxBytes, only among those already fsynced.
 // It returns nothing when no such event exists yet.
 func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]byte, error) {
+	var out [][]byte
+	_, err := s.read(r, from, maxEvents, maxBytes, func(payload []byte) {
+		out = append(out, append([]byte(nil), payload...))
+	}, nil)
+	return out, err
+}
+
+// ReadFramed is ReadBatch appending to dst in EncodeBatch's framing, with
+// one copy per event and no allocation when dst has room: what the
+// shipper sends. It returns dst and how many events it appended.
+func (s *Spool) ReadFramed(r *Reader, from uint64, maxEvents, maxBytes int, dst []byte) ([]byte, int, error) {
+	n, err := s.read(r, from, maxEvents, maxBytes, func(payload []byte) {
+		dst = binary.BigEndian.AppendUint32(dst, uint32(len(payload)))
+		dst = append(dst, payload...)
+	}, func(avail int64, first int) {
+		// Grown once to about the batch's size (maxEvents records like
+		// the first, or maxBytes, or what the segment holds: a frame is
+		// smaller than a spool record), not by doubling through a
+		// backlog's batch of megabytes.
+		est := min(avail, int64(maxBytes)+4*int64(maxEvents), int64(maxEvents)*int64(4+first)+int64(first))
+		dst = slices.Grow(dst, int(est))
+	})
+	return dst, n, err
+}
+
+// read passes emit the payloads of the fsynced records from seq from on
+// (emit must copy what it keeps) and returns how many it passed. hint, if
+// set, is told first how many bytes of records the segment holds from
+// there on (fsynced or not) and the size of the first payload.
+func (s *Spool) read(r *Reader, from uint64, maxEvents, maxBytes int, emit func(payload []byte), hint func(avail int64, first int)) (int, error) {
 	s.sm.Lock()
 	limit := s.synced
 	s.sm.Unlock()
 	if from > limit {
-		return nil, nil
+		return 0, nil
 	}
-	var out [][]byte
-	size := 0
-	for from <= limit && len(out) < maxEvents && size < maxBytes {
+	count, size := 0, 0
+	for from <= limit && count < maxEvents && size < maxBytes {
 		if r.f == nil || from > r.seg.last || r.next != from {
 			if err := s.position(r, from); err != nil {
-				return out, err
+				return count, err
 			}
 		}
 		s.mu.Lock()
@@ -858,7 +889,7 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 			}
 			chunk = r.buf[:want]
 			if _, err := r.f.ReadAt(chunk, r.off); err != nil {
-				return out, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
+				return count, fmt.Errorf("audit spool: read %s: %w", r.seg.path, err)
 			}
 			if want < end-r.off && len(chunk) >= recHeaderSize {
 				if n := int64(recHeaderSize) + int64(binary.BigEndian.Uint32(chunk[0:4])); n > want && n <= end-r.off {
@@ -868,20 +899,25 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 			}
 			break
 		}
+		if hint != nil && len(chunk) >= recHeaderSize {
+			hint(end-r.off, int(binary.BigEndian.Uint32(chunk[0:4])))
+			hint = nil
+		}
 		progressed := false
-		for len(chunk) >= recHeaderSize && from <= limit && len(out) < maxEvents && size < maxBytes {
+		for len(chunk) >= recHeaderSize && from <= limit && count < maxEvents && size < maxBytes {
 			n := int(binary.BigEndian.Uint32(chunk[0:4]))
 			if recHeaderSize+n > len(chunk) {
 				break
 			}
 			payload := chunk[recHeaderSize : recHeaderSize+n]
 			if crc32.Update(crc32.Checksum(chunk[8:16], castagnoli), castagnoli, payload) != binary.BigEndian.Uint32(chunk[4:8]) {
-				return out, fmt.Errorf("audit spool: %s at offset %d: checksum mismatch", r.seg.path, r.off)
+				return count, fmt.Errorf("audit spool: %s at offset %d: checksum mismatch", r.seg.path, r.off)
 			}
 			if seq := binary.BigEndian.Uint64(chunk[8:16]); seq != from {
-				return out, fmt.Errorf("audit spool: %s at offset %d: seq %d, want %d", r.seg.path, r.off, seq, from)
+				return count, fmt.Errorf("audit spool: %s at offset %d: seq %d, want %d", r.seg.path, r.off, seq, from)
 			}
-			out = append(out, append([]byte(nil), payload...))
+			emit(payload)
+			count++
 			size += n
 			r.off += int64(recHeaderSize + n)
 			chunk = chunk[recHeaderSize+n:]
@@ -896,7 +932,7 @@ func (s *Spool) ReadBatch(r *Reader, from uint64, maxEvents, maxBytes int) ([][]
 	if cap(r.buf) > readChunk {
 		r.buf = nil // grown for one large record: not kept
 	}
-	return out, nil
+	return count, nil
 }
 
 // readChunk bounds a reader's buffer for records of the usual size.

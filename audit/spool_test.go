@@ -580,3 +580,42 @@ func TestSpoolAckFileWrites(t *testing.T) {
 		t.Fatalf("after Close: acked file says %s, want 7", got)
 	}
 }
+
+// ReadFramed gives what EncodeBatch makes of ReadBatch's answer, across
+// segment boundaries, appended to what dst held, and stops at the same
+// bounds.
+func TestSpoolReadFramedIsEncodeBatch(t *testing.T) {
+	s := openTest(t, SpoolOptions{Dir: t.TempDir(), SegmentBytes: 4 << 10})
+	defer s.Close()
+	for i := range 40 {
+		if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if st := s.Stats(); st.Segments < 3 {
+		t.Fatalf("want several segments: %+v", st)
+	}
+	for _, c := range []struct {
+		from            uint64
+		events, maxSize int
+	}{{1, 100, 1 << 20}, {5, 7, 1 << 20}, {3, 100, 2000}, {38, 100, 1 << 20}, {41, 100, 1 << 20}} {
+		var r1, r2 Reader
+		want, err := s.ReadBatch(&r1, c.from, c.events, c.maxSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, n, err := s.ReadFramed(&r2, c.from, c.events, c.maxSize, []byte("prefix"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r1.Close()
+		r2.Close()
+		if n != len(want) || string(got) != "prefix"+string(EncodeBatch(want)) {
+			t.Fatalf("from %d, %d events, %d bytes: ReadFramed gave %d events, %d bytes; ReadBatch %d events, %d bytes encoded",
+				c.from, c.events, c.maxSize, n, len(got)-len("prefix"), len(want), len(EncodeBatch(want)))
+		}
+	}
+}

@@ -7,6 +7,10 @@ import (
 	"fmt"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+	grpcproto "google.golang.org/grpc/encoding/proto"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
@@ -57,14 +61,42 @@ var collectorDesc = grpc.ServiceDesc{
 	Metadata: "writ/audit/collector",
 }
 
-// ship calls the collector.
+// ship calls the collector with an encoded batch (EncodeBatch's form).
+// The batch goes on the wire as the BytesValue the collector decodes, but
+// without being copied into a gRPC buffer (shipCodec): batch must not
+// change until ship returns, and after a failed call, not at all (the
+// transport may still hold it).
 func ship(ctx context.Context, conn grpc.ClientConnInterface, batch []byte) (uint64, error) {
 	out := new(wrapperspb.UInt64Value)
-	if err := conn.Invoke(ctx, shipMethod, wrapperspb.Bytes(batch), out); err != nil {
+	if err := conn.Invoke(ctx, shipMethod, &rawBatch{batch}, out, grpc.ForceCodecV2(shipCodec{})); err != nil {
 		return 0, err
 	}
 	return out.GetValue(), nil
 }
+
+// rawBatch is a Ship request whose BytesValue is marshalled by shipCodec.
+type rawBatch struct{ b []byte }
+
+// shipCodec is gRPC's proto codec, except that it marshals a rawBatch as
+// a BytesValue (field 1, bytes) whose value is the caller's slice itself:
+// the proto codec would copy a batch of up to MaxBatchBytes into a pooled
+// buffer (1 MiB for any batch from 32 KiB), which the pool then keeps.
+type shipCodec struct{}
+
+var protoCodec = encoding.GetCodecV2(grpcproto.Name)
+
+func (shipCodec) Name() string { return grpcproto.Name }
+
+func (shipCodec) Marshal(v any) (mem.BufferSlice, error) {
+	rb, ok := v.(*rawBatch)
+	if !ok {
+		return protoCodec.Marshal(v)
+	}
+	hdr := protowire.AppendVarint(protowire.AppendTag(make([]byte, 0, 8), 1, protowire.BytesType), uint64(len(rb.b)))
+	return mem.BufferSlice{mem.SliceBuffer(hdr), mem.SliceBuffer(rb.b)}, nil
+}
+
+func (shipCodec) Unmarshal(data mem.BufferSlice, v any) error { return protoCodec.Unmarshal(data, v) }
 
 // EncodeBatch frames encoded events (Marshal form) for Ship: each is a
 // big-endian uint32 length followed by the bytes.

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,7 +37,11 @@ import (
 // added over direct (p50/p90/p99), max throughput, the proxies' CPU seconds
 // per 1,000 requests (utime+stime from /proc/PID/stat) and peak RSS per
 // proxy during each run (VmHWM, reset before it), with Writ's ratio to
-// each peer.
+// each peer. For the writ pair also what its audit trail costs the control
+// plane on the same cores, which the peers (recording nothing) do not pay:
+// CPU seconds of writd and of every PostgreSQL process per 1,000 requests,
+// and the collector's batches per second and events per batch (from
+// writd's /metrics).
 //
 // Knobs (environment): WRIT_FORTIO_BIN, WRIT_OPA_BIN, WRIT_NGINX_BIN,
 // WRIT_HAPROXY_BIN (default: found on PATH or in /usr/sbin), WRIT_BENCH_DUR
@@ -153,6 +158,8 @@ type sysBench struct {
 	// admins are the writ pair's admin addresses (front, back), for
 	// WRIT_BENCH_PPROF.
 	admins []string
+	// ctl, when set, samples the control plane's cost (the writ pair).
+	ctl func() ctlSample
 	// profile, when set, starts profiling a measured run (at qps) of the
 	// scenario being measured and returns a function that waits for it.
 	profile func(qps int, d time.Duration) func()
@@ -192,6 +199,7 @@ func (s *sysBench) stopAll() {
 		_ = c.Wait()
 	}
 	s.procs = nil
+	s.ctl = nil
 }
 
 func (s *sysBench) logOf(name string) string {
@@ -237,7 +245,106 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 		waitHTTP(b, "http://"+a+"/readyz", nil)
 	}
 	s.admins = []string{frontAdmin, ordersAdmin}
+	s.ctl = func() ctlSample { return sampleCtl(b, w) }
 	return "http://" + up + "/", [][]int{{front.Process.Pid}, {orders.Process.Pid}}
+}
+
+// ctlSample is the control plane's cumulative CPU (clock ticks of writd,
+// the postmaster with its exited children, and its live children) and the
+// collector's counters at one moment.
+type ctlSample struct {
+	writd, pg       int64
+	batches, events float64
+}
+
+// ctlCost is what a measured run cost the control plane.
+type ctlCost struct {
+	writdPer1k, pgPer1k float64 // CPU seconds per 1,000 requests
+	batchesPerSec       float64 // collector batches committed per second
+	eventsPerBatch      float64
+}
+
+func (c ctlSample) since(c0 ctlSample, n int64, d time.Duration) ctlCost {
+	var r ctlCost
+	if n > 0 {
+		r.writdPer1k = float64(c.writd-c0.writd) / 100 / float64(n) * 1000
+		r.pgPer1k = float64(c.pg-c0.pg) / 100 / float64(n) * 1000
+	}
+	if nb := c.batches - c0.batches; nb > 0 {
+		r.batchesPerSec = nb / d.Seconds()
+		r.eventsPerBatch = (c.events - c0.events) / nb
+	}
+	return r
+}
+
+func sampleCtl(b *testing.B, w *writd) ctlSample {
+	var c ctlSample
+	ticks := func(pid int, children bool) int64 {
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return 0 // a backend that just exited: its time is in the postmaster's cutime
+		}
+		f := statFields(st)
+		var n int64
+		last := 12
+		if children {
+			last = 14 // cutime, cstime
+		}
+		for i := 11; i <= last; i++ {
+			v, _ := strconv.ParseInt(f[i], 10, 64)
+			n += v
+		}
+		return n
+	}
+	c.writd = ticks(w.cmd.Process.Pid, false)
+	if pm := postmasterPID(b, w.dbURL); pm > 0 {
+		c.pg = ticks(pm, true)
+		for _, pid := range childrenOf(pm) {
+			c.pg += ticks(pid, false)
+		}
+	}
+	resp, err := http.Get("http://" + w.http + "/metrics")
+	if err != nil {
+		b.Fatalf("writd metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		name, val, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		v, _ := strconv.ParseFloat(val, 64)
+		switch name {
+		case `writ_audit_collector_batches_total{outcome="ok"}`:
+			c.batches = v
+		case "writ_audit_collector_events_total":
+			c.events = v
+		}
+	}
+	return c
+}
+
+// postmasterPID reads the PID from the socket lock file of the cluster
+// that url's host (a socket directory) names; 0 if there is none.
+func postmasterPID(b *testing.B, dbURL string) int {
+	if u, err := neturl.Parse(dbURL); err == nil && u.Query().Get("host") != "" {
+		locks, _ := filepath.Glob(filepath.Join(u.Query().Get("host"), ".s.PGSQL.*.lock"))
+		for _, l := range locks {
+			raw, err := os.ReadFile(l)
+			if err != nil {
+				continue
+			}
+			first, _, _ := strings.Cut(string(raw), "\n")
+			if pid, err := strconv.Atoi(strings.TrimSpace(first)); err == nil {
+				return pid
+			}
+		}
+	}
+	b.Logf("no postmaster found for %s: PostgreSQL's CPU is not counted", dbURL)
+	return 0
 }
 
 // writProxy starts one writ-proxy (agent and proxy roles) with a join
@@ -629,6 +736,7 @@ type fortioRun struct {
 	n, errs          int64
 	cpuPer1k         float64 // proxy CPU seconds per 1,000 requests
 	rssPeak          int64
+	ctl              ctlCost // the writ pair's control plane; zero for the peers
 	requestedQPS     int
 	durationMeasured time.Duration
 }
@@ -658,9 +766,13 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		qps int
 	}{{&r.fixed, s.qps}, {&r.sat, 0}} {
 		var t0 int64
+		var c0 ctlSample
 		if sides != nil {
 			t0 = cpuTicks(b, sides)
 			resetPeakRSS(b, sides)
+		}
+		if s.ctl != nil {
+			c0 = s.ctl()
 		}
 		wait := func() {}
 		if s.profile != nil {
@@ -679,6 +791,9 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		if sides != nil {
 			m.run.cpuPer1k = float64(cpuTicks(b, sides)-t0) / 100 / float64(m.run.n) * 1000
 			m.run.rssPeak = peakRSS(b, sides)
+		}
+		if s.ctl != nil {
+			m.run.ctl = s.ctl().since(c0, m.run.n, m.run.durationMeasured)
 		}
 		if m.run.errs > 0 {
 			b.Errorf("%s at qps %d: %d of %d requests failed (logs in %s)", name, m.qps, m.run.errs, m.run.n, s.dir)
@@ -823,6 +938,17 @@ func printSystem(w io.Writer, rs []*sysResult, qps, conc int, dur time.Duration)
 	if writ == nil {
 		return
 	}
+	fmt.Fprintf(w, "\nwrit pair's audit trail in the control plane (same cores; the peers record nothing)\n")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "run\twritd CPU s/1k req\tpostgres CPU s/1k req\tcollector batches/s\tevents/batch\t\n")
+	for _, m := range []struct {
+		name string
+		run  fortioRun
+	}{{fmt.Sprintf("@%d", qps), writ.fixed}, {"@max", writ.sat}} {
+		c := m.run.ctl
+		fmt.Fprintf(tw, "%s\t%.3f\t%.3f\t%.1f\t%.0f\t\n", m.name, c.writdPer1k, c.pgPer1k, c.batchesPerSec, c.eventsPerBatch)
+	}
+	tw.Flush()
 	fmt.Fprintf(w, "\nwrit / peer (latency, CPU and RSS: lower is better; throughput: higher is better)\n")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintf(tw, "peer\tadded p50\tadded p90\tadded p99\tmax rps\tCPU/req @%d\tCPU/req @max\tRSS @%d\tRSS @max\t\n", qps, qps)

@@ -3,10 +3,12 @@ package collector_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -143,6 +145,118 @@ func TestShipperToCollectorOverMTLS(t *testing.T) {
 	}
 	if !res.OK() || res.Events != 1500 || res.Sources != 1 {
 		t.Fatalf("verify: %+v", res)
+	}
+}
+
+// shipCounter is the collector behind a server of its own that records
+// the size of each batch it receives.
+type shipCounter struct {
+	col   *collector.Collector
+	mu    sync.Mutex
+	sizes []int
+}
+
+func (c *shipCounter) Ship(ctx context.Context, req *wrapperspb.BytesValue) (*wrapperspb.UInt64Value, error) {
+	evs, err := audit.DecodeBatch(req.GetValue())
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	c.sizes = append(c.sizes, len(evs))
+	c.mu.Unlock()
+	return c.col.Ship(ctx, req)
+}
+
+func (c *shipCounter) batches() []int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]int(nil), c.sizes...)
+}
+
+// counted serves a shipCounter over r's collector and returns it and a
+// rig whose dial reaches it.
+func (r *rig) counted(t *testing.T) (*shipCounter, *rig) {
+	c := &shipCounter{col: r.col}
+	srv := grpc.NewServer(authority.GRPCServerOptions(r.env.Identity.TLSConfig())...)
+	audit.RegisterCollector(srv, c)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(srv.Stop)
+	return c, &rig{env: r.env, col: r.col, addr: l.Addr().String()}
+}
+
+// The shipper sends the first event after a quiet spell at once, lets a
+// partial batch wait until Linger has passed since the previous send
+// (one larger call instead of one per fsync), and never holds back a
+// full batch.
+func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
+	r := startRig(t)
+	svid := r.env.Attest(t, "node1")
+	src := svid.ID.String()
+	// The spool's syncer fsyncs once and then waits on a clock that never
+	// moves: only the test's Sync calls make events durable, so what the
+	// shipper can read at each step is fixed.
+	s, err := audit.OpenSpool(audit.SpoolOptions{Dir: t.TempDir(), Source: src, Durability: audit.DurabilityGrouped,
+		SyncInterval: time.Hour, Clock: clockwork.NewFakeClock()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	counter, cr := r.counted(t)
+	clock := clockwork.NewFakeClock()
+	const poll, linger = 10 * time.Millisecond, 100 * time.Millisecond
+	sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: cr.dial(t, svid), BatchEvents: 10, Linger: linger, Poll: poll, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, s, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- sh.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "the first event, sent at once", func() bool { return s.Stats().Acked == 1 })
+
+	// Nine more events, durable. The shipper waits on one timer at a
+	// time (its poll while idle, then the linger): stepping the clock a
+	// poll at a time up to just before Linger, it has woken and read the
+	// events, and must still hold them.
+	appendN(t, s, 9)
+	bctx, bcancel := context.WithTimeout(ctx, time.Minute)
+	defer bcancel()
+	step := func() {
+		t.Helper()
+		if err := clock.BlockUntilContext(bctx, 1); err != nil {
+			t.Fatalf("shipper waits on no timer: %v (batches %v)", err, counter.batches())
+		}
+	}
+	for elapsed := time.Duration(0); elapsed < linger-poll; elapsed += poll {
+		step()
+		clock.Advance(poll)
+	}
+	step()
+	if st := s.Stats(); st.Acked != 1 {
+		t.Fatalf("a partial batch was sent before Linger passed: %+v, batches %v", st, counter.batches())
+	}
+	clock.Advance(poll)
+	waitFor(t, "the lingering batch", func() bool { return s.Stats().Acked == 10 })
+
+	// A full batch goes without the clock moving.
+	appendN(t, s, 10)
+	waitFor(t, "a full batch", func() bool { return s.Stats().Acked == 20 })
+
+	// After a quiet spell of Linger, the next event goes at once.
+	clock.Advance(linger)
+	appendN(t, s, 1)
+	waitFor(t, "an event after a quiet spell", func() bool { return s.Stats().Acked == 21 })
+
+	if got, want := fmt.Sprint(counter.batches()), "[1 9 10 1]"; got != want {
+		t.Fatalf("batches %s, want %s", got, want)
+	}
+	if got := count(t, r, src); got != 21 {
+		t.Fatalf("rows = %d, want 21", got)
 	}
 }
 
