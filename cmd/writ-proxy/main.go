@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -74,6 +75,8 @@ const (
 type options struct {
 	trimPages    bool
 	splitPages   bool
+	gcPercent    int
+	gcPercentSet bool
 	controlPlane string
 	joinToken    string
 	trustBundle  string
@@ -98,11 +101,13 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
 	fs.BoolVar(&o.splitPages, "split-executable-mappings", true, "with --trim-startup-pages, map the executable page by page (a VMA per page, ~200 bytes of kernel memory each) so that a touched page does not bring the 64 KiB around it: 3-5 MiB of the executable resident instead of 10-17 MiB")
+	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "heap growth between garbage collections, in percent of the live heap, as GOGC (which applies when this flag is not given; negative: off)")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
 	if done, code := cliflags.Parse(fs, "writ-proxy", usage, args, stdout, stderr); done {
 		return nil, code
 	}
+	fs.Visit(func(f *flag.Flag) { o.gcPercentSet = o.gcPercentSet || f.Name == "gc-percent" })
 	if o.joinToken == "" {
 		o.joinToken = os.Getenv("WRIT_JOIN_TOKEN")
 	}
@@ -140,6 +145,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	o, code := parseFlags(args, stdout, stderr)
 	if o == nil {
 		return code
+	}
+	if pct, ok := gcPercent(o, os.Getenv); ok {
+		debug.SetGCPercent(pct)
 	}
 	if o.trimPages {
 		trimExecutablePages(o.splitPages)
@@ -286,3 +294,27 @@ func trimWhenReady(ctx context.Context, ready func() error, split bool, log *slo
 }
 
 const trimReadyWait = 2 * time.Minute
+
+// defaultGCPercent is the sidecar's GOGC. Most of a proxy's heap is
+// the same few megabytes from start to end (protobuf registries, the
+// compiled policy, TLS state, pooled buffers); what a request allocates
+// is short-lived, so at Go's default of 100 the heap between collections
+// is about as large again as everything live. At 50 the mesh-side proxy
+// of make bench peaks 4-6 MiB lower at 1,000 rps; the GC's background
+// work, under 5 % of that proxy's CPU there at 100, runs twice as often
+// (alternating runs showed no difference in CPU per request beyond their
+// noise).
+const defaultGCPercent = 50
+
+// gcPercent is the GC percentage to set, if any: the flag when given,
+// else GOGC from the environment (the runtime has applied it already),
+// else the sidecar's default.
+func gcPercent(o *options, getenv func(string) string) (int, bool) {
+	if o.gcPercentSet {
+		return o.gcPercent, true
+	}
+	if getenv("GOGC") != "" {
+		return 0, false
+	}
+	return o.gcPercent, true
+}
