@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -34,6 +35,7 @@ type h1Transport struct {
 	dial     func(ctx context.Context, addr string) (net.Conn, error)
 	tls      bool
 	idleTime time.Duration
+	peekIdle time.Duration
 	// lim counts the cluster's connections; nil for none.
 	lim *connLimit
 
@@ -58,15 +60,17 @@ type h1Conn struct {
 	addr     string // the pool's key: the address as requests name it
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
-	probe    *probe   // liveness check state (h1_linux.go), made on first use
-	body     lenBody  // the body reader of readResponse's responses
+	sent     *sentConn
+	deadline bool    // a request's deadline is set on c (deadlineOnly)
+	probe    *probe  // liveness check state (h1_linux.go), made on first use
+	body     lenBody // the body reader of readResponse's responses
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	idleFrom time.Time
 }
 
 func newH1Transport(fallback *http.Transport, cfg *tls.Config, dialer *net.Dialer, lim *connLimit) *h1Transport {
-	t := &h1Transport{fallback: fallback, tls: cfg != nil, idleTime: 90 * time.Second, idle: map[string][]*h1Conn{}, lim: lim}
+	t := &h1Transport{fallback: fallback, tls: cfg != nil, idleTime: 90 * time.Second, peekIdle: peekIdle, idle: map[string][]*h1Conn{}, lim: lim}
 	t.dial = func(ctx context.Context, addr string) (net.Conn, error) {
 		raw, err := dialer.DialContext(ctx, "tcp", addr)
 		if lim != nil {
@@ -77,8 +81,14 @@ func newH1Transport(fallback *http.Transport, cfg *tls.Config, dialer *net.Diale
 			}
 			raw = lim.track(raw, poolKey{poolH1, addr})
 		}
-		if err != nil || cfg == nil {
-			return raw, err
+		if err != nil {
+			return nil, err
+		}
+		if a := ackedAtStart(raw); a >= 0 {
+			raw = &sentConn{Conn: raw, n: a}
+		}
+		if cfg == nil {
+			return raw, nil
 		}
 		tc := tls.Client(raw, cfg)
 		hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
@@ -151,20 +161,22 @@ func (t *h1Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if _, _, err := net.SplitHostPort(addr); err != nil {
 		addr = net.JoinHostPort(strings.Trim(addr, "[]"), "80")
 	}
-	// A pooled connection the peer closed is usually retired by the
-	// liveness peek; one closed in the instant after fails before any
-	// answer, and an idempotent request is then repeated once on a fresh
-	// connection, as net/http does.
+	// A pooled connection the peer has closed fails before any answer.
+	// The request is then repeated once, as net/http does, if it is
+	// idempotent or if the peer provably never took any of it (see
+	// exchange); the repeat checks every pooled connection it takes
+	// (the others the peer closed at the same time go) or dials.
 	for try := 0; ; try++ {
-		c, reused, err := t.get(r.Context(), addr)
+		c, reused, err := t.get(r.Context(), addr, try > 0)
 		if err != nil {
 			return nil, err
 		}
-		resp, err := t.exchange(r, c, body)
+		resp, err := t.exchange(r, c, body, reused)
 		if err == nil {
 			return resp, nil
 		}
-		if !reused || try > 0 || r.Context().Err() != nil || !errors.Is(err, errNoAnswer) || !idempotent(r) {
+		var na noAnswer
+		if !reused || try > 0 || r.Context().Err() != nil || !errors.As(err, &na) || !na.untaken && !idempotent(r) {
 			return nil, errors.Unwrap(err)
 		}
 	}
@@ -178,10 +190,23 @@ func idempotent(r *http.Request) bool {
 	return r.Header.Get("Idempotency-Key") != "" || r.Header.Get("X-Idempotency-Key") != ""
 }
 
+// deadlineOnly is a context that, while onlyDeadline says so, can end
+// only at its deadline before the request is done (routeCtx): the
+// transport then sets the deadline on the connection rather than wait on
+// Done.
+type deadlineOnly interface {
+	onlyDeadline() (time.Time, bool)
+}
+
 // errNoAnswer wraps failures before any byte of a response arrived.
 var errNoAnswer = errors.New("no answer")
 
-type noAnswer struct{ err error }
+type noAnswer struct {
+	err error
+	// untaken: the peer closed without acknowledging a byte of the
+	// request, which it therefore never read.
+	untaken bool
+}
 
 func (e noAnswer) Error() string        { return e.err.Error() }
 func (e noAnswer) Unwrap() error        { return e.err }
@@ -195,20 +220,54 @@ func (e wrapped) Unwrap() error { return e.err }
 // aLongTimeAgo makes a connection's pending reads and writes fail at once.
 var aLongTimeAgo = time.Unix(1, 0)
 
-func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte) (*http.Response, error) {
+// exchange sends r on c and reads the response head. A reused
+// connection that ends (EOF) before any byte of the response is asked
+// whether the peer acknowledged any byte of this request (untaken).
+// Why that proves the request was not taken: the peer's application can
+// read only bytes its TCP accepted, and every segment a TCP sends
+// acknowledges all it has accepted, so a peer that read any of the
+// request and then closed (close(2) with nothing unread sends a FIN)
+// acknowledged it on that FIN at the latest; a peer that closed with
+// bytes of it unread sends a reset instead, which reads as an error, not
+// EOF. The kernel processes a segment's acknowledgment before its FIN,
+// so once the EOF is read the count is final for that segment. What the
+// argument assumes: a peer that has sent its FIN does not go on to act
+// on requests it cannot answer (servers that linger after closing read
+// and discard).
+func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused bool) (*http.Response, error) {
 	ctx := r.Context()
 	stop := noStop
-	if ctx.Done() != nil {
-		stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
+	if dc, ok := ctx.(deadlineOnly); ok {
+		if d, ok := dc.onlyDeadline(); ok {
+			_ = c.c.SetDeadline(d)
+			c.deadline = true
+			ctx = nil
+		}
+	}
+	if ctx == nil {
+		ctx = r.Context()
+	} else {
+		if c.deadline {
+			_ = c.c.SetDeadline(time.Time{})
+			c.deadline = false
+		}
+		if ctx.Done() != nil {
+			stop = context.AfterFunc(ctx, func() { _ = c.c.SetDeadline(aLongTimeAgo) })
+		}
+	}
+	var sentBefore int64
+	if c.sent != nil {
+		sentBefore = c.sent.n
 	}
 	fail := func(err error, answered bool) (*http.Response, error) {
 		stop()
+		untaken := !answered && reused && err == io.EOF && ctx.Err() == nil && c.untaken(sentBefore)
 		c.c.Close()
 		if ctx.Err() != nil {
 			err = ctx.Err()
 		}
 		if !answered {
-			return nil, noAnswer{err}
+			return nil, noAnswer{err: err, untaken: untaken}
 		}
 		return nil, wrapped{err}
 	}
@@ -534,9 +593,20 @@ func (t *h1Transport) release(c *h1Conn, reuse bool) {
 	}
 }
 
+// peekIdle is how long a pooled connection must have been idle before
+// get checks that the peer has not closed it. A connection the peer
+// closed fails before any answer and its request is repeated when that
+// is provably safe (exchange), so the check, a system call, is spared
+// on busy connections. What the repeat cannot tell apart is a peer that
+// closes with the request unread in its buffer (a reset): that happens
+// when the peer's idle timeout ends just as the request arrives, which
+// for a connection idle less than peekIdle takes a peer that times out
+// idle connections sooner than that (server defaults are seconds).
+const peekIdle = time.Second
+
 // get takes the most recently used idle connection that is still open,
-// or dials.
-func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, error) {
+// or dials. check checks every pooled connection, however recently used.
+func (t *h1Transport) get(ctx context.Context, addr string, check bool) (*h1Conn, bool, error) {
 	now := time.Now()
 	for {
 		t.mu.Lock()
@@ -552,7 +622,8 @@ func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, erro
 		cs[len(cs)-1] = nil
 		t.idle[addr] = cs[:len(cs)-1]
 		t.mu.Unlock()
-		if now.Sub(c.idleFrom) < t.idleTime && t.alive(c) {
+		idle := now.Sub(c.idleFrom)
+		if idle < t.idleTime && (idle < t.peekIdle && !check && c.br.Buffered() == 0 || t.alive(c)) {
 			return c, true, nil
 		}
 		c.c.Close()
@@ -565,5 +636,31 @@ func (t *h1Transport) get(ctx context.Context, addr string) (*h1Conn, bool, erro
 	if tc, ok := nc.(*tls.Conn); ok {
 		raw = tc.NetConn()
 	}
-	return &h1Conn{addr: addr, c: nc, raw: raw, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10)}, false, nil
+	sent, _ := raw.(*sentConn)
+	return &h1Conn{addr: addr, c: nc, raw: raw, sent: sent, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10)}, false, nil
+}
+
+// sentConn counts the bytes written to a TCP connection (under TLS, if
+// any), to compare with what the peer acknowledged (h1Conn.untaken). A
+// connection is used by one request at a time.
+type sentConn struct {
+	net.Conn
+	// n starts at what the kernel counts as acknowledged before any
+	// write (Linux counts the SYN), so that it is what the count will
+	// read once every byte written is acknowledged.
+	n int64
+}
+
+func (c *sentConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// SyscallConn reaches the socket for the liveness check and TCP_INFO.
+func (c *sentConn) SyscallConn() (syscall.RawConn, error) {
+	if sc, ok := c.Conn.(syscall.Conn); ok {
+		return sc.SyscallConn()
+	}
+	return nil, errors.ErrUnsupported
 }

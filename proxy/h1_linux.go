@@ -1,6 +1,12 @@
 package proxy
 
-import "syscall"
+import (
+	"net"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
 
 // probe is a connection's liveness check, kept with it so that a check
 // allocates nothing.
@@ -18,6 +24,12 @@ type probe struct {
 func (t *h1Transport) alive(c *h1Conn) bool {
 	if c.br.Buffered() > 0 {
 		return false
+	}
+	if c.deadline {
+		// The last request's deadline, long past, would end the peek
+		// before it looks.
+		_ = c.c.SetDeadline(time.Time{})
+		c.deadline = false
 	}
 	if c.probe == nil {
 		sc, ok := c.raw.(syscall.Conn)
@@ -48,4 +60,50 @@ func (p *probe) peek(fd uintptr) bool {
 		p.ok = p.tls
 	}
 	return true
+}
+
+// ackedAtStart is the kernel's count of acknowledged bytes on a
+// connection that has sent nothing yet; -1 if it cannot be read.
+func ackedAtStart(c net.Conn) int64 {
+	acked, ok := tcpAcked(c)
+	if !ok {
+		return -1
+	}
+	return int64(acked)
+}
+
+func tcpAcked(c net.Conn) (uint64, bool) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0, false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var acked uint64
+	var ierr error
+	if err := rc.Control(func(fd uintptr) {
+		var info *unix.TCPInfo
+		info, ierr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		if ierr == nil {
+			acked = info.Bytes_acked
+		}
+	}); err != nil || ierr != nil {
+		return 0, false
+	}
+	return acked, true
+}
+
+// untaken tells whether the peer's TCP has acknowledged none of the
+// bytes written after the first sentBefore (exchange says why that means
+// the peer never read them). A count of zero is not taken as proof: a
+// reused connection has had bytes acknowledged, and kernels before 4.1
+// report none at all.
+func (c *h1Conn) untaken(sentBefore int64) bool {
+	if c.sent == nil || c.sent.n <= sentBefore {
+		return false
+	}
+	acked, ok := tcpAcked(c.sent.Conn)
+	return ok && acked > 0 && acked <= uint64(sentBefore)
 }

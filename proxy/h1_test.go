@@ -75,14 +75,23 @@ func TestH1Transport(t *testing.T) {
 		t.Fatalf("3 sequential requests used %d connections, want 1", n)
 	}
 
-	// The server closes the idle connection: the next request still works.
-	mu.Lock()
-	for _, c := range open {
-		c.Close()
-	}
-	mu.Unlock()
-	if got, err := do(context.Background(), "/echo", []byte("after close")); err != nil || got != "after close" {
-		t.Fatalf("after the server closed the pooled connection: %q, %v", got, err)
+	// The server closes the idle connection: the next POST still works,
+	// whether the liveness peek retires the connection first or the
+	// POST, sent on it unchecked, is repeated because the server's TCP
+	// acknowledged none of it.
+	for _, peek := range []time.Duration{0, time.Hour} {
+		tr.peekIdle = peek
+		if _, err := do(context.Background(), "/echo", nil); err != nil {
+			t.Fatal(err)
+		}
+		mu.Lock()
+		for _, c := range open {
+			c.Close()
+		}
+		mu.Unlock()
+		if got, err := do(context.Background(), "/echo", []byte("after close")); err != nil || got != "after close" {
+			t.Fatalf("peek after %v: after the server closed the pooled connection: %q, %v", peek, got, err)
+		}
 	}
 
 	// Connection: close is honoured: the connection is not pooled.
@@ -155,5 +164,65 @@ func TestH1PoolRetiresColdConnections(t *testing.T) {
 	}
 	if n := len(tr.idle["app:80"]); n != maxIdlePerHost {
 		t.Fatalf("pool holds %d, want %d", n, maxIdlePerHost)
+	}
+}
+
+// TestH1NoRepeatOfReadPOST: a POST on a pooled connection that the
+// server reads and then closes without an answer fails, and is not sent
+// again: the server's FIN acknowledged it. A GET is repeated.
+func TestH1NoRepeatOfReadPOST(t *testing.T) {
+	var seen atomic.Int32
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/drop" {
+			return
+		}
+		if seen.Add(1) > 1 {
+			return // the repeated GET is answered
+		}
+		_, _ = io.ReadAll(r.Body)
+		c, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		c.Close()
+	})}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer, nil)
+	t.Cleanup(tr.CloseIdleConnections)
+	tr.peekIdle = time.Hour // the pooled connection is taken unchecked
+	send := func(method, path string) error {
+		req, _ := http.NewRequest(method, "http://"+l.Addr().String()+path, strings.NewReader("body"))
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			return err
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return resp.Body.Close()
+	}
+	if err := send("POST", "/warm"); err != nil {
+		t.Fatal(err)
+	}
+	if err := send("POST", "/drop"); err == nil {
+		t.Fatal("a POST the server read and dropped succeeded")
+	}
+	if n := seen.Load(); n != 1 {
+		t.Fatalf("the server saw the dropped POST %d times, want 1", n)
+	}
+	seen.Store(0)
+	if err := send("POST", "/warm"); err != nil {
+		t.Fatal(err)
+	}
+	if err := send("GET", "/drop"); err != nil {
+		t.Fatalf("a GET the server dropped was not repeated: %v", err)
+	}
+	if n := seen.Load(); n != 2 {
+		t.Fatalf("the server saw the dropped GET %d times, want 2", n)
 	}
 }

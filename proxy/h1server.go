@@ -64,6 +64,13 @@ const h1HeadMax = 4 << 10
 const (
 	h1ReadHeaderTimeout = 10 * time.Second
 	h1IdleTimeout       = 5 * time.Minute
+	// h1IdleSlack is how far the idle deadline may lag: moving it at
+	// most once a second, rather than setting and clearing it around
+	// every request, spares the runtime's timer heap three updates per
+	// request (a new earliest timer also wakes an idle thread) for an
+	// idle timeout that is exact to the second. The body of a request
+	// then reads under that deadline rather than under none.
+	h1IdleSlack = time.Second
 )
 
 type h1ServerConn struct {
@@ -129,18 +136,22 @@ func (s *h1Server) serveConn(c net.Conn) {
 // loop serves requests; it reports whether the connection went to the
 // fallback server (which then owns it and its reader).
 func (s *h1Server) loop(sc *h1ServerConn) bool {
+	// idleUntil is the idle deadline last set; zero once cleared.
+	var idleUntil time.Time
 	for first := true; ; first = false {
 		sc.idle.Store(true)
 		if s.closing.Load() {
 			return false
 		}
-		wait := h1IdleTimeout
 		if first {
-			wait = h1ReadHeaderTimeout
+			_ = sc.c.SetReadDeadline(time.Now().Add(h1ReadHeaderTimeout))
+		} else if now := time.Now(); idleUntil.IsZero() || now.Add(h1IdleTimeout).Sub(idleUntil) >= h1IdleSlack {
+			idleUntil = now.Add(h1IdleTimeout)
+			_ = sc.c.SetReadDeadline(idleUntil)
 		}
-		_ = sc.c.SetReadDeadline(time.Now().Add(wait))
 		// Shutdown sets its deadline after closing: checking again
-		// here means one of the two deadlines is the shutdown's.
+		// here means one of the two deadlines is the shutdown's (a
+		// deadline left as it was is not ours to worry about).
 		if s.closing.Load() {
 			return false
 		}
@@ -148,8 +159,15 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 			return false
 		}
 		sc.idle.Store(false)
+		// A head that is all in already needs no header deadline (the
+		// common case: it came in one segment), and the idle one is
+		// left in place for the body and the next wait.
+		timed := first
 		if !first {
-			_ = sc.c.SetReadDeadline(time.Now().Add(h1ReadHeaderTimeout))
+			if b, _ := sc.br.Peek(sc.br.Buffered()); !bytes.Contains(b, crlfcrlf) {
+				_ = sc.c.SetReadDeadline(time.Now().Add(h1ReadHeaderTimeout))
+				timed = true
+			}
 		}
 		head, err := peekHead(sc.br)
 		if err != nil {
@@ -167,7 +185,10 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 			return false
 		}
 		_, _ = sc.br.Discard(len(head))
-		_ = sc.c.SetReadDeadline(time.Time{})
+		if timed {
+			_ = sc.c.SetReadDeadline(time.Time{})
+			idleUntil = time.Time{}
+		}
 		if !s.serveRequest(sc, req) {
 			return false
 		}

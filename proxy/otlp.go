@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -11,17 +12,22 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/url"
+	"os"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
 	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
+	"golang.org/x/net/http/httpguts"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 )
@@ -36,6 +42,88 @@ const (
 	exportTimeout   = 10 * time.Second
 	traceFlush      = time.Second
 )
+
+// OTLPExport is how the exporter reaches its collector, for either
+// transport: the settings OpenTelemetry's SDKs read from
+// OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, CERTIFICATE, CLIENT_CERTIFICATE,
+// CLIENT_KEY and TIMEOUT.
+type OTLPExport struct {
+	// Headers go with every export (HTTP headers; gRPC metadata, keys
+	// lowercased), typically an API key: their values are never logged.
+	Headers map[string]string
+	// TLS is used for an https:// endpoint: RootCAs (nil: the system's)
+	// and a client certificate for a collector that requires one. It is
+	// an error with an http:// endpoint.
+	TLS *tls.Config
+	// Timeout bounds one export (a batch); zero is 10 s.
+	Timeout time.Duration
+}
+
+// ParseOTLPHeaders reads OTEL_EXPORTER_OTLP_HEADERS' format: a comma
+// separated key=value list, keys and values percent-decoded and trimmed
+// of spaces. Errors name the key, never the value (a value is often a
+// secret).
+func ParseOTLPHeaders(s string) (map[string]string, error) {
+	out := map[string]string{}
+	for i, item := range strings.Split(s, ",") {
+		if strings.TrimSpace(item) == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(item, "=")
+		if !ok {
+			return nil, fmt.Errorf("otlp headers: item %d: want key=value", i+1)
+		}
+		key, err := url.PathUnescape(strings.TrimSpace(k))
+		if err != nil || !httpguts.ValidHeaderFieldName(key) {
+			return nil, fmt.Errorf("otlp headers: item %d: invalid header name", i+1)
+		}
+		val, err := url.PathUnescape(strings.TrimSpace(v))
+		if err != nil || !httpguts.ValidHeaderFieldValue(val) {
+			return nil, fmt.Errorf("otlp headers: %s: invalid value (percent-encoding or control characters)", key)
+		}
+		lk := strings.ToLower(key)
+		if strings.HasPrefix(lk, "grpc-") || lk == "content-type" || lk == "te" || lk == "host" || lk == "content-length" {
+			return nil, fmt.Errorf("otlp headers: %s: reserved header", key)
+		}
+		out[key] = val
+	}
+	return out, nil
+}
+
+// OTLPTLSConfig builds the exporter's TLS settings from PEM files: caFile
+// (OTEL_EXPORTER_OTLP_CERTIFICATE) replaces the system roots, certFile
+// and keyFile (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, _CLIENT_KEY) are the
+// client certificate, both or neither. All empty is nil.
+func OTLPTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
+	if caFile == "" && certFile == "" && keyFile == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		b, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("otlp certificate: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return nil, fmt.Errorf("otlp certificate %s: no PEM certificate", caFile)
+		}
+		cfg.RootCAs = pool
+	}
+	if (certFile == "") != (keyFile == "") {
+		return nil, errors.New("otlp client certificate and client key go together")
+	}
+	if certFile != "" {
+		// Loaded once at start-up: a rotated client certificate needs a
+		// restart.
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("otlp client certificate: %w", err)
+		}
+		cfg.Certificates = []tls.Certificate{cert}
+	}
+	return cfg, nil
+}
 
 // OTLP transports, spelled as OTEL_EXPORTER_OTLP_PROTOCOL spells them.
 const (
@@ -54,11 +142,16 @@ type traceExporter struct {
 	url      string
 	client   *http.Client
 	conn     *grpc.ClientConn // set for OTLP/gRPC
+	headers  map[string]string
+	md       metadata.MD // headers, for gRPC
+	timeout  time.Duration
+	clock    clockwork.Clock
 	resource *resourcepb.Resource
 	spans    *prometheus.CounterVec
 
-	mu      sync.Mutex
-	pending []*tracepb.Span
+	mu         sync.Mutex
+	pending    []*tracepb.Span
+	maxPending int
 }
 
 // OTLPTracesURL turns an OTLP/HTTP endpoint into the URL spans are POSTed
@@ -133,7 +226,28 @@ func (s *TraceSampler) sampleRoot() bool {
 	return s.threshold != 0 && s.rnd() < s.threshold
 }
 
-func newTraceExporter(u, protocol, service string, reg prometheus.Registerer) (*traceExporter, error) {
+func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork.Clock, reg prometheus.Registerer) (*traceExporter, error) {
+	pu, err := url.Parse(u)
+	if err != nil {
+		return nil, err
+	}
+	if x.TLS != nil && pu.Scheme != "https" {
+		return nil, fmt.Errorf("otlp endpoint %q: a CA or client certificate is set, but the endpoint is not https://", u)
+	}
+	if x.Timeout < 0 {
+		return nil, fmt.Errorf("otlp timeout %v: want a positive duration", x.Timeout)
+	}
+	if x.Timeout == 0 {
+		x.Timeout = exportTimeout
+	}
+	tlsCfg := x.TLS
+	if tlsCfg == nil {
+		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	md := metadata.MD{}
+	for k, v := range x.Headers {
+		md.Append(strings.ToLower(k), v)
+	}
 	spans := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_otlp_spans_total", Help: "Spans given to the OTLP exporter, by result: exported, failed (the collector refused or was unreachable) or dropped (buffer full).",
 	}, []string{"result"})
@@ -152,22 +266,28 @@ func newTraceExporter(u, protocol, service string, reg prometheus.Registerer) (*
 	}
 	var conn *grpc.ClientConn
 	if protocol == OTLPProtocolGRPC {
-		pu, err := url.Parse(u)
-		if err != nil {
-			return nil, err
-		}
 		creds := insecure.NewCredentials()
 		if pu.Scheme == "https" {
-			creds = credentials.NewTLS(&tls.Config{MinVersion: tls.VersionTLS12})
+			creds = credentials.NewTLS(tlsCfg.Clone())
 		}
 		if conn, err = grpc.NewClient(pu.Host, grpc.WithTransportCredentials(creds)); err != nil {
 			return nil, fmt.Errorf("otlp grpc endpoint %q: %w", u, err)
 		}
 	}
+	// The collector is dialled directly (no HTTP_PROXY: the sidecar's
+	// own environment often points at itself).
+	tr := &http.Transport{TLSClientConfig: tlsCfg.Clone(), ForceAttemptHTTP2: true, MaxIdleConns: 2, IdleConnTimeout: time.Minute}
 	return &traceExporter{
-		url:    u,
-		conn:   conn,
-		client: &http.Client{Timeout: exportTimeout},
+		url:        u,
+		conn:       conn,
+		headers:    x.Headers,
+		md:         md,
+		timeout:    x.Timeout,
+		clock:      clock,
+		maxPending: maxPendingSpans,
+		// Each export's deadline, dial and handshake included, is its
+		// context's, on the proxy's clock (withTimeout).
+		client: &http.Client{Transport: tr},
 		resource: &resourcepb.Resource{Attributes: []*commonpb.KeyValue{
 			strAttr("service.name", service),
 			strAttr("telemetry.sdk.name", "writ-proxy"),
@@ -224,7 +344,7 @@ func (e *traceExporter) record(r *reqLog, end time.Time) {
 		s.Status = &tracepb.Status{Code: tracepb.Status_STATUS_CODE_ERROR}
 	}
 	e.mu.Lock()
-	if len(e.pending) >= maxPendingSpans {
+	if len(e.pending) >= e.maxPending {
 		e.mu.Unlock()
 		e.spans.WithLabelValues("dropped").Inc()
 		return
@@ -241,23 +361,31 @@ func decodeHex(dst []byte, s string) bool {
 	return err == nil
 }
 
-// run exports on every tick until ctx ends, then once more within
-// exportTimeout.
+// run exports on every tick until ctx ends, then once more within the
+// export timeout.
 func (e *traceExporter) run(ctx context.Context, tick <-chan time.Time) {
 	for {
 		select {
 		case <-tick:
 			e.flush(ctx)
 		case <-ctx.Done():
-			fctx, cancel := context.WithTimeout(context.Background(), exportTimeout)
+			fctx, cancel := e.withTimeout(context.Background())
 			e.flush(fctx)
 			cancel()
 			if e.conn != nil {
 				e.conn.Close()
 			}
+			e.client.CloseIdleConnections()
 			return
 		}
 	}
+}
+
+// withTimeout is context.WithTimeout on the proxy's clock.
+func (e *traceExporter) withTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(ctx)
+	t := e.clock.AfterFunc(e.timeout, cancel)
+	return ctx, func() { t.Stop(); cancel() }
 }
 
 // flush sends what is pending in batches of at most maxExportBatch.
@@ -301,17 +429,23 @@ func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error
 	}
 	body := protowire.AppendTag(nil, 1, protowire.BytesType)
 	body = protowire.AppendBytes(body, inner)
+	ctx, cancel := e.withTimeout(ctx)
+	defer cancel()
 	if e.conn != nil {
-		// Not WaitForReady: an unreachable collector fails the batch
-		// at once instead of holding the exporter for exportTimeout.
-		cctx, cancel := context.WithTimeout(ctx, exportTimeout)
-		defer cancel()
+		// Not WaitForReady: a collector refusing connections fails the
+		// batch at once instead of holding the exporter for the timeout.
+		if len(e.md) > 0 {
+			ctx = metadata.NewOutgoingContext(ctx, e.md)
+		}
 		var reply []byte
-		return e.conn.Invoke(cctx, otlpExportMethod, &body, &reply, grpc.ForceCodecV2(rawCodec{}))
+		return e.conn.Invoke(ctx, otlpExportMethod, &body, &reply, grpc.ForceCodecV2(rawCodec{}))
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, e.url, bytes.NewReader(body))
 	if err != nil {
 		return err
+	}
+	for k, v := range e.headers {
+		req.Header.Set(k, v)
 	}
 	req.Header.Set("Content-Type", "application/x-protobuf")
 	resp, err := e.client.Do(req)

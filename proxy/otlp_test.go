@@ -3,21 +3,42 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/hex"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"log"
+	"maps"
 	"math"
+	"math/big"
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/writmesh/writ/enforcer/regotest"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -349,5 +370,391 @@ func TestTraceSamplerRatio(t *testing.T) {
 	}
 	if _, err := OTLPGRPCTarget("", "http://collector:4317/v1/traces"); err == nil {
 		t.Error("OTLPGRPCTarget accepted a path")
+	}
+}
+
+// otlpPKI is a collector's CA with a server certificate for 127.0.0.1
+// and a client certificate, written as PEM files as an operator would
+// give them to writ-proxy.
+type otlpPKI struct {
+	caFile, certFile, keyFile string
+	server                    tls.Certificate
+	pool                      *x509.CertPool
+}
+
+func newOTLPPKI(t *testing.T) *otlpPKI {
+	t.Helper()
+	dir := t.TempDir()
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "collector ca"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	caDER, err := x509.CreateCertificate(crand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, _ := x509.ParseCertificate(caDER)
+	leaf := func(serial int64, usage x509.ExtKeyUsage, ips ...net.IP) ([]byte, *ecdsa.PrivateKey) {
+		key, _ := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(serial), Subject: pkix.Name{CommonName: "leaf"}, NotBefore: time.Now().Add(-time.Hour),
+			NotAfter: time.Now().Add(time.Hour), ExtKeyUsage: []x509.ExtKeyUsage{usage}, KeyUsage: x509.KeyUsageDigitalSignature, IPAddresses: ips}
+		der, err := x509.CreateCertificate(crand.Reader, tmpl, caCert, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der, key
+	}
+	writePEM := func(name, typ string, b []byte) string {
+		f := filepath.Join(dir, name)
+		if err := os.WriteFile(f, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return f
+	}
+	p := &otlpPKI{pool: x509.NewCertPool()}
+	p.pool.AddCert(caCert)
+	p.caFile = writePEM("ca.pem", "CERTIFICATE", caDER)
+	srvDER, srvKey := leaf(2, x509.ExtKeyUsageServerAuth, net.IPv4(127, 0, 0, 1))
+	p.server = tls.Certificate{Certificate: [][]byte{srvDER}, PrivateKey: srvKey}
+	cliDER, cliKey := leaf(3, x509.ExtKeyUsageClientAuth)
+	p.certFile = writePEM("client.pem", "CERTIFICATE", cliDER)
+	keyDER, _ := x509.MarshalECPrivateKey(cliKey)
+	p.keyFile = writePEM("client-key.pem", "EC PRIVATE KEY", keyDER)
+	return p
+}
+
+// serverTLS requires a client certificate from the collector's CA.
+func (p *otlpPKI) serverTLS() *tls.Config {
+	return &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{p.server}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: p.pool}
+}
+
+// The API key header a collector requires: a value with characters that
+// OTEL_EXPORTER_OTLP_HEADERS percent-encodes.
+const (
+	otlpKeyHeader = "X-Api-Key"
+	otlpKeyValue  = "s3cr3t, =key"
+	otlpHeaderEnv = "x-api-key=s3cr3t%2C%20%3Dkey,other=1"
+)
+
+// startSecureCollector is an OTLP collector over https (net/http) or
+// gRPC with TLS (the generated TraceService) requiring a client
+// certificate and the API key; it sends what it accepts on spans.
+func startSecureCollector(t *testing.T, protocol string, pki *otlpPKI) (string, <-chan *tracepb.Span) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if protocol == OTLPProtocolGRPC {
+		r := &otlpGRPCReceiver{spans: make(chan *tracepb.Span, 1000), services: make(chan string, 10)}
+		srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(pki.serverTLS())), grpc.UnaryInterceptor(
+			func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+				md, _ := metadata.FromIncomingContext(ctx)
+				if v := md.Get(strings.ToLower(otlpKeyHeader)); len(v) != 1 || v[0] != otlpKeyValue {
+					return nil, status.Error(codes.Unauthenticated, "api key")
+				}
+				return h(ctx, req)
+			}))
+		collectorpb.RegisterTraceServiceServer(srv, r)
+		go srv.Serve(l)
+		t.Cleanup(srv.Stop)
+		return "https://" + l.Addr().String(), r.spans
+	}
+	base, spans := otlpReceiver(t)
+	next, _ := url.Parse(base)
+	rp := httputil.NewSingleHostReverseProxy(next)
+	srv := &http.Server{TLSConfig: pki.serverTLS(), ErrorLog: log.New(io.Discard, "", 0), Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Header.Get(otlpKeyHeader) != otlpKeyValue {
+			http.Error(w, "api key", http.StatusUnauthorized)
+			return
+		}
+		rp.ServeHTTP(w, r)
+	})}
+	go srv.ServeTLS(l, "", "")
+	t.Cleanup(func() { srv.Close() })
+	return "https://" + l.Addr().String() + "/v1/traces", spans
+}
+
+// spanCounts reads writ_otlp_spans_total by result.
+func spanCounts(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]float64{}
+	for _, mf := range mfs {
+		if mf.GetName() != "writ_otlp_spans_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			out[m.GetLabel()[0].GetValue()] = m.GetCounter().GetValue()
+		}
+	}
+	return out
+}
+
+// tracedClient starts a server sidecar (not exporting) and a client
+// sidecar exporting with opts (the OTLP fields) on a fake clock; get
+// sends a request through them and fails the test unless it is served.
+func tracedClient(t *testing.T, opts Options) (get func(), clock *clockwork.FakeClock, reg *prometheus.Registry, cli *Proxy) {
+	t.Helper()
+	ca := newTestCA(t)
+	appL, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	appSrv := &http.Server{Handler: echoApp(nil)}
+	go appSrv.Serve(appL)
+	t.Cleanup(func() { appSrv.Close() })
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
+	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+	cfg.AddUpstream("server", "127.0.0.1:0")
+	clock = clockwork.NewFakeClockAt(time.Now())
+	reg = prometheus.NewRegistry()
+	opts.Source, opts.Clock, opts.Registry, opts.ServiceName = ca.source(t, "/ns/demo/sa/client"), clock, reg, "client"
+	cli = startProxy(t, cfg, opts)
+	client := &http.Client{Transport: &http.Transport{}}
+	t.Cleanup(client.CloseIdleConnections)
+	get = func() {
+		t.Helper()
+		resp, err := client.Get("http://" + cli.Addr("upstream:server") + "/traced")
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, _ = io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request: %d", resp.StatusCode)
+		}
+	}
+	return get, clock, reg, cli
+}
+
+// waitCounts advances the proxy's clock (flush ticks, export timeouts)
+// until the span counters read want.
+func waitCounts(t *testing.T, clock *clockwork.FakeClock, reg *prometheus.Registry, step time.Duration, want map[string]float64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		got := spanCounts(t, reg)
+		if maps.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("writ_otlp_spans_total %v, want %v", got, want)
+		}
+		clock.Advance(step)
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestOTLPExportMTLSAndHeaders: for both transports, a collector that
+// requires a client certificate from its CA and an API key header gets
+// the spans of a sidecar configured as OpenTelemetry's environment
+// configures exporters (CA, client certificate and key as PEM files,
+// percent-encoded headers). Without the client certificate, or without
+// the header, it gets none and the spans are counted failed.
+func TestOTLPExportMTLSAndHeaders(t *testing.T) {
+	pki := newOTLPPKI(t)
+	headers, err := ParseOTLPHeaders(otlpHeaderEnv)
+	if err != nil || headers["x-api-key"] != otlpKeyValue || headers["other"] != "1" {
+		t.Fatalf("ParseOTLPHeaders: %v %v", headers, err)
+	}
+	full, err := OTLPTLSConfig(pki.caFile, pki.certFile, pki.keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caOnly, err := OTLPTLSConfig(pki.caFile, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, protocol := range []string{OTLPProtocolHTTP, OTLPProtocolGRPC} {
+		for _, tc := range []struct {
+			name     string
+			tls      *tls.Config
+			headers  map[string]string
+			accepted bool
+		}{
+			{"client certificate and key", full, headers, true},
+			{"no client certificate", caOnly, headers, false},
+			{"no api key", full, nil, false},
+		} {
+			t.Run(protocol+"/"+tc.name, func(t *testing.T) {
+				target, spans := startSecureCollector(t, protocol, pki)
+				get, clock, reg, _ := tracedClient(t, Options{OTLPTracesURL: target, OTLPProtocol: protocol,
+					OTLP: OTLPExport{TLS: tc.tls, Headers: tc.headers}})
+				const n = 3
+				for range n {
+					get()
+				}
+				if tc.accepted {
+					waitCounts(t, clock, reg, traceFlush, map[string]float64{"exported": n})
+					for range n {
+						if s := <-spans; s.GetKind() != tracepb.Span_SPAN_KIND_CLIENT {
+							t.Errorf("span kind %v", s.GetKind())
+						}
+					}
+					return
+				}
+				waitCounts(t, clock, reg, traceFlush, map[string]float64{"failed": n})
+				select {
+				case s := <-spans:
+					t.Fatalf("collector got span %x", s.GetSpanId())
+				default:
+				}
+			})
+		}
+	}
+}
+
+// blackHole accepts connections and never answers; accepted receives
+// each. Its connections are closed before the proxies are stopped (the
+// last flush at shutdown would otherwise wait on the fake clock).
+func blackHole(t *testing.T) (string, <-chan struct{}) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	accepted := make(chan struct{}, 100)
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			accepted <- struct{}{}
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return l.Addr().String(), accepted
+}
+
+// TestOTLPUnreachableCollector: for both transports, a collector on a
+// closed port and one that accepts and never answers cost requests
+// through the sidecar nothing (they are served while the exporter is
+// stuck), the spans are counted failed, and beyond the queue's bound
+// dropped.
+func TestOTLPUnreachableCollector(t *testing.T) {
+	for _, protocol := range []string{OTLPProtocolHTTP, OTLPProtocolGRPC} {
+		endpoint := func(addr string) string {
+			if protocol == OTLPProtocolGRPC {
+				return "http://" + addr
+			}
+			return "http://" + addr + "/v1/traces"
+		}
+		t.Run(protocol+"/closed port", func(t *testing.T) {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			addr := l.Addr().String()
+			l.Close()
+			get, clock, reg, _ := tracedClient(t, Options{OTLPTracesURL: endpoint(addr), OTLPProtocol: protocol})
+			for range 5 {
+				get()
+			}
+			waitCounts(t, clock, reg, traceFlush, map[string]float64{"failed": 5})
+		})
+		t.Run(protocol+"/black hole", func(t *testing.T) {
+			const timeout = 5 * time.Second
+			addr, accepted := blackHole(t)
+			get, clock, reg, cli := tracedClient(t, Options{OTLPTracesURL: endpoint(addr), OTLPProtocol: protocol, OTLP: OTLPExport{Timeout: timeout}})
+			cli.traces.mu.Lock()
+			cli.traces.maxPending = 4
+			cli.traces.mu.Unlock()
+			get()
+			get()
+			// The first batch (2 spans) goes to the black hole; the
+			// exporter now waits on it.
+			deadline := time.Now().Add(30 * time.Second)
+			for len(accepted) == 0 {
+				if time.Now().After(deadline) {
+					t.Fatal("the exporter never reached the black hole")
+				}
+				clock.Advance(traceFlush)
+				time.Sleep(time.Millisecond)
+			}
+			waitPending(t, cli, 0)
+			// Requests are served meanwhile; 4 spans wait, 2 are dropped.
+			for range 6 {
+				get()
+			}
+			waitCounts(t, clock, reg, 0, map[string]float64{"dropped": 2})
+			waitPending(t, cli, 4)
+			// Each export gives up at the timeout, on the proxy's clock.
+			waitCounts(t, clock, reg, timeout, map[string]float64{"dropped": 2, "failed": 6})
+		})
+	}
+}
+
+func waitPending(t *testing.T, p *Proxy, n int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		p.traces.mu.Lock()
+		got := len(p.traces.pending)
+		p.traces.mu.Unlock()
+		if got == n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d spans pending, want %d", got, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestOTLPExportSettings: bad settings are start-up errors that never
+// show a header's value.
+func TestOTLPExportSettings(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"novalue", "want key=value"},
+		{"bad key=secret-1", "invalid header name"},
+		{"k=%zzsecret-2", "k: invalid value"},
+		{"k=a%0Dsecret-3", "k: invalid value"},
+		{"grpc-timeout=1", "reserved"},
+	} {
+		_, err := ParseOTLPHeaders(tc.in)
+		if err == nil || !strings.Contains(err.Error(), tc.want) || strings.Contains(err.Error(), "secret") {
+			t.Errorf("ParseOTLPHeaders(%q): %v, want an error with %q and no value", tc.in, err, tc.want)
+		}
+	}
+	if h, err := ParseOTLPHeaders(" a = 1 , ,b=2=3"); err != nil || h["a"] != "1" || h["b"] != "2=3" {
+		t.Errorf("ParseOTLPHeaders: %v %v", h, err)
+	}
+	pki := newOTLPPKI(t)
+	for _, files := range [][3]string{
+		{"/nonexistent/ca.pem", "", ""},
+		{pki.certFile + ".missing", "", ""},
+		{"", pki.certFile, ""},
+		{"", "", pki.keyFile},
+		{pki.keyFile, "", ""}, // a key is not a CA
+		{"", pki.certFile, pki.caFile},
+	} {
+		if _, err := OTLPTLSConfig(files[0], files[1], files[2]); err == nil {
+			t.Errorf("OTLPTLSConfig(%q) accepted", files)
+		}
+	}
+	tlsCfg, err := OTLPTLSConfig(pki.caFile, "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca := newTestCA(t)
+	if _, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "http://collector:4318/v1/traces", OTLP: OTLPExport{TLS: tlsCfg}}); err == nil || !strings.Contains(err.Error(), "not https") {
+		t.Errorf("a CA with a plaintext endpoint: %v", err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -278,10 +279,103 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	if m := rt.Mirror; m != nil && m.Percent > 0 && rand.Float64()*100 < m.Percent {
 		l.mirror(r, m, timeout)
 	}
-	ctx, cancel := context.WithTimeout(&targetCtx{Context: r.Context(), t: target{route: rt, cluster: cl, source: r.RemoteAddr}}, timeout)
+	tg := target{route: rt, cluster: cl, source: r.RemoteAddr}
+	var ctx context.Context
+	var cancel func()
+	if r.Context().Done() == nil {
+		// The fast server's requests cannot be cancelled: the deadline
+		// is all there is to enforce.
+		rc := &routeCtx{targetCtx: targetCtx{Context: r.Context(), t: tg}, deadline: time.Now().Add(timeout)}
+		ctx, cancel = rc, rc.end
+	} else {
+		ctx, cancel = context.WithTimeout(&targetCtx{Context: r.Context(), t: tg}, timeout)
+	}
 	// HTTP/2 clusters stream through ReverseProxy (1xx answers included).
 	l.fwd.serve(w, r.WithContext(ctx), !cl.cfg.HTTP2)
 	cancel()
+}
+
+// routeCtx is a request's context under a route whose parent can never
+// be cancelled: context.WithTimeout's, with its timer and cancellation
+// made only once something asks for Done. The synchronous HTTP/1.1
+// transport asks for the deadline instead (onlyDeadline) and sets it on
+// the connection, which spares each request a runtime timer started and
+// stopped (a timer that becomes a processor's earliest wakes an idle
+// thread), the cancel context and the context.AfterFunc registered on
+// it: three allocations and two locks each.
+type routeCtx struct {
+	targetCtx
+	deadline time.Time
+	mu       sync.Mutex
+	lazy     atomic.Pointer[lazyCtx] // set once, under mu
+	ended    bool
+}
+
+type lazyCtx struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func (c *routeCtx) Deadline() (time.Time, bool) { return c.deadline, true }
+
+func (c *routeCtx) Done() <-chan struct{} {
+	if l := c.lazy.Load(); l != nil {
+		return l.ctx.Done()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	l := c.lazy.Load()
+	if l == nil {
+		l = &lazyCtx{}
+		l.ctx, l.cancel = context.WithDeadline(&c.targetCtx, c.deadline)
+		if c.ended {
+			l.cancel()
+		}
+		c.lazy.Store(l)
+	}
+	return l.ctx.Done()
+}
+
+func (c *routeCtx) Err() error {
+	if l := c.lazy.Load(); l != nil {
+		return l.ctx.Err()
+	}
+	c.mu.Lock()
+	ended := c.ended
+	c.mu.Unlock()
+	switch {
+	case ended:
+		return context.Canceled
+	case !time.Now().Before(c.deadline):
+		return context.DeadlineExceeded
+	}
+	return nil
+}
+
+// Value answers from the made context once there is one: context's own
+// look-ups (a child attaching to its parent) find its cancelCtx there.
+func (c *routeCtx) Value(key any) any {
+	if l := c.lazy.Load(); l != nil {
+		return l.ctx.Value(key)
+	}
+	return c.targetCtx.Value(key)
+}
+
+// onlyDeadline reports the deadline while nothing waits on Done: until
+// the request ends, the deadline is then the only way the context can
+// end, and the caller may enforce it itself.
+func (c *routeCtx) onlyDeadline() (time.Time, bool) {
+	return c.deadline, c.lazy.Load() == nil
+}
+
+func (c *routeCtx) end() {
+	c.mu.Lock()
+	c.ended = true
+	l := c.lazy.Load()
+	c.mu.Unlock()
+	if l != nil {
+		l.cancel()
+	}
 }
 
 // maxMirrors bounds the mirrored requests in flight per listener; beyond
@@ -463,13 +557,20 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		last = ep
 		ctx, cancel := req.Context(), context.CancelFunc(nil)
+		var out *http.Request
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
+			out = req.WithContext(ctx)
+			u := *req.URL
+			out.URL = &u
+		} else {
+			// The same context: the request and its URL copied in one
+			// allocation.
+			fr := &fwdReq{req: *req, url: *req.URL}
+			out = &fr.req
+			out.URL = &fr.url
 		}
-		out := req.WithContext(ctx)
-		u := *req.URL
-		u.Host = ep.addr
-		out.URL = &u
+		out.URL.Host = ep.addr
 		if body != nil {
 			out.Body = io.NopCloser(bytes.NewReader(body))
 		} else if rec != nil {

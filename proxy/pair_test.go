@@ -299,7 +299,7 @@ func TestRetriesAndTimeouts(t *testing.T) {
 	release := make(chan struct{})
 	defer close(release)
 	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/slow" {
+		if r.URL.Path == "/slow" || r.URL.Path == "/late/slow" {
 			select {
 			case <-release:
 			case <-r.Context().Done():
@@ -319,6 +319,7 @@ func TestRetriesAndTimeouts(t *testing.T) {
 		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
 			{Prefix: "/slow", Clusters: []WeightedCluster{{Name: "slow", Weight: 1}}, Timeout: Duration(300 * time.Millisecond),
 				Retry: &RetryPolicy{RetryOn: []string{"5xx"}, NumRetries: 1, PerTryTimeout: Duration(100 * time.Millisecond), BaseInterval: Duration(time.Millisecond)}},
+			{Prefix: "/late", Clusters: []WeightedCluster{{Name: "slow", Weight: 1}}, Timeout: Duration(200 * time.Millisecond)},
 			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}},
 				Retry: &RetryPolicy{RetryOn: []string{"gateway-error"}, NumRetries: 1, BaseInterval: Duration(time.Millisecond)}},
 		}}}}},
@@ -344,6 +345,23 @@ func TestRetriesAndTimeouts(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusGatewayTimeout {
 		t.Fatalf("slow: got %d, want 504", resp.StatusCode)
+	}
+	// Without retries, on a pooled connection, the route's timeout is
+	// the connection's deadline (routeCtx): 504 too; the client's
+	// connection serves on, and so does the cluster.
+	c := &http.Client{Transport: &http.Transport{}}
+	for _, tc := range []struct {
+		path string
+		want int
+	}{{"/late/ok", 200}, {"/late/slow", 504}, {"/late/ok", 200}, {"/late/ok", 200}, {"/late/slow", 504}, {"/x", 200}} {
+		resp, err = c.Get("http://" + p.Addr("out") + tc.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != tc.want {
+			t.Fatalf("%s: got %d, want %d", tc.path, resp.StatusCode, tc.want)
+		}
 	}
 }
 

@@ -78,6 +78,9 @@ type Options struct {
 	// which OTLPTracesURL is the collector's http:// (plaintext) or
 	// https:// address, e.g. http://collector:4317.
 	OTLPProtocol string
+	// OTLP is how the exporter reaches the collector: headers, TLS,
+	// timeout.
+	OTLP OTLPExport
 	// TraceSampler decides which new traces are exported; nil is all.
 	TraceSampler *TraceSampler
 	// ServiceName is the spans' service.name; empty is "writ-proxy".
@@ -179,7 +182,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		if opts.ServiceName == "" {
 			opts.ServiceName = "writ-proxy"
 		}
-		if p.traces, err = newTraceExporter(u, opts.OTLPProtocol, opts.ServiceName, opts.Registry); err != nil {
+		if p.traces, err = newTraceExporter(u, opts.OTLPProtocol, opts.ServiceName, opts.OTLP, opts.Clock, opts.Registry); err != nil {
 			return fail(err)
 		}
 	}

@@ -104,7 +104,12 @@ type nodeState struct {
 	acked    string
 	lastGood *cachev3.Snapshot
 	bad      string // version the node refused; never pushed again
-	lastErr  string
+	// badSnap is the refused snapshot, kept in case the node takes it
+	// after all (its policy reload defined the rule it bound) and ACKs
+	// it; badInbound is its hasInbound.
+	badSnap    *cachev3.Snapshot
+	badInbound bool
+	lastErr    string
 	// hasInbound: the current snapshot holds the node's own inbound
 	// listeners; healthy: it ACKed such a snapshot; appDown: its data
 	// plane last reported its app unhealthy (StreamHealthCheck).
@@ -318,7 +323,7 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 		s.mu.Unlock()
 		return status.Error(codes.InvalidArgument, "node id changed on the stream")
 	}
-	var revert *cachev3.Snapshot
+	var revert, restore *cachev3.Snapshot
 	if ns != nil {
 		switch {
 		case nack:
@@ -329,12 +334,22 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 			s.nacks.WithLabelValues(typeURL).Inc()
 			s.o.Log.Error("xds config refused by node", "node", st.nodeID, "spiffe_id", st.spiffeID.String(), "type_url", typeURL, "version", ns.version, "error", nackMsg)
 			if ns.version != "" && ns.version != ns.acked {
-				ns.bad = ns.version
+				ns.bad, ns.badSnap, ns.badInbound = ns.version, ns.current, ns.hasInbound
 				if ns.lastGood != nil {
 					revert = ns.lastGood
 					ns.current, ns.version = ns.lastGood, ns.acked
 				}
 			}
+		case version != "" && version == ns.bad && ns.badSnap != nil:
+			// The node ACKs the version it refused: a policy reload made
+			// it apply (xdsclient.RetryRefused). It is in force there, so
+			// it is current again, and the cache gets it back so that
+			// the node is not sent the reverted one.
+			ns.version, ns.current, ns.hasInbound = ns.bad, ns.badSnap, ns.badInbound
+			ns.bad, ns.badSnap, ns.lastErr = "", nil, ""
+			restore = ns.current
+			s.o.Log.Info("xds config refused before now taken by node", "node", st.nodeID, "spiffe_id", st.spiffeID.String(), "version", ns.version)
+			fallthrough
 		case ackLatest || (version != "" && version == ns.version):
 			if ns.acked != ns.version {
 				ns.acked, ns.lastGood = ns.version, ns.current
@@ -359,6 +374,11 @@ func (s *Server) onRequest(id int64, node *corev3.Node, typeURL, nackMsg string,
 	if revert != nil {
 		if err := s.cache.SetSnapshot(context.Background(), nodeID, revert); err != nil {
 			s.o.Log.Error("xds revert to last good snapshot", "node", nodeID, "error", err)
+		}
+	}
+	if restore != nil {
+		if err := s.cache.SetSnapshot(context.Background(), nodeID, restore); err != nil {
+			s.o.Log.Error("xds restore snapshot taken after refusal", "node", nodeID, "error", err)
 		}
 	}
 	return nil

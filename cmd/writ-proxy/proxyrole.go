@@ -54,6 +54,10 @@ type proxyOptions struct {
 	audit          audit.RecorderOptions
 	otlpEndpoint   string
 	otlpProtocol   string
+	otlpCA         string
+	otlpCert       string
+	otlpKey        string
+	otlpTimeout    time.Duration
 	sampleRatio    float64
 
 	// ADS: writd configures the proxy.
@@ -97,6 +101,10 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
 	o.audit.RegisterFlags(fs) // --audit-collector defaults to --control-plane
 	fs.StringVar(&o.otlpEndpoint, "otlp-endpoint", "", "OTLP traces endpoint receiving a span per sampled request: for http/protobuf a URL, e.g. http://collector:4318/v1/traces; for grpc the collector's address, e.g. http://collector:4317 (plaintext) or https://... (TLS) (default: from OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, or OTEL_EXPORTER_OTLP_ENDPOINT, + /v1/traces for http/protobuf; none: no export)")
+	fs.StringVar(&o.otlpCA, "otlp-ca-file", "", "PEM CA certificates the https:// OTLP collector is verified against, replacing the system roots (default: OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE, else OTEL_EXPORTER_OTLP_CERTIFICATE)")
+	fs.StringVar(&o.otlpCert, "otlp-client-cert", "", "PEM client certificate presented to the OTLP collector (mTLS), with --otlp-client-key (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_CERTIFICATE)")
+	fs.StringVar(&o.otlpKey, "otlp-client-key", "", "PEM private key of --otlp-client-cert (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_KEY)")
+	fs.DurationVar(&o.otlpTimeout, "otlp-timeout", 0, "bound on one OTLP export (default: OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT in milliseconds, else 10s); headers, e.g. an API key, come only from OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, never a flag (a command line is visible to every local user)")
 	fs.StringVar(&o.otlpProtocol, "otlp-protocol", "", "OTLP transport: http/protobuf or grpc (default: from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
 	fs.Float64Var(&o.sampleRatio, "trace-sample-ratio", 1, "share (0 to 1) of new traces to export; a request arriving with a traceparent keeps its sampled flag; unsampled traces still propagate traceparent (flags 00) and keep their trace_id in the access log")
 }
@@ -316,6 +324,7 @@ func (r *proxyRole) enforcerFor(decision, dryRun string) (*enforcer.Enforcer, er
 // The inbound listeners then resolve their bindings again: one bound
 // while its dry-run rule was missing would otherwise keep recording that
 // error until writd happened to change its configuration.
+// Last, the xDS client tries again the configuration it last refused.
 func (r *proxyRole) reloadOthers(ctx context.Context) {
 	if b := r.binder.Load(); b != nil {
 		if err := b.Reload(ctx); err != nil {
@@ -326,6 +335,11 @@ func (r *proxyRole) reloadOthers(ctx context.Context) {
 		if err := p.Rebind(); err != nil {
 			r.log.Warn("policy reload: an inbound listener keeps its binding", "err", err)
 		}
+	}
+	// A configuration refused for binding a rule the policy lacked may
+	// bind now; writd does not send a refused version again.
+	if c := r.xds.Load(); c != nil {
+		c.RetryRefused()
 	}
 }
 
@@ -367,8 +381,16 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 	if err != nil {
 		return nil, err
 	}
-	if _, _, err := o.tracing(); err != nil {
+	if traces, _, err := o.tracing(); err != nil {
 		return nil, err
+	} else if traces != "" {
+		x, err := o.otlpExport(os.Getenv)
+		if err != nil {
+			return nil, err
+		}
+		if x.TLS != nil && !strings.HasPrefix(traces, "https://") {
+			return nil, fmt.Errorf("otlp endpoint %q: a CA or client certificate is set, but the endpoint is not https://", traces)
+		}
 	}
 	if _, err := proxy.NewTraceSampler(o.sampleRatio); err != nil {
 		return nil, err
@@ -612,8 +634,14 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	var export proxy.OTLPExport
+	if traces != "" {
+		if export, err = r.o.otlpExport(os.Getenv); err != nil {
+			return err
+		}
+	}
 	popts := proxy.Options{Source: src, Enforcer: r.enforcer, EnforcerFor: r.enforcerFor, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
-		OTLPTracesURL: traces, OTLPProtocol: proto, TraceSampler: sampler, ServiceName: service}
+		OTLPTracesURL: traces, OTLPProtocol: proto, OTLP: export, TraceSampler: sampler, ServiceName: service}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)
 	}

@@ -101,6 +101,9 @@ type Client struct {
 	// appDown is the app check's verdict; appChanged wakes the reporter.
 	appDown    bool
 	appChanged chan struct{}
+	// retry asks the stream to apply its last refused set again
+	// (RetryRefused).
+	retry chan struct{}
 
 	mConnected prometheus.Gauge
 	mNacks     prometheus.Counter
@@ -133,7 +136,7 @@ func New(o Options) (*Client, error) {
 		}
 	}
 	c := &Client{
-		o: o, appChanged: make(chan struct{}, 1),
+		o: o, appChanged: make(chan struct{}, 1), retry: make(chan struct{}, 1),
 		mConnected: prometheus.NewGauge(prometheus.GaugeOpts{Name: "writ_proxy_xds_connected",
 			Help: "1 while the ADS stream to writd is up."}),
 		mNacks: prometheus.NewCounter(prometheus.CounterOpts{Name: "writ_proxy_xds_nacks_total",
@@ -251,6 +254,23 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 }
 
+// RetryRefused applies again, as soon as the stream is free, the last
+// configuration refused whole if nothing newer has arrived since, and ACKs
+// it if it now applies. writ-proxy calls it after every policy reload: a
+// configuration that bound a rule the policy did not define is refused
+// (fail closed), and writd will not send that version again, so without
+// this the sidecar would wait for writd's next change. The ACK names the
+// refused version and the nonce of the response that carried it, as a
+// first answer would have; a server that has sent newer responses since
+// ignores it as stale, which is right, since the newer ones are answered
+// on their own.
+func (c *Client) RetryRefused() {
+	select {
+	case c.retry <- struct{}{}:
+	default:
+	}
+}
+
 func (c *Client) setConnected(v bool) {
 	c.mu.Lock()
 	c.connected = v
@@ -266,6 +286,19 @@ func (c *Client) setConnected(v bool) {
 type response struct {
 	version, nonce string
 	resources      []proto.Message
+}
+
+// refusedSet is the last set NACKed whole on a stream, with the nonce of
+// each type's response, kept for RetryRefused until a newer response
+// arrives.
+type refusedSet struct {
+	snap   *Snapshot
+	nonces map[string]string
+}
+
+type received struct {
+	r   *discoverygrpc.DiscoveryResponse
+	err error
 }
 
 // stream runs one ADS stream. got reports whether writd answered at all.
@@ -289,6 +322,27 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	if err != nil {
 		return false, fmt.Errorf("open ads stream: %w", err)
 	}
+	// Responses are read on their own goroutine so that RetryRefused is
+	// heard while the stream is idle. Each is handed over until stream
+	// returns (the stream's end included, as an error); cancel then ends
+	// a Recv in progress.
+	recvc := make(chan received)
+	stop, rdone := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(rdone)
+		for {
+			r, err := st.Recv()
+			select {
+			case recvc <- received{r, err}:
+			case <-stop:
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	defer func() { close(stop); cancel(); <-rdone }()
 	// Every type is asked for afresh (no version): writd answers with
 	// everything, the client compares with what is in force, and writd
 	// learns by the ACK that this node serves its configuration.
@@ -305,10 +359,29 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	pending := map[string]*response{}
 	mismatched := 0
 	refusedVer, refusals := "", 0
+	var held *refusedSet
 	for {
-		r, err := st.Recv()
-		if err != nil {
-			return got, fmt.Errorf("receive: %w", err)
+		var r *discoverygrpc.DiscoveryResponse
+		select {
+		case rr := <-recvc:
+			if rr.err != nil {
+				return got, fmt.Errorf("receive: %w", rr.err)
+			}
+			r = rr.r
+		case <-c.retry:
+			// Only a set nothing newer has overtaken: a half-received
+			// newer one is decided when it completes.
+			if held == nil || len(pending) > 0 || c.apply(held.snap, true) != "" {
+				continue
+			}
+			for _, t := range typeURLs {
+				acked[t] = held.snap.Version
+				if err := c.answer(st, t, acked[t], held.nonces[t], ""); err != nil {
+					return got, err
+				}
+			}
+			held, refusedVer, refusals = nil, "", 0
+			continue
 		}
 		if !got {
 			got = true
@@ -329,6 +402,8 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 			}
 			continue
 		}
+		// A newer response makes the held set's nonce for this type stale.
+		held = nil
 		res, derr := decode(t, r)
 		if derr != nil {
 			c.refused(r.GetVersionInfo(), derr)
@@ -362,19 +437,24 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		// as it is, named by the listeners' version.
 		mismatched = 0
 		snap := snapshot(version, pending)
-		reason := c.apply(snap)
+		reason := c.apply(snap, false)
 		if reason == "" {
 			refusedVer, refusals = "", 0
 		} else if version == refusedVer {
 			// The server sends again what was refused (writd does not; a
 			// plain snapshot cache does on every NACK): answer after a
-			// growing pause rather than in a tight loop.
+			// growing pause rather than in a tight loop, or at once if a
+			// policy reload lets it apply.
 			refusals++
 			wait := min(c.o.MinBackoff<<min(refusals-1, 16), c.o.MaxBackoff)
 			select {
 			case <-ctx.Done():
 				return got, ctx.Err()
 			case <-c.o.Clock.After(wait):
+			case <-c.retry:
+				if c.apply(snap, true) == "" {
+					reason, refusedVer, refusals = "", "", 0
+				}
 			}
 		} else {
 			refusedVer, refusals = version, 0
@@ -386,6 +466,12 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 			}
 			if err := c.answer(st, t, acked[t], p.nonce, reason); err != nil {
 				return got, err
+			}
+		}
+		if reason != "" {
+			held = &refusedSet{snap: snap, nonces: map[string]string{}}
+			for _, t := range typeURLs {
+				held.nonces[t] = pending[t].nonce
 			}
 		}
 		clear(pending)
@@ -420,7 +506,9 @@ func isType(t string) bool {
 }
 
 // apply translates and applies snap, returning the NACK reason or "".
-func (c *Client) apply(snap *Snapshot) string {
+// retry is a refused set tried again (RetryRefused): it was NACKed
+// already, so failing again is logged, not counted as a NACK.
+func (c *Client) apply(snap *Snapshot, retry bool) string {
 	cfg, err := Translate(snap, c.o.Local)
 	if err == nil {
 		c.mu.Lock()
@@ -431,6 +519,13 @@ func (c *Client) apply(snap *Snapshot) string {
 		if !same {
 			err = c.o.Apply(cfg)
 		}
+	}
+	if err != nil && retry {
+		c.mu.Lock()
+		c.lastErr = fmt.Sprintf("version %s refused: %v", snap.Version, err)
+		c.mu.Unlock()
+		c.o.Log.Info("xds configuration refused before still cannot be applied", "version", snap.Version, "error", err)
+		return err.Error()
 	}
 	if err != nil {
 		c.refused(snap.Version, err)

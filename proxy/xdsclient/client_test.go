@@ -331,6 +331,9 @@ type adsServer struct {
 	reqs  []*discoverygrpc.DiscoveryRequest
 	// health records the statuses reported over HDS, by node id.
 	health map[string][]corev3.HealthStatus
+	// onRequest, if set, is called with each request before the server
+	// handles it, as writd's callback is.
+	onRequest func(*discoverygrpc.DiscoveryRequest)
 }
 
 // hdsRecorder stands in for writd's HDS service: it records reports.
@@ -394,7 +397,11 @@ func startADS(t *testing.T, ca *testCA, serverPath, addr string) *adsServer {
 	srv := serverv3.NewServer(ctx, s.cache, serverv3.CallbackFuncs{StreamRequestFunc: func(_ int64, r *discoverygrpc.DiscoveryRequest) error {
 		s.mu.Lock()
 		s.reqs = append(s.reqs, r)
+		hook := s.onRequest
 		s.mu.Unlock()
+		if hook != nil {
+			hook(r)
+		}
 		return nil
 	}})
 	src := ca.source(t, serverPath)
@@ -762,5 +769,96 @@ spec:
 	}
 	if !found {
 		t.Fatalf("no regex route in %+v", a.Routes)
+	}
+}
+
+// TestClientRetriesRefusedAfterReload: a configuration refused because it
+// could not be applied then (as writ-proxy refuses one binding a rule its
+// policy lacks) is applied and ACKed on RetryRefused once it applies,
+// without the server sending anything new. The server here does what
+// writd does: on a NACK it puts the last good snapshot back (so nothing
+// is sent again), and on an ACK of the refused version it makes that
+// version current. The ACK names the refused version and the nonce of
+// the response that carried it.
+func TestClientRetriesRefusedAfterReload(t *testing.T) {
+	ca := newTestCA(t)
+	srv := startADS(t, ca, "/writ/control-plane", "")
+	clock := clockwork.NewFakeClockAt(time.Now())
+	app := &applied{}
+	md, err := xds.NodeMetadata(xds.FlavorEnvoy, "shop", "orders", "127.0.0.1", []int{15006}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := New(Options{Server: srv.addr, ServerID: spiffeid.RequireFromPath(td, "/writ/control-plane"), Source: ca.source(t, "/ns/shop/sa/orders"),
+		Node: &corev3.Node{Id: "orders-1", Metadata: md}, Local: Local{Service: "orders"}, Apply: app.apply, Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	goodRS := build(t, meshYAML)
+	v1 := srv.set(t, goodRS)
+	waitFor(t, "first configuration ACKed", func() bool { return acked(srv.requests(), v1) == len(typeURLs) })
+
+	badRS := build(t, meshYAML+splitRoute)
+	var bad string
+	srv.mu.Lock()
+	srv.onRequest = func(r *discoverygrpc.DiscoveryRequest) {
+		switch {
+		case r.GetErrorDetail() != nil && r.GetTypeUrl() == resource.ListenerType:
+			srv.set(t, goodRS)
+		case r.GetErrorDetail() == nil && r.GetVersionInfo() == bad && r.GetTypeUrl() == resource.ListenerType:
+			srv.set(t, badRS)
+		}
+	}
+	srv.mu.Unlock()
+	app.mu.Lock()
+	app.fail = errors.New("inbound mesh: nothing defines decision path data.writ.nope.allow")
+	app.mu.Unlock()
+	bad = srv.set(t, badRS)
+	nonces := map[string]string{}
+	waitFor(t, "NACK", func() bool {
+		for _, r := range srv.requests() {
+			if r.GetErrorDetail() != nil {
+				nonces[r.GetTypeUrl()] = r.GetResponseNonce()
+			}
+		}
+		return len(nonces) == len(typeURLs)
+	})
+	nacks := len(srv.requests())
+
+	// Still not applicable: nothing is sent, the reason stays.
+	c.RetryRefused()
+	waitFor(t, "retry refused again", func() bool { return app.count() == 1 && strings.Contains(c.Status().LastError, "data.writ.nope.allow") })
+	clock.Advance(time.Minute)
+
+	app.mu.Lock()
+	app.fail = nil
+	app.mu.Unlock()
+	c.RetryRefused()
+	waitFor(t, "refused version applied on retry", func() bool { return c.Status().Version == bad })
+	waitFor(t, "refused version ACKed", func() bool { return acked(srv.requests(), bad) >= len(typeURLs) })
+	reqs := srv.requests()
+	if n := len(reqs); n < nacks+len(typeURLs) {
+		t.Fatalf("%d requests after the NACKs, want at least %d", n, nacks+len(typeURLs))
+	}
+	for _, r := range reqs[nacks:] {
+		if r.GetErrorDetail() != nil {
+			t.Errorf("a retry sent a NACK: %v", r)
+		}
+	}
+	for _, r := range reqs[nacks : nacks+len(typeURLs)] {
+		if r.GetVersionInfo() != bad || r.GetResponseNonce() != nonces[r.GetTypeUrl()] {
+			t.Errorf("ACK of %s after retry: version %q nonce %q, want %q %q", r.GetTypeUrl(), r.GetVersionInfo(), r.GetResponseNonce(), bad, nonces[r.GetTypeUrl()])
+		}
+	}
+	if app.count() != 2 || c.Status().LastError != "" {
+		t.Fatalf("applied %d configurations, status %+v", app.count(), c.Status())
+	}
+	if b, _ := json.Marshal(app.last()); !strings.Contains(string(b), `"weight":90`) {
+		t.Errorf("applied %s, want the refused configuration (the 90/10 split)", b)
 	}
 }
