@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -73,6 +74,9 @@ const (
 
 type options struct {
 	trimPages    bool
+	splitPages   bool
+	gcPercent    int
+	gcPercentSet bool
 	controlPlane string
 	joinToken    string
 	trustBundle  string
@@ -96,11 +100,14 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address (keep it on loopback): /healthz, /readyz and, with the proxy role, /metrics, /config_dump and /debug/pprof/")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
+	fs.BoolVar(&o.splitPages, "split-executable-mappings", true, "with --trim-startup-pages, map the executable page by page (a VMA per page, ~200 bytes of kernel memory each) so that a touched page does not bring the 64 KiB around it: 3-5 MiB of the executable resident instead of 10-17 MiB")
+	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "heap growth between garbage collections, in percent of the live heap, as GOGC (which applies when this flag is not given; negative: off)")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
 	if done, code := cliflags.Parse(fs, "writ-proxy", usage, args, stdout, stderr); done {
 		return nil, code
 	}
+	fs.Visit(func(f *flag.Flag) { o.gcPercentSet = o.gcPercentSet || f.Name == "gc-percent" })
 	if o.joinToken == "" {
 		o.joinToken = os.Getenv("WRIT_JOIN_TOKEN")
 	}
@@ -139,8 +146,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o == nil {
 		return code
 	}
+	if pct, ok := gcPercent(o, os.Getenv); ok {
+		debug.SetGCPercent(pct)
+	}
 	if o.trimPages {
-		trimExecutablePages()
+		trimExecutablePages(o.splitPages)
 	}
 	level, err := parseLevel(o.logLevel)
 	if err != nil {
@@ -194,7 +204,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if role != nil && o.trimPages {
-		go trimWhenReady(ctx, role.Ready, log)
+		go trimWhenReady(ctx, role.Ready, o.splitPages, log)
 	}
 	admin := &http.Server{Handler: adminMux(a, role), ReadHeaderTimeout: 5 * time.Second}
 	tasks := []taskrun.Task{
@@ -261,7 +271,7 @@ func adminMux(a *agent.Agent, role *proxyRole) *http.ServeMux {
 // the proxy is first ready (its policy compiled, its configuration and
 // SVID in hand), a second after, so that the steady state starts from the
 // pages it uses. It gives up after trimReadyWait.
-func trimWhenReady(ctx context.Context, ready func() error, log *slog.Logger) {
+func trimWhenReady(ctx context.Context, ready func() error, split bool, log *slog.Logger) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	deadline := time.Now().Add(trimReadyWait)
@@ -280,7 +290,31 @@ func trimWhenReady(ctx context.Context, ready func() error, log *slog.Logger) {
 		return
 	case <-time.After(time.Second):
 	}
-	log.Debug("dropped start-up pages", "bytes", trimExecutablePages())
+	log.Debug("dropped start-up pages", "bytes", trimExecutablePages(split))
 }
 
 const trimReadyWait = 2 * time.Minute
+
+// defaultGCPercent is the sidecar's GOGC. Most of a proxy's heap is
+// the same few megabytes from start to end (protobuf registries, the
+// compiled policy, TLS state, pooled buffers); what a request allocates
+// is short-lived, so at Go's default of 100 the heap between collections
+// is about as large again as everything live. At 50 the mesh-side proxy
+// of make bench peaks 4-6 MiB lower at 1,000 rps; the GC's background
+// work, under 5 % of that proxy's CPU there at 100, runs twice as often
+// (alternating runs showed no difference in CPU per request beyond their
+// noise).
+const defaultGCPercent = 50
+
+// gcPercent is the GC percentage to set, if any: the flag when given,
+// else GOGC from the environment (the runtime has applied it already),
+// else the sidecar's default.
+func gcPercent(o *options, getenv func(string) string) (int, bool) {
+	if o.gcPercentSet {
+		return o.gcPercent, true
+	}
+	if getenv("GOGC") != "" {
+		return 0, false
+	}
+	return o.gcPercent, true
+}

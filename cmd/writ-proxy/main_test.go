@@ -267,3 +267,38 @@ func TestTracingEndpoint(t *testing.T) {
 		t.Error("an unsupported protocol was accepted")
 	}
 }
+
+// TestGCPercentPrecedence: the flag wins, then GOGC from the
+// environment (left to the runtime), then the sidecar's default.
+func TestGCPercentPrecedence(t *testing.T) {
+	base := []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", "b", "--trust-domain", "example.org"}
+	for _, c := range []struct {
+		name     string
+		args     []string
+		gogc     string
+		want     int
+		wantSets bool
+	}{
+		{"default", nil, "", defaultGCPercent, true},
+		{"GOGC given", nil, "200", 0, false},
+		{"flag given", []string{"--gc-percent", "80"}, "", 80, true},
+		{"flag over GOGC", []string{"--gc-percent", "80"}, "200", 80, true},
+		{"flag off", []string{"--gc-percent", "-1"}, "", -1, true},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			o, code := parseFlags(append(append([]string{}, base...), c.args...), io.Discard, io.Discard)
+			if o == nil {
+				t.Fatalf("parseFlags: exit %d", code)
+			}
+			got, sets := gcPercent(o, func(k string) string {
+				if k == "GOGC" {
+					return c.gogc
+				}
+				return ""
+			})
+			if got != c.want || sets != c.wantSets {
+				t.Fatalf("gcPercent = %d, %v; want %d, %v", got, sets, c.want, c.wantSets)
+			}
+		})
+	}
+}
