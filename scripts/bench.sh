@@ -46,7 +46,7 @@ bin=${WRIT_BIN_DIR:-$PWD/bin}
 mkdir -p "$bin"
 # WRIT_BENCH_NOBUILD=1 runs prebuilt binaries of $WRIT_BIN_DIR (A/B runs).
 if [ -z "${WRIT_BENCH_NOBUILD:-}" ]; then
-  "$GO" build -o "$bin/" ./cmd/...
+  CGO_ENABLED=0 "$GO" build -o "$bin/" ./cmd/... # as make build
 fi
 
 pg_dir=$PWD/.tmp/benchpg
