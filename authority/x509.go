@@ -202,7 +202,12 @@ func (c *CA) maybeRotateIntermediate(ctx context.Context) error {
 	c.inter = next
 	c.mu.Unlock()
 	c.log.Info("rotated intermediate ca", "reason", reason, logIntermediate, next.serial, "previous", cur.serial)
-	return c.retireIntermediate(ctx, cur)
+	// The swap is done: the record of cur's retirement must follow even
+	// if Run is being stopped now, or cur stays unretired (stop retires
+	// only the intermediate in force).
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	return c.retireIntermediate(rctx, cur)
 }
 
 // retireIntermediate records that inter signs no more and the latest expiry
