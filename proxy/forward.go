@@ -28,6 +28,23 @@ type forwarder struct {
 	scheme, host string
 }
 
+// newForwarder forwards to scheme://host (host "" keeps the request's
+// URL host) through transport, on both paths alike: the fast path and
+// rp's Rewrite are made from the same three values.
+func newForwarder(transport http.RoundTripper, scheme, host string) *forwarder {
+	return &forwarder{rp: &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Scheme = scheme
+			if host != "" {
+				pr.Out.URL.Host = host
+			}
+		},
+		Transport:    transport,
+		BufferPool:   bufPool,
+		ErrorHandler: proxyError,
+	}, transport: transport, scheme: scheme, host: host}
+}
+
 // fwdReq is the outbound request and its URL in one allocation.
 type fwdReq struct {
 	req http.Request

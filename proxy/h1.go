@@ -198,9 +198,15 @@ type deadlineOnly interface {
 	onlyDeadline() (time.Time, bool)
 }
 
-// errNoAnswer wraps failures before any byte of a response arrived.
-var errNoAnswer = errors.New("no answer")
+// onlyDeadline is ctx's deadline if, for now, it can end only then.
+func onlyDeadline(ctx context.Context) (time.Time, bool) {
+	if dc, ok := ctx.(deadlineOnly); ok {
+		return dc.onlyDeadline()
+	}
+	return time.Time{}, false
+}
 
+// noAnswer wraps failures before any byte of a response arrived.
 type noAnswer struct {
 	err error
 	// untaken: the peer closed without acknowledging a byte of the
@@ -208,9 +214,8 @@ type noAnswer struct {
 	untaken bool
 }
 
-func (e noAnswer) Error() string        { return e.err.Error() }
-func (e noAnswer) Unwrap() error        { return e.err }
-func (e noAnswer) Is(target error) bool { return target == errNoAnswer }
+func (e noAnswer) Error() string { return e.err.Error() }
+func (e noAnswer) Unwrap() error { return e.err }
 
 type wrapped struct{ err error }
 
@@ -237,15 +242,9 @@ var aLongTimeAgo = time.Unix(1, 0)
 func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused bool) (*http.Response, error) {
 	ctx := r.Context()
 	stop := noStop
-	if dc, ok := ctx.(deadlineOnly); ok {
-		if d, ok := dc.onlyDeadline(); ok {
-			_ = c.c.SetDeadline(d)
-			c.deadline = true
-			ctx = nil
-		}
-	}
-	if ctx == nil {
-		ctx = r.Context()
+	if d, ok := onlyDeadline(ctx); ok {
+		_ = c.c.SetDeadline(d)
+		c.deadline = true
 	} else {
 		if c.deadline {
 			_ = c.c.SetDeadline(time.Time{})

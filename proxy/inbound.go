@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -104,15 +103,7 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 	l.tlsCfg = svidtls.ServerConfig(p.src, p.src, svidtls.AuthorizeMemberOf(p.td), p.clock)
 	l.tlsCfg.NextProtos = []string{"h2", "http/1.1"}
 	l.toApp = newAppTransport(cfg.AppProtocol == "h2c")
-	l.fwd = &forwarder{rp: &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.Out.URL.Scheme = "http"
-			pr.Out.URL.Host = cfg.App
-		},
-		Transport:    l.toApp,
-		BufferPool:   bufPool,
-		ErrorHandler: proxyError,
-	}, transport: l.toApp, scheme: "http", host: cfg.App}
+	l.fwd = newForwarder(l.toApp, "http", cfg.App)
 	l.srv = &http.Server{
 		Handler:           l,
 		ReadHeaderTimeout: 10 * time.Second,

@@ -12,7 +12,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/http/httputil"
 	"strconv"
 	"strings"
 	"sync"
@@ -124,15 +123,9 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 		return l, nil
 	}
 	l.httpLn = newConnListener(ln.Addr())
-	l.fwd = &forwarder{rp: &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.Out.URL.Scheme = "https"
-			pr.Out.Host = pr.In.Host
-		},
-		Transport:    roundTripper{p},
-		BufferPool:   bufPool,
-		ErrorHandler: proxyError,
-	}, transport: roundTripper{p}, scheme: "https"}
+	// The Host header stays the client's: ReverseProxy's Rewrite keeps
+	// it (only SetURL clears it), and so does the fast path.
+	l.fwd = newForwarder(roundTripper{p}, "https", "")
 	l.srv = &http.Server{
 		Handler:           l,
 		ReadHeaderTimeout: 10 * time.Second,
