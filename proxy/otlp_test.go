@@ -20,6 +20,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"os"
@@ -754,5 +755,32 @@ func TestOTLPExportSettings(t *testing.T) {
 	ca := newTestCA(t)
 	if _, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "http://collector:4318/v1/traces", OTLP: OTLPExport{TLS: tlsCfg}}); err == nil || !strings.Contains(err.Error(), "not https") {
 		t.Errorf("a CA with a plaintext endpoint: %v", err)
+	}
+}
+
+// TestOTLPExportNoRedirect: a collector answering with a redirect fails
+// the export; the headers (an API key) never reach where it points.
+func TestOTLPExportNoRedirect(t *testing.T) {
+	reached := make(chan http.Header, 1)
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case reached <- r.Header.Clone():
+		default:
+		}
+	}))
+	t.Cleanup(elsewhere.Close)
+	collector := httptest.NewServer(http.RedirectHandler(elsewhere.URL+"/v1/traces", http.StatusTemporaryRedirect))
+	t.Cleanup(collector.Close)
+	e, err := newTraceExporter(collector.URL+"/v1/traces", OTLPProtocolHTTP, "svc", OTLPExport{Headers: map[string]string{"X-Api-Key": "secret"}}, clockwork.NewRealClock(), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.export(context.Background(), []*tracepb.Span{{Name: "s"}}); err == nil || !strings.Contains(err.Error(), "307") {
+		t.Errorf("export answered by a redirect: %v, want a failure naming it", err)
+	}
+	select {
+	case h := <-reached:
+		t.Fatalf("the redirect was followed, with X-Api-Key %q", h.Get("X-Api-Key"))
+	default:
 	}
 }
