@@ -97,14 +97,8 @@ func TestOTLPTraceAcrossTwoHops(t *testing.T) {
 	}
 	ca := newTestCA(t)
 	seen := make(chan http.Header, 1)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(seen)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
-	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+	appAddr := serveApp(t, echoApp(seen))
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 			OTLPTracesURL: tracesURL, ServiceName: "server"})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
@@ -260,14 +254,8 @@ func TestOTLPGRPCSampling(t *testing.T) {
 			target, rcv := startOTLPGRPC(t)
 			ca := newTestCA(t)
 			seen := make(chan http.Header, 1)
-			appL, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			appSrv := &http.Server{Handler: echoApp(seen)}
-			go appSrv.Serve(appL)
-			t.Cleanup(func() { appSrv.Close() })
-			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+			appAddr := serveApp(t, echoApp(seen))
+			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 				Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 					OTLPTracesURL: target, OTLPProtocol: OTLPProtocolGRPC, ServiceName: "server", TraceSampler: newTraceSampler(0, nil)})
 			cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
@@ -500,14 +488,8 @@ func spanCounts(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 func tracedClient(t *testing.T, opts Options) (get func(), clock *clockwork.FakeClock, reg *prometheus.Registry, cli *Proxy) {
 	t.Helper()
 	ca := newTestCA(t)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(nil)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
-	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+	appAddr := serveApp(t, echoApp(nil))
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
