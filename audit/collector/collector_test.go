@@ -260,6 +260,72 @@ func TestShipperLingersOnlyOnPartialBatches(t *testing.T) {
 	}
 }
 
+// TestShipperAfterCrashWithLaggingAckFile: the spool rewrites its acked
+// file at most once a second, so a crash leaves it behind the events
+// already acknowledged. The spool's files as a crash leaves them (copied
+// while it is open, without Close) reopen at the older seq; the shipper
+// sends the acknowledged events again with new ones, and the trail holds
+// each once, its chain intact.
+func TestShipperAfterCrashWithLaggingAckFile(t *testing.T) {
+	r := startRig(t)
+	svid := r.env.Attest(t, "node1")
+	src := svid.ID.String()
+	conn := r.dial(t, svid)
+	// A clock that never moves: the acked file is written on the first
+	// acknowledgement only. Appends are made durable by appendN's Sync.
+	opts := audit.SpoolOptions{Source: src, Durability: audit.DurabilityGrouped, SyncInterval: time.Hour, Clock: clockwork.NewFakeClock()}
+	ship := func(s *audit.Spool, want uint64) {
+		t.Helper()
+		sh, err := audit.NewShipper(audit.ShipperOptions{Spool: s, Conn: conn, Linger: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- sh.Run(ctx) }()
+		waitFor(t, fmt.Sprintf("events up to %d acknowledged", want), func() bool { return s.Stats().Acked == want })
+		cancel()
+		<-done
+	}
+	dir := t.TempDir()
+	opts.Dir = dir
+	s, err := audit.OpenSpool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	appendN(t, s, 1)
+	ship(s, 1)
+	appendN(t, s, 9)
+	ship(s, 10)
+
+	crashed := t.TempDir()
+	if err := os.CopyFS(crashed, os.DirFS(dir)); err != nil {
+		t.Fatal(err)
+	}
+	opts.Dir = crashed
+	s2, err := audit.OpenSpool(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := s2.Stats().Acked; got != 1 {
+		t.Fatalf("after the crash the spool resumes after %d, want 1 (the acked file's lag)", got)
+	}
+	appendN(t, s2, 5)
+	ship(s2, 15)
+	if got := count(t, r, src); got != 15 {
+		t.Fatalf("rows = %d, want 15", got)
+	}
+	res, err := collector.Verify(context.Background(), r.env.Pool, collector.VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.OK() || res.Events != 15 {
+		t.Fatalf("verify: %+v", res)
+	}
+}
+
 func TestCollectorIsIdempotent(t *testing.T) {
 	r := startRig(t)
 	svid := r.env.Attest(t, "node1")
