@@ -25,13 +25,7 @@ import (
 // proxy's policy is refused, and the running one stays.
 func TestDryRunModeInbound(t *testing.T) {
 	ca := newTestCA(t)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(nil)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
+	appAddr := serveApp(t, echoApp(nil))
 
 	// A fixed port, so that the listener's changes rebind it.
 	probe, err := net.Listen("tcp", "127.0.0.1:0")
@@ -41,7 +35,7 @@ func TestDryRunModeInbound(t *testing.T) {
 	mesh := probe.Addr().String()
 	probe.Close()
 	dec := &decisions{}
-	in := Inbound{Name: "mesh", Address: mesh, Service: "server", App: appL.Addr().String(), AuthzMode: AuthzDryRun, AuthzDecision: "data.envoy.authz.allow"}
+	in := Inbound{Name: "mesh", Address: mesh, Service: "server", App: appAddr, AuthzMode: AuthzDryRun, AuthzDecision: "data.envoy.authz.allow"}
 	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, dec)})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
@@ -115,13 +109,7 @@ func TestContextKeysAgree(t *testing.T) {
 // real enforcer.Binder as writ-proxy wires it.
 func TestEnforcerForOtherDecision(t *testing.T) {
 	ca := newTestCA(t)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(nil)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
+	appAddr := serveApp(t, echoApp(nil))
 	dir := t.TempDir()
 	// Only "other" may call, by the rule writ.other.allow.
 	if err := os.WriteFile(filepath.Join(dir, "other.rego"), []byte("package writ.other\n\ndefault allow := false\n\nallow if input.writ.source.service_account == \"other\"\n"), 0o644); err != nil {
@@ -144,7 +132,7 @@ func TestEnforcerForOtherDecision(t *testing.T) {
 		return policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
 	})
 	var asked []string
-	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String(), AuthzMode: AuthzEnforce, AuthzDecision: "data.writ.other.allow"}
+	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr, AuthzMode: AuthzEnforce, AuthzDecision: "data.writ.other.allow"}
 	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"),
 		Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 		EnforcerFor: func(d, dry string) (*enforcer.Enforcer, error) {

@@ -287,7 +287,9 @@ func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork
 		maxPending: maxPendingSpans,
 		// Each export's deadline, dial and handshake included, is its
 		// context's, on the proxy's clock (withTimeout).
-		client: &http.Client{Transport: tr},
+		// A redirect is not followed: net/http would carry the headers
+		// (an API key) to wherever it points, plaintext http:// included.
+		client: &http.Client{Transport: tr, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }},
 		resource: &resourcepb.Resource{Attributes: []*commonpb.KeyValue{
 			strAttr("service.name", service),
 			strAttr("telemetry.sdk.name", "writ-proxy"),

@@ -20,6 +20,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"net/url"
 	"os"
@@ -96,14 +97,8 @@ func TestOTLPTraceAcrossTwoHops(t *testing.T) {
 	}
 	ca := newTestCA(t)
 	seen := make(chan http.Header, 1)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(seen)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
-	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+	appAddr := serveApp(t, echoApp(seen))
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 			OTLPTracesURL: tracesURL, ServiceName: "server"})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
@@ -259,14 +254,8 @@ func TestOTLPGRPCSampling(t *testing.T) {
 			target, rcv := startOTLPGRPC(t)
 			ca := newTestCA(t)
 			seen := make(chan http.Header, 1)
-			appL, err := net.Listen("tcp", "127.0.0.1:0")
-			if err != nil {
-				t.Fatal(err)
-			}
-			appSrv := &http.Server{Handler: echoApp(seen)}
-			go appSrv.Serve(appL)
-			t.Cleanup(func() { appSrv.Close() })
-			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+			appAddr := serveApp(t, echoApp(seen))
+			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 				Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{}),
 					OTLPTracesURL: target, OTLPProtocol: OTLPProtocolGRPC, ServiceName: "server", TraceSampler: newTraceSampler(0, nil)})
 			cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
@@ -499,14 +488,8 @@ func spanCounts(t *testing.T, reg *prometheus.Registry) map[string]float64 {
 func tracedClient(t *testing.T, opts Options) (get func(), clock *clockwork.FakeClock, reg *prometheus.Registry, cli *Proxy) {
 	t.Helper()
 	ca := newTestCA(t)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(nil)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
-	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+	appAddr := serveApp(t, echoApp(nil))
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, &decisions{})})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
@@ -754,5 +737,32 @@ func TestOTLPExportSettings(t *testing.T) {
 	ca := newTestCA(t)
 	if _, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "http://collector:4318/v1/traces", OTLP: OTLPExport{TLS: tlsCfg}}); err == nil || !strings.Contains(err.Error(), "not https") {
 		t.Errorf("a CA with a plaintext endpoint: %v", err)
+	}
+}
+
+// TestOTLPExportNoRedirect: a collector answering with a redirect fails
+// the export; the headers (an API key) never reach where it points.
+func TestOTLPExportNoRedirect(t *testing.T) {
+	reached := make(chan http.Header, 1)
+	elsewhere := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case reached <- r.Header.Clone():
+		default:
+		}
+	}))
+	t.Cleanup(elsewhere.Close)
+	collector := httptest.NewServer(http.RedirectHandler(elsewhere.URL+"/v1/traces", http.StatusTemporaryRedirect))
+	t.Cleanup(collector.Close)
+	e, err := newTraceExporter(collector.URL+"/v1/traces", OTLPProtocolHTTP, "svc", OTLPExport{Headers: map[string]string{"X-Api-Key": "secret"}}, clockwork.NewRealClock(), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.export(context.Background(), []*tracepb.Span{{Name: "s"}}); err == nil || !strings.Contains(err.Error(), "307") {
+		t.Errorf("export answered by a redirect: %v, want a failure naming it", err)
+	}
+	select {
+	case h := <-reached:
+		t.Fatalf("the redirect was followed, with X-Api-Key %q", h.Get("X-Api-Key"))
+	default:
 	}
 }

@@ -153,21 +153,29 @@ func startPairWith(t testing.TB, ca *testCA, clientPath string, sink enforcer.Si
 	if sink == nil {
 		sink = &decisions{}
 	}
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: app}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
+	appAddr := serveApp(t, app)
 
-	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String()}}},
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
 		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink)})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	edit(&cfg.Clusters[0])
 	cfg.AddUpstream("server", "127.0.0.1:0")
 	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
 	return &pair{server: srv, client: cli, upstream: cli.Addr("upstream:server")}
+}
+
+// serveApp serves h on a loopback port until the test ends and returns
+// its address.
+func serveApp(t testing.TB, h http.Handler) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return l.Addr().String()
 }
 
 func echoApp(seen chan<- http.Header) http.Handler {

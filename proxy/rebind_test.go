@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,13 +18,7 @@ import (
 // with no configuration change.
 func TestRebindAfterPolicyReload(t *testing.T) {
 	ca := newTestCA(t)
-	appL, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	appSrv := &http.Server{Handler: echoApp(nil)}
-	go appSrv.Serve(appL)
-	t.Cleanup(func() { appSrv.Close() })
+	appAddr := serveApp(t, echoApp(nil))
 	dir := t.TempDir()
 	write := func(name, rego string) {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(rego), 0o644); err != nil {
@@ -46,7 +39,7 @@ func TestRebindAfterPolicyReload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appL.Addr().String(), AuthzMode: AuthzEnforce,
+	in := Inbound{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr, AuthzMode: AuthzEnforce,
 		AuthzDecision: "data.writ.other.allow", AuthzDryRun: "data.writ.path.allow"}
 	srv := startProxy(t, &Config{Inbound: []Inbound{in}}, Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: base,
 		EnforcerFor: func(d, dry string) (*enforcer.Enforcer, error) { return binder.For(ctx, d, dry) }})

@@ -106,7 +106,7 @@ type nodeState struct {
 	bad      string // version the node refused; never pushed again
 	// badSnap is the refused snapshot, kept in case the node takes it
 	// after all (its policy reload defined the rule it bound) and ACKs
-	// it; badInbound is its hasInbound.
+	// it, until a newer snapshot is pushed; badInbound is its hasInbound.
 	badSnap    *cachev3.Snapshot
 	badInbound bool
 	lastErr    string
@@ -520,6 +520,10 @@ func (s *Server) setNode(nodeID string, rs Resources) {
 	}
 	ns.version, ns.current = version, snap
 	ns.hasInbound = hasInbound(rs, ns.node)
+	// A newer snapshot supersedes the refused one: an ACK of the refused
+	// version arriving now (a RetryRefused that crossed this push) must
+	// not put it back over this one.
+	ns.badSnap = nil
 	s.mu.Unlock()
 	if err := s.cache.SetSnapshot(context.Background(), nodeID, snap); err != nil {
 		s.o.Log.Error("xds set snapshot", "node", nodeID, "error", err)

@@ -215,6 +215,71 @@ func TestADSNackKeepsLastGood(t *testing.T) {
 	}
 }
 
+// TestADSRefusedTakenLater: a node that ACKs a version it refused
+// (xdsclient.RetryRefused after a policy reload) has it in force again,
+// but not once a newer version has been pushed: an ACK of the refused one
+// crossing that push is stale and must not put it back.
+func TestADSRefusedTakenLater(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	names := []string{"greeter.demo:50051"}
+	apply := func(y string) {
+		t.Helper()
+		if _, err := e.store.Apply(ctx, "test", mustDecode(t, y), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	node := func(version, acked string) func() bool {
+		return func() bool {
+			ns := e.srv.Nodes()
+			return len(ns) == 1 && ns[0].Version == version && ns[0].Acked == acked
+		}
+	}
+	apply(meshYAML)
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"})
+	if err := c.request(resource.RouteType, names, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r1 := c.recv(t)
+	if err := c.request(resource.RouteType, names, r1.VersionInfo, r1.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	updated := strings.Replace(strings.Replace(meshYAML, "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1)
+	apply(updated)
+	r2 := c.recv(t)
+	if err := c.request(resource.RouteType, names, r1.VersionInfo, r2.Nonce, "rule not defined"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r1.VersionInfo, r1.VersionInfo))
+	// Taken after all: it is current and acknowledged again.
+	if err := c.request(resource.RouteType, names, r2.VersionInfo, r2.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r2.VersionInfo, r2.VersionInfo))
+	if ns := e.srv.Nodes(); ns[0].LastError != "" {
+		t.Fatalf("last error %q after the refused version was taken", ns[0].LastError)
+	}
+
+	// Refused again, then a newer version is pushed before the node's
+	// ACK of the refused one arrives.
+	third := updated + "      timeout: 3s\n"
+	apply(third)
+	r3 := c.recv(t)
+	if err := c.request(resource.RouteType, names, r2.VersionInfo, r3.Nonce, "rule not defined"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r2.VersionInfo, r2.VersionInfo))
+	apply(strings.Replace(third, "timeout: 3s", "timeout: 4s", 1))
+	r4 := c.recv(t)
+	if err := c.request(resource.RouteType, names, r3.VersionInfo, r3.Nonce, ""); err != nil { // stale
+		t.Fatal(err)
+	}
+	if err := c.request(resource.RouteType, names, r4.VersionInfo, r4.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r4.VersionInfo, r4.VersionInfo))
+}
+
 func TestADSRefusesMismatchedClaims(t *testing.T) {
 	e := startADS(t)
 	tests := []struct {
