@@ -247,3 +247,29 @@ func TestBinderBounds(t *testing.T) {
 		t.Fatalf("the binding made before the flood: %v, %v", e, err)
 	}
 }
+
+// TestDecisionPathMadeOnce: Server.Check compares every request's
+// writ.authz_decision with DecisionPath, so it is the joined queries
+// made at New, not a copy of each engine's path printed per call.
+func TestDecisionPathMadeOnce(t *testing.T) {
+	ctx := context.Background()
+	dir := boundDir(t)
+	var engs []*policy.Engine
+	for _, d := range []string{"data.envoy.authz.allow", "data.team.a.allow", "data.team.b.allow"} {
+		eng, err := policy.NewEngine(ctx, policy.Options{Dir: dir, DecisionPath: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		engs = append(engs, eng)
+	}
+	e, err := New(Options{Engine: engs[0], Also: engs[1:], Sink: &recorder{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := e.DecisionPath(), "data.envoy.authz.allow,data.team.a.allow,data.team.b.allow"; got != want {
+		t.Fatalf("DecisionPath() = %q, want %q", got, want)
+	}
+	if n := testing.AllocsPerRun(100, func() { _ = e.DecisionPath() }); n != 0 {
+		t.Fatalf("DecisionPath allocates %v times per call, want 0", n)
+	}
+}

@@ -144,16 +144,12 @@ func decodeCheckRequest(b []byte, req *authv3.CheckRequest) error {
 			return errFallback
 		}
 		if err := once(&seen, f.num); err != nil {
-			if err != nil {
-				return err
-			}
-			continue
+			return err
 		}
 		req.Attributes = &authv3.AttributeContext{}
 		if err := decodeAttributes(f.val, req.Attributes); err != nil {
 			return err
 		}
-		continue
 	}
 	return nil
 }
@@ -172,10 +168,7 @@ func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 		switch f.num {
 		case 1, 2:
 			if err := once(&seen, f.num); err != nil {
-				if err != nil {
-					return err
-				}
-				continue
+				return err
 			}
 			p := &authv3.AttributeContext_Peer{}
 			if f.num == 1 {
@@ -189,10 +182,7 @@ func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 			continue
 		case 4:
 			if err := once(&seen, f.num); err != nil {
-				if err != nil {
-					return err
-				}
-				continue
+				return err
 			}
 			a.Request = &authv3.AttributeContext_Request{}
 			if err := decodeRequest(f.val, a.Request); err != nil {
@@ -211,10 +201,7 @@ func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
 			// Rarer messages, as Envoy sends them (often empty): left to
 			// proto.Unmarshal, one message each.
 			if err := once(&seen, f.num); err != nil {
-				if err != nil {
-					return err
-				}
-				continue
+				return err
 			}
 			var m proto.Message
 			switch f.num {
@@ -322,24 +309,21 @@ func decodeSocketAddress(b []byte, sa *corev3.SocketAddress) error {
 		if err := once(&seen, f.num); err != nil {
 			return err
 		}
+		// Every field but the address (str checks its type) is a varint.
+		if f.typ != protowire.VarintType && f.num != 2 {
+			return errFallback
+		}
 		switch f.num {
-		case 1, 3, 6:
-			if f.typ != protowire.VarintType {
-				return errFallback
-			}
-			switch f.num {
-			case 1:
-				sa.Protocol = corev3.SocketAddress_Protocol(int32(f.u))
-			case 3:
-				if sa.PortSpecifier != nil {
-					return errFallback
-				}
-				sa.PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: uint32(f.u)}
-			default:
-				sa.Ipv4Compat = f.u != 0
-			}
+		case 1:
+			sa.Protocol = corev3.SocketAddress_Protocol(int32(f.u))
 		case 2:
 			sa.Address, err = str(f)
+		case 3:
+			// once refused a second port, and a named port (4) falls
+			// back, so the oneof is still unset here.
+			sa.PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: uint32(f.u)}
+		case 6:
+			sa.Ipv4Compat = f.u != 0
 		default:
 			return errFallback
 		}
@@ -389,10 +373,7 @@ func decodeRequest(b []byte, r *authv3.AttributeContext_Request) error {
 			return errFallback
 		}
 		if err := once(&seen, f.num); err != nil {
-			if err != nil {
-				return err
-			}
-			continue
+			return err
 		}
 		switch f.num {
 		case 1:

@@ -165,6 +165,9 @@ type Enforcer struct {
 	candidate *policy.Engine
 	candAlso  []*policy.Engine
 	candErr   error
+	// decision is DecisionPath's answer, joined once: Server.Check
+	// compares it with every request's writ.authz_decision.
+	decision  string
 	sink      Sink
 	body      bodyParser
 	fullInput bool
@@ -201,19 +204,17 @@ func New(opts Options) (*Enforcer, error) {
 	if len(opts.CandidateAlso) > 0 && opts.Candidate == nil {
 		return nil, errors.New("enforcer: CandidateAlso without Candidate")
 	}
-	return &Enforcer{engine: opts.Engine, also: slices.Clone(opts.Also), candidate: opts.Candidate, candAlso: slices.Clone(opts.CandidateAlso), candErr: opts.CandidateErr, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
+	decision := opts.Engine.DecisionPath().String()
+	for _, a := range opts.Also {
+		decision += "," + a.DecisionPath().String()
+	}
+	return &Enforcer{engine: opts.Engine, also: slices.Clone(opts.Also), candidate: opts.Candidate, candAlso: slices.Clone(opts.CandidateAlso), candErr: opts.CandidateErr, decision: decision, sink: opts.Sink, body: bodyParser{max: opts.MaxBodyBytes, protos: opts.ProtoDescriptors}, fullInput: opts.FullInput, metrics: opts.Metrics, clock: opts.Clock, log: opts.Logger}, nil
 }
 
 // DecisionPath is the query the enforcer's policy decides by, as
 // data.envoy.authz.allow; with Also, all of its queries joined by ",",
 // as in the writ.authz_decision context extension.
-func (e *Enforcer) DecisionPath() string {
-	p := e.engine.DecisionPath().String()
-	for _, a := range e.also {
-		p += "," + a.DecisionPath().String()
-	}
-	return p
-}
+func (e *Enforcer) DecisionPath() string { return e.decision }
 
 // Check decides req. It never fails: a request it cannot decide is denied,
 // with the reason in the returned Decision, which has been recorded (or its

@@ -225,11 +225,6 @@ func (a *Authorizer) checkRequest(ctx context.Context, method string, body []byt
 	return &authv3.CheckRequest{Attributes: attrs}, nil
 }
 
-// peerID is the caller's SPIFFE ID: the leaf of the chain the handshake
-// verified, else (with Options.Bundle) of the chain the client sent,
-// verified here; "" when neither. A verified certificate that names no
-// SPIFFE ID, or a sent chain that does not verify, is an error: the call
-// is refused rather than decided as anonymous.
 // certificate is leaf in the CheckRequest's form, encoded once per
 // connection (its calls share the *x509.Certificate).
 func (a *Authorizer) certificate(leaf *x509.Certificate) string {
@@ -243,6 +238,11 @@ func (a *Authorizer) certificate(leaf *x509.Certificate) string {
 	return pem
 }
 
+// peerID is the caller's SPIFFE ID: the leaf of the chain the handshake
+// verified, else (with Options.Bundle) of the chain the client sent,
+// verified here; "" when neither. A verified certificate that names no
+// SPIFFE ID, or a sent chain that does not verify, is an error: the call
+// is refused rather than decided as anonymous.
 func (a *Authorizer) peerID(ai credentials.AuthInfo) (string, error) {
 	ti, ok := ai.(credentials.TLSInfo)
 	if !ok {
