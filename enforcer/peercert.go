@@ -23,13 +23,22 @@ func PeerCertificate(cert *x509.Certificate) string {
 // attributes.source.certificate (zero when there is none or it does not
 // parse). Connections carry one certificate for many requests, so parsed
 // expiries are kept by the certificate's text; the cache is dropped
-// whole when it fills, which costs only re-parsing.
+// whole when it fills, which costs only re-parsing. It is bounded in
+// bytes as well as entries, and keeps only certificates that parse: a
+// client talking to writ-enforcer directly chooses this text, and could
+// otherwise make it hold 4,096 messages' worth of junk.
 type peerNotAfter struct {
-	mu sync.RWMutex
-	m  map[string]time.Time
+	mu    sync.RWMutex
+	m     map[string]time.Time
+	bytes int
 }
 
-const peerCertCacheMax = 4096
+const (
+	peerCertCacheMax   = 4096
+	peerCertCacheBytes = 4 << 20
+	// peerCertKeyMax is far above a URL-encoded PEM leaf (2-4 KiB).
+	peerCertKeyMax = 16 << 10
+)
 
 func (c *peerNotAfter) get(s string) time.Time {
 	if s == "" {
@@ -42,11 +51,17 @@ func (c *peerNotAfter) get(s string) time.Time {
 		return t
 	}
 	t = parseNotAfter(s)
-	c.mu.Lock()
-	if c.m == nil || len(c.m) >= peerCertCacheMax {
-		c.m = make(map[string]time.Time)
+	if t.IsZero() || len(s) > peerCertKeyMax {
+		return t
 	}
-	c.m[s] = t
+	c.mu.Lock()
+	if c.m == nil || len(c.m) >= peerCertCacheMax || c.bytes+len(s) > peerCertCacheBytes {
+		c.m, c.bytes = make(map[string]time.Time), 0
+	}
+	if _, ok := c.m[s]; !ok {
+		c.m[s] = t
+		c.bytes += len(s)
+	}
 	c.mu.Unlock()
 	return t
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/pem"
 	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -61,6 +62,39 @@ func TestCheckRecordsTransport(t *testing.T) {
 			if want, _ := audit.CanonicalJSON(ev.Attributes); string(want) != a {
 				t.Fatalf("%s: attributes not canonical: %s", c.name, a)
 			}
+		}
+	}
+}
+
+// TestPeerCertCacheBounded: the expiry cache keeps only certificates that
+// parse, never a key beyond peerCertKeyMax, and never more than
+// peerCertCacheBytes of keys, whatever text callers send.
+func TestPeerCertCacheBounded(t *testing.T) {
+	var c peerNotAfter
+	junk := strings.Repeat("x", 1000)
+	for i := range 2 * peerCertCacheMax {
+		c.get(junk + strconv.Itoa(i))
+	}
+	if len(c.m) != 0 || c.bytes != 0 {
+		t.Fatalf("junk cached: %d entries, %d bytes", len(c.m), c.bytes)
+	}
+	ca := newTestCA(t, "example.org")
+	leaf := ca.svid(t, "spiffe://example.org/ns/shop/sa/frontend").Certificates[0]
+	good := PeerCertificate(leaf)
+	if got := c.get(good); !got.Equal(leaf.NotAfter.UTC()) || len(c.m) != 1 {
+		t.Fatalf("a real certificate: %v, %d entries", got, len(c.m))
+	}
+	// The same certificate padded past the key bound (PEM allows text
+	// around a block) still parses, and is not kept.
+	long := good + url.PathEscape("\n"+strings.Repeat("y", peerCertKeyMax))
+	if got := c.get(long); !got.Equal(leaf.NotAfter.UTC()) || len(c.m) != 1 {
+		t.Fatalf("a padded certificate: %v, %d entries", got, len(c.m))
+	}
+	// Distinct parsable keys: the byte bound holds.
+	for i := range 2 * peerCertCacheMax {
+		c.get(good + url.PathEscape("\n"+strings.Repeat("z", 2000)+strconv.Itoa(i)))
+		if c.bytes > peerCertCacheBytes || len(c.m) > peerCertCacheMax {
+			t.Fatalf("cache at %d bytes, %d entries", c.bytes, len(c.m))
 		}
 	}
 }
