@@ -51,7 +51,7 @@ func trimExecutablePages(split bool) int64 {
 // well within vm.max_map_count), and one minor fault per page touched
 // instead of one per 16.
 func splitMapping(lo, hi uintptr) {
-	const page = 4096
+	page := uintptr(os.Getpagesize()) // 4 KiB, or 16/64 KiB on some arm64 kernels
 	for a := lo&^(page-1) | page; a < hi; a += 2 * page {
 		_ = madvise(a, page, unix.MADV_DONTDUMP)
 	}
