@@ -15,6 +15,8 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
+
+	"github.com/writmesh/writ/enforcer/protodescs"
 )
 
 // ordersDescriptorSet describes shop.orders.v1.Orders, the service of the
@@ -59,7 +61,7 @@ func testProtos(t testing.TB) *protoregistry.Files {
 	if err := os.WriteFile(file, bs, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	files, err := LoadProtoDescriptors(file)
+	files, err := protodescs.Load(file)
 	if err != nil {
 		t.Fatal(err)
 	}
