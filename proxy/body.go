@@ -25,9 +25,15 @@ type heldBody struct {
 // allow_partial_message: Envoy answers it 413 before any check.
 var errBodyTooLarge = errors.New("request body larger than max_request_bytes")
 
-// firstBodyRead is the first buffer for a body of unknown length: most
-// bodies are small, and max_request_bytes may be megabytes.
-const firstBodyRead = 4 << 10
+// firstBodyRead is the first buffer for a body of unknown length, and
+// firstDeclaredRead for one of declared length: most bodies are small,
+// max_request_bytes may be megabytes, and a client's declared length is
+// only a claim, so the buffer grows (by doubling) as bytes arrive rather
+// than being allocated whole before any has.
+const (
+	firstBodyRead     = 4 << 10
+	firstDeclaredRead = 64 << 10
+)
 
 // holdBody reads up to rb.MaxBytes of r's body before the check and puts
 // back a body that replays them, then streams the rest, so the app gets
@@ -51,9 +57,9 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 	if r.ContentLength > 0 && r.ContentLength < want {
 		want = r.ContentLength
 	}
-	n := want
-	if r.ContentLength < 0 && n > firstBodyRead {
-		n = firstBodyRead
+	n := min(want, firstDeclaredRead)
+	if r.ContentLength < 0 {
+		n = min(want, firstBodyRead)
 	}
 	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes, size: r.ContentLength}
 	eof := false

@@ -408,7 +408,7 @@ func (s *stingyReader) Close() error { return nil }
 // (nor the declared length), grows from a small first buffer for a body
 // of unknown length, and the replayed body is the original.
 func TestHoldBodyBounds(t *testing.T) {
-	body := bytes.Repeat([]byte("0123456789"), 2000) // 20,000 bytes
+	body := bytes.Repeat([]byte("0123456789"), 20_000) // 200,000 bytes: beyond the first buffers
 	tests := []struct {
 		name        string
 		declared    int64
@@ -417,14 +417,14 @@ func TestHoldBodyBounds(t *testing.T) {
 		wantPartial bool
 		wantErr     error
 	}{
-		{"unknown length, partial", -1, RequestBody{MaxBytes: 10_000, AllowPartialMessage: true}, 10_000, true, nil},
-		{"unknown length, whole", -1, RequestBody{MaxBytes: 1 << 20}, 20_000, false, nil},
-		{"unknown length, too large", -1, RequestBody{MaxBytes: 19_999}, 0, false, errBodyTooLarge},
-		{"unknown length, exactly the limit", -1, RequestBody{MaxBytes: 20_000}, 20_000, false, nil},
-		{"declared, within", 20_000, RequestBody{MaxBytes: 1 << 20}, 20_000, false, nil},
-		{"declared, partial", 20_000, RequestBody{MaxBytes: 5_000, AllowPartialMessage: true}, 5_000, true, nil},
-		{"declared, exactly the limit", 20_000, RequestBody{MaxBytes: 20_000, AllowPartialMessage: true}, 20_000, false, nil},
-		{"declared, too large", 20_000, RequestBody{MaxBytes: 5_000}, 0, false, errBodyTooLarge},
+		{"unknown length, partial", -1, RequestBody{MaxBytes: 100_000, AllowPartialMessage: true}, 100_000, true, nil},
+		{"unknown length, whole", -1, RequestBody{MaxBytes: 1 << 20}, 200_000, false, nil},
+		{"unknown length, too large", -1, RequestBody{MaxBytes: 199_999}, 0, false, errBodyTooLarge},
+		{"unknown length, exactly the limit", -1, RequestBody{MaxBytes: 200_000}, 200_000, false, nil},
+		{"declared, within", 200_000, RequestBody{MaxBytes: 1 << 20}, 200_000, false, nil},
+		{"declared, partial", 200_000, RequestBody{MaxBytes: 50_000, AllowPartialMessage: true}, 50_000, true, nil},
+		{"declared, exactly the limit", 200_000, RequestBody{MaxBytes: 200_000, AllowPartialMessage: true}, 200_000, false, nil},
+		{"declared, too large", 200_000, RequestBody{MaxBytes: 50_000}, 0, false, errBodyTooLarge},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -441,13 +441,11 @@ func TestHoldBodyBounds(t *testing.T) {
 			if len(hb.buf) != tt.wantHeld || hb.partial != tt.wantPartial {
 				t.Errorf("held %d partial %v, want %d %v", len(hb.buf), hb.partial, tt.wantHeld, tt.wantPartial)
 			}
-			// At most the limit; a declared length is allocated once, an
-			// unknown one grows by doubling from 4 KiB.
-			limit := tt.rb.MaxBytes
+			// At most the limit and the declared length, and grown by
+			// doubling as bytes arrive (from 4 KiB for an unknown length).
+			limit := min(tt.rb.MaxBytes, max(firstBodyRead, 2*len(hb.buf)))
 			if tt.declared > 0 {
-				limit = min(limit, int(tt.declared))
-			} else {
-				limit = min(limit, max(firstBodyRead, 2*len(hb.buf)))
+				limit = min(tt.rb.MaxBytes, int(tt.declared))
 			}
 			if cap(hb.buf) > limit {
 				t.Errorf("buffer of %d bytes, want at most %d", cap(hb.buf), limit)
@@ -472,5 +470,41 @@ func TestPerRouteBodySettingsRefused(t *testing.T) {
 		if _, _, _, err := authzPerRoute(a); err == nil || !strings.Contains(err.Error(), "per-route request body") {
 			t.Errorf("%s: got %v, want a refusal", name, err)
 		}
+	}
+}
+
+// BenchmarkProxyPairBody is BenchmarkProxyPair with 1 KiB JSON POSTs, the
+// inbound's with_request_body off (every listener's default) and on
+// (4 KiB: the body is held and parsed for policy).
+func BenchmarkProxyPairBody(b *testing.B) {
+	ca := newTestCA(b)
+	sink := enforcer.SinkFunc(func(context.Context, enforcer.Decision) error { return nil })
+	body := []byte(`{"action": "read", "pad": "` + strings.Repeat("p", 1024-29) + `"}`)
+	for _, tt := range []struct {
+		name string
+		rb   RequestBody
+	}{{"off", RequestBody{}}, {"held", RequestBody{MaxBytes: 4096}}} {
+		b.Run(tt.name, func(b *testing.B) {
+			srv := startProxy(b, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: serveApp(b, benchApp()), RequestBody: tt.rb}}},
+				Options{Source: ca.source(b, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(b, allowClientRego, sink)})
+			cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
+			cfg.AddUpstream("server", "127.0.0.1:0")
+			cli := startProxy(b, cfg, Options{Source: ca.source(b, "/ns/demo/sa/client")})
+			c := &http.Client{Transport: &http.Transport{}}
+			url := "http://" + cli.Addr("upstream:server") + "/orders"
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				resp, err := c.Post(url, "application/json", bytes.NewReader(body))
+				if err != nil {
+					b.Fatal(err)
+				}
+				n, _ := io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || n != 1024 {
+					b.Fatalf("got %d, %d bytes", resp.StatusCode, n)
+				}
+			}
+		})
 	}
 }
