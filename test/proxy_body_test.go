@@ -101,7 +101,9 @@ spec:
 		sum := sha256.Sum256(b)
 		fmt.Fprintf(w, "%d %s", len(b), hex.EncodeToString(sum[:]))
 	}))
-	orders := startADSProxy(t, w, "orders-v1", "--inbound", freeAddr(t), "--app", app, "--version", "v1", "--policy-dir", policyDir)
+	// The enforcer parses at most 512 bytes (writ-enforcer's flag of the
+	// same name): a whole body beyond that is truncated for policy.
+	orders := startADSProxy(t, w, "orders-v1", "--inbound", freeAddr(t), "--app", app, "--version", "v1", "--policy-dir", policyDir, "--max-body-bytes", "512")
 	up := freeAddr(t)
 	startADSProxy(t, w, "frontend", "--upstream", "orders="+up)
 
@@ -134,6 +136,7 @@ spec:
 		return code == 200
 	})
 	large := []byte(`{"action": "read", "pad": "` + strings.Repeat("x", 100<<10) + `"}`)
+	mid := []byte(`{"action": "read", "pad": "` + strings.Repeat("m", 700) + `"}`)
 	for _, chunked := range []bool{false, true} {
 		tests := []struct {
 			name, ct string
@@ -146,6 +149,8 @@ spec:
 			{"form read", "application/x-www-form-urlencoded", []byte("action=read"), nil, 200},
 			{"form delete", "application/x-www-form-urlencoded", []byte("action=delete"), nil, 403},
 			{"malformed json", "application/json", []byte(`{"action": `), nil, 403},
+			{"held whole, beyond the parse limit", "application/json", mid, nil, 403},
+			{"held whole, beyond the parse limit, truncation expected", "application/json", mid, []string{"x-allow-truncated", "yes"}, 200},
 			{"over maxBytes", "application/json", large, []string{"x-allow-truncated", "yes"}, 413},
 		}
 		for _, tt := range tests {
