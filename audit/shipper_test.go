@@ -91,7 +91,10 @@ func (c *holdingConn) arrays() []*byte {
 // again (the transport may still be sending it), so the retry gets a new
 // one; and a buffer over keepBatchBuf is let go when the shipper idles.
 func TestShipperReusesBatchBufferOnlyAfterSuccess(t *testing.T) {
-	s := openTest(t, SpoolOptions{Dir: t.TempDir(), MaxBytes: 64 << 20})
+	// The spool's clock never moves, so its syncer never fsyncs on its
+	// own: events become durable (and visible to the shipper) only at
+	// the test's Sync, which makes the batches exactly 50 events each.
+	s := openTest(t, SpoolOptions{Dir: t.TempDir(), MaxBytes: 64 << 20, Clock: clockwork.NewFakeClock()})
 	defer s.Close()
 	appendSynced(t, s, 0, 200, bigEvent)
 	conn := &holdingConn{failAt: 1}
