@@ -10,6 +10,7 @@ import (
 	"mime"
 	"mime/multipart"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 
@@ -17,8 +18,10 @@ import (
 	"github.com/open-policy-agent/opa/v1/ast"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protodesc"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/reflect/protoregistry"
+	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
 )
 
@@ -237,4 +240,24 @@ func (bp bodyParser) parseGRPC(body []byte, target string) (ast.Value, bool, err
 	}
 	v, _, err := parseJSONBody(js)
 	return v, false, err
+}
+
+// LoadProtoDescriptors reads a FileDescriptorSet (protoc
+// --descriptor_set_out --include_imports, buf build -o x.pb) whose
+// services' request messages writ-enforcer decodes into
+// input.parsed_body, as opa-envoy-plugin's proto_descriptor does.
+func LoadProtoDescriptors(file string) (*protoregistry.Files, error) {
+	bs, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("proto descriptors: %w", err)
+	}
+	var set descriptorpb.FileDescriptorSet
+	if err := proto.Unmarshal(bs, &set); err != nil {
+		return nil, fmt.Errorf("proto descriptors %s: %w", file, err)
+	}
+	files, err := protodesc.NewFiles(&set)
+	if err != nil {
+		return nil, fmt.Errorf("proto descriptors %s: %w", file, err)
+	}
+	return files, nil
 }

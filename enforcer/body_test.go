@@ -15,8 +15,6 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 	"google.golang.org/protobuf/types/descriptorpb"
 	"google.golang.org/protobuf/types/dynamicpb"
-
-	"github.com/writmesh/writ/enforcer/protodescs"
 )
 
 // ordersDescriptorSet describes shop.orders.v1.Orders, the service of the
@@ -61,7 +59,7 @@ func testProtos(t testing.TB) *protoregistry.Files {
 	if err := os.WriteFile(file, bs, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	files, err := protodescs.Load(file)
+	files, err := LoadProtoDescriptors(file)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -147,7 +147,7 @@ type Options struct {
 	MaxBodyBytes int
 	// ProtoDescriptors, if set, decode the request messages of gRPC calls
 	// to the services they describe into input.parsed_body (Envoy must
-	// send the body with pack_as_bytes). See package enforcer/protodescs.
+	// send the body with pack_as_bytes). See LoadProtoDescriptors.
 	ProtoDescriptors *protoregistry.Files
 	// FullInput builds every input field even when the policy cannot read
 	// it. Decisions are the same; it costs time and helps debugging.

@@ -37,7 +37,6 @@ import (
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
 	"github.com/writmesh/writ/enforcer"
-	"github.com/writmesh/writ/enforcer/protodescs"
 	"github.com/writmesh/writ/internal/cliflags"
 	taskrun "github.com/writmesh/writ/internal/run"
 	"github.com/writmesh/writ/policy"
@@ -396,7 +395,7 @@ func serve(ctx context.Context, o *options, log *slog.Logger, stderr io.Writer) 
 
 	var protos *protoregistry.Files
 	if o.protoDescs != "" {
-		if protos, err = protodescs.Load(o.protoDescs); err != nil {
+		if protos, err = enforcer.LoadProtoDescriptors(o.protoDescs); err != nil {
 			return err
 		}
 	}
