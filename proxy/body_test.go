@@ -508,3 +508,80 @@ func BenchmarkProxyPairBody(b *testing.B) {
 		})
 	}
 }
+
+// TestHeldBodyDeadline: a client that sends a body too slowly to be held
+// (a slowloris) is answered 408 once bodyHoldTimeout passes, on the
+// HTTP/1.1 fast path, net/http's HTTP/1.1 (chunked) and HTTP/2, with no
+// decision and nothing sent to the app; and the deadline ends with the
+// hold, so the rest of a partially checked body may follow later.
+func TestHeldBodyDeadline(t *testing.T) {
+	defer func(d time.Duration) { bodyHoldTimeout = d }(bodyHoldTimeout)
+	bodyHoldTimeout = 200 * time.Millisecond
+	ca := newTestCA(t)
+	for _, tt := range []struct {
+		name          string
+		h2, declared  bool
+		rb            RequestBody
+		pause, status int
+	}{
+		{"fast path, stalled", false, true, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"chunked, stalled", false, false, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"http2, stalled", true, false, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"fast path, rest after the hold", false, true, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+		{"chunked, rest after the hold", false, false, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+		{"http2, rest after the hold", true, false, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			app := &bodyApp{}
+			dec := &decisions{}
+			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: serveApp(t, app), RequestBody: tt.rb}}},
+				Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, bodyRego, dec)})
+			body := []byte(`{"action": "read", "pad": "` + strings.Repeat("x", 100) + `"}`)
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			req, err := http.NewRequest("POST", "https://"+srv.Addr("mesh")+"/orders", pr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = "server"
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("x-allow-truncated", "yes")
+			if tt.declared {
+				req.ContentLength = int64(len(body))
+			}
+			go func() {
+				_, _ = pw.Write(body[:16])
+				if tt.pause < 0 {
+					return // never more: the proxy must give up
+				}
+				time.Sleep(time.Duration(tt.pause) * bodyHoldTimeout)
+				_, _ = pw.Write(body[16:])
+				pw.Close()
+			}()
+			resp, err := meshClient(t, ca, tt.h2).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			answer, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d %q, want %d", resp.StatusCode, answer, tt.status)
+			}
+			got, _, n := app.last()
+			if tt.status == 200 {
+				if !bytes.Equal(got, body) {
+					t.Errorf("app got %q, want %q", got, body)
+				}
+				return
+			}
+			if n != 0 {
+				t.Errorf("the app was called for a request whose body never came")
+			}
+			dec.mu.Lock()
+			defer dec.mu.Unlock()
+			if len(dec.got) != 0 {
+				t.Errorf("recorded decisions %+v for a request never checked", dec.got)
+			}
+		})
+	}
+}

@@ -239,9 +239,9 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
-	held, err := l.holdBody(r)
+	held, err := l.holdBody(rw, r)
 	if err != nil {
-		// Refused before any check, as Envoy's 413: no decision.
+		// Refused before any check, as Envoy's 413 or 408: no decision.
 		writeBodyRefused(rw, err)
 		res.authz = authzNone
 		res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
