@@ -198,6 +198,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 		{"exactly the limit", strict, "POST", "application/json", []byte(`{"action": "read", "pad": "` + strings.Repeat("z", 64-29) + `"}`), false, false, nil, 200, `{"action":"read","pad":"` + strings.Repeat("z", 64-29) + `"}`},
 		{"chunked, exactly the limit", strict, "POST", "application/json", []byte(`{"action": "read", "pad": "` + strings.Repeat("z", 64-29) + `"}`), true, false, nil, 200, `{"action":"read","pad":"` + strings.Repeat("z", 64-29) + `"}`},
 		{"no body", strict, "GET", "", nil, false, false, nil, 200, `null`},
+		{"no body, forged partial header dropped", strict, "GET", "", nil, false, false, map[string]string{enforcer.PartialBodyHeader: "true"}, 200, `null`},
 		{"forged partial header overwritten", strict, "POST", "application/json", []byte(`{"action": "read"}`), false, false, map[string]string{enforcer.PartialBodyHeader: "true"}, 200, `{"action":"read"}`},
 		{"too large", strict, "POST", "application/json", long, false, false, nil, 413, ""},
 		{"chunked too large", strict, "POST", "application/json", long, true, false, nil, 413, ""},
@@ -209,6 +210,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 		{"partial, whole body", partial, "POST", "application/json", []byte(`{"action": "read"}`), false, false, nil, 200, `{"action":"read"}`},
 		// Not asked for: nothing held, the policy sees no body, the app gets it.
 		{"off", RequestBody{}, "POST", "application/json", big, false, false, map[string]string{"x-let-in": "yes"}, 200, `null`},
+		{"off, forged partial header dropped", RequestBody{}, "POST", "application/json", long, false, false, map[string]string{"x-let-in": "yes", enforcer.PartialBodyHeader: "true"}, 200, `null`},
 		{"off, chunked", RequestBody{}, "POST", "application/json", long, true, false, map[string]string{"x-let-in": "yes"}, 200, `null`},
 		{"pack as bytes", raw, "POST", "application/json", []byte(`{"action": "read"}`), false, false, nil, 200, `{"action":"read"}`},
 	}
