@@ -20,7 +20,6 @@ type heldBody struct {
 	buf     []byte
 	partial bool // more of the body follows what buf holds
 	pack    bool // sent as raw_body, not body
-	size    int64
 }
 
 // errBodyTooLarge is a body over max_request_bytes without
@@ -63,7 +62,7 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 	if r.ContentLength < 0 {
 		n = min(want, firstBodyRead)
 	}
-	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes, size: r.ContentLength}
+	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes}
 	eof := false
 	for int64(len(hb.buf)) < want {
 		if len(hb.buf) == cap(hb.buf) {
@@ -134,8 +133,9 @@ func (l *inboundListener) holdBody(w http.ResponseWriter, r *http.Request) (*hel
 }
 
 // attach puts the held body into req as Envoy does: body (raw_body with
-// pack_as_bytes), the x-envoy-auth-partial-body header, and the size
-// the request declared (-1 if none). A nil h attaches nothing.
+// pack_as_bytes), the x-envoy-auth-partial-body header, and as size the
+// body bytes received before the check (Envoy's bytesReceived, not the
+// declared length). A nil h attaches nothing.
 func (h *heldBody) attach(req *authv3.CheckRequest) {
 	if h == nil {
 		return
@@ -148,7 +148,7 @@ func (h *heldBody) attach(req *authv3.CheckRequest) {
 		// held (the replay only reads it).
 		hr.Body = unsafe.String(unsafe.SliceData(h.buf), len(h.buf))
 	}
-	hr.Size = h.size
+	hr.Size = int64(len(h.buf))
 	partial := "false"
 	if h.partial {
 		partial = "true"

@@ -40,6 +40,7 @@ seen := {
 	"x-seen-text": object.get(input.attributes.request.http, "body", "-"),
 	"x-seen-raw": object.get(input.attributes.request.http, "rawBody", "-"),
 	"x-seen-partial": object.get(input.attributes.request.http.headers, "x-envoy-auth-partial-body", "-"),
+	"x-seen-size": json.marshal(object.get(input.attributes.request.http, "size", "-")),
 }
 
 ok if input.parsed_body.action == "read"
@@ -56,7 +57,7 @@ ok if {
 }
 `
 
-var seenHeaders = []string{"x-seen-body", "x-seen-truncated", "x-seen-text", "x-seen-raw", "x-seen-partial"}
+var seenHeaders = []string{"x-seen-body", "x-seen-truncated", "x-seen-text", "x-seen-raw", "x-seen-partial", "x-seen-size"}
 
 // bodyApp records each request's body and the policy's x-seen headers.
 type bodyApp struct {
@@ -113,21 +114,21 @@ func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 // envoyCheck is the CheckRequest Envoy's ext_authz filter sends for a
 // request whose body it buffered with with_request_body: the headers
 // (lower case, pseudo-headers), the first max_request_bytes of the body
-// as body (raw_body with pack_as_bytes), x-envoy-auth-partial-body and the
-// declared size (-1 when none).
+// as body (raw_body with pack_as_bytes), x-envoy-auth-partial-body and as
+// size the body bytes it received before the check (its bytesReceived:
+// none without a body, and here the bytes it held).
 func envoyCheck(method, ct string, body []byte, declared bool, rb RequestBody) *authv3.CheckRequest {
 	h := map[string]string{":method": method, ":path": "/orders", ":authority": "server", ":scheme": "https"}
-	size := int64(-1)
 	if ct != "" {
 		h["content-type"] = ct
 	}
 	if declared {
 		h["content-length"] = strconv.Itoa(len(body))
-		size = int64(len(body))
 	}
-	hr := &authv3.AttributeContext_HttpRequest{Method: method, Path: "/orders", Host: "server", Scheme: "https", Protocol: "HTTP/1.1", Headers: h, Size: size}
+	hr := &authv3.AttributeContext_HttpRequest{Method: method, Path: "/orders", Host: "server", Scheme: "https", Protocol: "HTTP/1.1", Headers: h}
 	if body != nil {
 		part := body[:min(len(body), rb.MaxBytes)]
+		hr.Size = int64(len(part))
 		if rb.PackAsBytes {
 			hr.RawBody = part
 		} else {
@@ -272,7 +273,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 			cr := envoyCheck(tt.method, tt.ct, tt.body, !tt.chunked && tt.body != nil, tt.rb)
 			if tt.rb.MaxBytes == 0 {
 				h := cr.Attributes.Request.Http
-				h.Body, h.RawBody = "", nil
+				h.Body, h.RawBody, h.Size = "", nil, 0
 				delete(h.Headers, enforcer.PartialBodyHeader)
 			}
 			for k, v := range tt.header {
