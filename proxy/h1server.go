@@ -84,6 +84,9 @@ type h1ServerConn struct {
 	// closing is the server's: a response sent while it shuts down
 	// tells the client the connection ends.
 	closing *atomic.Bool
+	// deadlineMoved: the handler set the read deadline (an inbound
+	// holding a body for its check), so the idle one must be set anew.
+	deadlineMoved bool
 }
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
@@ -191,6 +194,9 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 		}
 		if !s.serveRequest(sc, req) {
 			return false
+		}
+		if sc.deadlineMoved {
+			sc.deadlineMoved, idleUntil = false, time.Time{}
 		}
 	}
 }
@@ -590,6 +596,13 @@ func (w *h1Response) WriteHeader(code int) {
 			w.header.Del("Content-Length")
 		}
 	}
+}
+
+// SetReadDeadline is http.ResponseController's, as net/http's servers
+// have it.
+func (w *h1Response) SetReadDeadline(t time.Time) error {
+	w.sc.deadlineMoved = true
+	return w.sc.c.SetReadDeadline(t)
 }
 
 func (w *h1Response) bodyAllowed() bool {

@@ -239,9 +239,9 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
-	held, err := l.holdBody(r)
+	held, err := l.holdBody(rw, r)
 	if err != nil {
-		// Refused before any check, as Envoy's 413: no decision.
+		// Refused before any check, as Envoy's 413 or 408: no decision.
 		writeBodyRefused(rw, err)
 		res.authz = authzNone
 		res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
@@ -282,11 +282,19 @@ func (l *inboundListener) check(r *http.Request, pi *peerInfo, held *heldBody) (
 	return enf.Check(r.Context(), req)
 }
 
+// partialBodyKey is enforcer.PartialBodyHeader as r.Header spells it.
+const partialBodyKey = "X-Envoy-Auth-Partial-Body"
+
 // checkRequest describes r the way Envoy's ext_authz filter does:
 // lower-case header names (joined with ","), pseudo-headers included.
 func (l *inboundListener) checkRequest(r *http.Request, pi *peerInfo) *authv3.CheckRequest {
 	headers := make(map[string]string, len(r.Header)+4)
 	for k, vs := range r.Header {
+		if k == partialBodyKey {
+			// Only the proxy says whether a body is whole; Envoy too
+			// drops the client's, body or not.
+			continue
+		}
 		headers[lowerHeader(k)] = strings.Join(vs, ",")
 	}
 	target := r.URL.RequestURI()
