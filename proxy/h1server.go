@@ -12,6 +12,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,7 +81,11 @@ type h1ServerConn struct {
 	ctx    context.Context
 	remote string
 	tls    *tls.ConnectionState
-	idle   atomic.Bool
+	// base is what every request on the connection starts from: its
+	// context, remote address and TLS state, set once rather than by a
+	// WithContext copy per request.
+	base *http.Request
+	idle atomic.Bool
 	// closing is the server's: a response sent while it shuts down
 	// tells the client the connection ends.
 	closing *atomic.Bool
@@ -119,6 +124,7 @@ func (s *h1Server) serveConn(c net.Conn) {
 		s.wg.Done()
 	}()
 	sc.ctx = s.connCtx(c)
+	sc.base = (&http.Request{RemoteAddr: sc.remote, TLS: sc.tls}).WithContext(sc.ctx)
 	sc.br = h1ReaderPool.Get().(*bufio.Reader)
 	sc.br.Reset(c)
 	sc.bw = h1WriterPool.Get().(*bufio.Writer)
@@ -176,7 +182,7 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 		if head == nil {
 			return s.handOff(sc)
 		}
-		req, verdict := parseRequestHead(head)
+		req, verdict := parseRequestHead(head, sc.base)
 		switch verdict {
 		case headFallback:
 			return s.handOff(sc)
@@ -254,12 +260,25 @@ const (
 	headBad
 )
 
+// h1Req is a request of the fast path with its URL and the backing array
+// of its header values, for up to h1Vals fields, in one allocation.
+type h1Req struct {
+	req  http.Request
+	url  url.URL
+	vals [h1Vals]string
+}
+
+// h1Vals covers the fields of a typical request between sidecars (the
+// client's, trace context, XFCC and the identity headers).
+const h1Vals = 16
+
 // parseRequestHead parses a request head ending in CRLF CRLF into a
 // Request as net/http's server would (Host taken out of the header,
 // Pragma: no-cache implying Cache-Control, Close from Connection). The
-// body is left for the caller. It returns headFallback for requests the
-// fast path leaves to net/http, headBad for smuggling vectors.
-func parseRequestHead(head []byte) (*http.Request, headVerdict) {
+// request is a copy of base (nil for none) with the head's fields set.
+// The body is left for the caller. It returns headFallback for requests
+// the fast path leaves to net/http, headBad for smuggling vectors.
+func parseRequestHead(head []byte, base *http.Request) (*http.Request, headVerdict) {
 	// Bare CR or LF anywhere: a line-end ambiguity between hops.
 	for i, c := range head {
 		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
@@ -283,9 +302,14 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 	if proto != "HTTP/1.1" || method == http.MethodConnect || !isToken(method) || target == "" || target[0] != '/' && !hasHTTPScheme(target) {
 		return nil, headFallback
 	}
-	u, err := url.ParseRequestURI(target)
-	if err != nil {
-		return nil, headFallback
+	hr := new(h1Req)
+	u := &hr.url
+	if !parseOriginForm(target, u) {
+		pu, err := url.ParseRequestURI(target)
+		if err != nil {
+			return nil, headFallback
+		}
+		u = pu
 	}
 	// Count the fields first: one map and one backing slice for values.
 	n := 0
@@ -297,7 +321,10 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 		rest = rest[i+2:]
 	}
 	h := make(http.Header, n)
-	vals := make([]string, n)
+	vals := hr.vals[:]
+	if n > h1Vals {
+		vals = make([]string, n)
+	}
 	var cl string // the Content-Length, if exactly one
 	ncl := 0
 	te := false
@@ -364,12 +391,54 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 			h["Cache-Control"] = []string{"no-cache"}
 		}
 	}
-	r := &http.Request{
-		Method: method, URL: u, Proto: proto, ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, ContentLength: length, Host: host, RequestURI: target,
-		Close: httpguts.HeaderValuesContainsToken(h["Connection"], "close"),
+	r := &hr.req
+	if base != nil {
+		*r = *base
 	}
+	r.Method, r.URL, r.Proto, r.ProtoMajor, r.ProtoMinor = method, u, proto, 1, 1
+	r.Header, r.ContentLength, r.Host, r.RequestURI = h, length, host, target
+	r.Close = httpguts.HeaderValuesContainsToken(h["Connection"], "close")
 	return r, headOK
+}
+
+// parseOriginForm parses the common request target, a path of characters
+// that need no escaping and an optional query of visible ASCII, into u
+// exactly as url.ParseRequestURI would; false leaves any other target to
+// it.
+func parseOriginForm(target string, u *url.URL) bool {
+	if target == "" || target[0] != '/' {
+		return false
+	}
+	path, query, hasQuery := strings.Cut(target, "?")
+	for i := 0; i < len(path); i++ {
+		if !pathChar(path[i]) {
+			return false
+		}
+	}
+	if hasQuery && query == "" {
+		return false // ForceQuery
+	}
+	for i := 0; i < len(query); i++ {
+		if query[i] <= ' ' || query[i] >= 0x7f {
+			return false
+		}
+	}
+	*u = url.URL{Path: path, RawQuery: query}
+	return true
+}
+
+// pathChar says whether url leaves c in a path as it is (no escaping, so
+// no RawPath).
+func pathChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	switch c {
+	case '-', '_', '.', '~', '$', '&', '+', ',', '/', ':', ';', '=', '@':
+		return true
+	}
+	return false
 }
 
 func indexCRLF(s string) int {
@@ -440,8 +509,6 @@ func (s *h1Server) serveRequest(sc *h1ServerConn, r *http.Request) bool {
 	} else {
 		r.Body = http.NoBody
 	}
-	r.RemoteAddr, r.TLS = sc.remote, sc.tls
-	r = r.WithContext(sc.ctx)
 	w := h1WriterPoolGet(sc, r)
 	if !s.run(w, r) {
 		// The handler aborted the response (ReverseProxy does when the
