@@ -369,8 +369,12 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 		}
 		rest = rest[indexCRLF(rest)+2:]
 	}
+	hr := new(h1Resp)
 	h := make(http.Header, n)
-	vals := make([]string, n)
+	vals := hr.vals[:]
+	if n > len(hr.vals) {
+		vals = make([]string, n)
+	}
 	var cl string // the Content-Length, if exactly one
 	ncl := 0
 	for rest := s; rest != ""; {
@@ -423,10 +427,18 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	if closing {
 		delete(h, "Connection")
 	}
-	return &http.Response{
+	hr.resp = http.Response{
 		Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: h, ContentLength: length, Close: closing, Request: req,
 	}
+	return &hr.resp
+}
+
+// h1Resp is a parsed response and the backing array of its header
+// values, for up to 8 fields (an app's usual answer), in one allocation.
+type h1Resp struct {
+	resp http.Response
+	vals [8]string
 }
 
 // lenBody reads a body of known length from the connection's reader.

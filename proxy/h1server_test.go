@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -49,6 +50,25 @@ func checkAgainstNetHTTP(t *testing.T, head []byte) {
 	}
 	if len(got.Header) != len(want.Header) || !reflect.DeepEqual(map[string][]string(got.Header), map[string][]string(want.Header)) {
 		t.Fatalf("%q: header %v, net/http %v", head, got.Header, want.Header)
+	}
+}
+
+// TestParseRequestHeadFields: heads with more fields than h1Req holds,
+// exactly as many, and repeated names read as net/http reads them.
+func TestParseRequestHeadFields(t *testing.T) {
+	var b strings.Builder
+	for i := range 2 * h1Vals {
+		fmt.Fprintf(&b, "X-%d: %d\r\nx-r: %d\r\n", i%5, i, i)
+	}
+	for _, head := range []string{
+		"POST /a HTTP/1.1\r\nHost: o\r\nContent-Length: 0\r\n" + b.String() + "\r\n",
+		"GET /a HTTP/1.1\r\nHost: o\r\n" + strings.Repeat("X-A: 1\r\n", h1Vals-1) + "\r\n",
+		"GET /a HTTP/1.1\r\nHost: o\r\n" + strings.Repeat("X-A: 1\r\n", h1Vals) + "\r\n",
+	} {
+		if _, v := parseRequestHead([]byte(head), nil); v != headOK {
+			t.Fatalf("%q: verdict %d", head, v)
+		}
+		checkAgainstNetHTTP(t, []byte(head))
 	}
 }
 
