@@ -256,7 +256,7 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			applyHeader(rw.Header(), h)
 		}
 		r.Header.Set(headerXFCC, pi.xfcc)
-		l.fwd.serve(rw, r, !l.toApp.allH2C)
+		l.fwd.serve(r.Context(), rw, r, !l.toApp.allH2C)
 	}
 	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 	l.p.observe(&res)

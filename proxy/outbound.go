@@ -284,7 +284,7 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 		ctx, cancel = context.WithTimeout(&targetCtx{Context: r.Context(), t: tg}, timeout)
 	}
 	// HTTP/2 clusters stream through ReverseProxy (1xx answers included).
-	l.fwd.serve(w, r.WithContext(ctx), !cl.cfg.HTTP2)
+	l.fwd.serve(ctx, w, r, !cl.cfg.HTTP2)
 	cancel()
 }
 
