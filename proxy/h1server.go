@@ -182,7 +182,7 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 		if head == nil {
 			return s.handOff(sc)
 		}
-		req, verdict := parseRequestHead(head, sc.base)
+		req, verdict := parseRequest(head, sc.base)
 		switch verdict {
 		case headFallback:
 			return s.handOff(sc)
@@ -260,18 +260,20 @@ const (
 	headBad
 )
 
-// h1Req is a request of the fast path with its URL and the backing array
-// of its header values, for up to h1Vals fields, in one allocation.
+// h1Req is a request of the fast path with its URL, its body's reader
+// and the backing array of its header values (for up to h1Vals fields)
+// in one allocation: all live exactly as long as the request.
 type h1Req struct {
 	req  http.Request
 	url  url.URL
+	body h1ReqBody
 	vals [h1Vals]string
 }
 
 // h1Vals covers the fields of a typical request between sidecars (the
-// client's and the trace context); 12 keeps h1Req in a 640-byte size
-// class.
-const h1Vals = 12
+// client's and the trace context) and keeps h1Req in a 640-byte size
+// class; a request with more fields gets a slice of its own.
+const h1Vals = 8
 
 // parseRequestHead parses a request head ending in CRLF CRLF into a
 // Request as net/http's server would (Host taken out of the header,
@@ -280,6 +282,14 @@ const h1Vals = 12
 // The body is left for the caller. It returns headFallback for requests
 // the fast path leaves to net/http, headBad for smuggling vectors.
 func parseRequestHead(head []byte, base *http.Request) (*http.Request, headVerdict) {
+	hr, v := parseRequest(head, base)
+	if hr == nil {
+		return nil, v
+	}
+	return &hr.req, v
+}
+
+func parseRequest(head []byte, base *http.Request) (*h1Req, headVerdict) {
 	// Bare CR or LF anywhere: a line-end ambiguity between hops.
 	for i, c := range head {
 		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
@@ -399,7 +409,7 @@ func parseRequestHead(head []byte, base *http.Request) (*http.Request, headVerdi
 	r.Method, r.URL, r.Proto, r.ProtoMajor, r.ProtoMinor = method, u, proto, 1, 1
 	r.Header, r.ContentLength, r.Host, r.RequestURI = h, length, host, target
 	r.Close = httpguts.HeaderValuesContainsToken(h["Connection"], "close")
-	return r, headOK
+	return hr, headOK
 }
 
 // parseOriginForm parses the common request target, a path of characters
@@ -502,10 +512,12 @@ func canonicalHeader(name string) string {
 
 // serveRequest runs the handler on one request and finishes its response;
 // false ends the connection.
-func (s *h1Server) serveRequest(sc *h1ServerConn, r *http.Request) bool {
+func (s *h1Server) serveRequest(sc *h1ServerConn, hr *h1Req) bool {
+	r := &hr.req
 	var body *h1ReqBody
 	if r.ContentLength > 0 {
-		body = &h1ReqBody{r: sc.br, n: r.ContentLength}
+		body = &hr.body
+		body.r, body.n = sc.br, r.ContentLength
 		r.Body = body
 	} else {
 		r.Body = http.NoBody

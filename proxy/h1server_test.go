@@ -395,3 +395,44 @@ func TestH1ServerRequestsAreTheirOwn(t *testing.T) {
 		t.Fatalf("requests: %d, distinct %v, same connection context %v", len(kept), kept[0] != kept[1], kept[1].Context() == kept[2].Context())
 	}
 }
+
+// TestH1ServerOldBodyStaysClosed: a handler that keeps a request's body
+// and reads it during the next request on the connection reads an error,
+// never the next request's bytes.
+func TestH1ServerOldBodyStaysClosed(t *testing.T) {
+	var old io.Reader
+	s, addr := startH1Server(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if old != nil {
+			b := make([]byte, 64)
+			n, err := old.Read(b)
+			if n > 0 || err == nil {
+				t.Errorf("the previous request's body read %q, %v", b[:n], err)
+			}
+		}
+		old = r.Body
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	}))
+	defer s.shutdown(context.Background())
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	for _, body := range []string{"first", "second", "third!"} {
+		// The body is written with its head: already buffered when the
+		// handler runs.
+		fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != body {
+			t.Fatalf("got %q, want %q", b, body)
+		}
+	}
+}

@@ -556,6 +556,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx, cancel := req.Context(), context.CancelFunc(nil)
 		var out *http.Request
 		var replay *replayBody
+		var done *doneBody
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
 			out = req.WithContext(ctx)
@@ -565,12 +566,14 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 				replay = new(replayBody)
 			}
 		} else {
-			// The same context: the request, its URL and its body's
-			// reader copied or made in one allocation.
+			// The same context: the request, its URL, its body's
+			// reader and the response's closer copied or made in one
+			// allocation.
 			tr := &tryReq{fwdReq: fwdReq{req: *req, url: *req.URL}}
 			out = &tr.req
 			out.URL = &tr.url
 			replay = &tr.body
+			done = &tr.done
 		}
 		out.URL.Host = ep.addr
 		if body != nil {
@@ -602,7 +605,11 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 		}
 		if err == nil && (final || !retryStatus(rp, resp)) {
-			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
+			if done == nil {
+				done = new(doneBody)
+			}
+			done.ReadCloser, done.cancel, done.ep = resp.Body, cancel, ep
+			resp.Body = done
 			return resp, nil
 		}
 		if resp != nil {
@@ -797,10 +804,12 @@ type replayBody struct {
 	buf *retryBuf
 }
 
-// tryReq is one try's request, URL and body reader in one allocation.
+// tryReq is one try's request, URL, body reader and response closer in
+// one allocation: each is used by that try alone.
 type tryReq struct {
 	fwdReq
 	body replayBody
+	done doneBody
 }
 
 func (b *replayBody) open(buf *retryBuf) {
