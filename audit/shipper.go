@@ -23,7 +23,8 @@ type ShipperOptions struct {
 	BatchEvents int // default 5000
 	BatchBytes  int // default 2 MiB
 	// InFlight is how many batches may await acknowledgement at once
-	// (default 1; more did not help on a loaded 2-core machine).
+	// (default 1, at most 16; more did not help on a loaded 2-core
+	// machine).
 	InFlight    int
 	CallTimeout time.Duration // default 15s
 	// Linger is how long after a send began the next batch that is not
@@ -68,6 +69,7 @@ func NewShipper(o ShipperOptions) (*Shipper, error) {
 	if o.InFlight <= 0 {
 		o.InFlight = 1
 	}
+	o.InFlight = min(o.InFlight, maxInFlight)
 	if o.CallTimeout <= 0 {
 		o.CallTimeout = 15 * time.Second
 	}
@@ -100,7 +102,10 @@ func (s *Shipper) Run(ctx context.Context) error {
 	failures := 0
 	var lastSend time.Time
 	// bufs[i] is kept for the i-th batch in flight: one encoded batch,
-	// reused while it stays under keepBatchBuf.
+	// reused from one send to the next whatever its size while the
+	// shipper is busy (at saturation a batch is several hundred KiB, and
+	// a fresh one each time cost the proxy a few percent of its CPU in
+	// clearing and faulting in new pages), and let go when it goes idle.
 	bufs := make([][]byte, s.o.InFlight)
 	for ctx.Err() == nil {
 		next := s.o.Spool.Stats().Acked + 1
@@ -136,6 +141,13 @@ func (s *Shipper) Run(ctx context.Context) error {
 			}
 		}
 		if err == nil && len(batches) == 0 {
+			// Idle: a backlog's or a burst's buffers are not worth
+			// keeping through a quiet spell; a steady small load's are.
+			for i, b := range bufs {
+				if cap(b) > keepBatchBuf {
+					bufs[i] = nil
+				}
+			}
 			// A stopped timer, not Clock.After: an idle shipper woken by
 			// each fsync would otherwise leave one pending timer per wake.
 			t := s.o.Clock.NewTimer(s.o.Poll)
@@ -149,21 +161,33 @@ func (s *Shipper) Run(ctx context.Context) error {
 		}
 		if len(batches) > 0 {
 			lastSend = s.o.Clock.Now()
-			lasts := make([]uint64, len(batches))
-			errs := make([]error, len(batches))
-			var wg sync.WaitGroup
-			for i := range batches {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					lasts[i], errs[i] = s.send(ctx, batches[i])
-				}()
+			var lasts [maxInFlight]uint64
+			var errs [maxInFlight]error
+			if len(batches) == 1 {
+				lasts[0], errs[0] = s.send(ctx, batches[0])
+			} else {
+				var wg sync.WaitGroup
+				for i := range batches {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						lasts[i], errs[i] = s.send(ctx, batches[i])
+					}()
+				}
+				wg.Wait()
 			}
-			wg.Wait()
 			for i, b := range batches {
-				// After a failed call the transport may still hold the
-				// buffer: it is dropped, not reused.
-				if errs[i] == nil && cap(b.enc) <= keepBatchBuf {
+				// Reusing a buffer is safe only once gRPC is done with
+				// it. After a successful unary call it is: the codec
+				// hands the slice itself to the transport (shipCodec),
+				// whose writer copies it into its own buffer or the
+				// connection before the bytes leave, and the collector
+				// answers only after reading the whole request, so by
+				// then every copy is made; the call's retry buffer is
+				// released when it returns, and SliceBuffer is never
+				// pooled. After a failed call the transport may still
+				// be writing it: it is dropped, not reused.
+				if errs[i] == nil && cap(b.enc) <= maxKeptBatchBuf {
 					bufs[i] = b.enc[:0]
 				} else {
 					bufs[i] = nil
@@ -193,11 +217,19 @@ func (s *Shipper) Run(ctx context.Context) error {
 	return nil
 }
 
-// keepBatchBuf bounds the encoded batch a shipper keeps between sends
-// (per batch in flight): a steady load's batches (about 100 events of
-// ~700 bytes at 1,000 requests/s with the default Linger) reuse it, and a
-// backlog's larger batches are allocated and let go.
-const keepBatchBuf = 256 << 10
+// keepBatchBuf bounds the encoded batch a shipper keeps while idle (per
+// batch in flight): a steady light load's batches (about 100 events of
+// ~700 bytes at 1,000 requests/s with the default Linger) keep theirs
+// through the pauses between them. While busy it keeps any batch's
+// buffer up to maxKeptBatchBuf, which a batch bounded by BatchBytes
+// (at most MaxBatchBytes-MaxRecordBytes) with its framing stays under.
+const (
+	keepBatchBuf    = 256 << 10
+	maxKeptBatchBuf = MaxBatchBytes + MaxRecordBytes
+)
+
+// maxInFlight bounds InFlight.
+const maxInFlight = 16
 
 // outBatch is one encoded batch (EncodeBatch's form) of n events from
 // seq first on.

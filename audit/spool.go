@@ -253,13 +253,15 @@ func OpenSpool(o SpoolOptions) (*Spool, error) {
 }
 
 func (s *Spool) recover() error {
-	if b, err := os.ReadFile(filepath.Join(s.o.Dir, "acked")); err == nil {
-		if s.acked, err = strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64); err != nil {
-			return fmt.Errorf("audit spool: acked file: %w", err)
-		}
-		s.ackWritten = s.acked
+	if seq, err := readAcked(filepath.Join(s.o.Dir, "acked")); err == nil {
+		s.acked, s.ackWritten = seq, seq
 	} else if !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("audit spool: %w", err)
+		// Written by an older version without fsync, or damaged: a
+		// torn or empty file must not keep the decision point from
+		// starting. Shipping again from the oldest segment still here
+		// (below) is safe, since the collector keeps one copy of each
+		// event; trusting a damaged number could skip events.
+		s.log.Warn("audit spool: acked file unreadable; shipping again from the oldest segment", "err", err)
 	}
 	ents, err := os.ReadDir(s.o.Dir)
 	if err != nil {
@@ -313,9 +315,10 @@ func (s *Spool) recover() error {
 		}
 		s.active = f
 	}
-	// The acked file is written without fsync: after a crash it may lag
-	// (a resend follows, which the collector ignores) or, with segments
-	// already deleted, point before the first one still here.
+	// The acked file lags the acknowledgements by up to ackWriteEvery,
+	// and segments are deleted before it is rewritten: after a crash it
+	// may lag (a resend follows, which the collector ignores), point
+	// before the first segment still here, or be missing.
 	if first := s.segs[0].first; s.acked < first-1 {
 		s.acked = first - 1
 	}
@@ -809,15 +812,60 @@ func (s *Spool) writeAcked() error {
 	if seq == s.ackWritten {
 		return nil
 	}
+	// Written to a temporary file and fsynced before the rename, then
+	// the directory: otherwise a power loss can leave the renamed name
+	// pointing at an empty or torn file (the rename's metadata reaching
+	// the disk before the data). This runs at most about once a second.
 	tmp := filepath.Join(s.o.Dir, "acked.tmp")
-	if err := os.WriteFile(tmp, []byte(strconv.FormatUint(seq, 10)+"\n"), 0o600); err != nil {
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
 		return fmt.Errorf("audit spool: %w", err)
+	}
+	_, err = f.Write([]byte(strconv.FormatUint(seq, 10) + "\n"))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("audit spool: acked file: %w", err)
 	}
 	if err := os.Rename(tmp, filepath.Join(s.o.Dir, "acked")); err != nil {
 		return fmt.Errorf("audit spool: %w", err)
 	}
+	if err := syncDir(s.o.Dir); err != nil {
+		return err
+	}
 	s.ackWritten = seq
 	return nil
+}
+
+// readAcked reads the acked file: decimal digits and a newline, nothing
+// else. Anything else (empty, zeros, a file cut short before its
+// newline: what an older version's unsynced rename could leave after a
+// power loss) is an error, which recovery answers with a resend.
+func readAcked(path string) (uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	digits, ok := strings.CutSuffix(string(b), "\n")
+	if !ok || digits == "" || strings.TrimLeft(digits, "0123456789") != "" {
+		return 0, fmt.Errorf("acked file holds %q, not a sequence number and a newline", trimForLog(b))
+	}
+	seq, err := strconv.ParseUint(digits, 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("acked file: %w", err)
+	}
+	return seq, nil
+}
+
+func trimForLog(b []byte) string {
+	if len(b) > 32 {
+		b = b[:32]
+	}
+	return string(b)
 }
 
 // Durable returns a channel that receives a value after each fsync, for a

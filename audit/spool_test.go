@@ -388,6 +388,72 @@ func TestSpoolLostAckFile(t *testing.T) {
 	}
 }
 
+// TestSpoolDamagedAckFile reopens a spool whose acked file a power loss
+// could have left torn (empty, zeroed, cut short, garbage): it opens,
+// and the shipper's next read starts at the first event still on disk,
+// so nothing is skipped (the collector ignores what it already holds).
+// The next acknowledgement writes a good file again.
+func TestSpoolDamagedAckFile(t *testing.T) {
+	for name, content := range map[string]string{
+		"empty":         "",
+		"zeros":         "\x00\x00\x00\x00\x00\x00",
+		"cut short":     "3",
+		"garbage":       "4x\n",
+		"no digits":     "\n",
+		"out of range":  "99999999999999999999999\n",
+		"space padding": " 40\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir := t.TempDir()
+			s := openTest(t, SpoolOptions{Dir: dir, SegmentBytes: 2048})
+			for i := range 50 {
+				if err := s.Append(context.Background(), testEvent(t, i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Ack(30); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			segs, _ := filepath.Glob(filepath.Join(dir, "*"+segSuffix))
+			sort.Strings(segs)
+			first, err := strconv.ParseUint(strings.TrimSuffix(filepath.Base(segs[0]), segSuffix), 10, 64)
+			if err != nil || first <= 1 || first > 31 {
+				t.Fatalf("first segment kept starts at %d (%v): want acknowledged segments deleted", first, err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, "acked"), []byte(content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var logs strings.Builder
+			s = openTest(t, SpoolOptions{Dir: dir, Logger: newTestLogger(&logs)})
+			defer s.Close()
+			if st := s.Stats(); st.Acked != first-1 {
+				t.Fatalf("acked = %d, want %d (the seq before the first segment kept)", st.Acked, first-1)
+			}
+			if !strings.Contains(logs.String(), "acked file unreadable") {
+				t.Fatalf("no warning logged: %s", logs.String())
+			}
+			if got := readAll(t, s, first); len(got) != int(51-first) {
+				t.Fatalf("read %d events from %d, want %d", len(got), first, 51-first)
+			}
+			if err := s.Ack(45); err != nil {
+				t.Fatal(err)
+			}
+			if b, err := os.ReadFile(filepath.Join(dir, "acked")); err != nil || string(b) != "45\n" {
+				t.Fatalf("acked file after Ack(45): %q, %v", b, err)
+			}
+			if _, err := os.Stat(filepath.Join(dir, "acked.tmp")); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("acked.tmp left behind: %v", err)
+			}
+		})
+	}
+}
+
 // TestSpoolDurabilityModes checks when each mode's appends are fsynced:
 // fsync-grouped returns before any fsync and the background fsync covers
 // the record once the interval has passed (on the injected clock);

@@ -323,13 +323,29 @@ const (
 
 // AuthorizationPolicySpec binds a Rego package's decision to a service.
 // Allow, when given, is the same rule in a form RBAC can express, for
-// proxyless gRPC servers that cannot call the enforcer.
+// proxyless gRPC servers that cannot call the enforcer. RequestBody, when
+// given, has the service's sidecar hand the request body to policy.
 type AuthorizationPolicySpec struct {
-	Service  string      `yaml:"service" json:"service"`
-	Package  string      `yaml:"package" json:"package"`
-	Decision string      `yaml:"decision,omitempty" json:"decision,omitempty"`
-	Mode     string      `yaml:"mode" json:"mode"`
-	Allow    []AllowRule `yaml:"allow,omitempty" json:"allow,omitempty"`
+	Service     string       `yaml:"service" json:"service"`
+	Package     string       `yaml:"package" json:"package"`
+	Decision    string       `yaml:"decision,omitempty" json:"decision,omitempty"`
+	Mode        string       `yaml:"mode" json:"mode"`
+	Allow       []AllowRule  `yaml:"allow,omitempty" json:"allow,omitempty"`
+	RequestBody *RequestBody `yaml:"requestBody,omitempty" json:"requestBody,omitempty"`
+}
+
+// RequestBody is Envoy's ext_authz with_request_body: the sidecar
+// buffers up to MaxBytes of a request's body before the check, so that
+// policy sees it (input.parsed_body, input.attributes.request.http.body
+// or raw_body with PackAsBytes, which gRPC bodies need). A larger body is
+// refused with 413 unless AllowPartialMessage, which sends the first
+// MaxBytes with input.truncated_body true. Where several policies bound
+// to one service ask for it, the largest MaxBytes holds, partial
+// messages only if every one allows them, and bytes if any asks.
+type RequestBody struct {
+	MaxBytes            int  `yaml:"maxBytes" json:"maxBytes"`
+	AllowPartialMessage bool `yaml:"allowPartialMessage,omitempty" json:"allowPartialMessage,omitempty"`
+	PackAsBytes         bool `yaml:"packAsBytes,omitempty" json:"packAsBytes,omitempty"`
 }
 
 // AllowRule allows requests from any of Principals (SPIFFE IDs, "*" for
@@ -780,6 +796,9 @@ func (s *AuthorizationPolicySpec) validate(add addFunc) {
 				add(fmt.Sprintf("spec.allow[%d].principals[%d]", i, j), "%q is not a SPIFFE ID or *", p)
 			}
 		}
+	}
+	if b := s.RequestBody; b != nil && (b.MaxBytes < 1 || b.MaxBytes > meshlimits.MaxRequestBodyBytes) {
+		add("spec.requestBody.maxBytes", "%d: want 1 to %d (the sidecar holds this much of each request in memory)", b.MaxBytes, meshlimits.MaxRequestBodyBytes)
 	}
 }
 

@@ -25,6 +25,11 @@ import (
 	"google.golang.org/protobuf/types/dynamicpb"
 )
 
+// PartialBodyHeader is the CheckRequest header in which Envoy's ext_authz
+// filter says, when it sends a body, whether it is only the first
+// max_request_bytes of it ("true") or all of it ("false").
+const PartialBodyHeader = "x-envoy-auth-partial-body"
+
 // maxFormParts bounds the parts of a multipart body parsed into input, so
 // that a body of many tiny parts cannot make many objects.
 const maxFormParts = 1000
@@ -57,6 +62,12 @@ func (bp bodyParser) parse(h *authv3.AttributeContext_HttpRequest, target string
 		return ast.NullValue, false, nil
 	}
 	if kind != "grpc" {
+		// Envoy (and writ-proxy) mark a body cut at max_request_bytes
+		// with allow_partial_message; a chunked one has no
+		// content-length to tell. A gRPC body's message length tells.
+		if headerValue(h, PartialBodyHeader) == "true" {
+			return ast.NullValue, true, nil
+		}
 		if cl := headerValue(h, "content-length"); cl != "" {
 			n, err := strconv.ParseInt(cl, 10, 64)
 			if err != nil {

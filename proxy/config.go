@@ -62,6 +62,24 @@ type Inbound struct {
 	// enforced ones (writ.authz_dry_run): evaluated on every request and
 	// recorded in the decision, never enforced.
 	AuthzDryRun string `yaml:"authz_dry_run" json:"authz_dry_run,omitempty"`
+	// RequestBody is ext_authz's with_request_body: the body policy sees.
+	// Zero MaxBytes (the default) hands policy no body and buffers
+	// nothing.
+	RequestBody RequestBody `yaml:"request_body" json:"request_body,omitzero"`
+}
+
+// RequestBody is Envoy's ext_authz BufferSettings. A request with a body
+// is held until MaxBytes of it (or all of it, if shorter) have arrived;
+// they go to the enforcer as the CheckRequest's body (raw_body with
+// PackAsBytes) and then, followed by the rest as it streams, to the app.
+// A longer body is answered 413 before the check unless
+// AllowPartialMessage, which checks the first MaxBytes and says so in
+// the x-envoy-auth-partial-body header, as Envoy does. It is a value, so
+// that Update can compare listeners with ==.
+type RequestBody struct {
+	MaxBytes            int  `yaml:"max_request_bytes" json:"max_request_bytes,omitempty"`
+	AllowPartialMessage bool `yaml:"allow_partial_message" json:"allow_partial_message,omitempty"`
+	PackAsBytes         bool `yaml:"pack_as_bytes" json:"pack_as_bytes,omitempty"`
 }
 
 // Outbound is a local plaintext port of the application's.
@@ -596,6 +614,9 @@ func (c *Config) Validate() error {
 		}
 		if in.AuthzMode != "" && in.AuthzMode != AuthzEnforce && in.AuthzMode != AuthzDryRun {
 			bad("%s: authz_mode %q: want %s or %s", where, in.AuthzMode, AuthzEnforce, AuthzDryRun)
+		}
+		if b := in.RequestBody; b.MaxBytes < 0 || b.MaxBytes > meshlimits.MaxRequestBodyBytes || b.MaxBytes == 0 && b != (RequestBody{}) {
+			bad("%s: request_body: max_request_bytes %d: want 1 to %d", where, b.MaxBytes, meshlimits.MaxRequestBodyBytes)
 		}
 	}
 	for i, out := range c.Outbound {

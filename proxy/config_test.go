@@ -74,6 +74,8 @@ func TestConfigErrors(t *testing.T) {
 		{"bad duration", strings.Replace(goodConfig, "3s", "soon", 1), "soon"},
 		{"outbound off loopback", strings.Replace(goodConfig, `"127.0.0.1:9001"`, `"0.0.0.0:9001"`, 1), "must bind a loopback address"},
 		{"bad endpoint", strings.Replace(goodConfig, `"127.0.0.1:15008"`, `"nohost"`, 1), `endpoint "nohost"`},
+		{"request body too large", goodConfig + fmt.Sprintf("inbound:\n- {name: mesh, address: \"127.0.0.1:15006\", service: orders, app: \"127.0.0.1:8080\", request_body: %s}\n", "{max_request_bytes: 4194305}"), "request_body: max_request_bytes 4194305: want 1 to 4194304"},
+		{"request body without a size", goodConfig + fmt.Sprintf("inbound:\n- {name: mesh, address: \"127.0.0.1:15006\", service: orders, app: \"127.0.0.1:8080\", request_body: %s}\n", "{allow_partial_message: true}"), "request_body: max_request_bytes 0"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"strconv"
 	"strings"
@@ -567,6 +568,11 @@ func authzPerRoute(a *anypb.Any) (mode, decision, dryRun string, err error) {
 	if pr.GetDisabled() {
 		return "", "", "", errors.New("ext_authz disabled on an inbound route: every inbound request must be authorized")
 	}
+	if cs := pr.GetCheckSettings(); cs.GetWithRequestBody() != nil || cs.GetDisableRequestBodyBuffering() {
+		// writd sets the body on the filter; a route's override would be
+		// silently ignored here, so it is refused.
+		return "", "", "", errors.New("ext_authz per-route request body settings are not supported: set with_request_body on the filter")
+	}
 	ext := pr.GetCheckSettings().GetContextExtensions()
 	return ext[enforcer.ModeContextKey], ext[enforcer.DecisionContextKey], ext[enforcer.DryRunContextKey], nil
 }
@@ -585,6 +591,11 @@ func inboundFromEnvoy(name, addr string, h *hcmv3.HttpConnectionManager, cs map[
 			}
 			if az.GetFailureModeAllow() {
 				return in, "", errors.New("ext_authz: failure_mode_allow is refused: authorization fails closed")
+			}
+			if b := az.GetWithRequestBody(); b != nil {
+				// Bounded by Config.Validate, which NACKs a larger one.
+				in.RequestBody = RequestBody{MaxBytes: int(min(b.GetMaxRequestBytes(), math.MaxInt32)),
+					AllowPartialMessage: b.GetAllowPartialMessage(), PackAsBytes: b.GetPackAsBytes()}
 			}
 			authz = true
 		case wellknown.Router:

@@ -239,7 +239,16 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
-	resp, d := l.check(r, pi)
+	held, err := l.holdBody(r)
+	if err != nil {
+		// Refused before any check, as Envoy's 413: no decision.
+		writeBodyRefused(rw, err)
+		res.authz = authzNone
+		res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
+		l.p.observe(&res)
+		return
+	}
+	resp, d := l.check(r, pi, held)
 	res.decisionID = d.ID
 	if d.Result != enforcer.ResultAllow {
 		writeDenied(rw, resp, d)
@@ -263,12 +272,14 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // check asks the enforcer, denying when there is none.
-func (l *inboundListener) check(r *http.Request, pi *peerInfo) (*authv3.CheckResponse, enforcer.Decision) {
+func (l *inboundListener) check(r *http.Request, pi *peerInfo, held *heldBody) (*authv3.CheckResponse, enforcer.Decision) {
 	enf := l.enf.Load()
 	if enf == nil {
 		return nil, enforcer.Decision{Result: enforcer.ResultDeny, HTTPStatus: http.StatusForbidden, Reason: "no policy loaded"}
 	}
-	return enf.Check(r.Context(), l.checkRequest(r, pi))
+	req := l.checkRequest(r, pi)
+	held.attach(req)
+	return enf.Check(r.Context(), req)
 }
 
 // checkRequest describes r the way Envoy's ext_authz filter does:

@@ -151,12 +151,15 @@ spec:
 	pol := func(name, mode string) string { return policyPkg(name, mode, "envoy.authz") }
 	tests := []struct {
 		name, mesh, mode, decision, dryRun string
+		body                               RequestBody
 	}{
-		{"no policy", svc, "", "", ""},
-		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow", ""},
-		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow", ""},
-		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow", ""},
-		{"several enforced, one dry-run beside", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow", "data.envoy.authz.allow"},
+		{"no policy", svc, "", "", "", RequestBody{}},
+		{"enforce", svc + pol("a", "enforce"), AuthzEnforce, "data.envoy.authz.allow", "", RequestBody{}},
+		{"dry-run", svc + pol("a", "dry-run"), AuthzDryRun, "data.envoy.authz.allow", "", RequestBody{}},
+		{"enforce wins", svc + pol("a", "dry-run") + pol("b", "enforce"), AuthzEnforce, "data.envoy.authz.allow", "", RequestBody{}},
+		{"several enforced, one dry-run beside", svc + policyPkg("a", "enforce", "team.b") + policyPkg("b", "enforce", "team.a") + pol("c", "dry-run"), AuthzEnforce, "data.team.a.allow,data.team.b.allow", "data.envoy.authz.allow", RequestBody{}},
+		{"request body", svc + pol("a", "enforce") + "  requestBody: {maxBytes: 2048, allowPartialMessage: true, packAsBytes: true}\n", AuthzEnforce, "data.envoy.authz.allow", "",
+			RequestBody{MaxBytes: 2048, AllowPartialMessage: true, PackAsBytes: true}},
 	}
 	// The policies of the teams, for the proxy to bind.
 	dir := t.TempDir()
@@ -196,6 +199,9 @@ spec:
 			in := got.Inbound[0]
 			if in.AuthzMode != tt.mode || in.AuthzDecision != tt.decision || in.AuthzDryRun != tt.dryRun {
 				t.Fatalf("mode %q decision %q dry run %q, want %q %q %q", in.AuthzMode, in.AuthzDecision, in.AuthzDryRun, tt.mode, tt.decision, tt.dryRun)
+			}
+			if in.RequestBody != tt.body {
+				t.Fatalf("request body %+v, want %+v", in.RequestBody, tt.body)
 			}
 			if !strings.HasPrefix(tt.decision, "data.team.") {
 				return

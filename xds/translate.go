@@ -870,6 +870,28 @@ func authzContext(policies []*config.AuthorizationPolicySpec) map[string]string 
 	return ext
 }
 
+// requestBody is the ext_authz with_request_body of the policies bound to
+// a service, nil when none asks for the body (nothing is buffered): the
+// largest max_request_bytes, partial messages only if every policy that
+// asks allows them (one that does not gets the whole body or a 413), and
+// bytes if any asks (a gRPC body is not a valid string).
+func requestBody(policies []*config.AuthorizationPolicySpec) *extauthzv3.BufferSettings {
+	var bs *extauthzv3.BufferSettings
+	for _, a := range policies {
+		b := a.RequestBody
+		if b == nil {
+			continue
+		}
+		if bs == nil {
+			bs = &extauthzv3.BufferSettings{AllowPartialMessage: true}
+		}
+		bs.MaxRequestBytes = max(bs.MaxRequestBytes, uint32(b.MaxBytes))
+		bs.AllowPartialMessage = bs.AllowPartialMessage && b.AllowPartialMessage
+		bs.PackAsBytes = bs.PackAsBytes || b.PackAsBytes
+	}
+	return bs
+}
+
 func envoyInbound(si *svcInfo, n Node, name string, port int) *listenerv3.Listener {
 	az := &extauthzv3.ExtAuthz{
 		Services: &extauthzv3.ExtAuthz_GrpcService{GrpcService: &corev3.GrpcService{
@@ -879,6 +901,7 @@ func envoyInbound(si *svcInfo, n Node, name string, port int) *listenerv3.Listen
 		TransportApiVersion:    corev3.ApiVersion_V3,
 		FailureModeAllow:       false, // fail closed
 		IncludePeerCertificate: true,
+		WithRequestBody:        requestBody(si.authz),
 	}
 	local := &routev3.Route{
 		Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},

@@ -12,7 +12,9 @@ import (
 	"sort"
 	"testing"
 
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/writmesh/writ/config"
 )
@@ -75,6 +77,8 @@ func TestBuildGolden(t *testing.T) {
 		// One enforced policy and one in dry-run beside it: the check
 		// names the dry-run decision too (writ.authz_dry_run).
 		{"authz-mixed-envoy-server", "authz-mixed.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
+		// Policies that read the request body: ext_authz with_request_body.
+		{"authz-body-envoy-server", "authz-body.yaml", server, FlavorEnvoy, []Endpoint{greeterV1}},
 		{"tcp-envoy", "tcp.yaml", client, FlavorEnvoy, nil},
 		{"sidecar-envoy-server", "split.yaml", sidecar, FlavorEnvoy, []Endpoint{greeterV1, greeterV2}},
 	}
@@ -167,6 +171,39 @@ func TestAuthzContext(t *testing.T) {
 			_, hasDry := got[AuthzDryRunContextKey]
 			if got[AuthzModeContextKey] != tt.mode || got[AuthzDecisionContextKey] != tt.decision || got[AuthzDryRunContextKey] != tt.dryRun || hasDry != (tt.dryRun != "") || (tt.mode == "") != (got == nil) {
 				t.Fatalf("got %v, want mode %q decision %q dry run %q", got, tt.mode, tt.decision, tt.dryRun)
+			}
+		})
+	}
+}
+
+// TestRequestBody checks how the body settings of several policies bound
+// to one service combine into the one ext_authz filter's.
+func TestRequestBody(t *testing.T) {
+	pol := func(b *config.RequestBody) *config.AuthorizationPolicySpec {
+		return &config.AuthorizationPolicySpec{Package: "writ.p", Mode: config.ModeEnforce, RequestBody: b}
+	}
+	tests := []struct {
+		name     string
+		policies []*config.AuthorizationPolicySpec
+		want     *extauthzv3.BufferSettings
+	}{
+		{"none", nil, nil},
+		{"no policy asks", []*config.AuthorizationPolicySpec{pol(nil)}, nil},
+		{"one", []*config.AuthorizationPolicySpec{pol(nil), pol(&config.RequestBody{MaxBytes: 100})},
+			&extauthzv3.BufferSettings{MaxRequestBytes: 100}},
+		{"largest, partial only if all allow", []*config.AuthorizationPolicySpec{
+			pol(&config.RequestBody{MaxBytes: 100, AllowPartialMessage: true}),
+			pol(&config.RequestBody{MaxBytes: 50}),
+		}, &extauthzv3.BufferSettings{MaxRequestBytes: 100}},
+		{"partial when all allow, bytes when any asks", []*config.AuthorizationPolicySpec{
+			pol(&config.RequestBody{MaxBytes: 10, AllowPartialMessage: true, PackAsBytes: true}),
+			pol(&config.RequestBody{MaxBytes: 50, AllowPartialMessage: true}),
+		}, &extauthzv3.BufferSettings{MaxRequestBytes: 50, AllowPartialMessage: true, PackAsBytes: true}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := requestBody(tt.policies); !proto.Equal(got, tt.want) {
+				t.Errorf("got %v, want %v", got, tt.want)
 			}
 		})
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"github.com/spiffe/go-spiffe/v2/workloadapi"
+	"google.golang.org/protobuf/reflect/protoregistry"
 
 	"github.com/writmesh/writ/audit"
 	"github.com/writmesh/writ/authority/svidtls"
@@ -44,6 +45,10 @@ type proxyOptions struct {
 	upstreams   multiFlag
 	httpProxy   string
 	policyDir   string
+	// What the enforcer makes of request bodies, as writ-enforcer's
+	// flags of the same names.
+	maxBodyBytes int
+	protoDescs   string
 	// Policy from writd's bundle service instead of --policy-dir.
 	policyBundle   string
 	policyServerID string
@@ -96,6 +101,8 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.policyBundle, "policy-bundle", "", "OPA bundle URL polled for the policy deciding inbound requests, e.g. https://writd:8443/bundles/mesh (mTLS with the workload's SVID; the proxy starts once the first bundle is in); not with --policy-dir")
 	fs.StringVar(&o.policyServerID, "policy-bundle-server-id", "", "SPIFFE ID the https --policy-bundle server must present (default spiffe://TRUST_DOMAIN/writ/control-plane)")
 	fs.DurationVar(&o.policyPoll, "policy-bundle-poll", 10*time.Second, "how often --policy-bundle is polled (If-None-Match: unchanged bundles are not downloaded)")
+	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body (bodies reach policy when writd's ext_authz asks for them: AuthorizationPolicy requestBody)")
+	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body (requestBody with packAsBytes)")
 	fs.StringVar(&o.spiffeID, "spiffe-id", "", "the SVID the proxy uses when the Workload API serves several (default: the first)")
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "how long in-flight requests may finish after SIGTERM")
@@ -201,6 +208,9 @@ func (o *proxyOptions) config() (*proxy.Config, error) {
 
 // checkPolicy checks where policy comes from.
 func (o *proxyOptions) checkPolicy() error {
+	if o.maxBodyBytes < 0 {
+		return errors.New("--max-body-bytes must not be negative")
+	}
 	if o.policyBundle == "" {
 		return nil
 	}
@@ -457,7 +467,13 @@ func (r *proxyRole) newEnforcer(ctx context.Context, popts policy.Options) error
 			return nil
 		})
 	}
-	eopts := enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log}
+	var protos *protoregistry.Files
+	if r.o.protoDescs != "" {
+		if protos, err = enforcer.LoadProtoDescriptors(r.o.protoDescs); err != nil {
+			return err
+		}
+	}
+	eopts := enforcer.Options{Engine: eng, Sink: sink, Metrics: m, Logger: log, MaxBodyBytes: r.o.maxBodyBytes, ProtoDescriptors: protos}
 	if r.enforcer, err = enforcer.New(eopts); err != nil {
 		return err
 	}

@@ -14,4 +14,9 @@ const (
 	// the non-OK codes (OK, 0, is not a failure to inject).
 	MinGRPCStatus = 1
 	MaxGRPCStatus = 16
+
+	// MaxRequestBodyBytes bounds the request body a sidecar buffers for
+	// policy (ext_authz with_request_body max_request_bytes): each
+	// request being checked may hold this much in memory.
+	MaxRequestBodyBytes = 4 << 20
 )

@@ -1,0 +1,166 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"unsafe"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+
+	"github.com/writmesh/writ/enforcer"
+)
+
+// heldBody is the part of a request's body held back for its check, as
+// Envoy's ext_authz filter buffers it with with_request_body. It is not
+// safe for concurrent use; one request owns it.
+type heldBody struct {
+	buf     []byte
+	partial bool // more of the body follows what buf holds
+	pack    bool // sent as raw_body, not body
+	size    int64
+}
+
+// errBodyTooLarge is a body over max_request_bytes without
+// allow_partial_message: Envoy answers it 413 before any check.
+var errBodyTooLarge = errors.New("request body larger than max_request_bytes")
+
+// firstBodyRead is the first buffer for a body of unknown length, and
+// firstDeclaredRead for one of declared length: most bodies are small,
+// max_request_bytes may be megabytes, and a client's declared length is
+// only a claim, so the buffer grows (by doubling) as bytes arrive rather
+// than being allocated whole before any has.
+const (
+	firstBodyRead     = 4 << 10
+	firstDeclaredRead = 64 << 10
+)
+
+// holdBody reads up to rb.MaxBytes of r's body before the check and puts
+// back a body that replays them, then streams the rest, so the app gets
+// every byte. A request without a body (or an upgrade, whose body is the
+// tunnel) holds nothing and returns nil, as Envoy buffers only a stream
+// that has not ended with its headers. Without AllowPartialMessage a body
+// over the limit is errBodyTooLarge (a declared length at once, an
+// undeclared one once a byte beyond the limit arrives); with it, the
+// first MaxBytes are held and partial is set. A body of unknown length
+// that fills the limit exactly counts as partial: waiting to see its end
+// would hold a client that streams until it is answered.
+func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 || r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect {
+		return nil, nil
+	}
+	limit := int64(rb.MaxBytes)
+	if r.ContentLength > limit && !rb.AllowPartialMessage {
+		return nil, errBodyTooLarge
+	}
+	want := limit
+	if r.ContentLength > 0 && r.ContentLength < want {
+		want = r.ContentLength
+	}
+	n := min(want, firstDeclaredRead)
+	if r.ContentLength < 0 {
+		n = min(want, firstBodyRead)
+	}
+	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes, size: r.ContentLength}
+	eof := false
+	for int64(len(hb.buf)) < want {
+		if len(hb.buf) == cap(hb.buf) {
+			nb := make([]byte, len(hb.buf), min(2*int64(cap(hb.buf)), want))
+			copy(nb, hb.buf)
+			hb.buf = nb
+		}
+		m, err := r.Body.Read(hb.buf[len(hb.buf):cap(hb.buf)])
+		hb.buf = hb.buf[:len(hb.buf)+m]
+		if err == io.EOF {
+			eof = true
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	switch {
+	case eof || int64(len(hb.buf)) < limit:
+		// All of it (a declared length shorter than the limit, read).
+	case r.ContentLength > 0:
+		hb.partial = r.ContentLength > limit
+	case rb.AllowPartialMessage:
+		hb.partial = true
+	default:
+		// Unknown length at the limit: it must end here to be checked.
+		var probe [1]byte
+		m, err := io.ReadFull(r.Body, probe[:])
+		if m > 0 {
+			return nil, errBodyTooLarge
+		}
+		if err != io.EOF {
+			return nil, err
+		}
+	}
+	r.Body = &replayBody{held: hb.buf, rest: r.Body}
+	return hb, nil
+}
+
+// holdBody holds r's body for the check when the listener's ext_authz
+// asks for it (with_request_body); by default it holds nothing.
+func (l *inboundListener) holdBody(r *http.Request) (*heldBody, error) {
+	if l.cfg.RequestBody.MaxBytes == 0 {
+		return nil, nil
+	}
+	return holdBody(r, l.cfg.RequestBody)
+}
+
+// attach puts the held body into req as Envoy does: body (raw_body with
+// pack_as_bytes), the x-envoy-auth-partial-body header, and the size
+// the request declared (-1 if none). A nil h attaches nothing.
+func (h *heldBody) attach(req *authv3.CheckRequest) {
+	if h == nil {
+		return
+	}
+	hr := req.GetAttributes().GetRequest().GetHttp()
+	if h.pack {
+		hr.RawBody = h.buf
+	} else {
+		// Shares buf without a copy: nothing writes to buf once it is
+		// held (the replay only reads it).
+		hr.Body = unsafe.String(unsafe.SliceData(h.buf), len(h.buf))
+	}
+	hr.Size = h.size
+	partial := "false"
+	if h.partial {
+		partial = "true"
+	}
+	// Set over any the client sent, as Envoy does.
+	hr.Headers[enforcer.PartialBodyHeader] = partial
+}
+
+// replayBody is a request body whose first bytes were read for the
+// check: it gives them again, then the rest from the connection.
+type replayBody struct {
+	held []byte
+	rest io.ReadCloser
+}
+
+func (b *replayBody) Read(p []byte) (int, error) {
+	if len(b.held) > 0 {
+		n := copy(p, b.held)
+		b.held = b.held[n:]
+		return n, nil
+	}
+	return b.rest.Read(p)
+}
+
+func (b *replayBody) Close() error { return b.rest.Close() }
+
+// writeBodyRefused answers a request whose body could not be held as
+// Envoy does: 413 for one too large, 400 for one that could not be read.
+func writeBodyRefused(w http.ResponseWriter, err error) {
+	status, msg := http.StatusBadRequest, "Bad Request"
+	if errors.Is(err, errBodyTooLarge) {
+		status, msg = http.StatusRequestEntityTooLarge, "Payload Too Large"
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	w.Header().Set("Connection", "close")
+	w.WriteHeader(status)
+	_, _ = io.WriteString(w, msg)
+}
