@@ -555,7 +555,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		last = ep
 		ctx, cancel := req.Context(), context.CancelFunc(nil)
 		var out *http.Request
-		var replay *replayBody
+		var replay *tryBody
 		var done *doneBody
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
@@ -563,7 +563,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			u := *req.URL
 			out.URL = &u
 			if body != nil {
-				replay = new(replayBody)
+				replay = new(tryBody)
 			}
 		} else {
 			// The same context: the request, its URL, its body's
@@ -795,10 +795,10 @@ func (b *retryBuf) release() {
 	}
 }
 
-// replayBody reads one try's copy of a retryBuf. Reads after Close fail,
+// tryBody reads one try's copy of a retryBuf. Reads after Close fail,
 // so a closed body can never show the bytes of the request that reuses
 // its buffer.
-type replayBody struct {
+type tryBody struct {
 	mu  sync.Mutex
 	r   bytes.Reader
 	buf *retryBuf
@@ -808,17 +808,17 @@ type replayBody struct {
 // one allocation: each is used by that try alone.
 type tryReq struct {
 	fwdReq
-	body replayBody
+	body tryBody
 	done doneBody
 }
 
-func (b *replayBody) open(buf *retryBuf) {
+func (b *tryBody) open(buf *retryBuf) {
 	buf.refs.Add(1)
 	b.buf = buf
 	b.r.Reset(buf.b)
 }
 
-func (b *replayBody) Read(p []byte) (int, error) {
+func (b *tryBody) Read(p []byte) (int, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	if b.buf == nil {
@@ -827,7 +827,7 @@ func (b *replayBody) Read(p []byte) (int, error) {
 	return b.r.Read(p)
 }
 
-func (b *replayBody) Close() error {
+func (b *tryBody) Close() error {
 	b.mu.Lock()
 	buf := b.buf
 	b.buf = nil

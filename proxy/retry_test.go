@@ -117,7 +117,7 @@ func TestReplayBody(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var tries [2]replayBody
+		var tries [2]tryBody
 		for i := range tries {
 			tries[i].open(rb)
 		}
