@@ -535,6 +535,11 @@ func (s *h1Server) serveRequest(sc *h1ServerConn, hr *h1Req) bool {
 	if body != nil && !body.finish() {
 		ok = false
 	}
+	// Cleared now, not at reuse: the header holds the upstream
+	// response's value slices, which share the allocation of that
+	// response and of the request it answered.
+	clear(w.header)
+	w.sc = nil
 	h1RespPool.Put(w)
 	return ok && !r.Close && !s.closing.Load()
 }
@@ -640,7 +645,6 @@ var h1RespPool = sync.Pool{New: func() any { return &h1Response{header: http.Hea
 
 func h1WriterPoolGet(sc *h1ServerConn, r *http.Request) *h1Response {
 	w := h1RespPool.Get().(*h1Response)
-	clear(w.header)
 	*w = h1Response{sc: sc, head: r.Method == http.MethodHead, close: r.Close, header: w.header, buf: w.buf[:0], clen: -1}
 	return w
 }

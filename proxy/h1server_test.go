@@ -345,6 +345,7 @@ func TestH1ServerRequestsAreTheirOwn(t *testing.T) {
 		if r.Context().Value(key{}) != "conn" || r.RemoteAddr == "" {
 			w.WriteHeader(http.StatusTeapot)
 		}
+		w.Header().Add("X-Path", r.URL.Path) // the pooled response's header is cleared between requests
 		io.WriteString(w, r.URL.Path+" "+r.URL.RawQuery+" "+strings.Join(r.Header["X-A"], ","))
 		r.Header.Set("X-A", "changed")
 		r.URL.Path = "/changed"
@@ -387,6 +388,9 @@ func TestH1ServerRequestsAreTheirOwn(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != 200 || string(b) != tc.want {
 			t.Fatalf("request %d: %d %q, want 200 %q", i, resp.StatusCode, b, tc.want)
+		}
+		if p := resp.Header["X-Path"]; len(p) != 1 || !strings.HasPrefix(tc.want, p[0]+" ") {
+			t.Fatalf("request %d: X-Path %q", i, p)
 		}
 	}
 	mu.Lock()
