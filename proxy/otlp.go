@@ -3,16 +3,14 @@ package proxy
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -51,10 +49,11 @@ type OTLPExport struct {
 	// Headers go with every export (HTTP headers; gRPC metadata, keys
 	// lowercased), typically an API key: their values are never logged.
 	Headers map[string]string
-	// TLS is used for an https:// endpoint: RootCAs (nil: the system's)
-	// and a client certificate for a collector that requires one. It is
-	// an error with an http:// endpoint.
-	TLS *tls.Config
+	// TLS is used for an https:// endpoint: the CA (nil: the system's
+	// roots) and a client certificate for a collector that requires one,
+	// read again when their files change. It is an error with an http://
+	// endpoint.
+	TLS *OTLPTLS
 	// Timeout bounds one export (a batch); zero is 10 s.
 	Timeout time.Duration
 }
@@ -90,41 +89,6 @@ func ParseOTLPHeaders(s string) (map[string]string, error) {
 	return out, nil
 }
 
-// OTLPTLSConfig builds the exporter's TLS settings from PEM files: caFile
-// (OTEL_EXPORTER_OTLP_CERTIFICATE) replaces the system roots, certFile
-// and keyFile (OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE, _CLIENT_KEY) are the
-// client certificate, both or neither. All empty is nil.
-func OTLPTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
-	if caFile == "" && certFile == "" && keyFile == "" {
-		return nil, nil
-	}
-	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
-	if caFile != "" {
-		b, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("otlp certificate: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(b) {
-			return nil, fmt.Errorf("otlp certificate %s: no PEM certificate", caFile)
-		}
-		cfg.RootCAs = pool
-	}
-	if (certFile == "") != (keyFile == "") {
-		return nil, errors.New("otlp client certificate and client key go together")
-	}
-	if certFile != "" {
-		// Loaded once at start-up: a rotated client certificate needs a
-		// restart.
-		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
-		if err != nil {
-			return nil, fmt.Errorf("otlp client certificate: %w", err)
-		}
-		cfg.Certificates = []tls.Certificate{cert}
-	}
-	return cfg, nil
-}
-
 // OTLP transports, spelled as OTEL_EXPORTER_OTLP_PROTOCOL spells them.
 const (
 	OTLPProtocolHTTP = "http/protobuf"
@@ -139,9 +103,13 @@ const otlpExportMethod = "/opentelemetry.proto.collector.trace.v1.TraceService/E
 // traceExporter sends spans to an OTLP/HTTP traces URL or an OTLP/gRPC
 // collector.
 type traceExporter struct {
-	url      string
-	client   *http.Client
-	conn     *grpc.ClientConn // set for OTLP/gRPC
+	url    string
+	client *http.Client
+	conn   *grpc.ClientConn // set for OTLP/gRPC
+	// dial makes conn again when the TLS material changes.
+	dial     func() (*grpc.ClientConn, error)
+	tls      *OTLPTLS
+	log      *slog.Logger
 	headers  map[string]string
 	md       metadata.MD // headers, for gRPC
 	timeout  time.Duration
@@ -226,7 +194,7 @@ func (s *TraceSampler) sampleRoot() bool {
 	return s.threshold != 0 && s.rnd() < s.threshold
 }
 
-func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork.Clock, reg prometheus.Registerer) (*traceExporter, error) {
+func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork.Clock, reg prometheus.Registerer, log *slog.Logger) (*traceExporter, error) {
 	pu, err := url.Parse(u)
 	if err != nil {
 		return nil, err
@@ -240,10 +208,7 @@ func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork
 	if x.Timeout == 0 {
 		x.Timeout = exportTimeout
 	}
-	tlsCfg := x.TLS
-	if tlsCfg == nil {
-		tlsCfg = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
+	tlsCfg := x.TLS.config(pu.Hostname())
 	md := metadata.MD{}
 	for k, v := range x.Headers {
 		md.Append(strings.ToLower(k), v)
@@ -264,13 +229,15 @@ func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork
 		}
 		spans = existing
 	}
+	var dial func() (*grpc.ClientConn, error)
 	var conn *grpc.ClientConn
 	if protocol == OTLPProtocolGRPC {
 		creds := insecure.NewCredentials()
 		if pu.Scheme == "https" {
 			creds = credentials.NewTLS(tlsCfg.Clone())
 		}
-		if conn, err = grpc.NewClient(pu.Host, grpc.WithTransportCredentials(creds)); err != nil {
+		dial = func() (*grpc.ClientConn, error) { return grpc.NewClient(pu.Host, grpc.WithTransportCredentials(creds)) }
+		if conn, err = dial(); err != nil {
 			return nil, fmt.Errorf("otlp grpc endpoint %q: %w", u, err)
 		}
 	}
@@ -280,6 +247,9 @@ func newTraceExporter(u, protocol, service string, x OTLPExport, clock clockwork
 	return &traceExporter{
 		url:        u,
 		conn:       conn,
+		dial:       dial,
+		tls:        x.TLS,
+		log:        log,
 		headers:    x.Headers,
 		md:         md,
 		timeout:    x.Timeout,
@@ -431,6 +401,9 @@ func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error
 	}
 	body := protowire.AppendTag(nil, 1, protowire.BytesType)
 	body = protowire.AppendBytes(body, inner)
+	if e.tls.reload(e.log) {
+		e.renew()
+	}
 	ctx, cancel := e.withTimeout(ctx)
 	defer cancel()
 	if e.conn != nil {
@@ -460,6 +433,24 @@ func (e *traceExporter) export(ctx context.Context, spans []*tracepb.Span) error
 		return errors.New("otlp export: " + resp.Status)
 	}
 	return nil
+}
+
+// renew drops the collector connections made with the previous TLS
+// material, so that a rotated certificate is used from the next export
+// on, not only once a connection breaks. (Only the exporter's goroutine
+// uses conn.)
+func (e *traceExporter) renew() {
+	e.client.CloseIdleConnections()
+	if e.conn == nil {
+		return
+	}
+	conn, err := e.dial()
+	if err != nil {
+		e.log.Error("otlp grpc: reconnect after the tls reload", "error", err)
+		return
+	}
+	e.conn.Close()
+	e.conn = conn
 }
 
 // rawCodec passes already-encoded protobuf through gRPC. Its name is

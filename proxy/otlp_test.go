@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"maps"
 	"math"
 	"math/big"
@@ -429,7 +430,22 @@ const (
 // certificate and the API key; it sends what it accepts on spans.
 func startSecureCollector(t *testing.T, protocol string, pki *otlpPKI) (string, <-chan *tracepb.Span) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	target, spans, _ := startSecureCollectorAt(t, protocol, pki, "127.0.0.1:0")
+	return target, spans
+}
+
+// startSecureCollectorAt is startSecureCollector on addr (retrying while
+// a stopped collector's port frees); stop closes it and its connections.
+func startSecureCollectorAt(t *testing.T, protocol string, pki *otlpPKI, addr string) (target string, spans <-chan *tracepb.Span, stop func()) {
+	t.Helper()
+	var l net.Listener
+	var err error
+	for range 100 {
+		if l, err = net.Listen("tcp", addr); err == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -446,7 +462,7 @@ func startSecureCollector(t *testing.T, protocol string, pki *otlpPKI) (string, 
 		collectorpb.RegisterTraceServiceServer(srv, r)
 		go srv.Serve(l)
 		t.Cleanup(srv.Stop)
-		return "https://" + l.Addr().String(), r.spans
+		return "https://" + l.Addr().String(), r.spans, srv.Stop
 	}
 	base, spans := otlpReceiver(t)
 	next, _ := url.Parse(base)
@@ -460,7 +476,7 @@ func startSecureCollector(t *testing.T, protocol string, pki *otlpPKI) (string, 
 	})}
 	go srv.ServeTLS(l, "", "")
 	t.Cleanup(func() { srv.Close() })
-	return "https://" + l.Addr().String() + "/v1/traces", spans
+	return "https://" + l.Addr().String() + "/v1/traces", spans, func() { srv.Close() }
 }
 
 // spanCounts reads writ_otlp_spans_total by result.
@@ -555,7 +571,7 @@ func TestOTLPExportMTLSAndHeaders(t *testing.T) {
 	for _, protocol := range []string{OTLPProtocolHTTP, OTLPProtocolGRPC} {
 		for _, tc := range []struct {
 			name     string
-			tls      *tls.Config
+			tls      *OTLPTLS
 			headers  map[string]string
 			accepted bool
 		}{
@@ -589,6 +605,107 @@ func TestOTLPExportMTLSAndHeaders(t *testing.T) {
 			})
 		}
 	}
+}
+
+// TestOTLPExportRotation: for both transports, the exporter follows its
+// TLS files without a restart. A collector requiring client certificates
+// of CA1 gets spans. A client certificate file overwritten with garbage
+// is logged and the last good certificate kept: a collector restarted
+// (so the exporter connects anew) still gets spans. Then the collector
+// is replaced by one with a server certificate of CA2 that requires
+// client certificates of CA2, and the CA, certificate and key files are
+// rotated to CA2's: spans arrive again.
+func TestOTLPExportRotation(t *testing.T) {
+	headers, err := ParseOTLPHeaders(otlpHeaderEnv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, protocol := range []string{OTLPProtocolHTTP, OTLPProtocolGRPC} {
+		t.Run(protocol, func(t *testing.T) {
+			pki1, pki2 := newOTLPPKI(t), newOTLPPKI(t)
+			files, err := OTLPTLSConfig(pki1.caFile, pki1.certFile, pki1.keyFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			target, spans, stop := startSecureCollectorAt(t, protocol, pki1, "127.0.0.1:0")
+			u, _ := url.Parse(target)
+			logs := &lockedBuffer{}
+			get, clock, reg, _ := tracedClient(t, Options{OTLPTracesURL: target, OTLPProtocol: protocol,
+				OTLP: OTLPExport{TLS: files, Headers: headers}, Log: slog.New(slog.NewTextHandler(logs, nil))})
+			// arrives sends requests until one's span reaches the collector.
+			arrives := func(what string, spans <-chan *tracepb.Span) {
+				t.Helper()
+				deadline := time.Now().Add(30 * time.Second)
+				for {
+					get()
+					for range 20 {
+						clock.Advance(traceFlush)
+						select {
+						case <-spans:
+							return
+						case <-time.After(10 * time.Millisecond):
+						}
+					}
+					if time.Now().After(deadline) {
+						t.Fatalf("%s: no span reached the collector in 30 s (%v)", what, spanCounts(t, reg))
+					}
+				}
+			}
+			arrives("CA1", spans)
+
+			replace(t, pki1.certFile, []byte("not a certificate\n"))
+			stop()
+			_, spans, stop = startSecureCollectorAt(t, protocol, pki1, u.Host)
+			arrives("a garbled certificate file", spans)
+			if !strings.Contains(logs.String(), "cannot be used; keeping the last good") || !strings.Contains(logs.String(), pki1.certFile) {
+				t.Errorf("no error logged for the garbled file:\n%s", logs)
+			}
+
+			stop()
+			for src, dst := range map[string]string{pki2.caFile: pki1.caFile, pki2.certFile: pki1.certFile, pki2.keyFile: pki1.keyFile} {
+				b, err := os.ReadFile(src)
+				if err != nil {
+					t.Fatal(err)
+				}
+				replace(t, dst, b)
+			}
+			_, spans, _ = startSecureCollectorAt(t, protocol, pki2, u.Host)
+			arrives("CA2", spans)
+			if !strings.Contains(logs.String(), "otlp tls: certificates reloaded") {
+				t.Errorf("no reload logged:\n%s", logs)
+			}
+		})
+	}
+}
+
+// replace swaps a file's content as rotations do, by rename.
+func replace(t *testing.T, name string, b []byte) {
+	t.Helper()
+	tmp := name + ".new"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, name); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// lockedBuffer is a bytes.Buffer for a logger on other goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // blackHole accepts connections and never answers; accepted receives
@@ -753,7 +870,7 @@ func TestOTLPExportNoRedirect(t *testing.T) {
 	t.Cleanup(elsewhere.Close)
 	collector := httptest.NewServer(http.RedirectHandler(elsewhere.URL+"/v1/traces", http.StatusTemporaryRedirect))
 	t.Cleanup(collector.Close)
-	e, err := newTraceExporter(collector.URL+"/v1/traces", OTLPProtocolHTTP, "svc", OTLPExport{Headers: map[string]string{"X-Api-Key": "secret"}}, clockwork.NewRealClock(), prometheus.NewRegistry())
+	e, err := newTraceExporter(collector.URL+"/v1/traces", OTLPProtocolHTTP, "svc", OTLPExport{Headers: map[string]string{"X-Api-Key": "secret"}}, clockwork.NewRealClock(), prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

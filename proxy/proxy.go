@@ -182,7 +182,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		if opts.ServiceName == "" {
 			opts.ServiceName = "writ-proxy"
 		}
-		if p.traces, err = newTraceExporter(u, opts.OTLPProtocol, opts.ServiceName, opts.OTLP, opts.Clock, opts.Registry); err != nil {
+		if p.traces, err = newTraceExporter(u, opts.OTLPProtocol, opts.ServiceName, opts.OTLP, opts.Clock, opts.Registry, opts.Log); err != nil {
 			return fail(err)
 		}
 	}

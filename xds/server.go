@@ -401,6 +401,15 @@ func (s *Server) joinNode(st *streamState, cn *corev3.Node) error {
 		ns = &nodeState{node: n}
 		s.nodes[n.ID] = ns
 		s.connected.Inc()
+	} else if ns.bad != "" {
+		// The node comes back on a new stream (its old one may linger
+		// here, half-open, after the node gave it up) with a version
+		// refused: it may have reloaded its policy meanwhile, or taken the
+		// refused version and lost its ACK with the old stream. Offer the
+		// current build again instead of the reverted one, which would
+		// leave the node behind for good: a node that still refuses it
+		// NACKs it again, with its reason, and gets the last good back.
+		ns.bad, ns.badSnap = "", nil
 	}
 	ns.streams++
 	st.nodeID = n.ID

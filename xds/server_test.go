@@ -280,6 +280,76 @@ func TestADSRefusedTakenLater(t *testing.T) {
 	waitFor(t, node(r4.VersionInfo, r4.VersionInfo))
 }
 
+// TestADSRefusedOfferedOnNewStream: a node that refused a version and
+// comes back on a new stream while its old one still lingers here (a
+// half-open connection writd has not noticed) is offered writd's current
+// version again, not the last good one put back on the NACK: it may have
+// reloaded its policy meanwhile. Refused again, the reason is recorded
+// and the last good one is back; taken, it is in force.
+func TestADSRefusedOfferedOnNewStream(t *testing.T) {
+	e := startADS(t)
+	ctx := context.Background()
+	names := []string{"greeter.demo:50051"}
+	md := map[string]any{MetaProxy: "grpc", MetaNamespace: "demo"}
+	node := func(version, acked, lastErr string) func() bool {
+		return func() bool {
+			ns := e.srv.Nodes()
+			return len(ns) == 1 && ns[0].Version == version && ns[0].Acked == acked && strings.Contains(ns[0].LastError, lastErr)
+		}
+	}
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, meshYAML), false); err != nil {
+		t.Fatal(err)
+	}
+	old := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", md)
+	if err := old.request(resource.RouteType, names, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	r1 := old.recv(t)
+	if err := old.request(resource.RouteType, names, r1.VersionInfo, r1.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	updated := strings.Replace(strings.Replace(meshYAML, "weight: 80", "weight: 50", 1), "weight: 20", "weight: 50", 1)
+	if _, err := e.store.Apply(ctx, "test", mustDecode(t, updated), false); err != nil {
+		t.Fatal(err)
+	}
+	r2 := old.recv(t)
+	if err := old.request(resource.RouteType, names, r1.VersionInfo, r2.Nonce, "rule not defined"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r1.VersionInfo, r1.VersionInfo, "rule not defined"))
+
+	// The old stream stays open: the node's state outlives it.
+	c := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", md)
+	if err := c.request(resource.RouteType, names, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	got := c.recv(t)
+	if got.VersionInfo != r2.VersionInfo {
+		t.Fatalf("new stream got version %s, want the current %s (last good %s)", got.VersionInfo, r2.VersionInfo, r1.VersionInfo)
+	}
+	// Still refused: recorded, and the last good one is current again.
+	if err := c.request(resource.RouteType, names, r1.VersionInfo, got.Nonce, "rule still not defined"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r1.VersionInfo, r1.VersionInfo, "rule still not defined"))
+	if n := testutil.ToFloat64(e.srv.nacks.WithLabelValues(resource.RouteType)); n != 2 {
+		t.Fatalf("nack metric = %v, want 2", n)
+	}
+
+	// Once more on a third stream, and this time taken.
+	c3 := e.dial(t, "spiffe://example.org/ns/demo/sa/client", "client-1", md)
+	if err := c3.request(resource.RouteType, names, "", "", ""); err != nil {
+		t.Fatal(err)
+	}
+	if got = c3.recv(t); got.VersionInfo != r2.VersionInfo {
+		t.Fatalf("third stream got version %s, want %s", got.VersionInfo, r2.VersionInfo)
+	}
+	if err := c3.request(resource.RouteType, names, got.VersionInfo, got.Nonce, ""); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, node(r2.VersionInfo, r2.VersionInfo, ""))
+}
+
 func TestADSRefusesMismatchedClaims(t *testing.T) {
 	e := startADS(t)
 	tests := []struct {

@@ -407,7 +407,7 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		res, derr := decode(t, r)
 		if derr != nil {
 			c.refused(r.GetVersionInfo(), derr)
-			if err := c.answer(st, t, acked[t], r.GetNonce(), derr.Error()); err != nil {
+			if err := c.answer(st, t, c.nackVersion(acked, t), r.GetNonce(), derr.Error()); err != nil {
 				return got, err
 			}
 			delete(pending, t)
@@ -461,10 +461,13 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		}
 		for _, t := range typeURLs {
 			p := pending[t]
+			v := acked[t]
 			if reason == "" {
-				acked[t] = p.version
+				acked[t], v = p.version, p.version
+			} else {
+				v = c.nackVersion(acked, t)
 			}
-			if err := c.answer(st, t, acked[t], p.nonce, reason); err != nil {
+			if err := c.answer(st, t, v, p.nonce, reason); err != nil {
 				return got, err
 			}
 		}
@@ -476,6 +479,25 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		}
 		clear(pending)
 	}
+}
+
+// nackVersion is the version a NACK of type t names: the last one ACKed
+// on this stream or, before any, the one in force, as Envoy's NACKs do.
+// On a new stream that matters: writd puts its last good snapshot back,
+// and a node that says it runs that version is sent nothing more, so the
+// refused set stays held for RetryRefused; a NACK naming no version would
+// have the last good one sent, and that newer response would drop the
+// held set.
+func (c *Client) nackVersion(acked map[string]string, t string) string {
+	if v := acked[t]; v != "" {
+		return v
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.applied == nil {
+		return ""
+	}
+	return c.applied.Version
 }
 
 // maxMismatched bounds how often in a row a set whose types disagree on
