@@ -379,6 +379,14 @@ func TestRetriesAndTimeouts(t *testing.T) {
 // connection and on several at once, carries its own body and no other
 // request's.
 func TestRetriedBodiesStayTheirOwn(t *testing.T) {
+	// Over HTTP/2 the transport sends a try's body from its own
+	// goroutine and may close it after RoundTrip has returned.
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("http2=%v", h2), func(t *testing.T) { testRetriedBodies(t, h2) })
+	}
+}
+
+func testRetriedBodies(t *testing.T, h2 bool) {
 	ca := newTestCA(t)
 	body := func(id string, n int) string {
 		return strings.Repeat(id+".", n/(len(id)+1)+1)[:n]
@@ -407,7 +415,7 @@ func TestRetriedBodiesStayTheirOwn(t *testing.T) {
 	cfg := &Config{
 		// Room for every client to be retrying at once.
 		Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: bad.server.Addr("mesh")}, {Address: good.server.Addr("mesh")}}, PeerIDs: peer,
-			CircuitBreakers: &CircuitBreakers{MaxRequests: 1024, MaxRetries: 16}}},
+			CircuitBreakers: &CircuitBreakers{MaxRequests: 1024, MaxRetries: 16}, HTTP2: h2}},
 		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
 			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}},
 				Retry: &RetryPolicy{RetryOn: []string{"gateway-error"}, NumRetries: 3, BaseInterval: Duration(time.Millisecond)}},
