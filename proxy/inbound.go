@@ -265,7 +265,7 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			applyHeader(rw.Header(), h)
 		}
 		r.Header.Set(headerXFCC, pi.xfcc)
-		l.fwd.serve(rw, r, !l.toApp.allH2C)
+		l.fwd.serve(r.Context(), rw, r, !l.toApp.allH2C)
 	}
 	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 	l.p.observe(&res)
@@ -299,14 +299,21 @@ func (l *inboundListener) checkRequest(r *http.Request, pi *peerInfo) *authv3.Ch
 	}
 	target := r.URL.RequestURI()
 	headers[":method"], headers[":path"], headers[":authority"], headers[":scheme"] = r.Method, target, r.Host, "https"
-	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source:      pi.source,
-		Destination: pi.dest,
-		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-			Method: r.Method, Path: target, Host: r.Host, Scheme: "https", Protocol: r.Proto, Headers: headers,
-		}},
-		ContextExtensions: l.ext,
-	}}
+	c := new(checkReq)
+	c.http.Method, c.http.Path, c.http.Host, c.http.Scheme, c.http.Protocol, c.http.Headers = r.Method, target, r.Host, "https", r.Proto, headers
+	c.req.Http = &c.http
+	c.attrs.Source, c.attrs.Destination, c.attrs.Request, c.attrs.ContextExtensions = pi.source, pi.dest, &c.req, l.ext
+	c.check.Attributes = &c.attrs
+	return &c.check
+}
+
+// checkReq is a CheckRequest and the messages it points to, made in one
+// allocation (never copied: the messages are built in place).
+type checkReq struct {
+	check authv3.CheckRequest
+	attrs authv3.AttributeContext
+	req   authv3.AttributeContext_Request
+	http  authv3.AttributeContext_HttpRequest
 }
 
 func sockAddr(ip string, port uint32) *corev3.Address {
