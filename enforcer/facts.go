@@ -15,9 +15,47 @@ import (
 type requestView struct {
 	req    *authv3.CheckRequest
 	target string
+	// seen are the first answers given: a residual's unknowns and the
+	// decision cache's key ask for the same paths, and each string term
+	// answered is an allocation. The paths are the policy set's own,
+	// which never change.
+	seen  [2]seenPath
+	nseen int
+}
+
+type seenPath struct {
+	p  []string
+	t  *ast.Term
+	ok bool
 }
 
 func (v *requestView) Lookup(p []string) (*ast.Term, bool) {
+	for _, s := range v.seen[:v.nseen] {
+		if samePath(s.p, p) {
+			return s.t, s.ok
+		}
+	}
+	t, ok := v.lookup(p)
+	if v.nseen < len(v.seen) {
+		v.seen[v.nseen] = seenPath{p: p, t: t, ok: ok}
+		v.nseen++
+	}
+	return t, ok
+}
+
+func samePath(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (v *requestView) lookup(p []string) (*ast.Term, bool) {
 	attrs := v.req.GetAttributes()
 	str := func(s string) (*ast.Term, bool) {
 		if s == "" {
@@ -70,7 +108,11 @@ func (v *requestView) Lookup(p []string) (*ast.Term, bool) {
 		if p[1] == "destination" {
 			principal = attrs.GetDestination().GetPrincipal()
 		}
-		t := spiffePartsCached(principal).Get(ast.StringTerm(p[2]))
+		key, ok := spiffeKeys[p[2]]
+		if !ok {
+			key = ast.StringTerm(p[2])
+		}
+		t := spiffePartsCached(principal).Get(key)
 		return t, t != nil
 	case len(p) == 2 && p[0] == "writ" && p[1] == "destination_service":
 		return str(destinationService(v.req))
@@ -84,4 +126,11 @@ func (v *requestView) Lookup(p []string) (*ast.Term, bool) {
 func bodyless(req *authv3.CheckRequest) bool {
 	h := req.GetAttributes().GetRequest().GetHttp()
 	return h.GetBody() == "" && len(h.GetRawBody()) == 0
+}
+
+// spiffeKeys are the keys of spiffeParts' objects, made once rather than
+// per look-up.
+var spiffeKeys = map[string]*ast.Term{
+	"id": ast.StringTerm("id"), "trust_domain": ast.StringTerm("trust_domain"),
+	"namespace": ast.StringTerm("namespace"), "service_account": ast.StringTerm("service_account"),
 }

@@ -310,11 +310,12 @@ func spiffeParts(principal string) ast.Object {
 
 // traceID extracts the trace id of a W3C traceparent header, or "".
 func traceID(tp string) string {
-	parts := strings.Split(strings.TrimSpace(tp), "-")
-	if len(parts) < 4 || len(parts[0]) != 2 || parts[0] == "ff" || len(parts[1]) != 32 {
+	// Four or more dash-separated fields: version, trace id, ...
+	version, rest, _ := strings.Cut(strings.TrimSpace(tp), "-")
+	id, rest, ok := strings.Cut(rest, "-")
+	if !ok || strings.IndexByte(rest, '-') < 0 || len(version) != 2 || version == "ff" || len(id) != 32 {
 		return ""
 	}
-	id := parts[1]
 	if strings.Trim(id, "0") == "" {
 		return ""
 	}

@@ -142,6 +142,13 @@ func TestFacts(t *testing.T) {
 		"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01": "",
 		"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01": "",
 		"garbage": "",
+		" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 ":   "4bf92f3577b34da6a3ce929d0e0e4736",
+		"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz": "4bf92f3577b34da6a3ce929d0e0e4736",
+		"00-4bf92f3577b34da6a3ce929d0e0e4736--":                       "4bf92f3577b34da6a3ce929d0e0e4736",
+		"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7":        "",
+		"000-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01":    "",
+		"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01":      "",
+		"00-4bf92f3577b34da6a3ce929d0e0e4736":                         "",
 	} {
 		if got := traceID(tp); got != want {
 			t.Errorf("traceID(%q) = %q", tp, got)

@@ -3,6 +3,7 @@ package policy
 import (
 	"context"
 	"hash/maphash"
+	"slices"
 
 	"github.com/open-policy-agent/opa/v1/ast"
 )
@@ -27,7 +28,8 @@ func (s Snapshot) EvalFacts(ctx context.Context, f Facts) (Result, bool) {
 		return Result{}, false
 	}
 	useCache := set.cache.use()
-	key, sum, size, ok := set.cache.keyFacts(f)
+	var kb [keyOnStack]ast.Value
+	key, sum, size, ok := set.cache.keyFacts(f, kb[:0])
 	if !ok || size > maxKeyBytes {
 		return Result{}, false
 	}
@@ -45,21 +47,27 @@ func (s Snapshot) EvalFacts(ctx context.Context, f Facts) (Result, bool) {
 		return Result{}, false
 	}
 	if useCache {
-		set.cache.put(key, sum, r)
+		set.cache.put(slices.Clone(key), sum, r)
 	}
 	return r, true
 }
 
-// keyFacts is key for an input made of f's values; ok is false unless
-// every path is present in f (the key of a path that stops early records
-// how far it got, which only the input can say).
-func (c *decisionCache) keyFacts(f Facts) (key []ast.Value, sum uint64, size int, ok bool) {
+// keyOnStack covers the cache keys of policies reading up to four input
+// paths (two values each): building one then allocates nothing unless it
+// is stored.
+const keyOnStack = 8
+
+// keyFacts is key for an input made of f's values, appended to buf
+// (whose array the caller owns: a key to keep is cloned); ok is false
+// unless every path is present in f (the key of a path that stops early
+// records how far it got, which only the input can say).
+func (c *decisionCache) keyFacts(f Facts, buf []ast.Value) (key []ast.Value, sum uint64, size int, ok bool) {
 	if c.paths == nil {
 		return nil, 0, 0, false
 	}
 	var h maphash.Hash
 	h.SetSeed(c.seed)
-	key = make([]ast.Value, 0, len(c.paths)*2)
+	key = slices.Grow(buf[:0], len(c.paths)*2)
 	for _, p := range c.paths {
 		t, ok := f.Lookup(p)
 		if !ok || t == nil {
@@ -91,7 +99,8 @@ func (r *residuals) evalFacts(ctx context.Context, f Facts, revision string) (Re
 		}
 		vals[i] = t
 	}
-	key, sum, size, ok := r.cache.keyFacts(f)
+	var kb [keyOnStack]ast.Value
+	key, sum, size, ok := r.cache.keyFacts(f, kb[:0])
 	if !ok || size > maxKeyBytes {
 		return Result{}, false
 	}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"os"
+	"time"
 	"unsafe"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
@@ -18,7 +20,6 @@ type heldBody struct {
 	buf     []byte
 	partial bool // more of the body follows what buf holds
 	pack    bool // sent as raw_body, not body
-	size    int64
 }
 
 // errBodyTooLarge is a body over max_request_bytes without
@@ -46,7 +47,7 @@ const (
 // that fills the limit exactly counts as partial: waiting to see its end
 // would hold a client that streams until it is answered.
 func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
-	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 || r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect {
+	if !hasBody(r) {
 		return nil, nil
 	}
 	limit := int64(rb.MaxBytes)
@@ -61,7 +62,7 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 	if r.ContentLength < 0 {
 		n = min(want, firstBodyRead)
 	}
-	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes, size: r.ContentLength}
+	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes}
 	eof := false
 	for int64(len(hb.buf)) < want {
 		if len(hb.buf) == cap(hb.buf) {
@@ -101,18 +102,40 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 	return hb, nil
 }
 
+// hasBody tells a request whose body may be held: not one that ended
+// with its headers, nor an upgrade, whose body is the tunnel.
+func hasBody(r *http.Request) bool {
+	return r.Body != nil && r.Body != http.NoBody && r.ContentLength != 0 && r.Header.Get("Upgrade") == "" && r.Method != http.MethodConnect
+}
+
+// bodyHoldTimeout bounds the wait for a held body. Before the check no
+// app's timeout applies and the servers' read deadlines are off (or the
+// idle one), so a client sending its body slowly, or stopping, would
+// otherwise keep the request, its buffer and its goroutine, and delay a
+// drain, for as long as it likes. A variable for tests.
+var bodyHoldTimeout = 30 * time.Second
+
 // holdBody holds r's body for the check when the listener's ext_authz
-// asks for it (with_request_body); by default it holds nothing.
-func (l *inboundListener) holdBody(r *http.Request) (*heldBody, error) {
-	if l.cfg.RequestBody.MaxBytes == 0 {
+// asks for it (with_request_body), under bodyHoldTimeout; by default it
+// holds nothing.
+func (l *inboundListener) holdBody(w http.ResponseWriter, r *http.Request) (*heldBody, error) {
+	if l.cfg.RequestBody.MaxBytes == 0 || !hasBody(r) {
 		return nil, nil
 	}
-	return holdBody(r, l.cfg.RequestBody)
+	rc := http.NewResponseController(w)
+	if err := rc.SetReadDeadline(time.Now().Add(bodyHoldTimeout)); err != nil {
+		return nil, err
+	}
+	hb, err := holdBody(r, l.cfg.RequestBody)
+	// The rest streams to the app as a body does without a hold.
+	_ = rc.SetReadDeadline(time.Time{})
+	return hb, err
 }
 
 // attach puts the held body into req as Envoy does: body (raw_body with
-// pack_as_bytes), the x-envoy-auth-partial-body header, and the size
-// the request declared (-1 if none). A nil h attaches nothing.
+// pack_as_bytes), the x-envoy-auth-partial-body header, and as size the
+// body bytes received before the check (Envoy's bytesReceived, not the
+// declared length). A nil h attaches nothing.
 func (h *heldBody) attach(req *authv3.CheckRequest) {
 	if h == nil {
 		return
@@ -125,7 +148,7 @@ func (h *heldBody) attach(req *authv3.CheckRequest) {
 		// held (the replay only reads it).
 		hr.Body = unsafe.String(unsafe.SliceData(h.buf), len(h.buf))
 	}
-	hr.Size = h.size
+	hr.Size = int64(len(h.buf))
 	partial := "false"
 	if h.partial {
 		partial = "true"
@@ -153,11 +176,15 @@ func (b *replayBody) Read(p []byte) (int, error) {
 func (b *replayBody) Close() error { return b.rest.Close() }
 
 // writeBodyRefused answers a request whose body could not be held as
-// Envoy does: 413 for one too large, 400 for one that could not be read.
+// Envoy does: 413 for one too large, 408 for one too slow, 400 for one
+// that could not be read.
 func writeBodyRefused(w http.ResponseWriter, err error) {
 	status, msg := http.StatusBadRequest, "Bad Request"
-	if errors.Is(err, errBodyTooLarge) {
+	switch {
+	case errors.Is(err, errBodyTooLarge):
 		status, msg = http.StatusRequestEntityTooLarge, "Payload Too Large"
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		status, msg = http.StatusRequestTimeout, "Request Timeout"
 	}
 	w.Header().Set("Content-Type", "text/plain")
 	w.Header().Set("Connection", "close")

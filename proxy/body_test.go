@@ -40,6 +40,7 @@ seen := {
 	"x-seen-text": object.get(input.attributes.request.http, "body", "-"),
 	"x-seen-raw": object.get(input.attributes.request.http, "rawBody", "-"),
 	"x-seen-partial": object.get(input.attributes.request.http.headers, "x-envoy-auth-partial-body", "-"),
+	"x-seen-size": json.marshal(object.get(input.attributes.request.http, "size", "-")),
 }
 
 ok if input.parsed_body.action == "read"
@@ -56,7 +57,7 @@ ok if {
 }
 `
 
-var seenHeaders = []string{"x-seen-body", "x-seen-truncated", "x-seen-text", "x-seen-raw", "x-seen-partial"}
+var seenHeaders = []string{"x-seen-body", "x-seen-truncated", "x-seen-text", "x-seen-raw", "x-seen-partial", "x-seen-size"}
 
 // bodyApp records each request's body and the policy's x-seen headers.
 type bodyApp struct {
@@ -113,21 +114,21 @@ func (c chunked) Read(p []byte) (int, error) { return c.r.Read(p) }
 // envoyCheck is the CheckRequest Envoy's ext_authz filter sends for a
 // request whose body it buffered with with_request_body: the headers
 // (lower case, pseudo-headers), the first max_request_bytes of the body
-// as body (raw_body with pack_as_bytes), x-envoy-auth-partial-body and the
-// declared size (-1 when none).
+// as body (raw_body with pack_as_bytes), x-envoy-auth-partial-body and as
+// size the body bytes it received before the check (its bytesReceived:
+// none without a body, and here the bytes it held).
 func envoyCheck(method, ct string, body []byte, declared bool, rb RequestBody) *authv3.CheckRequest {
 	h := map[string]string{":method": method, ":path": "/orders", ":authority": "server", ":scheme": "https"}
-	size := int64(-1)
 	if ct != "" {
 		h["content-type"] = ct
 	}
 	if declared {
 		h["content-length"] = strconv.Itoa(len(body))
-		size = int64(len(body))
 	}
-	hr := &authv3.AttributeContext_HttpRequest{Method: method, Path: "/orders", Host: "server", Scheme: "https", Protocol: "HTTP/1.1", Headers: h, Size: size}
+	hr := &authv3.AttributeContext_HttpRequest{Method: method, Path: "/orders", Host: "server", Scheme: "https", Protocol: "HTTP/1.1", Headers: h}
 	if body != nil {
 		part := body[:min(len(body), rb.MaxBytes)]
+		hr.Size = int64(len(part))
 		if rb.PackAsBytes {
 			hr.RawBody = part
 		} else {
@@ -198,6 +199,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 		{"exactly the limit", strict, "POST", "application/json", []byte(`{"action": "read", "pad": "` + strings.Repeat("z", 64-29) + `"}`), false, false, nil, 200, `{"action":"read","pad":"` + strings.Repeat("z", 64-29) + `"}`},
 		{"chunked, exactly the limit", strict, "POST", "application/json", []byte(`{"action": "read", "pad": "` + strings.Repeat("z", 64-29) + `"}`), true, false, nil, 200, `{"action":"read","pad":"` + strings.Repeat("z", 64-29) + `"}`},
 		{"no body", strict, "GET", "", nil, false, false, nil, 200, `null`},
+		{"no body, forged partial header dropped", strict, "GET", "", nil, false, false, map[string]string{enforcer.PartialBodyHeader: "true"}, 200, `null`},
 		{"forged partial header overwritten", strict, "POST", "application/json", []byte(`{"action": "read"}`), false, false, map[string]string{enforcer.PartialBodyHeader: "true"}, 200, `{"action":"read"}`},
 		{"too large", strict, "POST", "application/json", long, false, false, nil, 413, ""},
 		{"chunked too large", strict, "POST", "application/json", long, true, false, nil, 413, ""},
@@ -209,6 +211,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 		{"partial, whole body", partial, "POST", "application/json", []byte(`{"action": "read"}`), false, false, nil, 200, `{"action":"read"}`},
 		// Not asked for: nothing held, the policy sees no body, the app gets it.
 		{"off", RequestBody{}, "POST", "application/json", big, false, false, map[string]string{"x-let-in": "yes"}, 200, `null`},
+		{"off, forged partial header dropped", RequestBody{}, "POST", "application/json", long, false, false, map[string]string{"x-let-in": "yes", enforcer.PartialBodyHeader: "true"}, 200, `null`},
 		{"off, chunked", RequestBody{}, "POST", "application/json", long, true, false, map[string]string{"x-let-in": "yes"}, 200, `null`},
 		{"pack as bytes", raw, "POST", "application/json", []byte(`{"action": "read"}`), false, false, nil, 200, `{"action":"read"}`},
 	}
@@ -270,7 +273,7 @@ func TestRequestBodyToPolicy(t *testing.T) {
 			cr := envoyCheck(tt.method, tt.ct, tt.body, !tt.chunked && tt.body != nil, tt.rb)
 			if tt.rb.MaxBytes == 0 {
 				h := cr.Attributes.Request.Http
-				h.Body, h.RawBody = "", nil
+				h.Body, h.RawBody, h.Size = "", nil, 0
 				delete(h.Headers, enforcer.PartialBodyHeader)
 			}
 			for k, v := range tt.header {
@@ -504,6 +507,83 @@ func BenchmarkProxyPairBody(b *testing.B) {
 				if resp.StatusCode != 200 || n != 1024 {
 					b.Fatalf("got %d, %d bytes", resp.StatusCode, n)
 				}
+			}
+		})
+	}
+}
+
+// TestHeldBodyDeadline: a client that sends a body too slowly to be held
+// (a slowloris) is answered 408 once bodyHoldTimeout passes, on the
+// HTTP/1.1 fast path, net/http's HTTP/1.1 (chunked) and HTTP/2, with no
+// decision and nothing sent to the app; and the deadline ends with the
+// hold, so the rest of a partially checked body may follow later.
+func TestHeldBodyDeadline(t *testing.T) {
+	defer func(d time.Duration) { bodyHoldTimeout = d }(bodyHoldTimeout)
+	bodyHoldTimeout = 200 * time.Millisecond
+	ca := newTestCA(t)
+	for _, tt := range []struct {
+		name          string
+		h2, declared  bool
+		rb            RequestBody
+		pause, status int
+	}{
+		{"fast path, stalled", false, true, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"chunked, stalled", false, false, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"http2, stalled", true, false, RequestBody{MaxBytes: 1 << 10}, -1, 408},
+		{"fast path, rest after the hold", false, true, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+		{"chunked, rest after the hold", false, false, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+		{"http2, rest after the hold", true, false, RequestBody{MaxBytes: 16, AllowPartialMessage: true}, 3, 200},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			app := &bodyApp{}
+			dec := &decisions{}
+			srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: serveApp(t, app), RequestBody: tt.rb}}},
+				Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, bodyRego, dec)})
+			body := []byte(`{"action": "read", "pad": "` + strings.Repeat("x", 100) + `"}`)
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			req, err := http.NewRequest("POST", "https://"+srv.Addr("mesh")+"/orders", pr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = "server"
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("x-allow-truncated", "yes")
+			if tt.declared {
+				req.ContentLength = int64(len(body))
+			}
+			go func() {
+				_, _ = pw.Write(body[:16])
+				if tt.pause < 0 {
+					return // never more: the proxy must give up
+				}
+				time.Sleep(time.Duration(tt.pause) * bodyHoldTimeout)
+				_, _ = pw.Write(body[16:])
+				pw.Close()
+			}()
+			resp, err := meshClient(t, ca, tt.h2).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			answer, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tt.status {
+				t.Fatalf("status %d %q, want %d", resp.StatusCode, answer, tt.status)
+			}
+			got, _, n := app.last()
+			if tt.status == 200 {
+				if !bytes.Equal(got, body) {
+					t.Errorf("app got %q, want %q", got, body)
+				}
+				return
+			}
+			if n != 0 {
+				t.Errorf("the app was called for a request whose body never came")
+			}
+			dec.mu.Lock()
+			defer dec.mu.Unlock()
+			if len(dec.got) != 0 {
+				t.Errorf("recorded decisions %+v for a request never checked", dec.got)
 			}
 		})
 	}

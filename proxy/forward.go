@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"mime"
 	"net/http"
@@ -51,15 +52,26 @@ type fwdReq struct {
 	url url.URL
 }
 
-// serve forwards r. fastOK says whether the transport r would take is the
-// synchronous HTTP/1.1 one (which never reports 1xx responses, so there
-// is no client trace to install).
-func (f *forwarder) serve(w http.ResponseWriter, r *http.Request, fastOK bool) {
+// serve forwards r under ctx. fastOK says whether the transport r would
+// take is the synchronous HTTP/1.1 one (which never reports 1xx
+// responses, so there is no client trace to install).
+func (f *forwarder) serve(ctx context.Context, w http.ResponseWriter, r *http.Request, fastOK bool) {
+	own := ctx == r.Context()
 	if !fastOK || r.ProtoMajor != 1 || r.ProtoMinor < 1 || !fast(r) || !cleanQuery(r.URL.RawQuery) {
+		if !own {
+			r = r.WithContext(ctx)
+		}
 		f.rp.ServeHTTP(w, r)
 		return
 	}
-	fr := &fwdReq{req: *r, url: *r.URL}
+	var fr *fwdReq
+	if !own {
+		// The copy WithContext makes is only copied from, so it stays
+		// on the stack: one allocation for the outbound request.
+		fr = &fwdReq{req: *r.WithContext(ctx), url: *r.URL}
+	} else {
+		fr = &fwdReq{req: *r, url: *r.URL}
+	}
 	out := &fr.req
 	out.URL = &fr.url
 	out.URL.Scheme = f.scheme

@@ -287,7 +287,7 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 		if _, err := c.br.Peek(1); err != nil {
 			return fail(err, false)
 		}
-		resp, err := readResponse(c, r)
+		resp, spare, err := readResponse(c, r)
 		if err != nil {
 			return fail(err, true)
 		}
@@ -304,7 +304,11 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 			t.release(c, reuse && stop())
 			return resp, nil
 		}
-		resp.Body = &h1Body{rc: resp.Body, t: t, c: c, stop: stop, reuse: reuse}
+		if spare == nil {
+			spare = new(h1Body)
+		}
+		*spare = h1Body{rc: resp.Body, t: t, c: c, stop: stop, reuse: reuse}
+		resp.Body = spare
 		return resp, nil
 	}
 }
@@ -312,19 +316,23 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 // readResponse reads the common response (HTTP/1.1, a head that fits in
 // the connection's buffer, a single Content-Length or no body) into a
 // Response as http.ReadResponse would, from one string for the whole
-// head; anything else is read by http.ReadResponse itself.
-func readResponse(c *h1Conn, req *http.Request) (*http.Response, error) {
+// head; anything else is read by http.ReadResponse itself. spare, when
+// not nil, is an h1Body made with the response, for its body.
+func readResponse(c *h1Conn, req *http.Request) (resp *http.Response, spare *h1Body, err error) {
 	head, err := peekHead(c.br)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if head == nil {
-		return http.ReadResponse(c.br, req)
+		resp, err = http.ReadResponse(c.br, req)
+		return resp, nil, err
 	}
-	resp := parseResponseHead(head, req)
-	if resp == nil {
-		return http.ReadResponse(c.br, req)
+	hr := parseResponse(head, req)
+	if hr == nil {
+		resp, err = http.ReadResponse(c.br, req)
+		return resp, nil, err
 	}
+	resp = &hr.resp
 	_, _ = c.br.Discard(len(head))
 	if resp.ContentLength == 0 {
 		resp.Body = http.NoBody
@@ -332,7 +340,7 @@ func readResponse(c *h1Conn, req *http.Request) (*http.Response, error) {
 		c.body = lenBody{r: c.br, n: resp.ContentLength}
 		resp.Body = &c.body
 	}
-	return resp, nil
+	return resp, &hr.body, nil
 }
 
 // parseResponseHead parses a response head ending in CRLF CRLF, or
@@ -340,6 +348,13 @@ func readResponse(c *h1Conn, req *http.Request) (*http.Response, error) {
 // 1xx, 204, 304, answers to HEAD, Transfer-Encoding, no or several
 // Content-Lengths, or anything malformed.
 func parseResponseHead(head []byte, req *http.Request) *http.Response {
+	if hr := parseResponse(head, req); hr != nil {
+		return &hr.resp
+	}
+	return nil
+}
+
+func parseResponse(head []byte, req *http.Request) *h1Resp {
 	for i, c := range head {
 		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
 			return nil
@@ -369,8 +384,12 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 		}
 		rest = rest[indexCRLF(rest)+2:]
 	}
+	hr := new(h1Resp)
 	h := make(http.Header, n)
-	vals := make([]string, n)
+	vals := hr.vals[:]
+	if n > len(hr.vals) {
+		vals = make([]string, n)
+	}
 	var cl string // the Content-Length, if exactly one
 	ncl := 0
 	for rest := s; rest != ""; {
@@ -423,10 +442,21 @@ func parseResponseHead(head []byte, req *http.Request) *http.Response {
 	if closing {
 		delete(h, "Connection")
 	}
-	return &http.Response{
+	hr.resp = http.Response{
 		Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: h, ContentLength: length, Close: closing, Request: req,
 	}
+	return hr
+}
+
+// h1Resp is a parsed response, the backing array of its header values
+// (for up to 8 fields, an app's usual answer) and the transport's reader
+// of its body, in one allocation: all live exactly as long as the
+// response.
+type h1Resp struct {
+	resp http.Response
+	body h1Body
+	vals [8]string
 }
 
 // lenBody reads a body of known length from the connection's reader.

@@ -226,3 +226,41 @@ func TestH1NoRepeatOfReadPOST(t *testing.T) {
 		t.Fatalf("the server saw the dropped GET %d times, want 2", n)
 	}
 }
+
+// TestH1OldResponseBodyStaysClosed: a response body kept after Close,
+// whose connection has gone back to the pool and carries the next
+// response, reads an error, never the next response's bytes.
+func TestH1OldResponseBodyStaysClosed(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, r.URL.Path)
+	})}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	tr := newH1Transport(&http.Transport{DialContext: dialer.DialContext}, nil, dialer, nil)
+	t.Cleanup(tr.CloseIdleConnections)
+	var old io.ReadCloser
+	for _, path := range []string{"/first", "/second", "/third"} {
+		req, _ := http.NewRequest("GET", "http://"+l.Addr().String()+path, nil)
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if old != nil {
+			b := make([]byte, 64)
+			if n, err := old.Read(b); n > 0 || err == nil {
+				t.Fatalf("the previous response's body read %q, %v", b[:n], err)
+			}
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != path {
+			t.Fatalf("got %q, want %q", b, path)
+		}
+		old = resp.Body
+	}
+}

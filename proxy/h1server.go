@@ -12,6 +12,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -80,10 +81,17 @@ type h1ServerConn struct {
 	ctx    context.Context
 	remote string
 	tls    *tls.ConnectionState
-	idle   atomic.Bool
+	// base is what every request on the connection starts from: its
+	// context, remote address and TLS state, set once rather than by a
+	// WithContext copy per request.
+	base *http.Request
+	idle atomic.Bool
 	// closing is the server's: a response sent while it shuts down
 	// tells the client the connection ends.
 	closing *atomic.Bool
+	// deadlineMoved: the handler set the read deadline (an inbound
+	// holding a body for its check), so the idle one must be set anew.
+	deadlineMoved bool
 }
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
@@ -119,6 +127,7 @@ func (s *h1Server) serveConn(c net.Conn) {
 		s.wg.Done()
 	}()
 	sc.ctx = s.connCtx(c)
+	sc.base = (&http.Request{RemoteAddr: sc.remote, TLS: sc.tls}).WithContext(sc.ctx)
 	sc.br = h1ReaderPool.Get().(*bufio.Reader)
 	sc.br.Reset(c)
 	sc.bw = h1WriterPool.Get().(*bufio.Writer)
@@ -176,7 +185,7 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 		if head == nil {
 			return s.handOff(sc)
 		}
-		req, verdict := parseRequestHead(head)
+		req, verdict := parseRequest(head, sc.base)
 		switch verdict {
 		case headFallback:
 			return s.handOff(sc)
@@ -191,6 +200,9 @@ func (s *h1Server) loop(sc *h1ServerConn) bool {
 		}
 		if !s.serveRequest(sc, req) {
 			return false
+		}
+		if sc.deadlineMoved {
+			sc.deadlineMoved, idleUntil = false, time.Time{}
 		}
 	}
 }
@@ -254,12 +266,36 @@ const (
 	headBad
 )
 
+// h1Req is a request of the fast path with its URL, its body's reader
+// and the backing array of its header values (for up to h1Vals fields)
+// in one allocation: all live exactly as long as the request.
+type h1Req struct {
+	req  http.Request
+	url  url.URL
+	body h1ReqBody
+	vals [h1Vals]string
+}
+
+// h1Vals covers the fields of a typical request between sidecars (the
+// client's and the trace context) and keeps h1Req in a 640-byte size
+// class; a request with more fields gets a slice of its own.
+const h1Vals = 8
+
 // parseRequestHead parses a request head ending in CRLF CRLF into a
 // Request as net/http's server would (Host taken out of the header,
 // Pragma: no-cache implying Cache-Control, Close from Connection). The
-// body is left for the caller. It returns headFallback for requests the
-// fast path leaves to net/http, headBad for smuggling vectors.
-func parseRequestHead(head []byte) (*http.Request, headVerdict) {
+// request is a copy of base (nil for none) with the head's fields set.
+// The body is left for the caller. It returns headFallback for requests
+// the fast path leaves to net/http, headBad for smuggling vectors.
+func parseRequestHead(head []byte, base *http.Request) (*http.Request, headVerdict) {
+	hr, v := parseRequest(head, base)
+	if hr == nil {
+		return nil, v
+	}
+	return &hr.req, v
+}
+
+func parseRequest(head []byte, base *http.Request) (*h1Req, headVerdict) {
 	// Bare CR or LF anywhere: a line-end ambiguity between hops.
 	for i, c := range head {
 		if c == '\n' && (i == 0 || head[i-1] != '\r') || c == '\r' && (i+1 == len(head) || head[i+1] != '\n') {
@@ -283,9 +319,14 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 	if proto != "HTTP/1.1" || method == http.MethodConnect || !isToken(method) || target == "" || target[0] != '/' && !hasHTTPScheme(target) {
 		return nil, headFallback
 	}
-	u, err := url.ParseRequestURI(target)
-	if err != nil {
-		return nil, headFallback
+	hr := new(h1Req)
+	u := &hr.url
+	if !parseOriginForm(target, u) {
+		pu, err := url.ParseRequestURI(target)
+		if err != nil {
+			return nil, headFallback
+		}
+		u = pu
 	}
 	// Count the fields first: one map and one backing slice for values.
 	n := 0
@@ -297,7 +338,10 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 		rest = rest[i+2:]
 	}
 	h := make(http.Header, n)
-	vals := make([]string, n)
+	vals := hr.vals[:]
+	if n > h1Vals {
+		vals = make([]string, n)
+	}
 	var cl string // the Content-Length, if exactly one
 	ncl := 0
 	te := false
@@ -364,12 +408,54 @@ func parseRequestHead(head []byte) (*http.Request, headVerdict) {
 			h["Cache-Control"] = []string{"no-cache"}
 		}
 	}
-	r := &http.Request{
-		Method: method, URL: u, Proto: proto, ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, ContentLength: length, Host: host, RequestURI: target,
-		Close: httpguts.HeaderValuesContainsToken(h["Connection"], "close"),
+	r := &hr.req
+	if base != nil {
+		*r = *base
 	}
-	return r, headOK
+	r.Method, r.URL, r.Proto, r.ProtoMajor, r.ProtoMinor = method, u, proto, 1, 1
+	r.Header, r.ContentLength, r.Host, r.RequestURI = h, length, host, target
+	r.Close = httpguts.HeaderValuesContainsToken(h["Connection"], "close")
+	return hr, headOK
+}
+
+// parseOriginForm parses the common request target, a path of characters
+// that need no escaping and an optional query of visible ASCII, into u
+// exactly as url.ParseRequestURI would; false leaves any other target to
+// it.
+func parseOriginForm(target string, u *url.URL) bool {
+	if target == "" || target[0] != '/' {
+		return false
+	}
+	path, query, hasQuery := strings.Cut(target, "?")
+	for i := 0; i < len(path); i++ {
+		if !pathChar(path[i]) {
+			return false
+		}
+	}
+	if hasQuery && query == "" {
+		return false // ForceQuery
+	}
+	for i := 0; i < len(query); i++ {
+		if query[i] <= ' ' || query[i] >= 0x7f {
+			return false
+		}
+	}
+	*u = url.URL{Path: path, RawQuery: query}
+	return true
+}
+
+// pathChar says whether url leaves c in a path as it is (no escaping, so
+// no RawPath).
+func pathChar(c byte) bool {
+	switch {
+	case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9':
+		return true
+	}
+	switch c {
+	case '-', '_', '.', '~', '$', '&', '+', ',', '/', ':', ';', '=', '@':
+		return true
+	}
+	return false
 }
 
 func indexCRLF(s string) int {
@@ -432,16 +518,16 @@ func canonicalHeader(name string) string {
 
 // serveRequest runs the handler on one request and finishes its response;
 // false ends the connection.
-func (s *h1Server) serveRequest(sc *h1ServerConn, r *http.Request) bool {
+func (s *h1Server) serveRequest(sc *h1ServerConn, hr *h1Req) bool {
+	r := &hr.req
 	var body *h1ReqBody
 	if r.ContentLength > 0 {
-		body = &h1ReqBody{r: sc.br, n: r.ContentLength}
+		body = &hr.body
+		body.r, body.n = sc.br, r.ContentLength
 		r.Body = body
 	} else {
 		r.Body = http.NoBody
 	}
-	r.RemoteAddr, r.TLS = sc.remote, sc.tls
-	r = r.WithContext(sc.ctx)
 	w := h1WriterPoolGet(sc, r)
 	if !s.run(w, r) {
 		// The handler aborted the response (ReverseProxy does when the
@@ -455,6 +541,11 @@ func (s *h1Server) serveRequest(sc *h1ServerConn, r *http.Request) bool {
 	if body != nil && !body.finish() {
 		ok = false
 	}
+	// Cleared now, not at reuse: the header holds the upstream
+	// response's value slices, which share the allocation of that
+	// response and of the request it answered.
+	clear(w.header)
+	w.sc = nil
 	h1RespPool.Put(w)
 	return ok && !r.Close && !s.closing.Load()
 }
@@ -560,7 +651,6 @@ var h1RespPool = sync.Pool{New: func() any { return &h1Response{header: http.Hea
 
 func h1WriterPoolGet(sc *h1ServerConn, r *http.Request) *h1Response {
 	w := h1RespPool.Get().(*h1Response)
-	clear(w.header)
 	*w = h1Response{sc: sc, head: r.Method == http.MethodHead, close: r.Close, header: w.header, buf: w.buf[:0], clen: -1}
 	return w
 }
@@ -590,6 +680,13 @@ func (w *h1Response) WriteHeader(code int) {
 			w.header.Del("Content-Length")
 		}
 	}
+}
+
+// SetReadDeadline is http.ResponseController's, as net/http's servers
+// have it.
+func (w *h1Response) SetReadDeadline(t time.Time) error {
+	w.sc.deadlineMoved = true
+	return w.sc.c.SetReadDeadline(t)
 }
 
 func (w *h1Response) bodyAllowed() bool {

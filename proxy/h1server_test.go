@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"reflect"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -28,13 +31,16 @@ func parseWithNetHTTP(head []byte) (*http.Request, error) {
 // reads it differently or not at all.
 func checkAgainstNetHTTP(t *testing.T, head []byte) {
 	t.Helper()
-	got, verdict := parseRequestHead(head)
+	got, verdict := parseRequestHead(head, nil)
 	if verdict != headOK {
 		return
 	}
 	want, err := parseWithNetHTTP(head)
 	if err != nil {
 		t.Fatalf("fast path accepted %q, net/http refused it: %v", head, err)
+	}
+	if !reflect.DeepEqual(got.URL, want.URL) {
+		t.Fatalf("%q: URL %#v, net/http %#v", head, got.URL, want.URL)
 	}
 	if got.Method != want.Method || got.URL.String() != want.URL.String() || got.Host != want.Host ||
 		got.RequestURI != want.RequestURI || got.Proto != want.Proto || got.ContentLength != want.ContentLength || got.Close != want.Close {
@@ -44,6 +50,25 @@ func checkAgainstNetHTTP(t *testing.T, head []byte) {
 	}
 	if len(got.Header) != len(want.Header) || !reflect.DeepEqual(map[string][]string(got.Header), map[string][]string(want.Header)) {
 		t.Fatalf("%q: header %v, net/http %v", head, got.Header, want.Header)
+	}
+}
+
+// TestParseRequestHeadFields: heads with more fields than h1Req holds,
+// exactly as many, and repeated names read as net/http reads them.
+func TestParseRequestHeadFields(t *testing.T) {
+	var b strings.Builder
+	for i := range 2 * h1Vals {
+		fmt.Fprintf(&b, "X-%d: %d\r\nx-r: %d\r\n", i%5, i, i)
+	}
+	for _, head := range []string{
+		"POST /a HTTP/1.1\r\nHost: o\r\nContent-Length: 0\r\n" + b.String() + "\r\n",
+		"GET /a HTTP/1.1\r\nHost: o\r\n" + strings.Repeat("X-A: 1\r\n", h1Vals-1) + "\r\n",
+		"GET /a HTTP/1.1\r\nHost: o\r\n" + strings.Repeat("X-A: 1\r\n", h1Vals) + "\r\n",
+	} {
+		if _, v := parseRequestHead([]byte(head), nil); v != headOK {
+			t.Fatalf("%q: verdict %d", head, v)
+		}
+		checkAgainstNetHTTP(t, []byte(head))
 	}
 }
 
@@ -78,7 +103,7 @@ func TestParseRequestHead(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, got := parseRequestHead([]byte(tt.head))
+			_, got := parseRequestHead([]byte(tt.head), nil)
 			if got != tt.want {
 				t.Fatalf("verdict %d, want %d", got, tt.want)
 			}
@@ -105,6 +130,27 @@ func FuzzParseRequestHead(f *testing.F) {
 			return
 		}
 		checkAgainstNetHTTP(t, b[:i+4])
+	})
+}
+
+// FuzzParseOriginForm: a target the fast parser takes parses as
+// url.ParseRequestURI parses it, field by field.
+func FuzzParseOriginForm(f *testing.F) {
+	for _, s := range []string{"/", "/a/b;c=d", "/a?b=c&d", "/a?", "/a??", "/a?b?", "//x", "/a:b@c", "/%41", "/a b", "/a?b#c", "/a\"b", "/a?\x7f", "/~user/$x+,y"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, target string) {
+		var got url.URL
+		if !parseOriginForm(target, &got) {
+			return
+		}
+		want, err := url.ParseRequestURI(target)
+		if err != nil {
+			t.Fatalf("%q: fast parse took it, url refused it: %v", target, err)
+		}
+		if !reflect.DeepEqual(&got, want) {
+			t.Fatalf("%q: %#v, url %#v", target, got, *want)
+		}
 	})
 }
 
@@ -282,5 +328,115 @@ func TestH1ServerShutdown(t *testing.T) {
 	<-done
 	if n, err := idleR.ReadByte(); err == nil {
 		t.Fatalf("idle connection still open (read %q)", n)
+	}
+}
+
+// TestH1ServerRequestsAreTheirOwn: requests on one connection start from
+// the connection's context, address and TLS state, and a handler that
+// changes its request or keeps it changes nothing the next request sees.
+func TestH1ServerRequestsAreTheirOwn(t *testing.T) {
+	type key struct{}
+	var kept []*http.Request
+	var mu sync.Mutex
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		kept = append(kept, r)
+		mu.Unlock()
+		if r.Context().Value(key{}) != "conn" || r.RemoteAddr == "" {
+			w.WriteHeader(http.StatusTeapot)
+		}
+		w.Header().Add("X-Path", r.URL.Path) // the pooled response's header is cleared between requests
+		io.WriteString(w, r.URL.Path+" "+r.URL.RawQuery+" "+strings.Join(r.Header["X-A"], ","))
+		r.Header.Set("X-A", "changed")
+		r.URL.Path = "/changed"
+		r.RemoteAddr = "changed"
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	s := newH1Server(h, newConnListener(ln.Addr()), func(net.Conn) context.Context {
+		return context.WithValue(context.Background(), key{}, "conn")
+	})
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			s.serveConn(c)
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	for i, tc := range []struct{ head, want string }{
+		{"GET /one?q=1 HTTP/1.1\r\nHost: o\r\nX-A: 1\r\nX-A: 2\r\n\r\n", "/one q=1 1,2"},
+		{"GET /two HTTP/1.1\r\nHost: o\r\n\r\n", "/two  "},
+		{"GET /th%72ee?x HTTP/1.1\r\nHost: o\r\nX-A: 3\r\n\r\n", "/three x 3"},
+	} {
+		if _, err := io.WriteString(c, tc.head); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(b) != tc.want {
+			t.Fatalf("request %d: %d %q, want 200 %q", i, resp.StatusCode, b, tc.want)
+		}
+		if p := resp.Header["X-Path"]; len(p) != 1 || !strings.HasPrefix(tc.want, p[0]+" ") {
+			t.Fatalf("request %d: X-Path %q", i, p)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(kept) != 3 || kept[0] == kept[1] || kept[1].Context() != kept[2].Context() {
+		t.Fatalf("requests: %d, distinct %v, same connection context %v", len(kept), kept[0] != kept[1], kept[1].Context() == kept[2].Context())
+	}
+}
+
+// TestH1ServerOldBodyStaysClosed: a handler that keeps a request's body
+// and reads it during the next request on the connection reads an error,
+// never the next request's bytes.
+func TestH1ServerOldBodyStaysClosed(t *testing.T) {
+	var old io.Reader
+	s, addr := startH1Server(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if old != nil {
+			b := make([]byte, 64)
+			n, err := old.Read(b)
+			if n > 0 || err == nil {
+				t.Errorf("the previous request's body read %q, %v", b[:n], err)
+			}
+		}
+		old = r.Body
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	}))
+	defer s.shutdown(context.Background())
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	for _, body := range []string{"first", "second", "third!"} {
+		// The body is written with its head: already buffered when the
+		// handler runs.
+		fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: o\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != body {
+			t.Fatalf("got %q, want %q", b, body)
+		}
 	}
 }

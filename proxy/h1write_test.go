@@ -85,6 +85,9 @@ func TestParseResponseHead(t *testing.T) {
 		"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: text/plain\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
 		"HTTP/1.1 503\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
 		"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nPragma: no-cache\r\n\r\n",
+		// More fields than h1Resp holds, and exactly as many.
+		"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n" + strings.Repeat("X-A: 1\r\nX-B: 2\r\n", 6) + "\r\n",
+		"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\nF: 6\r\nG: 7\r\n\r\n",
 	} {
 		req, _ := http.NewRequest("GET", "http://o/", nil)
 		if parseResponseHead([]byte(head), req) == nil {

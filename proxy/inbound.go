@@ -239,9 +239,9 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	res := reqLog{direction: "inbound", method: r.Method, path: r.URL.Path, proto: r.Proto,
 		source: pi.id, srcNS: pi.namespace, srcWL: pi.workload, dest: l.cfg.Service, traceID: span.traceID, span: span, authz: authzDeny}
 
-	held, err := l.holdBody(r)
+	held, err := l.holdBody(rw, r)
 	if err != nil {
-		// Refused before any check, as Envoy's 413: no decision.
+		// Refused before any check, as Envoy's 413 or 408: no decision.
 		writeBodyRefused(rw, err)
 		res.authz = authzNone
 		res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
@@ -265,7 +265,7 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			applyHeader(rw.Header(), h)
 		}
 		r.Header.Set(headerXFCC, pi.xfcc)
-		l.fwd.serve(rw, r, !l.toApp.allH2C)
+		l.fwd.serve(r.Context(), rw, r, !l.toApp.allH2C)
 	}
 	res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 	l.p.observe(&res)
@@ -282,23 +282,38 @@ func (l *inboundListener) check(r *http.Request, pi *peerInfo, held *heldBody) (
 	return enf.Check(r.Context(), req)
 }
 
+// partialBodyKey is enforcer.PartialBodyHeader as r.Header spells it.
+const partialBodyKey = "X-Envoy-Auth-Partial-Body"
+
 // checkRequest describes r the way Envoy's ext_authz filter does:
 // lower-case header names (joined with ","), pseudo-headers included.
 func (l *inboundListener) checkRequest(r *http.Request, pi *peerInfo) *authv3.CheckRequest {
 	headers := make(map[string]string, len(r.Header)+4)
 	for k, vs := range r.Header {
+		if k == partialBodyKey {
+			// Only the proxy says whether a body is whole; Envoy too
+			// drops the client's, body or not.
+			continue
+		}
 		headers[lowerHeader(k)] = strings.Join(vs, ",")
 	}
 	target := r.URL.RequestURI()
 	headers[":method"], headers[":path"], headers[":authority"], headers[":scheme"] = r.Method, target, r.Host, "https"
-	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{
-		Source:      pi.source,
-		Destination: pi.dest,
-		Request: &authv3.AttributeContext_Request{Http: &authv3.AttributeContext_HttpRequest{
-			Method: r.Method, Path: target, Host: r.Host, Scheme: "https", Protocol: r.Proto, Headers: headers,
-		}},
-		ContextExtensions: l.ext,
-	}}
+	c := new(checkReq)
+	c.http.Method, c.http.Path, c.http.Host, c.http.Scheme, c.http.Protocol, c.http.Headers = r.Method, target, r.Host, "https", r.Proto, headers
+	c.req.Http = &c.http
+	c.attrs.Source, c.attrs.Destination, c.attrs.Request, c.attrs.ContextExtensions = pi.source, pi.dest, &c.req, l.ext
+	c.check.Attributes = &c.attrs
+	return &c.check
+}
+
+// checkReq is a CheckRequest and the messages it points to, made in one
+// allocation (never copied: the messages are built in place).
+type checkReq struct {
+	check authv3.CheckRequest
+	attrs authv3.AttributeContext
+	req   authv3.AttributeContext_Request
+	http  authv3.AttributeContext_HttpRequest
 }
 
 func sockAddr(ip string, port uint32) *corev3.Address {

@@ -284,7 +284,7 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 		ctx, cancel = context.WithTimeout(&targetCtx{Context: r.Context(), t: tg}, timeout)
 	}
 	// HTTP/2 clusters stream through ReverseProxy (1xx answers included).
-	l.fwd.serve(w, r.WithContext(ctx), !cl.cfg.HTTP2)
+	l.fwd.serve(ctx, w, r, !cl.cfg.HTTP2)
 	cancel()
 }
 
@@ -501,7 +501,7 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		attempts += rp.NumRetries
 		perTry = time.Duration(rp.PerTryTimeout)
 	}
-	var body []byte
+	var body *retryBuf
 	var rec *recordedBody
 	if attempts > 1 && req.Body != nil && req.Body != http.NoBody {
 		switch {
@@ -514,12 +514,16 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			// the whole body had been read by then.
 			rec = &recordedBody{r: req.Body}
 		default:
-			b, err := io.ReadAll(io.LimitReader(req.Body, maxRetryBody+1))
+			b, err := readRetryBody(req.Body, req.ContentLength)
 			if err != nil {
 				return nil, fmt.Errorf("read request body: %w", err)
 			}
 			body = b
 		}
+	}
+	if body != nil {
+		// RoundTrip's own hold: the tries' bodies hold the rest.
+		defer body.release()
 	}
 	var last *endpoint
 	for try := 0; ; try++ {
@@ -551,21 +555,30 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		last = ep
 		ctx, cancel := req.Context(), context.CancelFunc(nil)
 		var out *http.Request
+		var replay *tryBody
+		var done *doneBody
 		if perTry > 0 {
 			ctx, cancel = context.WithTimeout(ctx, perTry)
 			out = req.WithContext(ctx)
 			u := *req.URL
 			out.URL = &u
+			if body != nil {
+				replay = new(tryBody)
+			}
 		} else {
-			// The same context: the request and its URL copied in one
+			// The same context: the request, its URL, its body's
+			// reader and the response's closer copied or made in one
 			// allocation.
-			fr := &fwdReq{req: *req, url: *req.URL}
-			out = &fr.req
-			out.URL = &fr.url
+			tr := &tryReq{fwdReq: fwdReq{req: *req, url: *req.URL}}
+			out = &tr.req
+			out.URL = &tr.url
+			replay = &tr.body
+			done = &tr.done
 		}
 		out.URL.Host = ep.addr
 		if body != nil {
-			out.Body = io.NopCloser(bytes.NewReader(body))
+			replay.open(body)
+			out.Body = replay
 		} else if rec != nil {
 			out.Body = rec
 		}
@@ -583,12 +596,20 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The last try, a finished request, or a retry budget spent.
 		final := try == attempts-1 || req.Context().Err() != nil || (try == 0 && cl.retrying.Load() >= cl.retryCap())
 		if !final && rec != nil && body == nil {
-			var whole bool
-			body, whole = rec.complete()
+			b, whole := rec.complete()
 			final = !whole
+			if whole {
+				body = &retryBuf{b: b}
+				body.refs.Store(1) // not pooled: release only counts
+				defer body.release()
+			}
 		}
 		if err == nil && (final || !retryStatus(rp, resp)) {
-			resp.Body = &doneBody{ReadCloser: resp.Body, cancel: cancel, ep: ep}
+			if done == nil {
+				done = new(doneBody)
+			}
+			done.ReadCloser, done.cancel, done.ep = resp.Body, cancel, ep
+			resp.Body = done
 			return resp, nil
 		}
 		if resp != nil {
@@ -718,6 +739,104 @@ func (b *recordedBody) complete() ([]byte, bool) {
 		return nil, false
 	}
 	return append([]byte{}, b.buf...), true
+}
+
+// retryBuf is a request body kept for replay on retry. Small ones are
+// read into pooled retryBufs, which go back to the pool once nothing can
+// read them: RoundTrip holds one until it returns, and each try's body
+// until the transport closes that body (HTTP/2 may still be sending a
+// try's body from its own goroutine after RoundTrip has returned).
+type retryBuf struct {
+	b      []byte
+	pooled bool
+	refs   atomic.Int32
+}
+
+var retryBufPool = sync.Pool{New: func() any { return &retryBuf{b: make([]byte, 0, smallBody), pooled: true} }}
+
+// readRetryBody reads a body of declared length n (at most maxRetryBody)
+// as io.ReadAll of its first maxRetryBody+1 bytes would.
+func readRetryBody(r io.Reader, n int64) (*retryBuf, error) {
+	var rb *retryBuf
+	if n < smallBody {
+		// One spare byte: the read that finds EOF, or a body longer
+		// than declared, needs no larger buffer.
+		rb = retryBufPool.Get().(*retryBuf)
+	} else {
+		rb = &retryBuf{b: make([]byte, 0, n+1)}
+	}
+	rb.refs.Store(1)
+	buf := rb.b[:0]
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		m, err := r.Read(buf[len(buf):min(cap(buf), maxRetryBody+1)])
+		buf = buf[:len(buf)+m]
+		if err == io.EOF || len(buf) > maxRetryBody {
+			rb.b = buf
+			return rb, nil
+		}
+		if err != nil {
+			rb.b = buf
+			rb.release()
+			return nil, err
+		}
+	}
+}
+
+func (b *retryBuf) release() {
+	if b.refs.Add(-1) == 0 && b.pooled {
+		// A buffer that grew (a body longer than declared) is not kept.
+		if cap(b.b) == smallBody {
+			b.b = b.b[:0]
+			retryBufPool.Put(b)
+		}
+	}
+}
+
+// tryBody reads one try's copy of a retryBuf. Reads after Close fail,
+// so a closed body can never show the bytes of the request that reuses
+// its buffer.
+type tryBody struct {
+	mu  sync.Mutex
+	r   bytes.Reader
+	buf *retryBuf
+}
+
+// tryReq is one try's request, URL, body reader and response closer in
+// one allocation: each is used by that try alone.
+type tryReq struct {
+	fwdReq
+	body tryBody
+	done doneBody
+}
+
+func (b *tryBody) open(buf *retryBuf) {
+	buf.refs.Add(1)
+	b.buf = buf
+	b.r.Reset(buf.b)
+}
+
+func (b *tryBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.buf == nil {
+		return 0, errBodyAfterClose
+	}
+	return b.r.Read(p)
+}
+
+func (b *tryBody) Close() error {
+	b.mu.Lock()
+	buf := b.buf
+	b.buf = nil
+	b.r.Reset(nil)
+	b.mu.Unlock()
+	if buf != nil {
+		buf.release()
+	}
+	return nil
 }
 
 // doneBody ends a try when its response body is closed: the per-try

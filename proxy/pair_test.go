@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -370,6 +371,91 @@ func TestRetriesAndTimeouts(t *testing.T) {
 		if resp.StatusCode != tc.want {
 			t.Fatalf("%s: got %d, want %d", tc.path, resp.StatusCode, tc.want)
 		}
+	}
+}
+
+// TestRetriedBodiesStayTheirOwn: request bodies kept for retry live in
+// pooled buffers; every try of every request, on one keep-alive
+// connection and on several at once, carries its own body and no other
+// request's.
+func TestRetriedBodiesStayTheirOwn(t *testing.T) {
+	// Over HTTP/2 the transport sends a try's body from its own
+	// goroutine and may close it after RoundTrip has returned.
+	for _, h2 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("http2=%v", h2), func(t *testing.T) { testRetriedBodies(t, h2) })
+	}
+}
+
+func testRetriedBodies(t *testing.T, h2 bool) {
+	ca := newTestCA(t)
+	body := func(id string, n int) string {
+		return strings.Repeat(id+".", n/(len(id)+1)+1)[:n]
+	}
+	check := func(w http.ResponseWriter, r *http.Request) (string, bool) {
+		b, err := io.ReadAll(r.Body)
+		n, _ := strconv.Atoi(r.Header.Get("X-Len"))
+		if err != nil || string(b) != body(r.Header.Get("X-Id"), n) {
+			w.WriteHeader(http.StatusTeapot)
+			fmt.Fprintf(w, "got %d bytes %.40q", len(b), b)
+			return "", false
+		}
+		return string(b), true
+	}
+	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if b, ok := check(w, r); ok {
+			io.WriteString(w, b)
+		}
+	}))
+	bad := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, ok := check(w, r); ok {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+	}))
+	peer := []string{"spiffe://example.org/ns/demo/sa/server"}
+	cfg := &Config{
+		// Room for every client to be retrying at once.
+		Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: bad.server.Addr("mesh")}, {Address: good.server.Addr("mesh")}}, PeerIDs: peer,
+			CircuitBreakers: &CircuitBreakers{MaxRequests: 1024, MaxRetries: 16}, HTTP2: h2}},
+		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}},
+				Retry: &RetryPolicy{RetryOn: []string{"gateway-error"}, NumRetries: 3, BaseInterval: Duration(time.Millisecond)}},
+		}}}}},
+		Outbound: []Outbound{{Name: "out", Address: "127.0.0.1:0", Protocol: "http", Route: "r"}},
+	}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	sizes := []int{1, 17, 1024, smallBody - 1, smallBody, smallBody + 1, 20000}
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for client := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := &http.Client{Transport: &http.Transport{}}
+			defer c.CloseIdleConnections()
+			for i := range 30 {
+				id, n := fmt.Sprintf("c%dr%d", client, i), sizes[(client+i)%len(sizes)]
+				want := body(id, n)
+				req, _ := http.NewRequest("POST", "http://"+p.Addr("out")+"/x", strings.NewReader(want))
+				req.Header.Set("X-Id", id)
+				req.Header.Set("X-Len", strconv.Itoa(n))
+				resp, err := c.Do(req)
+				if err != nil {
+					errs <- err
+					return
+				}
+				got, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(got) != want {
+					errs <- fmt.Errorf("%s (%d bytes): got %d, %d bytes %.60q", id, n, resp.StatusCode, len(got), got)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
 	}
 }
 

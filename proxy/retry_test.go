@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"testing/iotest"
 
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -103,5 +104,57 @@ func TestRecordedBody(t *testing.T) {
 	}
 	if _, ok := big.complete(); ok {
 		t.Fatal("a body over maxRetryBody is not replayable")
+	}
+}
+
+// TestReplayBody: a kept body reads the same for every try, reads longer
+// than declared as io.ReadAll did, and a try's body once closed reads
+// nothing, whoever has its buffer by then.
+func TestReplayBody(t *testing.T) {
+	for _, n := range []int{1, smallBody - 1, smallBody, smallBody + 1, maxRetryBody} {
+		want := strings.Repeat("ab", n)[:n]
+		rb, err := readRetryBody(strings.NewReader(want), int64(n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var tries [2]tryBody
+		for i := range tries {
+			tries[i].open(rb)
+		}
+		got, err := io.ReadAll(&tries[0])
+		if err != nil || string(got) != want {
+			t.Fatalf("%d bytes, try 0: %d bytes, %v", n, len(got), err)
+		}
+		tries[0].Close()
+		tries[0].Close() // a second Close releases nothing more
+		rb.release()     // RoundTrip's hold
+		if rb.refs.Load() != 1 {
+			t.Fatalf("%d bytes: %d holds, want try 1's", n, rb.refs.Load())
+		}
+		got, err = io.ReadAll(&tries[1])
+		if err != nil || string(got) != want {
+			t.Fatalf("%d bytes, try 1 after try 0 closed: %d bytes, %v", n, len(got), err)
+		}
+		tries[1].Close()
+		for i := range tries {
+			if m, err := tries[i].Read(make([]byte, 8)); m != 0 || err != errBodyAfterClose {
+				t.Fatalf("%d bytes: try %d read %d, %v after Close", n, i, m, err)
+			}
+		}
+	}
+	// Longer than declared: kept up to maxRetryBody+1, for the transport
+	// to refuse.
+	rb, err := readRetryBody(strings.NewReader(strings.Repeat("x", maxRetryBody+10)), 10)
+	if err != nil || len(rb.b) != maxRetryBody+1 {
+		t.Fatalf("longer body: %d bytes, %v", len(rb.b), err)
+	}
+	rb.release()
+	rb, err = readRetryBody(strings.NewReader("abc"), 10)
+	if err != nil || string(rb.b) != "abc" {
+		t.Fatalf("shorter body: %q, %v", rb.b, err)
+	}
+	rb.release()
+	if _, err := readRetryBody(io.MultiReader(strings.NewReader("ab"), iotest.ErrReader(io.ErrUnexpectedEOF)), 10); err != io.ErrUnexpectedEOF {
+		t.Fatalf("failing body: %v", err)
 	}
 }
