@@ -2,6 +2,7 @@ package enforcer
 
 import (
 	"errors"
+	"sync"
 	"unicode/utf8"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -31,18 +32,21 @@ type codec struct{ encoding.CodecV2 }
 func (c codec) Marshal(v any) (mem.BufferSlice, error) {
 	switch v {
 	case plainAllow.resp:
-		return mem.BufferSlice{mem.SliceBuffer(plainAllowWire)}, nil
+		return mem.BufferSlice{mem.SliceBuffer(plainWire().allow)}, nil
 	case plainDeny.resp:
-		return mem.BufferSlice{mem.SliceBuffer(plainDenyWire)}, nil
+		return mem.BufferSlice{mem.SliceBuffer(plainWire().deny)}, nil
 	}
 	return c.CodecV2.Marshal(v)
 }
 
-// The wire form of the shared responses; gRPC only reads them.
-var (
-	plainAllowWire = mustMarshal(plainAllow.resp)
-	plainDenyWire  = mustMarshal(plainDeny.resp)
-)
+// plainWire is the wire form of the shared responses; gRPC only reads
+// them. It is made on first use, not at package init: marshalling
+// initializes protobuf's reflection over the whole ext_authz file and
+// its imports (~100 KiB of heap kept for good), which only the ext_authz
+// server needs, not every writ-proxy that links this package.
+var plainWire = sync.OnceValue(func() struct{ allow, deny []byte } {
+	return struct{ allow, deny []byte }{mustMarshal(plainAllow.resp), mustMarshal(plainDeny.resp)}
+})
 
 func mustMarshal(m proto.Message) []byte {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)

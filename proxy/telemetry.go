@@ -208,11 +208,19 @@ type accessLog struct {
 
 const accessLogFlush = 200 * time.Millisecond
 
+// newAccessLog buffers for w; with the log off (io.Discard) there is
+// nothing to buffer, so the 64 KiB buffer is not kept live for nothing.
 func newAccessLog(w io.Writer) *accessLog {
+	if w == io.Discard {
+		return &accessLog{w: w}
+	}
 	return &accessLog{w: w, out: bufio.NewWriterSize(w, 64<<10)}
 }
 
 func (a *accessLog) flush() {
+	if a.out == nil {
+		return
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	_ = a.out.Flush()

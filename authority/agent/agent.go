@@ -353,7 +353,7 @@ func (a *Agent) dial(mtls bool) (*grpc.ClientConn, error) {
 		node = nodeSource{a}
 	}
 	cfg := svidtls.ClientConfig(node, bundleSource{a}, svidtls.AuthorizeID(a.cpID), a.clk)
-	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg))}, a.cfg.DialOptions...)
+	opts := append([]grpc.DialOption{grpc.WithTransportCredentials(credentials.NewTLS(cfg)), grpc.WithReadBufferSize(connReadBuffer)}, a.cfg.DialOptions...)
 	cc, err := grpc.NewClient(a.cfg.ControlPlane, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("dial control plane %s: %w", a.cfg.ControlPlane, err)

@@ -41,6 +41,14 @@ const (
 	maxJWTCache     = 4096
 )
 
+// connReadBuffer is the read buffer of each of the agent's gRPC
+// connections (the Workload API's, and its own to writd), instead of
+// gRPC's 32 KiB. A buffer is held for the connection's life, and every
+// workload on the node keeps a Workload API connection open; the
+// messages are small and a few a minute, so a smaller buffer costs at
+// most a few more reads of a large one.
+const connReadBuffer = 4 << 10
+
 // ListenUnix parses a Workload API address ("unix:///run/writ/agent.sock"),
 // creates the socket's directory if missing (0755), replaces a stale
 // socket, and listens with mode 0777: any local user may connect, because
@@ -104,6 +112,7 @@ func (a *Agent) NewWorkloadServer() *grpc.Server {
 		grpc.Creds(PeerCredentials()),
 		grpc.MaxRecvMsgSize(maxRecvMsgSize),
 		grpc.MaxConcurrentStreams(maxStreamsPerCn),
+		grpc.ReadBufferSize(connReadBuffer),
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 			if err := checkHeader(ctx); err != nil {
 				return nil, err
