@@ -42,13 +42,7 @@ func TestWritProxyPolicyBundle(t *testing.T) {
 		"decision:\n  policy_dir: %s\n  admin_policy_dir: %s\npolicy:\n  dir: %s\n  bundle_name: mesh\n  poll_interval: 100ms\n",
 		filepath.Join(root, "api", "decision", "testdata", "policy"), admin, policyDir)})
 	exe := filepath.Join(binDir(t), "writ-proxy")
-	uid := fmt.Sprint(os.Geteuid())
-	for node, sa := range map[string]string{"orders-v1": "orders", "orders-v2": "orders", "frontend": "frontend", "stranger": "stranger"} {
-		if out, code := w.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", "spiffe://example.org/ns/shop/sa/"+sa,
-			"--selector", "unix:uid:"+uid, "--selector", "unix:path:"+exe); code != 0 {
-			t.Fatalf("entry create: %s", out)
-		}
-	}
+	w.registerSidecars(t, exe, map[string]string{"orders-v1": "orders", "orders-v2": "orders", "frontend": "frontend", "stranger": "stranger"})
 	meshFile := filepath.Join(t.TempDir(), "mesh.yaml")
 	write(t, meshFile, adsMesh+"---\n"+adsRoute("    - destinations: [{subset: v1}]\n"))
 	if out, code := w.writ(t, "apply", "-f", meshFile); code != 0 {

@@ -1,11 +1,9 @@
 package test
 
 import (
-	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -97,13 +95,7 @@ func startRefusedMesh(t *testing.T, xdsVia func(string) string) *refusedMesh {
 	pg := startPG(t)
 	w := newAuditWritd(t, pg.url)
 	exe := filepath.Join(binDir(t), "writ-proxy")
-	uid := fmt.Sprint(os.Geteuid())
-	for node, sa := range map[string]string{"orders-v1": "orders", "frontend": "frontend"} {
-		if out, code := w.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", "spiffe://example.org/ns/shop/sa/"+sa,
-			"--selector", "unix:uid:"+uid, "--selector", "unix:path:"+exe); code != 0 {
-			t.Fatalf("entry create: %s", out)
-		}
-	}
+	w.registerSidecars(t, exe, map[string]string{"orders-v1": "orders", "frontend": "frontend"})
 	meshDir := t.TempDir()
 	apply := func(name, yaml string) {
 		t.Helper()

@@ -177,13 +177,7 @@ func TestWritProxyOverADS(t *testing.T) {
 	pg := startPG(t)
 	w := newAuditWritd(t, pg.url)
 	exe := filepath.Join(binDir(t), "writ-proxy")
-	uid := fmt.Sprint(os.Geteuid())
-	for node, sa := range map[string]string{"orders-v1": "orders", "orders-v2": "orders", "orders-v3": "orders", "frontend": "frontend", "stranger": "stranger"} {
-		if out, code := w.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", "spiffe://example.org/ns/shop/sa/"+sa,
-			"--selector", "unix:uid:"+uid, "--selector", "unix:path:"+exe); code != 0 {
-			t.Fatalf("entry create: %s", out)
-		}
-	}
+	w.registerSidecars(t, exe, map[string]string{"orders-v1": "orders", "orders-v2": "orders", "orders-v3": "orders", "frontend": "frontend", "stranger": "stranger"})
 	meshDir := t.TempDir()
 	apply := func(name, yaml string) string {
 		t.Helper()
@@ -414,4 +408,18 @@ func TestWritProxyOverADS(t *testing.T) {
 		}
 		return true
 	})
+}
+
+// registerSidecars registers the writ-proxy executable exe, run as this
+// test's uid, on each node (the map's keys) as the shop namespace's
+// service account named by the value.
+func (w *auditWritd) registerSidecars(t *testing.T, exe string, nodes map[string]string) {
+	t.Helper()
+	uid := fmt.Sprint(os.Geteuid())
+	for node, sa := range nodes {
+		if out, code := w.writ(t, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", "spiffe://example.org/ns/shop/sa/"+sa,
+			"--selector", "unix:uid:"+uid, "--selector", "unix:path:"+exe); code != 0 {
+			t.Fatalf("entry create: %s", out)
+		}
+	}
 }
