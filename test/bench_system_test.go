@@ -70,6 +70,10 @@ func BenchmarkSystem(b *testing.B) {
 		}
 		tools[name] = p
 	}
+	// The peers' binaries start from disk too, as writ-proxy's do.
+	for _, name := range []string{"opa", "nginx", "haproxy"} {
+		coldExecutable(b, tools[name])
+	}
 	dur := 10 * time.Second
 	if s := os.Getenv("WRIT_BENCH_DUR"); s != "" {
 		d, err := time.ParseDuration(s)
@@ -220,6 +224,7 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 	}
 	w := s.w
 	exe := filepath.Join(binDir(b), "writ-proxy")
+	coldExecutable(b, exe)
 	uid := fmt.Sprint(os.Geteuid())
 	for node, id := range map[string]string{"orders-node": "spiffe://example.org/ns/shop/sa/orders", "frontend-node": "spiffe://example.org/ns/shop/sa/frontend"} {
 		if out, err := writTB(b, w, "entry", "create", "--parent", "spiffe://example.org/node/"+node, "--spiffe-id", id,
