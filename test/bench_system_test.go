@@ -100,7 +100,7 @@ func BenchmarkSystem(b *testing.B) {
 	b.Cleanup(func() { os.RemoveAll(dir) })
 	sb := &sysBench{b: b, tools: tools, dir: dir, dur: dur, qps: qps, conc: conc}
 
-	app := freeAddrTB(b)
+	app := freeAddr(b)
 	sb.start("app", tools["fortio"], "server", "-http-port", app, "-grpc-port", "disabled", "-redirect-port", "disabled", "-loglevel", "Warning")
 	waitHTTP(b, "http://"+app+"/", nil)
 
@@ -237,14 +237,14 @@ func (s *sysBench) writPair(app string) (string, [][]int) {
 		b.Fatal(err)
 	}
 	write(b, filepath.Join(policyDir, "mesh.rego"), meshPolicy)
-	mesh := freeAddrTB(b)
+	mesh := freeAddr(b)
 	// Decisions go to the durable audit spool (write(2) per decision, fsync
 	// every 10 ms), shipped to writd's collector: the production setting.
 	orders, ordersAdmin := s.writProxy("orders", "--inbound", mesh, "--app", app, "--service", "orders", "--policy-dir", policyDir,
 		"--audit-spool-dir", filepath.Join(s.dir, "orders-spool"))
 	cfgFile := filepath.Join(s.dir, "proxy.yaml")
 	write(b, cfgFile, fmt.Sprintf("clusters:\n- name: orders\n  lb_policy: ROUND_ROBIN\n  endpoints:\n  - address: %s\n  peer_ids: [spiffe://example.org/ns/shop/sa/orders]\n", mesh))
-	up := freeAddrTB(b)
+	up := freeAddr(b)
 	front, frontAdmin := s.writProxy("frontend", "--proxy-config", cfgFile, "--upstream", "orders="+up)
 	for _, a := range []string{ordersAdmin, frontAdmin} {
 		waitHTTP(b, "http://"+a+"/readyz", nil)
@@ -369,7 +369,7 @@ func (s *sysBench) writProxy(name string, args ...string) (*exec.Cmd, string) {
 	}
 	bundle := filepath.Join(s.dir, name+"-bundle.json")
 	write(b, bundle, s.w.get(b, "/bundle"))
-	admin := freeAddrTB(b)
+	admin := freeAddr(b)
 	sock := filepath.Join(s.dir, name+"-sock", "agent.sock")
 	env := append([]string{"WRIT_JOIN_TOKEN=" + tok}, strings.Fields(os.Getenv("WRIT_BENCH_PROXY_ENV"))...)
 	cmd := s.startEnv("writ-proxy-"+name, env, filepath.Join(binDir(b), "writ-proxy"), append([]string{
@@ -462,7 +462,7 @@ main if {
 func (s *sysBench) nginxPair(app string, withOPA bool) (string, [][]int) {
 	b := s.b
 	c := s.peerCerts()
-	a, bAddr := freeAddrTB(b), freeAddrTB(b)
+	a, bAddr := freeAddr(b), freeAddr(b)
 	user := ""
 	if os.Geteuid() == 0 {
 		user = "user root;"
@@ -497,7 +497,7 @@ http {
 			b.Fatal(err)
 		}
 		write(b, filepath.Join(pdir, "policy.rego"), benchOPAPolicy)
-		opaAddr := freeAddrTB(b)
+		opaAddr := freeAddr(b)
 		opa := s.start("opa", s.tools["opa"], "run", "--server", "--addr", opaAddr, "--log-level", "error", filepath.Join(pdir, "policy.rego"))
 		waitHTTP(b, "http://"+opaAddr+"/health", nil)
 		opaUp = fmt.Sprintf("  upstream opa { server %s; keepalive 64; keepalive_requests 1000000; }\n", opaAddr)
@@ -591,7 +591,7 @@ http {
 func (s *sysBench) haproxyPair(app string) (string, [][]int) {
 	b := s.b
 	c := s.peerCerts()
-	a, bAddr := freeAddrTB(b), freeAddrTB(b)
+	a, bAddr := freeAddr(b), freeAddr(b)
 	defaults := `global
   maxconn 4000
   ssl-default-bind-options ssl-min-ver TLSv1.3

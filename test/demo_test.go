@@ -3,8 +3,6 @@ package test
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/freeport"
 )
 
 // repoRoot is the module's root directory.
@@ -57,14 +57,11 @@ var (
 	buildErr  error
 )
 
+// freeAddr is a loopback address for another process to bind, on a port
+// outgoing connections cannot be holding (internal/freeport).
 func freeAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return freeport.Addr(t)
 }
 
 // TestDemo runs make demo's script end to end: PostgreSQL, writd, four
@@ -134,29 +131,10 @@ func TestDemo(t *testing.T) {
 }
 
 // freePortRange finds n consecutive free loopback ports and returns the
-// first. Another process may take one before the demo binds it; the range
-// is random to make that unlikely.
+// first (internal/freeport).
 func freePortRange(t *testing.T, n int) int {
 	t.Helper()
-	for range 50 {
-		base := 20000 + rand.IntN(30000)
-		var ls []net.Listener
-		for p := base; p < base+n; p++ {
-			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", p))
-			if err != nil {
-				break
-			}
-			ls = append(ls, l)
-		}
-		for _, l := range ls {
-			l.Close()
-		}
-		if len(ls) == n {
-			return base
-		}
-	}
-	t.Fatal("no range of free ports")
-	return 0
+	return freeport.Range(t, n)
 }
 
 // openTempDir is a temp dir other users may traverse: as root, the demo's

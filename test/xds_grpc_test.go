@@ -188,16 +188,6 @@ func greeterClientMain() int {
 	return 0
 }
 
-func freeAddrTB(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 // meshWritd is a writd replica started on a given database.
 type meshWritd struct {
 	*writd
@@ -213,9 +203,9 @@ func (m *meshWritd) logText() string {
 
 func startMeshWritd(t testing.TB, bin, dbURL, kekFile, name string) *meshWritd {
 	t.Helper()
-	w := &writd{bin: bin, dir: t.TempDir(), http: freeAddrTB(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
+	w := &writd{bin: bin, dir: t.TempDir(), http: freeAddr(t), log: &bytes.Buffer{}, done: make(chan error, 1)}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
-	grpcAddr := freeAddrTB(t)
+	grpcAddr := freeAddr(t)
 	cfg := fmt.Sprintf("trust_domain: example.org\nreplica_id: %s\ndatabase_url: %q\nlisten:\n  http: %s\n  grpc: %s\nadmin:\n  socket: %s\nca:\n  kek_file: %s\n",
 		name, dbURL, w.http, grpcAddr, w.socket, kekFile)
 	if err := os.WriteFile(filepath.Join(w.dir, "writ.yaml"), []byte(cfg), 0o600); err != nil {

@@ -19,6 +19,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/freeport"
 )
 
 // lockedBuffer is an io.Writer safe for the logger and the test.
@@ -155,14 +157,11 @@ func TestServesHealthWhileWaitingForWritdAndStopsCleanly(t *testing.T) {
 	}
 }
 
+// freeAddr is a loopback address for the writ-proxy process to bind
+// (internal/freeport).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return freeport.Addr(t)
 }
 
 func get(t *testing.T, u string) int {
