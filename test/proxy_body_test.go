@@ -58,28 +58,9 @@ func TestWritProxyRequestBodyOverADS(t *testing.T) {
 			t.Fatalf("apply: %s", out)
 		}
 	}
-	mesh := func(requestBody string) string {
-		return `apiVersion: writ.dev/v1alpha1
-kind: Service
-metadata: {name: orders, namespace: shop}
-spec:
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: writ.dev/v1alpha1
-kind: Service
-metadata: {name: frontend, namespace: shop}
-spec:
-  ports: [{port: 8080, protocol: http}]
----
-apiVersion: writ.dev/v1alpha1
-kind: AuthorizationPolicy
-metadata: {name: orders, namespace: shop}
-spec:
-  service: orders
-  package: envoy.authz
-  mode: enforce
-  requestBody: ` + requestBody + "\n"
-	}
+	// adsMesh (orders, frontend, an enforced AuthorizationPolicy last)
+	// with the policy's requestBody.
+	mesh := func(requestBody string) string { return adsMesh + "  requestBody: " + requestBody + "\n" }
 	apply(mesh("{maxBytes: 1024}"))
 
 	policyDir := t.TempDir()
