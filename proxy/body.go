@@ -127,8 +127,14 @@ func (l *inboundListener) holdBody(w http.ResponseWriter, r *http.Request) (*hel
 		return nil, err
 	}
 	hb, err := holdBody(r, l.cfg.RequestBody)
-	// The rest streams to the app as a body does without a hold.
-	_ = rc.SetReadDeadline(time.Time{})
+	if err == nil {
+		// The rest streams to the app as a body does without a hold.
+		_ = rc.SetReadDeadline(time.Time{})
+	}
+	// A refused body keeps the hold's deadline: the server still reads
+	// what is left of it (the fast path drains a declared length before
+	// closing), which a client claiming a huge length would otherwise
+	// stretch without end.
 	return hb, err
 }
 

@@ -1,13 +1,17 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/base64"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -574,5 +578,45 @@ func TestHeldBodyDeadline(t *testing.T) {
 				t.Errorf("recorded decisions %+v for a request never checked", dec.got)
 			}
 		})
+	}
+}
+
+// TestRefusedBodyDrainBounded: a body refused before its check (413 for
+// a declared length over max_request_bytes) keeps the hold's deadline, so
+// a client that claims a huge length and then trickles or stops cannot
+// hold the connection while the fast path drains what it declared.
+func TestRefusedBodyDrainBounded(t *testing.T) {
+	defer func(d time.Duration) { bodyHoldTimeout = d }(bodyHoldTimeout)
+	bodyHoldTimeout = 200 * time.Millisecond
+	ca := newTestCA(t)
+	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: serveApp(t, &bodyApp{}), RequestBody: RequestBody{MaxBytes: 1 << 10}}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, bodyRego, &decisions{})})
+	src := ca.source(t, "/ns/demo/sa/client")
+	cfg := svidtls.ClientConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())
+	cfg.NextProtos = []string{"http/1.1"}
+	c, err := tls.Dial("tcp", srv.Addr("mesh"), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Declares a length the fast path takes (at most maxFastBody) over
+	// the limit, and sends 16 bytes of it.
+	if _, err := io.WriteString(c, "POST /orders HTTP/1.1\r\nHost: server\r\nContent-Type: application/json\r\nContent-Length: 60000\r\n\r\n{\"action\": \"rea"); err != nil {
+		t.Fatal(err)
+	}
+	// The guard, far above bodyHoldTimeout, only ends a failing test.
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge {
+		t.Fatalf("status %d, want 413", resp.StatusCode)
+	}
+	if _, err := br.ReadByte(); errors.Is(err, os.ErrDeadlineExceeded) || err == nil {
+		t.Fatalf("after the 413 the connection stays open (read: %v): the proxy waits for the declared body without a deadline", err)
 	}
 }
