@@ -1,6 +1,8 @@
 package enforcer
 
 import (
+	"slices"
+
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/open-policy-agent/opa/v1/ast"
 )
@@ -31,7 +33,7 @@ type seenPath struct {
 
 func (v *requestView) Lookup(p []string) (*ast.Term, bool) {
 	for _, s := range v.seen[:v.nseen] {
-		if samePath(s.p, p) {
+		if slices.Equal(s.p, p) {
 			return s.t, s.ok
 		}
 	}
@@ -41,18 +43,6 @@ func (v *requestView) Lookup(p []string) (*ast.Term, bool) {
 		v.nseen++
 	}
 	return t, ok
-}
-
-func samePath(a, b []string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func (v *requestView) lookup(p []string) (*ast.Term, bool) {

@@ -24,6 +24,7 @@ import (
 	"log/slog"
 	mrand "math/rand/v2"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -685,7 +686,7 @@ func (a *Agent) sync(ctx context.Context) error {
 			a.entries[id] = e
 			a.jwts.dropEntry(id)
 			changed = true
-		case !selectorsEqual(old.selectors, e.selectors) || old.jwtTTL != e.jwtTTL:
+		case !slices.Equal(old.selectors, e.selectors) || old.jwtTTL != e.jwtTTL:
 			old.selectors = e.selectors
 			old.jwtTTL = e.jwtTTL
 			a.jwts.dropEntry(id)
@@ -718,18 +719,6 @@ func parseEntry(in *nodeapi.Entry, td spiffeid.TrustDomain, node spiffeid.ID) (*
 		return nil, fmt.Errorf("selectors: %w", err)
 	}
 	return &entry{id: in.GetId(), spiffeID: id, selectors: sels, x509TTL: in.GetX509TtlSeconds(), jwtTTL: in.GetJwtTtlSeconds()}, nil
-}
-
-func selectorsEqual(a, b []selector.Selector) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // --- workload SVIDs --------------------------------------------------------

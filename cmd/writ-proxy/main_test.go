@@ -78,6 +78,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 		{"xds bad server id", base("--xds-server-id", "writd"), 2, "", "--xds-server-id"},
 		{"xds bad labels", base("--labels", "version"), 2, "", "--labels"},
 		{"xds bad upstream", base("--upstream", "orders"), 2, "", "--upstream"},
+		{"negative max body", base("--max-body-bytes", "-1"), 2, "", "--max-body-bytes must not be negative"},
 	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
