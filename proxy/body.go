@@ -5,6 +5,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -25,6 +26,8 @@ type heldBody struct {
 	// budget, if set, has cap(buf) of its bytes taken for this body
 	// until release.
 	budget *bodyBudget
+	// replay is the body put back into the request.
+	replay *replayBody
 }
 
 // DefaultMaxHeldBodyBytesTotal is Options.MaxHeldBodyBytesTotal's
@@ -81,15 +84,21 @@ func (h *heldBody) grow(n int64) bool {
 	return true
 }
 
-// release gives h's bytes back to its budget. The request calls it when
-// it ends, since the buffer is replayed to the app until then; it is
-// safe on a nil h and more than once.
+// release gives h's bytes back to its budget and stops moving the read
+// deadline for the rest of the body. The request calls it when it ends,
+// since the buffer is replayed to the app until then; it is safe on a nil
+// h and more than once.
 func (h *heldBody) release() {
-	if h == nil || h.budget == nil {
+	if h == nil {
 		return
 	}
-	h.budget.give(int64(cap(h.buf)))
-	h.budget = nil
+	if h.replay != nil {
+		h.replay.unwatch()
+	}
+	if h.budget != nil {
+		h.budget.give(int64(cap(h.buf)))
+		h.budget = nil
+	}
 }
 
 // errBodyTooLarge is a body over max_request_bytes without
@@ -182,7 +191,8 @@ func holdBody(r *http.Request, rb RequestBody, budget *bodyBudget) (*heldBody, e
 			return nil, err
 		}
 	}
-	r.Body = &replayBody{held: hb.buf, rest: r.Body}
+	hb.replay = &replayBody{held: hb.buf, rest: r.Body}
+	r.Body = hb.replay
 	held = true
 	return hb, nil
 }
@@ -200,6 +210,16 @@ func hasBody(r *http.Request) bool {
 // drain, for as long as it likes. A variable for tests.
 var bodyHoldTimeout = 30 * time.Second
 
+// bodyIdleTimeout bounds each wait for more of a body whose first part
+// was held (allow_partial_message): the rest streams to the app after the
+// check, and a client that stops sending it would otherwise keep the
+// request, its goroutine and the connection for good, since the hold's
+// deadline is gone and the servers' read deadlines are off. It is the
+// fast path's idle timeout, under which its other bodies read, but it
+// restarts with every read, so a large body that keeps coming is never
+// cut. A variable for tests.
+var bodyIdleTimeout = h1IdleTimeout
+
 // holdBody holds r's body for the check when the listener's ext_authz
 // asks for it (with_request_body), under bodyHoldTimeout; by default it
 // holds nothing.
@@ -212,8 +232,14 @@ func (l *inboundListener) holdBody(w http.ResponseWriter, r *http.Request) (*hel
 		return nil, err
 	}
 	hb, err := holdBody(r, l.cfg.RequestBody, l.p.bodies)
-	if err == nil {
-		// The rest streams to the app as a body does without a hold.
+	switch {
+	case err != nil:
+	case hb != nil && hb.partial:
+		// A controller of its own: rc stays on the stack for the common
+		// whole body.
+		hb.replay.watch(http.NewResponseController(w))
+	default:
+		// All of the body is in: no read of it waits on the client.
 		_ = rc.SetReadDeadline(time.Time{})
 	}
 	// A refused body keeps the hold's deadline: the server still reads
@@ -249,10 +275,45 @@ func (h *heldBody) attach(req *authv3.CheckRequest) {
 }
 
 // replayBody is a request body whose first bytes were read for the
-// check: it gives them again, then the rest from the connection.
+// check: it gives them again, then the rest from the connection. Read is
+// for one goroutine (a transport's); watch and unwatch may run beside it.
 type replayBody struct {
 	held []byte
 	rest io.ReadCloser
+	// watched is set before the rest is read and never changes: reads
+	// of rest then take mu to move rc's read deadline.
+	watched bool
+	mu      sync.Mutex
+	// rc is the request's, until the request ends (nil after): a
+	// transport may still read the body then, and the response
+	// controller's writer may serve another request by then.
+	rc    *http.ResponseController
+	until time.Time // the read deadline last set
+}
+
+// watch puts the reads of the rest under bodyIdleTimeout, starting now.
+func (b *replayBody) watch(rc *http.ResponseController) {
+	b.watched, b.rc = true, rc
+	b.until = time.Now().Add(bodyIdleTimeout)
+	_ = rc.SetReadDeadline(b.until)
+}
+
+// unwatch stops moving the deadline; the last one set stays, so that
+// what a server still reads of the body (the fast path discards the
+// unread rest) stays bounded too.
+func (b *replayBody) unwatch() {
+	if !b.watched {
+		return
+	}
+	b.mu.Lock()
+	b.rc = nil
+	b.mu.Unlock()
+}
+
+// idleSlack is how far the idle deadline may lag: it moves at most once
+// per slack, as the fast path's idle deadline does, not on every read.
+func idleSlack() time.Duration {
+	return min(h1IdleSlack, bodyIdleTimeout/4)
 }
 
 func (b *replayBody) Read(p []byte) (int, error) {
@@ -260,6 +321,14 @@ func (b *replayBody) Read(p []byte) (int, error) {
 		n := copy(p, b.held)
 		b.held = b.held[n:]
 		return n, nil
+	}
+	if b.watched {
+		b.mu.Lock()
+		if now := time.Now(); b.rc != nil && now.Add(bodyIdleTimeout).Sub(b.until) >= idleSlack() {
+			b.until = now.Add(bodyIdleTimeout)
+			_ = b.rc.SetReadDeadline(b.until)
+		}
+		b.mu.Unlock()
 	}
 	return b.rest.Read(p)
 }

@@ -3,7 +3,9 @@ package proxy
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -16,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/writmesh/writ/authority/svidtls"
+	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/enforcer/regotest"
 )
 
@@ -37,10 +40,11 @@ func dialMesh(t *testing.T, ca *testCA, addr string) *tls.Conn {
 }
 
 // startBody sends a POST's head declaring n bytes of JSON, and the
-// first bytes of its body.
+// first bytes of its body. The policy lets it in whatever the body, so
+// that a prefix too short to parse is allowed too.
 func startBody(t *testing.T, c *tls.Conn, n int, first []byte) {
 	t.Helper()
-	if _, err := fmt.Fprintf(c, "POST /orders HTTP/1.1\r\nHost: server\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", n, first); err != nil {
+	if _, err := fmt.Fprintf(c, "POST /orders HTTP/1.1\r\nHost: server\r\nX-Let-In: yes\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", n, first); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -192,5 +196,108 @@ func TestHoldBodyReleasesOnPanic(t *testing.T) {
 	}()
 	if n := b.used.Load(); n != 0 {
 		t.Fatalf("%d bytes still taken after a panicking hold", n)
+	}
+}
+
+// TestHeldBodyRestIdleBound: after a partial hold the rest of the body
+// streams to the app under bodyIdleTimeout, restarted by every read: a
+// client that stops after the checked prefix has its request ended and,
+// on HTTP/1.1, its connection closed (the guard, far above the bound,
+// only ends a failing test), while one that keeps sending, for longer in
+// all than the bound, gets its body through whole.
+func TestHeldBodyRestIdleBound(t *testing.T) {
+	defer func(d time.Duration) { bodyIdleTimeout = d }(bodyIdleTimeout)
+	bodyIdleTimeout = 600 * time.Millisecond
+	ca := newTestCA(t)
+	app := &bodyApp{}
+	dec := &decisions{}
+	p := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: serveApp(t, app),
+		RequestBody: RequestBody{MaxBytes: 16, AllowPartialMessage: true}}}},
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, bodyRego, dec)})
+	addr := p.Addr("mesh")
+	body := jsonBody("read", 1000)
+	// closed reads what the proxy sends until the connection ends, which
+	// must be before the guard.
+	closed := func(t *testing.T, c *tls.Conn) {
+		t.Helper()
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		b, err := io.ReadAll(c)
+		if err != nil {
+			t.Fatalf("connection still open after the client stopped mid-body (read %q): %v", b, err)
+		}
+		if bytes.HasPrefix(b, []byte("HTTP/1.1 200")) {
+			t.Fatalf("a cut body answered %q", b)
+		}
+	}
+	for _, tt := range []struct {
+		name string
+		run  func(t *testing.T)
+	}{
+		{"content-length, stops after the prefix", func(t *testing.T) {
+			c := dialMesh(t, ca, addr)
+			startBody(t, c, len(body), body[:32])
+			closed(t, c)
+		}},
+		{"chunked, stops after the prefix", func(t *testing.T) {
+			c := dialMesh(t, ca, addr)
+			if _, err := fmt.Fprintf(c, "POST /orders HTTP/1.1\r\nHost: server\r\nX-Let-In: yes\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n%s\r\n", body[:32]); err != nil {
+				t.Fatal(err)
+			}
+			closed(t, c)
+		}},
+		{"http2, stops after the prefix", func(t *testing.T) {
+			pr, pw := io.Pipe()
+			defer pw.Close()
+			go func() { _, _ = pw.Write(body[:32]) }()
+			req, err := http.NewRequest("POST", "https://"+addr+"/orders", pr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Host = "server"
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("X-Let-In", "yes")
+			resp, err := meshClient(t, ca, true).Do(req)
+			if err != nil {
+				if errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "Client.Timeout") {
+					t.Fatalf("stream not ended after the client stopped mid-body: %v", err)
+				}
+				return // reset: ended
+			}
+			b, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK && err == nil {
+				t.Fatalf("a cut body answered %d %q", resp.StatusCode, b)
+			}
+		}},
+		{"keeps coming", func(t *testing.T) {
+			c := dialMesh(t, ca, addr)
+			startBody(t, c, len(body), body[:16])
+			for off := 16; off < len(body); off += 123 {
+				time.Sleep(bodyIdleTimeout / 6)
+				if _, err := c.Write(body[off:min(off+123, len(body))]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if status, msg := readStatus(t, c); status != http.StatusOK {
+				t.Fatalf("status %d %q, want 200", status, msg)
+			}
+			if got, _, _ := app.last(); !bytes.Equal(got, body) {
+				t.Fatalf("app got %d bytes, want all %d", len(got), len(body))
+			}
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dec.mu.Lock()
+			before := len(dec.got)
+			dec.mu.Unlock()
+			tt.run(t)
+			waitFor(t, "held bytes given back", func() bool { return p.bodies.used.Load() == 0 })
+			// The prefix was checked and allowed: the rest was streaming.
+			dec.mu.Lock()
+			defer dec.mu.Unlock()
+			if len(dec.got) != before+1 || dec.got[before].Result != enforcer.ResultAllow {
+				t.Fatalf("decisions %+v, want one allow", dec.got[before:])
+			}
+		})
 	}
 }
