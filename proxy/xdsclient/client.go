@@ -360,9 +360,10 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	mismatched := 0
 	refusedVer, refusals := "", 0
 	// undecodable counts responses in a row that did not decode, until a
-	// set applies; lastUndecodable is the last one's type, version and
-	// error, logged once however often the server sends it again.
-	undecodable, lastUndecodable := 0, ""
+	// set applies; logged holds the type, version and error of those
+	// logged since, each logged once however often the server sends it
+	// again (a server that makes up versions is bounded by maxLogged).
+	undecodable, logged := 0, map[string]bool{}
 	var held *refusedSet
 	for {
 		var r *discoverygrpc.DiscoveryResponse
@@ -425,8 +426,11 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 				}
 			}
 			key := t + "\x00" + r.GetVersionInfo() + "\x00" + derr.Error()
-			c.undecodable(t, r.GetVersionInfo(), derr, key != lastUndecodable)
-			lastUndecodable = key
+			if len(logged) >= maxLogged {
+				clear(logged)
+			}
+			c.undecodable(t, r.GetVersionInfo(), derr, !logged[key])
+			logged[key] = true
 			if err := c.answer(st, t, c.nackVersion(acked, t), r.GetNonce(), derr.Error()); err != nil {
 				return got, err
 			}
@@ -460,7 +464,8 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		reason := c.apply(snap, false)
 		if reason == "" {
 			refusedVer, refusals = "", 0
-			undecodable, lastUndecodable = 0, ""
+			undecodable = 0
+			clear(logged)
 		} else if version == refusedVer {
 			// The server sends again what was refused (writd does not; a
 			// plain snapshot cache does on every NACK): answer after a
@@ -525,6 +530,9 @@ func (c *Client) nackVersion(acked map[string]string, t string) string {
 	}
 	return c.applied.Version
 }
+
+// maxLogged bounds the undecodable responses remembered as logged.
+const maxLogged = 64
 
 // maxMismatched bounds how often in a row a set whose types disagree on
 // the version is asked for again.
@@ -601,8 +609,9 @@ func (c *Client) refused(version string, err error) {
 }
 
 // undecodable records a response of type t that did not decode, logging
-// it only when it is not the one seen last (log): a server that sends it
-// again on every NACK would otherwise fill the log.
+// it only if log (the stream has not logged that type, version and error
+// since a set last applied): a server that sends it again on every NACK
+// would otherwise fill the log.
 func (c *Client) undecodable(t, version string, err error, log bool) {
 	c.mu.Lock()
 	c.lastErr = fmt.Sprintf("version %s refused: %v", version, err)

@@ -119,16 +119,16 @@ func (s *resendServer) set(t *testing.T, rs xds.Resources, v string) {
 	}
 }
 
-// breakListener holds a listener response of version v whose resource
+// breakType holds a response of type typ and version v whose resource
 // does not decode, and pushes it.
-func (s *resendServer) breakListener(t *testing.T, v string) {
+func (s *resendServer) breakType(t *testing.T, typ, v string) {
 	t.Helper()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	// Field 1 (name) as a length-delimited field running past the end.
-	bad := &anypb.Any{TypeUrl: resource.ListenerType, Value: []byte{0x0a, 0x7f, 'x'}}
-	s.cur[resource.ListenerType] = &discoverygrpc.DiscoveryResponse{TypeUrl: resource.ListenerType, VersionInfo: v, Resources: []*anypb.Any{bad}}
-	if err := s.sendLocked(resource.ListenerType); err != nil {
+	bad := &anypb.Any{TypeUrl: typ, Value: []byte{0x0a, 0x7f, 'x'}}
+	s.cur[typ] = &discoverygrpc.DiscoveryResponse{TypeUrl: typ, VersionInfo: v, Resources: []*anypb.Any{bad}}
+	if err := s.sendLocked(typ); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -160,7 +160,7 @@ func (b *syncBuffer) String() string {
 // TestClientPausesOnUndecodableResponse: a server that answers every NACK
 // with the same response that does not decode gets its NACKs at the
 // growing pause a refused configuration takes (on the client's clock),
-// not in a tight loop; the error is logged once, the configuration in
+// not in a tight loop; each error is logged once, the configuration in
 // force stays, and a later good response is taken.
 func TestClientPausesOnUndecodableResponse(t *testing.T) {
 	ca := newTestCA(t)
@@ -185,8 +185,10 @@ func TestClientPausesOnUndecodableResponse(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	waitFor(t, "first configuration applied", func() bool { return c.Status().Version == "v1" })
 
-	srv.breakListener(t, "broken")
-	waitFor(t, "broken listener NACKed", func() bool { return srv.nacksOf("broken") >= 1 })
+	// Two types break, so that their NACKs take turns.
+	srv.breakType(t, resource.ListenerType, "broken")
+	srv.breakType(t, resource.ClusterType, "broken")
+	waitFor(t, "broken responses NACKed", func() bool { return srv.nacksOf("broken") >= 1 })
 	// Move the clock through a 20 s window in steps. The pauses (1, 2,
 	// 4, 4, ... s) let at most 7 more NACKs through it; a client that
 	// NACKs at once sends hundreds while the steps take.
@@ -197,8 +199,8 @@ func TestClientPausesOnUndecodableResponse(t *testing.T) {
 	if n := srv.nacksOf("broken"); n > 10 {
 		t.Fatalf("%d NACKs of the same undecodable response in 20 s of the client's clock, want at most 10", n)
 	}
-	if n := strings.Count(logs.String(), "xds response undecodable"); n != 1 {
-		t.Errorf("undecodable response logged %d times, want once:\n%s", n, logs.String())
+	if n := strings.Count(logs.String(), "xds response undecodable"); n != 2 {
+		t.Errorf("undecodable responses logged %d times, want once per type:\n%s", n, logs.String())
 	}
 	if st := c.Status(); st.Version != "v1" || !strings.Contains(st.LastError, "broken") {
 		t.Fatalf("status while refusing: %+v", st)
