@@ -100,7 +100,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.adminAddr, "admin-addr", "127.0.0.1:15000", "admin HTTP address (keep it on loopback): /healthz, /readyz and, with the proxy role, /metrics, /config_dump and /debug/pprof/")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
-	fs.BoolVar(&o.splitPages, "split-executable-mappings", false, "with --trim-startup-pages, map the executable page by page (a VMA per page: ~10,000 of them, ~2 MiB of unshared kernel memory) so that a touched page does not bring the 64 KiB around it: 3-5 MiB of the executable resident instead of 10-17 MiB. Off by default: those executable pages are shared by every writ-proxy on the node, so with more than one sidecar per node this lowers RSS but raises the memory actually used")
+	fs.BoolVar(&o.splitPages, "split-executable-mappings", false, "with --trim-startup-pages, map the executable page by page (a VMA per page: ~10,000 of them, ~2 MiB of unshared kernel memory) so that a touched page does not bring the 64 KiB around it. Off by default: Linux 6.7 and later turn fault-around off for the executable without it (through a userfaultfd); for older kernels, or where seccomp refuses userfaultfd, and then only with one sidecar per node, as those executable pages are shared by every writ-proxy on the node while the VMAs are not")
 	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "heap growth between garbage collections, in percent of the live heap, as GOGC (which applies when this flag is not given; negative: off)")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
@@ -290,7 +290,8 @@ func trimWhenReady(ctx context.Context, ready func() error, split bool, log *slo
 		return
 	case <-time.After(time.Second):
 	}
-	log.Debug("dropped start-up pages", "bytes", trimExecutablePages(split))
+	n, confined := trimExecutablePages(split)
+	log.Debug("dropped start-up pages", "bytes", n, "fault_around_off", confined)
 }
 
 const trimReadyWait = 2 * time.Minute
