@@ -20,7 +20,7 @@ import (
 func TestTrimConfinesFaultAround(t *testing.T) {
 	w := newFaultWindow(t)
 	for i := range 2 { // the second trim re-registers what the first did
-		bytes, confined := trimExecutablePages(false)
+		bytes, confined := trimExecutablePages(trimMode{noFaultAround: true})
 		if !confined {
 			t.Fatalf("trim %d: fault-around not turned off (%d bytes of mappings trimmed)", i, bytes)
 		}
@@ -39,7 +39,7 @@ func TestTrimConfinesFaultAround(t *testing.T) {
 // first in this process; the VMA count is what tells the split.)
 func TestSplitConfinesFaultAround(t *testing.T) {
 	w := newFaultWindow(t)
-	trimExecutablePages(true)
+	trimExecutablePages(trimMode{split: true})
 	if n, probed := w.touchAndCount(t); !probed || n > 2 {
 		t.Fatalf("with the split: %d of the 16 pages around a touched one resident (touched one resident: %v), want it alone", n, probed)
 	}
