@@ -5,10 +5,13 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writmesh/writ/enforcer"
 )
@@ -20,6 +23,82 @@ type heldBody struct {
 	buf     []byte
 	partial bool // more of the body follows what buf holds
 	pack    bool // sent as raw_body, not body
+	// budget, if set, has cap(buf) of its bytes taken for this body
+	// until release.
+	budget *bodyBudget
+	// replay is the body put back into the request.
+	replay *replayBody
+}
+
+// DefaultMaxHeldBodyBytesTotal is Options.MaxHeldBodyBytesTotal's
+// default: 16 bodies at the largest max_request_bytes, or a thousand at
+// 64 KiB.
+const DefaultMaxHeldBodyBytesTotal = 64 << 20
+
+// errHoldBudget is a body that cannot be held because the bodies held by
+// all requests are at Options.MaxHeldBodyBytesTotal.
+var errHoldBudget = errors.New("request bodies held for policy are at the proxy's limit")
+
+// bodyBudget bounds the bytes of all held bodies together. Each request
+// may hold up to max_request_bytes, so without it many connections
+// sending bodies could make the proxy hold any amount. It is safe for
+// concurrent use.
+type bodyBudget struct {
+	max       int64
+	used      atomic.Int64
+	bytes     prometheus.Gauge
+	overflows prometheus.Counter
+}
+
+// take reserves n bytes, or reports that they would take the total over
+// max (counted as an overflow). Never waiting keeps requests from
+// queueing behind held bodies without bound.
+func (b *bodyBudget) take(n int64) bool {
+	for {
+		u := b.used.Load()
+		if u+n > b.max {
+			b.overflows.Inc()
+			return false
+		}
+		if b.used.CompareAndSwap(u, u+n) {
+			b.bytes.Add(float64(n))
+			return true
+		}
+	}
+}
+
+func (b *bodyBudget) give(n int64) {
+	b.used.Add(-n)
+	b.bytes.Sub(float64(n))
+}
+
+// grow gives h's buffer capacity n (at least its length), taking the
+// added bytes from its budget first; false if the budget has not them.
+func (h *heldBody) grow(n int64) bool {
+	if h.budget != nil && !h.budget.take(n-int64(cap(h.buf))) {
+		return false
+	}
+	nb := make([]byte, len(h.buf), n)
+	copy(nb, h.buf)
+	h.buf = nb
+	return true
+}
+
+// release gives h's bytes back to its budget and stops moving the read
+// deadline for the rest of the body. The request calls it when it ends,
+// since the buffer is replayed to the app until then; it is safe on a nil
+// h and more than once.
+func (h *heldBody) release() {
+	if h == nil {
+		return
+	}
+	if h.replay != nil {
+		h.replay.unwatch()
+	}
+	if h.budget != nil {
+		h.budget.give(int64(cap(h.buf)))
+		h.budget = nil
+	}
 }
 
 // errBodyTooLarge is a body over max_request_bytes without
@@ -46,7 +125,12 @@ const (
 // first MaxBytes are held and partial is set. A body of unknown length
 // that fills the limit exactly counts as partial: waiting to see its end
 // would hold a client that streams until it is answered.
-func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
+//
+// The buffer's bytes are taken from budget (if not nil) before it is
+// made or grown, so the bytes all requests hold stay bounded; a body
+// that does not fit is errHoldBudget. On success the caller releases the
+// held body when the request ends; on an error nothing stays taken.
+func holdBody(r *http.Request, rb RequestBody, budget *bodyBudget) (*heldBody, error) {
 	if !hasBody(r) {
 		return nil, nil
 	}
@@ -62,13 +146,22 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 	if r.ContentLength < 0 {
 		n = min(want, firstBodyRead)
 	}
-	hb := &heldBody{buf: make([]byte, 0, n), pack: rb.PackAsBytes}
+	hb := &heldBody{pack: rb.PackAsBytes, budget: budget}
+	// Given back on every way out but success, a panic in a body's Read
+	// included.
+	held := false
+	defer func() {
+		if !held {
+			hb.release()
+		}
+	}()
+	if !hb.grow(n) {
+		return nil, errHoldBudget
+	}
 	eof := false
 	for int64(len(hb.buf)) < want {
-		if len(hb.buf) == cap(hb.buf) {
-			nb := make([]byte, len(hb.buf), min(2*int64(cap(hb.buf)), want))
-			copy(nb, hb.buf)
-			hb.buf = nb
+		if len(hb.buf) == cap(hb.buf) && !hb.grow(min(2*int64(cap(hb.buf)), want)) {
+			return nil, errHoldBudget
 		}
 		m, err := r.Body.Read(hb.buf[len(hb.buf):cap(hb.buf)])
 		hb.buf = hb.buf[:len(hb.buf)+m]
@@ -98,7 +191,9 @@ func holdBody(r *http.Request, rb RequestBody) (*heldBody, error) {
 			return nil, err
 		}
 	}
-	r.Body = &replayBody{held: hb.buf, rest: r.Body}
+	hb.replay = &replayBody{held: hb.buf, rest: r.Body}
+	r.Body = hb.replay
+	held = true
 	return hb, nil
 }
 
@@ -115,6 +210,16 @@ func hasBody(r *http.Request) bool {
 // drain, for as long as it likes. A variable for tests.
 var bodyHoldTimeout = 30 * time.Second
 
+// bodyIdleTimeout bounds each wait for more of a body whose first part
+// was held (allow_partial_message): the rest streams to the app after the
+// check, and a client that stops sending it would otherwise keep the
+// request, its goroutine and the connection for good, since the hold's
+// deadline is gone and the servers' read deadlines are off. It is the
+// fast path's idle timeout, under which its other bodies read, but it
+// restarts with every read, so a large body that keeps coming is never
+// cut. A variable for tests.
+var bodyIdleTimeout = h1IdleTimeout
+
 // holdBody holds r's body for the check when the listener's ext_authz
 // asks for it (with_request_body), under bodyHoldTimeout; by default it
 // holds nothing.
@@ -126,9 +231,15 @@ func (l *inboundListener) holdBody(w http.ResponseWriter, r *http.Request) (*hel
 	if err := rc.SetReadDeadline(time.Now().Add(bodyHoldTimeout)); err != nil {
 		return nil, err
 	}
-	hb, err := holdBody(r, l.cfg.RequestBody)
-	if err == nil {
-		// The rest streams to the app as a body does without a hold.
+	hb, err := holdBody(r, l.cfg.RequestBody, l.p.bodies)
+	switch {
+	case err != nil:
+	case hb != nil && hb.partial:
+		// A controller of its own: rc stays on the stack for the common
+		// whole body.
+		hb.replay.watch(http.NewResponseController(w))
+	default:
+		// All of the body is in: no read of it waits on the client.
 		_ = rc.SetReadDeadline(time.Time{})
 	}
 	// A refused body keeps the hold's deadline: the server still reads
@@ -164,10 +275,45 @@ func (h *heldBody) attach(req *authv3.CheckRequest) {
 }
 
 // replayBody is a request body whose first bytes were read for the
-// check: it gives them again, then the rest from the connection.
+// check: it gives them again, then the rest from the connection. Read is
+// for one goroutine (a transport's); watch and unwatch may run beside it.
 type replayBody struct {
 	held []byte
 	rest io.ReadCloser
+	// watched is set before the rest is read and never changes: reads
+	// of rest then take mu to move rc's read deadline.
+	watched bool
+	mu      sync.Mutex
+	// rc is the request's, until the request ends (nil after): a
+	// transport may still read the body then, and the response
+	// controller's writer may serve another request by then.
+	rc    *http.ResponseController
+	until time.Time // the read deadline last set
+}
+
+// watch puts the reads of the rest under bodyIdleTimeout, starting now.
+func (b *replayBody) watch(rc *http.ResponseController) {
+	b.watched, b.rc = true, rc
+	b.until = time.Now().Add(bodyIdleTimeout)
+	_ = rc.SetReadDeadline(b.until)
+}
+
+// unwatch stops moving the deadline; the last one set stays, so that
+// what a server still reads of the body (the fast path discards the
+// unread rest) stays bounded too.
+func (b *replayBody) unwatch() {
+	if !b.watched {
+		return
+	}
+	b.mu.Lock()
+	b.rc = nil
+	b.mu.Unlock()
+}
+
+// idleSlack is how far the idle deadline may lag: it moves at most once
+// per slack, as the fast path's idle deadline does, not on every read.
+func idleSlack() time.Duration {
+	return min(h1IdleSlack, bodyIdleTimeout/4)
 }
 
 func (b *replayBody) Read(p []byte) (int, error) {
@@ -176,6 +322,14 @@ func (b *replayBody) Read(p []byte) (int, error) {
 		b.held = b.held[n:]
 		return n, nil
 	}
+	if b.watched {
+		b.mu.Lock()
+		if now := time.Now(); b.rc != nil && now.Add(bodyIdleTimeout).Sub(b.until) >= idleSlack() {
+			b.until = now.Add(bodyIdleTimeout)
+			_ = b.rc.SetReadDeadline(b.until)
+		}
+		b.mu.Unlock()
+	}
 	return b.rest.Read(p)
 }
 
@@ -183,12 +337,15 @@ func (b *replayBody) Close() error { return b.rest.Close() }
 
 // writeBodyRefused answers a request whose body could not be held as
 // Envoy does: 413 for one too large, 408 for one too slow, 400 for one
-// that could not be read.
+// that could not be read; and 503 for one the proxy has no room to hold
+// now (Envoy has no such bound), which the client may retry.
 func writeBodyRefused(w http.ResponseWriter, err error) {
 	status, msg := http.StatusBadRequest, "Bad Request"
 	switch {
 	case errors.Is(err, errBodyTooLarge):
 		status, msg = http.StatusRequestEntityTooLarge, "Payload Too Large"
+	case errors.Is(err, errHoldBudget):
+		status, msg = http.StatusServiceUnavailable, "Service Unavailable: request bodies held for policy checks are at this proxy's limit; retry later"
 	case errors.Is(err, os.ErrDeadlineExceeded):
 		status, msg = http.StatusRequestTimeout, "Request Timeout"
 	}

@@ -438,7 +438,7 @@ func TestHoldBodyBounds(t *testing.T) {
 			src := &stingyReader{b: body}
 			r, _ := http.NewRequest("POST", "http://x/", nil)
 			r.Body, r.ContentLength = src, tt.declared
-			hb, err := holdBody(r, tt.rb)
+			hb, err := holdBody(r, tt.rb, nil)
 			if err != tt.wantErr {
 				t.Fatalf("error %v, want %v", err, tt.wantErr)
 			}
@@ -508,7 +508,8 @@ func BenchmarkProxyPairBody(b *testing.B) {
 // (a slowloris) is answered 408 once bodyHoldTimeout passes, on the
 // HTTP/1.1 fast path, net/http's HTTP/1.1 (chunked) and HTTP/2, with no
 // decision and nothing sent to the app; and the deadline ends with the
-// hold, so the rest of a partially checked body may follow later.
+// hold, so the rest of a partially checked body may follow later. Either
+// way the held bytes go back to the proxy's budget.
 func TestHeldBodyDeadline(t *testing.T) {
 	defer func(d time.Duration) { bodyHoldTimeout = d }(bodyHoldTimeout)
 	bodyHoldTimeout = 200 * time.Millisecond
@@ -562,6 +563,8 @@ func TestHeldBodyDeadline(t *testing.T) {
 			if resp.StatusCode != tt.status {
 				t.Fatalf("status %d %q, want %d", resp.StatusCode, answer, tt.status)
 			}
+			// However the hold ended, its bytes are given back.
+			waitFor(t, "held bytes given back", func() bool { return srv.bodies.used.Load() == 0 })
 			got, _, n := app.last()
 			if tt.status == 200 {
 				if !bytes.Equal(got, body) {

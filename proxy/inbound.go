@@ -241,13 +241,17 @@ func (l *inboundListener) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	held, err := l.holdBody(rw, r)
 	if err != nil {
-		// Refused before any check, as Envoy's 413 or 408: no decision.
+		// Refused before any check, as Envoy's 413 or 408 (or for want
+		// of room to hold it, 503): no decision.
 		writeBodyRefused(rw, err)
 		res.authz = authzNone
 		res.status, res.bytes, res.dur = rw.status(), rw.n, l.p.clock.Since(start)
 		l.p.observe(&res)
 		return
 	}
+	// The held bytes are replayed to the app, so they stay taken until
+	// the request ends, however it ends.
+	defer held.release()
 	resp, d := l.check(r, pi, held)
 	res.decisionID = d.ID
 	if d.Result != enforcer.ResultAllow {

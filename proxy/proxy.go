@@ -85,6 +85,11 @@ type Options struct {
 	TraceSampler *TraceSampler
 	// ServiceName is the spans' service.name; empty is "writ-proxy".
 	ServiceName string
+	// MaxHeldBodyBytesTotal bounds the bytes of request bodies held for
+	// their policy check (RequestBody) by all requests together; a
+	// request that would take the total over it is answered 503. Zero is
+	// DefaultMaxHeldBodyBytesTotal; negative is an error.
+	MaxHeldBodyBytesTotal int64
 }
 
 // Proxy is a running data plane. It is safe for concurrent use.
@@ -118,6 +123,9 @@ type Proxy struct {
 	tcpMu    sync.Mutex
 	tcpConns map[net.Conn]struct{}
 	tcpWG    sync.WaitGroup
+	// bodies bounds the bytes held for checks across every inbound
+	// listener, those Update adds included.
+	bodies *bodyBudget
 }
 
 // New checks cfg, binds all of its listeners and returns a Proxy that
@@ -148,6 +156,12 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.DiscardHandler)
 	}
+	if opts.MaxHeldBodyBytesTotal < 0 {
+		return nil, errors.New("proxy: negative MaxHeldBodyBytesTotal")
+	}
+	if opts.MaxHeldBodyBytesTotal == 0 {
+		opts.MaxHeldBodyBytesTotal = DefaultMaxHeldBodyBytesTotal
+	}
 	m, err := newMetrics(opts.Registry)
 	if err != nil {
 		return nil, err
@@ -157,6 +171,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		alog: newAccessLog(opts.AccessLog), drain: opts.DrainTimeout, clock: opts.Clock, log: opts.Log,
 		tcpConns: map[net.Conn]struct{}{}, errc: make(chan error, 1),
 		sampler: opts.TraceSampler,
+		bodies:  &bodyBudget{max: opts.MaxHeldBodyBytesTotal, bytes: m.heldBytes, overflows: m.heldOverflows},
 	}
 	// A proxy that fails to start leaves the registry as it found it: the
 	// xDS client tries again with the next configuration.

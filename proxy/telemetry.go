@@ -43,6 +43,8 @@ type metrics struct {
 	mirrors         *prometheus.CounterVec
 	healthChanges   *prometheus.CounterVec
 	handshakeErrors *prometheus.CounterVec
+	heldBytes       prometheus.Gauge
+	heldOverflows   prometheus.Counter
 
 	// series caches the request series per label set, so that a request
 	// costs no label hashing or vector lookups. Series are never deleted
@@ -122,6 +124,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		handshakeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_tls_handshake_errors_total", Help: "Failed mTLS handshakes (no or untrusted peer SVID, wrong peer ID).",
 		}, []string{"direction"}),
+		heldBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "writ_held_body_bytes", Help: "Bytes of request bodies held for their policy check now, all requests together (bounded by --max-held-body-bytes-total).",
+		}),
+		heldOverflows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "writ_held_body_overflow_total", Help: "Requests answered 503 because holding their body for the policy check would exceed --max-held-body-bytes-total.",
+		}),
 	}
 	for i, c := range m.collectors() {
 		if err := reg.Register(c); err != nil {
@@ -135,7 +143,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.cxOverflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors}
+	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.cxOverflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors, m.heldBytes, m.heldOverflows}
 }
 
 // unregister takes the metrics off reg again, so that a proxy that failed

@@ -79,6 +79,9 @@ func TestHelpAndBadFlags(t *testing.T) {
 		{"xds bad labels", base("--labels", "version"), 2, "", "--labels"},
 		{"xds bad upstream", base("--upstream", "orders"), 2, "", "--upstream"},
 		{"negative max body", base("--max-body-bytes", "-1"), 2, "", "--max-body-bytes must not be negative"},
+		{"zero held body total", base("--max-held-body-bytes-total", "0"), 2, "", "--max-held-body-bytes-total must be positive"},
+		{"negative held body total", base("--max-held-body-bytes-total", "-1"), 2, "", "--max-held-body-bytes-total must be positive"},
+		{"held body total not a number", base("--max-held-body-bytes-total", "64MiB"), 2, "", "max-held-body-bytes-total"},
 	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -359,6 +359,11 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	pending := map[string]*response{}
 	mismatched := 0
 	refusedVer, refusals := "", 0
+	// undecodable counts responses in a row that did not decode, until a
+	// set applies; logged holds the type, version and error of those
+	// logged since, each logged once however often the server sends it
+	// again (a server that makes up versions is bounded by maxLogged).
+	undecodable, logged := 0, map[string]bool{}
 	var held *refusedSet
 	for {
 		var r *discoverygrpc.DiscoveryResponse
@@ -406,7 +411,26 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		held = nil
 		res, derr := decode(t, r)
 		if derr != nil {
-			c.refused(r.GetVersionInfo(), derr)
+			// A server may send the same broken response again on every
+			// NACK (go-control-plane's plain cache does): after the first,
+			// answer after the growing pause a refused set takes, so that
+			// such a server cannot keep the proxy in a tight NACK loop. The
+			// count goes on across versions, since a server that bumps the
+			// version of a broken resource loops just as well.
+			undecodable++
+			if undecodable > 1 {
+				select {
+				case <-ctx.Done():
+					return got, ctx.Err()
+				case <-c.o.Clock.After(c.refusedPause(undecodable - 1)):
+				}
+			}
+			key := t + "\x00" + r.GetVersionInfo() + "\x00" + derr.Error()
+			if len(logged) >= maxLogged {
+				clear(logged)
+			}
+			c.undecodable(t, r.GetVersionInfo(), derr, !logged[key])
+			logged[key] = true
 			if err := c.answer(st, t, c.nackVersion(acked, t), r.GetNonce(), derr.Error()); err != nil {
 				return got, err
 			}
@@ -440,17 +464,18 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 		reason := c.apply(snap, false)
 		if reason == "" {
 			refusedVer, refusals = "", 0
+			undecodable = 0
+			clear(logged)
 		} else if version == refusedVer {
 			// The server sends again what was refused (writd does not; a
 			// plain snapshot cache does on every NACK): answer after a
 			// growing pause rather than in a tight loop, or at once if a
 			// policy reload lets it apply.
 			refusals++
-			wait := min(c.o.MinBackoff<<min(refusals-1, 16), c.o.MaxBackoff)
 			select {
 			case <-ctx.Done():
 				return got, ctx.Err()
-			case <-c.o.Clock.After(wait):
+			case <-c.o.Clock.After(c.refusedPause(refusals)):
 			case <-c.retry:
 				if c.apply(snap, true) == "" {
 					reason, refusedVer, refusals = "", "", 0
@@ -481,6 +506,12 @@ func (c *Client) stream(ctx context.Context) (got bool, err error) {
 	}
 }
 
+// refusedPause is the wait before answering the nth repeat of a refused
+// response: MinBackoff, doubling per repeat up to MaxBackoff.
+func (c *Client) refusedPause(n int) time.Duration {
+	return min(c.o.MinBackoff<<min(n-1, 16), c.o.MaxBackoff)
+}
+
 // nackVersion is the version a NACK of type t names: the last one ACKed
 // on this stream or, before any, the one in force, as Envoy's NACKs do.
 // On a new stream that matters: writd puts its last good snapshot back,
@@ -499,6 +530,9 @@ func (c *Client) nackVersion(acked map[string]string, t string) string {
 	}
 	return c.applied.Version
 }
+
+// maxLogged bounds the undecodable responses remembered as logged.
+const maxLogged = 64
 
 // maxMismatched bounds how often in a row a set whose types disagree on
 // the version is asked for again.
@@ -572,6 +606,20 @@ func (c *Client) refused(version string, err error) {
 	c.mu.Unlock()
 	c.mNacks.Inc()
 	c.o.Log.Error("xds configuration refused (NACK); keeping the one in force", "version", version, "error", err)
+}
+
+// undecodable records a response of type t that did not decode, logging
+// it only if log (the stream has not logged that type, version and error
+// since a set last applied): a server that sends it again on every NACK
+// would otherwise fill the log.
+func (c *Client) undecodable(t, version string, err error, log bool) {
+	c.mu.Lock()
+	c.lastErr = fmt.Sprintf("version %s refused: %v", version, err)
+	c.mu.Unlock()
+	c.mNacks.Inc()
+	if log {
+		c.o.Log.Error("xds response undecodable (NACK); keeping the configuration in force", "type", t, "version", version, "error", err)
+	}
 }
 
 // answer ACKs (reason "") or NACKs one response. version is the last
