@@ -28,6 +28,9 @@ func TestTrimConfinesFaultAround(t *testing.T) {
 			t.Fatalf("trim %d: %d of the 16 pages around a touched one resident (touched one resident: %v), want it alone", i, n, probed)
 		}
 	}
+	if _, confined := trimExecutablePages(trimMode{}); confined {
+		t.Fatal("a trim without noFaultAround or split reports fault-around confined")
+	}
 	if vmas := executableVMAs(t); vmas > 100 {
 		t.Fatalf("%d read-only mappings of the executable without the split, want the ELF's few", vmas)
 	}
