@@ -316,7 +316,7 @@ func TestTrimModeFlags(t *testing.T) {
 		want trimMode
 	}{
 		{nil, trimMode{noFaultAround: true}},
-		{[]string{"--no-fault-around=false"}, trimMode{}},
+		{[]string{"--confine-executable-faults=false"}, trimMode{}},
 		{[]string{"--split-executable-mappings"}, trimMode{split: true, noFaultAround: true}},
 	} {
 		o, code := parseFlags(append(base, c.args...), io.Discard, io.Discard)
