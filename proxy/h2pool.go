@@ -51,8 +51,8 @@ type h2Conn struct {
 	hooked  atomic.Bool // a state change waits for onState
 }
 
-// learnPoll is how often a request waiting for a new connection's
-// stream limit looks again: about a round trip.
+// learnPoll is how often a new connection's stream limit is looked at
+// until it is known: about a round trip.
 const learnPoll = 2 * time.Millisecond
 
 // h2InitialStreams is the stream limit Go's HTTP/2 client assumes
@@ -171,6 +171,7 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 		// Requests already pending for addr go first: a stream freed
 		// meanwhile is theirs (onState hands it over).
 		queue := !dialed && p.lim.waiting(key)
+		var closed []*h2Conn
 		for _, c := range p.conns[addr] {
 			if queue {
 				break
@@ -178,11 +179,15 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 			switch {
 			case c.cc == nil:
 				dialing = c
-			case c.settled.Load() || c.learned():
-				c.settled.Store(true)
+			case c.settled.Load():
 				if c.cc.Reserve() == nil {
 					p.mu.Unlock()
 					return c, nil
+				}
+				if c.cc.Err() != nil {
+					// Closed by the peer while idle: no state hook
+					// said so.
+					closed = append(closed, c)
 				}
 			case !c.probed:
 				if c.cc.Reserve() == nil {
@@ -194,28 +199,17 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 				learning = c
 			}
 		}
+		for _, c := range closed {
+			p.removeLocked(c)
+		}
 		if dialing != nil || learning != nil {
 			// Rather than open another connection, wait for the one
-			// on its way, or for the peer's stream limit on a new one:
-			// a lowered limit runs no state hook, so it is looked at
-			// again shortly.
+			// on its way, or for the peer's stream limit on a new one.
 			wake := p.wakeLocked(addr)
 			p.mu.Unlock()
-			var poll *time.Timer
-			var tick <-chan time.Time
-			if dialing == nil {
-				poll = time.NewTimer(learnPoll)
-				tick = poll.C
-			}
 			select {
 			case <-wake:
-			case <-tick:
 			case <-ctx.Done():
-			}
-			if poll != nil {
-				poll.Stop()
-			}
-			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
 			p.mu.Lock()
@@ -244,6 +238,9 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 		if g.h2 != nil {
 			return g.h2, nil
 		}
+		// Back to looking: a stream freed from now on must see it.
+		p.getting.Add(1)
+		counted = true
 		p.mu.Lock()
 		p.dialLocked(ctx, addr)
 		dialed = true
@@ -284,9 +281,21 @@ func (p *h2Pool) dialLocked(ctx context.Context, addr string) {
 			c.cc, c.dialed = cc, time.Now()
 		}
 		p.wakeUpLocked(addr)
-		if cc != nil {
-			cc.SetStateHook(func(*http.ClientConn) { p.stateChanged(c) })
+		if cc == nil {
+			return
 		}
+		cc.SetStateHook(func(*http.ClientConn) { p.stateChanged(c) })
+		// A lowered stream limit runs no state hook: look for it
+		// until it is known.
+		go func() {
+			for !c.settled.Load() {
+				if c.cc.Err() != nil || c.learned() {
+					p.onState(c)
+					return
+				}
+				time.Sleep(learnPoll)
+			}
+		}()
 	}()
 }
 

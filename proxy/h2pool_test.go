@@ -530,3 +530,46 @@ func TestH2RefusedStreamSentAgain(t *testing.T) {
 		t.Fatalf("served %v, want %v", got, want)
 	}
 }
+
+// TestH2PeerClosedIdleConnection: a pooled connection the peer closes
+// while idle (no stream, so no state hook runs) frees its slot and
+// leaves the pool; the next request dials a new one.
+func TestH2PeerClosedIdleConnection(t *testing.T) {
+	ca := newTestCA(t)
+	src := ca.source(t, "/ns/demo/sa/server")
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hl := &handoffListener{Listener: raw}
+	t.Cleanup(func() { raw.Close() })
+	app := &countApp{seen: map[string]int{}}
+	serve := func() *http.Server {
+		srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())}
+		srv.Protocols = new(http.Protocols)
+		srv.Protocols.SetHTTP2(true)
+		go srv.ServeTLS(hl.next(), "", "")
+		t.Cleanup(func() { srv.Close() })
+		return srv
+	}
+	old := serve()
+	go hl.run()
+	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1})
+	url := "http://" + cli.Addr("upstream:server") + "/"
+	cl := cli.state.Load().clusters["server"]
+	if r := <-getAsync(url, "1"); r.code != 200 {
+		t.Fatalf("first request: %+v", r)
+	}
+	serve()
+	old.Close()
+	waitFor(t, "the closed connection's slot freed", func() bool { return cl.openConns() == 0 })
+	if r := <-getAsync(url, "2"); r.code != 200 {
+		t.Fatalf("request after the close: %+v", r)
+	}
+	cl.transport.mu.Lock()
+	n := len(cl.transport.conns[raw.Addr().String()])
+	cl.transport.mu.Unlock()
+	if n != 1 {
+		t.Fatalf("%d connections pooled, want 1", n)
+	}
+}
