@@ -791,6 +791,10 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 				if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", sides[i][0])); err == nil {
 					_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d.smaps", side, m.qps)), raw, 0o644)
 				}
+				// Page faults so far (minflt and majflt are fields 10 and 12).
+				if raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", sides[i][0])); err == nil {
+					_ = os.WriteFile(filepath.Join(dir, fmt.Sprintf("%s-%d.stat", side, m.qps)), raw, 0o644)
+				}
 			}
 		}
 		if sides != nil {

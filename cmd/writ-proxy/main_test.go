@@ -305,3 +305,26 @@ func TestGCPercentPrecedence(t *testing.T) {
 		})
 	}
 }
+
+// TestTrimModeFlags: fault-around is turned off by default and the flag
+// turns the userfaultfd registration off (for a seccomp profile that
+// kills on the call); the split stays opt-in.
+func TestTrimModeFlags(t *testing.T) {
+	base := []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", "b", "--trust-domain", "example.org"}
+	for _, c := range []struct {
+		args []string
+		want trimMode
+	}{
+		{nil, trimMode{noFaultAround: true}},
+		{[]string{"--confine-executable-faults=false"}, trimMode{}},
+		{[]string{"--split-executable-mappings"}, trimMode{split: true, noFaultAround: true}},
+	} {
+		o, code := parseFlags(append(base, c.args...), io.Discard, io.Discard)
+		if o == nil {
+			t.Fatalf("%v: exit %d", c.args, code)
+		}
+		if got := o.trimMode(); got != c.want {
+			t.Errorf("%v: trim mode %+v, want %+v", c.args, got, c.want)
+		}
+	}
+}

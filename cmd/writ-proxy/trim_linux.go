@@ -17,21 +17,29 @@ import (
 // maps 64 KiB of the file around each touched page: about 25 MiB of the
 // binary ends up resident, most of it never used again. The pages stay
 // in the page cache; those the proxy needs come back on their first use
-// (a minor fault). Writable mappings are left alone. With split, the
-// mappings are also cut into one-page pieces (see splitMapping). It
-// returns the bytes of mappings advised.
-func trimExecutablePages(split bool) int64 {
+// (a minor fault). Writable mappings are left alone. With
+// mode.noFaultAround the kernel is then asked not to fault around in
+// these mappings (disableFaultAround); with mode.split the mappings are
+// cut into one-page pieces instead (splitMapping). It returns the bytes
+// of mappings advised, and whether fault-around is confined to the
+// touched page in all of them.
+func trimExecutablePages(mode trimMode) (int64, bool) {
 	var total int64
+	confined := true
 	for _, r := range executableMappings() {
 		if madvise(r.lo, r.hi-r.lo, syscall.MADV_DONTNEED) != nil {
+			confined = false
 			continue
 		}
 		total += int64(r.hi - r.lo)
-		if split {
+		switch {
+		case mode.split:
 			splitMapping(r.lo, r.hi)
+		case !mode.noFaultAround || !disableFaultAround(r.lo, r.hi):
+			confined = false
 		}
 	}
-	return total
+	return total, confined && total > 0
 }
 
 // splitMapping cuts [lo, hi) into one-page VMAs. On a page fault in a

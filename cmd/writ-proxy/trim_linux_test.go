@@ -4,19 +4,69 @@ import (
 	"bufio"
 	"debug/elf"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
-// TestSplitConfinesFaultAround touches one page of the executable's
+// TestTrimConfinesFaultAround touches one page of the executable's
 // function-name table (read only to print stack traces, so nothing else
 // in the test brings it in) after a trim, and counts the resident pages
-// of the 64 KiB around it: with the mappings split page by page, the
-// kernel's fault-around maps the touched page alone.
+// of the 64 KiB around it: with fault-around off in the executable's
+// mappings, the touched page comes alone (without, all 16 did), and
+// without a VMA per page. The kernel needs UFFD_FEATURE_WP_ASYNC (Linux
+// 6.7); on an older one the trim must say so and change nothing else.
+func TestTrimConfinesFaultAround(t *testing.T) {
+	w := newFaultWindow(t)
+	if !kernelAtLeast(t, 6, 7) {
+		bytes, confined := trimExecutablePages(trimMode{noFaultAround: true})
+		if confined || bytes == 0 {
+			t.Fatalf("kernel before 6.7: trim reports fault-around off %v, %d bytes trimmed; want false and the trim done", confined, bytes)
+		}
+		w.touchAndCount(t)
+		return
+	}
+	for i := range 2 { // the second trim re-registers what the first did
+		bytes, confined := trimExecutablePages(trimMode{noFaultAround: true})
+		if !confined {
+			t.Fatalf("trim %d: fault-around not turned off (%d bytes of mappings trimmed)", i, bytes)
+		}
+		if n, probed := w.touchAndCount(t); !probed || n > 2 {
+			t.Fatalf("trim %d: %d of the 16 pages around a touched one resident (touched one resident: %v), want it alone", i, n, probed)
+		}
+	}
+	if _, confined := trimExecutablePages(trimMode{}); confined {
+		t.Fatal("a trim without noFaultAround or split reports fault-around confined")
+	}
+	if vmas := executableVMAs(t); vmas > 100 {
+		t.Fatalf("%d read-only mappings of the executable without the split, want the ELF's few", vmas)
+	}
+}
+
+// TestSplitConfinesFaultAround: with split, the mappings are cut page by
+// page, which confines fault-around where the kernel has no other way.
+// (Fault-around is already off here if TestTrimConfinesFaultAround ran
+// first in this process; the VMA count is what tells the split.)
 func TestSplitConfinesFaultAround(t *testing.T) {
-	const page = 4096
+	w := newFaultWindow(t)
+	trimExecutablePages(trimMode{split: true})
+	if n, probed := w.touchAndCount(t); !probed || n > 2 {
+		t.Fatalf("with the split: %d of the 16 pages around a touched one resident (touched one resident: %v), want it alone", n, probed)
+	}
+	if vmas := executableVMAs(t); vmas < 1000 {
+		t.Fatalf("%d read-only mappings of the executable after the split, want one per page", vmas)
+	}
+}
+
+// faultWindow is a 64 KiB-aligned window of the executable's
+// function-name table, all of it in the page cache.
+type faultWindow struct{ window uintptr }
+
+func newFaultWindow(t *testing.T) faultWindow {
 	exe, err := os.ReadFile("/proc/self/exe") // in the page cache, as a running proxy's is
 	if err != nil {
 		t.Fatal(err)
@@ -37,23 +87,16 @@ func TestSplitConfinesFaultAround(t *testing.T) {
 	if uint64(window) < sec.Addr+names || uint64(window)+64<<10 > sec.Addr+cus {
 		t.Fatalf("function-name table [%#x, %#x) too small for a 64 KiB window", sec.Addr+names, sec.Addr+cus)
 	}
-	probe := window + 5*page
+	return faultWindow{window}
+}
 
-	touchAndCount := func(split bool) (int, bool) {
-		trimExecutablePages(split)
-		probeSink = *(*byte)(unsafe.Add(nil, probe))
-		present := residentPages(t, window, 16)
-		return countTrue(present), present[5]
-	}
-	n, _ := touchAndCount(false)
-	t.Logf("without the split: %d of the 16 pages around a touched one resident", n)
-	n, probed := touchAndCount(true)
-	if !probed || n > 2 {
-		t.Fatalf("with the split: %d of the 16 pages around a touched one resident (touched one resident: %v), want it alone", n, probed)
-	}
-	if vmas := executableVMAs(t); vmas < 1000 {
-		t.Fatalf("%d read-only mappings of the executable after the split, want one per page", vmas)
-	}
+// touchAndCount reads the window's sixth page and counts the window's
+// resident pages; it also reports whether the touched one is resident.
+func (w faultWindow) touchAndCount(t *testing.T) (int, bool) {
+	const page = 4096
+	probeSink = *(*byte)(unsafe.Add(nil, w.window+5*page))
+	present := residentPages(t, w.window, 16)
+	return countTrue(present), present[5]
 }
 
 // probeSink keeps the probing read from being optimized away.
@@ -106,4 +149,18 @@ func executableVMAs(t *testing.T) int {
 		}
 	}
 	return n
+}
+
+// kernelAtLeast reports whether the running kernel's release is at least
+// major.minor.
+func kernelAtLeast(t *testing.T, major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &ma, &mi); err != nil {
+		t.Fatalf("kernel release %q: %v", unix.ByteSliceToString(u.Release[:]), err)
+	}
+	return ma > major || ma == major && mi >= minor
 }

@@ -4,4 +4,4 @@ package main
 
 // trimExecutablePages has nothing to do where the start-up pages cannot be
 // dropped this way.
-func trimExecutablePages(split bool) int64 { return 0 }
+func trimExecutablePages(mode trimMode) (int64, bool) { return 0, false }
