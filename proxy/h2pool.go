@@ -31,8 +31,9 @@ type h2Pool struct {
 	// wake is closed (and replaced) when a connection to the endpoint
 	// is dialled, fails to be, or learns its stream limit.
 	wake map[string]chan struct{}
-	// getting counts requests looking for a stream: with pending, it
-	// lets a freed stream skip the pool when nobody could want it.
+	// getting counts requests that found no free stream and still look
+	// for one: with pending, it lets a freed stream skip the pool when
+	// nobody could want it, the common case.
 	getting atomic.Int64
 }
 
@@ -155,8 +156,7 @@ func unprocessed(err error) sendState {
 // handed over as a pending request.
 func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 	key := poolKey{poolH2, addr}
-	p.getting.Add(1)
-	counted := true
+	counted := false
 	uncount := func() {
 		if counted {
 			counted = false
@@ -201,6 +201,13 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 		}
 		for _, c := range closed {
 			p.removeLocked(c)
+		}
+		if !counted {
+			// From now on a freed stream must look for this request;
+			// one freed before is found by looking again.
+			p.getting.Add(1)
+			counted = true
+			continue
 		}
 		if dialing != nil || learning != nil {
 			// Rather than open another connection, wait for the one
