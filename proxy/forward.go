@@ -64,12 +64,23 @@ func (f *forwarder) serve(ctx context.Context, w http.ResponseWriter, r *http.Re
 		f.rp.ServeHTTP(w, r)
 		return
 	}
+	// To a cluster, the outbound request is made as a tryReq, which the
+	// roundTripper takes for its first try instead of copying it again.
+	rt, toCluster := f.transport.(roundTripper)
 	var fr *fwdReq
-	if !own {
+	var first *tryReq
+	switch {
+	case toCluster && !own:
 		// The copy WithContext makes is only copied from, so it stays
 		// on the stack: one allocation for the outbound request.
+		first = &tryReq{fwdReq: fwdReq{req: *r.WithContext(ctx), url: *r.URL}}
+		fr = &first.fwdReq
+	case toCluster:
+		first = &tryReq{fwdReq: fwdReq{req: *r, url: *r.URL}}
+		fr = &first.fwdReq
+	case !own:
 		fr = &fwdReq{req: *r.WithContext(ctx), url: *r.URL}
-	} else {
+	default:
 		fr = &fwdReq{req: *r, url: *r.URL}
 	}
 	out := &fr.req
@@ -107,7 +118,13 @@ func (f *forwarder) serve(ctx context.Context, w http.ResponseWriter, r *http.Re
 		h["User-Agent"] = emptyValue
 	}
 
-	res, err := f.transport.RoundTrip(out)
+	var res *http.Response
+	var err error
+	if first != nil {
+		res, err = rt.roundTrip(out, first)
+	} else {
+		res, err = f.transport.RoundTrip(out)
+	}
 	if err != nil {
 		proxyError(w, out, err)
 		return

@@ -490,6 +490,16 @@ func hostWithoutPort(h string) string {
 type roundTripper struct{ p *Proxy }
 
 func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	return t.roundTrip(req, nil)
+}
+
+// roundTrip is RoundTrip. first, when not nil, is req's own allocation,
+// made by a caller that hands req over (the forwarder, which reads only
+// the context and the header of req once it is sent): the first try
+// without a per-try timeout uses it as its request instead of a copy.
+// Later tries copy req as usual; it is only read from then on, so a
+// transport still holding the first try's request sees no change.
+func (t roundTripper) roundTrip(req *http.Request, first *tryReq) (*http.Response, error) {
 	tg, _ := req.Context().Value(targetKey{}).(*target)
 	if tg == nil {
 		return nil, errNoRoute
@@ -569,7 +579,10 @@ func (t roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 			// The same context: the request, its URL, its body's
 			// reader and the response's closer copied or made in one
 			// allocation.
-			tr := &tryReq{fwdReq: fwdReq{req: *req, url: *req.URL}}
+			tr := first
+			if try > 0 || tr == nil || req != &tr.req || req.URL != &tr.url {
+				tr = &tryReq{fwdReq: fwdReq{req: *req, url: *req.URL}}
+			}
 			out = &tr.req
 			out.URL = &tr.url
 			replay = &tr.body

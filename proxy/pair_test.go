@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -456,6 +457,75 @@ func testRetriedBodies(t *testing.T, h2 bool) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+// TestFirstTryIsTheCallers: the forwarder hands roundTrip its outbound
+// request with the allocation around it; the first try is sent as that
+// request, and a retry as a copy of its own, so the first try's request
+// is not changed once sent (its URL still names the endpoint it went
+// to, its body is still its try's) for whoever may hold it.
+func TestFirstTryIsTheCallers(t *testing.T) {
+	ca := newTestCA(t)
+	var badHits atomic.Int64
+	bad := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		badHits.Add(1)
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}))
+	good := startPair(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		w.Write(b)
+	}))
+	badAddr, goodAddr := bad.server.Addr("mesh"), good.server.Addr("mesh")
+	cfg := &Config{
+		Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: badAddr}, {Address: goodAddr}},
+			PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}},
+		Routes: []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{
+			{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}},
+				Retry: &RetryPolicy{RetryOn: []string{"gateway-error"}, NumRetries: 1, BaseInterval: Duration(time.Millisecond)}},
+		}}}}},
+		Outbound: []Outbound{{Name: "out", Address: "127.0.0.1:0", Protocol: "http", Route: "r"}},
+	}
+	p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client")})
+	st := p.state.Load()
+	ctx := &targetCtx{Context: context.Background(), t: target{route: st.route("r", "server", "POST", "/x", nil), cluster: st.clusters["server"]}}
+	var retried, direct int
+	for i := range 6 {
+		want := fmt.Sprintf("body %d", i)
+		r, err := http.NewRequestWithContext(ctx, "POST", "https://server/x", strings.NewReader(want))
+		if err != nil {
+			t.Fatal(err)
+		}
+		first := &tryReq{fwdReq: fwdReq{req: *r, url: *r.URL}}
+		out := &first.req
+		out.URL = &first.url
+		hits := badHits.Load()
+		resp, err := roundTripper{p}.roundTrip(out, first)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || string(got) != want {
+			t.Fatalf("request %d: %d %q", i, resp.StatusCode, got)
+		}
+		if badHits.Load() == hits {
+			direct++
+			if resp.Request != out || first.url.Host != goodAddr {
+				t.Fatalf("request %d, one try: sent as %p to %s, want the caller's %p to %s", i, resp.Request, first.url.Host, out, goodAddr)
+			}
+			continue
+		}
+		retried++
+		if resp.Request == out || resp.Request.URL == out.URL {
+			t.Fatalf("request %d: the retry reused the first try's request", i)
+		}
+		if first.url.Host != badAddr || out.Body != &first.body {
+			t.Fatalf("request %d: the first try's request changed after its try: to %s, body %T", i, first.url.Host, out.Body)
+		}
+	}
+	if retried == 0 || direct == 0 {
+		t.Fatalf("%d retried, %d direct: want both", retried, direct)
 	}
 }
 
