@@ -128,3 +128,12 @@ func BenchmarkProxyPairParallel(b *testing.B) {
 	p := startPair(b, ca, "/ns/demo/sa/client", sink, benchApp())
 	benchParallel(b, "http://"+p.upstream+"/orders/1")
 }
+
+// BenchmarkProxyPairH2Parallel is BenchmarkProxyPairParallel over an
+// HTTP/2 cluster: the sidecars' hop goes through the HTTP/2 pool.
+func BenchmarkProxyPairH2Parallel(b *testing.B) {
+	ca := newTestCA(b)
+	sink := enforcer.SinkFunc(func(context.Context, enforcer.Decision) error { return nil })
+	p := startPairWith(b, ca, "/ns/demo/sa/client", sink, benchApp(), func(c *Cluster) { c.HTTP2 = true })
+	benchParallel(b, "http://"+p.upstream+"/orders/1")
+}

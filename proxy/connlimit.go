@@ -41,10 +41,16 @@ type poolKey struct {
 
 // connWaiter is a pending request. Its channel receives one grant: an
 // idle HTTP/1.1 connection of its pool to its endpoint, handed over as
-// it is released, or nil, a slot to dial with.
+// it is released, a stream reserved on an HTTP/2 connection to it as
+// one frees, or neither, a slot to dial with.
 type connWaiter struct {
 	key poolKey
-	ch  chan *h1Conn
+	ch  chan grant
+}
+
+type grant struct {
+	h1 *h1Conn
+	h2 *h2Conn
 }
 
 // connLimit is a cluster's connection circuit breaker, Envoy's
@@ -122,20 +128,20 @@ func (l *connLimit) reserve(key poolKey) (*connWaiter, error) {
 		l.pendingOverflow()
 		return nil, errOverflow
 	}
-	w := &connWaiter{key: key, ch: make(chan *h1Conn, 1)}
+	w := &connWaiter{key: key, ch: make(chan grant, 1)}
 	l.waiters = append(l.waiters, w)
 	l.pending.Add(1)
 	return w, nil
 }
 
-// wait waits for w's grant until ctx ends: a connection handed over, or
-// nil with a slot taken for the caller to dial with. A grant that comes
-// too late goes back: a connection to giveBack, a slot to the next
-// waiter.
-func (l *connLimit) wait(ctx context.Context, w *connWaiter, giveBack func(*h1Conn)) (*h1Conn, error) {
+// wait waits for w's grant until ctx ends: a connection or stream
+// handed over, or neither with a slot taken for the caller to dial with.
+// A grant that comes too late goes back: a connection or stream to
+// giveBack, a slot to the next waiter.
+func (l *connLimit) wait(ctx context.Context, w *connWaiter, giveBack func(grant)) (grant, error) {
 	select {
-	case c := <-w.ch:
-		return c, nil
+	case g := <-w.ch:
+		return g, nil
 	case <-ctx.Done():
 	}
 	l.mu.Lock()
@@ -143,15 +149,15 @@ func (l *connLimit) wait(ctx context.Context, w *connWaiter, giveBack func(*h1Co
 		l.waiters = slices.Delete(l.waiters, i, i+1)
 		l.pending.Add(-1)
 		l.mu.Unlock()
-		return nil, ctx.Err()
+		return grant{}, ctx.Err()
 	}
 	l.mu.Unlock()
-	if c := <-w.ch; c != nil {
-		giveBack(c)
+	if g := <-w.ch; g != (grant{}) {
+		giveBack(g)
 	} else {
 		l.done(w.key)
 	}
-	return nil, ctx.Err()
+	return grant{}, ctx.Err()
 }
 
 // handoff gives c, an HTTP/1.1 connection of the h1 pool just released
@@ -162,13 +168,33 @@ func (l *connLimit) handoff(c *h1Conn) bool {
 	if l.pending.Load() == 0 {
 		return false
 	}
+	return l.give(poolKey{poolH1, c.addr}, func() (grant, bool) { return grant{h1: c}, true })
+}
+
+// waiting tells whether a request is pending for key.
+func (l *connLimit) waiting(key poolKey) bool {
+	if l.pending.Load() == 0 {
+		return false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.ContainsFunc(l.waiters, func(w *connWaiter) bool { return w.key == key })
+}
+
+// give hands what take yields to the first request waiting on key, if
+// there is one and take yields something.
+func (l *connLimit) give(key poolKey, take func() (grant, bool)) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for i, w := range l.waiters {
-		if w.key.pool == poolH1 && w.key.addr == c.addr {
+		if w.key == key {
+			g, ok := take()
+			if !ok {
+				return false
+			}
 			l.waiters = slices.Delete(l.waiters, i, i+1)
 			l.pending.Add(-1)
-			w.ch <- c
+			w.ch <- g
 			return true
 		}
 	}
@@ -201,7 +227,7 @@ func (l *connLimit) grantLocked() {
 		l.waiters = slices.Delete(l.waiters, i, i+1)
 		l.pending.Add(-1)
 		l.takeLocked(w.key)
-		w.ch <- nil
+		w.ch <- grant{}
 	}
 }
 
@@ -285,5 +311,6 @@ func (t *h1Transport) connSlot(ctx context.Context, addr string) (*h1Conn, error
 	if w == nil {
 		return nil, err
 	}
-	return t.lim.wait(ctx, w, func(c *h1Conn) { t.release(c, true) })
+	g, err := t.lim.wait(ctx, w, func(g grant) { t.release(g.h1, true) })
+	return g.h1, err
 }

@@ -271,7 +271,7 @@ func TestConnLimitQueue(t *testing.T) {
 	default:
 	}
 	l.done(a)
-	if c := <-w1.ch; c != nil {
+	if g := <-w1.ch; g != (grant{}) {
 		t.Fatal("a slot grant carried a connection")
 	}
 	// The waiter for b gives up; its place is freed.
@@ -289,7 +289,7 @@ func TestConnLimitQueue(t *testing.T) {
 		t.Fatal("want a waiter at the bound")
 	}
 	l.set(10, 2)
-	if c := <-w3.ch; c != nil {
+	if g := <-w3.ch; g != (grant{}) {
 		t.Fatal("a slot grant carried a connection")
 	}
 }
