@@ -289,6 +289,8 @@ type replayBody struct {
 	// controller's writer may serve another request by then.
 	rc    *http.ResponseController
 	until time.Time // the read deadline last set
+	// ended is set, by Read alone, once rest has returned an error.
+	ended bool
 }
 
 // watch puts the reads of the rest under bodyIdleTimeout, starting now.
@@ -322,7 +324,7 @@ func (b *replayBody) Read(p []byte) (int, error) {
 		b.held = b.held[n:]
 		return n, nil
 	}
-	if b.watched {
+	if b.watched && !b.ended {
 		b.mu.Lock()
 		if now := time.Now(); b.rc != nil && now.Add(bodyIdleTimeout).Sub(b.until) >= idleSlack() {
 			b.until = now.Add(bodyIdleTimeout)
@@ -330,7 +332,15 @@ func (b *replayBody) Read(p []byte) (int, error) {
 		}
 		b.mu.Unlock()
 	}
-	return b.rest.Read(p)
+	n, err := b.rest.Read(p)
+	if err != nil {
+		// Not moved again once the body is over: net/http's HTTP/1.1
+		// server clears the deadline then for a background read that
+		// cancels the request if it fails, so a read after the end
+		// (transports make one) must not set it again.
+		b.ended = true
+	}
+	return n, err
 }
 
 func (b *replayBody) Close() error { return b.rest.Close() }

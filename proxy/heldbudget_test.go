@@ -301,3 +301,38 @@ func TestHeldBodyRestIdleBound(t *testing.T) {
 		})
 	}
 }
+
+// deadlineWriter records the read deadlines a ResponseController sets.
+type deadlineWriter struct {
+	http.ResponseWriter
+	sets int
+}
+
+func (w *deadlineWriter) SetReadDeadline(time.Time) error { w.sets++; return nil }
+
+// TestReplayBodyStopsMovingAtEnd: once the rest of a partially held body
+// has ended, a read after it (the HTTP/1.1 transport reads again after a
+// Content-Length body's last bytes) does not set the read deadline
+// again, however long since it last moved: net/http's HTTP/1.1 server
+// clears the deadline when the body ends and starts a background read
+// whose failure cancels the request, so a deadline set again would cut
+// an app that answers more than bodyIdleTimeout after the body ended.
+func TestReplayBodyStopsMovingAtEnd(t *testing.T) {
+	w := &deadlineWriter{}
+	b := &replayBody{held: []byte("ab"), rest: io.NopCloser(strings.NewReader("cd"))}
+	b.watch(http.NewResponseController(w))
+	b.until = time.Time{} // as if the slack had passed: the next read of the rest moves it
+	if got, err := io.ReadAll(b); err != nil || string(got) != "abcd" {
+		t.Fatalf("read %q, %v", got, err)
+	}
+	if w.sets != 2 {
+		t.Fatalf("%d deadlines set by the watch and the read, want 2", w.sets)
+	}
+	b.until = time.Time{}
+	if n, err := b.Read(make([]byte, 8)); n != 0 || err != io.EOF {
+		t.Fatalf("read after the end: %d, %v", n, err)
+	}
+	if w.sets != 2 {
+		t.Fatal("a read after the end of the body set the read deadline again")
+	}
+}
