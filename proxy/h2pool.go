@@ -136,8 +136,13 @@ const (
 // peer did not process: a stream it refused (REFUSED_STREAM: it was over
 // the peer's limit) or left beyond its GOAWAY, and a connection found
 // unusable (a GOAWAY came, or it closed) before the stream began.
-// net/http's Transport retries these by its unexported errors; only
-// their text is visible here.
+// net/http's Transport retries these by its unexported errors; Go 1.26
+// exports neither them nor a type for them, so only their text is
+// visible here, and TestH2RefusedStreamSentAgain and
+// TestH2GoAwayAfterReserveSentAgain fail if it changes. A new
+// connection that closed before its first stream began ("could not be
+// established") is not sent again, as net/http does not: a peer that
+// closes every new connection would be dialled again and again.
 func unprocessed(err error) sendState {
 	s := err.Error()
 	switch {
