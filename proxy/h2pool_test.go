@@ -733,3 +733,59 @@ func TestH2GoAwayAfterReserveSentAgain(t *testing.T) {
 		t.Errorf("arrived on the second connection: %v, want %v", got, want)
 	}
 }
+
+// TestH2PendingBehindDial: requests waiting for a connection being
+// dialled count as pending requests, as in Envoy: with max_connections
+// 1 and max_pending_requests 2, while the peer has not yet accepted the
+// one connection, the request that dials it and one more wait, and a
+// third is refused at once with 503 and x-envoy-overloaded. Once the
+// peer answers, both waiting requests are served, once each.
+func TestH2PendingBehindDial(t *testing.T) {
+	ca := newTestCA(t)
+	src := ca.source(t, "/ns/demo/sa/server")
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := &countApp{seen: map[string]int{}}
+	srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock()),
+		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 4}}
+	srv.Protocols = new(http.Protocols)
+	srv.Protocols.SetHTTP2(true)
+	t.Cleanup(func() { srv.Close(); raw.Close() })
+	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 2})
+	url := "http://" + cli.Addr("upstream:server") + "/"
+	cl := cli.state.Load().clusters["server"]
+
+	// The TCP connection is made, but nothing accepts it: its TLS
+	// handshake waits.
+	first := getAsync(url, "1")
+	waitFor(t, "the first request pending for its dial", func() bool { return cl.conns.pending.Load() == 1 })
+	second := getAsync(url, "2")
+	waitFor(t, "the second request pending for the dial", func() bool { return cl.conns.pending.Load() == 2 })
+	select {
+	case r := <-getAsync(url, "3"):
+		if r.err != nil || r.code != http.StatusServiceUnavailable || r.overloaded != "true" {
+			t.Fatalf("third request with two pending: %+v, want 503 with x-envoy-overloaded", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the third request waited behind the dial")
+	}
+	go srv.ServeTLS(raw, "", "")
+	for i, ch := range []<-chan result{first, second} {
+		if r := <-ch; r.err != nil || r.code != 200 {
+			t.Fatalf("request %d: %+v, want 200", i+1, r)
+		}
+	}
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	if app.seen["1"] != 1 || app.seen["2"] != 1 || app.seen["3"] != 0 {
+		t.Fatalf("requests reached the app: %v, want 1 and 2 once", app.seen)
+	}
+	if got := counter(t, cli.metrics.overflows.WithLabelValues("server", "max_pending_requests")); got != 1 {
+		t.Fatalf("pending overflows = %v, want 1", got)
+	}
+	if got := cl.conns.pending.Load(); got != 0 {
+		t.Fatalf("%d requests still counted as pending", got)
+	}
+}
