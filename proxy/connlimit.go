@@ -65,9 +65,10 @@ type grant struct {
 // a request nothing unless it has to wait.
 type connLimit struct {
 	maxConns, maxPending atomic.Int64
-	// pending counts the waiters; read without the lock by the release
-	// of every pooled connection, which looks for a waiter only when
-	// there is one.
+	// pending counts the pending requests: the waiters, and those held
+	// outside the queue (hold). It is read without the lock by the
+	// release of every pooled connection, which looks for a waiter only
+	// when there may be one.
 	pending atomic.Int64
 	// cxOverflow counts connections not opened for the bound (the
 	// request waited or was refused), pendingOverflow refused requests.
@@ -117,6 +118,12 @@ func (l *connLimit) takeLocked(key poolKey) {
 // with errOverflow. h1Transport calls it holding its pool's lock, so
 // that a connection released meanwhile finds the waiter.
 func (l *connLimit) reserve(key poolKey) (*connWaiter, error) {
+	return l.reserveHeld(key, false)
+}
+
+// reserveHeld is reserve for a caller that holds a pending place (hold)
+// if held: a waiter it queues takes that place over.
+func (l *connLimit) reserveHeld(key poolKey, held bool) (*connWaiter, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.mayOpenLocked(key) {
@@ -124,15 +131,38 @@ func (l *connLimit) reserve(key poolKey) (*connWaiter, error) {
 		return nil, nil
 	}
 	l.cxOverflow()
-	if l.pending.Load() >= l.maxPending.Load() {
+	others := l.pending.Load()
+	if held {
+		others--
+	}
+	if others >= l.maxPending.Load() {
 		l.pendingOverflow()
 		return nil, errOverflow
 	}
 	w := &connWaiter{key: key, ch: make(chan grant, 1)}
 	l.waiters = append(l.waiters, w)
-	l.pending.Add(1)
+	if !held {
+		l.pending.Add(1)
+	}
 	return w, nil
 }
+
+// hold counts the caller as a pending request that waits outside the
+// queue (for a connection being dialled, or for a new connection's
+// stream limit), or refuses it with errOverflow. unhold gives the place
+// back.
+func (l *connLimit) hold() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.pending.Load() >= l.maxPending.Load() {
+		l.pendingOverflow()
+		return errOverflow
+	}
+	l.pending.Add(1)
+	return nil
+}
+
+func (l *connLimit) unhold() { l.pending.Add(-1) }
 
 // wait waits for w's grant until ctx ends: a connection or stream
 // handed over, or neither with a slot taken for the caller to dial with.

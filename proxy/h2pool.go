@@ -136,8 +136,13 @@ const (
 // peer did not process: a stream it refused (REFUSED_STREAM: it was over
 // the peer's limit) or left beyond its GOAWAY, and a connection found
 // unusable (a GOAWAY came, or it closed) before the stream began.
-// net/http's Transport retries these by its unexported errors; only
-// their text is visible here.
+// net/http's Transport retries these by its unexported errors; Go 1.26
+// exports neither them nor a type for them, so only their text is
+// visible here, and TestH2RefusedStreamSentAgain and
+// TestH2GoAwayAfterReserveSentAgain fail if it changes. A new
+// connection that closed before its first stream began ("could not be
+// established") is not sent again, as net/http does not: a peer that
+// closes every new connection would be dialled again and again.
 func unprocessed(err error) sendState {
 	s := err.Error()
 	switch {
@@ -164,6 +169,16 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 		}
 	}
 	defer uncount()
+	// From when it finds no free stream until it has one the caller is
+	// a pending request, as in Envoy, whether it waits in the limit's
+	// queue (which then counts it) or for a connection on its way: a
+	// burst at max_connections cannot pile up behind one dial.
+	held := false
+	defer func() {
+		if held {
+			p.lim.unhold()
+		}
+	}()
 	dialed := false // the caller had a connection dialled: it waits for that
 	p.mu.Lock()
 	for {
@@ -209,6 +224,13 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 			counted = true
 			continue
 		}
+		if !held {
+			if err := p.lim.hold(); err != nil {
+				p.mu.Unlock()
+				return nil, err
+			}
+			held = true
+		}
 		if dialing != nil || learning != nil {
 			// Rather than open another connection, wait for the one
 			// on its way, or for the peer's stream limit on a new one.
@@ -226,7 +248,7 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 			}
 			continue
 		}
-		w, err := p.lim.reserve(key)
+		w, err := p.lim.reserveHeld(key, true)
 		if err != nil {
 			p.mu.Unlock()
 			return nil, err
@@ -236,6 +258,7 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 			dialed = true
 			continue
 		}
+		held = false // the queue counts it now
 		p.mu.Unlock()
 		uncount()
 		g, err := p.lim.wait(ctx, w, func(g grant) { g.h2.cc.Release() })
@@ -245,9 +268,12 @@ func (p *h2Pool) get(ctx context.Context, addr string) (*h2Conn, error) {
 		if g.h2 != nil {
 			return g.h2, nil
 		}
-		// Back to looking: a stream freed from now on must see it.
+		// Back to looking: a stream freed from now on must see it. It
+		// is still pending, now for the connection it dials.
 		p.getting.Add(1)
 		counted = true
+		p.lim.pending.Add(1)
+		held = true
 		p.mu.Lock()
 		p.dialLocked(ctx, addr)
 		dialed = true

@@ -414,11 +414,11 @@ func TestH2DrainingPeerExactlyOnce(t *testing.T) {
 	}
 }
 
-// serveRefusingPeer is an HTTP/2 peer over mTLS, written with x/net's
-// framer, that refuses (REFUSED_STREAM) the first stream of each value
-// of the X-Refuse header and answers every other one 200. It records
-// the X-Refuse values of the streams it answered.
-func serveRefusingPeer(t *testing.T, ca *testCA) (string, func() []string) {
+// serveFramerPeer is an HTTP/2 peer over mTLS written with x/net's
+// framer: for each connection it reads the client preface, sends its
+// SETTINGS and hands the framer to serve with the connection's number,
+// from 0, closing the connection when serve returns.
+func serveFramerPeer(t *testing.T, ca *testCA, serve func(n int, c net.Conn, fr *http2.Framer)) string {
 	t.Helper()
 	src := ca.source(t, "/ns/demo/sa/server")
 	cfg := svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())
@@ -428,19 +428,58 @@ func serveRefusingPeer(t *testing.T, ca *testCA) (string, func() []string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
+	go func() {
+		for n := 0; ; n++ {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if _, err := io.ReadFull(c, make([]byte, len(http2.ClientPreface))); err != nil {
+					return
+				}
+				fr := http2.NewFramer(c, c)
+				if fr.WriteSettings() != nil {
+					return
+				}
+				serve(n, c, fr)
+			}()
+		}
+	}()
+	return l.Addr().String()
+}
+
+// headerValue returns the value of the header field name, or "".
+func headerValue(fs []hpack.HeaderField, name string) string {
+	for _, hf := range fs {
+		if hf.Name == name {
+			return hf.Value
+		}
+	}
+	return ""
+}
+
+// answerOK answers stream id 200 "ok".
+func answerOK(fr *http2.Framer, id uint32) {
+	var hb bytes.Buffer
+	hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+	fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndHeaders: true})
+	fr.WriteData(id, true, []byte("ok"))
+}
+
+// serveRefusingPeer is an HTTP/2 peer that turns down the first stream
+// of each value of the X-Refuse header, unprocessed, and answers every
+// other one 200. It turns a stream down with REFUSED_STREAM, or, if
+// goAway, with a graceful GOAWAY whose last stream is below it. It
+// records the X-Refuse values of the streams it answered.
+func serveRefusingPeer(t *testing.T, ca *testCA, goAway bool) (string, func() []string) {
+	t.Helper()
 	var mu sync.Mutex
 	refused := map[string]bool{}
 	var served []string
-	serve := func(c net.Conn) {
-		defer c.Close()
-		if _, err := io.ReadFull(c, make([]byte, len(http2.ClientPreface))); err != nil {
-			return
-		}
-		fr := http2.NewFramer(c, c)
+	addr := serveFramerPeer(t, ca, func(_ int, _ net.Conn, fr *http2.Framer) {
 		fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-		if fr.WriteSettings() != nil {
-			return
-		}
 		for {
 			f, err := fr.ReadFrame()
 			if err != nil {
@@ -452,12 +491,7 @@ func serveRefusingPeer(t *testing.T, ca *testCA) (string, func() []string) {
 					fr.WriteSettingsAck()
 				}
 			case *http2.MetaHeadersFrame:
-				var v string
-				for _, hf := range f.Fields {
-					if hf.Name == "x-refuse" {
-						v = hf.Value
-					}
-				}
+				v := headerValue(f.Fields, "x-refuse")
 				mu.Lock()
 				refuse := !refused[v]
 				refused[v] = true
@@ -465,69 +499,75 @@ func serveRefusingPeer(t *testing.T, ca *testCA) (string, func() []string) {
 					served = append(served, v)
 				}
 				mu.Unlock()
-				if refuse {
+				switch {
+				case !refuse:
+					answerOK(fr, f.StreamID)
+				case goAway:
+					// The connection takes no more streams: the
+					// client dials another.
+					fr.WriteGoAway(f.StreamID-1, http2.ErrCodeNo, nil)
+				default:
 					fr.WriteRSTStream(f.StreamID, http2.ErrCodeRefusedStream)
-					continue
 				}
-				var hb bytes.Buffer
-				hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
-				fr.WriteHeaders(http2.HeadersFrameParam{StreamID: f.StreamID, BlockFragment: hb.Bytes(), EndHeaders: true})
-				fr.WriteData(f.StreamID, true, []byte("ok"))
 			}
 		}
-	}
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go serve(c)
-		}
-	}()
-	return l.Addr().String(), func() []string {
+	})
+	return addr, func() []string {
 		mu.Lock()
 		defer mu.Unlock()
 		return slices.Clone(served)
 	}
 }
 
-// TestH2RefusedStreamSentAgain: a stream the peer refused
-// (REFUSED_STREAM: it did not process it) is sent again by the HTTP/2
-// pool, as net/http's Transport does, when its body allows: one without
-// a body or with GetBody is, one whose body cannot be read again is not.
+// TestH2RefusedStreamSentAgain: a stream the peer did not process is
+// sent again by the HTTP/2 pool, as net/http's Transport does, when its
+// body allows: one without a body or with GetBody is, one whose body
+// cannot be read again is not. The peer turns the stream down with
+// REFUSED_STREAM, or with a graceful GOAWAY whose last stream is below
+// it (net/http reports each by a text of its own).
 func TestH2RefusedStreamSentAgain(t *testing.T) {
-	ca := newTestCA(t)
-	addr, served := serveRefusingPeer(t, ca)
-	cli := h2Client(t, ca, addr, nil)
-	pool := cli.state.Load().clusters["server"].transport
-	do := func(refuse string, body io.Reader, getBody bool) error {
-		req, _ := http.NewRequest("POST", "https://"+addr+"/", body)
-		if !getBody {
-			req.GetBody = nil
-		}
-		req.Header.Set("X-Refuse", refuse)
-		resp, err := pool.RoundTrip(req)
-		if err != nil {
-			return err
-		}
-		defer resp.Body.Close()
-		if b, _ := io.ReadAll(resp.Body); resp.StatusCode != 200 || string(b) != "ok" {
-			return fmt.Errorf("answer %d %q", resp.StatusCode, b)
-		}
-		return nil
-	}
-	if err := do("none", nil, false); err != nil {
-		t.Fatalf("without a body: %v", err)
-	}
-	if err := do("replayable", strings.NewReader("body"), true); err != nil {
-		t.Fatalf("with GetBody: %v", err)
-	}
-	if err := do("once", io.NopCloser(strings.NewReader("body")), false); err == nil || !strings.Contains(err.Error(), "REFUSED_STREAM") {
-		t.Fatalf("with a body read once: %v, want the refusal", err)
-	}
-	if got, want := served(), []string{"none", "replayable"}; !slices.Equal(got, want) {
-		t.Fatalf("served %v, want %v", got, want)
+	for _, tc := range []struct {
+		name    string
+		goAway  bool
+		errText string
+	}{
+		{"REFUSED_STREAM", false, "REFUSED_STREAM"},
+		{"GOAWAY", true, "graceful shutdown GOAWAY"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ca := newTestCA(t)
+			addr, served := serveRefusingPeer(t, ca, tc.goAway)
+			cli := h2Client(t, ca, addr, nil)
+			pool := cli.state.Load().clusters["server"].transport
+			do := func(refuse string, body io.Reader, getBody bool) error {
+				req, _ := http.NewRequest("POST", "https://"+addr+"/", body)
+				if !getBody {
+					req.GetBody = nil
+				}
+				req.Header.Set("X-Refuse", refuse)
+				resp, err := pool.RoundTrip(req)
+				if err != nil {
+					return err
+				}
+				defer resp.Body.Close()
+				if b, _ := io.ReadAll(resp.Body); resp.StatusCode != 200 || string(b) != "ok" {
+					return fmt.Errorf("answer %d %q", resp.StatusCode, b)
+				}
+				return nil
+			}
+			if err := do("none", nil, false); err != nil {
+				t.Fatalf("without a body: %v", err)
+			}
+			if err := do("replayable", strings.NewReader("body"), true); err != nil {
+				t.Fatalf("with GetBody: %v", err)
+			}
+			if err := do("once", io.NopCloser(strings.NewReader("body")), false); err == nil || !strings.Contains(err.Error(), tc.errText) {
+				t.Fatalf("with a body read once: %v, want the refusal", err)
+			}
+			if got, want := served(), []string{"none", "replayable"}; !slices.Equal(got, want) {
+				t.Fatalf("served %v, want %v", got, want)
+			}
+		})
 	}
 }
 
@@ -571,5 +611,181 @@ func TestH2PeerClosedIdleConnection(t *testing.T) {
 	cl.transport.mu.Unlock()
 	if n != 1 {
 		t.Fatalf("%d connections pooled, want 1", n)
+	}
+}
+
+// TestH2GoAwayAfterReserveSentAgain: a request whose stream was
+// reserved on a connection that then gets a graceful GOAWAY, before the
+// request's HEADERS went out, is found unusable by net/http and sent on
+// a new connection; the stream the GOAWAY kept is answered on the old
+// one. The peer holds the reserved request back by not reading the
+// HEADERS of the one before it, which are too large for the socket
+// buffers: net/http sends a connection's HEADERS one at a time.
+func TestH2GoAwayAfterReserveSentAgain(t *testing.T) {
+	ca := newTestCA(t)
+	held := make(chan uint32, 1) // the large HEADERS began on this stream
+	goAway, resume := make(chan struct{}), make(chan struct{})
+	var mu sync.Mutex
+	arrived := map[int][]string{} // X-Ids by connection
+	addr := serveFramerPeer(t, ca, func(n int, c net.Conn, fr *http2.Framer) {
+		dec := hpack.NewDecoder(4096, nil)
+		var block []byte
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			var end bool
+			var id uint32
+			switch f := f.(type) {
+			case *http2.SettingsFrame:
+				if !f.IsAck() {
+					fr.WriteSettingsAck()
+				}
+				continue
+			case *http2.HeadersFrame:
+				block = append(block[:0], f.HeaderBlockFragment()...)
+				end, id = f.HeadersEnded(), f.StreamID
+				if !end && n == 0 {
+					held <- id
+					<-goAway
+					fr.WriteGoAway(id, http2.ErrCodeNo, nil)
+					<-resume
+				}
+			case *http2.ContinuationFrame:
+				block = append(block, f.HeaderBlockFragment()...)
+				end, id = f.HeadersEnded(), f.StreamID
+			default:
+				continue
+			}
+			if !end {
+				continue
+			}
+			fs, err := dec.DecodeFull(block)
+			if err != nil {
+				t.Errorf("peer: %v", err)
+				return
+			}
+			mu.Lock()
+			arrived[n] = append(arrived[n], headerValue(fs, "x-id"))
+			mu.Unlock()
+			answerOK(fr, id)
+		}
+	})
+	cli := h2Client(t, ca, addr, nil)
+	pool := cli.state.Load().clusters["server"].transport
+	send := func(id string, big bool) <-chan error {
+		ch := make(chan error, 1)
+		go func() {
+			req, _ := http.NewRequest("GET", "https://"+addr+"/", nil)
+			req.Header.Set("X-Id", id)
+			if big {
+				req.Header.Set("X-Big", strings.Repeat("a", 16<<20))
+			}
+			resp, err := pool.RoundTrip(req)
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || string(b) != "ok" {
+					err = fmt.Errorf("answer %d %q", resp.StatusCode, b)
+				}
+			}
+			ch <- err
+		}()
+		return ch
+	}
+	if err := <-send("first", false); err != nil {
+		t.Fatalf("first request: %v", err)
+	}
+	conn := func() *http.ClientConn {
+		pool.mu.Lock()
+		defer pool.mu.Unlock()
+		return pool.conns[addr][0].cc
+	}()
+	large := send("large", true)
+	select {
+	case <-held:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the large request never began")
+	}
+	reserved := send("reserved", false)
+	// Its own stream and the large one's.
+	waitFor(t, "the second request's stream reserved", func() bool { return conn.InFlight() == 2 })
+	close(goAway)
+	waitFor(t, "the GOAWAY seen", func() bool { return conn.Available() == 0 })
+	close(resume)
+	for what, ch := range map[string]<-chan error{"large": large, "reserved": reserved} {
+		select {
+		case err := <-ch:
+			if err != nil {
+				t.Errorf("%s request: %v", what, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s request never answered", what)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if got, want := arrived[0], []string{"first", "large"}; !slices.Equal(got, want) {
+		t.Errorf("arrived on the first connection: %v, want %v", got, want)
+	}
+	if got, want := arrived[1], []string{"reserved"}; !slices.Equal(got, want) {
+		t.Errorf("arrived on the second connection: %v, want %v", got, want)
+	}
+}
+
+// TestH2PendingBehindDial: requests waiting for a connection being
+// dialled count as pending requests, as in Envoy: with max_connections
+// 1 and max_pending_requests 2, while the peer has not yet accepted the
+// one connection, the request that dials it and one more wait, and a
+// third is refused at once with 503 and x-envoy-overloaded. Once the
+// peer answers, both waiting requests are served, once each.
+func TestH2PendingBehindDial(t *testing.T) {
+	ca := newTestCA(t)
+	src := ca.source(t, "/ns/demo/sa/server")
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	app := &countApp{seen: map[string]int{}}
+	srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock()),
+		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 4}}
+	srv.Protocols = new(http.Protocols)
+	srv.Protocols.SetHTTP2(true)
+	t.Cleanup(func() { srv.Close(); raw.Close() })
+	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 2})
+	url := "http://" + cli.Addr("upstream:server") + "/"
+	cl := cli.state.Load().clusters["server"]
+
+	// The TCP connection is made, but nothing accepts it: its TLS
+	// handshake waits.
+	first := getAsync(url, "1")
+	waitFor(t, "the first request pending for its dial", func() bool { return cl.conns.pending.Load() == 1 })
+	second := getAsync(url, "2")
+	waitFor(t, "the second request pending for the dial", func() bool { return cl.conns.pending.Load() == 2 })
+	select {
+	case r := <-getAsync(url, "3"):
+		if r.err != nil || r.code != http.StatusServiceUnavailable || r.overloaded != "true" {
+			t.Fatalf("third request with two pending: %+v, want 503 with x-envoy-overloaded", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the third request waited behind the dial")
+	}
+	go srv.ServeTLS(raw, "", "")
+	for i, ch := range []<-chan result{first, second} {
+		if r := <-ch; r.err != nil || r.code != 200 {
+			t.Fatalf("request %d: %+v, want 200", i+1, r)
+		}
+	}
+	app.mu.Lock()
+	defer app.mu.Unlock()
+	if app.seen["1"] != 1 || app.seen["2"] != 1 || app.seen["3"] != 0 {
+		t.Fatalf("requests reached the app: %v, want 1 and 2 once", app.seen)
+	}
+	if got := counter(t, cli.metrics.overflows.WithLabelValues("server", "max_pending_requests")); got != 1 {
+		t.Fatalf("pending overflows = %v, want 1", got)
+	}
+	if got := cl.conns.pending.Load(); got != 0 {
+		t.Fatalf("%d requests still counted as pending", got)
 	}
 }
