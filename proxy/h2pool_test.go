@@ -25,18 +25,26 @@ import (
 // streams concurrent streams per connection, and returns its address.
 func serveH2Peer(t *testing.T, ca *testCA, streams uint32, h http.Handler) string {
 	t.Helper()
-	src := ca.source(t, "/ns/demo/sa/server")
-	cfg := svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: h, TLSConfig: cfg, HTTP2: &http.HTTP2Config{MaxConcurrentStreams: int(streams)}}
+	go h2PeerServer(t, ca.source(t, "/ns/demo/sa/server"), streams, h).ServeTLS(l, "", "")
+	return l.Addr().String()
+}
+
+// h2PeerServer is an mTLS HTTP/2-only server of h with src's SVID,
+// allowing streams concurrent streams per connection (0: Go's default),
+// closed when the test ends; the caller serves it on its listener.
+func h2PeerServer(t *testing.T, src Source, streams uint32, h http.Handler) *http.Server {
+	srv := &http.Server{Handler: h, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())}
+	if streams > 0 {
+		srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: int(streams)}
+	}
 	srv.Protocols = new(http.Protocols)
 	srv.Protocols.SetHTTP2(true)
-	go srv.ServeTLS(l, "", "")
 	t.Cleanup(func() { srv.Close() })
-	return l.Addr().String()
+	return srv
 }
 
 // h2Client is an outbound proxy whose cluster "server" speaks HTTP/2 to
@@ -249,12 +257,8 @@ func TestH2PendingAcrossGoAway(t *testing.T) {
 	app := &tokenApp{arrived: make(chan string, 8), token: make(chan struct{})}
 	t.Cleanup(func() { close(app.token) })
 	serve := func() *http.Server {
-		srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock()),
-			HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 1}}
-		srv.Protocols = new(http.Protocols)
-		srv.Protocols.SetHTTP2(true)
+		srv := h2PeerServer(t, src, 1, app)
 		go srv.ServeTLS(hl.next(), "", "")
-		t.Cleanup(func() { srv.Close() })
 		return srv
 	}
 	old := serve()
@@ -382,12 +386,8 @@ func TestH2DrainingPeerExactlyOnce(t *testing.T) {
 	t.Cleanup(func() { raw.Close() })
 	app := &countApp{seen: map[string]int{}}
 	serve := func() *http.Server {
-		srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock()),
-			HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 4}}
-		srv.Protocols = new(http.Protocols)
-		srv.Protocols.SetHTTP2(true)
+		srv := h2PeerServer(t, src, 4, app)
 		go srv.ServeTLS(hl.next(), "", "")
-		t.Cleanup(func() { srv.Close() })
 		return srv
 	}
 	old := serve()
@@ -585,11 +585,8 @@ func TestH2PeerClosedIdleConnection(t *testing.T) {
 	t.Cleanup(func() { raw.Close() })
 	app := &countApp{seen: map[string]int{}}
 	serve := func() *http.Server {
-		srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock())}
-		srv.Protocols = new(http.Protocols)
-		srv.Protocols.SetHTTP2(true)
+		srv := h2PeerServer(t, src, 0, app)
 		go srv.ServeTLS(hl.next(), "", "")
-		t.Cleanup(func() { srv.Close() })
 		return srv
 	}
 	old := serve()
@@ -748,11 +745,8 @@ func TestH2PendingBehindDial(t *testing.T) {
 		t.Fatal(err)
 	}
 	app := &countApp{seen: map[string]int{}}
-	srv := &http.Server{Handler: app, TLSConfig: svidtls.ServerConfig(src, src, svidtls.AuthorizeMemberOf(td), clockwork.NewRealClock()),
-		HTTP2: &http.HTTP2Config{MaxConcurrentStreams: 4}}
-	srv.Protocols = new(http.Protocols)
-	srv.Protocols.SetHTTP2(true)
-	t.Cleanup(func() { srv.Close(); raw.Close() })
+	srv := h2PeerServer(t, src, 4, app)
+	t.Cleanup(func() { raw.Close() })
 	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 2})
 	url := "http://" + cli.Addr("upstream:server") + "/"
 	cl := cli.state.Load().clusters["server"]
