@@ -34,6 +34,7 @@ import (
 	"github.com/jonboulle/clockwork"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/writmesh/writ/enforcer/regotest"
+	"github.com/writmesh/writ/internal/syncbuf"
 	collectorpb "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracepb "go.opentelemetry.io/proto/otlp/trace/v1"
 	"google.golang.org/grpc"
@@ -629,7 +630,7 @@ func TestOTLPExportRotation(t *testing.T) {
 			}
 			target, spans, stop := startSecureCollectorAt(t, protocol, pki1, "127.0.0.1:0")
 			u, _ := url.Parse(target)
-			logs := &lockedBuffer{}
+			logs := &syncbuf.Buffer{}
 			get, clock, reg, _ := tracedClient(t, Options{OTLPTracesURL: target, OTLPProtocol: protocol,
 				OTLP: OTLPExport{TLS: files, Headers: headers}, Log: slog.New(slog.NewTextHandler(logs, nil))})
 			// arrives sends requests until one's span reaches the collector.
@@ -688,24 +689,6 @@ func replace(t *testing.T, name string, b []byte) {
 	if err := os.Rename(tmp, name); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// lockedBuffer is a bytes.Buffer for a logger on other goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 // blackHole accepts connections and never answers; accepted receives

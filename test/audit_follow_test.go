@@ -8,6 +8,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // TestAuditQueryFollow runs `writ audit query --follow` as a process
@@ -21,7 +23,7 @@ func TestAuditQueryFollow(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stderr := &syncBuffer{}
+	stderr := &syncbuf.Buffer{}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

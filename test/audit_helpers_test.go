@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -10,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,6 +24,7 @@ import (
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/authority/nodeapi"
 	"github.com/writmesh/writ/authority/svidtls"
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // pgCluster is a PostgreSQL cluster the test owns, so that it can stop and
@@ -68,31 +67,13 @@ func (p *pgCluster) start(t *testing.T) {
 	}
 }
 
-// syncBuffer is a bytes.Buffer safe for the exec copier and the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // auditWritd is a writd process on fixed addresses that the test can kill
 // with SIGKILL and start again.
 type auditWritd struct {
 	bin, dir, cfg, http, grpc, socket string
 	cmd                               *exec.Cmd
 	done                              chan error
-	log                               *syncBuffer
+	log                               *syncbuf.Buffer
 	starts                            int
 }
 
@@ -105,7 +86,7 @@ func newAuditWritd(t *testing.T, dbURL string) *auditWritd {
 // more configuration.
 func newAuditWritdWith(t *testing.T, dbURL string, o writdOptions) *auditWritd {
 	t.Helper()
-	w := &auditWritd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), grpc: freeAddr(t), log: &syncBuffer{}}
+	w := &auditWritd{bin: binDir(t), dir: t.TempDir(), http: freeAddr(t), grpc: freeAddr(t), log: &syncbuf.Buffer{}}
 	w.socket = filepath.Join(w.dir, "admin", "admin.sock")
 	kek, err := exec.Command(filepath.Join(w.bin, "writd"), "gen-kek").Output()
 	if err != nil {

@@ -31,6 +31,7 @@ import (
 
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/enforcer/enforcertest"
+	"github.com/writmesh/writ/internal/syncbuf"
 	"github.com/writmesh/writ/policy"
 )
 
@@ -443,7 +444,7 @@ bundles:
       max_delay_seconds: 20
 `, writdAddr)
 	write(b, filepath.Join(dir, "opa.yaml"), cfg)
-	log := &syncBuffer{}
+	log := &syncbuf.Buffer{}
 	cmd := exec.Command(bin, "run", "--server", "--addr", addr, "--config-file", filepath.Join(dir, "opa.yaml"),
 		"--log-level", "error", "--skip-version-check")
 	cmd.Stdout, cmd.Stderr = log, log

@@ -30,6 +30,7 @@ import (
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/authority/svidtls"
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 var enforcerID = spiffeid.RequireFromString("spiffe://example.org/ns/writ/sa/enforcer")
@@ -37,7 +38,7 @@ var enforcerID = spiffeid.RequireFromString("spiffe://example.org/ns/writ/sa/enf
 // enforcerProc is a writ-enforcer process started for one test.
 type enforcerProc struct {
 	cmd        *exec.Cmd
-	log        *syncBuffer
+	log        *syncbuf.Buffer
 	done       chan error
 	listen     string
 	admin      string
@@ -55,7 +56,7 @@ func startEnforcer(t testing.TB, args ...string) *enforcerProc {
 // environment variables added to this process's.
 func startEnforcerBin(t testing.TB, bin string, env []string, args ...string) *enforcerProc {
 	t.Helper()
-	p := &enforcerProc{log: &syncBuffer{}, done: make(chan error, 1), listen: freeAddr(t), admin: freeAddr(t),
+	p := &enforcerProc{log: &syncbuf.Buffer{}, done: make(chan error, 1), listen: freeAddr(t), admin: freeAddr(t),
 		decisionLg: filepath.Join(t.TempDir(), "decisions.jsonl")}
 	args = append([]string{"--listen", p.listen, "--admin-addr", p.admin, "--decision-log", p.decisionLg}, args...)
 	p.cmd = exec.Command(bin, args...)

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	"github.com/writmesh/writ/internal/syncbuf"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
@@ -104,7 +105,7 @@ func (m *meshE2E) sidecar(sa string, args ...string) *proxyProc {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sock) })
-	p := &proxyProc{out: &syncBuffer{}, admin: freeAddr(t), done: make(chan error, 1)}
+	p := &proxyProc{out: &syncbuf.Buffer{}, admin: freeAddr(t), done: make(chan error, 1)}
 	p.cmd = exec.Command(exe, append([]string{
 		"--control-plane", m.w.grpc, "--trust-bundle", m.bundle, "--trust-domain", "example.org",
 		"--workload-api", "unix://" + filepath.Join(sock, "agent.sock"), "--admin-addr", p.admin,

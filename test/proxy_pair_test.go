@@ -31,6 +31,7 @@ import (
 	"github.com/writmesh/writ/authority/authoritytest"
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/enforcer/regotest"
+	"github.com/writmesh/writ/internal/syncbuf"
 	"github.com/writmesh/writ/proxy"
 )
 
@@ -168,7 +169,7 @@ type serverSide struct {
 	sink     *decisionLog
 	registry string // admin URL
 	// accessLog holds the inbound proxy's access log.
-	accessLog *syncBuffer
+	accessLog *syncbuf.Buffer
 }
 
 func startServerSide(t *testing.T, m *meshEnv) *serverSide {
@@ -221,7 +222,7 @@ func startServerSide(t *testing.T, m *meshEnv) *serverSide {
 		{Name: "grpc", Address: "127.0.0.1:0", Service: "orders", App: gl.Addr().String(), AppProtocol: "h2c"},
 		{Name: "tcp", Address: "127.0.0.1:0", Service: "orders", App: tl.Addr().String()},
 	}}
-	s.accessLog = &syncBuffer{}
+	s.accessLog = &syncbuf.Buffer{}
 	p, stop := runProxy(t, cfg, proxy.Options{Source: m.sources[meshServerID], Enforcer: regotest.Enforcer(t, meshPolicy, s.sink), DrainTimeout: 20 * time.Second, AccessLog: s.accessLog})
 	s.proxy, s.stop = p, stop
 	admin := httptest.NewServer(p.AdminHandler(nil))

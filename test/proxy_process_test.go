@@ -14,12 +14,14 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // proxyProc is a writ-proxy process (agent and proxy roles).
 type proxyProc struct {
 	cmd   *exec.Cmd
-	out   *syncBuffer
+	out   *syncbuf.Buffer
 	admin string
 	sock  string // the agent's Workload API address
 	done  chan error
@@ -41,7 +43,7 @@ func startProxyProc(t *testing.T, w *writd, node string, args ...string) *proxyP
 	if err := os.WriteFile(bundle, []byte(w.get(t, "/bundle")), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	p := &proxyProc{out: &syncBuffer{}, admin: freeAddr(t), done: make(chan error, 1)}
+	p := &proxyProc{out: &syncbuf.Buffer{}, admin: freeAddr(t), done: make(chan error, 1)}
 	sock, err := os.MkdirTemp("", "writ-proxy-")
 	if err != nil {
 		t.Fatal(err)

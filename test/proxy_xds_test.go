@@ -13,6 +13,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // adsProxy is a writ-proxy process configured by writd over ADS only.
@@ -63,7 +65,7 @@ func launchADSProxy(t *testing.T, w *auditWritd, node string, args ...string) *a
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(sock) })
-	p := &proxyProc{out: &syncBuffer{}, admin: freeAddr(t), done: make(chan error, 1)}
+	p := &proxyProc{out: &syncbuf.Buffer{}, admin: freeAddr(t), done: make(chan error, 1)}
 	p.cmd = exec.Command(filepath.Join(binDir(t), "writ-proxy"), append([]string{
 		"--control-plane", w.grpc, "--trust-bundle", bundle, "--trust-domain", "example.org",
 		"--workload-api", "unix://" + filepath.Join(sock, "agent.sock"), "--admin-addr", p.admin,

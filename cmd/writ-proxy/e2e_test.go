@@ -21,6 +21,7 @@ import (
 
 	"github.com/writmesh/writ/authority"
 	"github.com/writmesh/writ/authority/nodeapi"
+	"github.com/writmesh/writ/internal/syncbuf"
 	"github.com/writmesh/writ/store/pgtest"
 )
 
@@ -83,7 +84,7 @@ func TestAgainstRealWritd(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
-	var stderr lockedBuffer
+	var stderr syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(runCtx, []string{

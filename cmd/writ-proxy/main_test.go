@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,30 +15,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/writmesh/writ/internal/freeport"
+	"github.com/writmesh/writ/internal/syncbuf"
 )
-
-// lockedBuffer is an io.Writer safe for the logger and the test.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 func TestHelpAndBadFlags(t *testing.T) {
 	t.Setenv("WRIT_JOIN_TOKEN", "")
@@ -85,7 +66,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var stdout, stderr lockedBuffer
+			var stdout, stderr syncbuf.Buffer
 			got := run(context.Background(), tt.args, &stdout, &stderr)
 			if got != tt.wantCode {
 				t.Fatalf("exit code %d, want %d; stderr: %s", got, tt.wantCode, stderr.String())
@@ -120,7 +101,7 @@ func TestServesHealthWhileWaitingForWritdAndStopsCleanly(t *testing.T) {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	var stdout, stderr lockedBuffer
+	var stdout, stderr syncbuf.Buffer
 	done := make(chan int, 1)
 	go func() {
 		done <- run(ctx, []string{

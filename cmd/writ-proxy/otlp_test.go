@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // TestOTLPExportEnv: the OpenTelemetry exporter variables, the traces
@@ -58,7 +60,7 @@ func TestOTLPBadSettingsFailStartup(t *testing.T) {
 	t.Setenv("WRIT_JOIN_TOKEN", "")
 	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector:4318")
 	t.Setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=TOPSECRET%")
-	var stdout, stderr lockedBuffer
+	var stdout, stderr syncbuf.Buffer
 	args := []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", writeBundle(t), "--trust-domain", "example.org",
 		"--workload-api", "unix://" + filepath.Join(t.TempDir(), "a.sock"), "--admin-addr", "127.0.0.1:0", "--xds-server", "x:1"}
 	if code := run(context.Background(), args, &stdout, &stderr); code == 0 || !strings.Contains(stderr.String(), "OTEL_EXPORTER_OTLP_HEADERS") || strings.Contains(stderr.String()+stdout.String(), "TOPSECRET") {

@@ -1,7 +1,6 @@
 package xdsclient
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -22,6 +21,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/writmesh/writ/internal/syncbuf"
 	"github.com/writmesh/writ/xds"
 )
 
@@ -139,24 +139,6 @@ func (s *resendServer) nacksOf(v string) int {
 	return s.nacks[v]
 }
 
-// syncBuffer is a log sink safe for the client's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // TestClientPausesOnUndecodableResponse: a server that answers every NACK
 // with the same response that does not decode gets its NACKs at the
 // growing pause a refused configuration takes (on the client's clock),
@@ -167,7 +149,7 @@ func TestClientPausesOnUndecodableResponse(t *testing.T) {
 	srv := startResend(t, ca)
 	clock := clockwork.NewFakeClockAt(time.Now())
 	app := &applied{}
-	logs := &syncBuffer{}
+	logs := &syncbuf.Buffer{}
 	md, err := xds.NodeMetadata(xds.FlavorEnvoy, "shop", "orders", "127.0.0.1", []int{15006}, map[string]string{"version": "v1"})
 	if err != nil {
 		t.Fatal(err)
