@@ -583,6 +583,14 @@ func (b *h1Body) Close() error {
 		return nil
 	}
 	b.done = true
+	if !b.eof {
+		// Closed before its end, the body is not worth reading on: the
+		// connection ends first, as http.ReadResponse's body would
+		// otherwise read a chunked one to its end on Close, holding
+		// the connection (and the upstream's work) for as long as the
+		// answer lasts after its client went away.
+		b.c.c.Close()
+	}
 	err := b.rc.Close()
 	b.t.release(b.c, b.stop() && b.eof && b.reuse && err == nil && b.c.br.Buffered() == 0)
 	return err
