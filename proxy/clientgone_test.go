@@ -74,9 +74,9 @@ func goneH1(t *testing.T, addr string) {
 	}
 }
 
-// goneH2C does the same over h2c, closing the whole connection.
-func goneH2C(t *testing.T, addr string) {
-	t.Helper()
+// h2cClient is a prior-knowledge h2c client for one connection, which
+// it also hands to the test (to close it as a departing client would).
+func h2cClient() (*http.Client, <-chan net.Conn) {
 	conns := make(chan net.Conn, 1)
 	tr := &http.Transport{Protocols: new(http.Protocols), DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
 		c, err := (&net.Dialer{}).DialContext(ctx, network, a)
@@ -86,7 +86,14 @@ func goneH2C(t *testing.T, addr string) {
 		return c, err
 	}}
 	tr.Protocols.SetUnencryptedHTTP2(true)
-	resp, err := (&http.Client{Transport: tr}).Get("http://" + addr + "/stream")
+	return &http.Client{Transport: tr}, conns
+}
+
+// goneH2C does the same over h2c, closing the whole connection.
+func goneH2C(t *testing.T, addr string) {
+	t.Helper()
+	cli, conns := h2cClient()
+	resp, err := cli.Get("http://" + addr + "/stream")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -172,16 +179,8 @@ func TestH2CClientGoneBeforeHead(t *testing.T) {
 			} else {
 				addr = startPair(t, ca, "/ns/demo/sa/client", nil, app).upstream
 			}
-			conns := make(chan net.Conn, 1)
-			tr := &http.Transport{Protocols: new(http.Protocols), DialContext: func(ctx context.Context, network, a string) (net.Conn, error) {
-				c, err := (&net.Dialer{}).DialContext(ctx, network, a)
-				if err == nil {
-					conns <- c
-				}
-				return c, err
-			}}
-			tr.Protocols.SetUnencryptedHTTP2(true)
-			go (&http.Client{Transport: tr}).Get("http://" + addr + "/slowhead")
+			cli, conns := h2cClient()
+			go cli.Get("http://" + addr + "/slowhead")
 			<-app.started
 			(<-conns).Close()
 			select {
