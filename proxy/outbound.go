@@ -283,9 +283,12 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	} else {
 		ctx, cancel = context.WithTimeout(&targetCtx{Context: r.Context(), t: tg}, timeout)
 	}
+	// Deferred: ReverseProxy ends a copy its client left by panicking
+	// (ErrAbortHandler), and a routeCtx's timer would then run on to
+	// the route's deadline.
+	defer cancel()
 	// HTTP/2 clusters stream through ReverseProxy (1xx answers included).
 	l.fwd.serve(ctx, w, r, !cl.cfg.HTTP2)
-	cancel()
 }
 
 // routeCtx is a request's context under a route whose parent can never
