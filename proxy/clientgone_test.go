@@ -2,11 +2,13 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"io"
 	"net"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -227,7 +229,8 @@ func goneCount(t *testing.T, p *Proxy, direction string) float64 {
 // sending side) gets the app's request cancelled: the fast server's
 // watcher notices, the outbound closes its connection to the inbound,
 // whose watcher notices in turn and closes its connection to the app.
-// Each side counts one client gone. Toward an HTTP/2 cluster the request
+// Each side counts one client gone and logs 499. Toward an HTTP/2
+// cluster the request
 // rides ReverseProxy, which follows the cancelled context and resets the
 // stream.
 func TestH1ClientGoneBeforeHead(t *testing.T) {
@@ -244,7 +247,8 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ca := newTestCA(t)
 			app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
-			p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(c *Cluster) { c.HTTP2 = tc.h2 }, Options{WatchClientAfter: watchFast})
+			alog := &syncBuffer{}
+			p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(c *Cluster) { c.HTTP2 = tc.h2 }, Options{WatchClientAfter: watchFast, AccessLog: alog})
 			c, err := net.Dial("tcp", p.upstream)
 			if err != nil {
 				t.Fatal(err)
@@ -270,6 +274,14 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 				// the fast one.
 				waitFor(t, "the inbound to count its client gone", func() bool { return goneCount(t, p.server, "inbound") == 1 })
 			}
+			waitFor(t, "the outbound to log 499", func() bool {
+				for _, line := range strings.Split(alog.String(), "\n") {
+					if strings.Contains(line, `"direction":"outbound"`) && strings.Contains(line, `"status":499`) {
+						return true
+					}
+				}
+				return false
+			})
 		})
 	}
 }
@@ -421,4 +433,22 @@ func TestH1ClientGoneSilentStream(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the app's request was not cancelled after its client went away")
 	}
+}
+
+// syncBuffer is a bytes.Buffer for writers on several goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
 }

@@ -156,7 +156,7 @@ func startPairWith(t testing.TB, ca *testCA, clientPath string, sink enforcer.Si
 }
 
 // startPairOpts is startPairWith with both proxies' WatchClientAfter
-// taken from opts.
+// and AccessLog taken from opts.
 func startPairOpts(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler, edit func(*Cluster), opts Options) *pair {
 	t.Helper()
 	if sink == nil {
@@ -165,11 +165,11 @@ func startPairOpts(t testing.TB, ca *testCA, clientPath string, sink enforcer.Si
 	appAddr := serveApp(t, app)
 
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink), WatchClientAfter: opts.WatchClientAfter})
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink), WatchClientAfter: opts.WatchClientAfter, AccessLog: opts.AccessLog})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	edit(&cfg.Clusters[0])
 	cfg.AddUpstream("server", "127.0.0.1:0")
-	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath), WatchClientAfter: opts.WatchClientAfter})
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath), WatchClientAfter: opts.WatchClientAfter, AccessLog: opts.AccessLog})
 	return &pair{server: srv, client: cli, upstream: cli.Addr("upstream:server")}
 }
 
