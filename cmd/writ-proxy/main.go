@@ -151,15 +151,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if pct, ok := gcPercent(o, os.Getenv); ok {
 		debug.SetGCPercent(pct)
 	}
-	if o.trimPages {
-		trimExecutablePages(o.trimMode())
-	}
 	level, err := parseLevel(o.logLevel)
 	if err != nil {
 		fmt.Fprintf(stderr, "writ-proxy: %v\n", err)
 		return 2
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	faultAroundReported := false
+	if o.trimPages {
+		faultAroundReported = trimAndReport(o.trimMode(), false, log)
+	}
 	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
 	if err != nil {
 		log.Error("bad --trust-domain", "error", err)
@@ -206,7 +207,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if role != nil && o.trimPages {
-		go trimWhenReady(ctx, role.Ready, o.trimMode(), log)
+		go trimWhenReady(ctx, role.Ready, o.trimMode(), faultAroundReported, log)
 	}
 	admin := &http.Server{Handler: adminMux(a, role), ReadHeaderTimeout: 5 * time.Second}
 	tasks := []taskrun.Task{
@@ -273,7 +274,7 @@ func adminMux(a *agent.Agent, role *proxyRole) *http.ServeMux {
 // the proxy is first ready (its policy compiled, its configuration and
 // SVID in hand), a second after, so that the steady state starts from the
 // pages it uses. It gives up after trimReadyWait.
-func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, log *slog.Logger) {
+func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, reported bool, log *slog.Logger) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	deadline := time.Now().Add(trimReadyWait)
@@ -292,13 +293,30 @@ func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, log *
 		return
 	case <-time.After(time.Second):
 	}
+	trimAndReport(mode, reported, log)
+}
+
+// msgFaultAroundOn is logged, once, when --confine-executable-faults
+// could not take effect.
+const msgFaultAroundOn = "fault-around stays on in the executable's mappings (needs Linux 6.7+ and userfaultfd allowed by seccomp): about 10 MiB more resident"
+
+// trimAndReport trims and says, at Info unless reported is already true,
+// that fault-around stays on where the mode asked for it off and the
+// kernel refused. It returns whether that has been said.
+func trimAndReport(mode trimMode, reported bool, log *slog.Logger) bool {
 	n, confined := trimExecutablePages(mode)
 	log.Debug("dropped start-up pages", "bytes", n, "fault_around_off", confined)
-	if mode.noFaultAround && !mode.split && !confined {
+	if mode.noFaultAround && !mode.split && !confined && n > 0 && !reported {
 		// Not an error: the proxy works the same, with ~10 MiB more of
 		// its executable resident. Said once so an operator can tell why.
-		log.Info("fault-around stays on in the executable's mappings (needs Linux 6.7+ and userfaultfd allowed by seccomp): about 10 MiB more resident")
+		attrs := []any{}
+		if err := faultAroundRefusal(); err != nil {
+			attrs = append(attrs, "reason", err.Error())
+		}
+		log.Info(msgFaultAroundOn, attrs...)
+		return true
 	}
+	return reported
 }
 
 const trimReadyWait = 2 * time.Minute
