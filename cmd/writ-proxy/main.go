@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -296,6 +297,10 @@ func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, repor
 	trimAndReport(mode, reported, log)
 }
 
+// executableFaultsConfined is what the last trim reported, for the
+// writ_executable_faults_confined gauge.
+var executableFaultsConfined atomic.Bool
+
 // msgFaultAroundOn is logged, once, when --confine-executable-faults
 // could not take effect.
 const msgFaultAroundOn = "fault-around stays on in the executable's mappings (needs Linux 6.7+ and userfaultfd allowed by seccomp): about 10 MiB more resident"
@@ -305,6 +310,7 @@ const msgFaultAroundOn = "fault-around stays on in the executable's mappings (ne
 // kernel refused. It returns whether that has been said.
 func trimAndReport(mode trimMode, reported bool, log *slog.Logger) bool {
 	n, confined := trimExecutablePages(mode)
+	executableFaultsConfined.Store(confined)
 	log.Debug("dropped start-up pages", "bytes", n, "fault_around_off", confined)
 	if mode.noFaultAround && !mode.split && !confined && n > 0 && !reported {
 		// Not an error: the proxy works the same, with ~10 MiB more of

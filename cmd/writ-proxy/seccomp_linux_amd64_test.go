@@ -157,7 +157,8 @@ func probeTrimUnderSeccomp(t *testing.T) {
 // TestBinaryFallsBackUnderSeccomp runs the writ-proxy executable under
 // the filter, as a container runtime would with its default profile:
 // it must start, say once at Info why fault-around stays on, leave its
-// mappings unregistered, serve /healthz and stop cleanly on SIGTERM.
+// mappings unregistered, serve /healthz and /metrics (the gauge at 0)
+// and stop cleanly on SIGTERM.
 func TestBinaryFallsBackUnderSeccomp(t *testing.T) {
 	bin := writProxyBinary(t)
 	exe, err := os.Executable()
@@ -171,6 +172,7 @@ func TestBinaryFallsBackUnderSeccomp(t *testing.T) {
 		"--trust-domain", "example.org",
 		"--workload-api", "unix://"+t.TempDir()+"/agent.sock",
 		"--admin-addr", adminAddr,
+		"--http-proxy", freeAddr(t), // the proxy role, for its /metrics
 	)
 	cmd.Env = append(os.Environ(), envSeccompExec+"=1", "WRIT_JOIN_TOKEN=secret-token")
 	var stderr syncbuf.Buffer
@@ -215,6 +217,9 @@ func TestBinaryFallsBackUnderSeccomp(t *testing.T) {
 	}
 	if registered > 0 {
 		t.Fatalf("%d of %d read-only mappings of the executable registered with a userfaultfd (uw) under the filter", registered, mappings)
+	}
+	if got := gaugeValue(t, "http://"+adminAddr+"/metrics", "writ_executable_faults_confined"); got != "0" {
+		t.Fatalf("writ_executable_faults_confined %s under the filter, want 0", got)
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

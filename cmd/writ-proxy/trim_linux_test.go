@@ -2,15 +2,22 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"debug/elf"
 	"encoding/binary"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // TestTrimConfinesFaultAround touches one page of the executable's
@@ -196,4 +203,74 @@ func probeUserfaultfd() error {
 	}
 	unix.Close(int(fd))
 	return nil
+}
+
+// TestConfinedGauge: the proxy role's /metrics says whether the trim
+// left fault-around off: 1 where userfaultfd takes (Linux 6.7+, allowed
+// here), 0 with --confine-executable-faults=false.
+// TestBinaryFallsBackUnderSeccomp checks the 0 under a refusal.
+func TestConfinedGauge(t *testing.T) {
+	want := "0"
+	if kernelAtLeast(t, 6, 7) && probeUserfaultfd() == nil {
+		want = "1"
+	}
+	for _, c := range []struct {
+		name, flag, want string
+	}{
+		{"default", "--confine-executable-faults=true", want},
+		{"off", "--confine-executable-faults=false", "0"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Setenv("WRIT_JOIN_TOKEN", "token")
+			adminAddr := freeAddr(t)
+			ctx, cancel := context.WithCancel(context.Background())
+			var stderr syncbuf.Buffer
+			done := make(chan int, 1)
+			go func() {
+				done <- run(ctx, []string{
+					"--control-plane", freeAddr(t), // nothing listens: the agent keeps retrying
+					"--trust-bundle", writeBundle(t),
+					"--trust-domain", "example.org",
+					"--workload-api", "unix://" + filepath.Join(t.TempDir(), "agent.sock"),
+					"--admin-addr", adminAddr,
+					"--http-proxy", freeAddr(t),
+					c.flag,
+				}, io.Discard, &stderr)
+			}()
+			defer func() {
+				cancel()
+				select {
+				case <-done:
+				case <-time.After(30 * time.Second):
+					t.Error("writ-proxy did not stop after cancellation")
+				}
+			}()
+			waitHTTP(t, "http://"+adminAddr+"/healthz", http.StatusOK)
+			if got := gaugeValue(t, "http://"+adminAddr+"/metrics", "writ_executable_faults_confined"); got != c.want {
+				t.Fatalf("writ_executable_faults_confined %s, want %s; log:\n%s", got, c.want, stderr.String())
+			}
+		})
+	}
+}
+
+// gaugeValue reads an unlabelled metric's value from a Prometheus text
+// exposition.
+func gaugeValue(t *testing.T, url, name string) string {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("%s: status %d", url, resp.StatusCode)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
+			return v
+		}
+	}
+	t.Fatalf("no %s in %s", name, url)
+	return ""
 }
