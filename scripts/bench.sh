@@ -7,7 +7,8 @@
 # OPA of go.mod (go install, cached under .tmp/). Knobs: WRIT_BENCH_DUR
 # (default 10s per run), WRIT_BENCH_QPS (1000), WRIT_BENCH_CONC (16),
 # WRIT_BENCH_ONLY (e.g. writ,nginx), WRIT_BENCH_PROXY_ENV, WRIT_BENCH_NOBUILD,
-# WRIT_BENCH_PPROF (a directory for the writ pair's profiles and strace counts).
+# WRIT_BENCH_PPROF (a directory for the writ pair's profiles and strace counts),
+# WRIT_BENCH_TRACE (a directory for the writ pair's execution traces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -52,7 +53,11 @@ import (
 // WRIT_BENCH_PPROF (a directory: system call counts of both writ-proxy
 // processes during the writ pair's warm-up, with strace on PATH; CPU
 // profiles from their admin ports during each measured run, then
-// allocation profiles; /proc/PID/smaps_rollup after each run). Every run
+// allocation profiles; /proc/PID/smaps_rollup after each run),
+// WRIT_BENCH_TRACE (a directory: an execution trace of both writ-proxy
+// processes during the fixed-rate run, front.trace and back.trace, for go
+// tool trace; tracing costs some CPU, so figures from such a run are not
+// for comparison). Every run
 // is bounded by its
 // duration; a scenario whose requests fail is reported as a failure.
 func BenchmarkSystem(b *testing.B) {
@@ -783,6 +788,11 @@ func (s *sysBench) measure(name, url string, sides [][]int) *sysResult {
 		if s.profile != nil {
 			wait = s.profile(m.qps, s.dur)
 		}
+		if dir := os.Getenv("WRIT_BENCH_TRACE"); dir != "" && sides != nil && s.admins != nil && m.qps == s.qps {
+			tw := s.traceWrit(dir, s.dur)
+			prev := wait
+			wait = func() { prev(); tw() }
+		}
 		*m.run = s.fortio(fmt.Sprintf("%s-%d", name, m.qps), url, m.qps, s.dur)
 		wait()
 		if dir := os.Getenv("WRIT_BENCH_PPROF"); dir != "" && s.profile != nil {
@@ -851,6 +861,33 @@ func (s *sysBench) profileWrit(dir string, sides [][]int, qps int, d time.Durati
 			<-done
 		}
 	}
+}
+
+// traceWrit collects an execution trace (runtime/trace) of each writ-proxy
+// (front, back) over most of the fixed-rate run, as front.trace and
+// back.trace in dir, for go tool trace: where a goroutine waited for a
+// processor, and what held it.
+func (s *sysBench) traceWrit(dir string, d time.Duration) func() {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		s.b.Fatal(err)
+	}
+	secs := max(1, int((d-time.Second)/time.Second))
+	var wg sync.WaitGroup
+	for i, name := range []string{"front", "back"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			resp, err := http.Get(fmt.Sprintf("http://%s/debug/pprof/trace?seconds=%d", s.admins[i], secs))
+			if err != nil {
+				s.b.Logf("trace %s: %v", name, err)
+				return
+			}
+			defer resp.Body.Close()
+			raw, _ := io.ReadAll(resp.Body)
+			_ = os.WriteFile(filepath.Join(dir, name+".trace"), raw, 0o644)
+		}()
+	}
+	return wg.Wait
 }
 
 // straceWarmup counts the system calls of each side's first process
