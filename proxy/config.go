@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"regexp"
 	"slices"
@@ -88,8 +89,9 @@ type Outbound struct {
 	Address string `yaml:"address" json:"address"`
 	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route), "tcp"
 	// (spliced to Cluster) or "transparent": connections redirected here
-	// by iptables are spliced to the cluster whose Addresses hold their
-	// original destination (SO_ORIGINAL_DST, Linux, IPv4).
+	// by iptables or ip6tables are spliced to the cluster whose Addresses
+	// hold their original destination (SO_ORIGINAL_DST, Linux, IPv4 and
+	// IPv6; a listener takes the family of its address).
 	Protocol string `yaml:"protocol" json:"protocol"`
 	// Route names a RouteConfig (http).
 	Route string `yaml:"route" json:"route,omitempty"`
@@ -286,7 +288,9 @@ type Cluster struct {
 	// match_typed_subject_alt_names); at least one is required.
 	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
 	// Addresses are the service addresses (host:port) applications dial,
-	// by which transparent listeners find the cluster.
+	// by which transparent listeners find the cluster: IP:port, IPv6 in
+	// brackets; an IPv4-mapped IPv6 address matches its IPv4 form, and
+	// zones are ignored.
 	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
 	// CircuitBreakers bound the cluster's connections and concurrency;
 	// nil takes Envoy's defaults (1024 connections, 1024 pending and 1024
@@ -496,13 +500,24 @@ func (c *Config) Validate() error {
 			}
 		}
 		for _, a := range cl.Addresses {
-			if _, _, err := net.SplitHostPort(a); err != nil {
+			host, _, err := net.SplitHostPort(a)
+			if err != nil {
 				bad("%s: address %q: %v", where, a, err)
 			}
-			if addrs[a] != "" {
-				bad("%s: address %q is also cluster %q's", where, a, addrs[a])
+			// An IP address is compared in its serviceAddr form, so that
+			// 127.0.0.5:80 and [::ffff:127.0.0.5]:80 are one address.
+			key := a
+			if _, err := netip.ParseAddr(host); err == nil {
+				k, ok := serviceAddr(a)
+				if !ok {
+					bad("%s: address %q: want IP:port with a numeric port", where, a)
+				}
+				key = k.String()
 			}
-			addrs[a] = cl.Name
+			if addrs[key] != "" {
+				bad("%s: address %q is also cluster %q's", where, a, addrs[key])
+			}
+			addrs[key] = cl.Name
 		}
 		for _, ep := range cl.Endpoints {
 			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
@@ -648,6 +663,25 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// serviceAddr is the form in which a transparent listener looks up a
+// cluster address (host:port): IPv4-mapped IPv6 addresses unmapped to
+// IPv4 (an app may dial either form, and an IPv4 connection on an IPv6
+// socket reports the mapped one) and zones dropped (a service address
+// names a host, not a link). Host names are not IP addresses, so they are
+// never an original destination: ok is false.
+func serviceAddr(a string) (netip.AddrPort, bool) {
+	ap, err := netip.ParseAddrPort(a)
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	return serviceKey(ap), true
+}
+
+// serviceKey is ap in serviceAddr's form.
+func serviceKey(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port())
 }
 
 func isLoopback(host string) bool {

@@ -905,7 +905,7 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 	}()
 	if l.cfg.Protocol == "transparent" {
 		dst, err := originalDst(c)
-		if cl = st.byAddr[dst]; cl == nil {
+		if cl = st.byAddr[serviceKey(dst)]; err != nil || cl == nil {
 			l.p.log.Warn("transparent: no cluster for the original destination", "listener", l.cfg.Name, "destination", dst, "error", err)
 			res.status = 404
 			l.p.countTCP(&res)

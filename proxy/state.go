@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,7 +25,7 @@ type state struct {
 	cfg      *Config
 	routes   map[string]*RouteConfig
 	clusters map[string]*cluster
-	byAddr   map[string]*cluster // service address -> cluster
+	byAddr   map[netip.AddrPort]*cluster // service address (serviceAddr) -> cluster
 	// captured is the route of HTTP captured for each cluster with
 	// service addresses: all of it to the cluster, retried on failed
 	// connections.
@@ -96,11 +97,13 @@ const defaultConnectTimeout = 5 * time.Second
 // the pooled connections) of clusters whose peers and timeouts are
 // unchanged in old.
 func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
-	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}, captured: map[string]*Route{}}
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[netip.AddrPort]*cluster{}, captured: map[string]*Route{}}
 	defer func() {
 		for _, c := range cfg.Clusters {
 			for _, a := range c.Addresses {
-				st.byAddr[a] = st.clusters[c.Name]
+				if k, ok := serviceAddr(a); ok {
+					st.byAddr[k] = st.clusters[c.Name]
+				}
 			}
 			if len(c.Addresses) > 0 {
 				st.captured[c.Name] = &Route{Prefix: "/", Clusters: []WeightedCluster{{Name: c.Name, Weight: 1}}, Retry: defaultRetry()}
