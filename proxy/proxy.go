@@ -166,7 +166,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		return nil, errors.New("proxy: negative MaxHeldBodyBytesTotal")
 	}
 	if opts.WatchClientAfter <= 0 {
-		opts.WatchClientAfter = h1WatchAfter
+		opts.WatchClientAfter = DefaultWatchClientAfter
 	}
 	if opts.MaxHeldBodyBytesTotal == 0 {
 		opts.MaxHeldBodyBytesTotal = DefaultMaxHeldBodyBytesTotal
