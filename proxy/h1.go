@@ -61,7 +61,9 @@ type h1Conn struct {
 	c        net.Conn
 	raw      net.Conn // the TCP connection under TLS, for liveness checks
 	sent     *sentConn
-	deadline bool    // a request's deadline is set on c (deadlineOnly)
+	deadline bool // a request's deadline is set on c (deadlineOnly)
+	// down holds c while its response body is read (see exchange).
+	down     *downCtx
 	probe    *probe  // liveness check state (h1_linux.go), made on first use
 	body     lenBody // the body reader of readResponse's responses
 	br       *bufio.Reader
@@ -242,9 +244,15 @@ var aLongTimeAgo = time.Unix(1, 0)
 func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused bool) (*http.Response, error) {
 	ctx := r.Context()
 	stop := noStop
+	// down, when not nil, holds c until the answer is read (h1Body) or
+	// fails: a client found gone interrupts it there.
+	var down *downCtx
 	if d, ok := onlyDeadline(ctx); ok {
-		_ = c.c.SetDeadline(d)
-		c.deadline = true
+		if !d.IsZero() || c.deadline {
+			_ = c.c.SetDeadline(d)
+			c.deadline = !d.IsZero()
+		}
+		down = hook(ctx, c)
 	} else {
 		if c.deadline {
 			_ = c.c.SetDeadline(time.Time{})
@@ -260,6 +268,7 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 	}
 	fail := func(err error, answered bool) (*http.Response, error) {
 		stop()
+		down.unhook(c)
 		untaken := !answered && reused && err == io.EOF && ctx.Err() == nil && c.untaken(sentBefore)
 		c.c.Close()
 		if ctx.Err() != nil {
@@ -269,6 +278,10 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 			return nil, noAnswer{err: err, untaken: untaken}
 		}
 		return nil, wrapped{err}
+	}
+	if down != nil && down.Err() != nil {
+		// Gone before c was registered.
+		return fail(context.Canceled, false)
 	}
 	if !writeRequest(c.bw, r, body) {
 		out := *r
@@ -301,12 +314,14 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 		reuse := !resp.Close && !r.Close
 		if resp.Body == http.NoBody || resp.Body == nil {
 			resp.Body = http.NoBody
-			t.release(c, reuse && stop())
+			stopped := stop()
+			t.release(c, reuse && stopped && down.unhook(c))
 			return resp, nil
 		}
 		if spare == nil {
 			spare = new(h1Body)
 		}
+		c.down = down
 		*spare = h1Body{rc: resp.Body, t: t, c: c, stop: stop, reuse: reuse}
 		resp.Body = spare
 		return resp, nil
@@ -592,7 +607,10 @@ func (b *h1Body) Close() error {
 		b.c.c.Close()
 	}
 	err := b.rc.Close()
-	b.t.release(b.c, b.stop() && b.eof && b.reuse && err == nil && b.c.br.Buffered() == 0)
+	stopped := b.stop()
+	unhooked := b.c.down.unhook(b.c)
+	b.c.down = nil
+	b.t.release(b.c, stopped && unhooked && b.eof && b.reuse && err == nil && b.c.br.Buffered() == 0)
 	return err
 }
 

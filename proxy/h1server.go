@@ -48,6 +48,15 @@ type h1Server struct {
 	connCtx func(net.Conn) context.Context
 	// logPanic reports a handler's panic other than http.ErrAbortHandler.
 	logPanic func(any)
+	// watchAfter is how long a request waits for its answer before its
+	// client's connection is watched (gone.go); gone counts the clients
+	// found gone (nil: not counted).
+	watchAfter time.Duration
+	gone       interface{ Inc() }
+	// watched and readAhead count watchers started and the bytes they
+	// read ahead (for tests).
+	watched   atomic.Int64
+	readAhead atomic.Int64
 
 	mu      sync.Mutex
 	conns   map[*h1ServerConn]struct{}
@@ -56,6 +65,9 @@ type h1Server struct {
 	// done ends hand-offs still waiting for the fallback server.
 	done     chan struct{}
 	doneOnce sync.Once
+	// sweeping: the sweeper runs (under mu); sweepStop ends it.
+	sweeping  bool
+	sweepStop chan struct{}
 }
 
 // h1HeadMax bounds a request head on the fast path; larger heads (up to
@@ -79,6 +91,7 @@ type h1ServerConn struct {
 	br     *bufio.Reader
 	bw     *bufio.Writer
 	ctx    context.Context
+	down   *downCtx // ctx
 	remote string
 	tls    *tls.ConnectionState
 	// base is what every request on the connection starts from: its
@@ -92,10 +105,24 @@ type h1ServerConn struct {
 	// deadlineMoved: the handler set the read deadline (an inbound
 	// holding a body for its check), so the idle one must be set anew.
 	deadlineMoved bool
+
+	// The watch of a waiting request (gone.go). wait is the request's
+	// number and state; seq the last number given (the connection's
+	// goroutine's); seen what the sweeper saw last (under the server's
+	// mu). wstop (under wmu) stops the watcher; wgone says it found
+	// the client gone; wwg waits for it.
+	wait  atomic.Uint64
+	seq   uint64
+	seen  uint64
+	wmu   sync.Mutex
+	wstop bool
+	wgone bool
+	wwg   sync.WaitGroup
 }
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
-	return &h1Server{handler: h, fallback: fallback, connCtx: connCtx, conns: map[*h1ServerConn]struct{}{}, logPanic: func(any) {}, done: make(chan struct{})}
+	return &h1Server{handler: h, fallback: fallback, connCtx: connCtx, conns: map[*h1ServerConn]struct{}{}, logPanic: func(any) {},
+		done: make(chan struct{}), watchAfter: h1WatchAfter, sweepStop: make(chan struct{})}
 }
 
 var (
@@ -119,6 +146,10 @@ func (s *h1Server) serveConn(c net.Conn) {
 	}
 	s.conns[sc] = struct{}{}
 	s.wg.Add(1)
+	if !s.sweeping {
+		s.sweeping = true
+		go s.sweep()
+	}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
@@ -126,7 +157,11 @@ func (s *h1Server) serveConn(c net.Conn) {
 		s.mu.Unlock()
 		s.wg.Done()
 	}()
-	sc.ctx = s.connCtx(c)
+	sc.down = newDownCtx(s.connCtx(c))
+	// Ended with the connection, as net/http's connection context is:
+	// what a handler left running stops.
+	defer sc.down.cancel()
+	sc.ctx = sc.down
 	sc.base = (&http.Request{RemoteAddr: sc.remote, TLS: sc.tls}).WithContext(sc.ctx)
 	sc.br = h1ReaderPool.Get().(*bufio.Reader)
 	sc.br.Reset(c)
@@ -521,15 +556,26 @@ func canonicalHeader(name string) string {
 func (s *h1Server) serveRequest(sc *h1ServerConn, hr *h1Req) bool {
 	r := &hr.req
 	var body *h1ReqBody
+	sc.seq++
 	if r.ContentLength > 0 {
 		body = &hr.body
-		body.r, body.n = sc.br, r.ContentLength
+		body.r, body.n, body.sc = sc.br, r.ContentLength, sc
 		r.Body = body
 	} else {
 		r.Body = http.NoBody
+		sc.startWait(sc.seq)
 	}
 	w := h1WriterPoolGet(sc, r)
-	if !s.run(w, r) {
+	ran := s.run(w, r)
+	if body != nil {
+		body.close()
+	}
+	if sc.endWait() {
+		// The client is gone (or half-closed): what it may still read
+		// is the answer to its last request.
+		w.close = true
+	}
+	if !ran {
 		// The handler aborted the response (ReverseProxy does when the
 		// upstream fails mid-body): the client sees the connection end.
 		if body != nil {
@@ -567,13 +613,16 @@ func (s *h1Server) run(w *h1Response, r *http.Request) (ok bool) {
 
 // h1ReqBody reads a request body of known length from the connection. It
 // is closed for good when the handler returns: a transport still sending
-// it then reads an error, as with net/http's server.
+// it then reads an error, as with net/http's server. Read to its end, it
+// marks sc's request as waiting (gone.go).
+// (h1Req's size class has room for no more fields.)
 type h1ReqBody struct {
 	mu     sync.Mutex
 	r      *bufio.Reader
 	n      int64
 	closed bool
 	err    error
+	sc     *h1ServerConn
 }
 
 var errBodyAfterClose = errors.New("http: invalid Read on closed Body")
@@ -603,11 +652,24 @@ func (b *h1ReqBody) Read(p []byte) (int, error) {
 	}
 	if b.n == 0 && err == nil {
 		err = io.EOF
+		if b.sc != nil {
+			// Nothing reads the connection until the handler returns
+			// (close then keeps a late Read from marking anything, and
+			// from reading seq once the next request has it).
+			b.sc.startWait(b.sc.seq)
+		}
 	}
 	return n, err
 }
 
 func (b *h1ReqBody) Close() error { return nil }
+
+// close ends the body for the handler, which has returned.
+func (b *h1ReqBody) close() {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+}
 
 // finish discards what the handler left unread (bounded by maxFastBody)
 // and closes the body; false when the connection cannot be reused.
@@ -943,4 +1005,10 @@ func (s *h1Server) shutdown(ctx context.Context) {
 		s.mu.Unlock()
 		<-done
 	}
+	s.mu.Lock()
+	if s.sweeping {
+		s.sweeping = false
+		close(s.sweepStop)
+	}
+	s.mu.Unlock()
 }

@@ -125,6 +125,7 @@ func (p *Proxy) newInbound(cfg Inbound) (*inboundListener, error) {
 		return context.WithValue(context.Background(), peerKey{}, l.peer(c.(*tls.Conn)))
 	})
 	l.h1.logPanic = func(v any) { p.log.Error("http handler panic", "listener", cfg.Name, "panic", fmt.Sprint(v)) }
+	l.h1.watchAfter, l.h1.gone = p.watchAfter, p.metrics.downstreamGone.WithLabelValues("inbound")
 	return l, nil
 }
 

@@ -150,6 +150,7 @@ func (p *Proxy) newOutbound(cfg Outbound) (*outboundListener, error) {
 		return context.Background()
 	})
 	l.h1.logPanic = func(v any) { p.log.Error("http handler panic", "listener", cfg.Name, "panic", fmt.Sprint(v)) }
+	l.h1.watchAfter, l.h1.gone = p.watchAfter, p.metrics.downstreamGone.WithLabelValues("outbound")
 	return l, nil
 }
 
@@ -259,10 +260,11 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 	tg := target{route: rt, cluster: cl, source: r.RemoteAddr}
 	var ctx context.Context
 	var cancel func()
-	if r.Context().Done() == nil {
-		// The fast server's requests cannot be cancelled: the deadline
-		// is all there is to enforce.
-		rc := &routeCtx{targetCtx: targetCtx{Context: r.Context(), t: tg}, deadline: time.Now().Add(timeout)}
+	if down, ok := r.Context().(*downCtx); ok || r.Context().Done() == nil {
+		// The fast server's requests are cancelled only when their
+		// client goes away, which interrupts their exchange itself:
+		// the deadline is all there is to enforce.
+		rc := &routeCtx{targetCtx: targetCtx{Context: r.Context(), t: tg}, deadline: time.Now().Add(timeout), down: down}
 		ctx, cancel = rc, rc.end
 	} else {
 		ctx, cancel = context.WithTimeout(&targetCtx{Context: r.Context(), t: tg}, timeout)
@@ -276,7 +278,8 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 }
 
 // routeCtx is a request's context under a route whose parent can never
-// be cancelled: context.WithTimeout's, with its timer and cancellation
+// be cancelled, or only when its client goes away (a downCtx, which then
+// interrupts the exchange itself): context.WithTimeout's, with its timer and cancellation
 // made only once something asks for Done. The synchronous HTTP/1.1
 // transport asks for the deadline instead (onlyDeadline) and sets it on
 // the connection, which spares each request a runtime timer started and
@@ -286,9 +289,13 @@ func (l *outboundListener) forward(w http.ResponseWriter, r *http.Request, rt *R
 type routeCtx struct {
 	targetCtx
 	deadline time.Time
-	mu       sync.Mutex
-	lazy     atomic.Pointer[lazyCtx] // set once, under mu
-	ended    bool
+	// down is the parent when it is the fast server's connection
+	// context, which ends only by interrupting the exchange registered
+	// with it (onlyDeadline's caller registers there).
+	down  *downCtx
+	mu    sync.Mutex
+	lazy  atomic.Pointer[lazyCtx] // set once, under mu
+	ended bool
 }
 
 type lazyCtx struct {
@@ -326,6 +333,8 @@ func (c *routeCtx) Err() error {
 	switch {
 	case ended:
 		return context.Canceled
+	case c.down != nil && c.down.Err() != nil:
+		return context.Canceled
 	case !time.Now().Before(c.deadline):
 		return context.DeadlineExceeded
 	}
@@ -347,6 +356,8 @@ func (c *routeCtx) Value(key any) any {
 func (c *routeCtx) onlyDeadline() (time.Time, bool) {
 	return c.deadline, c.lazy.Load() == nil
 }
+
+func (c *routeCtx) downstream() *downCtx { return c.down }
 
 func (c *routeCtx) end() {
 	c.mu.Lock()

@@ -152,17 +152,24 @@ func startPair(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, 
 // startPairWith is startPair with the client's cluster adjusted by edit.
 func startPairWith(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler, edit func(*Cluster)) *pair {
 	t.Helper()
+	return startPairOpts(t, ca, clientPath, sink, app, edit, Options{})
+}
+
+// startPairOpts is startPairWith with both proxies' WatchClientAfter
+// and AccessLog taken from opts.
+func startPairOpts(t testing.TB, ca *testCA, clientPath string, sink enforcer.Sink, app http.Handler, edit func(*Cluster), opts Options) *pair {
+	t.Helper()
 	if sink == nil {
 		sink = &decisions{}
 	}
 	appAddr := serveApp(t, app)
 
 	srv := startProxy(t, &Config{Inbound: []Inbound{{Name: "mesh", Address: "127.0.0.1:0", Service: "server", App: appAddr}}},
-		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink)})
+		Options{Source: ca.source(t, "/ns/demo/sa/server"), Enforcer: regotest.Enforcer(t, allowClientRego, sink), WatchClientAfter: opts.WatchClientAfter, AccessLog: opts.AccessLog})
 	cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: []Endpoint{{Address: srv.Addr("mesh")}}, PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	edit(&cfg.Clusters[0])
 	cfg.AddUpstream("server", "127.0.0.1:0")
-	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath)})
+	cli := startProxy(t, cfg, Options{Source: ca.source(t, clientPath), WatchClientAfter: opts.WatchClientAfter, AccessLog: opts.AccessLog})
 	return &pair{server: srv, client: cli, upstream: cli.Addr("upstream:server")}
 }
 

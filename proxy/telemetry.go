@@ -45,6 +45,7 @@ type metrics struct {
 	handshakeErrors *prometheus.CounterVec
 	heldBytes       prometheus.Gauge
 	heldOverflows   prometheus.Counter
+	downstreamGone  *prometheus.CounterVec
 
 	// series caches the request series per label set, so that a request
 	// costs no label hashing or vector lookups. Series are never deleted
@@ -130,6 +131,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		heldOverflows: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "writ_held_body_overflow_total", Help: "Requests answered 503 because holding their body for the policy check would exceed --max-held-body-bytes-total.",
 		}),
+		downstreamGone: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "writ_downstream_gone_total", Help: "HTTP/1.1 requests cancelled because their client closed its connection while waiting for the answer (noticed once a request has waited about half a second).",
+		}, []string{"direction"}),
 	}
 	for i, c := range m.collectors() {
 		if err := reg.Register(c); err != nil {
@@ -143,7 +147,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 }
 
 func (m *metrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.cxOverflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors, m.heldBytes, m.heldOverflows}
+	return []prometheus.Collector{m.requests, m.duration, m.tcpConns, m.tcpSent, m.tcpRecv, m.retries, m.overflows, m.cxOverflows, m.ejections, m.faults, m.mirrors, m.healthChanges, m.handshakeErrors, m.heldBytes, m.heldOverflows, m.downstreamGone}
 }
 
 // unregister takes the metrics off reg again, so that a proxy that failed

@@ -17,6 +17,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -102,7 +103,7 @@ func parseFlags(args []string, stdout, stderr io.Writer) (*options, int) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&o.trimPages, "trim-startup-pages", true, "drop the executable's pages that start-up touched (at start and once the proxy is ready); those still needed are re-read from the page cache")
 	fs.BoolVar(&o.splitPages, "split-executable-mappings", false, "with --trim-startup-pages, map the executable page by page (a VMA per page: ~10,000 of them, ~2 MiB of unshared kernel memory) so that a touched page does not bring the 64 KiB around it. Off by default: Linux 6.7 and later turn fault-around off for the executable without it (through a userfaultfd); for older kernels, or where seccomp refuses userfaultfd, and then only with one sidecar per node, as those executable pages are shared by every writ-proxy on the node while the VMAs are not")
-	fs.BoolVar(&o.noFaultAround, "confine-executable-faults", true, "with --trim-startup-pages, ask the kernel not to map the 64 KiB around each page of the executable touched after the trim (Linux 6.7 and later, through a userfaultfd that never reports anything): 4-7 MiB of the executable resident instead of 13-18. Where userfaultfd is refused (older kernels, a seccomp profile that answers an error) nothing changes; set it to false only where a seccomp profile kills the process for the call")
+	fs.BoolVar(&o.noFaultAround, "confine-executable-faults", true, "with --trim-startup-pages, ask the kernel not to map the 64 KiB around each page of the executable touched after the trim (Linux 6.7 and later, through a userfaultfd that never reports anything): 4-7 MiB of the executable resident instead of 13-18. Where userfaultfd is refused (older kernels; containers' default seccomp profiles, Docker's and Kubernetes' RuntimeDefault, answer EPERM) it says so once at start and nothing else changes; set it to false only where a seccomp profile kills the process for the call")
 	fs.IntVar(&o.gcPercent, "gc-percent", defaultGCPercent, "heap growth between garbage collections, in percent of the live heap, as GOGC (which applies when this flag is not given; negative: off)")
 	fs.DurationVar(&o.syncInterval, "sync-interval", agent.DefaultSyncInterval, "how often registration entries are fetched from writd")
 	o.proxy.register(fs)
@@ -151,15 +152,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if pct, ok := gcPercent(o, os.Getenv); ok {
 		debug.SetGCPercent(pct)
 	}
-	if o.trimPages {
-		trimExecutablePages(o.trimMode())
-	}
 	level, err := parseLevel(o.logLevel)
 	if err != nil {
 		fmt.Fprintf(stderr, "writ-proxy: %v\n", err)
 		return 2
 	}
 	log := slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	faultAroundReported := false
+	if o.trimPages {
+		faultAroundReported = trimAndReport(o.trimMode(), false, log)
+	}
 	td, err := spiffeid.TrustDomainFromString(o.trustDomain)
 	if err != nil {
 		log.Error("bad --trust-domain", "error", err)
@@ -206,7 +208,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if role != nil && o.trimPages {
-		go trimWhenReady(ctx, role.Ready, o.trimMode(), log)
+		go trimWhenReady(ctx, role.Ready, o.trimMode(), faultAroundReported, log)
 	}
 	admin := &http.Server{Handler: adminMux(a, role), ReadHeaderTimeout: 5 * time.Second}
 	tasks := []taskrun.Task{
@@ -273,7 +275,7 @@ func adminMux(a *agent.Agent, role *proxyRole) *http.ServeMux {
 // the proxy is first ready (its policy compiled, its configuration and
 // SVID in hand), a second after, so that the steady state starts from the
 // pages it uses. It gives up after trimReadyWait.
-func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, log *slog.Logger) {
+func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, reported bool, log *slog.Logger) {
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
 	deadline := time.Now().Add(trimReadyWait)
@@ -292,13 +294,35 @@ func trimWhenReady(ctx context.Context, ready func() error, mode trimMode, log *
 		return
 	case <-time.After(time.Second):
 	}
+	trimAndReport(mode, reported, log)
+}
+
+// executableFaultsConfined is what the last trim reported, for the
+// writ_executable_faults_confined gauge.
+var executableFaultsConfined atomic.Bool
+
+// msgFaultAroundOn is logged, once, when --confine-executable-faults
+// could not take effect.
+const msgFaultAroundOn = "fault-around stays on in the executable's mappings (needs Linux 6.7+ and userfaultfd allowed by seccomp): about 10 MiB more resident"
+
+// trimAndReport trims and says, at Info unless reported is already true,
+// that fault-around stays on where the mode asked for it off and the
+// kernel refused. It returns whether that has been said.
+func trimAndReport(mode trimMode, reported bool, log *slog.Logger) bool {
 	n, confined := trimExecutablePages(mode)
+	executableFaultsConfined.Store(confined)
 	log.Debug("dropped start-up pages", "bytes", n, "fault_around_off", confined)
-	if mode.noFaultAround && !mode.split && !confined {
+	if mode.noFaultAround && !mode.split && !confined && n > 0 && !reported {
 		// Not an error: the proxy works the same, with ~10 MiB more of
 		// its executable resident. Said once so an operator can tell why.
-		log.Info("fault-around stays on in the executable's mappings (needs Linux 6.7+ and userfaultfd allowed by seccomp): about 10 MiB more resident")
+		attrs := []any{}
+		if err := faultAroundRefusal(); err != nil {
+			attrs = append(attrs, "reason", err.Error())
+		}
+		log.Info(msgFaultAroundOn, attrs...)
+		return true
 	}
+	return reported
 }
 
 const trimReadyWait = 2 * time.Minute

@@ -413,7 +413,16 @@ func newProxyRole(ctx context.Context, o *proxyOptions, sock string, stdout io.W
 		return nil, err
 	}
 	r := &proxyRole{o: o, cfg: cfg, sock: sock, reg: prometheus.NewRegistry(), log: log, stdout: stdout}
-	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	r.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "writ_executable_faults_confined",
+			Help: "1 if the last trim of the executable's start-up pages left fault-around off in its mappings (--confine-executable-faults took, or --split-executable-mappings), 0 if not (refused by the kernel or seccomp, turned off, or no trim).",
+		}, func() float64 {
+			if executableFaultsConfined.Load() {
+				return 1
+			}
+			return 0
+		}))
 	if o.audit.Enabled() {
 		name := "dir:" + o.policyDir
 		if o.policyBundle != "" {

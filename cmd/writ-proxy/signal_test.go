@@ -16,13 +16,7 @@ import (
 // WRIT_BIN_DIR, as make test provides), runs it as a real process, and
 // checks that SIGTERM stops it cleanly: exit status 0 and the socket gone.
 func TestSIGTERMStopsTheBinary(t *testing.T) {
-	bin := filepath.Join(os.Getenv("WRIT_BIN_DIR"), "writ-proxy")
-	if os.Getenv("WRIT_BIN_DIR") == "" {
-		bin = filepath.Join(t.TempDir(), "writ-proxy")
-		if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-			t.Fatalf("go build: %v\n%s", err, out)
-		}
-	}
+	bin := writProxyBinary(t)
 	adminAddr := freeAddr(t)
 	sock := filepath.Join(t.TempDir(), "agent.sock")
 	cmd := exec.Command(bin,
@@ -63,4 +57,18 @@ func TestSIGTERMStopsTheBinary(t *testing.T) {
 	if !strings.Contains(stderr.String(), "writ-proxy stopped") {
 		t.Fatalf("no clean stop in the log:\n%s", stderr.String())
 	}
+}
+
+// writProxyBinary is the writ-proxy executable: WRIT_BIN_DIR's, as make
+// test provides, or one built from this package for the test.
+func writProxyBinary(t *testing.T) string {
+	t.Helper()
+	if dir := os.Getenv("WRIT_BIN_DIR"); dir != "" {
+		return filepath.Join(dir, "writ-proxy")
+	}
+	bin := filepath.Join(t.TempDir(), "writ-proxy")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
 }

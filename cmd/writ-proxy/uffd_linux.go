@@ -3,6 +3,8 @@
 package main
 
 import (
+	"errors"
+	"fmt"
 	"sync"
 	"unsafe"
 
@@ -26,7 +28,8 @@ type uffdioRegisterArg struct{ start, len, mode, ioctls uint64 }
 
 var noFaultAround struct {
 	sync.Mutex
-	fd int // the userfaultfd; closing it would undo the registrations
+	fd      int   // the userfaultfd; closing it would undo the registrations
+	refusal error // why there is none, once asked
 }
 
 // disableFaultAround registers [lo, hi) with a userfaultfd in
@@ -42,13 +45,18 @@ func disableFaultAround(lo, hi uintptr) bool {
 	if noFaultAround.fd == 0 {
 		fd, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK|uffdUserModeOnly, 0, 0)
 		if errno != 0 {
+			// EPERM from a seccomp profile (Docker's and the
+			// Kubernetes RuntimeDefault answer that), ENOSYS from a
+			// kernel built without it or a sandbox.
 			noFaultAround.fd = -1
+			noFaultAround.refusal = fmt.Errorf("userfaultfd: %w", errno)
 			return false
 		}
 		api := uffdioAPIArg{api: uffdAPI, features: uffdFeatureWPAsync}
-		if ioctl(int(fd), uffdioAPI, unsafe.Pointer(&api)) != nil || api.features&uffdFeatureWPAsync == 0 {
+		if err := ioctl(int(fd), uffdioAPI, unsafe.Pointer(&api)); err != nil || api.features&uffdFeatureWPAsync == 0 {
 			unix.Close(int(fd))
 			noFaultAround.fd = -1
+			noFaultAround.refusal = errors.New("userfaultfd: no UFFD_FEATURE_WP_ASYNC (Linux 6.7+)")
 			return false
 		}
 		noFaultAround.fd = int(fd)
@@ -58,6 +66,14 @@ func disableFaultAround(lo, hi uintptr) bool {
 	}
 	reg := uffdioRegisterArg{start: uint64(lo), len: uint64(hi - lo), mode: uffdRegisterModeWP}
 	return ioctl(noFaultAround.fd, uffdioRegister, unsafe.Pointer(&reg)) == nil
+}
+
+// faultAroundRefusal says why disableFaultAround could not open its
+// userfaultfd, or nil if it did or was never asked.
+func faultAroundRefusal() error {
+	noFaultAround.Lock()
+	defer noFaultAround.Unlock()
+	return noFaultAround.refusal
 }
 
 func ioctl(fd int, req uintptr, arg unsafe.Pointer) error {
