@@ -440,6 +440,33 @@ func (p *Proxy) report(serve func() error) {
 	}
 }
 
+// acceptLoop hands each connection ln accepts to handle, on a goroutine
+// that drain waits for through tcpWG, until ln is closed (nil). A
+// timeout does not end the listener: it is retried after a pause, so
+// that a persistent one does not spin. Any other error does, named after
+// the listener (kind is inbound or outbound).
+func (p *Proxy) acceptLoop(ln net.Listener, kind, name string, handle func(net.Conn)) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("%s %s: accept: %w", kind, name, err)
+		}
+		p.tcpWG.Add(1)
+		go func() {
+			defer p.tcpWG.Done()
+			handle(c)
+		}()
+	}
+}
+
 // Config returns the configuration in force.
 func (p *Proxy) Config() *Config { return p.state.Load().cfg }
 
