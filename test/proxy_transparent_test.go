@@ -20,11 +20,20 @@ import (
 )
 
 // netnsDo runs f on an OS thread switched into the named network
-// namespace, reporting a failure to switch.
+// namespace, reporting a failure to switch. The thread is switched back
+// and unlocked afterwards rather than left to exit: a child started with
+// Pdeathsig (pgtest's postgres) is signalled when the thread that forked
+// it exits, and that may be this one.
 func netnsDo(name string, f func()) error {
 	done := make(chan error, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread exits with the goroutine
+		runtime.LockOSThread() // unlocked only once back in the original namespace
+		orig, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer unix.Close(orig)
 		fd, err := unix.Open("/var/run/netns/"+name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			done <- err
@@ -36,6 +45,11 @@ func netnsDo(name string, f func()) error {
 			return
 		}
 		f()
+		if err := unix.Setns(orig, unix.CLONE_NEWNET); err != nil {
+			done <- fmt.Errorf("setns back: %w", err) // the thread stays locked and exits
+			return
+		}
+		runtime.UnlockOSThread()
 		done <- nil
 	}()
 	return <-done
@@ -43,7 +57,7 @@ func netnsDo(name string, f func()) error {
 
 // inNetns runs f on an OS thread switched into the named network
 // namespace. Sockets f creates stay in that namespace whichever thread
-// later uses them; the thread is discarded afterwards.
+// later uses them.
 func inNetns(t *testing.T, name string, f func()) {
 	t.Helper()
 	if err := netnsDo(name, f); err != nil {
