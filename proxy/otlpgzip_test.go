@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"bytes"
 	"compress/gzip"
 	"context"
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"testing"
@@ -183,5 +185,71 @@ func TestOTLPExportBadCompression(t *testing.T) {
 	_, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/client"), OTLPTracesURL: "http://collector:4318/v1/traces", OTLP: OTLPExport{Compression: "zstd"}})
 	if err == nil || err.Error() != `otlp compression "zstd": want gzip or none` {
 		t.Errorf("compression zstd: %v", err)
+	}
+}
+
+// BenchmarkOTLPGzip compresses one full batch (1,024 spans with random
+// trace and span ids, as a sidecar's are) the way export does, with the
+// exporter's kept compressor and, for comparison, a new one per batch
+// and a kept one at gzip's default level; wire/raw is the compressed
+// size over the protobuf's.
+func BenchmarkOTLPGzip(b *testing.B) {
+	spans := gzipTestSpans(maxExportBatch)
+	rnd := rand.New(rand.NewPCG(1, 2))
+	for _, s := range spans {
+		for i := range s.TraceId[:16] {
+			s.TraceId[i] = byte(rnd.Uint32())
+		}
+		for i := range s.SpanId[:8] {
+			s.SpanId[i] = byte(rnd.Uint32())
+		}
+		s.TraceId, s.SpanId = s.TraceId[:16], s.SpanId[:8]
+	}
+	e, err := newTraceExporter("http://127.0.0.1:1/v1/traces", OTLPProtocolHTTP, "svc", OTLPExport{Compression: OTLPCompressionGzip}, clockwork.NewRealClock(), prometheus.NewRegistry(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		b.Fatal(err)
+	}
+	raw, err := proto.Marshal(&tracepb.ResourceSpans{Resource: e.resource, ScopeSpans: []*tracepb.ScopeSpans{{Spans: spans}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("kept", func(b *testing.B) {
+		b.ReportAllocs()
+		var n int
+		for b.Loop() {
+			out, err := e.compress(raw)
+			if err != nil {
+				b.Fatal(err)
+			}
+			n = len(out)
+		}
+		b.ReportMetric(float64(n)/float64(len(raw)), "wire/raw")
+	})
+	for _, c := range []struct {
+		name  string
+		level int
+		kept  bool
+	}{{"new-per-batch", gzip.BestSpeed, false}, {"default-level-kept", gzip.DefaultCompression, true}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			zw, _ := gzip.NewWriterLevel(nil, c.level)
+			var n int
+			for b.Loop() {
+				out := bytes.NewBuffer(make([]byte, 0, len(raw)/4+64))
+				if c.kept {
+					zw.Reset(out)
+				} else {
+					zw, _ = gzip.NewWriterLevel(out, c.level)
+				}
+				if _, err := zw.Write(raw); err != nil {
+					b.Fatal(err)
+				}
+				if err := zw.Close(); err != nil {
+					b.Fatal(err)
+				}
+				n = out.Len()
+			}
+			b.ReportMetric(float64(n)/float64(len(raw)), "wire/raw")
+		})
 	}
 }
