@@ -64,6 +64,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 		{"zero held body total", base("--max-held-body-bytes-total", "0"), 2, "", "--max-held-body-bytes-total must be positive"},
 		{"negative held body total", base("--max-held-body-bytes-total", "-1"), 2, "", "--max-held-body-bytes-total must be positive"},
 		{"held body total not a number", base("--max-held-body-bytes-total", "64MiB"), 2, "", "max-held-body-bytes-total"},
+		{"zero client watch", base("--watch-client-after", "0s"), 2, "", "--watch-client-after must be positive"},
 	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
