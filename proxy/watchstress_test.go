@@ -1,0 +1,186 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestH1WatchStress runs the fast server with watchers started at almost
+// every request (a 1 ms threshold) under pipelined requests, bodies read
+// to their end, in part or on another goroutine, the next request sent in
+// pieces while one waits, and clients that go away mid-wait: each answer
+// that comes is the right one, in order (run it with -race).
+func TestH1WatchStress(t *testing.T) {
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		n := 0
+		switch q.Get("read") {
+		case "all":
+			b, _ := io.ReadAll(r.Body)
+			n = len(b)
+		case "half":
+			b := make([]byte, r.ContentLength/2)
+			n, _ = io.ReadFull(r.Body, b)
+		case "async":
+			done := make(chan int)
+			go func() {
+				b, _ := io.ReadAll(r.Body)
+				done <- len(b)
+			}()
+			n = <-done
+		}
+		d, _ := strconv.Atoi(q.Get("sleep"))
+		select {
+		case <-time.After(time.Duration(d) * time.Millisecond):
+		case <-r.Context().Done():
+		}
+		fmt.Fprintf(w, "%s %d", q.Get("id"), n)
+	})
+	s, addr, wg := startWatchServer(t, h, time.Millisecond)
+	reads := []string{"all", "half", "async", "none"}
+	var cwg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		cwg.Add(1)
+		go func() {
+			defer cwg.Done()
+			for round := 0; round < 15; round++ {
+				c, err := net.Dial("tcp", addr)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+				br := bufio.NewReader(c)
+				leave := round%5 == 4
+				var want []string
+				req := func(i int) string {
+					id := fmt.Sprintf("%d-%d-%d", g, round, i)
+					read := reads[(g+round+i)%len(reads)]
+					body := ""
+					if read != "none" || i%2 == 0 {
+						body = fmt.Sprintf("%0*d", 1+(i*37)%300, 0)
+					}
+					n := 0
+					switch read {
+					case "all", "async":
+						n = len(body)
+					case "half":
+						n = len(body) / 2
+					}
+					want = append(want, fmt.Sprintf("%s %d", id, n))
+					return fmt.Sprintf("POST /?id=%s&read=%s&sleep=%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s", id, read, (i%3)*3, len(body), body)
+				}
+				// Three pipelined, then one in pieces while the last waits.
+				if _, err := io.WriteString(c, req(0)+req(1)+req(2)); err != nil {
+					t.Error(err)
+				}
+				fourth := req(3)
+				io.WriteString(c, fourth[:10])
+				time.Sleep(2 * time.Millisecond)
+				io.WriteString(c, fourth[10:])
+				if leave {
+					c.Close()
+					continue
+				}
+				for _, w := range want {
+					resp, err := http.ReadResponse(br, nil)
+					if err != nil {
+						t.Errorf("want %q: %v", w, err)
+						break
+					}
+					b, err := io.ReadAll(resp.Body)
+					if err != nil || string(b) != w {
+						t.Errorf("got %q (%v), want %q", b, err, w)
+					}
+				}
+				c.Close()
+			}
+		}()
+	}
+	cwg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	s.shutdown(ctx)
+	wg.Wait()
+	if s.watched.Load() == 0 {
+		t.Fatal("no watcher started")
+	}
+	t.Logf("%d watchers, %d bytes read ahead", s.watched.Load(), s.readAhead.Load())
+}
+
+// startWatchServer serves h on a fast server that watches waiting
+// requests after after; wg counts its connections' goroutines.
+func startWatchServer(t *testing.T, h http.Handler, after time.Duration) (*h1Server, string, *sync.WaitGroup) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	s := newH1Server(h, newConnListener(ln.Addr()), func(net.Conn) context.Context { return context.Background() })
+	s.watchAfter = after
+	wg := &sync.WaitGroup{}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); s.serveConn(c) }()
+		}
+	}()
+	return s, ln.Addr().String(), wg
+}
+
+// TestH1WatchSweeperRestarts: the sweeper that stopped when the server's last
+// connection went starts again with the next one, and shutdown stops it.
+func TestH1WatchSweeperRestarts(t *testing.T) {
+	release := make(chan struct{})
+	s, addr, wg := startWatchServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-release
+		io.WriteString(w, "ok")
+	}), time.Millisecond)
+	sweeping := func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.sweeping
+	}
+	for i := int64(1); i <= 2; i++ {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+		waitFor(t, "a watcher", func() bool { return s.watched.Load() == i })
+		release <- struct{}{}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("%v %v", resp, err)
+		}
+		c.Close()
+		waitFor(t, "the sweeper to stop", func() bool { return !sweeping() })
+	}
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	waitFor(t, "the sweeper to start", sweeping)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	s.shutdown(ctx)
+	wg.Wait()
+	if sweeping() {
+		t.Fatal("sweeping after shutdown")
+	}
+	s.shutdown(ctx) // a second shutdown closes nothing twice
+}
