@@ -184,3 +184,77 @@ func TestH1WatchSweeperRestarts(t *testing.T) {
 	}
 	s.shutdown(ctx) // a second shutdown closes nothing twice
 }
+
+// TestH1WatchPairStress: through a pair of sidecars (TLS between them)
+// watching from 1 ms on, clients that stay get every answer right, in
+// order, while others leave mid-wait and cancel theirs; the upstream
+// connections those interrupted are not reused, so the requests after
+// them all succeed.
+func TestH1WatchPairStress(t *testing.T) {
+	ca := newTestCA(t)
+	p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		d, _ := strconv.Atoi(r.URL.Query().Get("sleep"))
+		select {
+		case <-time.After(time.Duration(d) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+		if r.URL.Query().Get("close") != "" {
+			w.Header().Set("Connection", "close")
+		}
+		fmt.Fprintf(w, "%s %d", r.URL.Query().Get("id"), len(b))
+	}), func(*Cluster) {}, Options{WatchClientAfter: time.Millisecond})
+	var wg sync.WaitGroup
+	for g := 0; g < 6; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for round := 0; round < 10; round++ {
+				c, err := net.Dial("tcp", p.upstream)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+				var reqs string
+				var want []string
+				for i := 0; i < 3; i++ {
+					id := fmt.Sprintf("%d-%d-%d", g, round, i)
+					body := fmt.Sprintf("%0*d", (i*41)%200, 0)
+					want = append(want, fmt.Sprintf("%s %d", id, len(body)))
+					reqs += fmt.Sprintf("POST /?id=%s&sleep=%d&close=%s HTTP/1.1\r\nHost: server\r\nContent-Length: %d\r\n\r\n%s",
+						id, 2+(i+g)%3*4, map[bool]string{true: "1"}[(g+i)%4 == 0], len(body), body)
+				}
+				io.WriteString(c, reqs)
+				if round%3 == 2 {
+					time.Sleep(3 * time.Millisecond)
+					c.Close()
+					continue
+				}
+				br := bufio.NewReader(c)
+				for _, w := range want {
+					resp, err := http.ReadResponse(br, nil)
+					if err != nil {
+						t.Errorf("want %q: %v", w, err)
+						break
+					}
+					b, err := io.ReadAll(resp.Body)
+					if err != nil || resp.StatusCode != 200 || string(b) != w {
+						t.Errorf("got %d %q (%v), want %q", resp.StatusCode, b, err, w)
+					}
+				}
+				c.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	for i := 0; i < 20; i++ {
+		if r := <-getAsync("http://"+p.upstream+"/after", "x"); r.err != nil || r.code != 200 {
+			t.Fatalf("request after: %+v", r)
+		}
+	}
+	if o, i := outboundH1(p.client).watched.Load(), inboundH1(p.server).watched.Load(); o == 0 || i == 0 {
+		t.Fatalf("watchers: %d outbound, %d inbound", o, i)
+	}
+}
