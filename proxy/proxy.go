@@ -79,7 +79,7 @@ type Options struct {
 	// https:// address, e.g. http://collector:4317.
 	OTLPProtocol string
 	// OTLP is how the exporter reaches the collector: headers, TLS,
-	// timeout.
+	// timeout, compression.
 	OTLP OTLPExport
 	// TraceSampler decides which new traces are exported; nil is all.
 	TraceSampler *TraceSampler

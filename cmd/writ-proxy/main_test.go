@@ -34,6 +34,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 	}{
 		{"help", []string{"--help"}, 0, "WRIT_JOIN_TOKEN", ""},
 		{"help names flags", []string{"-h"}, 0, "-workload-api", ""},
+		{"help names otlp compression", []string{"-h"}, 0, "-otlp-compression", ""},
 		{"nothing", nil, 2, "", "missing --control-plane, --join-token or WRIT_JOIN_TOKEN, --trust-bundle, --trust-domain"},
 		{"unknown flag", []string{"--bogus"}, 2, "", "flag provided but not defined: -bogus"},
 		{"extra args", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "extra"}, 2, "", "unexpected arguments: extra"},

@@ -68,6 +68,7 @@ type proxyOptions struct {
 	otlpCert       string
 	otlpKey        string
 	otlpTimeout    time.Duration
+	otlpCompress   string
 	sampleRatio    float64
 
 	// ADS: writd configures the proxy.
@@ -119,6 +120,7 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.otlpCert, "otlp-client-cert", "", "PEM client certificate presented to the OTLP collector (mTLS), with --otlp-client-key (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_CERTIFICATE)")
 	fs.StringVar(&o.otlpKey, "otlp-client-key", "", "PEM private key of --otlp-client-cert (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_KEY)")
 	fs.DurationVar(&o.otlpTimeout, "otlp-timeout", 0, "bound on one OTLP export (default: OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT in milliseconds, else 10s); headers, e.g. an API key, come only from OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, never a flag (a command line is visible to every local user)")
+	fs.StringVar(&o.otlpCompress, "otlp-compression", "", "compression of OTLP exports: gzip (the HTTP body, with Content-Encoding: gzip; each gRPC message, with grpc-encoding: gzip) or none (default: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, else OTEL_EXPORTER_OTLP_COMPRESSION, else none)")
 	fs.StringVar(&o.otlpProtocol, "otlp-protocol", "", "OTLP transport: http/protobuf or grpc (default: from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
 	fs.Float64Var(&o.sampleRatio, "trace-sample-ratio", 1, "share (0 to 1) of new traces to export; a request arriving with a traceparent keeps its sampled flag; unsampled traces still propagate traceparent (flags 00) and keep their trace_id in the access log")
 }
