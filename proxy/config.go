@@ -381,6 +381,21 @@ type CircuitBreakers struct {
 // Interval (default 10 s) from when the cluster was configured, at which
 // its ejection time has passed. At most MaxEjectionPercent of the
 // endpoints are out at once (at least one, as in Envoy).
+//
+// Two more detectors judge each Interval's tries at the sweep that ends
+// it; a try fails if it answers 5xx or fails before an answer (failed
+// connection, reset, timeout; Envoy's split_external_local_origin_errors
+// off). Success rate: among the endpoints with at least
+// SuccessRateRequestVolume tries (default 100), if there are at least
+// SuccessRateMinimumHosts (default 5), one whose success rate is below
+// the mean minus SuccessRateStdevFactor/1000 (default 1900) standard
+// deviations is ejected on EnforcingSuccessRate percent of the occasions
+// (default 100). Failure percentage: among the endpoints with at least
+// FailurePercentageRequestVolume tries (default 50), if there are at least
+// FailurePercentageMinimumHosts (default 5), one whose share of failed
+// tries is FailurePercentageThreshold percent (default 85) or more is
+// ejected on EnforcingFailurePercentage percent of the occasions
+// (default 0: off). Zero counts, volumes and factor take the defaults.
 type OutlierDetection struct {
 	Consecutive5xx                     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
 	ConsecutiveGatewayFailure          int      `yaml:"consecutive_gateway_failure" json:"consecutive_gateway_failure,omitempty"`
@@ -390,6 +405,15 @@ type OutlierDetection struct {
 	BaseEjectionTime                   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
 	MaxEjectionTime                    Duration `yaml:"max_ejection_time" json:"max_ejection_time,omitempty"`
 	MaxEjectionPercent                 int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
+
+	EnforcingSuccessRate           *int `yaml:"enforcing_success_rate" json:"enforcing_success_rate,omitempty"`
+	SuccessRateMinimumHosts        int  `yaml:"success_rate_minimum_hosts" json:"success_rate_minimum_hosts,omitempty"`
+	SuccessRateRequestVolume       int  `yaml:"success_rate_request_volume" json:"success_rate_request_volume,omitempty"`
+	SuccessRateStdevFactor         int  `yaml:"success_rate_stdev_factor" json:"success_rate_stdev_factor,omitempty"`
+	EnforcingFailurePercentage     int  `yaml:"enforcing_failure_percentage" json:"enforcing_failure_percentage,omitempty"`
+	FailurePercentageThreshold     *int `yaml:"failure_percentage_threshold" json:"failure_percentage_threshold,omitempty"`
+	FailurePercentageMinimumHosts  int  `yaml:"failure_percentage_minimum_hosts" json:"failure_percentage_minimum_hosts,omitempty"`
+	FailurePercentageRequestVolume int  `yaml:"failure_percentage_request_volume" json:"failure_percentage_request_volume,omitempty"`
 }
 
 // Endpoint is a peer sidecar's mesh port.
@@ -483,8 +507,11 @@ func (c *Config) Validate() error {
 			bad("%s: circuit_breakers: negative threshold", where)
 		}
 		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.ConsecutiveGatewayFailure < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100 ||
-			od.EnforcingConsecutive5xx != nil && (*od.EnforcingConsecutive5xx < 0 || *od.EnforcingConsecutive5xx > 100) || od.EnforcingConsecutiveGatewayFailure < 0 || od.EnforcingConsecutiveGatewayFailure > 100) {
-			bad("%s: outlier_detection: consecutive counts >= 0, percentages 0 to 100", where)
+			od.EnforcingConsecutive5xx != nil && (*od.EnforcingConsecutive5xx < 0 || *od.EnforcingConsecutive5xx > 100) || od.EnforcingConsecutiveGatewayFailure < 0 || od.EnforcingConsecutiveGatewayFailure > 100 ||
+			od.EnforcingSuccessRate != nil && (*od.EnforcingSuccessRate < 0 || *od.EnforcingSuccessRate > 100) || od.EnforcingFailurePercentage < 0 || od.EnforcingFailurePercentage > 100 ||
+			od.FailurePercentageThreshold != nil && (*od.FailurePercentageThreshold < 0 || *od.FailurePercentageThreshold > 100) || od.SuccessRateMinimumHosts < 0 || od.SuccessRateRequestVolume < 0 || od.SuccessRateStdevFactor < 0 ||
+			od.FailurePercentageMinimumHosts < 0 || od.FailurePercentageRequestVolume < 0) {
+			bad("%s: outlier_detection: counts and volumes >= 0, percentages 0 to 100", where)
 		}
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)
