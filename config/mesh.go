@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -288,6 +289,18 @@ type ConnectionPool struct {
 // endpoint's ejection count (which decays by one per Interval back in
 // the pool), at most MaxEjectionTime; ejected endpoints return at the
 // sweep every Interval.
+//
+// Two detectors judge each Interval's requests to an endpoint (a
+// request fails if it answers 5xx, or fails to connect, is reset or times
+// out) and are on when their Enforcing percentage is set above 0 (it is
+// the chance that a detection ejects): success rate ejects an endpoint
+// whose success rate is below the mean minus SuccessRateStdevFactor/1000
+// standard deviations; failure percentage one whose failed share is at
+// least FailurePercentageThreshold percent. Each counts only endpoints
+// with at least its RequestVolume requests in the interval, and only
+// when there are MinimumHosts of them. Unset, the fields take Envoy's
+// defaults: minimum hosts 5, volumes 100 and 50, factor 1900,
+// threshold 85.
 type OutlierDetection struct {
 	Consecutive5xx            int      `yaml:"consecutive5xx,omitempty" json:"consecutive5xx,omitempty"`
 	ConsecutiveGatewayFailure int      `yaml:"consecutiveGatewayFailure,omitempty" json:"consecutiveGatewayFailure,omitempty"`
@@ -295,6 +308,26 @@ type OutlierDetection struct {
 	BaseEjectionTime          Duration `yaml:"baseEjectionTime,omitempty" json:"baseEjectionTime,omitempty"`
 	MaxEjectionTime           Duration `yaml:"maxEjectionTime,omitempty" json:"maxEjectionTime,omitempty"`
 	MaxEjectionPercent        int      `yaml:"maxEjectionPercent,omitempty" json:"maxEjectionPercent,omitempty"`
+
+	EnforcingSuccessRate           *int `yaml:"enforcingSuccessRate,omitempty" json:"enforcingSuccessRate,omitempty"`
+	SuccessRateMinimumHosts        *int `yaml:"successRateMinimumHosts,omitempty" json:"successRateMinimumHosts,omitempty"`
+	SuccessRateRequestVolume       *int `yaml:"successRateRequestVolume,omitempty" json:"successRateRequestVolume,omitempty"`
+	SuccessRateStdevFactor         *int `yaml:"successRateStdevFactor,omitempty" json:"successRateStdevFactor,omitempty"`
+	EnforcingFailurePercentage     *int `yaml:"enforcingFailurePercentage,omitempty" json:"enforcingFailurePercentage,omitempty"`
+	FailurePercentageThreshold     *int `yaml:"failurePercentageThreshold,omitempty" json:"failurePercentageThreshold,omitempty"`
+	FailurePercentageMinimumHosts  *int `yaml:"failurePercentageMinimumHosts,omitempty" json:"failurePercentageMinimumHosts,omitempty"`
+	FailurePercentageRequestVolume *int `yaml:"failurePercentageRequestVolume,omitempty" json:"failurePercentageRequestVolume,omitempty"`
+}
+
+// SuccessRateOn reports whether the success-rate detector ejects.
+func (od *OutlierDetection) SuccessRateOn() bool {
+	return od.EnforcingSuccessRate != nil && *od.EnforcingSuccessRate > 0
+}
+
+// FailurePercentageOn reports whether the failure-percentage detector
+// ejects.
+func (od *OutlierDetection) FailurePercentageOn() bool {
+	return od.EnforcingFailurePercentage != nil && *od.EnforcingFailurePercentage > 0
 }
 
 // HealthCheck is an active health check, over HTTP (Path), gRPC
@@ -745,8 +778,30 @@ func (s *TrafficPolicySpec) validate(add addFunc) {
 			add("spec.outlierDetection.consecutive5xx", "must not be negative")
 		case od.ConsecutiveGatewayFailure < 0:
 			add("spec.outlierDetection.consecutiveGatewayFailure", "must not be negative")
-		case od.Consecutive5xx == 0 && od.ConsecutiveGatewayFailure == 0:
-			add("spec.outlierDetection.consecutive5xx", "set consecutive5xx or consecutiveGatewayFailure (at least 1)")
+		case od.Consecutive5xx == 0 && od.ConsecutiveGatewayFailure == 0 && !od.SuccessRateOn() && !od.FailurePercentageOn():
+			add("spec.outlierDetection.consecutive5xx", "set consecutive5xx, consecutiveGatewayFailure (at least 1), enforcingSuccessRate or enforcingFailurePercentage (above 0)")
+		}
+		for _, v := range []struct {
+			f       string
+			n       *int
+			min, mx int
+		}{
+			{"enforcingSuccessRate", od.EnforcingSuccessRate, 0, 100},
+			{"enforcingFailurePercentage", od.EnforcingFailurePercentage, 0, 100},
+			{"failurePercentageThreshold", od.FailurePercentageThreshold, 0, 100},
+			{"successRateMinimumHosts", od.SuccessRateMinimumHosts, 1, math.MaxInt32},
+			{"successRateRequestVolume", od.SuccessRateRequestVolume, 1, math.MaxInt32},
+			{"successRateStdevFactor", od.SuccessRateStdevFactor, 1, math.MaxInt32},
+			{"failurePercentageMinimumHosts", od.FailurePercentageMinimumHosts, 1, math.MaxInt32},
+			{"failurePercentageRequestVolume", od.FailurePercentageRequestVolume, 1, math.MaxInt32},
+		} {
+			if v.n != nil && (*v.n < v.min || *v.n > v.mx) {
+				if v.mx == 100 {
+					add("spec.outlierDetection."+v.f, "%d is out of range 0-100", *v.n)
+				} else {
+					add("spec.outlierDetection."+v.f, "must be at least 1")
+				}
+			}
 		}
 		if od.MaxEjectionTime > 0 && od.MaxEjectionTime < od.BaseEjectionTime {
 			add("spec.outlierDetection.maxEjectionTime", "must not be shorter than baseEjectionTime")

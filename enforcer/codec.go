@@ -83,9 +83,8 @@ func unmarshalCheckRequest(b []byte, req *authv3.CheckRequest) error {
 	return proto.Unmarshal(b, req)
 }
 
-// field reads one field's tag and, for length-delimited fields, its
-// bytes; other wire types are refused (no field decoded here has one,
-// save HttpRequest.size, handled by its caller).
+// wireField is one field: its tag and, for a length-delimited field, its
+// bytes, or for a varint, its value.
 type wireField struct {
 	num protowire.Number
 	typ protowire.Type
@@ -93,29 +92,59 @@ type wireField struct {
 	u   uint64
 }
 
-func nextField(b []byte) (wireField, int, error) {
-	num, typ, n := protowire.ConsumeTag(b)
-	if n < 0 {
-		return wireField{}, 0, errFallback
+// fields reads the fields of one message in order, as bufio.Scanner
+// reads lines: each decoder keeps only its switch on the field number.
+// It is a plain loop, not an iterator or a callback, because the
+// closure call per field made decoding measurably slower.
+type fields struct {
+	b []byte
+	// once has the bit (num%64) of each message field that may come only
+	// once: a second one is refused, since proto.Unmarshal would merge
+	// the two. Every decoder refuses unknown fields, whatever bit they
+	// share.
+	once, seen uint64
+	f          wireField
+	err        error
+}
+
+// next reads the next field into f. It returns false at the end of the
+// message, or with err set on a field that is malformed, of a wire type
+// other than bytes and varint (no field decoded here has one), or
+// repeated against once.
+func (r *fields) next() bool {
+	if len(r.b) == 0 {
+		return false
 	}
-	f := wireField{num: num, typ: typ}
+	num, typ, n := protowire.ConsumeTag(r.b)
+	if n < 0 {
+		return r.fail()
+	}
+	if bit := uint64(1) << (uint(num) % 64); r.once&bit != 0 {
+		if r.seen&bit != 0 {
+			return r.fail()
+		}
+		r.seen |= bit
+	}
+	r.f = wireField{num: num, typ: typ}
+	var m int
 	switch typ {
 	case protowire.BytesType:
-		v, m := protowire.ConsumeBytes(b[n:])
-		if m < 0 {
-			return wireField{}, 0, errFallback
-		}
-		f.val = v
-		return f, n + m, nil
+		r.f.val, m = protowire.ConsumeBytes(r.b[n:])
 	case protowire.VarintType:
-		v, m := protowire.ConsumeVarint(b[n:])
-		if m < 0 {
-			return wireField{}, 0, errFallback
-		}
-		f.u = v
-		return f, n + m, nil
+		r.f.u, m = protowire.ConsumeVarint(r.b[n:])
+	default:
+		return r.fail()
 	}
-	return wireField{}, 0, errFallback
+	if m < 0 {
+		return r.fail()
+	}
+	r.b = r.b[n+m:]
+	return true
+}
+
+func (r *fields) fail() bool {
+	r.err = errFallback
+	return false
 }
 
 func str(f wireField) (string, error) {
@@ -125,128 +154,78 @@ func str(f wireField) (string, error) {
 	return string(f.val), nil
 }
 
-// once refuses a second occurrence of a message field, which
-// proto.Unmarshal would merge.
-func once(seen *uint64, num protowire.Number) error {
-	bit := uint64(1) << (uint(num) % 64)
-	if *seen&bit != 0 {
-		return errFallback
-	}
-	*seen |= bit
-	return nil
-}
-
 func decodeCheckRequest(b []byte, req *authv3.CheckRequest) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-		if f.num != 1 || f.typ != protowire.BytesType {
+	r := fields{b: b, once: 1 << 1}
+	for r.next() {
+		if r.f.num != 1 || r.f.typ != protowire.BytesType {
 			return errFallback
 		}
-		if err := once(&seen, f.num); err != nil {
-			return err
-		}
 		req.Attributes = &authv3.AttributeContext{}
-		if err := decodeAttributes(f.val, req.Attributes); err != nil {
+		if err := decodeAttributes(r.f.val, req.Attributes); err != nil {
 			return err
 		}
 	}
-	return nil
+	return r.err
 }
 
 func decodeAttributes(b []byte, a *authv3.AttributeContext) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
+	r := fields{b: b, once: 1<<1 | 1<<2 | 1<<4 | 1<<11 | 1<<12 | 1<<13}
+	for r.next() {
+		f := r.f
 		if f.typ != protowire.BytesType {
 			return errFallback
 		}
+		var err error
 		switch f.num {
 		case 1, 2:
-			if err := once(&seen, f.num); err != nil {
-				return err
-			}
 			p := &authv3.AttributeContext_Peer{}
 			if f.num == 1 {
 				a.Source = p
 			} else {
 				a.Destination = p
 			}
-			if err := decodePeer(f.val, p); err != nil {
-				return err
-			}
-			continue
+			err = decodePeer(f.val, p)
 		case 4:
-			if err := once(&seen, f.num); err != nil {
-				return err
-			}
 			a.Request = &authv3.AttributeContext_Request{}
-			if err := decodeRequest(f.val, a.Request); err != nil {
-				return err
-			}
-			continue
+			err = decodeRequest(f.val, a.Request)
 		case 10:
 			if a.ContextExtensions == nil {
 				a.ContextExtensions = map[string]string{}
 			}
-			if err := decodeMapEntry(f.val, a.ContextExtensions); err != nil {
-				return err
-			}
-			continue
-		case 11, 12, 13:
-			// Rarer messages, as Envoy sends them (often empty): left to
-			// proto.Unmarshal, one message each.
-			if err := once(&seen, f.num); err != nil {
-				return err
-			}
-			var m proto.Message
-			switch f.num {
-			case 11:
-				a.MetadataContext = &corev3.Metadata{}
-				m = a.MetadataContext
-			case 12:
-				a.TlsSession = &authv3.AttributeContext_TLSSession{}
-				m = a.TlsSession
-			default:
-				a.RouteMetadataContext = &corev3.Metadata{}
-				m = a.RouteMetadataContext
-			}
-			if err := proto.Unmarshal(f.val, m); err != nil {
-				return err
-			}
-			continue
+			err = decodeMapEntry(f.val, a.ContextExtensions)
+		// Rarer messages, as Envoy sends them (often empty): left to
+		// proto.Unmarshal.
+		case 11:
+			a.MetadataContext = &corev3.Metadata{}
+			err = proto.Unmarshal(f.val, a.MetadataContext)
+		case 12:
+			a.TlsSession = &authv3.AttributeContext_TLSSession{}
+			err = proto.Unmarshal(f.val, a.TlsSession)
+		case 13:
+			a.RouteMetadataContext = &corev3.Metadata{}
+			err = proto.Unmarshal(f.val, a.RouteMetadataContext)
+		default:
+			return errFallback
 		}
-		return errFallback
-	}
-	return nil
-}
-
-func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
 		if err != nil {
 			return err
 		}
-		b = b[n:]
+	}
+	return r.err
+}
+
+func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
+	r := fields{b: b, once: 1 << 1}
+	for r.next() {
+		f := r.f
+		var err error
 		switch f.num {
 		case 1:
-			if err := once(&seen, f.num); err != nil || f.typ != protowire.BytesType {
+			if f.typ != protowire.BytesType {
 				return errFallback
 			}
 			p.Address = &corev3.Address{}
-			if err := decodeAddress(f.val, p.Address); err != nil {
-				return err
-			}
-			continue
+			err = decodeAddress(f.val, p.Address)
 		case 2:
 			p.Service, err = str(f)
 		case 3:
@@ -256,10 +235,7 @@ func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
 			if p.Labels == nil {
 				p.Labels = map[string]string{}
 			}
-			if err := decodeMapEntry(f.val, p.Labels); err != nil {
-				return err
-			}
-			continue
+			err = decodeMapEntry(f.val, p.Labels)
 		case 4:
 			p.Principal, err = str(f)
 		case 5:
@@ -271,59 +247,45 @@ func decodePeer(b []byte, p *authv3.AttributeContext_Peer) error {
 			return err
 		}
 	}
-	return nil
+	return r.err
 }
 
 // decodeAddress decodes the socket address Envoy gives its peers;
 // proto.Unmarshal went through reflection for it, twice per check. Pipes
 // and internal addresses fall back.
 func decodeAddress(b []byte, a *corev3.Address) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-		if f.num != 1 || f.typ != protowire.BytesType {
+	r := fields{b: b, once: 1 << 1}
+	for r.next() {
+		if r.f.num != 1 || r.f.typ != protowire.BytesType {
 			return errFallback
 		}
-		if err := once(&seen, f.num); err != nil {
-			return err
-		}
 		sa := &corev3.SocketAddress{}
-		if err := decodeSocketAddress(f.val, sa); err != nil {
+		if err := decodeSocketAddress(r.f.val, sa); err != nil {
 			return err
 		}
 		a.Address = &corev3.Address_SocketAddress{SocketAddress: sa}
 	}
-	return nil
+	return r.err
 }
 
 func decodeSocketAddress(b []byte, sa *corev3.SocketAddress) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-		// A repeated field is rare and has oneof and merge rules of its
-		// own: proto.Unmarshal decides.
-		if err := once(&seen, f.num); err != nil {
-			return err
-		}
+	// A repeated field is rare and has oneof and merge rules of its own:
+	// proto.Unmarshal decides.
+	r := fields{b: b, once: 1<<1 | 1<<2 | 1<<3 | 1<<6}
+	for r.next() {
+		f := r.f
 		// Every field but the address (str checks its type) is a varint.
 		if f.typ != protowire.VarintType && f.num != 2 {
 			return errFallback
 		}
+		var err error
 		switch f.num {
 		case 1:
 			sa.Protocol = corev3.SocketAddress_Protocol(int32(f.u))
 		case 2:
 			sa.Address, err = str(f)
 		case 3:
-			// once refused a second port, and a named port (4) falls
+			// A second port was refused, and a named port (4) falls
 			// back, so the oneof is still unset here.
 			sa.PortSpecifier = &corev3.SocketAddress_PortValue{PortValue: uint32(f.u)}
 		case 6:
@@ -335,76 +297,58 @@ func decodeSocketAddress(b []byte, sa *corev3.SocketAddress) error {
 			return err
 		}
 	}
-	return nil
+	return r.err
 }
 
 // decodeTimestamp decodes the request time Envoy sends with every check.
 func decodeTimestamp(b []byte, ts *timestamppb.Timestamp) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-		if f.typ != protowire.VarintType {
+	r := fields{b: b, once: 1<<1 | 1<<2}
+	for r.next() {
+		if r.f.typ != protowire.VarintType {
 			return errFallback
 		}
-		if err := once(&seen, f.num); err != nil {
-			return err
-		}
-		switch f.num {
+		switch r.f.num {
 		case 1:
-			ts.Seconds = int64(f.u)
+			ts.Seconds = int64(r.f.u)
 		case 2:
-			ts.Nanos = int32(f.u)
+			ts.Nanos = int32(r.f.u)
 		default:
 			return errFallback
 		}
 	}
-	return nil
+	return r.err
 }
 
-func decodeRequest(b []byte, r *authv3.AttributeContext_Request) error {
-	var seen uint64
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
+func decodeRequest(b []byte, req *authv3.AttributeContext_Request) error {
+	r := fields{b: b, once: 1<<1 | 1<<2}
+	for r.next() {
+		f := r.f
 		if f.typ != protowire.BytesType {
 			return errFallback
 		}
-		if err := once(&seen, f.num); err != nil {
-			return err
-		}
+		var err error
 		switch f.num {
 		case 1:
-			r.Time = &timestamppb.Timestamp{}
-			if err := decodeTimestamp(f.val, r.Time); err != nil {
-				return err
-			}
-			continue
+			req.Time = &timestamppb.Timestamp{}
+			err = decodeTimestamp(f.val, req.Time)
 		case 2:
-			r.Http = &authv3.AttributeContext_HttpRequest{}
-			if err := decodeHTTP(f.val, r.Http); err != nil {
-				return err
-			}
-			continue
+			req.Http = &authv3.AttributeContext_HttpRequest{}
+			err = decodeHTTP(f.val, req.Http)
+		default:
+			return errFallback
 		}
-		return errFallback
-	}
-	return nil
-}
-
-func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
-	for len(b) > 0 {
-		f, n, err := nextField(b)
 		if err != nil {
 			return err
 		}
-		b = b[n:]
+	}
+	return r.err
+}
+
+func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
+	r := fields{b: b, once: 1 << 13}
+	for r.next() {
+		f := r.f
+		var err error
 		switch f.num {
 		case 1:
 			h.Id, err = str(f)
@@ -417,10 +361,7 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 			if h.Headers == nil {
 				h.Headers = make(map[string]string, 8)
 			}
-			if err := decodeMapEntry(f.val, h.Headers); err != nil {
-				return err
-			}
-			continue
+			err = decodeMapEntry(f.val, h.Headers)
 		case 4:
 			h.Path, err = str(f)
 		case 5:
@@ -446,14 +387,11 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 			}
 			h.RawBody = append([]byte{}, f.val...)
 		case 13:
-			if f.typ != protowire.BytesType || h.HeaderMap != nil {
+			if f.typ != protowire.BytesType {
 				return errFallback
 			}
 			h.HeaderMap = &corev3.HeaderMap{}
-			if err := proto.Unmarshal(f.val, h.HeaderMap); err != nil {
-				return err
-			}
-			continue
+			err = proto.Unmarshal(f.val, h.HeaderMap)
 		default:
 			return errFallback
 		}
@@ -461,7 +399,7 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 			return err
 		}
 	}
-	return nil
+	return r.err
 }
 
 // decodeMapEntry decodes one map<string, string> entry into m; a missing
@@ -469,23 +407,23 @@ func decodeHTTP(b []byte, h *authv3.AttributeContext_HttpRequest) error {
 // proto.Unmarshal does.
 func decodeMapEntry(b []byte, m map[string]string) error {
 	var k, v string
-	for len(b) > 0 {
-		f, n, err := nextField(b)
-		if err != nil {
-			return err
-		}
-		b = b[n:]
-		switch f.num {
+	r := fields{b: b}
+	for r.next() {
+		var err error
+		switch r.f.num {
 		case 1:
-			k, err = str(f)
+			k, err = str(r.f)
 		case 2:
-			v, err = str(f)
+			v, err = str(r.f)
 		default:
 			return errFallback
 		}
 		if err != nil {
 			return err
 		}
+	}
+	if r.err != nil {
+		return r.err
 	}
 	m[k] = v
 	return nil

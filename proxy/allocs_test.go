@@ -39,7 +39,11 @@ func TestPairAllocations(t *testing.T) {
 			get.ServeHTTP(w, r)
 		}
 	})
-	p := startPair(t, ca, "/ns/demo/sa/client", sink, app)
+	// Outlier detection with every detector on, so that counting tries
+	// per interval is on the path measured.
+	p := startPairWith(t, ca, "/ns/demo/sa/client", sink, app, func(c *Cluster) {
+		c.OutlierDetection = &OutlierDetection{EnforcingFailurePercentage: 100, EnforcingConsecutiveGatewayFailure: 100}
+	})
 	c := &http.Client{Transport: &http.Transport{}}
 	t.Cleanup(c.CloseIdleConnections)
 	url := "http://" + p.upstream + "/orders/1"

@@ -452,3 +452,42 @@ func (b *syncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.b.String()
 }
+
+// TestH1ClientGoneAfterCloseAnswer: an answer without a body that ends
+// its upstream connection (Connection: close) leaves no registration
+// behind in the client connection's context: the next request on that
+// connection is still interrupted when its client goes away.
+func TestH1ClientGoneAfterCloseAnswer(t *testing.T) {
+	ca := newTestCA(t)
+	app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+	p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/close" {
+			w.Header().Set("Connection", "close")
+			w.WriteHeader(http.StatusNoContent)
+			return
+		}
+		app.ServeHTTP(w, r)
+	}), func(*Cluster) {}, Options{WatchClientAfter: watchFast})
+	c, err := net.Dial("tcp", p.upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i := 0; i < 2; i++ {
+		io.WriteString(c, "GET /close HTTP/1.1\r\nHost: server\r\n\r\n")
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusNoContent || resp.Close {
+			t.Fatalf("close answer: %v %v", resp, err)
+		}
+		resp.Body.Close()
+	}
+	io.WriteString(c, "GET /slowhead HTTP/1.1\r\nHost: server\r\n\r\n")
+	<-app.started
+	c.Close()
+	select {
+	case <-app.gone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the app's request was not cancelled after its client went away")
+	}
+}

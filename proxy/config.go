@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"regexp"
 	"slices"
@@ -88,8 +89,9 @@ type Outbound struct {
 	Address string `yaml:"address" json:"address"`
 	// Protocol is "http" (HTTP/1.1 and h2c, routed by Route), "tcp"
 	// (spliced to Cluster) or "transparent": connections redirected here
-	// by iptables are spliced to the cluster whose Addresses hold their
-	// original destination (SO_ORIGINAL_DST, Linux, IPv4).
+	// by iptables or ip6tables are spliced to the cluster whose Addresses
+	// hold their original destination (SO_ORIGINAL_DST, Linux, IPv4 and
+	// IPv6; a listener takes the family of its address).
 	Protocol string `yaml:"protocol" json:"protocol"`
 	// Route names a RouteConfig (http).
 	Route string `yaml:"route" json:"route,omitempty"`
@@ -286,7 +288,9 @@ type Cluster struct {
 	// match_typed_subject_alt_names); at least one is required.
 	PeerIDs []string `yaml:"peer_ids" json:"peer_ids"`
 	// Addresses are the service addresses (host:port) applications dial,
-	// by which transparent listeners find the cluster.
+	// by which transparent listeners find the cluster: IP:port, IPv6 in
+	// brackets; an IPv4-mapped IPv6 address matches its IPv4 form, and
+	// zones are ignored.
 	Addresses []string `yaml:"addresses" json:"addresses,omitempty"`
 	// CircuitBreakers bound the cluster's connections and concurrency;
 	// nil takes Envoy's defaults (1024 connections, 1024 pending and 1024
@@ -377,6 +381,21 @@ type CircuitBreakers struct {
 // Interval (default 10 s) from when the cluster was configured, at which
 // its ejection time has passed. At most MaxEjectionPercent of the
 // endpoints are out at once (at least one, as in Envoy).
+//
+// Two more detectors judge each Interval's tries at the sweep that ends
+// it; a try fails if it answers 5xx or fails before an answer (failed
+// connection, reset, timeout; Envoy's split_external_local_origin_errors
+// off). Success rate: among the endpoints with at least
+// SuccessRateRequestVolume tries (default 100), if there are at least
+// SuccessRateMinimumHosts (default 5), one whose success rate is below
+// the mean minus SuccessRateStdevFactor/1000 (default 1900) standard
+// deviations is ejected on EnforcingSuccessRate percent of the occasions
+// (default 100). Failure percentage: among the endpoints with at least
+// FailurePercentageRequestVolume tries (default 50), if there are at least
+// FailurePercentageMinimumHosts (default 5), one whose share of failed
+// tries is FailurePercentageThreshold percent (default 85) or more is
+// ejected on EnforcingFailurePercentage percent of the occasions
+// (default 0: off). Zero counts, volumes and factor take the defaults.
 type OutlierDetection struct {
 	Consecutive5xx                     int      `yaml:"consecutive_5xx" json:"consecutive_5xx"`
 	ConsecutiveGatewayFailure          int      `yaml:"consecutive_gateway_failure" json:"consecutive_gateway_failure,omitempty"`
@@ -386,6 +405,15 @@ type OutlierDetection struct {
 	BaseEjectionTime                   Duration `yaml:"base_ejection_time" json:"base_ejection_time"`
 	MaxEjectionTime                    Duration `yaml:"max_ejection_time" json:"max_ejection_time,omitempty"`
 	MaxEjectionPercent                 int      `yaml:"max_ejection_percent" json:"max_ejection_percent"`
+
+	EnforcingSuccessRate           *int `yaml:"enforcing_success_rate" json:"enforcing_success_rate,omitempty"`
+	SuccessRateMinimumHosts        int  `yaml:"success_rate_minimum_hosts" json:"success_rate_minimum_hosts,omitempty"`
+	SuccessRateRequestVolume       int  `yaml:"success_rate_request_volume" json:"success_rate_request_volume,omitempty"`
+	SuccessRateStdevFactor         int  `yaml:"success_rate_stdev_factor" json:"success_rate_stdev_factor,omitempty"`
+	EnforcingFailurePercentage     int  `yaml:"enforcing_failure_percentage" json:"enforcing_failure_percentage,omitempty"`
+	FailurePercentageThreshold     *int `yaml:"failure_percentage_threshold" json:"failure_percentage_threshold,omitempty"`
+	FailurePercentageMinimumHosts  int  `yaml:"failure_percentage_minimum_hosts" json:"failure_percentage_minimum_hosts,omitempty"`
+	FailurePercentageRequestVolume int  `yaml:"failure_percentage_request_volume" json:"failure_percentage_request_volume,omitempty"`
 }
 
 // Endpoint is a peer sidecar's mesh port.
@@ -479,8 +507,11 @@ func (c *Config) Validate() error {
 			bad("%s: circuit_breakers: negative threshold", where)
 		}
 		if od := cl.OutlierDetection; od != nil && (od.Consecutive5xx < 0 || od.ConsecutiveGatewayFailure < 0 || od.MaxEjectionPercent < 0 || od.MaxEjectionPercent > 100 ||
-			od.EnforcingConsecutive5xx != nil && (*od.EnforcingConsecutive5xx < 0 || *od.EnforcingConsecutive5xx > 100) || od.EnforcingConsecutiveGatewayFailure < 0 || od.EnforcingConsecutiveGatewayFailure > 100) {
-			bad("%s: outlier_detection: consecutive counts >= 0, percentages 0 to 100", where)
+			od.EnforcingConsecutive5xx != nil && (*od.EnforcingConsecutive5xx < 0 || *od.EnforcingConsecutive5xx > 100) || od.EnforcingConsecutiveGatewayFailure < 0 || od.EnforcingConsecutiveGatewayFailure > 100 ||
+			od.EnforcingSuccessRate != nil && (*od.EnforcingSuccessRate < 0 || *od.EnforcingSuccessRate > 100) || od.EnforcingFailurePercentage < 0 || od.EnforcingFailurePercentage > 100 ||
+			od.FailurePercentageThreshold != nil && (*od.FailurePercentageThreshold < 0 || *od.FailurePercentageThreshold > 100) || od.SuccessRateMinimumHosts < 0 || od.SuccessRateRequestVolume < 0 || od.SuccessRateStdevFactor < 0 ||
+			od.FailurePercentageMinimumHosts < 0 || od.FailurePercentageRequestVolume < 0) {
+			bad("%s: outlier_detection: counts and volumes >= 0, percentages 0 to 100", where)
 		}
 		if hc := cl.HealthCheck; hc != nil && (hc.Interval <= 0 || hc.UnhealthyThreshold < 0 || hc.HealthyThreshold < 0) {
 			bad("%s: health_check: interval is required and thresholds must not be negative", where)
@@ -496,13 +527,24 @@ func (c *Config) Validate() error {
 			}
 		}
 		for _, a := range cl.Addresses {
-			if _, _, err := net.SplitHostPort(a); err != nil {
+			host, _, err := net.SplitHostPort(a)
+			if err != nil {
 				bad("%s: address %q: %v", where, a, err)
 			}
-			if addrs[a] != "" {
-				bad("%s: address %q is also cluster %q's", where, a, addrs[a])
+			// An IP address is compared in its serviceAddr form, so that
+			// 127.0.0.5:80 and [::ffff:127.0.0.5]:80 are one address.
+			key := a
+			if _, err := netip.ParseAddr(host); err == nil {
+				k, ok := serviceAddr(a)
+				if !ok {
+					bad("%s: address %q: want IP:port with a numeric port", where, a)
+				}
+				key = k.String()
 			}
-			addrs[a] = cl.Name
+			if addrs[key] != "" {
+				bad("%s: address %q is also cluster %q's", where, a, addrs[key])
+			}
+			addrs[key] = cl.Name
 		}
 		for _, ep := range cl.Endpoints {
 			if _, _, err := net.SplitHostPort(ep.Address); err != nil {
@@ -648,6 +690,25 @@ func btoi(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// serviceAddr is the form in which a transparent listener looks up a
+// cluster address (host:port): IPv4-mapped IPv6 addresses unmapped to
+// IPv4 (an app may dial either form, and an IPv4 connection on an IPv6
+// socket reports the mapped one) and zones dropped (a service address
+// names a host, not a link). Host names are not IP addresses, so they are
+// never an original destination: ok is false.
+func serviceAddr(a string) (netip.AddrPort, bool) {
+	ap, err := netip.ParseAddrPort(a)
+	if err != nil {
+		return netip.AddrPort{}, false
+	}
+	return serviceKey(ap), true
+}
+
+// serviceKey is ap in serviceAddr's form.
+func serviceKey(ap netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(ap.Addr().Unmap().WithZone(""), ap.Port())
 }
 
 func isLoopback(host string) bool {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -383,5 +384,66 @@ func TestRetryCap(t *testing.T) {
 	c.inflight.Store(5)
 	if got := c.retryCap(); got != 2 {
 		t.Errorf("budget below the minimum: %d, want 2", got)
+	}
+}
+
+func TestServiceAddr(t *testing.T) {
+	tests := []struct {
+		in, want string // want "" = not a service IP address
+	}{
+		{"127.0.0.5:80", "127.0.0.5:80"},
+		{"[::ffff:127.0.0.5]:80", "127.0.0.5:80"},
+		{"[fd00::10]:8080", "[fd00::10]:8080"},
+		{"[FD00:0::10]:8080", "[fd00::10]:8080"},
+		{"[fe80::1%eth0]:443", "[fe80::1]:443"},
+		{"orders:80", ""},
+		{"[fd00::10]:http", ""},
+		{"fd00::10:80", ""},
+	}
+	for _, tt := range tests {
+		ap, ok := serviceAddr(tt.in)
+		got := ""
+		if ok {
+			got = ap.String()
+		}
+		if got != tt.want {
+			t.Errorf("serviceAddr(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+	// What originalDst reports for an IPv4 connection on an IPv6 socket,
+	// and for a link-local destination, finds the configured address.
+	if got, want := serviceKey(netip.MustParseAddrPort("[::ffff:127.0.0.5]:80")), netip.MustParseAddrPort("127.0.0.5:80"); got != want {
+		t.Errorf("serviceKey = %v, want %v", got, want)
+	}
+	if got, want := serviceKey(netip.MustParseAddrPort("[fe80::1%3]:443")), netip.MustParseAddrPort("[fe80::1]:443"); got != want {
+		t.Errorf("serviceKey = %v, want %v", got, want)
+	}
+}
+
+func TestTransparentConfigIPv6(t *testing.T) {
+	tests := []struct {
+		name   string
+		listen string
+		addrs  [][]string // per cluster
+		want   string     // "" = valid
+	}{
+		{"ipv6 loopback listener", "[::1]:15001", [][]string{{"[fd00::10]:80"}, {"127.0.0.5:80"}}, ""},
+		{"ipv6 wildcard listener", "[::]:15001", [][]string{{"[fd00::10]:80"}}, "must bind a loopback address"},
+		{"same address twice", "[::1]:15001", [][]string{{"[fd00::10]:80"}, {"[FD00::10]:80"}}, `address "[FD00::10]:80" is also cluster "c0"'s`},
+		{"mapped and ipv4 forms", "127.0.0.1:15001", [][]string{{"127.0.0.5:80"}, {"[::ffff:127.0.0.5]:80"}}, `is also cluster "c0"'s`},
+		{"named port on an IP", "[::1]:15001", [][]string{{"[fd00::10]:http"}}, "want IP:port with a numeric port"},
+		{"host name", "[::1]:15001", [][]string{{"orders:80"}}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := &Config{Outbound: []Outbound{{Name: "capture", Address: tt.listen, Protocol: "transparent"}}}
+			for i, a := range tt.addrs {
+				cfg.Clusters = append(cfg.Clusters, Cluster{Name: fmt.Sprintf("c%d", i), Addresses: a, Endpoints: []Endpoint{{Address: "127.0.0.1:15006"}}, PeerIDs: []string{"spiffe://example.org/ns/shop/sa/orders"}})
+			}
+			err := cfg.Validate()
+			if tt.want == "" && err != nil || tt.want != "" && (err == nil || !strings.Contains(err.Error(), tt.want)) {
+				t.Fatalf("got %v, want %q", err, tt.want)
+			}
+		})
 	}
 }

@@ -337,6 +337,23 @@ func clusterFromEnvoy(ec *clusterv3.Cluster, las map[string]*endpointv3.ClusterL
 		if v := od.GetMaxEjectionPercent(); v != nil {
 			o.MaxEjectionPercent = int(v.GetValue())
 		}
+		// Unset wrappers keep Envoy's defaults: success rate enforced,
+		// failure percentage counted only. Fields the proxy reads as 0 =
+		// default are copied as they are.
+		if v := od.GetEnforcingSuccessRate(); v != nil {
+			n := int(v.GetValue())
+			o.EnforcingSuccessRate = &n
+		}
+		o.SuccessRateMinimumHosts = int(od.GetSuccessRateMinimumHosts().GetValue())
+		o.SuccessRateRequestVolume = int(od.GetSuccessRateRequestVolume().GetValue())
+		o.SuccessRateStdevFactor = int(od.GetSuccessRateStdevFactor().GetValue())
+		o.EnforcingFailurePercentage = int(od.GetEnforcingFailurePercentage().GetValue())
+		if v := od.GetFailurePercentageThreshold(); v != nil {
+			n := int(v.GetValue())
+			o.FailurePercentageThreshold = &n
+		}
+		o.FailurePercentageMinimumHosts = int(od.GetFailurePercentageMinimumHosts().GetValue())
+		o.FailurePercentageRequestVolume = int(od.GetFailurePercentageRequestVolume().GetValue())
 		c.OutlierDetection = o
 	}
 	if po, ok := ec.GetTypedExtensionProtocolOptions()["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]; ok {

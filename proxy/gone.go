@@ -37,9 +37,9 @@ import (
 // tls.Conn alike ends the read without consuming anything or leaving the
 // connection broken, and waited for.
 
-// h1WatchAfter is how long a request waits before its client is watched
-// (Options.WatchClientAfter).
-const h1WatchAfter = 500 * time.Millisecond
+// DefaultWatchClientAfter is how long a request waits before its client
+// is watched, unless Options.WatchClientAfter says otherwise.
+const DefaultWatchClientAfter = 500 * time.Millisecond
 
 // The low bits of h1ServerConn.wait; the rest is the request's number.
 const (

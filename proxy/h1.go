@@ -314,8 +314,11 @@ func (t *h1Transport) exchange(r *http.Request, c *h1Conn, body []byte, reused b
 		reuse := !resp.Close && !r.Close
 		if resp.Body == http.NoBody || resp.Body == nil {
 			resp.Body = http.NoBody
+			// Both always run: a registration left behind would keep
+			// the connection's next requests from being interrupted.
 			stopped := stop()
-			t.release(c, reuse && stopped && down.unhook(c))
+			unhooked := down.unhook(c)
+			t.release(c, reuse && stopped && unhooked)
 			return resp, nil
 		}
 		if spare == nil {

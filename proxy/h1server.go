@@ -122,7 +122,7 @@ type h1ServerConn struct {
 
 func newH1Server(h http.Handler, fallback *connListener, connCtx func(net.Conn) context.Context) *h1Server {
 	return &h1Server{handler: h, fallback: fallback, connCtx: connCtx, conns: map[*h1ServerConn]struct{}{}, logPanic: func(any) {},
-		done: make(chan struct{}), watchAfter: h1WatchAfter, sweepStop: make(chan struct{})}
+		done: make(chan struct{}), watchAfter: DefaultWatchClientAfter, sweepStop: make(chan struct{})}
 }
 
 var (

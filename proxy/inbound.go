@@ -170,25 +170,7 @@ func workloadParts(id spiffeid.ID) (ns, sa string) {
 
 func (l *inboundListener) serve() error {
 	go func() { _ = l.srv.Serve(l.httpLn) }()
-	for {
-		c, err := l.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(5 * time.Millisecond)
-				continue
-			}
-			return fmt.Errorf("inbound %s: accept: %w", l.cfg.Name, err)
-		}
-		l.p.tcpWG.Add(1)
-		go func() {
-			defer l.p.tcpWG.Done()
-			l.handshake(c)
-		}()
-	}
+	return l.p.acceptLoop(l.ln, "inbound", l.cfg.Name, l.handshake)
 }
 
 // handshake authenticates a connection and hands it to HTTP or TCP.

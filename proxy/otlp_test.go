@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"compress/gzip"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -56,13 +57,51 @@ func otlpReceiver(t *testing.T) (string, <-chan *tracepb.Span) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	srv := &http.Server{Handler: otlpHTTPHandler(t, spans, nil)}
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + l.Addr().String(), spans
+}
+
+// otlpHTTPRequest is what an OTLP/HTTP collector saw of one export.
+type otlpHTTPRequest struct {
+	encoding  string // Content-Encoding
+	wireBytes int    // body as sent
+	bytes     int    // body decoded
+}
+
+// otlpHTTPHandler is a collector's /v1/traces: it takes a gzip body as
+// collectors do (Content-Encoding: gzip) and refuses other encodings;
+// when reqs is not nil it reports each request there.
+func otlpHTTPHandler(t *testing.T, spans chan<- *tracepb.Span, reqs chan<- otlpHTTPRequest) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost || r.URL.Path != "/v1/traces" || r.Header.Get("Content-Type") != "application/x-protobuf" {
 			t.Errorf("otlp receiver: %s %s (%s)", r.Method, r.URL.Path, r.Header.Get("Content-Type"))
 			http.Error(w, "bad request", http.StatusBadRequest)
 			return
 		}
-		b, _ := io.ReadAll(r.Body)
+		wire, _ := io.ReadAll(r.Body)
+		b := wire
+		switch enc := r.Header.Get("Content-Encoding"); enc {
+		case "":
+		case "gzip":
+			zr, err := gzip.NewReader(bytes.NewReader(wire))
+			if err == nil {
+				b, err = io.ReadAll(zr)
+			}
+			if err != nil {
+				t.Errorf("otlp receiver: gzip body: %v", err)
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+		default:
+			t.Errorf("otlp receiver: Content-Encoding %q", enc)
+			http.Error(w, "unsupported encoding", http.StatusUnsupportedMediaType)
+			return
+		}
+		if reqs != nil {
+			reqs <- otlpHTTPRequest{encoding: r.Header.Get("Content-Encoding"), wireBytes: len(wire), bytes: len(b)}
+		}
 		var req collectorpb.ExportTraceServiceRequest
 		if err := proto.Unmarshal(b, &req); err != nil {
 			t.Errorf("otlp receiver: %v", err)
@@ -79,10 +118,7 @@ func otlpReceiver(t *testing.T) (string, <-chan *tracepb.Span) {
 		out, _ := proto.Marshal(&collectorpb.ExportTraceServiceResponse{})
 		w.Header().Set("Content-Type", "application/x-protobuf")
 		_, _ = w.Write(out)
-	})}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	return "http://" + l.Addr().String(), spans
+	})
 }
 
 // TestOTLPTraceAcrossTwoHops: a request from an app that sends its own

@@ -158,29 +158,13 @@ func (l *outboundListener) serve() error {
 	if l.srv != nil {
 		go func() { _ = l.srv.Serve(l.httpLn) }()
 	}
-	for {
-		c, err := l.ln.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(5 * time.Millisecond)
-				continue
-			}
-			return fmt.Errorf("outbound %s: accept: %w", l.cfg.Name, err)
+	return l.p.acceptLoop(l.ln, "outbound", l.cfg.Name, func(c net.Conn) {
+		if l.cfg.Protocol == "tcp" || l.cfg.Protocol == "transparent" {
+			l.serveTCP(c)
+		} else {
+			l.h1.serveConn(c)
 		}
-		l.p.tcpWG.Add(1)
-		go func() {
-			defer l.p.tcpWG.Done()
-			if l.cfg.Protocol == "tcp" || l.cfg.Protocol == "transparent" {
-				l.serveTCP(c)
-			} else {
-				l.h1.serveConn(c)
-			}
-		}()
-	}
+	})
 }
 
 func (l *outboundListener) shutdown(ctx context.Context) {
@@ -905,7 +889,7 @@ func (l *outboundListener) serveTCP(c net.Conn) {
 	}()
 	if l.cfg.Protocol == "transparent" {
 		dst, err := originalDst(c)
-		if cl = st.byAddr[dst]; cl == nil {
+		if cl = st.byAddr[serviceKey(dst)]; err != nil || cl == nil {
 			l.p.log.Warn("transparent: no cluster for the original destination", "listener", l.cfg.Name, "destination", dst, "error", err)
 			res.status = 404
 			l.p.countTCP(&res)

@@ -1,9 +1,11 @@
 package proxy
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -113,7 +115,7 @@ func TestGatewayFailureEjection(t *testing.T) {
 	if k := bads(10); k != 0 {
 		t.Fatalf("%d requests reached the ejected endpoint", k)
 	}
-	if got := counter(t, p.metrics.ejections.WithLabelValues("server")); got != 1 {
+	if got := counter(t, p.metrics.ejections.WithLabelValues("server", detectorGateway)); got != 1 {
 		t.Fatalf("ejections = %v, want 1", got)
 	}
 	setCode(200)
@@ -147,5 +149,187 @@ func TestGatewayFailureEjection(t *testing.T) {
 	}
 	if fails != 2 {
 		t.Fatalf("%d of 10 requests failed with one endpoint unreachable, want 2 (then ejected)", fails)
+	}
+}
+
+// TestIntervalDetectors: the sweep judges each endpoint's tries of the
+// interval that just ended, by success rate and by failure percentage,
+// with Envoy's volume, host-count and enforcing rules.
+func TestIntervalDetectors(t *testing.T) {
+	s := int64(time.Second)
+	p := func(n int) *int { return &n }
+	type host struct{ tries, fails uint64 }
+	healthy := host{100, 0}
+	tests := []struct {
+		name    string
+		od      OutlierDetection
+		hosts   []host
+		rand    int // what the injected random source returns
+		wantOut []int
+		wantBy  string
+	}{
+		{"failure percentage at 90 % ejects", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100},
+			[]host{{100, 90}, healthy, healthy, healthy, healthy}, 0, []int{0}, detectorFP},
+		{"failure percentage exactly at the threshold ejects", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100},
+			[]host{{100, 85}, healthy, healthy, healthy, healthy}, 0, []int{0}, detectorFP},
+		{"failure percentage below the threshold", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100},
+			[]host{{100, 84}, healthy, healthy, healthy, healthy}, 0, nil, ""},
+		{"failure percentage is off by default", OutlierDetection{EnforcingSuccessRate: p(0)},
+			[]host{{100, 100}, healthy, healthy, healthy, healthy}, 0, nil, ""},
+		{"failure percentage needs 5 hosts with 50 tries", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100},
+			[]host{{100, 100}, healthy, healthy, healthy, {49, 0}}, 0, nil, ""},
+		{"failure percentage with its own volume and host count", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100,
+			FailurePercentageRequestVolume: 10, FailurePercentageMinimumHosts: 2, FailurePercentageThreshold: p(50)},
+			[]host{{10, 5}, {10, 0}, {9, 9}}, 0, []int{0}, detectorFP},
+		{"enforcing 30 %: the draw 29 ejects", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 30},
+			[]host{{100, 90}, healthy, healthy, healthy, healthy}, 29, []int{0}, detectorFP},
+		{"enforcing 30 %: the draw 30 does not", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 30},
+			[]host{{100, 90}, healthy, healthy, healthy, healthy}, 30, nil, ""},
+		// One outlier among five is always 2 standard deviations below
+		// the mean (population deviation, as Envoy).
+		{"success rate on by default: 2 stdev below", OutlierDetection{},
+			[]host{{100, 30}, healthy, healthy, healthy, healthy}, 0, []int{0}, detectorSR},
+		{"success rate with a factor of 2.1 stdev", OutlierDetection{SuccessRateStdevFactor: 2100},
+			[]host{{100, 30}, healthy, healthy, healthy, healthy}, 0, nil, ""},
+		{"success rate needs 5 hosts with 100 tries", OutlierDetection{},
+			[]host{{100, 30}, healthy, healthy, healthy, {99, 0}}, 0, nil, ""},
+		{"success rate off", OutlierDetection{EnforcingSuccessRate: p(0)},
+			[]host{{100, 30}, healthy, healthy, healthy, healthy}, 0, nil, ""},
+		{"all equally bad: nobody is an outlier", OutlierDetection{},
+			[]host{{100, 50}, {100, 50}, {100, 50}, {100, 50}, {100, 50}}, 0, nil, ""},
+		{"max_ejection_percent bounds the interval detectors", OutlierDetection{EnforcingSuccessRate: p(0), EnforcingFailurePercentage: 100, MaxEjectionPercent: 20},
+			[]host{{100, 90}, {100, 90}, healthy, healthy, healthy}, 0, []int{0}, detectorFP},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			od := tt.od
+			od.Interval = Duration(10 * time.Second)
+			od.BaseEjectionTime = Duration(25 * time.Second)
+			if od.MaxEjectionPercent == 0 {
+				od.MaxEjectionPercent = 100
+			}
+			var by []string
+			c := &cluster{cfg: Cluster{OutlierDetection: &od}, odStart: 1000 * s, rand: func(int) int { return tt.rand },
+				onEject: func(d string) { by = append(by, d) }}
+			c.nextSweep.Store(c.odStart + 10*s)
+			for i, h := range tt.hosts {
+				e := &endpoint{addr: string(rune('a' + i))}
+				e.window.Store(h.tries<<32 | h.fails)
+				c.eps = append(c.eps, e)
+			}
+			c.sweep(c.odStart + 9*s)
+			if c.eps[0].ejectedUntil.Load() != 0 {
+				t.Fatal("judged before the interval ended")
+			}
+			c.sweep(c.odStart + 13*s) // the first try after the sweep at 10 s
+			var out []int
+			for i, e := range c.eps {
+				if !e.in(c.odStart + 10*s) {
+					out = append(out, i)
+					// Ejected at the sweep (10 s) for 25 s: back at the
+					// sweep at 40 s.
+					if got := (e.ejectedUntil.Load() - c.odStart) / s; got != 40 {
+						t.Errorf("endpoint %d ejected until %d s, want 40 s", i, got)
+					}
+				}
+				if w := e.window.Load(); w != 0 {
+					t.Errorf("endpoint %d: the interval's count was not reset", i)
+				}
+			}
+			if fmt.Sprint(out) != fmt.Sprint(tt.wantOut) {
+				t.Fatalf("ejected %v, want %v", out, tt.wantOut)
+			}
+			if len(out) > 0 && (len(by) != len(out) || by[0] != tt.wantBy) {
+				t.Fatalf("ejections by %v, want %s", by, tt.wantBy)
+			}
+			if got := (c.nextSweep.Load() - c.odStart) / s; got != 20 {
+				t.Fatalf("next sweep at %d s, want 20 s", got)
+			}
+		})
+	}
+}
+
+// startFlaky starts count server sidecars for the outlier tests: the
+// first answers 503 to nine requests in ten, the others 200; the bodies
+// say which.
+func startFlaky(t *testing.T, ca *testCA, count int) []Endpoint {
+	var eps []Endpoint
+	for i := range count {
+		var n atomic.Int64
+		app := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if i == 0 && n.Add(1)%10 != 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+			io.WriteString(w, map[bool]string{true: "bad", false: "good"}[i == 0])
+		})
+		pr := startPair(t, ca, "/ns/demo/sa/client", nil, app)
+		eps = append(eps, Endpoint{Address: pr.server.Addr("mesh")})
+	}
+	return eps
+}
+
+// TestIntervalDetectorEjection: over real sockets, with five endpoints
+// of which one fails nine requests in ten and consecutive-failure
+// detection off, each interval detector alone ejects the bad endpoint at
+// the sweep after the interval in which it failed, and the endpoint
+// comes back at the sweep after its ejection time on the injected clock.
+func TestIntervalDetectorEjection(t *testing.T) {
+	ca := newTestCA(t)
+	eps := startFlaky(t, ca, 5)
+	off, on := 0, 100
+	for _, tt := range []struct {
+		name     string
+		detector string
+		od       OutlierDetection
+	}{
+		{"failure percentage", detectorFP, OutlierDetection{EnforcingSuccessRate: &off, EnforcingFailurePercentage: on, FailurePercentageRequestVolume: 10}},
+		{"success rate", detectorSR, OutlierDetection{EnforcingSuccessRate: &on, SuccessRateRequestVolume: 10}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			clock := clockwork.NewFakeClock()
+			od := tt.od
+			od.EnforcingConsecutive5xx = &off
+			od.Interval = Duration(10 * time.Second)
+			od.BaseEjectionTime = Duration(25 * time.Second)
+			od.MaxEjectionPercent = 20
+			cfg := &Config{Clusters: []Cluster{{Name: "server", Endpoints: eps,
+				PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}, OutlierDetection: &od}}}
+			cfg.Routes = []RouteConfig{{Name: "r", VirtualHosts: []VirtualHost{{Name: "v", Domains: []string{"*"}, Routes: []Route{{Prefix: "/", Clusters: []WeightedCluster{{Name: "server", Weight: 1}}}}}}}}
+			cfg.Outbound = []Outbound{{Name: "out", Address: "127.0.0.1:0", Route: "r"}}
+			p := startProxy(t, cfg, Options{Source: ca.source(t, "/ns/demo/sa/client"), Clock: clock, Registry: prometheus.NewRegistry()})
+			bads := func(n int) int {
+				k := 0
+				for range n {
+					resp, err := http.Get("http://" + p.Addr("out") + "/")
+					if err != nil {
+						t.Fatal(err)
+					}
+					b, _ := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if string(b) == "bad" {
+						k++
+					}
+				}
+				return k
+			}
+			if k := bads(100); k != 20 {
+				t.Fatalf("first interval: %d of 100 requests reached the bad endpoint, want 20", k)
+			}
+			clock.Advance(10 * time.Second) // the sweep at 10 s
+			if k := bads(50); k != 0 {
+				t.Fatalf("after the sweep %d of 50 requests reached the bad endpoint", k)
+			}
+			if got := counter(t, p.metrics.ejections.WithLabelValues("server", tt.detector)); got != 1 {
+				t.Fatalf("ejections by %s = %v, want 1", tt.detector, got)
+			}
+			clock.Advance(29 * time.Second) // 39 s: ejection time over, sweep at 40 s
+			if k := bads(50); k != 0 {
+				t.Fatalf("%d requests reached the endpoint before its sweep", k)
+			}
+			clock.Advance(time.Second)
+			if k := bads(50); k != 10 {
+				t.Fatalf("after its return %d of 50 requests reached the endpoint, want 10", k)
+			}
+		})
 	}
 }

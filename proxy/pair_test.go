@@ -710,7 +710,7 @@ func TestOutlierDetection(t *testing.T) {
 		t.Fatal("the ejected endpoint never came back")
 	}
 	var m dto.Metric
-	if err := p.metrics.ejections.WithLabelValues("server").Write(&m); err != nil || m.GetCounter().GetValue() < 1 {
+	if err := p.metrics.ejections.WithLabelValues("server", detector5xx).Write(&m); err != nil || m.GetCounter().GetValue() < 1 {
 		got := m.GetCounter().GetValue()
 		t.Fatalf("writ_upstream_ejections_total = %v", got)
 	}

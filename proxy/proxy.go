@@ -79,7 +79,7 @@ type Options struct {
 	// https:// address, e.g. http://collector:4317.
 	OTLPProtocol string
 	// OTLP is how the exporter reaches the collector: headers, TLS,
-	// timeout.
+	// timeout, compression.
 	OTLP OTLPExport
 	// TraceSampler decides which new traces are exported; nil is all.
 	TraceSampler *TraceSampler
@@ -166,7 +166,7 @@ func New(cfg *Config, opts Options) (*Proxy, error) {
 		return nil, errors.New("proxy: negative MaxHeldBodyBytesTotal")
 	}
 	if opts.WatchClientAfter <= 0 {
-		opts.WatchClientAfter = h1WatchAfter
+		opts.WatchClientAfter = DefaultWatchClientAfter
 	}
 	if opts.MaxHeldBodyBytesTotal == 0 {
 		opts.MaxHeldBodyBytesTotal = DefaultMaxHeldBodyBytesTotal
@@ -437,6 +437,33 @@ func (p *Proxy) report(serve func() error) {
 		case p.errc <- err:
 		default:
 		}
+	}
+}
+
+// acceptLoop hands each connection ln accepts to handle, on a goroutine
+// that drain waits for through tcpWG, until ln is closed (nil). A
+// timeout does not end the listener: it is retried after a pause, so
+// that a persistent one does not spin. Any other error does, named after
+// the listener (kind is inbound or outbound).
+func (p *Proxy) acceptLoop(ln net.Listener, kind, name string, handle func(net.Conn)) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(5 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("%s %s: accept: %w", kind, name, err)
+		}
+		p.tcpWG.Add(1)
+		go func() {
+			defer p.tcpWG.Done()
+			handle(c)
+		}()
 	}
 }
 

@@ -8,9 +8,11 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -24,7 +26,7 @@ type state struct {
 	cfg      *Config
 	routes   map[string]*RouteConfig
 	clusters map[string]*cluster
-	byAddr   map[string]*cluster // service address -> cluster
+	byAddr   map[netip.AddrPort]*cluster // service address (serviceAddr) -> cluster
 	// captured is the route of HTTP captured for each cluster with
 	// service addresses: all of it to the cluster, retried on failed
 	// connections.
@@ -40,10 +42,12 @@ type cluster struct {
 	inflight atomic.Int64
 	retrying atomic.Int64
 	ejected  atomic.Int64 // > 0 while some endpoint may be ejected
-	onEject  func()
-	ring     []ringEntry // RING_HASH: sorted by hash
-	eps      []*endpoint
-	rr       atomic.Uint64
+	onEject  func(detector string)
+	// rand replaces rand.IntN for the enforcing percentages in tests.
+	rand func(n int) int
+	ring []ringEntry // RING_HASH: sorted by hash
+	eps  []*endpoint
+	rr   atomic.Uint64
 	// Peer sidecars are reached over mTLS in the protocol the request
 	// came in: HTTP/2 (multiplexed on one connection per endpoint) for
 	// h2 and gRPC, HTTP/1.1 keep-alive for HTTP/1 requests, whose pooled
@@ -62,6 +66,11 @@ type cluster struct {
 	// odStart is when outlier detection's sweeps began (unix ns): the
 	// cluster's compile time.
 	odStart int64
+	// nextSweep is the next sweep time (unix ns) of the success-rate and
+	// failure-percentage detectors; 0 when neither is enforced. evalMu
+	// keeps sweeps (rare) from overlapping.
+	nextSweep atomic.Int64
+	evalMu    sync.Mutex
 }
 
 // endpoint is one peer sidecar; active counts its requests in flight for
@@ -75,6 +84,12 @@ type endpoint struct {
 	fails, gwFails atomic.Int32
 	backoff        atomic.Int32
 	ejectedUntil   atomic.Int64 // unix nanoseconds; 0 when never ejected
+	// window counts the tries of the current interval, countOne each and
+	// countFailure more for a failure, so that one atomic add records a
+	// try and one swap takes a consistent count; last is the interval
+	// being judged, for the sweep only (under evalMu).
+	window atomic.Uint64
+	last   uint64
 	// Active health check state, written by the checker only.
 	unhealthy      atomic.Bool
 	hcFail, hcPass int
@@ -96,11 +111,13 @@ const defaultConnectTimeout = 5 * time.Second
 // the pooled connections) of clusters whose peers and timeouts are
 // unchanged in old.
 func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
-	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[string]*cluster{}, captured: map[string]*Route{}}
+	st := &state{cfg: cfg, routes: map[string]*RouteConfig{}, clusters: map[string]*cluster{}, byAddr: map[netip.AddrPort]*cluster{}, captured: map[string]*Route{}}
 	defer func() {
 		for _, c := range cfg.Clusters {
 			for _, a := range c.Addresses {
-				st.byAddr[a] = st.clusters[c.Name]
+				if k, ok := serviceAddr(a); ok {
+					st.byAddr[k] = st.clusters[c.Name]
+				}
 			}
 			if len(c.Addresses) > 0 {
 				st.captured[c.Name] = &Route{Prefix: "/", Clusters: []WeightedCluster{{Name: c.Name, Weight: 1}}, Retry: defaultRetry()}
@@ -113,7 +130,10 @@ func (p *Proxy) compile(cfg *Config, old *state) (*state, error) {
 	for _, c := range cfg.Clusters {
 		cl := &cluster{cfg: c, maxReq: 1024, maxRetry: 3, odStart: p.clock.Now().UnixNano()}
 		name := c.Name
-		cl.onEject = func() { p.metrics.ejections.WithLabelValues(name).Inc() }
+		cl.onEject = func(detector string) { p.metrics.ejections.WithLabelValues(name, detector).Inc() }
+		if sweepsOn(c.OutlierDetection) {
+			cl.nextSweep.Store(cl.odStart + cl.odInterval())
+		}
 		var maxConns, maxPending int
 		if cb := c.CircuitBreakers; cb != nil {
 			maxConns, maxPending = cb.MaxConnections, cb.MaxPendingRequests
@@ -212,6 +232,9 @@ func (c *cluster) closeIdle() {
 // ejections are ignored (Envoy's panic mode): some traffic beats none.
 // It returns nil for a cluster without endpoints.
 func (c *cluster) pick(not *endpoint, now int64) *endpoint {
+	if c.nextSweep.Load() != 0 {
+		c.sweep(now)
+	}
 	eps := c.eps
 	if c.ejected.Load() > 0 {
 		healthy := make([]*endpoint, 0, len(eps))

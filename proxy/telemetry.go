@@ -111,8 +111,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "writ_upstream_connection_overflow_total", Help: "Connections not opened because the cluster was at max_connections (the request waited for one or was refused).",
 		}, []string{"cluster"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "writ_upstream_ejections_total", Help: "Endpoints ejected by outlier detection.",
-		}, []string{"cluster"}),
+			Name: "writ_upstream_ejections_total", Help: "Endpoints ejected by outlier detection, by detector (consecutive_5xx, consecutive_gateway_failure, success_rate, failure_percentage).",
+		}, []string{"cluster", "detector"}),
 		faults: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "writ_fault_injections_total", Help: "Injected faults by kind (delay, abort).",
 		}, []string{"kind"}),

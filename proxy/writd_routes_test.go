@@ -274,9 +274,11 @@ func TestWritdHealthChecks(t *testing.T) {
 // TestWritdBreakersAndOutliers: a TrafficPolicy's connection pool and
 // outlier detection, as writd emits them, become the proxy's thresholds;
 // a policy that sets only consecutiveGatewayFailure ejects on gateway
-// failures alone, as Envoy would with writd's enforcing percentages.
+// failures alone, as Envoy would with writd's enforcing percentages;
+// success rate and failure percentage eject only where the policy turns
+// them on, with its numbers or else Envoy's defaults.
 func TestWritdBreakersAndOutliers(t *testing.T) {
-	zero := 0
+	zero, p := 0, func(n int) *int { return &n }
 	tests := []struct {
 		name, policy string
 		cb           CircuitBreakers
@@ -285,12 +287,23 @@ func TestWritdBreakersAndOutliers(t *testing.T) {
 		{"5xx and gateway",
 			"  connectionPool: {maxConnections: 7, maxPendingRequests: 3, maxRequests: 50}\n  outlierDetection: {consecutive5xx: 4, consecutiveGatewayFailure: 2, interval: 1s, baseEjectionTime: 5s, maxEjectionTime: 1m, maxEjectionPercent: 50}\n",
 			CircuitBreakers{MaxConnections: 7, MaxPendingRequests: 3, MaxRequests: 50},
-			OutlierDetection{Consecutive5xx: 4, ConsecutiveGatewayFailure: 2, EnforcingConsecutiveGatewayFailure: 100,
+			OutlierDetection{Consecutive5xx: 4, ConsecutiveGatewayFailure: 2, EnforcingConsecutiveGatewayFailure: 100, EnforcingSuccessRate: &zero,
 				Interval: Duration(time.Second), BaseEjectionTime: Duration(5 * time.Second), MaxEjectionTime: Duration(time.Minute), MaxEjectionPercent: 50}},
 		{"gateway only",
 			"  connectionPool: {maxConnections: 1}\n  outlierDetection: {consecutiveGatewayFailure: 3}\n",
 			CircuitBreakers{MaxConnections: 1},
-			OutlierDetection{Consecutive5xx: 5, ConsecutiveGatewayFailure: 3, EnforcingConsecutive5xx: &zero, EnforcingConsecutiveGatewayFailure: 100, MaxEjectionPercent: 10}},
+			OutlierDetection{Consecutive5xx: 5, ConsecutiveGatewayFailure: 3, EnforcingConsecutive5xx: &zero, EnforcingConsecutiveGatewayFailure: 100, EnforcingSuccessRate: &zero, MaxEjectionPercent: 10}},
+		{"success rate and failure percentage",
+			"  outlierDetection: {enforcingSuccessRate: 60, successRateMinimumHosts: 3, successRateRequestVolume: 20, successRateStdevFactor: 1500,\n" +
+				"    enforcingFailurePercentage: 100, failurePercentageThreshold: 0, failurePercentageMinimumHosts: 2, failurePercentageRequestVolume: 7}\n",
+			CircuitBreakers{},
+			OutlierDetection{Consecutive5xx: 5, ConsecutiveGatewayFailure: 5, EnforcingConsecutive5xx: &zero, MaxEjectionPercent: 10,
+				EnforcingSuccessRate: p(60), SuccessRateMinimumHosts: 3, SuccessRateRequestVolume: 20, SuccessRateStdevFactor: 1500,
+				EnforcingFailurePercentage: 100, FailurePercentageThreshold: p(0), FailurePercentageMinimumHosts: 2, FailurePercentageRequestVolume: 7}},
+		{"failure percentage with Envoy's defaults",
+			"  outlierDetection: {consecutive5xx: 3, enforcingFailurePercentage: 40}\n",
+			CircuitBreakers{},
+			OutlierDetection{Consecutive5xx: 3, ConsecutiveGatewayFailure: 5, EnforcingSuccessRate: &zero, MaxEjectionPercent: 10, EnforcingFailurePercentage: 40}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -321,7 +334,7 @@ func TestWritdBreakersAndOutliers(t *testing.T) {
 				t.Fatal("no clusters")
 			}
 			for _, c := range got {
-				if c.CircuitBreakers == nil || *c.CircuitBreakers != tt.cb {
+				if tt.cb == (CircuitBreakers{}) && c.CircuitBreakers != nil || tt.cb != (CircuitBreakers{}) && (c.CircuitBreakers == nil || *c.CircuitBreakers != tt.cb) {
 					t.Errorf("cluster %s: circuit breakers %+v, want %+v", c.Name, c.CircuitBreakers, tt.cb)
 				}
 				if c.OutlierDetection == nil || !reflect.DeepEqual(*c.OutlierDetection, tt.od) {

@@ -394,6 +394,28 @@ func applyPolicy(c *clusterv3.Cluster, tp *config.TrafficPolicySpec, p config.Se
 		if od.MaxEjectionPercent > 0 {
 			o.MaxEjectionPercent = wrapperspb.UInt32(uint32(od.MaxEjectionPercent))
 		}
+		// Envoy enforces success rate unless told not to; the mesh
+		// config turns each interval detector on explicitly.
+		u32 := func(p *int) *wrapperspb.UInt32Value {
+			if p == nil {
+				return nil
+			}
+			return wrapperspb.UInt32(uint32(*p))
+		}
+		if od.SuccessRateOn() {
+			o.EnforcingSuccessRate = u32(od.EnforcingSuccessRate)
+			o.SuccessRateMinimumHosts = u32(od.SuccessRateMinimumHosts)
+			o.SuccessRateRequestVolume = u32(od.SuccessRateRequestVolume)
+			o.SuccessRateStdevFactor = u32(od.SuccessRateStdevFactor)
+		} else {
+			o.EnforcingSuccessRate = wrapperspb.UInt32(0)
+		}
+		if od.FailurePercentageOn() {
+			o.EnforcingFailurePercentage = u32(od.EnforcingFailurePercentage)
+			o.FailurePercentageThreshold = u32(od.FailurePercentageThreshold)
+			o.FailurePercentageMinimumHosts = u32(od.FailurePercentageMinimumHosts)
+			o.FailurePercentageRequestVolume = u32(od.FailurePercentageRequestVolume)
+		}
 		c.OutlierDetection = o
 	}
 	if hc := tp.HealthCheck; hc != nil {

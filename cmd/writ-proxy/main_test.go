@@ -34,6 +34,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 	}{
 		{"help", []string{"--help"}, 0, "WRIT_JOIN_TOKEN", ""},
 		{"help names flags", []string{"-h"}, 0, "-workload-api", ""},
+		{"help names otlp compression", []string{"-h"}, 0, "-otlp-compression", ""},
 		{"nothing", nil, 2, "", "missing --control-plane, --join-token or WRIT_JOIN_TOKEN, --trust-bundle, --trust-domain"},
 		{"unknown flag", []string{"--bogus"}, 2, "", "flag provided but not defined: -bogus"},
 		{"extra args", []string{"--control-plane", "x:1", "--join-token", "t", "--trust-bundle", bundle, "--trust-domain", "example.org", "extra"}, 2, "", "unexpected arguments: extra"},
@@ -63,6 +64,7 @@ func TestHelpAndBadFlags(t *testing.T) {
 		{"zero held body total", base("--max-held-body-bytes-total", "0"), 2, "", "--max-held-body-bytes-total must be positive"},
 		{"negative held body total", base("--max-held-body-bytes-total", "-1"), 2, "", "--max-held-body-bytes-total must be positive"},
 		{"held body total not a number", base("--max-held-body-bytes-total", "64MiB"), 2, "", "max-held-body-bytes-total"},
+		{"zero client watch", base("--watch-client-after", "0s"), 2, "", "--watch-client-after must be positive"},
 	}...)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -23,6 +23,7 @@ func otlpEnv(getenv func(string) string, name string) (string, string) {
 func (o *proxyOptions) otlpExport(getenv func(string) string) (proxy.OTLPExport, error) {
 	var x proxy.OTLPExport
 	var err error
+	var name string
 	if v, name := otlpEnv(getenv, "HEADERS"); v != "" {
 		if x.Headers, err = proxy.ParseOTLPHeaders(v); err != nil {
 			return x, fmt.Errorf("%s: %w", name, err)
@@ -48,6 +49,15 @@ func (o *proxyOptions) otlpExport(getenv func(string) string) (proxy.OTLPExport,
 			return x, fmt.Errorf("%s=%q: want a positive number of milliseconds", name, v)
 		}
 		x.Timeout = time.Duration(ms) * time.Millisecond
+	}
+	x.Compression, name = o.otlpCompress, "--otlp-compression"
+	if x.Compression == "" {
+		x.Compression, name = otlpEnv(getenv, "COMPRESSION")
+	}
+	switch x.Compression {
+	case "", proxy.OTLPCompressionGzip, proxy.OTLPCompressionNone:
+	default:
+		return x, fmt.Errorf("%s=%q: want %s or %s", name, x.Compression, proxy.OTLPCompressionGzip, proxy.OTLPCompressionNone)
 	}
 	return x, nil
 }

@@ -47,6 +47,41 @@ func TestOTLPExportEnv(t *testing.T) {
 			t.Errorf("%v: %v, want %q (and no header value)", tc.env, err, tc.want)
 		}
 	}
+	// Compression: --otlp-compression, else the traces variable, else the
+	// general one, else none (empty); a bad value names its source.
+	for _, tc := range []struct {
+		flag string
+		env  map[string]string
+		want string
+	}{
+		{"", nil, ""},
+		{"", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"}, "gzip"},
+		{"", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "none"}, "none"},
+		{"", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "none", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip"}, "gzip"},
+		{"gzip", map[string]string{"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "none"}, "gzip"},
+		{"none", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"}, "none"},
+		{"none", map[string]string{"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"}, "none"},
+	} {
+		o := &proxyOptions{otlpCompress: tc.flag}
+		if x, err := o.otlpExport(env(tc.env)); err != nil || x.Compression != tc.want {
+			t.Errorf("--otlp-compression %q, %v: %q %v, want %q", tc.flag, tc.env, x.Compression, err, tc.want)
+		}
+	}
+	for _, tc := range []struct {
+		flag string
+		env  map[string]string
+		want string
+	}{
+		{"zstd", nil, `--otlp-compression="zstd": want gzip or none`},
+		{"GZIP", nil, `--otlp-compression="GZIP"`},
+		{"", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "deflate"}, `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION="deflate": want gzip or none`},
+		{"", map[string]string{"OTEL_EXPORTER_OTLP_COMPRESSION": "br"}, `OTEL_EXPORTER_OTLP_COMPRESSION="br"`},
+	} {
+		o := &proxyOptions{otlpCompress: tc.flag}
+		if _, err := o.otlpExport(env(tc.env)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("--otlp-compression %q, %v: %v, want %q", tc.flag, tc.env, err, tc.want)
+		}
+	}
 	// Flags win over the environment's files.
 	o.otlpCA = "/nonexistent/flag-ca.pem"
 	if _, err := o.otlpExport(env(map[string]string{"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent/env-ca.pem"})); err == nil || !strings.Contains(err.Error(), "flag-ca.pem") {
@@ -68,6 +103,16 @@ func TestOTLPBadSettingsFailStartup(t *testing.T) {
 	}
 	t.Setenv("OTEL_EXPORTER_OTLP_HEADERS", "")
 	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+	// An unknown compression, from the environment or the flag, stops it
+	// as a bad flag does.
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")
+	if code := run(context.Background(), args, &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=\"zstd\": want gzip or none`) {
+		t.Fatalf("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=zstd: exit %d, stderr %q", code, stderr.String())
+	}
+	t.Setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "")
+	if code := run(context.Background(), append(args, "--otlp-compression", "lz4"), &stdout, &stderr); code != 2 || !strings.Contains(stderr.String(), `--otlp-compression=\"lz4\"`) {
+		t.Fatalf("--otlp-compression lz4: exit %d, stderr %q", code, stderr.String())
+	}
 	// A CA for a plaintext endpoint is a mistake, not ignored.
 	if code := run(context.Background(), append(args, "--otlp-ca-file", writeBundle(t)), &stdout, &stderr); code == 0 || !strings.Contains(stderr.String(), "not https://") {
 		t.Fatalf("a CA file with an http:// endpoint: exit %d, stderr %q", code, stderr.String())

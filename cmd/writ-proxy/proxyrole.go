@@ -52,6 +52,8 @@ type proxyOptions struct {
 	// maxHeldTotal bounds the bodies held for checks, all requests
 	// together.
 	maxHeldTotal int64
+	// watchAfter is proxy.Options.WatchClientAfter.
+	watchAfter time.Duration
 	// Policy from writd's bundle service instead of --policy-dir.
 	policyBundle   string
 	policyServerID string
@@ -66,6 +68,7 @@ type proxyOptions struct {
 	otlpCert       string
 	otlpKey        string
 	otlpTimeout    time.Duration
+	otlpCompress   string
 	sampleRatio    float64
 
 	// ADS: writd configures the proxy.
@@ -106,6 +109,7 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.policyPoll, "policy-bundle-poll", 10*time.Second, "how often --policy-bundle is polled (If-None-Match: unchanged bundles are not downloaded)")
 	fs.IntVar(&o.maxBodyBytes, "max-body-bytes", enforcer.DefaultMaxBodyBytes, "largest request body parsed into input.parsed_body (bodies reach policy when writd's ext_authz asks for them: AuthorizationPolicy requestBody)")
 	fs.Int64Var(&o.maxHeldTotal, "max-held-body-bytes-total", proxy.DefaultMaxHeldBodyBytesTotal, "bytes of request bodies held for their policy check (AuthorizationPolicy requestBody) by all requests together; a request that would take the total over it is answered 503")
+	fs.DurationVar(&o.watchAfter, "watch-client-after", proxy.DefaultWatchClientAfter, "how long an HTTP/1.1 request waits for its answer before its client's connection is watched, so that a client gone away cancels the request upstream (and at the app); requests answered sooner cost nothing for it")
 	fs.StringVar(&o.protoDescs, "proto-descriptors", "", "FileDescriptorSet (protoc --descriptor_set_out --include_imports) to decode gRPC request messages into input.parsed_body (requestBody with packAsBytes)")
 	fs.StringVar(&o.spiffeID, "spiffe-id", "", "the SVID the proxy uses when the Workload API serves several (default: the first)")
 	fs.StringVar(&o.accessLog, "access-log", "-", `access log file ("-": stdout, "": none)`)
@@ -116,6 +120,7 @@ func (o *proxyOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.otlpCert, "otlp-client-cert", "", "PEM client certificate presented to the OTLP collector (mTLS), with --otlp-client-key (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_CERTIFICATE)")
 	fs.StringVar(&o.otlpKey, "otlp-client-key", "", "PEM private key of --otlp-client-cert (default: OTEL_EXPORTER_OTLP_[TRACES_]CLIENT_KEY)")
 	fs.DurationVar(&o.otlpTimeout, "otlp-timeout", 0, "bound on one OTLP export (default: OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT in milliseconds, else 10s); headers, e.g. an API key, come only from OTEL_EXPORTER_OTLP_[TRACES_]HEADERS, never a flag (a command line is visible to every local user)")
+	fs.StringVar(&o.otlpCompress, "otlp-compression", "", "compression of OTLP exports: gzip (the HTTP body, with Content-Encoding: gzip; each gRPC message, with grpc-encoding: gzip) or none (default: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION, else OTEL_EXPORTER_OTLP_COMPRESSION, else none)")
 	fs.StringVar(&o.otlpProtocol, "otlp-protocol", "", "OTLP transport: http/protobuf or grpc (default: from OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf)")
 	fs.Float64Var(&o.sampleRatio, "trace-sample-ratio", 1, "share (0 to 1) of new traces to export; a request arriving with a traceparent keeps its sampled flag; unsampled traces still propagate traceparent (flags 00) and keep their trace_id in the access log")
 }
@@ -217,6 +222,9 @@ func (o *proxyOptions) checkPolicy() error {
 	}
 	if o.maxHeldTotal <= 0 {
 		return errors.New("--max-held-body-bytes-total must be positive")
+	}
+	if o.watchAfter <= 0 {
+		return errors.New("--watch-client-after must be positive")
 	}
 	if o.policyBundle == "" {
 		return nil
@@ -674,7 +682,7 @@ func (r *proxyRole) Run(ctx context.Context) error {
 	}
 	popts := proxy.Options{Source: src, Enforcer: r.enforcer, EnforcerFor: r.enforcerFor, Registry: r.reg, AccessLog: alog, DrainTimeout: r.o.drainTimeout, Log: r.log,
 		OTLPTracesURL: traces, OTLPProtocol: proto, OTLP: export, TraceSampler: sampler, ServiceName: service,
-		MaxHeldBodyBytesTotal: r.o.maxHeldTotal}
+		MaxHeldBodyBytesTotal: r.o.maxHeldTotal, WatchClientAfter: r.o.watchAfter}
 	if r.o.xdsServer != "" {
 		return r.runXDS(ctx, src, popts)
 	}

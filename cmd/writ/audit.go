@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"text/tabwriter"
 	"time"
+
+	"github.com/writmesh/writ/audit/collector"
 )
 
 func init() {
@@ -74,30 +76,6 @@ func (c *cli) auditVerify(ctx context.Context, args []string) error {
 	return nil
 }
 
-type auditRow struct {
-	ID             string    `json:"id"`
-	Time           time.Time `json:"time"`
-	Kind           string    `json:"kind"`
-	Recorder       string    `json:"recorder"`
-	Seq            uint64    `json:"seq"`
-	Source         string    `json:"source"`
-	Destination    string    `json:"destination"`
-	Action         string    `json:"action"`
-	Resource       string    `json:"resource"`
-	Result         string    `json:"result"`
-	Status         int       `json:"status"`
-	Reason         string    `json:"reason"`
-	Cause          string    `json:"cause"`
-	PolicyRevision string    `json:"policy_revision"`
-	TraceID        string    `json:"trace_id,omitempty"`
-	Attributes     any       `json:"attributes"`
-}
-
-type auditPage struct {
-	Events []auditRow `json:"events"`
-	Next   string     `json:"next"`
-}
-
 func (c *cli) auditQuery(ctx context.Context, args []string) error {
 	fs := c.flags("audit query")
 	source := fs.String("source", "", "the request's source (caller SPIFFE ID)")
@@ -123,9 +101,11 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 		}
 	}
 	q.Set("limit", strconv.Itoa(*limit))
-	var rows []auditRow
+	// Rows keep their attributes as writd sent them: canonical JSON
+	// (audit.CanonicalJSON), so printing re-indents them, never reorders.
+	var rows []collector.Row
 	for {
-		var page auditPage
+		var page collector.Page
 		if err := c.client.Do(ctx, http.MethodGet, "/v1/audit/events?"+q.Encode(), nil, &page); err != nil {
 			return err
 		}
@@ -141,7 +121,7 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 	switch *format {
 	case "json":
 		if rows == nil {
-			rows = []auditRow{}
+			rows = []collector.Row{}
 		}
 		return printJSON(c.stdout, rows)
 	case "csv":
@@ -165,7 +145,7 @@ func (c *cli) auditQuery(ctx context.Context, args []string) error {
 // followAudit prints rows (the query's answer, oldest first) and then the
 // live tail, one line per event: JSON lines with format json, else
 // tab-separated columns, as each arrives.
-func (c *cli) followAudit(ctx context.Context, q url.Values, rows []auditRow, format string) error {
+func (c *cli) followAudit(ctx context.Context, q url.Values, rows []collector.Row, format string) error {
 	q.Del("after")
 	q.Del("limit")
 	q.Del("since")
@@ -175,7 +155,7 @@ func (c *cli) followAudit(ctx context.Context, q url.Values, rows []auditRow, fo
 		return err
 	}
 	defer body.Close()
-	line := func(r auditRow) error {
+	line := func(r collector.Row) error {
 		if format == "json" {
 			b, err := json.Marshal(r)
 			if err != nil {
@@ -196,7 +176,7 @@ func (c *cli) followAudit(ctx context.Context, q url.Values, rows []auditRow, fo
 	sc := bufio.NewScanner(body)
 	sc.Buffer(make([]byte, 64<<10), 4<<20)
 	for sc.Scan() {
-		var r auditRow
+		var r collector.Row
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
 			return fmt.Errorf("follow: %w", err)
 		}

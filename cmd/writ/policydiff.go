@@ -15,6 +15,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/writmesh/writ/audit"
+	"github.com/writmesh/writ/audit/collector"
 	"github.com/writmesh/writ/enforcer"
 	"github.com/writmesh/writ/policy"
 )
@@ -102,7 +103,7 @@ func (c *cli) policyDiff(ctx context.Context, args []string) error {
 	q := url.Values{"kind": {audit.KindRequest}, "since": {since.String()}, "limit": {"1000"}}
 	seen := 0
 	for seen < *maxEvents {
-		var page auditPage
+		var page collector.Page
 		if err := c.client.Do(ctx, http.MethodGet, "/v1/audit/events?"+q.Encode(), nil, &page); err != nil {
 			return err
 		}
@@ -210,7 +211,7 @@ func (c *cli) printDiff(rep diffReport) {
 }
 
 // rowEvent turns a queried row back into the event fields replay reads.
-func rowEvent(r auditRow) (audit.Event, error) {
+func rowEvent(r collector.Row) (audit.Event, error) {
 	id, err := uuid.Parse(r.ID)
 	if err != nil {
 		return audit.Event{}, fmt.Errorf("event id %q: %w", r.ID, err)
