@@ -2,15 +2,15 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"io"
 	"net"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/writmesh/writ/internal/syncbuf"
 )
 
 // slowStreamApp answers /stream with a chunk every 50 ms for a minute,
@@ -22,28 +22,29 @@ type slowStreamApp struct {
 	gone    chan struct{}
 }
 
+// waitGone says the request started, then waits (a minute at most) for
+// its context to end and says so.
+func (a *slowStreamApp) waitGone(r *http.Request) {
+	a.started <- struct{}{}
+	select {
+	case <-r.Context().Done():
+		a.gone <- struct{}{}
+	case <-time.After(time.Minute):
+	}
+}
+
 func (a *slowStreamApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/slowhead" {
 		// net/http's server watches the connection only once the body
 		// is read.
 		io.Copy(io.Discard, r.Body)
-		a.started <- struct{}{}
-		select {
-		case <-r.Context().Done():
-			a.gone <- struct{}{}
-		case <-time.After(time.Minute):
-		}
+		a.waitGone(r)
 		return
 	}
 	if r.URL.Path == "/silent" {
 		w.WriteHeader(http.StatusOK)
 		w.(http.Flusher).Flush()
-		a.started <- struct{}{}
-		select {
-		case <-r.Context().Done():
-			a.gone <- struct{}{}
-		case <-time.After(time.Minute):
-		}
+		a.waitGone(r)
 		return
 	}
 	if r.URL.Path != "/stream" {
@@ -247,7 +248,7 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ca := newTestCA(t)
 			app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
-			alog := &syncBuffer{}
+			alog := &syncbuf.Buffer{}
 			p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(c *Cluster) { c.HTTP2 = tc.h2 }, Options{WatchClientAfter: watchFast, AccessLog: alog})
 			c, err := net.Dial("tcp", p.upstream)
 			if err != nil {
@@ -433,24 +434,6 @@ func TestH1ClientGoneSilentStream(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the app's request was not cancelled after its client went away")
 	}
-}
-
-// syncBuffer is a bytes.Buffer for writers on several goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // TestH1ClientGoneAfterCloseAnswer: an answer without a body that ends

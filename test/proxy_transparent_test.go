@@ -119,14 +119,7 @@ func TestTransparentCapture(t *testing.T) {
 	// Captured HTTP is proxied per request: the app sees the caller's
 	// verified identity, and policy decided the request.
 	runCmd(t, "ip", "netns", "exec", ns, "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", "127.0.0.5", "--dport", "80", "-j", "REDIRECT", "--to-ports", port)
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var c net.Conn
-		var err error
-		if nerr := netnsDo(ns, func() { c, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr) }); nerr != nil {
-			return nil, nerr
-		}
-		return c, err
-	}}}
+	c := nsHTTPClient(ns)
 	resp, err := c.Get("http://127.0.0.5/captured")
 	if err != nil {
 		t.Fatal(err)
@@ -235,14 +228,7 @@ func TestTransparentCaptureIPv6(t *testing.T) {
 		t.Fatalf("captured IPv6 connection through the pair: %q %v", line, err)
 	}
 
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		var c net.Conn
-		var err error
-		if nerr := netnsDo(ns, func() { c, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr) }); nerr != nil {
-			return nil, nerr
-		}
-		return c, err
-	}}}
+	c := nsHTTPClient(ns)
 	resp, err := c.Get("http://[fd00::10]/captured6")
 	if err != nil {
 		t.Fatal(err)
@@ -303,4 +289,17 @@ func TestTransparentCaptureIPv6(t *testing.T) {
 			t.Fatalf("unclaimed destination %s got %q", addr, line)
 		}
 	}
+}
+
+// nsHTTPClient is an HTTP client whose connections start in network
+// namespace ns, where the capture rules are.
+func nsHTTPClient(ns string) *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var c net.Conn
+		var err error
+		if nerr := netnsDo(ns, func() { c, err = (&net.Dialer{Timeout: 5 * time.Second}).DialContext(ctx, network, addr) }); nerr != nil {
+			return nil, nerr
+		}
+		return c, err
+	}}}
 }
