@@ -33,6 +33,21 @@ func (a *slowStreamApp) waitGone(r *http.Request) {
 	}
 }
 
+func newSlowStreamApp() *slowStreamApp {
+	return &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+}
+
+// wantGone fails t unless the request waiting in the app (or, for
+// who "peer", in the peer server) is cancelled within 10 s.
+func (a *slowStreamApp) wantGone(t *testing.T, who string) {
+	t.Helper()
+	select {
+	case <-a.gone:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("the %s's request was not cancelled after its client went away", who)
+	}
+}
+
 func (a *slowStreamApp) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Path == "/slowhead" {
 		// net/http's server watches the connection only once the body
@@ -137,7 +152,7 @@ func TestClientGoneMidBody(t *testing.T) {
 		for _, down := range []string{"h1", "h2c"} {
 			t.Run(up+"-upstream/"+down+"-client", func(t *testing.T) {
 				ca := newTestCA(t)
-				app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+				app := newSlowStreamApp()
 				cb := &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1}
 				var addr string
 				var cl *cluster
@@ -154,11 +169,7 @@ func TestClientGoneMidBody(t *testing.T) {
 					goneH2C(t, addr)
 				}
 				<-app.started
-				select {
-				case <-app.gone:
-				case <-time.After(10 * time.Second):
-					t.Fatal("the app's request was not cancelled after its client went away")
-				}
+				app.wantGone(t, "app")
 				select {
 				case r := <-getAsync("http://"+addr+"/next", "2"):
 					if r.err != nil || r.code != 200 {
@@ -190,7 +201,7 @@ func TestH2CClientGoneBeforeHead(t *testing.T) {
 	for _, up := range []string{"h1", "h2"} {
 		t.Run(up+"-upstream", func(t *testing.T) {
 			ca := newTestCA(t)
-			app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+			app := newSlowStreamApp()
 			var addr string
 			if up == "h2" {
 				addr = h2Client(t, ca, serveH2Peer(t, ca, 1, app), nil).Addr("upstream:server")
@@ -201,11 +212,7 @@ func TestH2CClientGoneBeforeHead(t *testing.T) {
 			go cli.Get("http://" + addr + "/slowhead")
 			<-app.started
 			(<-conns).Close()
-			select {
-			case <-app.gone:
-			case <-time.After(10 * time.Second):
-				t.Fatal("the app's request was not cancelled after its client went away")
-			}
+			app.wantGone(t, "app")
 		})
 	}
 }
@@ -247,7 +254,7 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ca := newTestCA(t)
-			app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+			app := newSlowStreamApp()
 			alog := &syncbuf.Buffer{}
 			p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(c *Cluster) { c.HTTP2 = tc.h2 }, Options{WatchClientAfter: watchFast, AccessLog: alog})
 			c, err := net.Dial("tcp", p.upstream)
@@ -264,11 +271,7 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 			} else {
 				c.Close()
 			}
-			select {
-			case <-app.gone:
-			case <-time.After(10 * time.Second):
-				t.Fatal("the app's request was not cancelled after its client went away")
-			}
+			app.wantGone(t, "app")
 			waitFor(t, "the outbound to count its client gone", func() bool { return goneCount(t, p.client, "outbound") == 1 })
 			if !tc.h2 {
 				// An HTTP/2 stream reset reaches net/http's server, not
@@ -291,7 +294,7 @@ func TestH1ClientGoneBeforeHead(t *testing.T) {
 // cancelled request's stream is reset and the peer's handler sees it.
 func TestH1ClientGoneH2Upstream(t *testing.T) {
 	ca := newTestCA(t)
-	app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+	app := newSlowStreamApp()
 	cfg := &Config{Clusters: []Cluster{{Name: "server", HTTP2: true, Endpoints: []Endpoint{{Address: serveH2Peer(t, ca, 1, app)}},
 		PeerIDs: []string{"spiffe://example.org/ns/demo/sa/server"}}}}
 	cfg.AddUpstream("server", "127.0.0.1:0")
@@ -303,11 +306,7 @@ func TestH1ClientGoneH2Upstream(t *testing.T) {
 	io.WriteString(c, "GET /slowhead HTTP/1.1\r\nHost: server\r\n\r\n")
 	<-app.started
 	c.Close()
-	select {
-	case <-app.gone:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the peer's request was not cancelled after its client went away")
-	}
+	app.wantGone(t, "peer")
 }
 
 // TestH1WatchKeepsPipelinedBytes: bytes of a pipelined request that the
@@ -384,7 +383,7 @@ func inboundH1(p *Proxy) *h1Server {
 // minute the app would have taken.
 func TestH1ClientGoneFreesSlot(t *testing.T) {
 	ca := newTestCA(t)
-	app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+	app := newSlowStreamApp()
 	p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(c *Cluster) {
 		c.CircuitBreakers = &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1}
 	}, Options{WatchClientAfter: watchFast})
@@ -416,7 +415,7 @@ func TestH1ClientGoneFreesSlot(t *testing.T) {
 // registered while the body is read.
 func TestH1ClientGoneSilentStream(t *testing.T) {
 	ca := newTestCA(t)
-	app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+	app := newSlowStreamApp()
 	p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, app, func(*Cluster) {}, Options{WatchClientAfter: watchFast})
 	c, err := net.Dial("tcp", p.upstream)
 	if err != nil {
@@ -429,11 +428,7 @@ func TestH1ClientGoneSilentStream(t *testing.T) {
 	}
 	<-app.started
 	c.Close()
-	select {
-	case <-app.gone:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the app's request was not cancelled after its client went away")
-	}
+	app.wantGone(t, "app")
 }
 
 // TestH1ClientGoneAfterCloseAnswer: an answer without a body that ends
@@ -442,7 +437,7 @@ func TestH1ClientGoneSilentStream(t *testing.T) {
 // connection is still interrupted when its client goes away.
 func TestH1ClientGoneAfterCloseAnswer(t *testing.T) {
 	ca := newTestCA(t)
-	app := &slowStreamApp{started: make(chan struct{}, 1), gone: make(chan struct{}, 1)}
+	app := newSlowStreamApp()
 	p := startPairOpts(t, ca, "/ns/demo/sa/client", nil, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path == "/close" {
 			w.Header().Set("Connection", "close")
@@ -468,9 +463,5 @@ func TestH1ClientGoneAfterCloseAnswer(t *testing.T) {
 	io.WriteString(c, "GET /slowhead HTTP/1.1\r\nHost: server\r\n\r\n")
 	<-app.started
 	c.Close()
-	select {
-	case <-app.gone:
-	case <-time.After(10 * time.Second):
-		t.Fatal("the app's request was not cancelled after its client went away")
-	}
+	app.wantGone(t, "app")
 }
