@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -273,4 +274,55 @@ func gaugeValue(t *testing.T, url, name string) string {
 	}
 	t.Fatalf("no %s in %s", name, url)
 	return ""
+}
+
+// envStdinClosedProbe: "1" makes TestTrimWithStdinClosed run its probe.
+const envStdinClosedProbe = "WRIT_TEST_STDIN_CLOSED_PROBE"
+
+// TestTrimWithStdinClosed re-executes the test binary, which closes its
+// stdin (as some supervisors start a daemon) so that the userfaultfd is
+// descriptor 0, and trims twice: both trims must leave fault-around off,
+// the second re-registering on the same userfaultfd rather than taking
+// descriptor 0 for "none yet" and opening another, which the kernel
+// refuses for mappings the first one holds.
+func TestTrimWithStdinClosed(t *testing.T) {
+	if os.Getenv(envStdinClosedProbe) == "1" {
+		probeTrimWithStdinClosed(t)
+		return
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe, "-test.run=^TestTrimWithStdinClosed$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), envStdinClosedProbe+"=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child with stdin closed: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "--- PASS: TestTrimWithStdinClosed") {
+		t.Fatalf("the child did not run the probe:\n%s", out)
+	}
+}
+
+func probeTrimWithStdinClosed(t *testing.T) {
+	want := kernelAtLeast(t, 6, 7)
+	if want {
+		if err := probeUserfaultfd(); err != nil {
+			t.Fatalf("userfaultfd(2) refused by this environment: %v; see TestTrimConfinesFaultAround", err)
+		}
+	}
+	if err := unix.Close(0); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		if _, confined := trimExecutablePages(trimMode{noFaultAround: true}); confined != want {
+			t.Fatalf("trim %d with stdin closed: fault-around off %v, want %v", i, confined, want)
+		}
+		if i == 0 && want {
+			if l, err := os.Readlink("/proc/self/fd/0"); err != nil || !strings.Contains(l, "userfaultfd") {
+				t.Fatalf("descriptor 0 is %q (%v), not the userfaultfd: the probe does not test what it means to", l, err)
+			}
+		}
+	}
 }

@@ -28,7 +28,10 @@ type uffdioRegisterArg struct{ start, len, mode, ioctls uint64 }
 
 var noFaultAround struct {
 	sync.Mutex
-	fd      int   // the userfaultfd; closing it would undo the registrations
+	// opened says fd was asked for: 0 is a descriptor userfaultfd can
+	// return when the proxy runs with its stdin closed.
+	opened  bool
+	fd      int   // the userfaultfd, -1 if refused; closing it would undo the registrations
 	refusal error // why there is none, once asked
 }
 
@@ -42,7 +45,8 @@ var noFaultAround struct {
 func disableFaultAround(lo, hi uintptr) bool {
 	noFaultAround.Lock()
 	defer noFaultAround.Unlock()
-	if noFaultAround.fd == 0 {
+	if !noFaultAround.opened {
+		noFaultAround.opened = true
 		fd, _, errno := unix.Syscall(unix.SYS_USERFAULTFD, unix.O_CLOEXEC|unix.O_NONBLOCK|uffdUserModeOnly, 0, 0)
 		if errno != 0 {
 			// EPERM from a seccomp profile (Docker's and the
