@@ -795,12 +795,14 @@ func (s *TrafficPolicySpec) validate(add addFunc) {
 			{"failurePercentageMinimumHosts", od.FailurePercentageMinimumHosts, 1, math.MaxInt32},
 			{"failurePercentageRequestVolume", od.FailurePercentageRequestVolume, 1, math.MaxInt32},
 		} {
-			if v.n != nil && (*v.n < v.min || *v.n > v.mx) {
-				if v.mx == 100 {
-					add("spec.outlierDetection."+v.f, "%d is out of range 0-100", *v.n)
-				} else {
-					add("spec.outlierDetection."+v.f, "must be at least 1")
-				}
+			switch {
+			case v.n == nil:
+			case v.mx == 100 && (*v.n < v.min || *v.n > v.mx):
+				add("spec.outlierDetection."+v.f, "%d is out of range 0-100", *v.n)
+			case *v.n < v.min:
+				add("spec.outlierDetection."+v.f, "must be at least 1")
+			case *v.n > v.mx:
+				add("spec.outlierDetection."+v.f, "must be at most %d", v.mx)
 			}
 		}
 		if od.MaxEjectionTime > 0 && od.MaxEjectionTime < od.BaseEjectionTime {

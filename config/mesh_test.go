@@ -111,6 +111,8 @@ func TestDecodeMeshErrors(t *testing.T) {
 			[]string{"spec.outlierDetection.enforcingSuccessRate: 101 is out of range 0-100", "failurePercentageThreshold: -1 is out of range 0-100",
 				"successRateMinimumHosts: must be at least 1", "successRateRequestVolume: must be at least 1", "successRateStdevFactor: must be at least 1",
 				"failurePercentageMinimumHosts: must be at least 1", "failurePercentageRequestVolume: must be at least 1"}},
+		{"interval detector count too large", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  outlierDetection: {enforcingSuccessRate: 100, successRateRequestVolume: 4294967296}\n",
+			[]string{"spec.outlierDetection.successRateRequestVolume: must be at most 2147483647"}},
 		{"max ejection time below base", "apiVersion: writ.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p}\nspec:\n  service: a\n  outlierDetection: {consecutiveGatewayFailure: 3, baseEjectionTime: 30s, maxEjectionTime: 10s}\n",
 			[]string{"spec.outlierDetection.maxEjectionTime: must not be shorter"}},
 		{"empty", "", []string{"f.yaml: no resources"}},
