@@ -102,16 +102,7 @@ func TestMaxConnectionsAndPending(t *testing.T) {
 	url := "http://" + p.upstream + "/hold"
 	cl := p.client.state.Load().clusters["server"]
 
-	first := getAsync(url, "1")
-	if id := <-app.arrived; id != "1" {
-		t.Fatalf("first to arrive: %q", id)
-	}
-	second := getAsync(url, "2")
-	waitFor(t, "the second request pending", func() bool { return cl.conns.pending.Load() == 1 })
-	third := <-getAsync(url, "3")
-	if third.err != nil || third.code != http.StatusServiceUnavailable || third.overloaded != "true" {
-		t.Fatalf("third request with one pending: %+v, want 503 with x-envoy-overloaded", third)
-	}
+	first, second := fillOnePending(t, url, cl, app.arrived)
 	if got := app.held.Load(); got != 1 {
 		t.Fatalf("%d requests reached the app while one connection was busy, want 1", got)
 	}
@@ -372,4 +363,23 @@ func TestMaxConnectionsTCP(t *testing.T) {
 	if got := counter(t, cli.metrics.overflows.WithLabelValues("server", "max_pending_requests")); got != 1 {
 		t.Fatalf("pending overflows = %v, want 1", got)
 	}
+}
+
+// fillOnePending sends request "1", which must reach the app (arrived)
+// and hold cl's one connection, then "2", which must wait as cl's one
+// pending request, then "3", which must be refused at once with 503 and
+// x-envoy-overloaded. It returns the first two's answers to come.
+func fillOnePending(t *testing.T, url string, cl *cluster, arrived <-chan string) (first, second <-chan result) {
+	t.Helper()
+	first = getAsync(url, "1")
+	if id := <-arrived; id != "1" {
+		t.Fatalf("first to arrive: %q", id)
+	}
+	second = getAsync(url, "2")
+	waitFor(t, "the second request pending", func() bool { return cl.conns.pending.Load() == 1 })
+	third := <-getAsync(url, "3")
+	if third.err != nil || third.code != http.StatusServiceUnavailable || third.overloaded != "true" {
+		t.Fatalf("third request with one pending: %+v, want 503 with x-envoy-overloaded", third)
+	}
+	return first, second
 }

@@ -96,16 +96,7 @@ func TestH2PendingGetsFreedStream(t *testing.T) {
 	url := "http://" + cli.Addr("upstream:server") + "/hold"
 	cl := cli.state.Load().clusters["server"]
 
-	first := getAsync(url, "1")
-	if id := <-app.arrived; id != "1" {
-		t.Fatalf("first to arrive: %q", id)
-	}
-	second := getAsync(url, "2")
-	waitFor(t, "the second request pending", func() bool { return cl.conns.pending.Load() == 1 })
-	third := <-getAsync(url, "3")
-	if third.err != nil || third.code != http.StatusServiceUnavailable || third.overloaded != "true" {
-		t.Fatalf("third request with one pending: %+v, want 503 with x-envoy-overloaded", third)
-	}
+	first, second := fillOnePending(t, url, cl, app.arrived)
 	app.token <- struct{}{}
 	if r := <-first; r.err != nil || r.code != 200 {
 		t.Fatalf("first request: %+v, want 200", r)
@@ -192,6 +183,34 @@ func TestH2PendingExactlyOnce(t *testing.T) {
 // handoffListener hands the connections accepted on one socket to
 // whichever of its servers is current, so that a test can shut one
 // server down (its GOAWAY and close) while the address stays served.
+// replaceablePeer listens on one address for a succession of HTTP/2
+// peer servers of app, each allowing streams concurrent streams: serve
+// starts the next one, which takes the connections accepted from then
+// on (the one before keeps those it has).
+func replaceablePeer(t *testing.T, ca *testCA, streams uint32, app http.Handler) (addr string, serve func() *http.Server) {
+	t.Helper()
+	src := ca.source(t, "/ns/demo/sa/server")
+	raw, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { raw.Close() })
+	hl := &handoffListener{Listener: raw}
+	start := func() *http.Server {
+		srv := h2PeerServer(t, src, streams, app)
+		go srv.ServeTLS(hl.next(), "", "")
+		return srv
+	}
+	// run starts after the first serve: a connection accepted before any
+	// server would have nowhere to go.
+	var once sync.Once
+	return raw.Addr().String(), func() *http.Server {
+		srv := start()
+		once.Do(func() { go hl.run() })
+		return srv
+	}
+}
+
 type handoffListener struct {
 	net.Listener
 	mu  sync.Mutex
@@ -247,23 +266,11 @@ func (l *chanListener) Addr() net.Addr { return l.addr }
 // reaches the app once.
 func TestH2PendingAcrossGoAway(t *testing.T) {
 	ca := newTestCA(t)
-	src := ca.source(t, "/ns/demo/sa/server")
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hl := &handoffListener{Listener: raw}
-	t.Cleanup(func() { raw.Close() })
 	app := &tokenApp{arrived: make(chan string, 8), token: make(chan struct{})}
 	t.Cleanup(func() { close(app.token) })
-	serve := func() *http.Server {
-		srv := h2PeerServer(t, src, 1, app)
-		go srv.ServeTLS(hl.next(), "", "")
-		return srv
-	}
+	addr, serve := replaceablePeer(t, ca, 1, app)
 	old := serve()
-	go hl.run()
-	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 4})
+	cli := h2Client(t, ca, addr, &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 4})
 	url := "http://" + cli.Addr("upstream:server") + "/hold"
 	cl := cli.state.Load().clusters["server"]
 
@@ -377,22 +384,10 @@ func TestH2StreamFreedByResetOrCancel(t *testing.T) {
 // on a new connection.
 func TestH2DrainingPeerExactlyOnce(t *testing.T) {
 	ca := newTestCA(t)
-	src := ca.source(t, "/ns/demo/sa/server")
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hl := &handoffListener{Listener: raw}
-	t.Cleanup(func() { raw.Close() })
 	app := &countApp{seen: map[string]int{}}
-	serve := func() *http.Server {
-		srv := h2PeerServer(t, src, 4, app)
-		go srv.ServeTLS(hl.next(), "", "")
-		return srv
-	}
+	addr, serve := replaceablePeer(t, ca, 4, app)
 	old := serve()
-	go hl.run()
-	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 2, MaxPendingRequests: 64})
+	cli := h2Client(t, ca, addr, &CircuitBreakers{MaxConnections: 2, MaxPendingRequests: 64})
 	url := "http://" + cli.Addr("upstream:server") + "/"
 	const n = 64
 	rs := make([]<-chan result, n)
@@ -576,22 +571,10 @@ func TestH2RefusedStreamSentAgain(t *testing.T) {
 // leaves the pool; the next request dials a new one.
 func TestH2PeerClosedIdleConnection(t *testing.T) {
 	ca := newTestCA(t)
-	src := ca.source(t, "/ns/demo/sa/server")
-	raw, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hl := &handoffListener{Listener: raw}
-	t.Cleanup(func() { raw.Close() })
 	app := &countApp{seen: map[string]int{}}
-	serve := func() *http.Server {
-		srv := h2PeerServer(t, src, 0, app)
-		go srv.ServeTLS(hl.next(), "", "")
-		return srv
-	}
+	addr, serve := replaceablePeer(t, ca, 0, app)
 	old := serve()
-	go hl.run()
-	cli := h2Client(t, ca, raw.Addr().String(), &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1})
+	cli := h2Client(t, ca, addr, &CircuitBreakers{MaxConnections: 1, MaxPendingRequests: 1})
 	url := "http://" + cli.Addr("upstream:server") + "/"
 	cl := cli.state.Load().clusters["server"]
 	if r := <-getAsync(url, "1"); r.code != 200 {
@@ -604,7 +587,7 @@ func TestH2PeerClosedIdleConnection(t *testing.T) {
 		t.Fatalf("request after the close: %+v", r)
 	}
 	cl.transport.mu.Lock()
-	n := len(cl.transport.conns[raw.Addr().String()])
+	n := len(cl.transport.conns[addr])
 	cl.transport.mu.Unlock()
 	if n != 1 {
 		t.Fatalf("%d connections pooled, want 1", n)

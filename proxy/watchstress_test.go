@@ -90,17 +90,7 @@ func TestH1WatchStress(t *testing.T) {
 					c.Close()
 					continue
 				}
-				for _, w := range want {
-					resp, err := http.ReadResponse(br, nil)
-					if err != nil {
-						t.Errorf("want %q: %v", w, err)
-						break
-					}
-					b, err := io.ReadAll(resp.Body)
-					if err != nil || string(b) != w {
-						t.Errorf("got %q (%v), want %q", b, err, w)
-					}
-				}
+				readAnswers(t, br, want)
 				c.Close()
 			}
 		}()
@@ -233,17 +223,7 @@ func TestH1WatchPairStress(t *testing.T) {
 					continue
 				}
 				br := bufio.NewReader(c)
-				for _, w := range want {
-					resp, err := http.ReadResponse(br, nil)
-					if err != nil {
-						t.Errorf("want %q: %v", w, err)
-						break
-					}
-					b, err := io.ReadAll(resp.Body)
-					if err != nil || resp.StatusCode != 200 || string(b) != w {
-						t.Errorf("got %d %q (%v), want %q", resp.StatusCode, b, err, w)
-					}
-				}
+				readAnswers(t, br, want)
 				c.Close()
 			}
 		}()
@@ -256,5 +236,22 @@ func TestH1WatchPairStress(t *testing.T) {
 	}
 	if o, i := outboundH1(p.client).watched.Load(), inboundH1(p.server).watched.Load(); o == 0 || i == 0 {
 		t.Fatalf("watchers: %d outbound, %d inbound", o, i)
+	}
+}
+
+// readAnswers reads one answer per want from br, in order: each a 200
+// whose body is that want.
+func readAnswers(t *testing.T, br *bufio.Reader, want []string) {
+	t.Helper()
+	for _, w := range want {
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Errorf("want %q: %v", w, err)
+			return
+		}
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != 200 || string(b) != w {
+			t.Errorf("got %d %q (%v), want %q", resp.StatusCode, b, err, w)
+		}
 	}
 }
