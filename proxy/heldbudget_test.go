@@ -336,3 +336,18 @@ func TestReplayBodyStopsMovingAtEnd(t *testing.T) {
 		t.Fatal("a read after the end of the body set the read deadline again")
 	}
 }
+
+// TestNegativeHeldBodyBudgetRefused: a negative
+// Options.MaxHeldBodyBytesTotal is an error, not a budget that refuses
+// every body (or, taken as zero, the default).
+func TestNegativeHeldBodyBudgetRefused(t *testing.T) {
+	ca := newTestCA(t)
+	p, err := New(&Config{}, Options{Source: ca.source(t, "/ns/demo/sa/server"), MaxHeldBodyBytesTotal: -1})
+	if err == nil {
+		p.Close()
+		t.Fatal("New with a negative MaxHeldBodyBytesTotal: no error")
+	}
+	if !strings.Contains(err.Error(), "MaxHeldBodyBytesTotal") {
+		t.Fatalf("New: %v, want it to name MaxHeldBodyBytesTotal", err)
+	}
+}

@@ -132,7 +132,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "writ_held_body_overflow_total", Help: "Requests answered 503 because holding their body for the policy check would exceed --max-held-body-bytes-total.",
 		}),
 		downstreamGone: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "writ_downstream_gone_total", Help: "HTTP/1.1 requests cancelled because their client closed its connection while waiting for the answer (noticed once a request has waited about half a second).",
+			Name: "writ_downstream_gone_total", Help: "HTTP/1.1 requests cancelled because their client closed its connection while waiting for the answer (noticed once a request has waited --watch-client-after, 500 ms by default).",
 		}, []string{"direction"}),
 	}
 	for i, c := range m.collectors() {
