@@ -102,35 +102,27 @@ func (p *h2Pool) RoundTrip(req *http.Request) (*http.Response, error) {
 			return resp, err
 		}
 		// net/http's Transport sends again a request the peer did not
-		// process, and so does the pool, if its body allows.
-		switch unprocessed(err) {
-		case notSent:
-		case sent:
-			if req.Body != nil && req.Body != http.NoBody {
-				if req.GetBody == nil {
-					return nil, err
-				}
-				b, berr := req.GetBody()
-				if berr != nil {
-					return nil, err
-				}
-				r := *req
-				r.Body = b
-				req = &r
-			}
-		default:
+		// process, and so does the pool, if its body allows: in every
+		// such case ClientConn.RoundTrip has closed the body, even one
+		// it never read, so only an empty body or a new one from
+		// GetBody can go again (as net/http's own rewind).
+		if !unprocessed(err) {
 			return nil, err
+		}
+		if req.Body != nil && req.Body != http.NoBody {
+			if req.GetBody == nil {
+				return nil, err
+			}
+			b, berr := req.GetBody()
+			if berr != nil {
+				return nil, err
+			}
+			r := *req
+			r.Body = b
+			req = &r
 		}
 	}
 }
-
-type sendState int
-
-const (
-	processed sendState = iota // or may have been
-	sent                       // but not processed: the body may be partly read
-	notSent                    // the body untouched
-)
 
 // unprocessed tells errors of ClientConn.RoundTrip for requests the
 // peer did not process: a stream it refused (REFUSED_STREAM: it was over
@@ -143,16 +135,11 @@ const (
 // connection that closed before its first stream began ("could not be
 // established") is not sent again, as net/http does not: a peer that
 // closes every new connection would be dialled again and again.
-func unprocessed(err error) sendState {
+func unprocessed(err error) bool {
 	s := err.Error()
-	switch {
-	case strings.Contains(s, "http2: client conn not usable"):
-		return notSent
-	case strings.Contains(s, "REFUSED_STREAM"),
-		strings.Contains(s, "http2: Transport received Server's graceful shutdown GOAWAY"):
-		return sent
-	}
-	return processed
+	return strings.Contains(s, "http2: client conn not usable") ||
+		strings.Contains(s, "REFUSED_STREAM") ||
+		strings.Contains(s, "http2: Transport received Server's graceful shutdown GOAWAY")
 }
 
 // get returns a connection to addr with a stream reserved for the

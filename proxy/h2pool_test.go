@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -11,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -654,10 +656,20 @@ func TestH2GoAwayAfterReserveSentAgain(t *testing.T) {
 	})
 	cli := h2Client(t, ca, addr, nil)
 	pool := cli.state.Load().clusters["server"].transport
+	// The request sent again has a body: ClientConn.RoundTrip closed
+	// the first one, unread, so the pool must take a new one.
+	var bodies atomic.Int32
 	send := func(id string, big bool) <-chan error {
 		ch := make(chan error, 1)
 		go func() {
 			req, _ := http.NewRequest("GET", "https://"+addr+"/", nil)
+			if id == "reserved" {
+				req, _ = http.NewRequest("POST", "https://"+addr+"/", &closingBody{r: strings.NewReader("payload")})
+				req.GetBody = func() (io.ReadCloser, error) {
+					bodies.Add(1)
+					return &closingBody{r: strings.NewReader("payload")}, nil
+				}
+			}
 			req.Header.Set("X-Id", id)
 			if big {
 				req.Header.Set("X-Big", strings.Repeat("a", 16<<20))
@@ -703,6 +715,9 @@ func TestH2GoAwayAfterReserveSentAgain(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("%s request never answered", what)
 		}
+	}
+	if got := bodies.Load(); got != 1 {
+		t.Errorf("the request sent again took %d new bodies, want 1", got)
 	}
 	mu.Lock()
 	defer mu.Unlock()
@@ -765,4 +780,28 @@ func TestH2PendingBehindDial(t *testing.T) {
 	if got := cl.conns.pending.Load(); got != 0 {
 		t.Fatalf("%d requests still counted as pending", got)
 	}
+}
+
+// closingBody is a request body whose reads fail once it is closed, as
+// a server request's body does once its handler is done with it.
+type closingBody struct {
+	mu     sync.Mutex
+	r      io.Reader
+	closed bool
+}
+
+func (b *closingBody) Read(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return 0, errors.New("read after close")
+	}
+	return b.r.Read(p)
+}
+
+func (b *closingBody) Close() error {
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	return nil
 }
